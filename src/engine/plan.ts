@@ -1,0 +1,157 @@
+/**
+ * The desired datapath of one node, as plain data: what the engine computes, what renderers turn
+ * into `iptables-restore` / `ipset restore` / `ip -batch` text, and what parsers of the kernel's
+ * state produce, so that desired and actual can be compared field by field.
+ */
+import type { Family } from "../lib/ip.ts";
+
+export type TableName = "filter" | "nat" | "mangle";
+
+export interface MarkMatch {
+  readonly value: number;
+  readonly mask: number;
+  readonly invert?: boolean;
+}
+
+export interface SetMatch {
+  readonly name: string;
+  readonly dir: "src" | "dst";
+  readonly invert?: boolean;
+}
+
+export type Target =
+  | { readonly kind: "ACCEPT" }
+  | { readonly kind: "DROP" }
+  | { readonly kind: "RETURN" }
+  | { readonly kind: "JUMP"; readonly chain: string }
+  | { readonly kind: "GOTO"; readonly chain: string }
+  | { readonly kind: "MARK"; readonly value: number; readonly mask: number }
+  | { readonly kind: "CONNMARK"; readonly value: number; readonly mask: number }
+  | { readonly kind: "SNAT"; readonly to: string }
+  | { readonly kind: "TCPMSS" };
+
+/**
+ * One iptables rule in the shapes Sallyport emits. Field order here is the order iptables-save
+ * prints the matches in, which is the order the renderer writes them.
+ */
+export interface Rule {
+  readonly inInterface?: string;
+  readonly protocol?: "tcp" | "udp" | "sctp";
+  /** TCP SYN-without-RST match (for TCPMSS). */
+  readonly tcpSyn?: boolean;
+  readonly mark?: MarkMatch;
+  readonly sets?: readonly SetMatch[];
+  readonly ctstate?: readonly CtState[];
+  readonly ctdir?: "ORIGINAL" | "REPLY";
+  readonly connmark?: MarkMatch;
+  /** multiport --dports, e.g. "80,443:445". */
+  readonly dports?: string;
+  readonly comment?: string;
+  readonly target: Target;
+}
+
+export type CtState = "INVALID" | "NEW" | "RELATED" | "ESTABLISHED" | "UNTRACKED";
+/** The kernel's bit order, which iptables-save prints in. */
+export const CTSTATE_ORDER: readonly CtState[] = [
+  "INVALID",
+  "NEW",
+  "RELATED",
+  "ESTABLISHED",
+  "UNTRACKED",
+];
+
+/** A jump from a built-in chain into ours, kept first in that chain. */
+export interface Hook {
+  readonly table: TableName;
+  readonly builtin: string;
+  /** 1-based position among our hooks in this built-in chain. */
+  readonly position: number;
+  readonly rule: Rule;
+}
+
+export interface FamilyRules {
+  /** Our chains and their rules, per table. */
+  readonly chains: ReadonlyMap<TableName, ReadonlyMap<string, readonly Rule[]>>;
+  readonly hooks: readonly Hook[];
+}
+
+export interface IpSetPlan {
+  readonly name: string;
+  readonly family: Family;
+  /** Canonical CIDRs, sorted; "nomatch" entries carve exceptions out of larger ones. */
+  readonly members: readonly string[];
+  readonly nomatch: readonly string[];
+}
+
+export interface IpRulePlan {
+  readonly family: Family;
+  readonly pref: number;
+  readonly fwmark: number;
+  readonly mask: number;
+  readonly table: number;
+}
+
+export interface RoutePlan {
+  readonly family: Family;
+  readonly table: number;
+  /** "default" or a canonical CIDR. */
+  readonly dst: string;
+  readonly via: string;
+  readonly dev: string;
+}
+
+export interface TunnelPlan {
+  readonly name: string;
+  readonly vni: number;
+  readonly port: number;
+  readonly local: string;
+  readonly parent: string;
+  readonly mtu: number;
+  readonly mac: string;
+  /** "100.127.0.2/32", "fd5a:5a11::2/128". */
+  readonly addresses: readonly string[];
+}
+
+export interface NeighborPlan {
+  readonly family: Family;
+  readonly dev: string;
+  readonly address: string;
+  readonly mac: string;
+}
+
+export interface FdbPlan {
+  readonly dev: string;
+  readonly mac: string;
+  readonly dst: string;
+}
+
+/** An egress IP this node holds: a macvlan device answering ARP/NDP for it. */
+export interface EipPlan {
+  readonly device: string;
+  readonly parent: string;
+  readonly mac: string;
+  readonly address: string;
+  readonly family: Family;
+}
+
+export interface SysctlPlan {
+  readonly path: string;
+  readonly value: string;
+}
+
+export interface NodePlan {
+  readonly node: string;
+  readonly ipsets: readonly IpSetPlan[];
+  readonly rules: Readonly<Record<Family, FamilyRules>>;
+  readonly ipRules: readonly IpRulePlan[];
+  readonly routes: readonly RoutePlan[];
+  readonly tunnel: TunnelPlan | undefined;
+  readonly neighbors: readonly NeighborPlan[];
+  readonly fdb: readonly FdbPlan[];
+  readonly eips: readonly EipPlan[];
+  readonly sysctls: readonly SysctlPlan[];
+  /** Peer key → TABLE_NUM chosen on this host. */
+  readonly tables: ReadonlyMap<string, number>;
+  /** Problems that keep part of the plan out (e.g. no free routing table). */
+  readonly errors: readonly string[];
+}

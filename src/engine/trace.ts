@@ -1,0 +1,207 @@
+/**
+ * A packet tracer over a NodePlan: given a packet (addresses, port, interface, conntrack state and
+ * marks), walk it through our chains in hook order, the ipsets they match, the ip rules and routing
+ * tables, and report what happens to it: steered through the tunnel toward which node, SNATed to
+ * which address, dropped, or left to the usual path. Tests read as a packet's journey; the
+ * `explain` command uses the same walk.
+ *
+ * It knows only the rule shapes planNode emits; anything else is reported as an error.
+ */
+import { cidrContainsAddress, type Family, parseAddress, parseCidr } from "../lib/ip.ts";
+import type { IpSetPlan, NodePlan, Rule, TableName } from "./plan.ts";
+
+export interface Packet {
+  readonly src: string;
+  readonly dst: string;
+  readonly protocol?: "tcp" | "udp" | "sctp";
+  readonly dport?: number;
+  /** Interface it arrived on; a pod's veth by default. */
+  readonly inInterface?: string;
+  readonly ctstate?: "NEW" | "ESTABLISHED" | "RELATED" | "INVALID";
+  readonly ctdir?: "ORIGINAL" | "REPLY";
+  readonly mark?: number;
+  readonly connmark?: number;
+  /** A SYN without RST (for the MSS clamp). */
+  readonly syn?: boolean;
+}
+
+export type Verdict = "drop" | "tunnel" | "usual";
+
+export interface Trace {
+  readonly verdict: Verdict;
+  /** For "tunnel": the routing table and next hop chosen. */
+  readonly table?: number | undefined;
+  readonly via?: string | undefined;
+  readonly snat?: string | undefined;
+  readonly mark: number;
+  readonly connmark: number;
+  /** Our rules that matched, as "table/chain#index: comment or target". */
+  readonly steps: readonly string[];
+  readonly errors: readonly string[];
+}
+
+function inSet(set: IpSetPlan | undefined, address: string): boolean {
+  if (set === undefined) return false;
+  const a = parseAddress(address);
+  let best: { prefix: number; nomatch: boolean } | undefined;
+  const consider = (text: string, nomatch: boolean) => {
+    const c = parseCidr(text);
+    if (!cidrContainsAddress(c, a)) return;
+    if (best === undefined || c.prefix > best.prefix) best = { prefix: c.prefix, nomatch };
+  };
+  for (const m of set.members) consider(m, false);
+  for (const m of set.nomatch) consider(m, true);
+  return best !== undefined && !best.nomatch;
+}
+
+function portMatches(spec: string, port: number | undefined): boolean {
+  if (port === undefined) return false;
+  return spec.split(",").some((part) => {
+    const [a, b] = part.split(":").map(Number);
+    return b === undefined ? port === a : port >= a! && port <= b;
+  });
+}
+
+interface State {
+  mark: number;
+  connmark: number;
+  snat: string | undefined;
+  steps: string[];
+  errors: string[];
+}
+
+type Outcome = "continue" | "accept" | "drop" | "return-to-hook";
+
+export function tracePacket(plan: NodePlan, packet: Packet): Trace {
+  const family: Family = parseAddress(packet.dst).family;
+  const rules = plan.rules[family];
+  const sets = new Map(plan.ipsets.map((s) => [s.name, s]));
+  const state: State = {
+    mark: packet.mark ?? 0,
+    connmark: packet.connmark ?? 0,
+    snat: undefined,
+    steps: [],
+    errors: [],
+  };
+  const ctstate = packet.ctstate ?? "NEW";
+  const ctdir = packet.ctdir ?? "ORIGINAL";
+  const iif = packet.inInterface ?? "veth-pod";
+
+  const matches = (rule: Rule): boolean => {
+    if (rule.inInterface !== undefined && rule.inInterface !== iif) return false;
+    if (rule.protocol !== undefined && rule.protocol !== packet.protocol) return false;
+    if (rule.tcpSyn === true && packet.syn !== true) return false;
+    if (rule.mark !== undefined) {
+      const hit = ((state.mark & rule.mark.mask) >>> 0) === rule.mark.value >>> 0;
+      if (hit === (rule.mark.invert === true)) return false;
+    }
+    for (const s of rule.sets ?? []) {
+      const hit = inSet(sets.get(s.name), s.dir === "src" ? packet.src : packet.dst);
+      if (hit === (s.invert === true)) return false;
+    }
+    if (rule.ctstate !== undefined && !rule.ctstate.includes(ctstate)) return false;
+    if (rule.ctdir !== undefined && rule.ctdir !== ctdir) return false;
+    if (rule.connmark !== undefined) {
+      const hit = ((state.connmark & rule.connmark.mask) >>> 0) === rule.connmark.value >>> 0;
+      if (hit === (rule.connmark.invert === true)) return false;
+    }
+    if (rule.dports !== undefined && !portMatches(rule.dports, packet.dport)) return false;
+    return true;
+  };
+
+  const runChain = (table: TableName, chain: string, depth: number): Outcome => {
+    const list = rules.chains.get(table)?.get(chain);
+    if (list === undefined) {
+      state.errors.push(`no chain ${table}/${chain}`);
+      return "continue";
+    }
+    for (let i = 0; i < list.length; i++) {
+      const rule = list[i]!;
+      if (!matches(rule)) continue;
+      const t = rule.target;
+      state.steps.push(`${table}/${chain}#${i + 1}: ${rule.comment ?? t.kind}`);
+      switch (t.kind) {
+        case "ACCEPT":
+          return "accept";
+        case "DROP":
+          return "drop";
+        case "RETURN":
+          return "continue";
+        case "MARK":
+          state.mark = ((state.mark & ~t.mask) | (t.value & t.mask)) >>> 0;
+          break;
+        case "CONNMARK":
+          state.connmark = ((state.connmark & ~t.mask) | (t.value & t.mask)) >>> 0;
+          break;
+        case "SNAT":
+          state.snat = t.to;
+          return "accept";
+        case "TCPMSS":
+          break;
+        case "JUMP": {
+          const r = runChain(table, t.chain, depth + 1);
+          if (r !== "continue") return r;
+          break;
+        }
+        case "GOTO": {
+          const r = runChain(table, t.chain, depth + 1);
+          // -g: when the target chain ends, processing resumes after the rule that called the
+          // chain holding the -g, i.e. our hook returns to the built-in chain.
+          return r === "continue" ? "return-to-hook" : r;
+        }
+      }
+    }
+    return "continue";
+  };
+
+  const runHook = (table: TableName, builtin: string): Outcome => {
+    for (const hook of rules.hooks.filter((h) => h.table === table && h.builtin === builtin)) {
+      if (hook.rule.target.kind !== "JUMP") continue;
+      const r = runChain(table, hook.rule.target.chain, 0);
+      if (r === "accept" || r === "drop") return r;
+    }
+    return "continue";
+  };
+
+  const finish = (verdict: Verdict, route?: { table: number; via: string }): Trace => ({
+    verdict,
+    table: route?.table,
+    via: route?.via,
+    snat: state.snat,
+    mark: state.mark,
+    connmark: state.connmark,
+    steps: state.steps,
+    errors: state.errors,
+  });
+
+  // PREROUTING (mangle)
+  if (runHook("mangle", "PREROUTING") === "drop") return finish("drop");
+
+  // Routing: our rules (one preference), then the main table (the usual path).
+  let route: { table: number; via: string } | undefined;
+  for (const r of plan.ipRules.filter((x) => x.family === family)) {
+    if (((state.mark & r.mask) >>> 0) !== r.fwmark >>> 0) continue;
+    const dst = parseAddress(packet.dst);
+    const candidates = plan.routes
+      .filter((x) => x.family === family && x.table === r.table)
+      .filter((x) => x.dst === "default" || cidrContainsAddress(parseCidr(x.dst), dst))
+      .sort((a, b) => prefixOf(b.dst) - prefixOf(a.dst));
+    const hit = candidates[0];
+    if (hit !== undefined) {
+      route = { table: r.table, via: hit.via };
+      state.steps.push(`route: fwmark ${r.fwmark.toString(16)} → table ${r.table} via ${hit.via}`);
+      break;
+    }
+  }
+
+  // FORWARD (mangle, filter), POSTROUTING (mangle, nat)
+  if (runHook("mangle", "FORWARD") === "drop") return finish("drop");
+  if (runHook("filter", "FORWARD") === "drop") return finish("drop");
+  runHook("mangle", "POSTROUTING");
+  if (ctstate === "NEW") runHook("nat", "POSTROUTING");
+  return finish(route === undefined ? "usual" : "tunnel", route);
+}
+
+function prefixOf(dst: string): number {
+  return dst === "default" ? 0 : parseCidr(dst).prefix;
+}

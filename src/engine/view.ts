@@ -1,0 +1,121 @@
+/**
+ * What a node needs to know to plan its datapath: the policies as the controller resolved them
+ * (egress IP, gateway node, matched endpoints), the identities of the other nodes, the cluster's
+ * ignore CIDRs, and facts about this host. An agent builds it from the API objects it watches; the
+ * controller builds the same view from its own results to compute each policy's revision. Nothing
+ * here depends on which node computes it except `node` and `local`.
+ */
+import type { PortSpec } from "../api/types.ts";
+import { hashHex } from "../lib/hash.ts";
+import type { Family } from "../lib/ip.ts";
+import type { TableRange } from "./tables.ts";
+
+export interface PeerView {
+  readonly name: string;
+  readonly nodeID: number;
+  readonly mac: string;
+  readonly tunnel: Readonly<Partial<Record<Family, string>>>;
+  /** Underlay address VXLAN packets to this node are sent to (IPv4 when the node has one). */
+  readonly underlay?: string | undefined;
+}
+
+export interface EndpointView {
+  readonly pod: string;
+  readonly node: string;
+  readonly ips: readonly string[];
+}
+
+export interface PolicyView {
+  readonly key: string;
+  readonly priority: number;
+  readonly createdAt: string;
+  /** Canonical; empty means "everything outside the cluster's CIDRs". */
+  readonly destinationCIDRs: readonly string[];
+  readonly excludedCIDRs: readonly string[];
+  readonly ports: readonly PortSpec[];
+  /** Node holding the egress IP; undefined when none is available (traffic is dropped). */
+  readonly gatewayNode?: string | undefined;
+  /** Source address the gateway rewrites to, per family. A family without one is not handled. */
+  readonly snat: Readonly<Partial<Record<Family, string>>>;
+  /** Which of the snat addresses float between nodes (pool or explicit EIPs) and must be held. */
+  readonly floating: readonly string[];
+  /** Interface on which floating addresses are announced; default: the node's underlay device. */
+  readonly announceInterface?: string | undefined;
+  readonly endpoints: readonly EndpointView[];
+}
+
+export interface NodeConfig {
+  readonly families: readonly Family[];
+  /** @default "sallyport" */
+  readonly tunnelDevice: string;
+  /** @default 7799 */
+  readonly vni: number;
+  /** @default 7799 */
+  readonly port: number;
+  /** ip rule preference Sallyport owns. @default 5900 */
+  readonly rulePref: number;
+  readonly tableRange: TableRange;
+  /** Exempt steered traffic from SNAT by its sets too (for CNIs like Weave that clear marks). */
+  readonly noSnatBySets: boolean;
+}
+
+export const DEFAULT_NODE_CONFIG: NodeConfig = {
+  families: [4, 6],
+  tunnelDevice: "sallyport",
+  vni: 7799,
+  port: 7799,
+  rulePref: 5900,
+  tableRange: { start: 3000, count: 100 },
+  noSnatBySets: false,
+};
+
+export interface LocalFacts {
+  /** The interface and addresses that carry node-to-node traffic. */
+  readonly underlay: {
+    readonly device: string;
+    readonly mtu: number;
+    readonly ipv4?: string | undefined;
+    readonly ipv6?: string | undefined;
+  };
+  /** Routing tables in use on this host by anything other than Sallyport. */
+  readonly usedTables: ReadonlySet<number>;
+  /** Tables Sallyport assigned earlier on this host (peer key → table), found in the kernel. */
+  readonly existingTables: ReadonlyMap<string, number>;
+  readonly random: () => number;
+}
+
+export interface NodeView {
+  readonly node: string;
+  readonly peers: ReadonlyMap<string, PeerView>;
+  readonly policies: readonly PolicyView[];
+  /** Canonical CIDRs of both families. */
+  readonly ignoreCIDRs: readonly string[];
+  readonly config: NodeConfig;
+  readonly local: LocalFacts;
+}
+
+/**
+ * Revision of a policy: a hash of everything any node's datapath depends on for it. The
+ * controller writes it to the policy's status; an agent reports it as programmed once its
+ * kernel holds what that revision describes.
+ */
+export function policyRevision(policy: PolicyView): string {
+  const endpoints = [...policy.endpoints]
+    .sort((a, b) => (a.pod < b.pod ? -1 : a.pod > b.pod ? 1 : 0))
+    .map((e) => [e.pod, e.node, [...e.ips].sort()]);
+  return hashHex(
+    JSON.stringify([
+      policy.key,
+      policy.priority,
+      policy.createdAt,
+      policy.destinationCIDRs,
+      policy.excludedCIDRs,
+      policy.ports.map((p) => [p.protocol ?? "TCP", p.port ?? 0, p.endPort ?? 0]),
+      policy.gatewayNode ?? "",
+      [policy.snat[4] ?? "", policy.snat[6] ?? ""],
+      [...policy.floating].sort(),
+      policy.announceInterface ?? "",
+      endpoints,
+    ]),
+  );
+}

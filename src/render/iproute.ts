@@ -1,0 +1,441 @@
+/**
+ * Policy routing, the tunnel and egress-IP devices ↔ `ip -batch` / `bridge -batch` input and
+ * `ip -json` / `bridge -json` output.
+ *
+ * Ownership: ip rules at Sallyport's preference, routes in the tables those rules point to, the
+ * tunnel device, its neighbour and FDB entries, and links named `spe-*`. Nothing else is read as
+ * ours, so nothing else is ever changed.
+ */
+
+import { hex } from "../engine/marks.ts";
+import { EIP_DEVICE_PREFIX } from "../engine/names.ts";
+import type {
+  EipPlan,
+  FdbPlan,
+  IpRulePlan,
+  NeighborPlan,
+  RoutePlan,
+  TunnelPlan,
+} from "../engine/plan.ts";
+import { canonicalAddress, canonicalCidr, type Family, parseAddress } from "../lib/ip.ts";
+
+// ------------------------------------------------------------------------------------------------
+// Parsers of `ip -json` output
+
+interface JsonRule {
+  priority?: number;
+  fwmark?: string;
+  fwmask?: string;
+  table?: string;
+}
+
+/** All rules of one family, as `ip -json -4|-6 rule show` prints them. */
+export function parseRules(json: string, family: Family): (IpRulePlan & { raw: JsonRule })[] {
+  const list = JSON.parse(json || "[]") as JsonRule[];
+  return list.map((r) => ({
+    family,
+    pref: r.priority ?? 0,
+    fwmark: r.fwmark === undefined ? 0 : Number(r.fwmark),
+    mask: r.fwmask === undefined ? 0xffffffff : Number(r.fwmask),
+    table: tableNumber(r.table),
+    raw: r,
+  }));
+}
+
+const NAMED_TABLES: Record<string, number> = { local: 255, main: 254, default: 253, unspec: 0 };
+
+function tableNumber(name: string | undefined): number {
+  if (name === undefined) return 254;
+  return NAMED_TABLES[name] ?? Number(name);
+}
+
+interface JsonRoute {
+  dst?: string;
+  gateway?: string;
+  dev?: string;
+  table?: string;
+  type?: string;
+}
+
+export interface ParsedRoute {
+  readonly family: Family;
+  readonly table: number;
+  readonly dst: string;
+  readonly via?: string | undefined;
+  readonly dev?: string | undefined;
+}
+
+/** `ip -json -4|-6 route show table all`. Host routes are printed without a prefix. */
+export function parseRoutes(json: string, family: Family): ParsedRoute[] {
+  const list = JSON.parse(json || "[]") as JsonRoute[];
+  const host = family === 4 ? 32 : 128;
+  return list.map((r) => {
+    const dst =
+      r.dst === undefined || r.dst === "default"
+        ? "default"
+        : r.dst.includes("/")
+          ? canonicalCidr(r.dst)
+          : `${canonicalAddress(r.dst)}/${host}`;
+    return {
+      family,
+      table: tableNumber(r.table),
+      dst,
+      via: r.gateway === undefined ? undefined : canonicalAddress(r.gateway),
+      dev: r.dev,
+    };
+  });
+}
+
+interface JsonLink {
+  ifname: string;
+  link?: string;
+  mtu?: number;
+  address?: string;
+  flags?: string[];
+  linkinfo?: { info_kind?: string; info_data?: Record<string, unknown> };
+  addr_info?: { family: string; local: string; prefixlen: number }[];
+}
+
+export interface ParsedLink {
+  readonly name: string;
+  readonly kind: string | undefined;
+  readonly parent: string | undefined;
+  readonly mtu: number;
+  readonly mac: string;
+  readonly up: boolean;
+  readonly addresses: readonly string[];
+  readonly vxlan?: {
+    readonly vni: number;
+    readonly port: number;
+    readonly local: string | undefined;
+    readonly learning: boolean;
+  };
+  readonly macvlanMode?: string | undefined;
+}
+
+/** `ip -json -d address show`: links with their kind details and addresses. */
+export function parseLinks(json: string): ParsedLink[] {
+  const list = JSON.parse(json || "[]") as JsonLink[];
+  return list.map((l) => {
+    const data = l.linkinfo?.info_data ?? {};
+    const kind = l.linkinfo?.info_kind;
+    return {
+      name: l.ifname,
+      kind,
+      parent: l.link ?? (kind === "vxlan" ? (data.link as string | undefined) : undefined),
+      mtu: l.mtu ?? 0,
+      mac: (l.address ?? "").toLowerCase(),
+      up: (l.flags ?? []).includes("UP"),
+      addresses: (l.addr_info ?? [])
+        .filter(
+          (a) => a.family === "inet" || (a.family === "inet6" && !a.local.startsWith("fe80:")),
+        )
+        .map((a) => `${canonicalAddress(a.local)}/${a.prefixlen}`),
+      ...(kind === "vxlan"
+        ? {
+            vxlan: {
+              vni: Number(data.id),
+              port: Number(data.port),
+              local:
+                typeof data.local === "string"
+                  ? canonicalAddress(data.local)
+                  : typeof data.local6 === "string"
+                    ? canonicalAddress(data.local6)
+                    : undefined,
+              learning: data.learning === true,
+            },
+          }
+        : {}),
+      ...(kind === "macvlan" ? { macvlanMode: data.mode as string | undefined } : {}),
+    };
+  });
+}
+
+interface JsonNeigh {
+  dst: string;
+  lladdr?: string;
+  state?: string[];
+}
+
+export function parseNeighbors(json: string, dev: string): NeighborPlan[] {
+  const list = JSON.parse(json || "[]") as JsonNeigh[];
+  return list
+    .filter((n) => n.lladdr !== undefined && (n.state ?? []).includes("PERMANENT"))
+    .map((n) => {
+      const a = parseAddress(n.dst);
+      return {
+        family: a.family,
+        dev,
+        address: canonicalAddress(n.dst),
+        mac: n.lladdr!.toLowerCase(),
+      };
+    });
+}
+
+interface JsonFdb {
+  mac: string;
+  dst?: string;
+}
+
+export function parseFdb(json: string, dev: string): FdbPlan[] {
+  const list = JSON.parse(json || "[]") as JsonFdb[];
+  return list
+    .filter((f) => f.dst !== undefined && f.mac !== "00:00:00:00:00:00")
+    .map((f) => ({ dev, mac: f.mac.toLowerCase(), dst: canonicalAddress(f.dst!) }));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Actual state, as far as it is ours
+
+export interface ActualRouting {
+  readonly rules: readonly IpRulePlan[];
+  readonly routes: readonly ParsedRoute[];
+  readonly links: readonly ParsedLink[];
+  readonly neighbors: readonly NeighborPlan[];
+  readonly fdb: readonly FdbPlan[];
+}
+
+/** Tables in use on the host that Sallyport did not create (TABLE_NUM must avoid them). */
+export function usedTables(state: ActualRouting, rulePref: number): Set<number> {
+  const ours = ownTables(state, rulePref);
+  const used = new Set<number>([0, 253, 254, 255]);
+  for (const r of state.rules) if (!ours.has(r.table)) used.add(r.table);
+  for (const r of state.routes) if (!ours.has(r.table)) used.add(r.table);
+  return used;
+}
+
+/** Tables our rules point to. */
+export function ownTables(state: ActualRouting, rulePref: number): Set<number> {
+  return new Set(
+    state.rules.filter((r) => r.pref === rulePref && r.fwmark !== 0).map((r) => r.table),
+  );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Desired vs actual → batches
+
+export interface RoutingPlan {
+  readonly ipRules: readonly IpRulePlan[];
+  readonly routes: readonly RoutePlan[];
+  readonly tunnel: TunnelPlan | undefined;
+  readonly neighbors: readonly NeighborPlan[];
+  readonly fdb: readonly FdbPlan[];
+  readonly eips: readonly EipPlan[];
+}
+
+/**
+ * The changes, split into the phases the kernel needs:
+ *  1. `links`: create/replace the tunnel and egress-IP devices (down), set their address lists;
+ *     then the caller writes per-device sysctls (arp_notify, ndisc_notify, rp_filter);
+ *  2. `up`: bring devices up: the kernel then announces new egress IPs (GARP / unsolicited NA);
+ *  3. per family `ip -batch` for neighbours, routes and rules, and `bridge -batch` for the FDB;
+ *  4. `remove`: stale rules/routes/devices, last.
+ */
+export interface RoutingDiff {
+  readonly links: string[];
+  readonly up: string[];
+  readonly newDevices: string[];
+  readonly ip4: string[];
+  readonly ip6: string[];
+  readonly bridge: string[];
+  readonly remove4: string[];
+  readonly remove6: string[];
+  readonly removeLinks: string[];
+  readonly changes: number;
+}
+
+function onFamily(f: Family): "ip4" | "ip6" {
+  return f === 4 ? "ip4" : "ip6";
+}
+
+export function diffRouting(
+  desired: RoutingPlan,
+  actual: ActualRouting,
+  options: { rulePref: number; tunnelDevice: string },
+): RoutingDiff {
+  const d: RoutingDiff = {
+    links: [],
+    up: [],
+    newDevices: [],
+    ip4: [],
+    ip6: [],
+    bridge: [],
+    remove4: [],
+    remove6: [],
+    removeLinks: [],
+    changes: 0,
+  };
+  const linkByName = new Map(actual.links.map((l) => [l.name, l]));
+
+  // Tunnel device.
+  const tun = desired.tunnel;
+  const haveTun = linkByName.get(options.tunnelDevice);
+  if (tun !== undefined) {
+    const recreate =
+      haveTun !== undefined &&
+      (haveTun.kind !== "vxlan" ||
+        haveTun.vxlan?.vni !== tun.vni ||
+        haveTun.vxlan?.port !== tun.port ||
+        haveTun.vxlan?.local !== canonicalAddress(tun.local) ||
+        haveTun.vxlan?.learning !== false ||
+        haveTun.parent !== tun.parent);
+    if (haveTun === undefined || recreate) {
+      if (recreate) d.links.push(`link del ${tun.name}`);
+      d.links.push(
+        `link add ${tun.name} type vxlan id ${tun.vni} dstport ${tun.port} local ${tun.local} dev ${tun.parent} nolearning`,
+      );
+      d.newDevices.push(tun.name);
+    }
+    const fresh = haveTun === undefined || recreate;
+    if (fresh || haveTun.mac !== tun.mac || haveTun.mtu !== tun.mtu) {
+      d.links.push(`link set ${tun.name} address ${tun.mac} mtu ${tun.mtu}`);
+    }
+    const haveAddrs = new Set(fresh ? [] : haveTun.addresses);
+    for (const a of tun.addresses) {
+      if (!haveAddrs.has(a))
+        d.links.push(`addr replace ${a} dev ${tun.name}${a.includes(":") ? " nodad" : ""}`);
+    }
+    for (const a of fresh ? [] : haveTun.addresses) {
+      if (!tun.addresses.includes(a)) d.links.push(`addr del ${a} dev ${tun.name}`);
+    }
+    if (fresh || !haveTun.up) d.up.push(`link set ${tun.name} up`);
+  } else if (haveTun !== undefined && haveTun.kind === "vxlan") {
+    d.removeLinks.push(`link del ${options.tunnelDevice}`);
+  }
+
+  // Egress-IP devices.
+  const wantEips = new Map(desired.eips.map((e) => [e.device, e]));
+  for (const e of desired.eips) {
+    const have = linkByName.get(e.device);
+    const cidr = `${canonicalAddress(e.address)}/${e.family === 4 ? 32 : 128}`;
+    const wrong =
+      have !== undefined &&
+      (have.kind !== "macvlan" || have.parent !== e.parent || have.mac !== e.mac);
+    if (have === undefined || wrong) {
+      if (wrong) d.links.push(`link del ${e.device}`);
+      d.links.push(
+        `link add ${e.device} link ${e.parent} address ${e.mac} type macvlan mode bridge`,
+        `addr replace ${cidr} dev ${e.device}${e.family === 6 ? " nodad" : ""}`,
+      );
+      d.newDevices.push(e.device);
+      d.up.push(`link set ${e.device} up`);
+      continue;
+    }
+    if (!have.addresses.includes(cidr)) {
+      d.links.push(`addr replace ${cidr} dev ${e.device}${e.family === 6 ? " nodad" : ""}`);
+    }
+    for (const a of have.addresses) if (a !== cidr) d.links.push(`addr del ${a} dev ${e.device}`);
+    if (!have.up) d.up.push(`link set ${e.device} up`);
+  }
+  for (const l of actual.links) {
+    if (l.name.startsWith(EIP_DEVICE_PREFIX) && !wantEips.has(l.name))
+      d.removeLinks.unshift(`link del ${l.name}`);
+  }
+
+  // Neighbours and FDB on the tunnel.
+  const key = (n: NeighborPlan) => `${n.family}/${n.address}`;
+  const haveNeigh = new Map(actual.neighbors.map((n) => [key(n), n]));
+  const wantNeigh = new Set(desired.neighbors.map(key));
+  for (const n of desired.neighbors) {
+    const h = haveNeigh.get(key(n));
+    if (h === undefined || h.mac !== n.mac || haveTun === undefined) {
+      d[onFamily(n.family)].push(
+        `neigh replace ${n.address} lladdr ${n.mac} dev ${n.dev} nud permanent`,
+      );
+    }
+  }
+  for (const n of actual.neighbors) {
+    if (!wantNeigh.has(key(n)))
+      d[n.family === 4 ? "remove4" : "remove6"].push(`neigh del ${n.address} dev ${n.dev}`);
+  }
+  const fkey = (f: FdbPlan) => `${f.mac}/${f.dst}`;
+  const haveFdb = new Set(actual.fdb.map(fkey));
+  const wantFdb = new Set(desired.fdb.map(fkey));
+  for (const f of desired.fdb) {
+    if (!haveFdb.has(fkey(f)) || haveTun === undefined) {
+      d.bridge.push(`fdb append ${f.mac} dev ${f.dev} dst ${f.dst} self permanent`);
+    }
+  }
+  for (const f of actual.fdb) {
+    if (!wantFdb.has(fkey(f))) d.bridge.push(`fdb del ${f.mac} dev ${f.dev} dst ${f.dst} self`);
+  }
+
+  // Routes in our tables.
+  const ours = new Set([
+    ...ownTables(actual, options.rulePref),
+    ...desired.ipRules.map((r) => r.table),
+  ]);
+  const rkey = (r: { family: Family; table: number; dst: string }) =>
+    `${r.family}/${r.table}/${r.dst}`;
+  const haveRoutes = new Map(
+    actual.routes.filter((r) => ours.has(r.table)).map((r) => [rkey(r), r]),
+  );
+  const wantRoutes = new Set(desired.routes.map(rkey));
+  for (const r of desired.routes) {
+    const h = haveRoutes.get(rkey(r));
+    if (h === undefined || h.via !== r.via || h.dev !== r.dev || haveTun === undefined) {
+      d[onFamily(r.family)].push(
+        `route replace ${r.dst} via ${r.via} dev ${r.dev} onlink table ${r.table}`,
+      );
+    }
+  }
+  for (const [k, r] of haveRoutes) {
+    if (!wantRoutes.has(k))
+      d[r.family === 4 ? "remove4" : "remove6"].push(`route del ${r.dst} table ${r.table}`);
+  }
+
+  // Rules at our preference. Rules go after routes so a rule never points at an empty table.
+  const ruleKey = (r: IpRulePlan) => `${r.family}/${r.fwmark}/${r.mask}/${r.table}`;
+  const haveRules = new Set(actual.rules.filter((r) => r.pref === options.rulePref).map(ruleKey));
+  const wantRules = new Set(desired.ipRules.map(ruleKey));
+  for (const r of desired.ipRules) {
+    if (!haveRules.has(ruleKey(r))) {
+      d[onFamily(r.family)].push(
+        `rule add pref ${r.pref} fwmark ${hex(r.fwmark)}/${hex(r.mask)} table ${r.table}`,
+      );
+    }
+  }
+  for (const r of actual.rules) {
+    if (r.pref === options.rulePref && !wantRules.has(ruleKey(r))) {
+      // Rules first when removing: a rule must not outlive its table's routes by much.
+      d[r.family === 4 ? "remove4" : "remove6"].unshift(
+        `rule del pref ${r.pref} fwmark ${hex(r.fwmark)}/${hex(r.mask)} table ${r.table}`,
+      );
+    }
+  }
+
+  const count = (xs: readonly string[]) => xs.length;
+  return {
+    ...d,
+    changes:
+      count(d.links) +
+      count(d.up) +
+      count(d.ip4) +
+      count(d.ip6) +
+      count(d.bridge) +
+      count(d.remove4) +
+      count(d.remove6) +
+      count(d.removeLinks),
+  };
+}
+
+/** Everything a fresh node needs, as batch text (golden files). */
+export function renderRouting(
+  desired: RoutingPlan,
+  options: { rulePref: number; tunnelDevice: string },
+): string {
+  const d = diffRouting(
+    desired,
+    { rules: [], routes: [], links: [], neighbors: [], fdb: [] },
+    options,
+  );
+  const section = (title: string, lines: readonly string[]) =>
+    lines.length === 0 ? [] : [`# ${title}`, ...lines];
+  return `${[
+    ...section("ip -batch (links)", d.links),
+    ...section("ip -batch (up)", d.up),
+    ...section("ip -4 -batch", d.ip4),
+    ...section("ip -6 -batch", d.ip6),
+    ...section("bridge -batch", d.bridge),
+  ].join("\n")}\n`;
+}
