@@ -7,7 +7,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { globSync } from "node:fs";
-import { TEST_PREFIX, leftovers } from "../test/support/leaks.ts";
+import { leftovers, TEST_PREFIX } from "../test/support/leaks.ts";
 
 const unitOnly = process.argv.includes("--unit");
 const files = [
@@ -18,7 +18,12 @@ const files = [
 const before = leftovers();
 const run = spawnSync(
   process.execPath,
-  ["--test", "--test-reporter=spec", `--test-concurrency=${process.env.TEST_CONCURRENCY ?? "2"}`, ...files],
+  [
+    "--test",
+    "--test-reporter=spec",
+    `--test-concurrency=${process.env.TEST_CONCURRENCY ?? "2"}`,
+    ...files,
+  ],
   { stdio: "inherit", env: { ...process.env, SALLYPORT_TEST_PREFIX: TEST_PREFIX } },
 );
 const after = leftovers().filter((l) => !before.includes(l));

@@ -363,9 +363,11 @@ export class ClusterEngine {
   #snapshot: Snapshot;
   #static: Static | undefined;
   readonly #pods = new Map<string, PodInfo>();
+  /** Endpoint of each eligible pod, canonicalized once and shared by every policy selecting it. */
+  readonly #endpoints = new Map<string, EndpointView>();
   /** namespace → pod keys */
   readonly #podsByNamespace = new Map<string, Set<string>>();
-  /** `${label}=${value}` → pod keys, across namespaces */
+  /** labelIndex(namespace, label, value) → pod keys */
   readonly #podsByLabel = new Map<string, Set<string>>();
   /** policy key → endpoints by pod key */
   #members = new Map<string, Map<string, EndpointView>>();
@@ -408,19 +410,24 @@ export class ClusterEngine {
   #indexPod(pod: PodInfo): void {
     const key = podKey(pod);
     this.#pods.set(key, pod);
+    if (isEligiblePod(pod)) this.#endpoints.set(key, endpointOf(pod));
     getOrInsert(this.#podsByNamespace, pod.namespace, () => new Set()).add(key);
-    for (const [k, v] of Object.entries(pod.labels)) {
-      const index = `${k}=${v}`;
-      getOrInsert(this.#podsByLabel, index, () => new Set()).add(key);
+    for (const k in pod.labels) {
+      getOrInsert(
+        this.#podsByLabel,
+        labelIndex(pod.namespace, k, pod.labels[k]!),
+        () => new Set(),
+      ).add(key);
     }
   }
 
   #unindexPod(pod: PodInfo): void {
     const key = podKey(pod);
     this.#pods.delete(key);
+    this.#endpoints.delete(key);
     this.#podsByNamespace.get(pod.namespace)?.delete(key);
-    for (const [k, v] of Object.entries(pod.labels))
-      this.#podsByLabel.get(`${k}=${v}`)?.delete(key);
+    for (const k in pod.labels)
+      this.#podsByLabel.get(labelIndex(pod.namespace, k, pod.labels[k]!))?.delete(key);
   }
 
   compute(): ClusterOutcome {
@@ -580,7 +587,7 @@ export class ClusterEngine {
     snapshot.serviceCIDRs.forEach(addCidr);
     snapshot.extraCIDRs.forEach(addCidr);
     snapshot.config.extraIgnoreCIDRs.forEach(addCidr);
-    for (const f of FAMILIES) {
+    for (const f of clusterFamilies) {
       const t = snapshot.config.tunnelCIDRs[f];
       if (t !== undefined) addCidr(t);
     }
@@ -944,21 +951,32 @@ export class ClusterEngine {
 
   // --- membership
 
-  #candidates(p: PreparedPolicy): Iterable<string> {
+  #candidates(p: PreparedPolicy, st: Static): Iterable<string> {
+    const namespaces =
+      p.namespace !== undefined
+        ? [p.namespace]
+        : [...this.#podsByNamespace.keys()].filter((ns) =>
+            p.namespaceSelector!.matches(st.namespaceLabels.get(ns)),
+          );
     const eq = p.podSelector.equalities;
-    if (eq.length > 0) {
+    const out: string[] = [];
+    for (const ns of namespaces) {
+      if (eq.length === 0) {
+        for (const k of this.#podsByNamespace.get(ns) ?? []) out.push(k);
+        continue;
+      }
       // Look the smallest posting list up, then check the whole selector on each candidate.
       let best: string[] | undefined;
       for (const { key, values } of eq) {
         const list: string[] = [];
-        for (const v of values)
-          for (const k of this.#podsByLabel.get(`${key}=${v}`) ?? []) list.push(k);
+        for (const v of values) {
+          for (const k of this.#podsByLabel.get(labelIndex(ns, key, v)) ?? []) list.push(k);
+        }
         if (best === undefined || list.length < best.length) best = list;
       }
-      return best ?? [];
+      for (const k of best ?? []) out.push(k);
     }
-    if (p.namespace !== undefined) return this.#podsByNamespace.get(p.namespace) ?? [];
-    return this.#pods.keys();
+    return out;
   }
 
   #selects(p: PreparedPolicy, pod: PodInfo, st: Static): boolean {
@@ -984,10 +1002,10 @@ export class ClusterEngine {
     this.#outcomes = new Map();
     for (const p of st.active) {
       const members = new Map<string, EndpointView>();
-      for (const key of this.#candidates(p)) {
+      for (const key of this.#candidates(p, st)) {
         const pod = this.#pods.get(key);
         if (pod === undefined || !this.#selects(p, pod, st)) continue;
-        members.set(key, endpointOf(pod));
+        members.set(key, this.#endpoints.get(key)!);
         const list = this.#podPolicies.get(key);
         if (list === undefined) this.#podPolicies.set(key, [p.key]);
         else list.push(p.key);
@@ -1003,7 +1021,7 @@ export class ClusterEngine {
     const list: string[] = [];
     for (const p of st.active) {
       if (!this.#selects(p, pod, st)) continue;
-      this.#members.get(p.key)!.set(key, endpointOf(pod));
+      this.#members.get(p.key)!.set(key, this.#endpoints.get(key)!);
       list.push(p.key);
       this.#dirty.add(p.key);
     }
@@ -1116,6 +1134,11 @@ export class ClusterEngine {
       targetNodes: [...target].sort(),
     };
   }
+}
+
+/** Index key of a label value within a namespace. */
+function labelIndex(namespace: string, key: string, value: string): string {
+  return `${namespace}\0${key}\0${value}`;
 }
 
 function endpointOf(pod: PodInfo): EndpointView {

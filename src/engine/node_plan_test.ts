@@ -8,8 +8,8 @@ import { describe, it } from "node:test";
 import { renderPlan } from "../render/plan.ts";
 import { assertGolden } from "../testing/golden.ts";
 import { computeCluster } from "./cluster.ts";
-import { nodeViewFromOutcome } from "./node_view.ts";
 import { planNode } from "./node_plan.ts";
+import { nodeViewFromOutcome } from "./node_view.ts";
 import type { Snapshot } from "./snapshot.ts";
 import { gateway, localFacts, node, pod, policy, snapshot } from "./testing.ts";
 import { tracePacket } from "./trace.ts";
@@ -26,7 +26,11 @@ function planFor(s: Snapshot, name: string, underlay: { ipv4?: string; ipv6?: st
 const seed = snapshot({
   nodes: [
     node("node-1", { ipv4: "192.168.0.11", podCIDRs: ["172.29.234.0/24"] }),
-    node("node-2", { ipv4: "192.168.0.12", labels: { egress: "true" }, podCIDRs: ["172.29.2.0/24"] }),
+    node("node-2", {
+      ipv4: "192.168.0.12",
+      labels: { egress: "true" },
+      podCIDRs: ["172.29.2.0/24"],
+    }),
   ],
   pods: [
     pod("default", "mediabot", "node-1", ["172.29.234.173"], { org: "empire", class: "mediabot" }),
@@ -54,12 +58,20 @@ describe("planNode() on seed 000's example", () => {
   });
 
   it("steers the selected pod's traffic on the non-gateway node into the tunnel to node-2", () => {
-    const t = tracePacket(nonGateway, { src: "172.29.234.173", dst: "10.6.105.150", protocol: "tcp", dport: 80 });
+    const t = tracePacket(nonGateway, {
+      src: "172.29.234.173",
+      dst: "10.6.105.150",
+      protocol: "tcp",
+      dport: 80,
+    });
     assert.equal(t.verdict, "tunnel");
     assert.equal(t.via, "100.127.0.2", "node-2 has node id 1: tunnel address base + 1 + 1");
     assert.equal(t.mark, 0x12000000, "the node mark is reset to the keep mark in mangle FORWARD");
     assert.equal(t.snat, undefined, "no SNAT before the tunnel");
-    assert.ok(t.steps.some((s) => s.startsWith("nat/SALLYPORT-NO-SNAT")), "CNI masquerade is skipped");
+    assert.ok(
+      t.steps.some((s) => s.startsWith("nat/SALLYPORT-NO-SNAT")),
+      "CNI masquerade is skipped",
+    );
   });
 
   it("leaves other destinations, other pods and pod-to-pod traffic on their usual path", () => {
@@ -92,7 +104,11 @@ describe("planNode() on seed 000's example", () => {
     });
     assert.equal(t.verdict, "usual");
     assert.equal(t.snat, "10.168.60.100");
-    assert.equal(t.connmark, 0x27000000, "the flow is remembered so that replies go back through the tunnel");
+    assert.equal(
+      t.connmark,
+      0x27000000,
+      "the flow is remembered so that replies go back through the tunnel",
+    );
   });
 
   it("SNATs a selected pod on the gateway node itself", () => {
@@ -113,7 +129,12 @@ describe("planNode() on seed 000's example", () => {
   });
 
   it("drops new connections to the egress IP: it exposes no service of the node", () => {
-    const t = tracePacket(gatewayNode, { src: "10.6.105.150", dst: "10.168.60.100", protocol: "tcp", dport: 22 });
+    const t = tracePacket(gatewayNode, {
+      src: "10.6.105.150",
+      dst: "10.168.60.100",
+      protocol: "tcp",
+      dport: 22,
+    });
     assert.equal(t.verdict, "drop");
   });
 
@@ -126,7 +147,146 @@ describe("planNode() on seed 000's example", () => {
   });
 
   it("drops tunnel traffic that no policy of the gateway claims instead of leaking it", () => {
-    const t = tracePacket(gatewayNode, { src: "172.29.234.174", dst: "10.6.105.150", inInterface: "sallyport" });
+    const t = tracePacket(gatewayNode, {
+      src: "172.29.234.174",
+      dst: "10.6.105.150",
+      inInterface: "sallyport",
+    });
     assert.equal(t.verdict, "drop");
+  });
+});
+
+describe("planNode() scenarios", () => {
+  const nodes = [
+    node("node-1", {
+      ipv4: "192.168.0.11",
+      ipv6: "fd00:192:168::11",
+      podCIDRs: ["172.29.1.0/24", "fd00:172:29:1::/64"],
+    }),
+    node("node-2", {
+      ipv4: "192.168.0.12",
+      ipv6: "fd00:192:168::12",
+      labels: { egress: "true" },
+      podCIDRs: ["172.29.2.0/24", "fd00:172:29:2::/64"],
+    }),
+  ];
+  const pods = [
+    pod("team-a", "web-1", "node-1", ["172.29.1.5", "fd00:172:29:1::5"], { app: "web" }),
+    pod("team-a", "web-2", "node-2", ["172.29.2.5", "fd00:172:29:2::5"], { app: "web" }),
+  ];
+  const dual = { ipv4: "192.168.0.11", ipv6: "fd00:192:168::11" };
+
+  it("empty destinationCIDRs: everything outside the cluster, minus excludedCIDRs", () => {
+    const s = snapshot({
+      nodes,
+      pods,
+      serviceCIDRs: ["10.96.0.0/16", "fd00:10:96::/112"],
+      gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+      policies: [
+        policy("team-a", "web", {
+          podSelector: { matchLabels: { app: "web" } },
+          excludedCIDRs: ["192.0.2.0/24"],
+        }),
+      ],
+    });
+    const plan = planFor(s, "node-1", dual);
+    assertGolden(join(GOLDEN, "empty-destination-node-1.golden"), renderPlan(plan, OPTS));
+    const go = (dst: string) => tracePacket(plan, { src: "172.29.1.5", dst }).verdict;
+    assert.equal(go("8.8.8.8"), "tunnel", "the internet goes through the gateway");
+    assert.equal(go("172.29.2.5"), "usual", "pod to pod across nodes keeps its path");
+    assert.equal(go("192.168.0.12"), "usual", "pod to node keeps its path");
+    assert.equal(go("10.96.0.10"), "usual", "pod to service CIDR keeps its path");
+    assert.equal(go("192.0.2.7"), "usual", "excludedCIDRs keep their path");
+    assert.equal(
+      tracePacket(plan, { src: "fd00:172:29:1::5", dst: "2001:db8::1" }).verdict,
+      "usual",
+      "no IPv6 egress IP in the pool: IPv6 keeps its path",
+    );
+  });
+
+  it("dual stack: one policy, an egress IP per family, IPv4 and IPv6 rules", () => {
+    const s = snapshot({
+      nodes,
+      pods,
+      gateways: [
+        gateway("edge", { pool: ["10.168.60.100-10.168.60.110", "fd00:a::100-fd00:a::110"] }),
+      ],
+      policies: [
+        policy("team-a", "web", {
+          podSelector: { matchLabels: { app: "web" } },
+          destinationCIDRs: ["203.0.113.0/24", "2001:db8::/64"],
+          ports: [
+            { protocol: "TCP", port: 443 },
+            { protocol: "UDP", port: 53 },
+          ],
+        }),
+      ],
+    });
+    const plan1 = planFor(s, "node-1", dual);
+    const plan2 = planFor(s, "node-2", { ipv4: "192.168.0.12", ipv6: "fd00:192:168::12" });
+    assertGolden(join(GOLDEN, "dual-stack-node-1.golden"), renderPlan(plan1, OPTS));
+    assertGolden(join(GOLDEN, "dual-stack-node-2.golden"), renderPlan(plan2, OPTS));
+    const v6 = tracePacket(plan1, {
+      src: "fd00:172:29:1::5",
+      dst: "2001:db8::7",
+      protocol: "tcp",
+      dport: 443,
+    });
+    assert.equal(v6.verdict, "tunnel");
+    assert.equal(v6.via, "fd5a:11::2");
+    const v6gw = tracePacket(plan2, {
+      src: "fd00:172:29:1::5",
+      dst: "2001:db8::7",
+      protocol: "tcp",
+      dport: 443,
+      inInterface: "sallyport",
+    });
+    assert.equal(v6gw.snat, "fd00:a::100");
+    assert.equal(
+      tracePacket(plan1, { src: "172.29.1.5", dst: "203.0.113.7", protocol: "tcp", dport: 80 })
+        .verdict,
+      "usual",
+      "port 80 is not selected",
+    );
+    assert.equal(
+      tracePacket(plan1, { src: "172.29.1.5", dst: "203.0.113.7", protocol: "udp", dport: 53 })
+        .verdict,
+      "tunnel",
+    );
+  });
+
+  it("two overlapping policies: the higher priority's rule comes first on every node", () => {
+    const s = snapshot({
+      nodes,
+      pods,
+      gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+      policies: [
+        policy("team-a", "all", {
+          podSelector: { matchLabels: { app: "web" } },
+          egressIP: ["10.168.60.101"],
+        }),
+        policy(
+          "team-a",
+          "partner",
+          {
+            podSelector: { matchLabels: { app: "web" } },
+            destinationCIDRs: ["203.0.113.0/24"],
+            egressIP: ["10.168.60.102"],
+            priority: 100,
+          },
+          { created: "2026-06-01T00:00:00Z" },
+        ),
+      ],
+    });
+    const plan2 = planFor(s, "node-2", { ipv4: "192.168.0.12" });
+    assertGolden(join(GOLDEN, "overlap-node-2.golden"), renderPlan(plan2, OPTS));
+    assert.equal(
+      tracePacket(plan2, { src: "172.29.2.5", dst: "203.0.113.9" }).snat,
+      "10.168.60.102",
+    );
+    assert.equal(
+      tracePacket(plan2, { src: "172.29.2.5", dst: "198.51.100.9" }).snat,
+      "10.168.60.101",
+    );
   });
 });

@@ -92,7 +92,7 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
     if (rule.protocol !== undefined && rule.protocol !== packet.protocol) return false;
     if (rule.tcpSyn === true && packet.syn !== true) return false;
     if (rule.mark !== undefined) {
-      const hit = ((state.mark & rule.mark.mask) >>> 0) === rule.mark.value >>> 0;
+      const hit = (state.mark & rule.mark.mask) >>> 0 === rule.mark.value >>> 0;
       if (hit === (rule.mark.invert === true)) return false;
     }
     for (const s of rule.sets ?? []) {
@@ -102,7 +102,7 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
     if (rule.ctstate !== undefined && !rule.ctstate.includes(ctstate)) return false;
     if (rule.ctdir !== undefined && rule.ctdir !== ctdir) return false;
     if (rule.connmark !== undefined) {
-      const hit = ((state.connmark & rule.connmark.mask) >>> 0) === rule.connmark.value >>> 0;
+      const hit = (state.connmark & rule.connmark.mask) >>> 0 === rule.connmark.value >>> 0;
       if (hit === (rule.connmark.invert === true)) return false;
     }
     if (rule.dports !== undefined && !portMatches(rule.dports, packet.dport)) return false;
@@ -180,7 +180,7 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
   // Routing: our rules (one preference), then the main table (the usual path).
   let route: { table: number; via: string } | undefined;
   for (const r of plan.ipRules.filter((x) => x.family === family)) {
-    if (((state.mark & r.mask) >>> 0) !== r.fwmark >>> 0) continue;
+    if ((state.mark & r.mask) >>> 0 !== r.fwmark >>> 0) continue;
     const dst = parseAddress(packet.dst);
     const candidates = plan.routes
       .filter((x) => x.family === family && x.table === r.table)

@@ -5,8 +5,9 @@
  * controller builds the same view from its own results to compute each policy's revision. Nothing
  * here depends on which node computes it except `node` and `local`.
  */
+
+import { createHash } from "node:crypto";
 import type { PortSpec } from "../api/types.ts";
-import { hashHex } from "../lib/hash.ts";
 import type { Family } from "../lib/ip.ts";
 import type { TableRange } from "./tables.ts";
 
@@ -100,10 +101,8 @@ export interface NodeView {
  * kernel holds what that revision describes.
  */
 export function policyRevision(policy: PolicyView): string {
-  const endpoints = [...policy.endpoints]
-    .sort((a, b) => (a.pod < b.pod ? -1 : a.pod > b.pod ? 1 : 0))
-    .map((e) => [e.pod, e.node, [...e.ips].sort()]);
-  return hashHex(
+  const h = createHash("sha256");
+  h.update(
     JSON.stringify([
       policy.key,
       policy.priority,
@@ -115,7 +114,16 @@ export function policyRevision(policy: PolicyView): string {
       [policy.snat[4] ?? "", policy.snat[6] ?? ""],
       [...policy.floating].sort(),
       policy.announceInterface ?? "",
-      endpoints,
     ]),
   );
+  // Endpoints are hashed one by one in pod order: no copy of a large list, no big string.
+  let endpoints = policy.endpoints;
+  for (let i = 1; i < endpoints.length; i++) {
+    if (endpoints[i - 1]!.pod > endpoints[i]!.pod) {
+      endpoints = [...endpoints].sort((a, b) => (a.pod < b.pod ? -1 : 1));
+      break;
+    }
+  }
+  for (const e of endpoints) h.update(`\n${e.pod}\t${e.node}\t${[...e.ips].sort().join(",")}`);
+  return h.digest("hex").slice(0, 16);
 }

@@ -270,6 +270,8 @@ export function diffRouting(
   // Tunnel device.
   const tun = desired.tunnel;
   const haveTun = linkByName.get(options.tunnelDevice);
+  // A new or recreated tunnel device has lost every route, neighbour and FDB entry on it.
+  let tunnelFresh = haveTun === undefined;
   if (tun !== undefined) {
     const recreate =
       haveTun !== undefined &&
@@ -287,6 +289,7 @@ export function diffRouting(
       d.newDevices.push(tun.name);
     }
     const fresh = haveTun === undefined || recreate;
+    tunnelFresh = fresh;
     if (fresh || haveTun.mac !== tun.mac || haveTun.mtu !== tun.mtu) {
       d.links.push(`link set ${tun.name} address ${tun.mac} mtu ${tun.mtu}`);
     }
@@ -338,7 +341,7 @@ export function diffRouting(
   const wantNeigh = new Set(desired.neighbors.map(key));
   for (const n of desired.neighbors) {
     const h = haveNeigh.get(key(n));
-    if (h === undefined || h.mac !== n.mac || haveTun === undefined) {
+    if (h === undefined || h.mac !== n.mac || tunnelFresh) {
       d[onFamily(n.family)].push(
         `neigh replace ${n.address} lladdr ${n.mac} dev ${n.dev} nud permanent`,
       );
@@ -352,7 +355,7 @@ export function diffRouting(
   const haveFdb = new Set(actual.fdb.map(fkey));
   const wantFdb = new Set(desired.fdb.map(fkey));
   for (const f of desired.fdb) {
-    if (!haveFdb.has(fkey(f)) || haveTun === undefined) {
+    if (!haveFdb.has(fkey(f)) || tunnelFresh) {
       d.bridge.push(`fdb append ${f.mac} dev ${f.dev} dst ${f.dst} self permanent`);
     }
   }
@@ -373,7 +376,7 @@ export function diffRouting(
   const wantRoutes = new Set(desired.routes.map(rkey));
   for (const r of desired.routes) {
     const h = haveRoutes.get(rkey(r));
-    if (h === undefined || h.via !== r.via || h.dev !== r.dev || haveTun === undefined) {
+    if (h === undefined || h.via !== r.via || h.dev !== r.dev || tunnelFresh) {
       d[onFamily(r.family)].push(
         `route replace ${r.dst} via ${r.via} dev ${r.dev} onlink table ${r.table}`,
       );

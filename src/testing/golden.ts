@@ -19,7 +19,8 @@ export function assertGolden(path: string, actual: string): void {
   const a = actual.split("\n");
   const diff: string[] = [];
   for (let i = 0; i < Math.max(e.length, a.length); i++) {
-    if (e[i] !== a[i]) diff.push(`line ${i + 1}:\n  - ${e[i] ?? "<none>"}\n  + ${a[i] ?? "<none>"}`);
+    if (e[i] !== a[i])
+      diff.push(`line ${i + 1}:\n  - ${e[i] ?? "<none>"}\n  + ${a[i] ?? "<none>"}`);
     if (diff.length >= 20) break;
   }
   assert.fail(`${path} differs (UPDATE_GOLDEN=1 to accept):\n${diff.join("\n")}`);

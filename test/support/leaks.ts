@@ -23,7 +23,9 @@ function netns(): string[] {
 
 function processes(): string[] {
   try {
-    return execFileSync("pgrep", ["-a", "-f", "sallyport-test-|kube-apiserver|/etcd "], { encoding: "utf8" })
+    return execFileSync("pgrep", ["-a", "-f", "sallyport-test-|kube-apiserver|/etcd "], {
+      encoding: "utf8",
+    })
       .split("\n")
       .filter((l) => l.trim() !== "" && !l.includes("pgrep"));
   } catch {

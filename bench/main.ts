@@ -1,0 +1,17 @@
+/**
+ * `npm run bench -- NAME`: runs one benchmark; its last line of output is one JSON object.
+ * Record results in BENCHMARKS.md with the date and the machine.
+ */
+const name = process.argv[2];
+const benches: Record<string, () => Promise<unknown>> = {
+  engine: async () => (await import("./engine.ts")).run(),
+};
+const run = name === undefined ? undefined : benches[name];
+if (run === undefined) {
+  console.error(
+    `Cannot run benchmark "${name ?? ""}": choose one of ${Object.keys(benches).join(", ")}`,
+  );
+  process.exit(2);
+}
+const result = await run();
+console.log(JSON.stringify(result));

@@ -1,0 +1,692 @@
+/** Cluster engine: allocation, placement, failover, precedence. Address plan: see ./testing.ts. */
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import fc from "fast-check";
+import {
+  ClusterEngine,
+  type ClusterOutcome,
+  computeCluster,
+  type EngineCondition,
+  type PolicyOutcome,
+} from "./cluster.ts";
+import { policySetName } from "./names.ts";
+import { planNode } from "./node_plan.ts";
+import { nodeViewFromOutcome } from "./node_view.ts";
+import type { PodInfo, PreviousPolicy, Snapshot } from "./snapshot.ts";
+import { clusterPolicy, gateway, localFacts, node, pod, policy, snapshot } from "./testing.ts";
+import { tracePacket } from "./trace.ts";
+
+const nodes = [
+  node("node-1", { ipv4: "192.168.0.11", ipv6: "fd00:192:168::11" }),
+  node("node-2", { ipv4: "192.168.0.12", ipv6: "fd00:192:168::12", labels: { egress: "true" } }),
+  node("node-3", { ipv4: "192.168.0.13", ipv6: "fd00:192:168::13", labels: { egress: "true" } }),
+];
+
+function outcomeOf(s: Snapshot, key: string): PolicyOutcome {
+  const o = computeCluster(s).policies.get(key);
+  assert.ok(o !== undefined, `no outcome for ${key}`);
+  return o;
+}
+
+function condition(o: { conditions: readonly EngineCondition[] }, type: string) {
+  return o.conditions.find((c) => c.type === type);
+}
+
+/** What a restart of the controller feeds back: the statuses it wrote. */
+function previousOf(outcome: ClusterOutcome): Map<string, PreviousPolicy> {
+  return new Map(
+    [...outcome.policies.values()].map((p) => [
+      p.key,
+      { egressIPs: p.egressIPs, gatewayNode: p.gatewayNode },
+    ]),
+  );
+}
+
+function identitiesOf(outcome: ClusterOutcome) {
+  return new Map(outcome.identities);
+}
+
+const base = snapshot({
+  nodes,
+  gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.101", "fd00:a::100-fd00:a::101"] })],
+  pods: [
+    pod("team-a", "web-1", "node-1", ["172.29.1.5", "fd00:172:29:1::5"], { app: "web" }),
+    pod("team-a", "web-2", "node-3", ["172.29.3.5", "fd00:172:29:3::5"], { app: "web" }),
+    pod("team-a", "db-1", "node-1", ["172.29.1.6"], { app: "db" }),
+    pod("team-b", "web-1", "node-1", ["172.29.1.7"], { app: "web" }),
+  ],
+});
+
+describe("computeCluster(): egress IPs", () => {
+  it("allocates the lowest free address of each family the policy needs", () => {
+    const o = outcomeOf(
+      {
+        ...base,
+        policies: [policy("team-a", "web", { podSelector: { matchLabels: { app: "web" } } })],
+      },
+      "EgressPolicy/team-a/web",
+    );
+    assert.deepEqual(o.egressIPs, ["10.168.60.100", "fd00:a::100"]);
+    assert.equal(o.endpoints.length, 2, "web pods of team-a only");
+    assert.equal(condition(o, "Accepted")?.status, "True");
+  });
+
+  it("gives each policy its own address, oldest policy first", () => {
+    const s: Snapshot = {
+      ...base,
+      policies: [
+        policy(
+          "team-a",
+          "young",
+          { destinationCIDRs: ["203.0.113.0/24"] },
+          { created: "2026-02-01T00:00:00Z" },
+        ),
+        policy(
+          "team-a",
+          "old",
+          { destinationCIDRs: ["203.0.113.0/24"] },
+          { created: "2026-01-01T00:00:00Z" },
+        ),
+      ],
+    };
+    const out = computeCluster(s);
+    assert.deepEqual(out.policies.get("EgressPolicy/team-a/old")?.egressIPs, ["10.168.60.100"]);
+    assert.deepEqual(out.policies.get("EgressPolicy/team-a/young")?.egressIPs, ["10.168.60.101"]);
+  });
+
+  it("reports an exhausted pool as a condition naming the pool and the usage, not an exception", () => {
+    const s: Snapshot = {
+      ...base,
+      policies: ["a", "b", "c"].map((n, i) =>
+        policy(
+          "team-a",
+          n,
+          { destinationCIDRs: ["203.0.113.0/24"] },
+          { created: `2026-01-0${i + 1}T00:00:00Z` },
+        ),
+      ),
+    };
+    const c = outcomeOf(s, "EgressPolicy/team-a/c");
+    assert.equal(c.accepted, false);
+    const accepted = condition(c, "Accepted")!;
+    assert.equal(accepted.reason, "PoolExhausted");
+    assert.match(accepted.message, /EgressGateway edge is exhausted \(IPv4 2\/2 in use\)/);
+    assert.deepEqual(c.targetNodes, [], "an unallocated policy is programmed nowhere");
+  });
+
+  it("shares an explicit address between policies and keeps them on one node", () => {
+    const s: Snapshot = {
+      ...base,
+      policies: [
+        policy("team-a", "x", {
+          egressIP: ["10.168.60.101"],
+          destinationCIDRs: ["203.0.113.0/24"],
+        }),
+        policy("team-b", "y", {
+          egressIP: ["10.168.60.101"],
+          destinationCIDRs: ["198.51.100.0/24"],
+        }),
+      ],
+    };
+    const out = computeCluster(s);
+    const x = out.policies.get("EgressPolicy/team-a/x")!;
+    const y = out.policies.get("EgressPolicy/team-b/y")!;
+    assert.deepEqual(x.egressIPs, ["10.168.60.101"]);
+    assert.equal(x.gatewayNode, y.gatewayNode);
+    assert.deepEqual(out.gateways.get("edge")?.pool[4], { size: 2n, allocated: 1 });
+  });
+
+  it("rejects an explicit address outside the gateway's pool with the fix in the message", () => {
+    const o = outcomeOf(
+      {
+        ...base,
+        policies: [
+          policy("team-a", "x", { egressIP: ["10.9.9.9"], destinationCIDRs: ["203.0.113.0/24"] }),
+        ],
+      },
+      "EgressPolicy/team-a/x",
+    );
+    assert.equal(condition(o, "Accepted")?.reason, "EgressIPNotInPool");
+    assert.match(
+      condition(o, "Accepted")!.message,
+      /10\.9\.9\.9 is not in the pool of EgressGateway edge/,
+    );
+  });
+
+  it("uses the gateway node's own address with useNodeIP, or when the gateway has no pool", () => {
+    const s: Snapshot = {
+      ...base,
+      gateways: [gateway("edge")],
+      policies: [policy("team-a", "x", { destinationCIDRs: ["203.0.113.0/24"] })],
+    };
+    const o = outcomeOf(s, "EgressPolicy/team-a/x");
+    assert.ok(o.gatewayNode === "node-2" || o.gatewayNode === "node-3");
+    assert.deepEqual(o.egressIPs, [o.gatewayNode === "node-2" ? "192.168.0.12" : "192.168.0.13"]);
+    assert.deepEqual(o.view?.floating, [], "a node's own address does not float");
+  });
+
+  it("uses the first address of a named interface, only on nodes that have it", () => {
+    const s: Snapshot = {
+      ...base,
+      reports: new Map([
+        ["node-3", { interfaces: new Map([["eth1", ["10.20.0.3", "fd00:20::3"]]]) }],
+        ["node-2", { interfaces: new Map([["eth0", ["192.168.0.12"]]]) }],
+      ]),
+      policies: [policy("team-a", "x", { interface: "eth1" })],
+    };
+    const o = outcomeOf(s, "EgressPolicy/team-a/x");
+    assert.equal(o.gatewayNode, "node-3");
+    assert.deepEqual(o.egressIPs, ["10.20.0.3", "fd00:20::3"]);
+  });
+});
+
+describe("computeCluster(): gateway placement and failover", () => {
+  const two: Snapshot = {
+    ...base,
+    gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+    policies: [
+      policy(
+        "team-a",
+        "a",
+        { destinationCIDRs: ["203.0.113.0/24"] },
+        { created: "2026-01-01T00:00:00Z" },
+      ),
+      policy(
+        "team-a",
+        "b",
+        { destinationCIDRs: ["203.0.113.0/24"] },
+        { created: "2026-01-02T00:00:00Z" },
+      ),
+    ],
+  };
+
+  it("spreads egress IPs over the least loaded gateway nodes", () => {
+    const out = computeCluster(two);
+    const nodesUsed = [...out.policies.values()].map((p) => p.gatewayNode).sort();
+    assert.deepEqual(nodesUsed, ["node-2", "node-3"]);
+  });
+
+  it("moves the egress IPs of a dead gateway node to a live one, and does not move them back", () => {
+    const first = computeCluster(two);
+    const victim = first.policies.get("EgressPolicy/team-a/a")!.gatewayNode!;
+    const survivor = victim === "node-2" ? "node-3" : "node-2";
+    const failed = computeCluster({
+      ...two,
+      healthy: new Set(["node-1", survivor]),
+      previousPolicies: previousOf(first),
+      previousNodes: identitiesOf(first),
+    });
+    const a = failed.policies.get("EgressPolicy/team-a/a")!;
+    assert.equal(a.gatewayNode, survivor);
+    assert.deepEqual(
+      a.egressIPs,
+      first.policies.get("EgressPolicy/team-a/a")!.egressIPs,
+      "same egress IP",
+    );
+    const back = computeCluster({
+      ...two,
+      previousPolicies: previousOf(failed),
+      previousNodes: identitiesOf(failed),
+    });
+    assert.equal(
+      back.policies.get("EgressPolicy/team-a/a")!.gatewayNode,
+      survivor,
+      "no failback by default",
+    );
+  });
+
+  it("moves egress IPs back to their preferred node when failback is on", () => {
+    const fb: Snapshot = {
+      ...two,
+      gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"], failback: true })],
+    };
+    const first = computeCluster(fb);
+    const home = first.policies.get("EgressPolicy/team-a/a")!.gatewayNode!;
+    const other = home === "node-2" ? "node-3" : "node-2";
+    const failed = computeCluster({
+      ...fb,
+      healthy: new Set(["node-1", other]),
+      previousPolicies: previousOf(first),
+    });
+    assert.equal(failed.policies.get("EgressPolicy/team-a/a")!.gatewayNode, other);
+    const back = computeCluster({ ...fb, previousPolicies: previousOf(failed) });
+    assert.equal(back.policies.get("EgressPolicy/team-a/a")!.gatewayNode, home);
+  });
+
+  it("fails closed when no gateway node is alive: the policy says why and the traffic is dropped", () => {
+    const s: Snapshot = { ...two, healthy: new Set(["node-1"]) };
+    const out = computeCluster(s);
+    const a = out.policies.get("EgressPolicy/team-a/a")!;
+    assert.equal(a.gatewayNode, undefined);
+    assert.equal(condition(a, "GatewayAssigned")?.reason, "NoReadyGatewayNode");
+    const plan = planNode(
+      nodeViewFromOutcome(out, "node-1", { local: localFacts({ ipv4: "192.168.0.11" }) }),
+    );
+    const t = tracePacket(plan, { src: "172.29.1.5", dst: "203.0.113.9" });
+    assert.equal(t.verdict, "drop");
+    assert.equal(condition(out.gateways.get("edge")!, "GatewayAssigned")?.reason, "NoReadyNodes");
+  });
+});
+
+describe("computeCluster(): precedence between overlapping policies", () => {
+  const overlap = (hiPriority: number, loPriority: number): Snapshot => ({
+    ...base,
+    gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+    policies: [
+      policy("team-a", "all-web", {
+        podSelector: { matchLabels: { app: "web" } },
+        priority: loPriority,
+      }),
+      policy(
+        "team-a",
+        "web-to-partner",
+        {
+          podSelector: { matchLabels: { app: "web" } },
+          destinationCIDRs: ["203.0.113.0/24"],
+          priority: hiPriority,
+        },
+        { created: "2026-03-01T00:00:00Z" },
+      ),
+    ],
+  });
+
+  it("lets the higher priority win and tells the loser which policy shadows it, for how many pods", () => {
+    const out = computeCluster(overlap(10, 0));
+    const loser = out.policies.get("EgressPolicy/team-a/all-web")!;
+    assert.deepEqual(loser.shadowedBy, [{ policy: "EgressPolicy/team-a/web-to-partner", pods: 2 }]);
+    assert.equal(condition(loser, "Conflicted")?.status, "True");
+    assert.match(condition(loser, "Conflicted")!.message, /web-to-partner \(2 of 2 pods\)/);
+    const winner = out.policies.get("EgressPolicy/team-a/web-to-partner")!;
+    assert.equal(condition(winner, "Conflicted")?.status, "False");
+  });
+
+  it("gives a tie to the older policy", () => {
+    const out = computeCluster(overlap(0, 0));
+    assert.equal(
+      out.policies.get("EgressPolicy/team-a/web-to-partner")!.shadowedBy[0]?.policy,
+      "EgressPolicy/team-a/all-web",
+    );
+  });
+
+  it("routes each packet by the winner on every node", () => {
+    const out = computeCluster(overlap(10, 0));
+    const winner = out.policies.get("EgressPolicy/team-a/web-to-partner")!;
+    const loser = out.policies.get("EgressPolicy/team-a/all-web")!;
+    for (const name of ["node-1", "node-2", "node-3"]) {
+      const plan = planNode(
+        nodeViewFromOutcome(out, name, {
+          local: localFacts({ ipv4: `192.168.0.1${name.at(-1)}` }),
+        }),
+      );
+      const src = name === "node-3" ? "172.29.3.5" : "172.29.1.5";
+      if (name === "node-2") continue; // no web pod there
+      const toPartner = tracePacket(plan, { src, dst: "203.0.113.9" });
+      const toOther = tracePacket(plan, { src, dst: "198.51.100.9" });
+      const via = (p: PolicyOutcome) => (p.gatewayNode === name ? "usual" : "tunnel");
+      assert.equal(toPartner.verdict, via(winner), `${name}: partner traffic follows the winner`);
+      assert.equal(toOther.verdict, via(loser), `${name}: other traffic follows the loser`);
+      if (winner.gatewayNode === name) assert.equal(toPartner.snat, winner.egressIPs[0]);
+    }
+  });
+
+  it("does not call policies with disjoint destinations or ports conflicting", () => {
+    const out = computeCluster({
+      ...base,
+      gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+      policies: [
+        policy("team-a", "https", {
+          destinationCIDRs: ["203.0.113.0/24"],
+          ports: [{ protocol: "TCP", port: 443 }],
+        }),
+        policy("team-a", "ssh", {
+          destinationCIDRs: ["203.0.113.0/24"],
+          ports: [{ protocol: "TCP", port: 22 }],
+        }),
+        policy("team-a", "other", { destinationCIDRs: ["198.51.100.0/24"] }),
+      ],
+    });
+    for (const p of out.policies.values()) assert.deepEqual(p.shadowedBy, [], p.key);
+  });
+});
+
+describe("computeCluster(): tenancy and references", () => {
+  it("refuses a namespaced policy whose namespace the gateway does not serve", () => {
+    const s: Snapshot = {
+      ...base,
+      namespaces: [
+        { name: "team-a", labels: { tier: "gold" } },
+        { name: "team-b", labels: {} },
+      ],
+      gateways: [
+        gateway("edge", { pool: ["10.168.60.100-10.168.60.110"], namespaces: { tier: "gold" } }),
+      ],
+      policies: [policy("team-a", "ok", {}), policy("team-b", "nope", {})],
+    };
+    const out = computeCluster(s);
+    assert.equal(out.policies.get("EgressPolicy/team-a/ok")!.accepted, true);
+    const nope = out.policies.get("EgressPolicy/team-b/nope")!;
+    assert.equal(condition(nope, "Accepted")?.reason, "NamespaceNotAllowed");
+    assert.match(condition(nope, "Accepted")!.message, /only serves namespaces matching tier=gold/);
+  });
+
+  it("never selects pods of another namespace from a namespaced policy", () => {
+    const o = outcomeOf(
+      { ...base, policies: [policy("team-b", "all", {})] },
+      "EgressPolicy/team-b/all",
+    );
+    assert.deepEqual(
+      o.endpoints.map((e) => e.pod),
+      ["team-b/web-1"],
+    );
+  });
+
+  it("selects across namespaces with a ClusterEgressPolicy's namespaceSelector", () => {
+    const s: Snapshot = {
+      ...base,
+      namespaces: [
+        { name: "team-a", labels: { env: "prod" } },
+        { name: "team-b", labels: { env: "dev" } },
+      ],
+      policies: [
+        clusterPolicy("prod-web", {
+          namespaceSelector: { matchLabels: { env: "prod" } },
+          podSelector: { matchLabels: { app: "web" } },
+        }),
+      ],
+    };
+    const o = outcomeOf(s, "ClusterEgressPolicy/prod-web");
+    assert.deepEqual(
+      o.endpoints.map((e) => e.pod),
+      ["team-a/web-1", "team-a/web-2"],
+    );
+  });
+
+  it("names a missing gateway", () => {
+    const o = outcomeOf(
+      { ...base, policies: [policy("team-a", "x", { gateway: "nope" })] },
+      "EgressPolicy/team-a/x",
+    );
+    assert.equal(condition(o, "Accepted")?.reason, "GatewayNotFound");
+  });
+
+  it("reports an invalid spec by field instead of programming it", () => {
+    const o = outcomeOf(
+      {
+        ...base,
+        policies: [policy("team-a", "x", { egressIP: ["10.168.60.100"], interface: "eth1" })],
+      },
+      "EgressPolicy/team-a/x",
+    );
+    assert.equal(condition(o, "Accepted")?.reason, "InvalidSpec");
+    assert.match(
+      condition(o, "Accepted")!.message,
+      /^spec\.egressIP: egressIP and interface cannot be set together/,
+    );
+  });
+
+  it("skips hostNetwork, finished and IP-less pods", () => {
+    const pods: PodInfo[] = [
+      { ...pod("team-a", "host", "node-1", ["192.168.0.11"]), hostNetwork: true },
+      { ...pod("team-a", "done", "node-1", ["172.29.1.9"]), phase: "Succeeded" },
+      pod("team-a", "pending", "node-1", []),
+      pod("team-a", "ok", "node-1", ["172.29.1.10"]),
+    ];
+    const o = outcomeOf(
+      { ...base, pods, policies: [policy("team-a", "all", {})] },
+      "EgressPolicy/team-a/all",
+    );
+    assert.deepEqual(
+      o.endpoints.map((e) => e.pod),
+      ["team-a/ok"],
+    );
+  });
+});
+
+describe("computeCluster(): node identities", () => {
+  it("gives every node a unique id, mark, tunnel address and MAC, and keeps them", () => {
+    const out = computeCluster(base);
+    assert.deepEqual(
+      [...out.identities.values()].map((i) => i.nodeID),
+      [0, 1, 2],
+    );
+    assert.deepEqual(out.identities.get("node-2"), {
+      nodeID: 1,
+      mac: "02:53:50:00:00:01",
+      tunnel: { 4: "100.127.0.2", 6: "fd5a:11::2" },
+    });
+    const renamed = computeCluster({
+      ...base,
+      nodes: [node("node-0", { ipv4: "192.168.0.10" }), ...nodes],
+      previousNodes: identitiesOf(out),
+    });
+    assert.equal(
+      renamed.identities.get("node-2")?.nodeID,
+      1,
+      "a new node does not shift existing ids",
+    );
+    assert.equal(renamed.identities.get("node-0")?.nodeID, 3);
+  });
+
+  it("reports a tunnel CIDR too small for the node ids", () => {
+    const out = computeCluster({
+      ...base,
+      config: { tunnelCIDRs: { 4: "100.127.0.0/30" }, extraIgnoreCIDRs: [] },
+    });
+    assert.match(
+      out.identityErrors.get("node-3") ?? "",
+      /does not fit in 100\.127\.0\.0\/30; use a larger tunnel CIDR/,
+    );
+  });
+
+  it("puts node IPs, pod CIDRs, service CIDRs and the tunnel CIDRs in the ignore set, aggregated", () => {
+    const out = computeCluster({
+      ...base,
+      nodes: [
+        node("a", { ipv4: "192.168.0.10", podCIDRs: ["172.29.0.0/24"] }),
+        node("b", { ipv4: "192.168.0.11", podCIDRs: ["172.29.1.0/24"] }),
+      ],
+      serviceCIDRs: ["10.96.0.0/16"],
+    });
+    assert.deepEqual(out.ignoreCIDRs, [
+      "10.96.0.0/16",
+      "100.127.0.0/16",
+      "172.29.0.0/23",
+      "192.168.0.10/31",
+    ]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Properties
+
+const arbPolicies = fc.uniqueArray(
+  fc.record({
+    ns: fc.constantFrom("team-a", "team-b"),
+    name: fc.string({ minLength: 1, maxLength: 6, unit: fc.constantFrom(..."abcdefgh") }),
+    app: fc.constantFrom("web", "db", undefined),
+    priority: fc.integer({ min: 0, max: 3 }),
+    day: fc.integer({ min: 1, max: 9 }),
+    dest: fc.constantFrom<string[]>([], ["203.0.113.0/24"], ["198.51.100.0/24"], ["2001:db8::/64"]),
+    explicit: fc.boolean(),
+  }),
+  { selector: (p) => `${p.ns}/${p.name}`, maxLength: 8 },
+);
+
+type PolicySpecs = typeof arbPolicies extends fc.Arbitrary<infer T> ? T : never;
+
+function build(specs: PolicySpecs): Snapshot {
+  return {
+    ...base,
+    gateways: [
+      gateway("edge", { pool: ["10.168.60.100-10.168.60.105", "fd00:a::100-fd00:a::105"] }),
+    ],
+    policies: specs.map((p) =>
+      policy(
+        p.ns,
+        p.name,
+        {
+          ...(p.app === undefined ? {} : { podSelector: { matchLabels: { app: p.app } } }),
+          priority: p.priority,
+          ...(p.dest.length > 0 ? { destinationCIDRs: p.dest } : {}),
+          ...(p.explicit && !p.dest.some((d) => d.includes(":"))
+            ? { egressIP: ["10.168.60.105"] }
+            : {}),
+        },
+        { created: `2026-01-0${p.day}T00:00:00Z` },
+      ),
+    ),
+  };
+}
+
+function summary(o: ClusterOutcome) {
+  return [...o.policies.values()]
+    .map((p) => ({
+      key: p.key,
+      ips: p.egressIPs,
+      node: p.gatewayNode,
+      shadow: p.shadowedBy,
+      rev: p.revision,
+      ok: p.accepted,
+    }))
+    .sort((a, b) => (a.key < b.key ? -1 : 1));
+}
+
+describe("computeCluster() properties", () => {
+  it("is deterministic: the order of the input does not change the output", () => {
+    fc.assert(
+      fc.property(arbPolicies, (specs) => {
+        const s = build(specs);
+        const reversed: Snapshot = {
+          ...s,
+          policies: [...s.policies].reverse(),
+          pods: [...s.pods].reverse(),
+          nodes: [...s.nodes].reverse(),
+        };
+        assert.deepEqual(summary(computeCluster(s)), summary(computeCluster(reversed)));
+      }),
+    );
+  });
+
+  it("never gives one address to two nodes, and keeps marks and tunnel addresses unique", () => {
+    fc.assert(
+      fc.property(arbPolicies, (specs) => {
+        const out = computeCluster(build(specs));
+        const holder = new Map<string, string>();
+        for (const p of out.policies.values()) {
+          for (const ip of p.view?.floating ?? []) {
+            const prev = holder.get(ip);
+            if (p.gatewayNode === undefined) continue;
+            assert.ok(
+              prev === undefined || prev === p.gatewayNode,
+              `${ip} on ${prev} and ${p.gatewayNode}`,
+            );
+            holder.set(ip, p.gatewayNode);
+          }
+        }
+        const ids = [...out.identities.values()];
+        assert.equal(new Set(ids.map((i) => i.nodeID)).size, ids.length);
+        assert.equal(new Set(ids.map((i) => i.tunnel[4])).size, ids.length);
+        assert.equal(new Set(ids.map((i) => i.mac)).size, ids.length);
+      }),
+    );
+  });
+
+  it("moves no egress IP on an unrelated change (new policy, new pod, new node)", () => {
+    fc.assert(
+      fc.property(arbPolicies, fc.integer({ min: 0, max: 2 }), (specs, change) => {
+        const s = build(specs);
+        const first = computeCluster(s);
+        const next: Snapshot = {
+          ...s,
+          previousPolicies: previousOf(first),
+          previousNodes: identitiesOf(first),
+          ...(change === 0
+            ? {
+                policies: [
+                  ...s.policies,
+                  policy("team-z", "newcomer", {}, { created: "2026-12-01T00:00:00Z" }),
+                ],
+              }
+            : {}),
+          ...(change === 1
+            ? {
+                pods: [...s.pods, pod("team-a", "web-9", "node-2", ["172.29.2.9"], { app: "web" })],
+              }
+            : {}),
+          ...(change === 2
+            ? {
+                nodes: [
+                  ...s.nodes,
+                  node("node-4", { ipv4: "192.168.0.14", labels: { egress: "true" } }),
+                ],
+              }
+            : {}),
+        };
+        const second = computeCluster(next);
+        for (const p of first.policies.values()) {
+          if (!p.accepted) continue;
+          const q = second.policies.get(p.key)!;
+          assert.deepEqual(q.egressIPs, p.egressIPs, `${p.key} keeps its egress IPs`);
+          assert.equal(q.gatewayNode, p.gatewayNode, `${p.key} stays on its node`);
+        }
+      }),
+    );
+  });
+
+  it("gives the same result incrementally as from scratch, pod by pod", () => {
+    const arbPods = fc.array(
+      fc.record({
+        ns: fc.constantFrom("team-a", "team-b"),
+        name: fc.constantFrom("p1", "p2", "p3", "p4"),
+        node: fc.constantFrom("node-1", "node-2", "node-3"),
+        app: fc.constantFrom("web", "db"),
+        octet: fc.integer({ min: 1, max: 250 }),
+        remove: fc.boolean(),
+      }),
+      { maxLength: 12 },
+    );
+    fc.assert(
+      fc.property(arbPolicies, arbPods, (specs, ops) => {
+        const s = { ...build(specs), pods: [] as PodInfo[] };
+        const engine = new ClusterEngine(s);
+        engine.compute();
+        const live = new Map<string, PodInfo>();
+        for (const op of ops) {
+          const key = `${op.ns}/${op.name}`;
+          if (op.remove) {
+            engine.deletePod(key);
+            live.delete(key);
+          } else {
+            const p = pod(op.ns, op.name, op.node, [`172.29.9.${op.octet}`], { app: op.app });
+            engine.setPod(p);
+            live.set(key, p);
+          }
+          assert.deepEqual(
+            summary(engine.compute()),
+            summary(computeCluster({ ...s, pods: [...live.values()] })),
+          );
+        }
+      }),
+      { numRuns: 50 },
+    );
+  });
+
+  it("derives ipset names of at most 31 characters, unique per policy", () => {
+    fc.assert(
+      fc.property(
+        fc.uniqueArray(fc.string({ minLength: 1, maxLength: 300 }), {
+          minLength: 2,
+          maxLength: 50,
+        }),
+        (keys) => {
+          const names = keys.flatMap((k) => [
+            policySetName("src", 4, k),
+            policySetName("dst", 6, k),
+          ]);
+          for (const n of names) assert.ok(n.length <= 31, n);
+          assert.equal(new Set(names).size, names.length);
+        },
+      ),
+    );
+  });
+});
