@@ -176,6 +176,55 @@ class FamilyBuilder {
   }
 }
 
+type Decision =
+  | {
+      readonly kind: "gateway";
+      readonly sources: string[];
+      readonly replies: { dst: string; peer: PeerView }[];
+    }
+  | { readonly kind: "steer"; readonly sources: string[]; readonly gateway: PeerView }
+  | { readonly kind: "drop"; readonly sources: string[] };
+
+/** What `view.node` does with `policy`'s traffic of one family; undefined: nothing at all. */
+function decide(
+  view: NodeView,
+  policy: PolicyView,
+  family: Family,
+  hasTunnel: boolean,
+): Decision | undefined {
+  if (!policyFamilies(policy, view.config.families).includes(family)) return undefined;
+  if (policy.gatewayNode !== undefined && policy.snat[family] === undefined) return undefined;
+  const isGateway = policy.gatewayNode === view.node;
+  const sources = new Set<string>();
+  for (const ep of policy.endpoints) {
+    if (isGateway || ep.node === view.node)
+      for (const c of ipsOfFamily(ep.ips, family)) sources.add(c);
+  }
+  const sorted = normalizeCidrList(sources);
+  if (isGateway) {
+    const replies: { dst: string; peer: PeerView }[] = [];
+    for (const ep of policy.endpoints) {
+      if (ep.node === view.node) continue;
+      const peer = view.peers.get(ep.node);
+      if (peer === undefined || peer.underlay === undefined || peer.tunnel[family] === undefined)
+        continue;
+      for (const c of ipsOfFamily(ep.ips, family)) replies.push({ dst: c, peer });
+    }
+    return { kind: "gateway", sources: sorted, replies };
+  }
+  if (sorted.length === 0) return undefined;
+  const gateway = policy.gatewayNode === undefined ? undefined : view.peers.get(policy.gatewayNode);
+  if (
+    !hasTunnel ||
+    gateway === undefined ||
+    gateway.underlay === undefined ||
+    gateway.tunnel[family] === undefined
+  ) {
+    return { kind: "drop", sources: sorted };
+  }
+  return { kind: "steer", sources: sorted, gateway };
+}
+
 export function planNode(view: NodeView): NodePlan {
   const { config, local } = view;
   const families = config.families;
@@ -215,6 +264,28 @@ export function planNode(view: NodeView): NodePlan {
   const perFamily = new Map<Family, FamilyBuilder>();
   const replyRoutes: { family: Family; dst: string; peer: PeerView }[] = [];
   const eips = new Map<string, EipPlan>();
+
+  // First pass: what this node does with each policy's traffic, per family. The routing tables
+  // (TABLE_NUM) follow from it, and a peer that gets no table makes its traffic fail closed.
+  const decisions = new Map<string, Decision>();
+  for (const family of families) {
+    for (const policy of policies) {
+      const d = decide(view, policy, family, tunnelPlan !== undefined);
+      if (d !== undefined) decisions.set(`${family}/${policy.key}`, d);
+    }
+  }
+  const tableKeys = new Set<string>();
+  for (const d of decisions.values()) {
+    if (d.kind === "steer") tableKeys.add(`node/${d.gateway.name}`);
+    if (d.kind === "gateway" && d.replies.length > 0) tableKeys.add(REPLY_TABLE_KEY);
+  }
+  const choice = assignTables([...tableKeys], {
+    range: config.tableRange,
+    used: local.usedTables,
+    existing: local.existingTables,
+    random: local.random,
+  });
+  errors.push(...choice.errors);
 
   for (const family of families) {
     const fb = new FamilyBuilder();
@@ -305,10 +376,10 @@ export function planNode(view: NodeView): NodePlan {
 
     // --- policies, in precedence order: the first rule that matches a packet decides.
     for (const policy of policies) {
-      if (!policyFamilies(policy, families).includes(family)) continue;
-      const isGateway = policy.gatewayNode === view.node;
+      const decision = decisions.get(`${family}/${policy.key}`);
+      if (decision === undefined) continue;
+      const isGateway = decision.kind === "gateway";
       const snatTo = policy.snat[family];
-      if (policy.gatewayNode !== undefined && snatTo === undefined) continue;
       if (isGateway) {
         for (const address of policy.floating) {
           if (familyOfText(address) !== family || eips.has(address)) continue;
@@ -321,18 +392,12 @@ export function planNode(view: NodeView): NodePlan {
           });
         }
       }
-      const sources = new Set<string>();
-      for (const ep of policy.endpoints) {
-        if (isGateway || ep.node === view.node) {
-          for (const c of ipsOfFamily(ep.ips, family)) sources.add(c);
-        }
-      }
-      if (sources.size === 0) continue;
+      if (decision.sources.length === 0) continue;
 
       const src = policySetName("src", family, policy.key);
       const dst = policySetName("dst", family, policy.key);
       const destinations = policy.destinationCIDRs.filter((c) => familyOfText(c) === family);
-      ipsets.set(src, { name: src, family, members: normalizeCidrList(sources), nomatch: [] });
+      ipsets.set(src, { name: src, family, members: decision.sources, nomatch: [] });
       ipsets.set(dst, {
         name: dst,
         family,
@@ -348,20 +413,16 @@ export function planNode(view: NodeView): NodePlan {
       const variants = matches.length === 0 ? [{}] : matches;
 
       let action: Rule["target"];
-      const gateway =
-        policy.gatewayNode === undefined ? undefined : view.peers.get(policy.gatewayNode);
-      if (isGateway) {
+      if (decision.kind === "gateway") {
         action = { kind: "GOTO", chain: CHAIN_GATEWAY };
-      } else if (
-        tunnelPlan === undefined ||
-        gateway === undefined ||
-        gateway.underlay === undefined ||
-        gateway.tunnel[family] === undefined
-      ) {
-        // No node holds this policy's egress IP (or it cannot be reached): fail closed rather than
-        // let the traffic out with the node's address.
-        action = { kind: "DROP" };
-      } else {
+        if (choice.tables.has(REPLY_TABLE_KEY)) {
+          for (const r of decision.replies) {
+            replyTargets.set(r.peer.name, r.peer);
+            replyRoutes.push({ family, dst: r.dst, peer: r.peer });
+          }
+        }
+      } else if (decision.kind === "steer" && choice.tables.has(`node/${decision.gateway.name}`)) {
+        const gateway = decision.gateway;
         steerTargets.set(gateway.name, gateway);
         const chain = fb.chain("mangle", steerChain(gateway.nodeID));
         if (chain.length === 0) {
@@ -372,6 +433,10 @@ export function planNode(view: NodeView): NodePlan {
           );
         }
         action = { kind: "GOTO", chain: steerChain(gateway.nodeID) };
+      } else {
+        // No node holds this policy's egress IP, it cannot be reached, or no routing table is
+        // free for it: fail closed rather than let the traffic out with another address.
+        action = { kind: "DROP" };
       }
       for (const v of variants) {
         markRequest.push({ ...v, sets, comment: policy.key, target: action });
@@ -394,20 +459,6 @@ export function planNode(view: NodeView): NodePlan {
           snat.push({ ...v, sets, comment: policy.key, target: { kind: "SNAT", to: snatTo } });
         }
       }
-      if (isGateway) {
-        for (const ep of policy.endpoints) {
-          if (ep.node === view.node) continue;
-          const peer = view.peers.get(ep.node);
-          if (
-            peer === undefined ||
-            peer.underlay === undefined ||
-            peer.tunnel[family] === undefined
-          )
-            continue;
-          replyTargets.set(peer.name, peer);
-          for (const c of ipsOfFamily(ep.ips, family)) replyRoutes.push({ family, dst: c, peer });
-        }
-      }
     }
     markRequest.push({
       inInterface: tunnel,
@@ -417,16 +468,6 @@ export function planNode(view: NodeView): NodePlan {
   }
 
   // --- routing: one table per gateway peer (TABLE_NUM), one for replies.
-  const tableKeys = [...[...steerTargets.keys()].map((n) => `node/${n}`)];
-  if (replyRoutes.length > 0) tableKeys.push(REPLY_TABLE_KEY);
-  const choice = assignTables(tableKeys, {
-    range: config.tableRange,
-    used: local.usedTables,
-    existing: local.existingTables,
-    random: local.random,
-  });
-  errors.push(...choice.errors);
-
   const ipRules: IpRulePlan[] = [];
   const routes: RoutePlan[] = [];
   const neighbors = new Map<string, NeighborPlan>();

@@ -224,23 +224,31 @@ export interface RoutingPlan {
 }
 
 /**
- * The changes, split into the phases the kernel needs:
- *  1. `links`: create/replace the tunnel and egress-IP devices (down), set their address lists;
- *     then the caller writes per-device sysctls (arp_notify, ndisc_notify, rp_filter);
- *  2. `up`: bring devices up: the kernel then announces new egress IPs (GARP / unsolicited NA);
- *  3. per family `ip -batch` for neighbours, routes and rules, and `bridge -batch` for the FDB;
- *  4. `remove`: stale rules/routes/devices, last.
+ * The changes, in the order a sync applies them:
+ *  1. `releaseEips`: delete egress-IP devices this node must no longer hold, first of all, so it
+ *     stops answering ARP/NDP for them as soon as possible;
+ *  2. `tunnel` then `tunnelUp`: create or fix the VXLAN device; per-device sysctls go in between;
+ *  3. `ip4`, `ip6` (`ip -batch`) and `bridge`: neighbours, routes, then rules, and the FDB;
+ *  4. (iptables and ipsets, elsewhere)
+ *  5. `eips` then `eipsUp`: egress-IP devices, created down, sysctls (arp_notify, ndisc_notify,
+ *     rp_filter), then up: the kernel announces the address (GARP / unsolicited NA) only after
+ *     the SNAT rules for it exist;
+ *  6. `remove4`, `remove6`, `removeTunnel`: stale rules and routes, a tunnel no longer wanted.
  */
 export interface RoutingDiff {
-  readonly links: string[];
-  readonly up: string[];
-  readonly newDevices: string[];
+  readonly releaseEips: string[];
+  readonly tunnel: string[];
+  readonly tunnelUp: string[];
   readonly ip4: string[];
   readonly ip6: string[];
   readonly bridge: string[];
+  readonly eips: string[];
+  readonly eipsUp: string[];
+  /** Devices created by this diff: their sysctls must be written before they go up. */
+  readonly newDevices: string[];
   readonly remove4: string[];
   readonly remove6: string[];
-  readonly removeLinks: string[];
+  readonly removeTunnel: string[];
   readonly changes: number;
 }
 
@@ -254,15 +262,18 @@ export function diffRouting(
   options: { rulePref: number; tunnelDevice: string },
 ): RoutingDiff {
   const d: RoutingDiff = {
-    links: [],
-    up: [],
-    newDevices: [],
+    releaseEips: [],
+    tunnel: [],
+    tunnelUp: [],
     ip4: [],
     ip6: [],
     bridge: [],
+    eips: [],
+    eipsUp: [],
+    newDevices: [],
     remove4: [],
     remove6: [],
-    removeLinks: [],
+    removeTunnel: [],
     changes: 0,
   };
   const linkByName = new Map(actual.links.map((l) => [l.name, l]));
@@ -282,8 +293,8 @@ export function diffRouting(
         haveTun.vxlan?.learning !== false ||
         haveTun.parent !== tun.parent);
     if (haveTun === undefined || recreate) {
-      if (recreate) d.links.push(`link del ${tun.name}`);
-      d.links.push(
+      if (recreate) d.tunnel.push(`link del ${tun.name}`);
+      d.tunnel.push(
         `link add ${tun.name} type vxlan id ${tun.vni} dstport ${tun.port} local ${tun.local} dev ${tun.parent} nolearning`,
       );
       d.newDevices.push(tun.name);
@@ -291,19 +302,19 @@ export function diffRouting(
     const fresh = haveTun === undefined || recreate;
     tunnelFresh = fresh;
     if (fresh || haveTun.mac !== tun.mac || haveTun.mtu !== tun.mtu) {
-      d.links.push(`link set ${tun.name} address ${tun.mac} mtu ${tun.mtu}`);
+      d.tunnel.push(`link set ${tun.name} address ${tun.mac} mtu ${tun.mtu}`);
     }
     const haveAddrs = new Set(fresh ? [] : haveTun.addresses);
     for (const a of tun.addresses) {
       if (!haveAddrs.has(a))
-        d.links.push(`addr replace ${a} dev ${tun.name}${a.includes(":") ? " nodad" : ""}`);
+        d.tunnel.push(`addr replace ${a} dev ${tun.name}${a.includes(":") ? " nodad" : ""}`);
     }
     for (const a of fresh ? [] : haveTun.addresses) {
-      if (!tun.addresses.includes(a)) d.links.push(`addr del ${a} dev ${tun.name}`);
+      if (!tun.addresses.includes(a)) d.tunnel.push(`addr del ${a} dev ${tun.name}`);
     }
-    if (fresh || !haveTun.up) d.up.push(`link set ${tun.name} up`);
+    if (fresh || !haveTun.up) d.tunnelUp.push(`link set ${tun.name} up`);
   } else if (haveTun !== undefined && haveTun.kind === "vxlan") {
-    d.removeLinks.push(`link del ${options.tunnelDevice}`);
+    d.removeTunnel.push(`link del ${options.tunnelDevice}`);
   }
 
   // Egress-IP devices.
@@ -315,24 +326,24 @@ export function diffRouting(
       have !== undefined &&
       (have.kind !== "macvlan" || have.parent !== e.parent || have.mac !== e.mac);
     if (have === undefined || wrong) {
-      if (wrong) d.links.push(`link del ${e.device}`);
-      d.links.push(
+      if (wrong) d.eips.push(`link del ${e.device}`);
+      d.eips.push(
         `link add ${e.device} link ${e.parent} address ${e.mac} type macvlan mode bridge`,
         `addr replace ${cidr} dev ${e.device}${e.family === 6 ? " nodad" : ""}`,
       );
       d.newDevices.push(e.device);
-      d.up.push(`link set ${e.device} up`);
+      d.eipsUp.push(`link set ${e.device} up`);
       continue;
     }
     if (!have.addresses.includes(cidr)) {
-      d.links.push(`addr replace ${cidr} dev ${e.device}${e.family === 6 ? " nodad" : ""}`);
+      d.eips.push(`addr replace ${cidr} dev ${e.device}${e.family === 6 ? " nodad" : ""}`);
     }
-    for (const a of have.addresses) if (a !== cidr) d.links.push(`addr del ${a} dev ${e.device}`);
-    if (!have.up) d.up.push(`link set ${e.device} up`);
+    for (const a of have.addresses) if (a !== cidr) d.eips.push(`addr del ${a} dev ${e.device}`);
+    if (!have.up) d.eipsUp.push(`link set ${e.device} up`);
   }
   for (const l of actual.links) {
     if (l.name.startsWith(EIP_DEVICE_PREFIX) && !wantEips.has(l.name))
-      d.removeLinks.unshift(`link del ${l.name}`);
+      d.releaseEips.push(`link del ${l.name}`);
   }
 
   // Neighbours and FDB on the tunnel.
@@ -407,19 +418,9 @@ export function diffRouting(
     }
   }
 
-  const count = (xs: readonly string[]) => xs.length;
-  return {
-    ...d,
-    changes:
-      count(d.links) +
-      count(d.up) +
-      count(d.ip4) +
-      count(d.ip6) +
-      count(d.bridge) +
-      count(d.remove4) +
-      count(d.remove6) +
-      count(d.removeLinks),
-  };
+  let changes = 0;
+  for (const list of Object.values(d)) if (Array.isArray(list)) changes += list.length;
+  return { ...d, changes };
 }
 
 /** Everything a fresh node needs, as batch text (golden files). */
@@ -435,10 +436,10 @@ export function renderRouting(
   const section = (title: string, lines: readonly string[]) =>
     lines.length === 0 ? [] : [`# ${title}`, ...lines];
   return `${[
-    ...section("ip -batch (links)", d.links),
-    ...section("ip -batch (up)", d.up),
+    ...section("ip -batch (tunnel)", [...d.tunnel, ...d.tunnelUp]),
     ...section("ip -4 -batch", d.ip4),
     ...section("ip -6 -batch", d.ip6),
     ...section("bridge -batch", d.bridge),
+    ...section("ip -batch (egress IPs, after the SNAT rules)", [...d.eips, ...d.eipsUp]),
   ].join("\n")}\n`;
 }

@@ -100,8 +100,7 @@ describe("ip -json parsers", () => {
 describe("diffRouting()", () => {
   it("changes nothing when the kernel already holds the plan, apart from our stale state", () => {
     const d = diffRouting(desired, actual(), OPTS);
-    assert.deepEqual(d.links, []);
-    assert.deepEqual(d.up, []);
+    assert.equal(d.changes, 0);
     assert.deepEqual(d.ip4, []);
     assert.deepEqual(d.bridge, []);
     assert.deepEqual(
@@ -121,12 +120,12 @@ describe("diffRouting()", () => {
 
   it("recreates a tunnel whose VNI changed and brings it up", () => {
     const d = diffRouting({ ...desired, tunnel: { ...desired.tunnel!, vni: 42 } }, actual(), OPTS);
-    assert.equal(d.links[0], "link del sallyport");
+    assert.equal(d.tunnel[0], "link del sallyport");
     assert.match(
-      d.links[1]!,
+      d.tunnel[1]!,
       /^link add sallyport type vxlan id 42 dstport 7799 local 192\.0\.2\.1 dev eth0 nolearning$/,
     );
-    assert.deepEqual(d.up, ["link set sallyport up"]);
+    assert.deepEqual(d.tunnelUp, ["link set sallyport up"]);
     assert.ok(
       d.ip4.some((l) => l.startsWith("route replace default")),
       "routes through a new device are re-added",
@@ -135,13 +134,13 @@ describe("diffRouting()", () => {
 
   it("gives up an egress IP by deleting its device, and announces a new one by bringing it up", () => {
     const gone = diffRouting({ ...desired, eips: [] }, actual(), OPTS);
-    assert.deepEqual(gone.removeLinks, ["link del spe-abc"]);
+    assert.deepEqual(gone.releaseEips, ["link del spe-abc"]);
     const fresh = diffRouting(
       desired,
       { ...actual(), links: actual().links.filter((l) => l.name !== "spe-abc") },
       OPTS,
     );
     assert.deepEqual(fresh.newDevices, ["spe-abc"]);
-    assert.deepEqual(fresh.up, ["link set spe-abc up"]);
+    assert.deepEqual(fresh.eipsUp, ["link set spe-abc up"]);
   });
 });
