@@ -5,6 +5,7 @@
 const name = process.argv[2];
 const benches: Record<string, () => Promise<unknown>> = {
   engine: async () => (await import("./engine.ts")).run(),
+  datapath: async () => (await import("./datapath.ts")).run(),
 };
 const run = name === undefined ? undefined : benches[name];
 if (run === undefined) {

@@ -248,7 +248,14 @@ function computePeers(
     const node = nodes.get(name);
     const underlay =
       report?.underlay?.ipv4 ?? node?.addresses[4] ?? report?.underlay?.ipv6 ?? node?.addresses[6];
-    peers.set(name, { name, nodeID: id.nodeID, mac: id.mac, tunnel: id.tunnel, underlay });
+    peers.set(name, {
+      name,
+      nodeID: id.nodeID,
+      mac: id.mac,
+      tunnel: id.tunnel,
+      underlay,
+      podCIDRs: normalizeCidrList(node?.podCIDRs ?? []),
+    });
   }
   return peers;
 }

@@ -17,6 +17,7 @@
  */
 import type { PortSpec } from "../api/types.ts";
 import {
+  cidrContains,
   FAMILIES,
   type Family,
   familyOfText,
@@ -176,6 +177,17 @@ class FamilyBuilder {
   }
 }
 
+/**
+ * Where replies to a pod go back through the tunnel: its node's pod CIDR when it lies inside one
+ * (pod CIDRs of different nodes never overlap, so one route per node is exact and the reply table
+ * grows with nodes, not pods), else the pod's own address.
+ */
+function replyDestination(hostCidrText: string, peer: PeerView): string {
+  const address = parseCidr(hostCidrText);
+  const covering = (peer.podCIDRs ?? []).find((c) => cidrContains(parseCidr(c), address));
+  return covering ?? hostCidrText;
+}
+
 type Decision =
   | {
       readonly kind: "gateway";
@@ -208,7 +220,8 @@ function decide(
       const peer = view.peers.get(ep.node);
       if (peer === undefined || peer.underlay === undefined || peer.tunnel[family] === undefined)
         continue;
-      for (const c of ipsOfFamily(ep.ips, family)) replies.push({ dst: c, peer });
+      for (const c of ipsOfFamily(ep.ips, family))
+        replies.push({ dst: replyDestination(c, peer), peer });
     }
     return { kind: "gateway", sources: sorted, replies };
   }

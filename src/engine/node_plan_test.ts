@@ -296,9 +296,14 @@ describe("planNode() with no free routing table", () => {
     const outcome = computeCluster(seed);
     const used = Array.from({ length: 101 }, (_, i) => 3000 + i);
     const plan = planNode(
-      nodeViewFromOutcome(outcome, "node-1", { local: localFacts({ ipv4: "192.168.0.11", usedTables: used }) }),
+      nodeViewFromOutcome(outcome, "node-1", {
+        local: localFacts({ ipv4: "192.168.0.11", usedTables: used }),
+      }),
     );
-    assert.match(plan.errors.join("\n"), /Cannot choose a routing table for node\/node-2: every table in \[3000, 3100\] is in use/);
+    assert.match(
+      plan.errors.join("\n"),
+      /Cannot choose a routing table for node\/node-2: every table in \[3000, 3100\] is in use/,
+    );
     assert.deepEqual(plan.ipRules, []);
     const t = tracePacket(plan, { src: "172.29.234.173", dst: "10.6.105.150" });
     assert.equal(t.verdict, "drop", "rather than leave with the pod's own address");

@@ -155,3 +155,20 @@ export interface NodePlan {
   /** Problems that keep part of the plan out (e.g. no free routing table). */
   readonly errors: readonly string[];
 }
+
+/** A NodePlan as JSON (Maps become entry lists), for the CLI and for handing plans between processes. */
+export function planToJSON(plan: NodePlan): string {
+  return JSON.stringify(plan, (_key, value: unknown) => {
+    if (value instanceof Map) return { $map: [...value.entries()] };
+    return value;
+  });
+}
+
+export function planFromJSON(text: string): NodePlan {
+  return JSON.parse(text, (_key, value: unknown) => {
+    if (value !== null && typeof value === "object" && "$map" in value) {
+      return new Map((value as { $map: [unknown, unknown][] }).$map);
+    }
+    return value;
+  }) as NodePlan;
+}

@@ -18,6 +18,8 @@ export interface PeerView {
   readonly tunnel: Readonly<Partial<Record<Family, string>>>;
   /** Underlay address VXLAN packets to this node are sent to (IPv4 when the node has one). */
   readonly underlay?: string | undefined;
+  /** The node's pod CIDRs (node.spec.podCIDRs): replies to its pods need one route per CIDR. */
+  readonly podCIDRs?: readonly string[] | undefined;
 }
 
 export interface EndpointView {

@@ -18,11 +18,12 @@
  */
 
 import { isOwnedSet } from "../engine/names.ts";
-import type { NodePlan, SysctlPlan } from "../engine/plan.ts";
+import type { IpSetPlan, NodePlan, SysctlPlan } from "../engine/plan.ts";
 import type { Family } from "../lib/ip.ts";
 import {
   type ActualRouting,
   diffRouting,
+  type ParsedLink,
   parseFdb,
   parseLinks,
   parseNeighbors,
@@ -31,7 +32,7 @@ import {
   type RoutingDiff,
 } from "../render/iproute.ts";
 import { diffIpsets, parseIpsetSave, type SavedSet } from "../render/ipset.ts";
-import { diffRules, parseSave, type SavedState } from "../render/iptables.ts";
+import { diffRules, parseSave, ruleText, type SavedState, TABLES } from "../render/iptables.ts";
 import type { Iptables } from "./iptables.ts";
 import { CommandError, mustRun, type Runner } from "./runner.ts";
 
@@ -93,8 +94,97 @@ const EMPTY_PLAN = (node: string): NodePlan => ({
   errors: [],
 });
 
+/**
+ * The kernel state a plan describes, in the shape the parsers produce: after a successful sync
+ * it is what the kernel holds (as far as we own it), so the next event-driven sync can diff
+ * against it without re-reading 100,000 set members and routes.
+ */
+export function stateOfPlan(plan: NodePlan): KernelState {
+  const rules = {} as Record<Family, SavedState>;
+  for (const family of [4, 6] as const) {
+    const fr = plan.rules[family];
+    const state: SavedState = new Map();
+    for (const table of TABLES) {
+      const chains = new Map<string, { rules: string[] }>();
+      for (const h of (fr?.hooks ?? [])
+        .filter((x) => x.table === table)
+        .sort((a, b) => a.position - b.position)) {
+        const c = chains.get(h.builtin) ?? { rules: [] };
+        c.rules.push(ruleText(h.rule));
+        chains.set(h.builtin, c);
+      }
+      for (const [name, list] of fr?.chains.get(table) ?? []) {
+        chains.set(name, { rules: list.map(ruleText) });
+      }
+      state.set(table, { chains });
+    }
+    rules[family] = state;
+  }
+  const ipsets = new Map<string, SavedSet>(plan.ipsets.map((s) => [s.name, plannedSet(s)]));
+
+  const links: ParsedLink[] = [];
+  if (plan.tunnel !== undefined) {
+    const t = plan.tunnel;
+    links.push({
+      name: t.name,
+      kind: "vxlan",
+      parent: t.parent,
+      mtu: t.mtu,
+      mac: t.mac,
+      up: true,
+      addresses: t.addresses,
+      vxlan: { vni: t.vni, port: t.port, local: t.local, learning: false },
+    });
+  }
+  for (const e of plan.eips) {
+    links.push({
+      name: e.device,
+      kind: "macvlan",
+      parent: e.parent,
+      mtu: 0,
+      mac: e.mac,
+      up: true,
+      addresses: [`${e.address}/${e.family === 4 ? 32 : 128}`],
+      macvlanMode: "bridge",
+    });
+  }
+  return {
+    rules,
+    ipsets,
+    routing: {
+      rules: plan.ipRules,
+      routes: plan.routes,
+      links,
+      neighbors: plan.neighbors,
+      fdb: plan.fdb,
+    },
+  };
+}
+
+/** A set as a plan describes it; its member Sets are only built if a diff needs them. */
+function plannedSet(plan: IpSetPlan): SavedSet {
+  let members: Set<string> | undefined;
+  let nomatch: Set<string> | undefined;
+  return {
+    name: plan.name,
+    type: "hash:net",
+    family: plan.family,
+    planned: plan,
+    get members() {
+      members ??= new Set(plan.members);
+      return members;
+    },
+    get nomatch() {
+      nomatch ??= new Set(plan.nomatch);
+      return nomatch;
+    },
+  };
+}
+
 export class Datapath {
   readonly #o: DatapathOptions;
+  /** What the last successful sync left in the kernel; undefined forces a full read. */
+  #mirror: KernelState | undefined;
 
   constructor(options: DatapathOptions) {
     this.#o = options;
@@ -143,11 +233,22 @@ export class Datapath {
     };
   }
 
-  /** Makes the kernel hold `plan`; returns what had to change. */
-  async sync(plan: NodePlan, state?: KernelState): Promise<SyncReport> {
+  /**
+   * Makes the kernel hold `plan`; returns what had to change. A full sync (the default) re-reads
+   * the kernel and so repairs drift; `partial` diffs against what the last successful sync
+   * applied, for fast event-driven updates, and falls back to a full read when there is none.
+   */
+  async sync(plan: NodePlan, options?: { partial?: boolean }): Promise<SyncReport> {
+    const mirror = options?.partial === true ? this.#mirror : undefined;
+    this.#mirror = undefined;
+    const report = await this.#apply(plan, mirror ?? (await this.read()), mirror === undefined);
+    this.#mirror = stateOfPlan(plan);
+    return report;
+  }
+
+  async #apply(plan: NodePlan, actual: KernelState, full: boolean): Promise<SyncReport> {
     const started = performance.now();
     const { runner, iptables, families, rulePref, tunnelDevice } = this.#o;
-    const actual = state ?? (await this.read());
     const routing = diffRouting(plan, actual.routing, { rulePref, tunnelDevice });
     const sets = diffIpsets(plan.ipsets, actual.ipsets);
     const step = async (name: string, fn: () => Promise<unknown>) => {
@@ -170,10 +271,9 @@ export class Datapath {
     await step("set up the tunnel", async () => {
       await batch(["ip", "-batch", "-"], routing.tunnel);
     });
-    const sysctlChanges = await this.#sysctls(
-      [...plan.sysctls, ...this.#deviceSysctls(plan, routing)],
-      step,
-    );
+    // Global sysctls can only drift behind our back: check them on full syncs.
+    let sysctlChanges =
+      full || routing.newDevices.length > 0 ? await this.#sysctls(plan.sysctls, step) : 0;
     await step("bring the tunnel up", () => batch(["ip", "-batch", "-"], routing.tunnelUp));
     await step("program IPv4 neighbours, routes and rules", () =>
       batch(["ip", "-4", "-batch", "-"], routing.ip4),
@@ -199,8 +299,8 @@ export class Datapath {
       );
     }
     await step("create egress-IP devices", () => batch(["ip", "-batch", "-"], routing.eips));
-    // Sysctls of new egress-IP devices were written above, before they go up (arp_notify
-    // sends the gratuitous ARP at NETDEV_UP).
+    // Before they go up: arp_notify / ndisc_notify act at NETDEV_UP.
+    sysctlChanges += await this.#sysctls(this.#deviceSysctls(plan, routing), step);
     await step("announce egress IPs", () => batch(["ip", "-batch", "-"], routing.eipsUp));
     await step("remove stale IPv4 rules and routes", () =>
       batch(["ip", "-4", "-batch", "-"], routing.remove4),

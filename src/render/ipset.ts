@@ -19,33 +19,55 @@ export interface SavedSet {
   readonly family: Family | undefined;
   readonly members: Set<string>;
   readonly nomatch: Set<string>;
+  /** When the set came from a plan: its sorted lists, for an O(n) comparison without lookups. */
+  readonly planned?: Pick<IpSetPlan, "members" | "nomatch">;
 }
 
-/** ipset save prints host entries without a prefix; we always write and compare with one. */
+function sameList(a: readonly string[], b: readonly string[]): boolean {
+  if (a === b) return true;
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/**
+ * ipset save prints host entries without a prefix; we always write and compare with one. IPv4 is
+ * printed in canonical dotted-quad form already (this parse runs on 100,000 members per resync);
+ * IPv6 is canonicalized.
+ */
 function canonicalMember(text: string): string {
+  if (!text.includes(":")) return text.includes("/") ? text : `${text}/32`;
   return text.includes("/") ? canonicalCidr(text) : hostCidr(parseAddress(text));
 }
 
 export function parseIpsetSave(text: string): Map<string, SavedSet> {
   const sets = new Map<string, SavedSet>();
-  for (const line of text.split("\n")) {
-    const words = line.trim().split(/\s+/);
-    if (words[0] === "create" && words[1] !== undefined) {
+  let start = 0;
+  while (start < text.length) {
+    let end = text.indexOf("\n", start);
+    if (end < 0) end = text.length;
+    const line = text.slice(start, end);
+    start = end + 1;
+    if (line.startsWith("add ")) {
+      const nameEnd = line.indexOf(" ", 4);
+      const set = sets.get(line.slice(4, nameEnd));
+      if (set === undefined) continue;
+      const memberEnd = line.indexOf(" ", nameEnd + 1);
+      const raw = memberEnd < 0 ? line.slice(nameEnd + 1) : line.slice(nameEnd + 1, memberEnd);
+      const member = set.type === "hash:net" ? canonicalMember(raw) : raw;
+      if (memberEnd >= 0 && line.includes(" nomatch", memberEnd)) set.nomatch.add(member);
+      else set.members.add(member);
+    } else if (line.startsWith("create ")) {
+      const words = line.split(" ");
       const familyAt = words.indexOf("family");
       const fam = familyAt >= 0 ? words[familyAt + 1] : undefined;
-      sets.set(words[1], {
-        name: words[1],
+      sets.set(words[1]!, {
+        name: words[1]!,
         type: words[2] ?? "",
         family: fam === "inet" ? 4 : fam === "inet6" ? 6 : undefined,
         members: new Set(),
         nomatch: new Set(),
       });
-    } else if (words[0] === "add" && words[1] !== undefined && words[2] !== undefined) {
-      const set = sets.get(words[1]);
-      if (set === undefined) continue;
-      const member = set.type === "hash:net" ? canonicalMember(words[2]) : words[2];
-      if (words.includes("nomatch")) set.nomatch.add(member);
-      else set.members.add(member);
     }
   }
   return sets;
@@ -94,6 +116,15 @@ export function diffIpsets(
     if (have === undefined) {
       update.push(createLine(plan.name, plan.family), ...addLines(plan.name, plan));
       added += plan.members.length + plan.nomatch.length;
+      continue;
+    }
+    if (
+      options?.full !== true &&
+      have.planned !== undefined &&
+      have.family === plan.family &&
+      sameList(have.planned.members, plan.members) &&
+      sameList(have.planned.nomatch, plan.nomatch)
+    ) {
       continue;
     }
     const toAdd: string[] = [];

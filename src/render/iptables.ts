@@ -28,8 +28,9 @@ function markText(m: { value: number; mask: number }): string {
   return `${hex(m.value)}/${hex(m.mask)}`;
 }
 
+/** iptables-save always quotes comments (xtables_save_string), escaping `"` and `\\`. */
 function quote(text: string): string {
-  return /^[A-Za-z0-9_./:=-]+$/.test(text) ? text : `"${text.replace(/(["\\])/g, "\\$1")}"`;
+  return `"${text.replace(/(["\\])/g, "\\$1")}"`;
 }
 
 export function targetArgs(target: Target): string[] {
@@ -53,7 +54,19 @@ export function targetArgs(target: Target): string[] {
   }
 }
 
-/** The rule after `-A CHAIN`, in iptables-save's form. Comments are quoted when needed. */
+const rendered = new WeakMap<Rule, string>();
+
+/** ruleArgs joined, memoized per rule object: a sync renders each planned rule once. */
+export function ruleText(rule: Rule): string {
+  let text = rendered.get(rule);
+  if (text === undefined) {
+    text = ruleArgs(rule).join(" ");
+    rendered.set(rule, text);
+  }
+  return text;
+}
+
+/** The rule after `-A CHAIN`, in iptables-save's form. */
 export function ruleArgs(rule: Rule): string[] {
   const args: string[] = [];
   if (rule.inInterface !== undefined) args.push("-i", rule.inInterface);
@@ -268,7 +281,7 @@ export interface RestoreDiff {
 }
 
 function desiredChainLines(rules: readonly Rule[]): string[] {
-  return rules.map((r) => ruleArgs(r).join(" "));
+  return rules.map(ruleText);
 }
 
 /**
@@ -313,7 +326,7 @@ export function diffRules(
       const wanted = hooks
         .filter((h) => h.builtin === builtin)
         .sort((a, b) => a.position - b.position);
-      const wantedLines = wanted.map((h) => ruleArgs(h.rule).join(" "));
+      const wantedLines = wanted.map((h) => ruleText(h.rule));
       const current = have.get(builtin)?.rules ?? [];
       const head = current.slice(0, wantedLines.length);
       const ownedCount = current.filter(isOwnedHook).length;

@@ -111,7 +111,7 @@ describe("ruleArgs() / parseRuleArgs()", () => {
     };
     assert.equal(
       ruleArgs(rule).join(" "),
-      "-m set --match-set sallyport-src4-x src -m set ! --match-set sallyport-ignore4 dst -m conntrack --ctstate INVALID,NEW -m comment --comment EgressPolicy/team-a/web -g SALLYPORT-TO-0001",
+      '-m set --match-set sallyport-src4-x src -m set ! --match-set sallyport-ignore4 dst -m conntrack --ctstate INVALID,NEW -m comment --comment "EgressPolicy/team-a/web" -g SALLYPORT-TO-0001',
     );
   });
 

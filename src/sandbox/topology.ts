@@ -101,6 +101,16 @@ export class Topology {
   async #netns(name: string): Promise<void> {
     await this.#ip(["netns", "add", name]);
     await this.#ip(["-n", name, "link", "set", "lo", "up"]);
+    // Simulated links have no duplicate addresses: skip DAD so IPv6 addresses work at once.
+    if (this.families.includes(6)) {
+      await mustRun(nsRunner(name), [
+        "sysctl",
+        "-q",
+        "-w",
+        "net/ipv6/conf/all/accept_dad=0",
+        "net/ipv6/conf/default/accept_dad=0",
+      ]);
+    }
   }
 
   /** Builds the segment, the nodes and the external host. */
@@ -169,13 +179,39 @@ export class Topology {
       await this.#ip(["-n", ns, "addr", "add", gw, "dev", "cni0", ...(f === 6 ? ["nodad"] : [])]);
     }
     await this.#ip(["-n", ns, "link", "set", "cni0", "up"]);
-    // The CNI's masquerade: pod traffic leaving the pod network goes out with the node's address.
-    const masq = (supernet: string) =>
-      `*nat\n-A POSTROUTING -s ${supernet} ! -d ${supernet} -m comment --comment "cni: masquerade pod traffic" -j MASQUERADE\nCOMMIT\n`;
-    if (this.families.includes(4))
-      await mustRun(r, ["iptables-restore", "--noflush"], { stdin: masq(POD_SUPERNET[4]) });
-    if (this.families.includes(6))
-      await mustRun(r, ["ip6tables-restore", "--noflush"], { stdin: masq(POD_SUPERNET[6]) });
+    // What kubelet, kube-proxy and the CNI leave on a node: kubelet's backend hints, a kube-proxy
+    // service chain, and the CNI's masquerade for pod traffic leaving the pod network (so that
+    // without a policy the outside sees the node's address).
+    const rules = (family: Family) => {
+      const supernet = POD_SUPERNET[family];
+      const lo = family === 4 ? "127.0.0.0/8" : "::1/128";
+      return [
+        "*mangle",
+        ":KUBE-IPTABLES-HINT - [0:0]",
+        ":KUBE-KUBELET-CANARY - [0:0]",
+        "COMMIT",
+        "*filter",
+        ":KUBE-FIREWALL - [0:0]",
+        ":KUBE-KUBELET-CANARY - [0:0]",
+        "-A INPUT -j KUBE-FIREWALL",
+        "-A OUTPUT -j KUBE-FIREWALL",
+        `-A KUBE-FIREWALL ! -s ${lo} -d ${lo} -m comment --comment "block incoming localnet connections" -j DROP`,
+        "COMMIT",
+        "*nat",
+        ":KUBE-SERVICES - [0:0]",
+        ":KUBE-KUBELET-CANARY - [0:0]",
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        `-A POSTROUTING -s ${supernet} ! -d ${supernet} -m comment --comment "cni: masquerade pod traffic" -j MASQUERADE`,
+        "COMMIT",
+        "",
+      ].join("\n");
+    };
+    for (const family of this.families) {
+      await mustRun(r, [family === 4 ? "iptables-restore" : "ip6tables-restore", "--noflush"], {
+        stdin: rules(family),
+      });
+    }
   }
 
   async #nodeRoutes(i: number): Promise<void> {

@@ -1,0 +1,98 @@
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { FakeClock } from "../lib/clock.ts";
+import { SyncLoop } from "./sync_loop.ts";
+
+function loop(options: {
+  periodMs?: number;
+  minIntervalMs?: number;
+  fail?: () => boolean;
+  syncMs?: number;
+}) {
+  const clock = new FakeClock();
+  const starts: number[] = [];
+  const errors: unknown[] = [];
+  const l = new SyncLoop({
+    clock,
+    periodMs: options.periodMs ?? 10_000,
+    minIntervalMs: options.minIntervalMs ?? 0,
+    retryMs: 1000,
+    onError: (e) => errors.push(e),
+    sync: async () => {
+      starts.push(clock.now());
+      if (options.syncMs !== undefined)
+        await new Promise<void>((r) => clock.after(options.syncMs!, r));
+      if (options.fail?.()) throw new Error("boom");
+    },
+  });
+  return { clock, starts, errors, l };
+}
+
+describe("SyncLoop", () => {
+  it("syncs at start and then every period even when nothing changed", async () => {
+    const { clock, starts, l } = loop({ periodMs: 10_000 });
+    l.start();
+    await clock.advance(35_000);
+    assert.deepEqual(starts, [0, 10_000, 20_000, 30_000]);
+    l.stop();
+  });
+
+  it("coalesces triggers that arrive while a sync runs into one more sync", async () => {
+    const { clock, starts, l } = loop({ syncMs: 100 });
+    l.start();
+    await clock.advance(10);
+    l.trigger();
+    l.trigger();
+    l.trigger();
+    await clock.advance(1000);
+    assert.deepEqual(starts, [0, 100]);
+    l.stop();
+  });
+
+  it("keeps at least minInterval between syncs", async () => {
+    const { clock, starts, l } = loop({ minIntervalMs: 500 });
+    l.start();
+    await clock.advance(1);
+    l.trigger();
+    await clock.advance(1000);
+    assert.deepEqual(starts, [0, 500]);
+    l.stop();
+  });
+
+  it("retries a failed sync after retryMs instead of waiting a whole period", async () => {
+    let failures = 1;
+    const { clock, starts, errors, l } = loop({ fail: () => failures-- > 0 });
+    l.start();
+    await clock.advance(1500);
+    assert.deepEqual(starts, [0, 1000]);
+    assert.equal(errors.length, 1);
+    l.stop();
+  });
+
+  it("stops", async () => {
+    const { clock, starts, l } = loop({});
+    l.start();
+    await clock.advance(1);
+    l.stop();
+    l.trigger();
+    await clock.advance(60_000);
+    assert.deepEqual(starts, [0]);
+  });
+});
+
+describe("SyncLoop.idle()", () => {
+  it("waits for a triggered sync that has not started yet", async () => {
+    const { clock, starts, l } = loop({});
+    l.start();
+    let idle = false;
+    void l.idle().then(() => {
+      idle = true;
+    });
+    await Promise.resolve();
+    assert.equal(idle, false, "the first sync is still to run");
+    await clock.advance(1);
+    assert.deepEqual(starts, [0]);
+    assert.equal(idle, true);
+    l.stop();
+  });
+});

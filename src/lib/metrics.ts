@@ -1,0 +1,41 @@
+/**
+ * Prometheus metrics (prom-client). One registry per process; components take it as an option
+ * so that tests read the numbers they assert on.
+ */
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
+
+export function datapathMetrics(registry: Registry) {
+  return {
+    syncs: new Counter({
+      name: "sallyport_datapath_syncs_total",
+      help: "Datapath syncs by result (ok, error)",
+      labelNames: ["result"],
+      registers: [registry],
+    }),
+    repairs: new Counter({
+      name: "sallyport_datapath_drift_repairs_total",
+      help: "Kernel objects found changed behind the agent's back and put back",
+      registers: [registry],
+    }),
+    changes: new Counter({
+      name: "sallyport_datapath_changes_total",
+      help: "Kernel objects changed by syncs (desired changes and repairs)",
+      registers: [registry],
+    }),
+    duration: new Histogram({
+      name: "sallyport_datapath_sync_duration_seconds",
+      help: "Duration of a datapath sync",
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+      registers: [registry],
+    }),
+    lastSuccess: new Gauge({
+      name: "sallyport_datapath_last_sync_timestamp_seconds",
+      help: "When the datapath last matched the plan",
+      registers: [registry],
+    }),
+  };
+}
+
+export type DatapathMetrics = ReturnType<typeof datapathMetrics>;
+
+export { Registry };

@@ -1,0 +1,416 @@
+/**
+ * The node datapath on real kernels, in network namespaces (see src/sandbox/topology.ts for the
+ * address plan): two nodes on one segment with an external server; node-2 is the gateway and
+ * holds the egress IP 192.168.77.100 / fd00:77::100.
+ *
+ *   web-1 (node-1, selected)  web-2 (node-2 = gateway, selected)  other (node-1, not selected)
+ *   target (node-2, a pod running a server, for pod-to-pod traffic)
+ */
+import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { DatapathSync } from "../../src/agent/datapath_sync.ts";
+import { computeCluster } from "../../src/engine/cluster.ts";
+import { planNode } from "../../src/engine/node_plan.ts";
+import { nodeViewFromOutcome } from "../../src/engine/node_view.ts";
+import { type NodePlan, planToJSON } from "../../src/engine/plan.ts";
+import type { Snapshot } from "../../src/engine/snapshot.ts";
+import { gateway, node, pod, policy, snapshot } from "../../src/engine/testing.ts";
+import type { Datapath } from "../../src/kernel/datapath.ts";
+import { localFactsFrom } from "../../src/kernel/facts.ts";
+import { openDatapath } from "../../src/kernel/open.ts";
+import { ExecRunner, mustRun } from "../../src/kernel/runner.ts";
+import { realClock } from "../../src/lib/clock.ts";
+import { silentLogger } from "../../src/lib/log.ts";
+import { datapathMetrics, Registry } from "../../src/lib/metrics.ts";
+import {
+  EIP_POOL,
+  EXTERNAL,
+  nodeAddress,
+  nsRunner,
+  type PodHandle,
+  podCIDR,
+  Topology,
+} from "../../src/sandbox/topology.ts";
+import {
+  type HostState,
+  hostState,
+  NEEDS_ROOT,
+  probe,
+  probeUntil,
+  REPO,
+  startEcho,
+  startIn,
+  stopAll,
+  uniquePrefix,
+  waitForLine,
+} from "../support/lab.ts";
+import { TMP_PREFIX } from "../support/leaks.ts";
+
+const EIP4 = "192.168.77.100";
+const EIP6 = "fd00:77::100";
+const EXCLUDED4 = "192.168.77.201";
+const EXCLUDED6 = "fd00:77::201";
+const ext4 = `${EXTERNAL[4]}:8080`;
+const ipsOf = (p: PodHandle) => [p.ips[4]!, p.ips[6]!];
+const ext6 = `[${EXTERNAL[6]}]:8080`;
+
+describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
+  const prefix = uniquePrefix("d");
+  const topo = new Topology({ prefix, nodes: 2, families: [4, 6] });
+  const datapaths = new Map<number, Datapath>();
+  const baseline = new Map<number, HostState>();
+  let snap: Snapshot;
+
+  async function planFor(index: number, s: Snapshot = snap): Promise<NodePlan> {
+    const d = datapaths.get(index)!;
+    const outcome = computeCluster(s);
+    const state = await d.read();
+    const local = localFactsFrom(state, {
+      nodeAddresses: { 4: nodeAddress(index, 4), 6: nodeAddress(index, 6) },
+      peers: outcome.peers,
+      rulePref: 5900,
+      random: () => 0.5,
+    });
+    return planNode(nodeViewFromOutcome(outcome, topo.nodeName(index), { local }));
+  }
+
+  async function syncNode(index: number): Promise<number> {
+    const report = await datapaths.get(index)!.sync(await planFor(index));
+    if (process.env.DEBUG_SYNC === "1")
+      console.error(`node-${index}`, JSON.stringify(report.detail));
+    return report.changes;
+  }
+
+  before(async () => {
+    await Topology.down(prefix);
+    await topo.up();
+    const web1 = await topo.addPod("web-1", 1);
+    const other = await topo.addPod("other", 1);
+    const web2 = await topo.addPod("web-2", 2);
+    const target = await topo.addPod("target", 2);
+    await mustRun(nsRunner(topo.externalNs), [
+      "ip",
+      "addr",
+      "add",
+      `${EXCLUDED4}/24`,
+      "dev",
+      "eth0",
+    ]);
+    await mustRun(nsRunner(topo.externalNs), [
+      "ip",
+      "addr",
+      "add",
+      `${EXCLUDED6}/64`,
+      "dev",
+      "eth0",
+      "nodad",
+    ]);
+    await startEcho(topo.externalNs);
+    await startEcho(target.netns);
+    // Foreign state the agent must never touch.
+    const n2 = nsRunner(topo.nodeNs(2));
+    await mustRun(n2, ["ipset", "create", "KUBE-TEST-SET", "hash:ip"]);
+    await mustRun(n2, ["ipset", "add", "KUBE-TEST-SET", "10.96.0.1"]);
+    await mustRun(n2, ["ip", "route", "add", "10.99.0.0/16", "dev", "eth0", "table", "100"]);
+    await mustRun(n2, ["ip", "rule", "add", "pref", "100", "fwmark", "0x1", "table", "100"]);
+    for (const i of [1, 2]) baseline.set(i, await hostState(topo.nodeNs(i)));
+
+    const labels = { app: "web" };
+    snap = snapshot({
+      nodes: [
+        node("node-1", {
+          ipv4: nodeAddress(1, 4),
+          ipv6: nodeAddress(1, 6),
+          podCIDRs: [podCIDR(1, 4), podCIDR(1, 6)],
+        }),
+        node("node-2", {
+          ipv4: nodeAddress(2, 4),
+          ipv6: nodeAddress(2, 6),
+          podCIDRs: [podCIDR(2, 4), podCIDR(2, 6)],
+          labels: { egress: "true" },
+        }),
+      ],
+      pods: [
+        pod("default", "web-1", "node-1", ipsOf(web1), labels),
+        pod("default", "web-2", "node-2", ipsOf(web2), labels),
+        pod("default", "other", "node-1", ipsOf(other)),
+        pod("default", "target", "node-2", ipsOf(target)),
+      ],
+      gateways: [gateway("edge", { pool: EIP_POOL })],
+      policies: [
+        policy("default", "web", {
+          podSelector: { matchLabels: labels },
+          destinationCIDRs: ["192.168.77.192/26", "fd00:77::200/120"],
+          excludedCIDRs: [`${EXCLUDED4}/32`, `${EXCLUDED6}/128`],
+          egressIP: [EIP4, EIP6],
+        }),
+      ],
+    });
+    for (const i of [1, 2])
+      datapaths.set(i, await openDatapath({ runner: nsRunner(topo.nodeNs(i)) }));
+    assert.equal(
+      datapaths.get(1)!.options.iptables.backend,
+      "nft",
+      "kubelet's hint chains are in the nft backend",
+    );
+    for (const i of [2, 1]) assert.ok((await syncNode(i)) > 0);
+  });
+
+  after(async () => {
+    await stopAll();
+    await Topology.down(prefix);
+  });
+
+  it("holds the plan exactly: a second sync changes nothing", async () => {
+    for (const i of [1, 2]) assert.equal(await syncNode(i), 0, `node-${i}`);
+  });
+
+  it("keeps every rule, set, table and rule it does not own", async () => {
+    const now = await hostState(topo.nodeNs(2));
+    const before = baseline.get(2)!;
+    const foreign = (text: string) =>
+      text
+        .split("\n")
+        .filter((l) => !/SALLYPORT|sallyport|spe-/.test(l))
+        .join("\n");
+    assert.equal(foreign(now.iptables), foreign(before.iptables));
+    assert.equal(foreign(now.ip6tables), foreign(before.ip6tables));
+    assert.match(now.ipset, /add KUBE-TEST-SET 10\.96\.0\.1/);
+    assert.match(now.rules4, /100:\s+from all fwmark 0x1 lookup 100/);
+    assert.match(now.routes4, /10\.99\.0\.0\/16 dev eth0 table 100/);
+    assert.match(
+      now.iptables,
+      /-A POSTROUTING -s 10\.244\.0\.0\/16 ! -d 10\.244\.0\.0\/16 .* -j MASQUERADE/,
+    );
+    assert.match(
+      now.iptables,
+      /-A POSTROUTING -m comment --comment "sallyport: no snat for steered traffic" -j SALLYPORT-NO-SNAT\n-A POSTROUTING -m comment --comment "sallyport: snat to egress IPs" -j SALLYPORT-SNAT-EIP\n-A POSTROUTING -s 10\.244/,
+      "our hooks come first, the CNI's masquerade after them",
+    );
+  });
+
+  it("IPv4: the external server sees the egress IP from a pod on a non-gateway node and on the gateway", async () => {
+    const fromWeb1 = await probe(topo.pod("web-1").netns, ext4);
+    assert.equal(fromWeb1.ok, true, fromWeb1.error);
+    assert.equal(fromWeb1.saw, EIP4);
+    assert.equal((await probe(topo.pod("web-2").netns, ext4)).saw, EIP4);
+    assert.equal((await probe(topo.pod("web-1").netns, ext4, { udp: true })).saw, EIP4, "UDP too");
+  });
+
+  it("IPv6: the same, with the IPv6 egress IP", async () => {
+    assert.equal((await probe(topo.pod("web-1").netns, ext6)).saw, EIP6);
+    assert.equal((await probe(topo.pod("web-2").netns, ext6)).saw, EIP6);
+  });
+
+  it("a pod the policy does not select is seen with its node's address", async () => {
+    assert.equal((await probe(topo.pod("other").netns, ext4)).saw, nodeAddress(1, 4));
+    assert.equal((await probe(topo.pod("other").netns, ext6)).saw, nodeAddress(1, 6));
+  });
+
+  it("an excluded destination and pod-to-pod traffic keep their usual path", async () => {
+    assert.equal(
+      (await probe(topo.pod("web-1").netns, `${EXCLUDED4}:8080`)).saw,
+      nodeAddress(1, 4),
+    );
+    assert.equal(
+      (await probe(topo.pod("web-1").netns, `[${EXCLUDED6}]:8080`)).saw,
+      nodeAddress(1, 6),
+    );
+    const t = topo.pod("target");
+    assert.equal(
+      (await probe(topo.pod("web-1").netns, `${t.ips[4]}:8080`)).saw,
+      topo.pod("web-1").ips[4],
+    );
+    assert.equal(
+      (await probe(topo.pod("web-1").netns, `[${t.ips[6]}]:8080`)).saw,
+      topo.pod("web-1").ips[6],
+    );
+  });
+
+  it("the egress IP exposes no service of the gateway node", async () => {
+    startIn(topo.nodeNs(2), [
+      process.execPath,
+      join(REPO, "src", "sandbox", "echo.ts"),
+      "serve",
+      "--port",
+      "9090",
+    ]);
+    await new Promise((r) => setTimeout(r, 500));
+    const viaNode = await probe(topo.externalNs, `${nodeAddress(2, 4)}:9090`);
+    assert.equal(viaNode.ok, true, "the node's own address still serves");
+    const viaEip = await probe(topo.externalNs, `${EIP4}:9090`, { timeoutMs: 800 });
+    assert.equal(viaEip.ok, false, "a new connection to the egress IP is dropped");
+  });
+
+  const drifts: [string, number, string[]][] = [
+    ["a deleted rule of ours", 1, ["iptables", "-t", "mangle", "-D", "SALLYPORT-RESET-MARK", "2"]],
+    ["a deleted hook", 1, ["iptables", "-t", "nat", "-D", "POSTROUTING", "1"]],
+    ["a flushed set of ours", 1, ["ipset", "flush", "sallyport-ignore4"]],
+    ["a deleted ip rule", 1, ["ip", "rule", "del", "pref", "5900"]],
+    ["a deleted route", 1, ["ip", "route", "flush", "table", "all", "dev", "sallyport"]],
+    ["a deleted tunnel device", 1, ["ip", "link", "del", "sallyport"]],
+    ["a deleted egress-IP device", 2, ["ip", "link", "del", "dev", "spe-$EIP4"]],
+  ];
+  for (const [what, index, argv] of drifts) {
+    it(`repairs ${what} and traffic flows again`, async () => {
+      const eipDevice = (
+        await mustRun(nsRunner(topo.nodeNs(2)), ["ip", "-o", "link", "show", "type", "macvlan"])
+      )
+        .split("\n")
+        .map((l) => l.split(":")[1]?.trim().split("@")[0])
+        .find((n) => n?.startsWith("spe-"));
+      await mustRun(
+        nsRunner(topo.nodeNs(index)),
+        argv.map((a) => (a === "spe-$EIP4" ? eipDevice! : a)),
+      );
+      assert.ok((await syncNode(index)) > 0, "the sync found and repaired the drift");
+      assert.equal(await syncNode(index), 0, "and then holds the plan again");
+      assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4);
+    });
+  }
+
+  it("a new agent process adopts the state without changing it, and an established TCP connection survives", async () => {
+    const stream = startIn(topo.pod("web-1").netns, [
+      process.execPath,
+      join(REPO, "src", "sandbox", "echo.ts"),
+      "stream",
+      "--target",
+      ext4,
+      "--seconds",
+      "3",
+      "--interval",
+      "50",
+    ]);
+    const summary = waitForLine(stream, (l) => l.startsWith("{"), 15_000);
+    await new Promise((r) => setTimeout(r, 800));
+    for (const i of [2, 1]) {
+      const file = join(tmpdir(), `${TMP_PREFIX}${process.pid}-plan-${i}.json`);
+      writeFileSync(file, planToJSON(await planFor(i)));
+      try {
+        const out = await mustRun(nsRunner(topo.nodeNs(i)), [
+          process.execPath,
+          join(REPO, "src", "cli", "main.ts"),
+          "datapath",
+          "apply",
+          "--plan",
+          file,
+        ]);
+        assert.equal(JSON.parse(out).changes, 0, `node-${i}: the new process changed nothing`);
+      } finally {
+        await mustRun(nsRunner(topo.nodeNs(i)), ["rm", "-f", file]);
+      }
+    }
+    const result = JSON.parse(await summary) as {
+      sent: number;
+      echoed: number;
+      reset: boolean;
+      sources: string[];
+    };
+    assert.equal(result.reset, false);
+    assert.equal(result.echoed, result.sent, "every line came back");
+    assert.deepEqual(result.sources, [EIP4]);
+  });
+
+  it("the sync loop repairs drift by itself within one period, and counts it", async () => {
+    const registry = new Registry();
+    const metrics = datapathMetrics(registry);
+    const loop = new DatapathSync({
+      datapath: datapaths.get(1)!,
+      plan: () => planFor(1),
+      clock: realClock,
+      log: silentLogger,
+      metrics,
+      periodMs: 1000,
+    });
+    loop.start();
+    try {
+      await loop.idle();
+      await mustRun(nsRunner(topo.nodeNs(1)), [
+        "iptables",
+        "-t",
+        "mangle",
+        "-F",
+        "SALLYPORT-MARK-REQUEST",
+      ]);
+      const started = Date.now();
+      const r = await probeUntil(topo.pod("web-1").netns, ext4, (x) => x.saw === EIP4, 10_000);
+      assert.equal(r.saw, EIP4, "traffic leaves through the egress IP again");
+      await loop.idle();
+      assert.ok(loop.repairs > 0, "the repair is counted");
+      const counted = (
+        await registry.getSingleMetric("sallyport_datapath_drift_repairs_total")!.get()
+      ).values[0]!.value;
+      assert.equal(counted, loop.repairs, "and exported as a metric");
+      assert.ok(Date.now() - started < 10_000);
+    } finally {
+      loop.stop();
+    }
+  });
+
+  it("TABLE_NUM avoids tables in use on the host, and says so clearly when none is free", async () => {
+    const ns = `${prefix}-tbl`;
+    await mustRun(new ExecRunner(), ["ip", "netns", "add", ns]);
+    try {
+      const r = nsRunner(ns);
+      await mustRun(r, ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+      await mustRun(r, ["ip", "addr", "add", `${nodeAddress(1, 4)}/24`, "dev", "eth0"]);
+      await mustRun(r, ["ip", "link", "set", "eth0", "up"]);
+      const busy = Array.from(
+        { length: 100 },
+        (_, i) => `route add 10.250.${i}.0/24 dev eth0 table ${3000 + i}`,
+      );
+      await mustRun(r, ["ip", "-batch", "-"], { stdin: `${busy.join("\n")}\n` });
+      const d = await openDatapath({ runner: r, families: [4] });
+      const outcome = computeCluster(snap);
+      const planWith = async () =>
+        planNode(
+          nodeViewFromOutcome(outcome, "node-1", {
+            local: localFactsFrom(await d.read(), {
+              nodeAddresses: { 4: nodeAddress(1, 4) },
+              peers: outcome.peers,
+              rulePref: 5900,
+              random: () => 0.3,
+            }),
+            config: { families: [4] },
+          }),
+        );
+      const plan = await planWith();
+      assert.deepEqual([...plan.tables.values()], [3100], "the only free table of [3000, 3100]");
+      await d.sync(plan);
+      assert.match(
+        await mustRun(r, ["ip", "rule"]),
+        /5900:\s+from all fwmark 0x26000100\/0xffffff00 lookup 3100/,
+      );
+      await mustRun(r, ["ip", "-batch", "-"], {
+        stdin: "rule del pref 5900\nroute add 10.251.0.0/24 dev eth0 table 3100\n",
+      });
+      const full = await planWith();
+      assert.match(full.errors.join(), /every table in \[3000, 3100\] is in use on this host/);
+    } finally {
+      await new ExecRunner().run(["ip", "netns", "del", ns]);
+    }
+  });
+
+  it("cleanup removes everything it created and nothing else", async () => {
+    for (const i of [1, 2]) {
+      await mustRun(nsRunner(topo.nodeNs(i)), [
+        process.execPath,
+        join(REPO, "src", "cli", "main.ts"),
+        "cleanup",
+      ]);
+      assert.deepEqual(
+        await hostState(topo.nodeNs(i)),
+        baseline.get(i),
+        `node-${i} is as before the agent ran`,
+      );
+    }
+    assert.equal(
+      (await probe(topo.pod("web-1").netns, ext4)).saw,
+      nodeAddress(1, 4),
+      "traffic is back on its usual path",
+    );
+  });
+});
