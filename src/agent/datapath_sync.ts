@@ -6,7 +6,12 @@
  */
 
 import { type NodePlan, planToJSON } from "../engine/plan.ts";
-import { type Datapath, DatapathError, type SyncReport } from "../kernel/datapath.ts";
+import {
+  type Datapath,
+  DatapathError,
+  type KernelState,
+  type SyncReport,
+} from "../kernel/datapath.ts";
 import type { Clock } from "../lib/clock.ts";
 import { hashHex } from "../lib/hash.ts";
 import type { Logger } from "../lib/log.ts";
@@ -15,8 +20,11 @@ import { SyncLoop } from "./sync_loop.ts";
 
 export interface DatapathSyncOptions {
   readonly datapath: Datapath;
-  /** Computes the plan from the latest inputs (called at the start of every sync). */
-  readonly plan: () => Promise<NodePlan>;
+  /**
+   * Computes the plan from the latest inputs, at the start of every sync. On a full sync `state`
+   * is the kernel as just read (host facts come from it); on an event-driven one it is undefined.
+   */
+  readonly plan: (state: KernelState | undefined) => NodePlan;
   readonly clock: Clock;
   readonly log: Logger;
   readonly metrics: DatapathMetrics;
@@ -32,6 +40,8 @@ export class DatapathSync {
   #appliedHash: string | undefined;
   #lastReport: SyncReport | undefined;
   #repairs = 0;
+  /** The first sync and any after a failure read the kernel. */
+  #needFull = true;
 
   constructor(options: DatapathSyncOptions) {
     this.#o = options;
@@ -41,8 +51,9 @@ export class DatapathSync {
       retryMs: 1000,
       // Events: diff against what was applied (fast); the period: re-read the kernel (repairs
       // drift). After a failure the datapath has no mirror and reads the kernel anyway.
-      sync: ({ periodic }) => this.#sync(!periodic),
+      sync: ({ periodic }) => this.#sync(!periodic && !this.#needFull),
       onError: (e) => {
+        this.#needFull = true;
         options.metrics.syncs.inc({ result: "error" });
         options.log.error(
           {
@@ -77,9 +88,13 @@ export class DatapathSync {
   }
 
   async #sync(partial: boolean): Promise<void> {
-    const plan = await this.#o.plan();
+    const state = partial ? undefined : await this.#o.datapath.read();
+    const plan = this.#o.plan(state);
     const hash = hashHex(planToJSON(plan));
-    const report = await this.#o.datapath.sync(plan, { partial });
+    const report = await this.#o.datapath.sync(
+      plan,
+      state === undefined ? { partial: true } : { state },
+    );
     const m = this.#o.metrics;
     m.syncs.inc({ result: "ok" });
     m.duration.observe(report.durationMs / 1000);
@@ -103,6 +118,7 @@ export class DatapathSync {
       this.#o.log.error({ problem: e }, "part of the plan cannot be programmed");
     this.#appliedHash = hash;
     this.#lastReport = report;
+    this.#needFull = false;
     this.#o.onSynced?.(plan, report);
   }
 }

@@ -420,6 +420,24 @@ export const EgressNodeSchema = kindObject(
         },
         Strict,
       ),
+      addresses: Type.Optional(
+        Type.Object(
+          { ipv4: Type.Optional(Type.String()), ipv6: Type.Optional(Type.String()) },
+          { ...Strict, description: "The node's InternalIPs, copied from its Node" },
+        ),
+      ),
+      podCIDRs: Type.Optional(
+        Type.Array(Type.String(), {
+          maxItems: 2,
+          description: "node.spec.podCIDRs, copied from its Node",
+        }),
+      ),
+      gatewayCapable: Type.Optional(
+        Type.Boolean({
+          description:
+            "The node matches an EgressGateway's nodeSelector: its agent renews a Lease so that failures are detected",
+        }),
+      ),
     },
     Strict,
   ),
@@ -466,16 +484,6 @@ export const EgressClusterInfoSchema = kindObject(
           maxItems: 16,
           description: "Service CIDRs for clusters whose API has no ServiceCIDR objects",
         }),
-      ),
-      autoDetect: Type.Optional(
-        Type.Object(
-          {
-            nodeIPs: Type.Optional(Type.Boolean({ default: true })),
-            podCIDRs: Type.Optional(Type.Boolean({ default: true })),
-            serviceCIDRs: Type.Optional(Type.Boolean({ default: true })),
-          },
-          Strict,
-        ),
       ),
     },
     Strict,

@@ -235,13 +235,21 @@ export class Datapath {
 
   /**
    * Makes the kernel hold `plan`; returns what had to change. A full sync (the default) re-reads
-   * the kernel and so repairs drift; `partial` diffs against what the last successful sync
-   * applied, for fast event-driven updates, and falls back to a full read when there is none.
+   * the kernel (or takes `state`, just read by the caller) and so repairs drift; `partial` diffs
+   * against what the last successful sync applied, for fast event-driven updates, and falls back
+   * to a full read when there is none.
    */
-  async sync(plan: NodePlan, options?: { partial?: boolean }): Promise<SyncReport> {
+  async sync(
+    plan: NodePlan,
+    options?: { partial?: boolean; state?: KernelState },
+  ): Promise<SyncReport> {
     const mirror = options?.partial === true ? this.#mirror : undefined;
     this.#mirror = undefined;
-    const report = await this.#apply(plan, mirror ?? (await this.read()), mirror === undefined);
+    const report = await this.#apply(
+      plan,
+      mirror ?? options?.state ?? (await this.read()),
+      mirror === undefined,
+    );
     this.#mirror = stateOfPlan(plan);
     return report;
   }

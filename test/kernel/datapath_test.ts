@@ -18,7 +18,7 @@ import { nodeViewFromOutcome } from "../../src/engine/node_view.ts";
 import { type NodePlan, planToJSON } from "../../src/engine/plan.ts";
 import type { Snapshot } from "../../src/engine/snapshot.ts";
 import { gateway, node, pod, policy, snapshot } from "../../src/engine/testing.ts";
-import type { Datapath } from "../../src/kernel/datapath.ts";
+import type { Datapath, KernelState } from "../../src/kernel/datapath.ts";
 import { localFactsFrom } from "../../src/kernel/facts.ts";
 import { openDatapath } from "../../src/kernel/open.ts";
 import { ExecRunner, mustRun } from "../../src/kernel/runner.ts";
@@ -65,9 +65,11 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
   let snap: Snapshot;
 
   async function planFor(index: number, s: Snapshot = snap): Promise<NodePlan> {
-    const d = datapaths.get(index)!;
+    return planWith(index, await datapaths.get(index)!.read(), s);
+  }
+
+  function planWith(index: number, state: KernelState, s: Snapshot = snap): NodePlan {
     const outcome = computeCluster(s);
-    const state = await d.read();
     const local = localFactsFrom(state, {
       nodeAddresses: { 4: nodeAddress(index, 4), 6: nodeAddress(index, 6) },
       peers: outcome.peers,
@@ -317,9 +319,11 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
   it("the sync loop repairs drift by itself within one period, and counts it", async () => {
     const registry = new Registry();
     const metrics = datapathMetrics(registry);
+    const initial = await datapaths.get(1)!.read();
     const loop = new DatapathSync({
       datapath: datapaths.get(1)!,
-      plan: () => planFor(1),
+      // Host facts do not change here: event-driven syncs can plan with the state read up front.
+      plan: (state) => planWith(1, state ?? initial),
       clock: realClock,
       log: silentLogger,
       metrics,

@@ -1,0 +1,82 @@
+/** `sallyport agent`: wires the agent, the kernel and its metrics into a process. */
+
+import { DEFAULT_NODE_CONFIG } from "../engine/view.ts";
+import { openDatapath } from "../kernel/open.ts";
+import { defaultKubeConfig, KubeClient } from "../kube/client.ts";
+import type { LeaseTiming } from "../kube/node_lease.ts";
+import { realClock } from "../lib/clock.ts";
+import { serveMetrics } from "../lib/http.ts";
+import type { Family } from "../lib/ip.ts";
+import { createLogger } from "../lib/log.ts";
+import { datapathMetrics, Registry } from "../lib/metrics.ts";
+import { Agent } from "./agent.ts";
+
+export interface AgentFlags {
+  kubeconfig?: string;
+  node: string;
+  namespace: string;
+  families: Family[];
+  iptablesBackend: "auto" | "nft" | "legacy";
+  rulePref: number;
+  tunnelDevice: string;
+  vni: number;
+  vxlanPort: number;
+  tableStart: number;
+  tableCount: number;
+  periodMs: number;
+  lease: LeaseTiming;
+  fencePort: number;
+  underlayDevice?: string;
+  metricsPort: number;
+  noSnatBySets: boolean;
+}
+
+export async function runAgent(flags: AgentFlags): Promise<void> {
+  const log = createLogger("agent").child({ node: flags.node });
+  const client = new KubeClient(defaultKubeConfig(flags.kubeconfig));
+  const datapath = await openDatapath({
+    families: flags.families,
+    backend: flags.iptablesBackend,
+    rulePref: flags.rulePref,
+    tunnelDevice: flags.tunnelDevice,
+  });
+  log.info({ backend: datapath.options.iptables.backend }, "iptables backend");
+  const registry = new Registry();
+  const agent = new Agent({
+    client,
+    node: flags.node,
+    namespace: flags.namespace,
+    datapath,
+    config: {
+      ...DEFAULT_NODE_CONFIG,
+      families: flags.families,
+      tunnelDevice: flags.tunnelDevice,
+      vni: flags.vni,
+      port: flags.vxlanPort,
+      rulePref: flags.rulePref,
+      tableRange: { start: flags.tableStart, count: flags.tableCount },
+      noSnatBySets: flags.noSnatBySets,
+    },
+    clock: realClock,
+    log,
+    metrics: datapathMetrics(registry),
+    periodMs: flags.periodMs,
+    leaseTiming: flags.lease,
+    fencePort: flags.fencePort,
+    underlayDevice: flags.underlayDevice,
+  });
+  await serveMetrics({
+    port: flags.metricsPort,
+    registry,
+    ready: () => agent.sync.lastReport !== undefined,
+  });
+  await agent.start();
+  log.info("agent started");
+  // The datapath stays as it is on exit: a restarted agent adopts it without a flush.
+  const shutdown = async () => {
+    await agent.stop();
+    process.exit(0);
+  };
+  process.on("SIGTERM", () => void shutdown());
+  process.on("SIGINT", () => void shutdown());
+}

@@ -1,0 +1,79 @@
+/** `sallyport controller`: wires the controller, its webhook and its metrics into a process. */
+import { readFileSync } from "node:fs";
+import { hostname } from "node:os";
+import { defaultKubeConfig, KubeClient } from "../kube/client.ts";
+import type { LeaseTiming } from "../kube/node_lease.ts";
+import { realClock } from "../lib/clock.ts";
+import { serveMetrics } from "../lib/http.ts";
+import type { Family } from "../lib/ip.ts";
+import { createLogger } from "../lib/log.ts";
+import { Registry } from "../lib/metrics.ts";
+import { Controller } from "./controller.ts";
+import { serveWebhook } from "./webhook.ts";
+
+export interface ControllerFlags {
+  kubeconfig?: string;
+  namespace: string;
+  identity?: string;
+  tunnelCidrs: string[];
+  extraIgnoreCidrs: string[];
+  lease: LeaseTiming;
+  leader: { leaseDurationMs: number; renewDeadlineMs: number; retryPeriodMs: number };
+  webhookPort?: number;
+  webhookCert?: string;
+  webhookKey?: string;
+  metricsPort: number;
+  bindAddress?: string;
+}
+
+export async function runController(flags: ControllerFlags): Promise<void> {
+  const log = createLogger("controller");
+  const client = new KubeClient(defaultKubeConfig(flags.kubeconfig));
+  const tunnelCIDRs: Partial<Record<Family, string>> = {};
+  for (const c of flags.tunnelCidrs) tunnelCIDRs[c.includes(":") ? 6 : 4] = c;
+  const identity = flags.identity ?? process.env.POD_NAME ?? `${hostname()}-${process.pid}`;
+  const controller = new Controller({
+    client,
+    namespace: flags.namespace,
+    identity,
+    clock: realClock,
+    log,
+    cluster: { tunnelCIDRs, extraIgnoreCIDRs: flags.extraIgnoreCidrs },
+    leaseTiming: flags.lease,
+    leaderElection: flags.leader,
+    onLostLeadership: () => {
+      log.error("lost leadership; exiting so that a fresh process rejoins the election");
+      process.exit(1);
+    },
+  });
+  const registry = new Registry();
+  await serveMetrics({
+    port: flags.metricsPort,
+    ...(flags.bindAddress === undefined ? {} : { host: flags.bindAddress }),
+    registry,
+    ready: () => true,
+  });
+  if (
+    flags.webhookPort !== undefined &&
+    flags.webhookCert !== undefined &&
+    flags.webhookKey !== undefined
+  ) {
+    await serveWebhook({
+      port: flags.webhookPort,
+      ...(flags.bindAddress === undefined ? {} : { host: flags.bindAddress }),
+      cert: readFileSync(flags.webhookCert, "utf8"),
+      key: readFileSync(flags.webhookKey, "utf8"),
+      gateways: () => controller.gateways.items(),
+      log,
+    });
+  }
+  await controller.start();
+  log.info({ identity, namespace: flags.namespace }, "controller started");
+  const shutdown = async () => {
+    log.info("shutting down: releasing leadership");
+    await controller.stop();
+    process.exit(0);
+  };
+  process.on("SIGTERM", () => void shutdown());
+  process.on("SIGINT", () => void shutdown());
+}

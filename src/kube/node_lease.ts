@@ -1,0 +1,205 @@
+/**
+ * Gateway liveness through Leases in Sallyport's namespace, one per gateway-capable node
+ * (`sallyport-node-<node>`).
+ *
+ * Timing (defaults; see docs/operations.md for the argument):
+ *   agent renews every R = 250 ms; the lease lasts D = 1000 ms;
+ *   the agent stops answering for its egress IPs when no renewal *started* in the last D
+ *     succeeded (and the API server is still reachable for others, see src/agent/fence.ts);
+ *   the controller declares the node dead when it has *seen* no renewal for D + G (G = 250 ms),
+ *     counted only while its own watch was connected.
+ * A renewal is seen after it started, so the controller's deadline is at least G later than the
+ * agent's: the old gateway has stopped answering before anyone else is told to take over, as
+ * long as the two monotonic clocks drift less than G/D = 25% apart.
+ */
+import type { Clock, Timer } from "../lib/clock.ts";
+import type { Logger } from "../lib/log.ts";
+import { CORE, isNotFound, type KubeClient } from "./client.ts";
+import { type Lease, microTime } from "./lease.ts";
+import { Reflector } from "./reflector.ts";
+
+export const NODE_LEASE_LABEL = "sallyport.dev/node-lease";
+
+export function nodeLeaseName(node: string): string {
+  return `sallyport-node-${node}`;
+}
+
+export interface LeaseTiming {
+  /** @default 250 */
+  readonly renewMs: number;
+  /** @default 1000 */
+  readonly durationMs: number;
+  /** @default 250 */
+  readonly graceMs: number;
+}
+
+export const DEFAULT_LEASE_TIMING: LeaseTiming = { renewMs: 250, durationMs: 1000, graceMs: 250 };
+
+/** The agent side: renew this node's lease; know whether the last renewals succeeded. */
+export class NodeLeaseRenewer {
+  readonly #o: {
+    client: KubeClient;
+    namespace: string;
+    node: string;
+    clock: Clock;
+    log: Logger;
+    timing: LeaseTiming;
+  };
+  #timer: Timer | undefined;
+  #stopped = true;
+  /** Clock time at which the last successful renewal was *sent*. */
+  #lastSuccessStart = Number.NEGATIVE_INFINITY;
+  #failing = false;
+
+  constructor(options: {
+    client: KubeClient;
+    namespace: string;
+    node: string;
+    clock: Clock;
+    log: Logger;
+    timing?: LeaseTiming;
+  }) {
+    this.#o = { ...options, timing: options.timing ?? DEFAULT_LEASE_TIMING };
+  }
+
+  /** True while a renewal that started less than D ago succeeded: our lease is valid. */
+  get valid(): boolean {
+    return this.#o.clock.now() - this.#lastSuccessStart < this.#o.timing.durationMs;
+  }
+
+  start(): void {
+    if (!this.#stopped) return;
+    this.#stopped = false;
+    void this.#renew();
+  }
+
+  stop(): void {
+    this.#stopped = true;
+    this.#timer?.cancel();
+  }
+
+  async #renew(): Promise<void> {
+    if (this.#stopped) return;
+    const started = this.#o.clock.now();
+    const { client, namespace, node, timing } = this.#o;
+    const name = nodeLeaseName(node);
+    try {
+      try {
+        await client.mergePatch(
+          CORE.leases,
+          name,
+          { spec: { holderIdentity: node, renewTime: microTime() } },
+          { namespace },
+        );
+      } catch (e) {
+        if (!isNotFound(e)) throw e;
+        await client.create<Lease>(CORE.leases, {
+          apiVersion: "coordination.k8s.io/v1",
+          kind: "Lease",
+          metadata: {
+            name,
+            namespace,
+            labels: { [NODE_LEASE_LABEL]: "true", "sallyport.dev/node": node },
+          },
+          spec: {
+            holderIdentity: node,
+            leaseDurationSeconds: Math.max(1, Math.ceil(timing.durationMs / 1000)),
+            renewTime: microTime(),
+            acquireTime: microTime(),
+          },
+        });
+      }
+      this.#lastSuccessStart = Math.max(this.#lastSuccessStart, started);
+      if (this.#failing) this.#o.log.info("node lease renewals succeed again");
+      this.#failing = false;
+    } catch (e) {
+      if (!this.#failing)
+        this.#o.log.warn({ err: (e as Error).message }, "cannot renew the node lease");
+      this.#failing = true;
+    }
+    if (!this.#stopped) {
+      const spent = this.#o.clock.now() - started;
+      this.#timer = this.#o.clock.after(
+        Math.max(0, timing.renewMs - spent),
+        () => void this.#renew(),
+      );
+    }
+  }
+}
+
+/** The controller side: which gateway-capable nodes are alive, judged by what it observes. */
+export class LeaseTracker {
+  readonly #reflector: Reflector<Lease>;
+  readonly #observed = new Map<string, number>();
+  readonly #clock: Clock;
+  readonly #timing: LeaseTiming;
+  readonly #onChange: () => void;
+  #healthy = new Set<string>();
+  #timer: Timer | undefined;
+
+  constructor(options: {
+    client: KubeClient;
+    namespace: string;
+    clock: Clock;
+    log: Logger;
+    timing?: LeaseTiming;
+    onChange: () => void;
+  }) {
+    this.#clock = options.clock;
+    this.#timing = options.timing ?? DEFAULT_LEASE_TIMING;
+    this.#onChange = options.onChange;
+    this.#reflector = new Reflector<Lease>({
+      client: options.client,
+      resource: CORE.leases,
+      namespace: options.namespace,
+      labelSelector: `${NODE_LEASE_LABEL}=true`,
+      clock: options.clock,
+      log: options.log,
+      onChange: (type, lease) => {
+        const node = lease.metadata.labels?.["sallyport.dev/node"];
+        if (node === undefined) return;
+        if (type === "delete") this.#observed.delete(node);
+        else if (type !== "sync") this.#observed.set(node, this.#clock.now());
+        this.#check();
+      },
+    });
+  }
+
+  get synced(): Promise<void> {
+    return this.#reflector.synced;
+  }
+
+  start(): void {
+    this.#reflector.start();
+    const tick = () => {
+      this.#check();
+      this.#timer = this.#clock.after(50, tick);
+    };
+    tick();
+  }
+
+  stop(): void {
+    this.#reflector.stop();
+    this.#timer?.cancel();
+  }
+
+  healthy(): ReadonlySet<string> {
+    return this.#healthy;
+  }
+
+  #check(): void {
+    const now = this.#clock.now();
+    // While our watch is down we cannot know; judge nobody dead for time we did not watch.
+    const watchingSince = this.#reflector.connectedAt;
+    const limit = this.#timing.durationMs + this.#timing.graceMs;
+    const next = new Set<string>();
+    for (const [node, at] of this.#observed) {
+      const since = Math.max(at, watchingSince === Number.POSITIVE_INFINITY ? now : watchingSince);
+      if (now - since <= limit) next.add(node);
+    }
+    const changed =
+      next.size !== this.#healthy.size || [...next].some((n) => !this.#healthy.has(n));
+    this.#healthy = next;
+    if (changed) this.#onChange();
+  }
+}

@@ -1,0 +1,362 @@
+/**
+ * A real control plane: upstream etcd and kube-apiserver (built from test/k8s-bin/go.mod into
+ * ~/.cache/sallyport), token authentication, RBAC, our CRDs and RBAC roles installed. Used by the
+ * control-plane tests and by the sandbox, where it runs inside the sandbox's control-plane
+ * namespace so that nodes reach it over the simulated network.
+ */
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { generateKeyPairSync } from "node:crypto";
+import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseAllDocuments } from "yaml";
+import { allCrds } from "../api/crds.ts";
+import {
+  KubeClient as Client,
+  isAlreadyExists,
+  type KubeClient,
+  type KubeObject,
+  kubeConfigFor,
+} from "../kube/client.ts";
+
+const REPO = join(import.meta.dirname, "..", "..");
+
+/** Builds (once) and returns the directory holding kube-apiserver and etcd. */
+export function controlPlaneBinaries(): string {
+  const dir = process.env.SALLYPORT_K8S_BIN;
+  if (dir !== undefined) return dir;
+  const out = execFileSync(join(REPO, "test", "k8s-bin", "build.sh"), {
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  return out.trim().split("\n").pop()!;
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.on("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export interface ControlPlaneOptions {
+  /** Run inside this network namespace (the sandbox); default: the current one. */
+  readonly netns?: string;
+  /** Address to serve on. @default "127.0.0.1" */
+  readonly address?: string;
+  readonly serviceCIDRs?: readonly string[];
+  /** Extra token users: name → groups. */
+  readonly users?: Readonly<Record<string, readonly string[]>>;
+  /** Directory for etcd data, certificates and logs. @default a new temporary directory */
+  readonly dir?: string;
+  /** Tag used in the temporary directory's name (the leak check looks for it). */
+  readonly tag?: string;
+}
+
+export const SALLYPORT_NAMESPACE = "sallyport-system";
+
+export class ControlPlane {
+  readonly dir: string;
+  readonly url: string;
+  readonly adminToken = "admin-token";
+  readonly #tokens = new Map<string, string>();
+  readonly #o: ControlPlaneOptions;
+  readonly #bin: string;
+  readonly #etcdPort: number;
+  readonly #apiPort: number;
+  #etcd: ChildProcess | undefined;
+  #api: ChildProcess | undefined;
+
+  private constructor(
+    o: ControlPlaneOptions,
+    dir: string,
+    bin: string,
+    etcdPort: number,
+    apiPort: number,
+  ) {
+    this.#o = o;
+    this.dir = dir;
+    this.#bin = bin;
+    this.#etcdPort = etcdPort;
+    this.#apiPort = apiPort;
+    const host = o.address ?? "127.0.0.1";
+    this.url = `https://${host.includes(":") ? `[${host}]` : host}:${apiPort}`;
+  }
+
+  static async start(options: ControlPlaneOptions = {}): Promise<ControlPlane> {
+    const bin = controlPlaneBinaries();
+    const dir =
+      options.dir ?? mkdtempSync(join(tmpdir(), `sallyport-test-${options.tag ?? "cp"}-`));
+    mkdirSync(dir, { recursive: true });
+    // In a fresh namespace every port is free; on the host, ask the kernel for two.
+    const etcdPort = options.netns === undefined ? await freePort() : 2379;
+    const apiPort = options.netns === undefined ? await freePort() : 6443;
+    const cp = new ControlPlane(options, dir, bin, etcdPort, apiPort);
+    try {
+      cp.#writeCredentials();
+      cp.#startEtcd();
+      await cp.startApiServer();
+      await cp.#install();
+      return cp;
+    } catch (e) {
+      await cp.stop();
+      throw e;
+    }
+  }
+
+  /** Path of the CA that signed the API server's certificate. */
+  get caFile(): string {
+    return join(this.dir, "certs", "apiserver.crt");
+  }
+
+  token(user: string): string {
+    const t = this.#tokens.get(user);
+    if (t === undefined)
+      throw new Error(`Cannot find a token for user ${user}: add it to ControlPlaneOptions.users`);
+    return t;
+  }
+
+  client(user = "admin"): KubeClient {
+    const token = user === "admin" ? this.adminToken : this.token(user);
+    return new Client(kubeConfigFor({ server: this.url, token, insecure: true }));
+  }
+
+  /** A kubeconfig file for a user, for processes (controller, agents, kubectl). */
+  kubeconfig(user = "admin"): string {
+    const token = user === "admin" ? this.adminToken : this.token(user);
+    const file = join(this.dir, `kubeconfig-${user.replace(/[^a-z0-9-]/gi, "_")}`);
+    writeFileSync(
+      file,
+      JSON.stringify({
+        apiVersion: "v1",
+        kind: "Config",
+        clusters: [
+          { name: "sandbox", cluster: { server: this.url, "insecure-skip-tls-verify": true } },
+        ],
+        users: [{ name: user, user: { token } }],
+        contexts: [{ name: "sandbox", context: { cluster: "sandbox", user } }],
+        "current-context": "sandbox",
+      }),
+    );
+    return file;
+  }
+
+  #writeCredentials(): void {
+    const { publicKey, privateKey } = generateKeyPairSync("rsa", {
+      modulusLength: 2048,
+      publicKeyEncoding: { type: "spki", format: "pem" },
+      privateKeyEncoding: { type: "pkcs8", format: "pem" },
+    });
+    writeFileSync(join(this.dir, "sa.pub"), publicKey);
+    writeFileSync(join(this.dir, "sa.key"), privateKey);
+    const lines = [`${this.adminToken},admin,admin,"system:masters"`];
+    let uid = 1;
+    for (const [user, groups] of Object.entries(this.#o.users ?? {})) {
+      const token = `token-${user.replace(/[^a-z0-9]/gi, "")}-${uid}`;
+      this.#tokens.set(user, token);
+      lines.push(`${token},${user},u${uid++},"${groups.join(",")}"`);
+    }
+    writeFileSync(join(this.dir, "tokens.csv"), `${lines.join("\n")}\n`);
+  }
+
+  #spawn(argv: string[], log: string): ChildProcess {
+    const prefix = this.#o.netns === undefined ? [] : ["ip", "netns", "exec", this.#o.netns];
+    const full = [...prefix, ...argv];
+    const fd = openSync(join(this.dir, log), "a");
+    const child = spawn(full[0]!, full.slice(1), { stdio: ["ignore", fd, fd] });
+    killOnExit.add(child);
+    child.on("exit", () => killOnExit.delete(child));
+    return child;
+  }
+
+  #startEtcd(): void {
+    const host = this.#o.address ?? "127.0.0.1";
+    const url = `http://${host.includes(":") ? `[${host}]` : host}:${this.#etcdPort}`;
+    this.#etcd = this.#spawn(
+      [
+        join(this.#bin, "etcd"),
+        "--data-dir",
+        join(this.dir, "etcd"),
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--listen-peer-urls",
+        "http://127.0.0.1:0",
+        "--unsafe-no-fsync",
+        "--log-level",
+        "error",
+      ],
+      "etcd.log",
+    );
+  }
+
+  /** Starts the API server (again, after stopApiServer) and waits until it is ready. */
+  async startApiServer(): Promise<void> {
+    const host = this.#o.address ?? "127.0.0.1";
+    const etcd = `http://${host.includes(":") ? `[${host}]` : host}:${this.#etcdPort}`;
+    this.#api = this.#spawn(
+      [
+        join(this.#bin, "kube-apiserver"),
+        `--etcd-servers=${etcd}`,
+        `--cert-dir=${join(this.dir, "certs")}`,
+        `--secure-port=${this.#apiPort}`,
+        `--bind-address=${host}`,
+        `--advertise-address=${host}`,
+        // A single test API server has no endpoints to reconcile (and 1.37 refuses a loopback
+        // advertise address for it).
+        "--endpoint-reconciler-type=none",
+        `--service-cluster-ip-range=${(this.#o.serviceCIDRs ?? ["10.96.0.0/16"]).join(",")}`,
+        "--authorization-mode=RBAC",
+        `--token-auth-file=${join(this.dir, "tokens.csv")}`,
+        `--service-account-issuer=https://kubernetes.default.svc`,
+        `--service-account-key-file=${join(this.dir, "sa.pub")}`,
+        `--service-account-signing-key-file=${join(this.dir, "sa.key")}`,
+        // No controller-manager creates default service accounts here.
+        "--disable-admission-plugins=ServiceAccount",
+        "--event-ttl=1h",
+      ],
+      "kube-apiserver.log",
+    );
+    await this.#waitReady(60_000);
+  }
+
+  async stopApiServer(): Promise<void> {
+    await stop(this.#api);
+    this.#api = undefined;
+  }
+
+  async #waitReady(timeoutMs: number): Promise<void> {
+    const client = this.client();
+    const deadline = Date.now() + timeoutMs;
+    let last = "";
+    while (Date.now() < deadline) {
+      if (this.#api?.exitCode !== null && this.#api?.exitCode !== undefined) {
+        throw new Error(
+          `kube-apiserver exited with ${this.#api.exitCode}: ${tail(join(this.dir, "kube-apiserver.log"))}`,
+        );
+      }
+      try {
+        await client.request("GET", "/readyz", { timeoutMs: 2000 });
+        return;
+      } catch (e) {
+        last = (e as Error).message;
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    throw new Error(
+      `kube-apiserver not ready within ${timeoutMs} ms (${last}): ${tail(join(this.dir, "kube-apiserver.log"))}`,
+    );
+  }
+
+  async #install(): Promise<void> {
+    const client = this.client();
+    const crdResource = {
+      group: "apiextensions.k8s.io",
+      version: "v1",
+      plural: "customresourcedefinitions",
+      namespaced: false,
+    };
+    for (const crd of allCrds()) await createOrKeep(client, crdResource, crd as KubeObject);
+    for (const crd of allCrds()) {
+      const name = (crd.metadata as { name: string }).name;
+      for (let i = 0; i < 100; i++) {
+        const got = await client.get<
+          KubeObject & { status?: { conditions?: { type: string; status: string }[] } }
+        >(crdResource, name);
+        if (got.status?.conditions?.some((c) => c.type === "Established" && c.status === "True"))
+          break;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+    await applyManifests(client, readFileSync(join(REPO, "deploy", "rbac.yaml"), "utf8"));
+  }
+
+  async stop(): Promise<void> {
+    await stop(this.#api);
+    await stop(this.#etcd);
+    if (this.#o.dir === undefined) rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+const killOnExit = new Set<ChildProcess>();
+process.on("exit", () => {
+  for (const c of killOnExit) c.kill("SIGKILL");
+});
+
+function stop(child: ChildProcess | undefined): Promise<void> {
+  if (child === undefined || child.exitCode !== null || child.signalCode !== null)
+    return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
+    child.once("exit", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    child.kill("SIGTERM");
+  });
+}
+
+function tail(file: string): string {
+  try {
+    return readFileSync(file, "utf8").split("\n").slice(-8).join("\n");
+  } catch {
+    return "(no log)";
+  }
+}
+
+async function createOrKeep(
+  client: KubeClient,
+  resource: { group: string; version: string; plural: string; namespaced: boolean },
+  obj: KubeObject,
+): Promise<void> {
+  try {
+    await client.create(resource, obj);
+  } catch (e) {
+    if (!isAlreadyExists(e)) throw e;
+  }
+}
+
+const RESOURCES: Record<
+  string,
+  { group: string; version: string; plural: string; namespaced: boolean }
+> = {
+  Namespace: { group: "", version: "v1", plural: "namespaces", namespaced: false },
+  ServiceAccount: { group: "", version: "v1", plural: "serviceaccounts", namespaced: true },
+  ClusterRole: {
+    group: "rbac.authorization.k8s.io",
+    version: "v1",
+    plural: "clusterroles",
+    namespaced: false,
+  },
+  ClusterRoleBinding: {
+    group: "rbac.authorization.k8s.io",
+    version: "v1",
+    plural: "clusterrolebindings",
+    namespaced: false,
+  },
+  Role: { group: "rbac.authorization.k8s.io", version: "v1", plural: "roles", namespaced: true },
+  RoleBinding: {
+    group: "rbac.authorization.k8s.io",
+    version: "v1",
+    plural: "rolebindings",
+    namespaced: true,
+  },
+};
+
+/** Creates every object of a multi-document YAML that does not exist yet. */
+export async function applyManifests(client: KubeClient, yaml: string): Promise<void> {
+  for (const doc of parseAllDocuments(yaml)) {
+    const obj = doc.toJS() as KubeObject | null;
+    if (obj === null) continue;
+    const r = RESOURCES[obj.kind ?? ""];
+    if (r === undefined)
+      throw new Error(`Cannot apply kind ${obj.kind}: not a kind the harness knows`);
+    await createOrKeep(client, r, obj);
+  }
+}
