@@ -13,6 +13,7 @@ import { Command, Option } from "commander";
 import { planFromJSON } from "../engine/plan.ts";
 import { openDatapath } from "../kernel/open.ts";
 import { DEFAULT_LEASE_TIMING } from "../kube/node_lease.ts";
+import { sandboxCommands } from "./sandbox.ts";
 
 const int = (v: string) => {
   const n = Number(v);
@@ -196,5 +197,7 @@ leaseOptions(
     noSnatBySets: f.exemptBySets === true,
   });
 });
+
+sandboxCommands(program);
 
 await program.parseAsync(process.argv);

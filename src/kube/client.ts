@@ -6,7 +6,7 @@
  * strategic-merge patch) and the API's Status turned into an ApiError.
  */
 import { KubeConfig, RequestContext } from "@kubernetes/client-node";
-import { fetch } from "undici";
+import { Agent, type Dispatcher, fetch } from "undici";
 import { GROUP, KINDS, type KindName, VERSION } from "../api/types.ts";
 
 export { KubeConfig };
@@ -112,9 +112,15 @@ type Query = Record<string, string | number | boolean | undefined>;
 export class KubeClient {
   readonly config: KubeConfig;
   readonly #server: string;
+  readonly #dispatcher: Dispatcher | undefined;
 
-  constructor(config: KubeConfig) {
+  /** @param options.socketPath reach the API server through a Unix socket (the sandbox's bridge) */
+  constructor(config: KubeConfig, options: { socketPath?: string } = {}) {
     this.config = config;
+    this.#dispatcher =
+      options.socketPath === undefined
+        ? undefined
+        : new Agent({ connect: { socketPath: options.socketPath, rejectUnauthorized: false } });
     const cluster = config.getCurrentCluster();
     if (cluster === null)
       throw new Error("Cannot create a Kubernetes client: the kubeconfig has no current cluster");
@@ -146,7 +152,7 @@ export class KubeClient {
       method,
       headers,
       ...(options.body === undefined ? {} : { body: JSON.stringify(options.body) }),
-      dispatcher: ctx.getDispatcher() as never,
+      dispatcher: (this.#dispatcher ?? ctx.getDispatcher()) as never,
       signal,
     });
     const text = await response.text();

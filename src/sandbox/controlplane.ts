@@ -6,7 +6,15 @@
  */
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { generateKeyPairSync } from "node:crypto";
-import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -56,6 +64,24 @@ export interface ControlPlaneOptions {
   readonly dir?: string;
   /** Tag used in the temporary directory's name (the leak check looks for it). */
   readonly tag?: string;
+  /**
+   * Processes outlive this one (the sandbox CLI): they are detached, and their ids and settings
+   * are written to the directory so that `ControlPlane.attach()` can operate them later.
+   */
+  readonly detached?: boolean;
+}
+
+interface Persisted {
+  readonly options: ControlPlaneOptions;
+  readonly bin: string;
+  readonly etcdPort: number;
+  readonly apiPort: number;
+  readonly tokens: Record<string, string>;
+  pids: {
+    etcd?: number | undefined;
+    apiserver?: number | undefined;
+    forwarder?: number | undefined;
+  };
 }
 
 export const SALLYPORT_NAMESPACE = "sallyport-system";
@@ -71,6 +97,13 @@ export class ControlPlane {
   readonly #apiPort: number;
   #etcd: ChildProcess | undefined;
   #api: ChildProcess | undefined;
+  readonly #pids: {
+    etcd?: number | undefined;
+    apiserver?: number | undefined;
+    forwarder?: number | undefined;
+  } = {};
+  /** The directory was created here (a temporary one) and goes away with stop(). */
+  #ownsDir = false;
 
   private constructor(
     o: ControlPlaneOptions,
@@ -96,9 +129,11 @@ export class ControlPlane {
     // In a fresh namespace every port is free; on the host, ask the kernel for two.
     const etcdPort = options.netns === undefined ? await freePort() : 2379;
     const apiPort = options.netns === undefined ? await freePort() : 6443;
-    const cp = new ControlPlane(options, dir, bin, etcdPort, apiPort);
+    const cp = new ControlPlane({ ...options, dir }, dir, bin, etcdPort, apiPort);
+    cp.#ownsDir = options.dir === undefined;
     try {
       cp.#writeCredentials();
+      cp.#persist();
       cp.#startEtcd();
       await cp.startApiServer();
       await cp.#install();
@@ -107,6 +142,35 @@ export class ControlPlane {
       await cp.stop();
       throw e;
     }
+  }
+
+  /** A control plane started (detached) by another process, from its directory. */
+  static attach(dir: string): ControlPlane {
+    const p = JSON.parse(readFileSync(join(dir, "controlplane.json"), "utf8")) as Persisted;
+    const cp = new ControlPlane(p.options, dir, p.bin, p.etcdPort, p.apiPort);
+    for (const [user, token] of Object.entries(p.tokens)) cp.#tokens.set(user, token);
+    Object.assign(cp.#pids, p.pids);
+    return cp;
+  }
+
+  /** Kills the processes a detached control plane recorded in `dir` (cleanup after a crash). */
+  static async killRecorded(dir: string): Promise<void> {
+    const file = join(dir, "controlplane.json");
+    if (!existsSync(file)) return;
+    const p = JSON.parse(readFileSync(file, "utf8")) as Persisted;
+    for (const pid of Object.values(p.pids)) if (pid !== undefined) await killPid(pid);
+  }
+
+  #persist(): void {
+    const p: Persisted = {
+      options: this.#o,
+      bin: this.#bin,
+      etcdPort: this.#etcdPort,
+      apiPort: this.#apiPort,
+      tokens: Object.fromEntries(this.#tokens),
+      pids: this.#pids,
+    };
+    writeFileSync(join(this.dir, "controlplane.json"), JSON.stringify(p, null, 2));
   }
 
   /** Path of the CA that signed the API server's certificate. */
@@ -121,9 +185,20 @@ export class ControlPlane {
     return t;
   }
 
+  /**
+   * A client for this process. When the control plane runs in another network namespace it is
+   * reached through a Unix-socket forwarder (see forward.ts) and cannot be watched from here.
+   */
   client(user = "admin"): KubeClient {
     const token = user === "admin" ? this.adminToken : this.token(user);
-    return new Client(kubeConfigFor({ server: this.url, token, insecure: true }));
+    return new Client(
+      kubeConfigFor({ server: this.url, token, insecure: true }),
+      this.#o.netns === undefined ? {} : { socketPath: this.socketPath },
+    );
+  }
+
+  get socketPath(): string {
+    return join(this.dir, "api.sock");
   }
 
   /** A kubeconfig file for a user, for processes (controller, agents, kubectl). */
@@ -168,9 +243,13 @@ export class ControlPlane {
     const prefix = this.#o.netns === undefined ? [] : ["ip", "netns", "exec", this.#o.netns];
     const full = [...prefix, ...argv];
     const fd = openSync(join(this.dir, log), "a");
-    const child = spawn(full[0]!, full.slice(1), { stdio: ["ignore", fd, fd] });
-    killOnExit.add(child);
-    child.on("exit", () => killOnExit.delete(child));
+    const detached = this.#o.detached === true;
+    const child = spawn(full[0]!, full.slice(1), { stdio: ["ignore", fd, fd], detached });
+    if (detached) child.unref();
+    else {
+      killOnExit.add(child);
+      child.on("exit", () => killOnExit.delete(child));
+    }
     return child;
   }
 
@@ -194,10 +273,32 @@ export class ControlPlane {
       ],
       "etcd.log",
     );
+    this.#pids.etcd = this.#etcd.pid;
+    this.#persist();
   }
 
   /** Starts the API server (again, after stopApiServer) and waits until it is ready. */
   async startApiServer(): Promise<void> {
+    if (
+      this.#o.netns !== undefined &&
+      (this.#pids.forwarder === undefined || !alive(this.#pids.forwarder))
+    ) {
+      const host = this.#o.address ?? "127.0.0.1";
+      const fwd = this.#spawn(
+        [
+          process.execPath,
+          join(REPO, "src", "sandbox", "forward.ts"),
+          "--listen",
+          this.socketPath,
+          "--to",
+          `${host.includes(":") ? `[${host}]` : host}:${this.#apiPort}`,
+        ],
+        "forwarder.log",
+      );
+      this.#pids.forwarder = fwd.pid;
+      for (let i = 0; i < 100 && !existsSync(this.socketPath); i++)
+        await new Promise((r) => setTimeout(r, 50));
+    }
     const host = this.#o.address ?? "127.0.0.1";
     const etcd = `http://${host.includes(":") ? `[${host}]` : host}:${this.#etcdPort}`;
     this.#api = this.#spawn(
@@ -223,12 +324,17 @@ export class ControlPlane {
       ],
       "kube-apiserver.log",
     );
+    this.#pids.apiserver = this.#api.pid;
+    this.#persist();
     await this.#waitReady(60_000);
   }
 
   async stopApiServer(): Promise<void> {
-    await stop(this.#api);
+    if (this.#api !== undefined) await stop(this.#api);
+    else if (this.#pids.apiserver !== undefined) await killPid(this.#pids.apiserver, "SIGTERM");
     this.#api = undefined;
+    delete this.#pids.apiserver;
+    this.#persist();
   }
 
   async #waitReady(timeoutMs: number): Promise<void> {
@@ -236,7 +342,7 @@ export class ControlPlane {
     const deadline = Date.now() + timeoutMs;
     let last = "";
     while (Date.now() < deadline) {
-      if (this.#api?.exitCode !== null && this.#api?.exitCode !== undefined) {
+      if (this.#api !== undefined && this.#api.exitCode !== null) {
         throw new Error(
           `kube-apiserver exited with ${this.#api.exitCode}: ${tail(join(this.dir, "kube-apiserver.log"))}`,
         );
@@ -280,7 +386,8 @@ export class ControlPlane {
   async stop(): Promise<void> {
     await stop(this.#api);
     await stop(this.#etcd);
-    if (this.#o.dir === undefined) rmSync(this.dir, { recursive: true, force: true });
+    for (const pid of Object.values(this.#pids)) if (pid !== undefined) await killPid(pid);
+    if (this.#ownsDir) rmSync(this.dir, { recursive: true, force: true });
   }
 }
 
@@ -289,17 +396,40 @@ process.on("exit", () => {
   for (const c of killOnExit) c.kill("SIGKILL");
 });
 
-function stop(child: ChildProcess | undefined): Promise<void> {
-  if (child === undefined || child.exitCode !== null || child.signalCode !== null)
-    return Promise.resolve();
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
-    child.once("exit", () => {
-      clearTimeout(timer);
-      resolve();
-    });
-    child.kill("SIGTERM");
-  });
+/** Stops a child with SIGTERM, then SIGKILL; polls, so that it also works for detached children. */
+async function stop(child: ChildProcess | undefined): Promise<void> {
+  if (child?.pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
+  await killPid(child.pid, "SIGTERM");
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function killPid(pid: number, signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
+  try {
+    process.kill(pid, signal);
+  } catch {
+    return;
+  }
+  for (let i = 0; i < 100; i++) {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  try {
+    process.kill(pid, "SIGKILL");
+  } catch {
+    // gone
+  }
 }
 
 function tail(file: string): string {

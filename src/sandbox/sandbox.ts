@@ -1,0 +1,568 @@
+/**
+ * The sandbox: a whole cluster on one machine, inside network namespaces.
+ *
+ *   <prefix>-cp     the control plane: etcd, kube-apiserver (192.168.77.2:6443) and the
+ *                   controller with its admission webhook, on the simulated segment
+ *   <prefix>-nI     node I: the real agent process, its kernel datapath, a CNI-like pod network
+ *   <prefix>-ext    the external server: answers with the source address it saw, and logs it
+ *   <prefix>-p…     pods (the sandbox plays kubelet: it registers Node and Pod objects)
+ *
+ * State (processes, pods) is kept in a directory so that every `sallyport sandbox` command, and
+ * `down` after a crash, finds it again. Nothing is configured in the root namespace.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { homedir } from "node:os";
+import { join } from "node:path";
+import { parseAllDocuments } from "yaml";
+import { KINDS, type KindName } from "../api/types.ts";
+import { ExecRunner, mustRun } from "../kernel/runner.ts";
+import { CORE, isAlreadyExists, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
+import { type Family, tryParseAddress } from "../lib/ip.ts";
+import { ControlPlane, SALLYPORT_NAMESPACE } from "./controlplane.ts";
+import { selfSignedCert, webhookConfiguration } from "./pki.ts";
+import { EIP_POOL, EXTERNAL, nodeAddress, nsRunner, podCIDR, Topology } from "./topology.ts";
+
+const REPO = join(import.meta.dirname, "..", "..");
+const CLI = join(REPO, "src", "cli", "main.ts");
+const ECHO = join(REPO, "src", "sandbox", "echo.ts");
+export const CONTROL_PLANE_ADDRESS = { 4: "192.168.77.2", 6: "fd00:77::2" } as const;
+
+export interface SandboxOptions {
+  /** Namespace prefix; every namespace is "<prefix>-…". @default "sp" */
+  readonly prefix?: string;
+  /** @default 3 */
+  readonly nodes?: number;
+  /** @default [4] */
+  readonly families?: readonly Family[];
+  /** Nodes labelled egress=true (gateway-capable). @default [2, 3] */
+  readonly gatewayNodes?: readonly number[];
+  /** Where state, logs and the control plane's data go. @default ~/.cache/sallyport/sandbox/<prefix> */
+  readonly dir?: string;
+  /** Extra agent flags, e.g. a shorter period in tests. */
+  readonly agentArgs?: readonly string[];
+  readonly controllerArgs?: readonly string[];
+}
+
+interface SandboxState {
+  prefix: string;
+  nodes: number;
+  families: Family[];
+  gatewayNodes: number[];
+  pids: Record<string, number>;
+  pods: {
+    name: string;
+    namespace: string;
+    node: number;
+    netns: string;
+    ips: Partial<Record<Family, string>>;
+    labels: Record<string, string>;
+  }[];
+  apiserver: string;
+  cpDir: string;
+  agentArgs: string[];
+  controllerArgs: string[];
+}
+
+export function sandboxDir(prefix: string): string {
+  return join(
+    process.env.SALLYPORT_CACHE ?? join(homedir(), ".cache", "sallyport"),
+    "sandbox",
+    prefix,
+  );
+}
+
+export class Sandbox {
+  readonly dir: string;
+  #state: SandboxState;
+  #cp: ControlPlane | undefined;
+  #topology: Topology;
+  readonly #children = new Map<string, ChildProcess>();
+
+  private constructor(dir: string, state: SandboxState) {
+    this.dir = dir;
+    this.#state = state;
+    this.#topology = new Topology({
+      prefix: state.prefix,
+      nodes: state.nodes,
+      families: state.families,
+    });
+  }
+
+  get prefix(): string {
+    return this.#state.prefix;
+  }
+  get families(): readonly Family[] {
+    return this.#state.families;
+  }
+  get topology(): Topology {
+    return this.#topology;
+  }
+  get nodeCount(): number {
+    return this.#state.nodes;
+  }
+  get controlPlane(): ControlPlane | undefined {
+    return this.#cp;
+  }
+  nodeName(i: number): string {
+    return `node-${i}`;
+  }
+  nodeNs(i: number): string {
+    return this.#topology.nodeNs(i);
+  }
+  get externalNs(): string {
+    return this.#topology.externalNs;
+  }
+  get cpNs(): string {
+    return `${this.prefix}-cp`;
+  }
+  externalTarget(family: Family, port = 8080): string {
+    return family === 4 ? `${EXTERNAL[4]}:${port}` : `[${EXTERNAL[6]}]:${port}`;
+  }
+
+  static open(prefix = "sp"): Sandbox {
+    const dir = sandboxDir(prefix);
+    const file = join(dir, "state.json");
+    if (!existsSync(file))
+      throw new Error(`Cannot find sandbox "${prefix}": run "sallyport sandbox up" first`);
+    return new Sandbox(dir, JSON.parse(readFileSync(file, "utf8")) as SandboxState);
+  }
+
+  /** Builds the network, starts the control plane, the controller and every agent. */
+  static async up(
+    options: SandboxOptions = {},
+    log: (line: string) => void = () => {},
+  ): Promise<Sandbox> {
+    const prefix = options.prefix ?? "sp";
+    const dir = options.dir ?? sandboxDir(prefix);
+    await Sandbox.down(prefix, dir);
+    mkdirSync(dir, { recursive: true });
+    const families = [...(options.families ?? [4])];
+    const state: SandboxState = {
+      prefix,
+      nodes: options.nodes ?? 3,
+      families,
+      gatewayNodes: [...(options.gatewayNodes ?? [2, 3])],
+      pids: {},
+      pods: [],
+      apiserver: "",
+      cpDir: join(dir, "controlplane"),
+      agentArgs: [...(options.agentArgs ?? [])],
+      controllerArgs: [...(options.controllerArgs ?? [])],
+    };
+    const sb = new Sandbox(dir, state);
+    try {
+      log(`network: ${state.nodes} nodes, an external host, IPv${families.join("+IPv")}`);
+      await sb.#topology.up();
+      await sb.#controlPlaneNamespace();
+      log("control plane: etcd and kube-apiserver");
+      const apiFamily: Family = families.includes(4) ? 4 : 6;
+      sb.#cp = await ControlPlane.start({
+        netns: sb.cpNs,
+        address: CONTROL_PLANE_ADDRESS[apiFamily],
+        dir: state.cpDir,
+        detached: true,
+        users: {
+          "sallyport-controller": ["sallyport:controllers"],
+          ...Object.fromEntries(
+            Array.from({ length: state.nodes }, (_, i) => [
+              `sallyport-agent-${i + 1}`,
+              ["sallyport:agents"],
+            ]),
+          ),
+        },
+      });
+      state.apiserver = sb.#cp.url;
+      sb.#save();
+      const admin = sb.#cp.client();
+      await sb.#registerNodes(admin);
+      await sb.#startEcho();
+      log("controller");
+      await sb.#startController();
+      log("agents");
+      for (let i = 1; i <= state.nodes; i++) sb.startAgent(i);
+      sb.#save();
+      return sb;
+    } catch (e) {
+      await sb.destroy();
+      throw e;
+    }
+  }
+
+  async #controlPlaneNamespace(): Promise<void> {
+    const ns = this.cpNs;
+    const br = this.#topology.bridgeNs;
+    const host = new ExecRunner();
+    await mustRun(host, ["ip", "netns", "add", ns]);
+    await mustRun(host, ["ip", "-n", ns, "link", "set", "lo", "up"]);
+    await mustRun(host, [
+      "ip",
+      "-n",
+      ns,
+      "link",
+      "add",
+      "eth0",
+      "type",
+      "veth",
+      "peer",
+      "name",
+      "vcp",
+      "netns",
+      br,
+    ]);
+    await mustRun(host, ["ip", "-n", br, "link", "set", "vcp", "master", "br0", "up"]);
+    for (const f of this.families) {
+      await mustRun(host, [
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        `${CONTROL_PLANE_ADDRESS[f]}/${f === 4 ? 24 : 64}`,
+        "dev",
+        "eth0",
+        ...(f === 6 ? ["nodad"] : []),
+      ]);
+    }
+    await mustRun(host, ["ip", "-n", ns, "link", "set", "eth0", "up"]);
+  }
+
+  async #registerNodes(admin: KubeClient): Promise<void> {
+    for (let i = 1; i <= this.#state.nodes; i++) {
+      const addresses = this.families.map((f) => nodeAddress(i, f));
+      const labels = this.#state.gatewayNodes.includes(i) ? { egress: "true" } : {};
+      await admin.create(CORE.nodes, {
+        apiVersion: "v1",
+        kind: "Node",
+        metadata: {
+          name: this.nodeName(i),
+          labels: { "kubernetes.io/hostname": this.nodeName(i), ...labels },
+        },
+        spec: {
+          podCIDR: podCIDR(i, this.families[0]!),
+          podCIDRs: this.families.map((f) => podCIDR(i, f)),
+        },
+      });
+      await admin.mergePatch(
+        CORE.nodes,
+        this.nodeName(i),
+        {
+          status: {
+            addresses: addresses.map((a) => ({ type: "InternalIP", address: a })),
+            conditions: [
+              {
+                type: "Ready",
+                status: "True",
+                reason: "KubeletReady",
+                message: "sandbox node",
+                lastHeartbeatTime: new Date().toISOString(),
+                lastTransitionTime: new Date().toISOString(),
+              },
+            ],
+          },
+        },
+        { subresource: "status" },
+      );
+    }
+  }
+
+  #spawn(name: string, netns: string, argv: readonly string[]): ChildProcess {
+    const log = openSync(join(this.dir, `${name}.log`), "a");
+    const child = spawn("ip", ["netns", "exec", netns, ...argv], {
+      stdio: ["ignore", log, log],
+      detached: true,
+    });
+    child.unref();
+    this.#children.set(name, child);
+    this.#state.pids[name] = child.pid!;
+    this.#save();
+    return child;
+  }
+
+  async #startEcho(): Promise<void> {
+    this.#spawn("external", this.externalNs, [
+      process.execPath,
+      ECHO,
+      "serve",
+      "--port",
+      "8080",
+      "--log",
+      join(this.dir, "external-requests.log"),
+    ]);
+  }
+
+  async #startController(): Promise<void> {
+    const cp = this.#controlPlane();
+    const address = CONTROL_PLANE_ADDRESS[this.families.includes(4) ? 4 : 6];
+    const cert = selfSignedCert(this.dir, { ips: [address] });
+    this.#spawn("controller", this.cpNs, [
+      process.execPath,
+      CLI,
+      "controller",
+      "--kubeconfig",
+      cp.kubeconfig("sallyport-controller"),
+      "--identity",
+      "sandbox-controller",
+      "--webhook-port",
+      "9443",
+      "--webhook-cert",
+      cert.certFile,
+      "--webhook-key",
+      cert.keyFile,
+      "--bind-address",
+      address,
+      ...this.#state.controllerArgs,
+    ]);
+    const admin = cp.client();
+    try {
+      await admin.create(
+        {
+          group: "admissionregistration.k8s.io",
+          version: "v1",
+          plural: "validatingwebhookconfigurations",
+          namespaced: false,
+        },
+        webhookConfiguration(
+          `https://${address.includes(":") ? `[${address}]` : address}:9443/validate`,
+          cert.caBundle,
+        ) as KubeObject,
+      );
+    } catch (e) {
+      if (!isAlreadyExists(e)) throw e;
+    }
+  }
+
+  /** Starts (or restarts) the agent of node `i` inside its namespace. */
+  startAgent(i: number): void {
+    const cp = this.#controlPlane();
+    this.#spawn(`agent-${i}`, this.nodeNs(i), [
+      process.execPath,
+      CLI,
+      "agent",
+      "--node",
+      this.nodeName(i),
+      "--kubeconfig",
+      cp.kubeconfig(`sallyport-agent-${i}`),
+      "--families",
+      this.families.join(","),
+      ...this.#state.agentArgs,
+    ]);
+  }
+
+  async stopAgent(i: number, signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
+    await this.#kill(`agent-${i}`, signal);
+  }
+
+  async stopController(signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
+    await this.#kill("controller", signal);
+  }
+
+  async startController(): Promise<void> {
+    await this.#startController();
+  }
+
+  async #kill(name: string, signal: NodeJS.Signals): Promise<void> {
+    const pid = this.#state.pids[name];
+    if (pid === undefined) return;
+    // `ip netns exec` execs the program, so the pid is the process itself.
+    try {
+      process.kill(pid, signal);
+    } catch {
+      // gone already
+    }
+    for (let i = 0; i < 100 && alive(pid); i++) await new Promise((r) => setTimeout(r, 50));
+    if (alive(pid)) process.kill(pid, "SIGKILL");
+    delete this.#state.pids[name];
+    this.#children.delete(name);
+    this.#save();
+  }
+
+  /** Cuts node `i` off completely: its agent dies and its uplink goes down. */
+  async killNode(i: number): Promise<void> {
+    await mustRun(nsRunner(this.#topology.bridgeNs), ["ip", "link", "set", `vn${i}`, "down"]);
+    await this.stopAgent(i, "SIGKILL");
+  }
+
+  async reviveNode(i: number): Promise<void> {
+    await mustRun(nsRunner(this.#topology.bridgeNs), ["ip", "link", "set", `vn${i}`, "up"]);
+    this.startAgent(i);
+  }
+
+  #controlPlane(): ControlPlane {
+    this.#cp ??= ControlPlane.attach(this.#state.cpDir);
+    return this.#cp;
+  }
+
+  async stopApiServer(): Promise<void> {
+    await this.#controlPlane().stopApiServer();
+  }
+
+  async startApiServer(): Promise<void> {
+    await this.#controlPlane().startApiServer();
+  }
+
+  admin(): KubeClient {
+    return this.#controlPlane().client();
+  }
+
+  pods(): SandboxState["pods"] {
+    return this.#state.pods;
+  }
+
+  pod(name: string): SandboxState["pods"][number] {
+    const p = this.#state.pods.find((x) => x.name === name || `${x.namespace}/${x.name}` === name);
+    if (p === undefined)
+      throw new Error(`Cannot find pod ${name} in the sandbox: see "sallyport sandbox status"`);
+    return p;
+  }
+
+  /** A pod: its namespace on node `node`, and its Pod object, Running with its IPs. */
+  async addPod(
+    name: string,
+    options: { node: number; namespace?: string; labels?: Record<string, string> },
+  ): Promise<SandboxState["pods"][number]> {
+    const namespace = options.namespace ?? "default";
+    const handle = await this.#topology.addPod(`${namespace}/${name}`, options.node);
+    const admin = this.admin();
+    try {
+      await admin.create(CORE.namespaces, {
+        apiVersion: "v1",
+        kind: "Namespace",
+        metadata: { name: namespace },
+      });
+    } catch (e) {
+      if (!isAlreadyExists(e)) throw e;
+    }
+    const ips = this.families.map((f) => handle.ips[f]!).filter(Boolean);
+    await admin.create(CORE.pods, {
+      apiVersion: "v1",
+      kind: "Pod",
+      metadata: { name, namespace, labels: options.labels ?? {} },
+      spec: {
+        nodeName: this.nodeName(options.node),
+        containers: [{ name: "app", image: "sandbox.invalid/app" }],
+      },
+    });
+    await admin.mergePatch(
+      CORE.pods,
+      name,
+      { status: { phase: "Running", podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } },
+      { namespace, subresource: "status" },
+    );
+    const pod = {
+      name,
+      namespace,
+      node: options.node,
+      netns: handle.netns,
+      ips: handle.ips,
+      labels: options.labels ?? {},
+    };
+    this.#state.pods.push(pod);
+    this.#save();
+    return pod;
+  }
+
+  /** Creates or replaces every object of a YAML file (kubectl apply, without the merge logic). */
+  async apply(yaml: string): Promise<string[]> {
+    const admin = this.admin();
+    const done: string[] = [];
+    for (const doc of parseAllDocuments(yaml)) {
+      const obj = doc.toJS() as KubeObject | null;
+      if (obj === null) continue;
+      const kind = obj.kind as KindName;
+      if (!(kind in KINDS))
+        throw new Error(
+          `Cannot apply kind ${obj.kind}: the sandbox applies Sallyport objects only`,
+        );
+      const resource = ours(kind);
+      const ns = KINDS[kind].namespaced ? (obj.metadata.namespace ?? "default") : undefined;
+      if (ns !== undefined) obj.metadata.namespace = ns;
+      try {
+        await admin.create(resource, obj);
+        done.push(`${kind.toLowerCase()}/${obj.metadata.name} created`);
+      } catch (e) {
+        if (!isAlreadyExists(e)) throw e;
+        const current = await admin.get(resource, obj.metadata.name ?? "", ns);
+        if (current.metadata.resourceVersion !== undefined)
+          obj.metadata.resourceVersion = current.metadata.resourceVersion;
+        await admin.replace(resource, obj);
+        done.push(`${kind.toLowerCase()}/${obj.metadata.name} configured`);
+      }
+    }
+    return done;
+  }
+
+  async delete(kind: KindName, name: string, namespace?: string): Promise<void> {
+    await this.admin().delete(
+      ours(kind),
+      name,
+      KINDS[kind].namespaced ? (namespace ?? "default") : undefined,
+    );
+  }
+
+  #save(): void {
+    mkdirSync(this.dir, { recursive: true });
+    writeFileSync(join(this.dir, "state.json"), JSON.stringify(this.#state, null, 2));
+  }
+
+  /** Stops every process and deletes every namespace of this sandbox. */
+  async destroy(): Promise<void> {
+    for (const name of Object.keys(this.#state.pids)) await this.#kill(name, "SIGKILL");
+    if (existsSync(join(this.#state.cpDir, "controlplane.json"))) await this.#controlPlane().stop();
+    await Sandbox.down(this.prefix, this.dir);
+  }
+
+  /** Removes a sandbox by prefix, whatever state it is in (also after a crash). */
+  static async down(prefix: string, dir = sandboxDir(prefix)): Promise<string[]> {
+    const file = join(dir, "state.json");
+    if (existsSync(file)) {
+      const state = JSON.parse(readFileSync(file, "utf8")) as SandboxState;
+      for (const pid of Object.values(state.pids)) {
+        try {
+          process.kill(pid, "SIGKILL");
+        } catch {
+          // gone
+        }
+      }
+    }
+    await ControlPlane.killRecorded(join(dir, "controlplane"));
+    const removed = await Topology.down(prefix);
+    rmSync(dir, { recursive: true, force: true });
+    return removed;
+  }
+
+  /** The external server's log: one JSON line per connection with the source it saw. */
+  externalRequests(): { t: number; proto: string; src: string }[] {
+    const file = join(this.dir, "external-requests.log");
+    if (!existsSync(file)) return [];
+    return readFileSync(file, "utf8")
+      .split("\n")
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as { t: number; proto: string; src: string });
+  }
+
+  log(component: string): string {
+    const file = join(this.dir, `${component}.log`);
+    return existsSync(file) ? readFileSync(file, "utf8") : "";
+  }
+
+  components(): string[] {
+    return Object.keys(this.#state.pids);
+  }
+
+  familyOf(address: string): Family | undefined {
+    return tryParseAddress(address)?.family;
+  }
+
+  static readonly EIP_POOL = EIP_POOL;
+  static readonly SALLYPORT_NAMESPACE = SALLYPORT_NAMESPACE;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

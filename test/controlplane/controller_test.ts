@@ -1,0 +1,269 @@
+/**
+ * The controller against a real kube-apiserver. Gateway agents are stood in for by the real
+ * lease renewer (the agent's own code) so that failure detection can be exercised without
+ * kernels; the datapath side is tested in test/controlplane/agent_test.ts and the sandbox.
+ *
+ * Nodes: node-1 (workloads), node-2 and node-3 (egress=true). Gateway "edge" pool: two IPv4
+ * addresses, 192.168.77.100-101.
+ */
+import assert from "node:assert/strict";
+import { after, before, describe, it } from "node:test";
+import { API_VERSION } from "../../src/api/types.ts";
+import { Controller } from "../../src/controller/controller.ts";
+import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
+import { NodeLeaseRenewer } from "../../src/kube/node_lease.ts";
+import { realClock } from "../../src/lib/clock.ts";
+import { silentLogger } from "../../src/lib/log.ts";
+import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
+import {
+  condition,
+  createNode,
+  createPod,
+  ensureNamespace,
+  eventually,
+  type Status,
+  type WithStatus,
+} from "../support/kube.ts";
+
+const NS = "team-a";
+const TIMING = { renewMs: 200, durationMs: 1000, graceMs: 250 };
+
+function policyObject(name: string, spec: Record<string, unknown>): KubeObject {
+  return {
+    apiVersion: API_VERSION,
+    kind: "EgressPolicy",
+    metadata: { name, namespace: NS },
+    spec: {
+      podSelector: { matchLabels: { app: "web" } },
+      gateway: "edge",
+      destinationCIDRs: ["203.0.113.0/24"],
+      ...spec,
+    },
+  };
+}
+
+describe("controller on a real kube-apiserver", () => {
+  let cp: ControlPlane;
+  let admin: KubeClient;
+  let controller: Controller;
+  const renewers = new Map<string, NodeLeaseRenewer>();
+
+  const status = async (name: string) =>
+    (await admin.get<WithStatus>(ours("EgressPolicy"), name, NS)).status;
+  const waitStatus = (name: string, ok: (s: Status | undefined) => boolean, ms = 15_000) =>
+    eventually(() => status(name), ok, ms);
+
+  function startController(): Controller {
+    const c = new Controller({
+      client: cp.client("controller"),
+      namespace: SALLYPORT_NAMESPACE,
+      identity: "controller-test",
+      clock: realClock,
+      log: silentLogger,
+      cluster: { tunnelCIDRs: { 4: "100.127.0.0/16" }, extraIgnoreCIDRs: [] },
+      leaseTiming: TIMING,
+      leaderElection: { leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 500 },
+    });
+    void c.start();
+    return c;
+  }
+
+  before(async () => {
+    cp = await ControlPlane.start({
+      tag: "controller",
+      users: { controller: ["sallyport:controllers"], agent: ["sallyport:agents"] },
+    });
+    admin = cp.client();
+    await ensureNamespace(admin, NS);
+    await createNode(admin, "node-1", {
+      addresses: ["192.168.77.11"],
+      podCIDRs: ["10.244.1.0/24"],
+    });
+    await createNode(admin, "node-2", {
+      addresses: ["192.168.77.12"],
+      podCIDRs: ["10.244.2.0/24"],
+      labels: { egress: "true" },
+    });
+    await createNode(admin, "node-3", {
+      addresses: ["192.168.77.13"],
+      podCIDRs: ["10.244.3.0/24"],
+      labels: { egress: "true" },
+    });
+    await createPod(admin, NS, "web-1", {
+      node: "node-1",
+      ips: ["10.244.1.5"],
+      labels: { app: "web" },
+    });
+    await createPod(admin, NS, "web-2", {
+      node: "node-1",
+      ips: ["10.244.1.6"],
+      labels: { app: "web" },
+    });
+    await admin.create(ours("EgressGateway"), {
+      apiVersion: API_VERSION,
+      kind: "EgressGateway",
+      metadata: { name: "edge" },
+      spec: {
+        nodeSelector: { matchLabels: { egress: "true" } },
+        pool: ["192.168.77.100-192.168.77.101"],
+      },
+    });
+    for (const node of ["node-2", "node-3"]) {
+      const r = new NodeLeaseRenewer({
+        client: cp.client("agent"),
+        namespace: SALLYPORT_NAMESPACE,
+        node,
+        clock: realClock,
+        log: silentLogger,
+        timing: TIMING,
+      });
+      r.start();
+      renewers.set(node, r);
+    }
+    controller = startController();
+  });
+
+  after(async () => {
+    for (const r of renewers.values()) r.stop();
+    await controller?.stop();
+    await cp?.stop();
+  });
+
+  it("gives each node an identity the agents can read", async () => {
+    const nodes = await eventually(
+      () =>
+        admin.listAll<
+          KubeObject & {
+            spec: { nodeID: number; mark: string; gatewayCapable?: boolean; podCIDRs?: string[] };
+          }
+        >(ours("EgressNode")),
+      (l) => l.items.length === 3,
+    );
+    const byName = new Map(nodes.items.map((n) => [n.metadata.name, n.spec]));
+    assert.deepEqual([...byName.values()].map((s) => s.nodeID).sort(), [0, 1, 2]);
+    assert.equal(byName.get("node-2")?.mark, "0x26000100");
+    assert.equal(byName.get("node-2")?.gatewayCapable, true);
+    assert.equal(byName.get("node-1")?.gatewayCapable, false);
+    assert.deepEqual(byName.get("node-1")?.podCIDRs, ["10.244.1.0/24"]);
+  });
+
+  it("allocates an egress IP and a gateway node and says so in the status", async () => {
+    await admin.create(ours("EgressPolicy"), policyObject("web", {}));
+    const s = await waitStatus("web", (x) => x?.gatewayNode !== undefined && x.matchedPods === 2);
+    assert.deepEqual(s?.egressIPs, ["192.168.77.100"]);
+    assert.ok(s?.gatewayNode === "node-2" || s?.gatewayNode === "node-3");
+    assert.equal(condition(s, "Accepted")?.status, "True");
+    assert.equal(condition(s, "GatewayAssigned")?.status, "True");
+    assert.equal(s?.matchedPods, 2);
+    assert.equal(condition(s, "Programmed")?.reason, "Pending", "no agent reported it yet");
+    assert.match(condition(s, "Programmed")?.message ?? "", /programmed on 0 of 2 nodes/);
+    const slices = await admin.listAll<
+      KubeObject & { policy: string; endpoints: { pod: string }[] }
+    >(ours("EgressEndpointSlice"));
+    assert.deepEqual(slices.items.flatMap((x) => x.endpoints.map((e) => e.pod)).sort(), [
+      `${NS}/web-1`,
+      `${NS}/web-2`,
+    ]);
+  });
+
+  it("publishes the cluster's own CIDRs for the ignore set", async () => {
+    const info = await eventually(
+      () =>
+        admin.get<KubeObject & { status?: { ignoredCIDRs?: string[] } }>(
+          ours("EgressClusterInfo"),
+          "default",
+        ),
+      (i) => (i.status?.ignoredCIDRs ?? []).length > 0,
+    );
+    const ignored = info.status?.ignoredCIDRs ?? [];
+    for (const c of ["10.96.0.0/16", "10.244.1.0/24", "192.168.77.11/32", "100.127.0.0/16"]) {
+      assert.ok(
+        ignored.some((x) => x === c || (c.startsWith("10.244") && x.startsWith("10.244"))),
+        `${c} in ${ignored}`,
+      );
+    }
+  });
+
+  it("reports an exhausted pool as a condition and an Event, not a crash", async () => {
+    await admin.create(ours("EgressPolicy"), policyObject("second", {}));
+    await admin.create(ours("EgressPolicy"), policyObject("third", {}));
+    const third = await waitStatus(
+      "third",
+      (x) => condition(x, "Accepted")?.reason === "PoolExhausted",
+    );
+    assert.match(
+      condition(third, "Accepted")?.message ?? "",
+      /pool of EgressGateway edge is exhausted \(IPv4 2\/2 in use\)/,
+    );
+    assert.equal(condition(third, "Ready")?.status, "False");
+    const events = await eventually(
+      () =>
+        admin.list<KubeObject & { reason: string; message: string }>(CORE.events, {
+          namespace: NS,
+          fieldSelector: "involvedObject.name=third",
+        }),
+      (l) => l.items.some((e) => e.reason === "PoolExhausted"),
+    );
+    assert.ok(
+      events.items.some((e) => e.reason === "PoolExhausted"),
+      "a Warning Event explains it",
+    );
+  });
+
+  it("frees the egress IP of a deleted policy for the next one", async () => {
+    const second = await status("second");
+    await admin.delete(ours("EgressPolicy"), "second", NS);
+    const third = await waitStatus("third", (x) => condition(x, "Accepted")?.status === "True");
+    assert.deepEqual(third?.egressIPs, second?.egressIPs, "the freed address");
+  });
+
+  it("moves egress IPs off a gateway whose agent stopped renewing, and back nowhere when it returns", async () => {
+    const before = await status("web");
+    const victim = before!.gatewayNode!;
+    const survivor = victim === "node-2" ? "node-3" : "node-2";
+    const started = Date.now();
+    renewers.get(victim)!.stop();
+    const moved = await waitStatus("web", (x) => x?.gatewayNode === survivor, 10_000);
+    const elapsed = Date.now() - started;
+    assert.equal(moved?.gatewayNode, survivor);
+    assert.deepEqual(moved?.egressIPs, before?.egressIPs, "same egress IP");
+    console.log(`# failover decided in ${elapsed} ms after the lease stopped`);
+    const events = await eventually(
+      () =>
+        admin.list<KubeObject & { reason: string; message: string }>(CORE.events, {
+          namespace: NS,
+          fieldSelector: "involvedObject.name=web",
+        }),
+      (l) => l.items.some((e) => e.reason === "EgressIPMoved"),
+    );
+    assert.match(
+      events.items.find((e) => e.reason === "EgressIPMoved")?.message ?? "",
+      new RegExp(`moved from ${victim} to ${survivor}: ${victim} is not alive`),
+    );
+    renewers.get(victim)!.start();
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal((await status("web"))?.gatewayNode, survivor, "no failback by default");
+  });
+
+  it("recovers from an API server restart and misses no change made meanwhile", async () => {
+    await cp.stopApiServer();
+    await new Promise((r) => setTimeout(r, 1000));
+    await cp.startApiServer();
+    // Right after the restart, while the controller's watches are still reconnecting.
+    await admin.create(ours("EgressPolicy"), policyObject("after-restart", { useNodeIP: true }));
+    await createPod(admin, NS, "web-3", {
+      node: "node-1",
+      ips: ["10.244.1.7"],
+      labels: { app: "web" },
+    });
+    const s = await waitStatus(
+      "after-restart",
+      (x) => x?.gatewayNode !== undefined && x.matchedPods === 3,
+      30_000,
+    );
+    assert.equal(s?.matchedPods, 3);
+    assert.ok(s?.egressIPs?.[0]?.startsWith("192.168.77.1"), "the gateway node's own address");
+    const web = await waitStatus("web", (x) => x?.matchedPods === 3, 15_000);
+    assert.equal(web?.matchedPods, 3);
+  });
+});

@@ -1,0 +1,118 @@
+/** Objects a kubelet and a user would create, for tests against the real API server. */
+import { CORE, isAlreadyExists, type KubeClient, type KubeObject } from "../../src/kube/client.ts";
+
+export async function ensureNamespace(
+  client: KubeClient,
+  name: string,
+  labels: Record<string, string> = {},
+): Promise<void> {
+  try {
+    await client.create(CORE.namespaces, {
+      apiVersion: "v1",
+      kind: "Namespace",
+      metadata: { name, labels },
+    });
+  } catch (e) {
+    if (!isAlreadyExists(e)) throw e;
+  }
+}
+
+/** A Node with the InternalIPs and pod CIDRs a kubelet would report. */
+export async function createNode(
+  client: KubeClient,
+  name: string,
+  options: { addresses: string[]; podCIDRs?: string[]; labels?: Record<string, string> },
+): Promise<void> {
+  await client.create(CORE.nodes, {
+    apiVersion: "v1",
+    kind: "Node",
+    metadata: { name, labels: { "kubernetes.io/hostname": name, ...options.labels } },
+    spec:
+      options.podCIDRs === undefined
+        ? {}
+        : { podCIDR: options.podCIDRs[0], podCIDRs: options.podCIDRs },
+  });
+  await client.mergePatch(
+    CORE.nodes,
+    name,
+    {
+      status: {
+        addresses: options.addresses.map((a) => ({ type: "InternalIP", address: a })),
+        conditions: [
+          {
+            type: "Ready",
+            status: "True",
+            reason: "KubeletReady",
+            message: "ready",
+            lastHeartbeatTime: new Date().toISOString(),
+            lastTransitionTime: new Date().toISOString(),
+          },
+        ],
+      },
+    },
+    { subresource: "status" },
+  );
+}
+
+/** A Pod running on `node` with `ips`, as the kubelet reports it once its sandbox is up. */
+export async function createPod(
+  client: KubeClient,
+  namespace: string,
+  name: string,
+  options: { node: string; ips: string[]; labels?: Record<string, string> },
+): Promise<void> {
+  await client.create(CORE.pods, {
+    apiVersion: "v1",
+    kind: "Pod",
+    metadata: { name, namespace, labels: options.labels ?? {} },
+    spec: { nodeName: options.node, containers: [{ name: "app", image: "registry.invalid/app" }] },
+  });
+  await client.mergePatch(
+    CORE.pods,
+    name,
+    {
+      status: {
+        phase: "Running",
+        podIP: options.ips[0],
+        podIPs: options.ips.map((ip) => ({ ip })),
+      },
+    },
+    { namespace, subresource: "status" },
+  );
+}
+
+/** Polls `get` until `ok` holds or the deadline passes; returns the last value (no timed assertion). */
+export async function eventually<T>(
+  get: () => Promise<T>,
+  ok: (v: T) => boolean,
+  deadlineMs = 15_000,
+  stepMs = 100,
+): Promise<T> {
+  const end = Date.now() + deadlineMs;
+  let last = await get();
+  while (!ok(last) && Date.now() < end) {
+    await new Promise((r) => setTimeout(r, stepMs));
+    try {
+      last = await get();
+    } catch {
+      // the API server may be restarting
+    }
+  }
+  return last;
+}
+
+export type Status = {
+  egressIPs?: string[];
+  gatewayNode?: string;
+  matchedPods?: number;
+  revision?: string;
+  programmed?: string;
+  shadowedBy?: { policy: string; pods: number }[];
+  conditions?: { type: string; status: string; reason: string; message: string }[];
+};
+
+export function condition(s: Status | undefined, type: string) {
+  return s?.conditions?.find((c) => c.type === type);
+}
+
+export type WithStatus = KubeObject & { status?: Status };
