@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 NODE := node_modules/.bin/node
-DEBIAN_PACKAGES := iptables ipset iproute2 conntrack iputils-ping procps kmod openssl curl ca-certificates
+DEBIAN_PACKAGES := iptables ipset iproute2 conntrack iputils-ping iputils-arping procps kmod openssl curl ca-certificates
 export SALLYPORT_CACHE ?= $(HOME)/.cache/sallyport
 
 .PHONY: help deps debs npm k8s-bin test test-unit typecheck lint generated demo bench clean-sandbox

@@ -120,6 +120,10 @@ export class Agent {
         return out;
       },
       onChange: () => this.sync.trigger(),
+      refresh: () => {
+        for (const r of this.#reflectors()) r.relist();
+      },
+      freshSince: (t) => this.#reflectors().every((r) => r.listedAt >= t),
     });
     this.sync = new DatapathSync({
       datapath: options.datapath,
@@ -137,16 +141,30 @@ export class Agent {
   }
 
   async start(): Promise<void> {
+    // A restarted agent renews an existing lease at once, before its caches are filled, so that
+    // a restart shorter than the lease is not taken for a dead gateway.
+    this.#renewer.start();
     for (const r of this.#reflectors()) r.start();
     await Promise.all(this.#reflectors().map((r) => r.synced));
     this.#fence.start();
     this.sync.start();
   }
 
-  async stop(): Promise<void> {
+  /**
+   * Stops. The datapath stays in the kernel. `restartHoldMs` announces a planned restart on the
+   * node lease so that the controller moves nothing meanwhile.
+   */
+  async stop(options: { restartHoldMs?: number } = {}): Promise<void> {
     this.sync.stop();
     this.#fence.stop();
-    this.#renewer.stop();
+    if (
+      options.restartHoldMs !== undefined &&
+      this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true
+    ) {
+      await this.#renewer.handOver(options.restartHoldMs);
+    } else {
+      this.#renewer.stop();
+    }
     for (const r of this.#reflectors()) r.stop();
   }
 
@@ -163,7 +181,7 @@ export class Agent {
 
   /** Gateway-capable nodes renew a lease so that the controller knows they are alive. */
   #leaseFollowsCapability(self: EgressNode): void {
-    if (self.spec.gatewayCapable === true) this.#renewer.start();
+    if (self.spec.gatewayCapable === true) this.#renewer.start({ create: true });
     else this.#renewer.stop();
   }
 

@@ -32,6 +32,13 @@ export interface FenceOptions {
   /** Gateway-capable peers (not this node) and where to reach them. */
   readonly peers: () => ReadonlyMap<string, string>;
   readonly onChange: (fenced: boolean) => void;
+  /**
+   * After the lease recovers, our caches are stale (the watches were cut too) and may still say
+   * we hold egress IPs the controller has moved meanwhile. `refresh` relists them; we stay fenced
+   * until `freshSince(t)` says every cache was relisted after t.
+   */
+  readonly refresh: () => void;
+  readonly freshSince: (t: number) => boolean;
 }
 
 export class Fence {
@@ -41,6 +48,7 @@ export class Fence {
   #socket6: Socket | undefined;
   #timer: Timer | undefined;
   #fenced = false;
+  #recoveringSince: number | undefined;
 
   constructor(options: FenceOptions) {
     this.#o = options;
@@ -97,14 +105,24 @@ export class Fence {
       ([n, h]) => peers.has(n) && now - h.at < this.#o.durationMs,
     );
     const apiDownForAll = heard.length > 0 && heard.every(([, h]) => !h.ok);
-    const fenced = !this.#o.leaseValid() && peers.size > 0 && !apiDownForAll;
+    const cutOff = !this.#o.leaseValid() && peers.size > 0 && !apiDownForAll;
+    let fenced = cutOff;
+    if (this.#fenced && !cutOff) {
+      // Recovering: stay fenced until every cache was relisted after the recovery.
+      if (this.#recoveringSince === undefined) {
+        this.#recoveringSince = now;
+        this.#o.refresh();
+      }
+      fenced = !this.#o.freshSince(this.#recoveringSince);
+    }
+    if (!fenced || cutOff) this.#recoveringSince = undefined;
     if (fenced !== this.#fenced) {
       this.#fenced = fenced;
       this.#o.log.warn(
         { fenced, peersHeard: heard.length, apiDownForAll },
         fenced
           ? "fenced: the node lease expired while others can reach the API server; no longer answering for egress IPs"
-          : "no longer fenced",
+          : "no longer fenced: the lease is renewed and the caches are fresh",
       );
       this.#o.onChange(fenced);
     }

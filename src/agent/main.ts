@@ -29,6 +29,7 @@ export interface AgentFlags {
   underlayDevice?: string;
   metricsPort: number;
   noSnatBySets: boolean;
+  restartHoldMs: number;
 }
 
 export async function runAgent(flags: AgentFlags): Promise<void> {
@@ -72,9 +73,10 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
   });
   await agent.start();
   log.info("agent started");
-  // The datapath stays as it is on exit: a restarted agent adopts it without a flush.
+  // The datapath stays as it is on exit: a restarted agent adopts it without a flush. SIGTERM is
+  // a planned restart (a rolling update): ask the controller to hold this node meanwhile.
   const shutdown = async () => {
-    await agent.stop();
+    await agent.stop({ restartHoldMs: flags.restartHoldMs });
     process.exit(0);
   };
   process.on("SIGTERM", () => void shutdown());

@@ -184,6 +184,12 @@ leaseOptions(
       )
       .option("--metrics-port <port>", "metrics and health port", int, 9091)
       .option(
+        "--restart-hold-ms <ms>",
+        "on SIGTERM, ask the controller to keep this node's egress IPs this long",
+        int,
+        10000,
+      )
+      .option(
         "--exempt-by-sets",
         "also exempt steered traffic from SNAT by its ipsets, for CNIs that clear marks (such as Weave)",
         false,

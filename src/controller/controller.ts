@@ -68,7 +68,7 @@ export interface ControllerOptions {
   };
   /** @default 100 */
   readonly sliceSize?: number;
-  /** Called when leadership is lost; the process should exit (a Deployment restarts it). */
+  /** Called when leadership is lost; reconciling stops until this replica wins again. */
   readonly onLostLeadership?: () => void;
 }
 

@@ -41,10 +41,11 @@ export async function runController(flags: ControllerFlags): Promise<void> {
     cluster: { tunnelCIDRs, extraIgnoreCIDRs: flags.extraIgnoreCidrs },
     leaseTiming: flags.lease,
     leaderElection: flags.leader,
-    onLostLeadership: () => {
-      log.error("lost leadership; exiting so that a fresh process rejoins the election");
-      process.exit(1);
-    },
+    // Losing the lease (e.g. the API server was unreachable past the renew deadline) stops
+    // reconciling; the elector keeps trying and this replica resumes if it wins again. The
+    // datapath does not depend on the controller, so traffic is unaffected meanwhile.
+    onLostLeadership: () =>
+      log.warn("lost leadership; stopped reconciling and rejoining the election"),
   });
   const registry = new Registry();
   await serveMetrics({

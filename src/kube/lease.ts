@@ -40,7 +40,7 @@ export interface LeaderElectorOptions {
   /** @default 2000 */
   readonly retryPeriodMs?: number;
   readonly onStartedLeading: () => void;
-  /** Leadership is lost: the process should stop acting as leader (client-go exits). */
+  /** Leadership is lost: stop acting as leader. The elector keeps running and may win again. */
   readonly onStoppedLeading: () => void;
 }
 

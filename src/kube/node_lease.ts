@@ -19,6 +19,12 @@ import { type Lease, microTime } from "./lease.ts";
 import { Reflector } from "./reflector.ts";
 
 export const NODE_LEASE_LABEL = "sallyport.dev/node-lease";
+/**
+ * Set by an agent on its last renewal before a planned restart (SIGTERM): the controller keeps
+ * the node alive this long after that renewal instead of D + G, so a rolling update of the agent
+ * moves no egress IP (the kernel keeps forwarding meanwhile). The next agent clears it.
+ */
+export const RESTART_HOLD_ANNOTATION = "sallyport.dev/restart-hold-ms";
 
 export function nodeLeaseName(node: string): string {
   return `sallyport-node-${node}`;
@@ -50,6 +56,11 @@ export class NodeLeaseRenewer {
   /** Clock time at which the last successful renewal was *sent*. */
   #lastSuccessStart = Number.NEGATIVE_INFINITY;
   #failing = false;
+  #attempted = false;
+  /** Create the lease when missing (the node is known to be gateway-capable). */
+  #create = false;
+  /** The hold of a previous process has been cleared. */
+  #holdSent = false;
 
   constructor(options: {
     client: KubeClient;
@@ -62,12 +73,22 @@ export class NodeLeaseRenewer {
     this.#o = { ...options, timing: options.timing ?? DEFAULT_LEASE_TIMING };
   }
 
-  /** True while a renewal that started less than D ago succeeded: our lease is valid. */
+  /**
+   * True while a renewal that started less than D ago succeeded: our lease is valid. Before the
+   * first attempt has finished (a freshly started agent) and while not renewing at all (a node
+   * that holds no egress IP) nothing has been lost, so it is valid too.
+   */
   get valid(): boolean {
+    if (this.#stopped || !this.#attempted) return true;
     return this.#o.clock.now() - this.#lastSuccessStart < this.#o.timing.durationMs;
   }
 
-  start(): void {
+  /**
+   * @param options.create also create the lease if missing; without it only an existing lease is
+   *   renewed, which lets a restarted agent renew before it knows anything else.
+   */
+  start(options: { create?: boolean } = {}): void {
+    if (options.create === true) this.#create = true;
     if (!this.#stopped) return;
     this.#stopped = false;
     void this.#renew();
@@ -78,6 +99,27 @@ export class NodeLeaseRenewer {
     this.#timer?.cancel();
   }
 
+  /** A planned restart: one last renewal asking the controller to hold the node for `holdMs`. */
+  async handOver(holdMs: number): Promise<void> {
+    this.stop();
+    try {
+      await this.#o.client.mergePatch(
+        CORE.leases,
+        nodeLeaseName(this.#o.node),
+        {
+          metadata: { annotations: { [RESTART_HOLD_ANNOTATION]: String(holdMs) } },
+          spec: { renewTime: microTime() },
+        },
+        { namespace: this.#o.namespace },
+      );
+    } catch (e) {
+      this.#o.log.warn(
+        { err: (e as Error).message },
+        "cannot announce the restart on the node lease",
+      );
+    }
+  }
+
   async #renew(): Promise<void> {
     if (this.#stopped) return;
     const started = this.#o.clock.now();
@@ -85,14 +127,20 @@ export class NodeLeaseRenewer {
     const name = nodeLeaseName(node);
     try {
       try {
+        // The first renewal of this process clears a restart hold left by its predecessor.
+        const clear = this.#holdSent
+          ? {}
+          : { metadata: { annotations: { [RESTART_HOLD_ANNOTATION]: null } } };
         await client.mergePatch(
           CORE.leases,
           name,
-          { spec: { holderIdentity: node, renewTime: microTime() } },
+          { ...clear, spec: { holderIdentity: node, renewTime: microTime() } },
           { namespace },
         );
+        this.#holdSent = true;
       } catch (e) {
-        if (!isNotFound(e)) throw e;
+        // Without `create`, only a lease that exists is renewed (see start()).
+        if (!isNotFound(e) || !this.#create) throw e;
         await client.create<Lease>(CORE.leases, {
           apiVersion: "coordination.k8s.io/v1",
           kind: "Lease",
@@ -117,6 +165,7 @@ export class NodeLeaseRenewer {
         this.#o.log.warn({ err: (e as Error).message }, "cannot renew the node lease");
       this.#failing = true;
     }
+    this.#attempted = true;
     if (!this.#stopped) {
       const spent = this.#o.clock.now() - started;
       this.#timer = this.#o.clock.after(
@@ -131,6 +180,8 @@ export class NodeLeaseRenewer {
 export class LeaseTracker {
   readonly #reflector: Reflector<Lease>;
   readonly #observed = new Map<string, number>();
+  /** Restart holds announced on the last observed renewal, in ms. */
+  readonly #hold = new Map<string, number>();
   readonly #clock: Clock;
   readonly #timing: LeaseTiming;
   readonly #onChange: () => void;
@@ -158,8 +209,15 @@ export class LeaseTracker {
       onChange: (type, lease) => {
         const node = lease.metadata.labels?.["sallyport.dev/node"];
         if (node === undefined) return;
-        if (type === "delete") this.#observed.delete(node);
-        else if (type !== "sync") this.#observed.set(node, this.#clock.now());
+        if (type === "delete") {
+          this.#observed.delete(node);
+          this.#hold.delete(node);
+        } else if (type !== "sync") {
+          this.#observed.set(node, this.#clock.now());
+          const hold = Number(lease.metadata.annotations?.[RESTART_HOLD_ANNOTATION] ?? 0);
+          if (hold > 0) this.#hold.set(node, Math.min(hold, 60_000));
+          else this.#hold.delete(node);
+        }
         this.#check();
       },
     });
@@ -195,7 +253,7 @@ export class LeaseTracker {
     const next = new Set<string>();
     for (const [node, at] of this.#observed) {
       const since = Math.max(at, watchingSince === Number.POSITIVE_INFINITY ? now : watchingSince);
-      if (now - since <= limit) next.add(node);
+      if (now - since <= Math.max(limit, this.#hold.get(node) ?? 0)) next.add(node);
     }
     const changed =
       next.size !== this.#healthy.size || [...next].some((n) => !this.#healthy.has(n));

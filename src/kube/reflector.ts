@@ -54,6 +54,9 @@ export class Reflector<T extends KubeObject> {
   #resolveSynced!: () => void;
   #connected = false;
   #connectedAt = Number.POSITIVE_INFINITY;
+  #listedAt = Number.NEGATIVE_INFINITY;
+  /** Bumped by every new watch and relist: callbacks of an older watch are ignored. */
+  #generation = 0;
   /** Restarts and relists, for metrics and tests. */
   readonly stats = { watches: 0, relists: 0, errors: 0 };
 
@@ -77,6 +80,21 @@ export class Reflector<T extends KubeObject> {
   /** Since when (clock time) the watch has been delivering without interruption. */
   get connectedAt(): number {
     return this.#connected ? this.#connectedAt : Number.POSITIVE_INFINITY;
+  }
+
+  /** When (clock time) the store was last filled by a complete list. */
+  get listedAt(): number {
+    return this.#listedAt;
+  }
+
+  /** Drops the current watch and lists again (after our view may have gone stale). */
+  relist(): void {
+    if (this.#stopped) return;
+    this.#generation++;
+    this.#abort?.abort();
+    this.#retryTimer?.cancel();
+    this.#resourceVersion = "";
+    void this.#listAndWatch();
   }
 
   get(key: string): T | undefined {
@@ -151,6 +169,7 @@ export class Reflector<T extends KubeObject> {
         }
       }
       this.#resourceVersion = resourceVersion;
+      this.#listedAt = this.#o.clock.now();
       this.#resolveSynced();
       await this.#watch();
     } catch (e) {
@@ -163,6 +182,7 @@ export class Reflector<T extends KubeObject> {
     const path = resourcePath(this.#o.resource, { namespace: this.#o.namespace });
     const timeoutSeconds = 300 + Math.floor(Math.random() * 300);
     let relist = false;
+    const generation = ++this.#generation;
     this.stats.watches++;
     this.#abort = await new Watch(this.#o.client.config).watch(
       path,
@@ -174,6 +194,7 @@ export class Reflector<T extends KubeObject> {
         fieldSelector: this.#o.fieldSelector,
       },
       (type: string, obj: T & { code?: number }) => {
+        if (generation !== this.#generation) return;
         if (!this.#connected) this.#connectedAt = this.#o.clock.now();
         this.#connected = true;
         this.#failures = 0;
@@ -196,7 +217,7 @@ export class Reflector<T extends KubeObject> {
         }
       },
       (err: unknown) => {
-        if (this.#stopped) return;
+        if (this.#stopped || generation !== this.#generation) return;
         const status = (err as { statusCode?: number } | null)?.statusCode;
         if (relist || status === 410) {
           this.#connected = false;
