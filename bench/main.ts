@@ -6,6 +6,9 @@ const name = process.argv[2];
 const benches: Record<string, () => Promise<unknown>> = {
   engine: async () => (await import("./engine.ts")).run(),
   datapath: async () => (await import("./datapath.ts")).run(),
+  failover: async () => (await import("./sandbox.ts")).failover(),
+  "new-pod": async () => (await import("./sandbox.ts")).newPod(),
+  policy: async () => (await import("./sandbox.ts")).policyBench(),
 };
 const run = name === undefined ? undefined : benches[name];
 if (run === undefined) {

@@ -966,6 +966,10 @@ export class ClusterEngine {
             p.namespaceSelector!.matches(st.namespaceLabels.get(ns)),
           );
     const eq = p.podSelector.equalities;
+    // The common case (one namespace, one label value): the posting list itself, no copy.
+    if (namespaces.length === 1 && eq.length === 1 && eq[0]!.values.length === 1) {
+      return this.#podsByLabel.get(labelIndex(namespaces[0]!, eq[0]!.key, eq[0]!.values[0]!)) ?? [];
+    }
     const out: string[] = [];
     for (const ns of namespaces) {
       if (eq.length === 0) {

@@ -48,9 +48,14 @@ function serve(port: number, log: string | undefined): void {
   });
   server.listen({ port, host: "::", ipv6Only: false });
   const udp = createSocket({ type: "udp6", ipv6Only: false });
-  udp.on("message", (_msg, rinfo) => {
+  udp.on("message", (msg, rinfo) => {
     const src = clean(rinfo.address);
-    record({ proto: "udp", src, port: rinfo.port });
+    record({
+      proto: "udp",
+      src,
+      port: rinfo.port,
+      data: msg.toString("utf8", 0, Math.min(msg.length, 64)).trim(),
+    });
     udp.send(`${src}\n`, rinfo.port, rinfo.address);
   });
   udp.bind(port, "::");

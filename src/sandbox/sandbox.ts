@@ -44,6 +44,15 @@ export interface SandboxOptions {
   readonly controllerArgs?: readonly string[];
 }
 
+export interface SandboxPod {
+  readonly name: string;
+  readonly namespace: string;
+  readonly node: number;
+  readonly netns: string;
+  readonly ips: Partial<Record<Family, string>>;
+  readonly labels: Record<string, string>;
+}
+
 interface SandboxState {
   prefix: string;
   nodes: number;
@@ -405,11 +414,11 @@ export class Sandbox {
     return this.#controlPlane().client();
   }
 
-  pods(): SandboxState["pods"] {
+  pods(): SandboxPod[] {
     return this.#state.pods;
   }
 
-  pod(name: string): SandboxState["pods"][number] {
+  pod(name: string): SandboxPod {
     const p = this.#state.pods.find((x) => x.name === name || `${x.namespace}/${x.name}` === name);
     if (p === undefined)
       throw new Error(`Cannot find pod ${name} in the sandbox: see "sallyport sandbox status"`);
@@ -420,35 +429,19 @@ export class Sandbox {
   async addPod(
     name: string,
     options: { node: number; namespace?: string; labels?: Record<string, string> },
-  ): Promise<SandboxState["pods"][number]> {
+  ): Promise<SandboxPod> {
+    const pod = await this.addPodNetwork(name, options);
+    await this.registerPod(pod);
+    return pod;
+  }
+
+  /** The pod's network only (as a CNI ADD would do), before the kubelet reports it. */
+  async addPodNetwork(
+    name: string,
+    options: { node: number; namespace?: string; labels?: Record<string, string> },
+  ): Promise<SandboxPod> {
     const namespace = options.namespace ?? "default";
     const handle = await this.#topology.addPod(`${namespace}/${name}`, options.node);
-    const admin = this.admin();
-    try {
-      await admin.create(CORE.namespaces, {
-        apiVersion: "v1",
-        kind: "Namespace",
-        metadata: { name: namespace },
-      });
-    } catch (e) {
-      if (!isAlreadyExists(e)) throw e;
-    }
-    const ips = this.families.map((f) => handle.ips[f]!).filter(Boolean);
-    await admin.create(CORE.pods, {
-      apiVersion: "v1",
-      kind: "Pod",
-      metadata: { name, namespace, labels: options.labels ?? {} },
-      spec: {
-        nodeName: this.nodeName(options.node),
-        containers: [{ name: "app", image: "sandbox.invalid/app" }],
-      },
-    });
-    await admin.mergePatch(
-      CORE.pods,
-      name,
-      { status: { phase: "Running", podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } },
-      { namespace, subresource: "status" },
-    );
     const pod = {
       name,
       namespace,
@@ -460,6 +453,36 @@ export class Sandbox {
     this.#state.pods.push(pod);
     this.#save();
     return pod;
+  }
+
+  /** Reports the pod to the API server as the kubelet does: the Pod object, Running with its IPs. */
+  async registerPod(pod: SandboxPod): Promise<void> {
+    const admin = this.admin();
+    try {
+      await admin.create(CORE.namespaces, {
+        apiVersion: "v1",
+        kind: "Namespace",
+        metadata: { name: pod.namespace },
+      });
+    } catch (e) {
+      if (!isAlreadyExists(e)) throw e;
+    }
+    const ips = this.families.map((f) => pod.ips[f]).filter((ip): ip is string => ip !== undefined);
+    await admin.create(CORE.pods, {
+      apiVersion: "v1",
+      kind: "Pod",
+      metadata: { name: pod.name, namespace: pod.namespace, labels: pod.labels },
+      spec: {
+        nodeName: this.nodeName(pod.node),
+        containers: [{ name: "app", image: "sandbox.invalid/app" }],
+      },
+    });
+    await admin.mergePatch(
+      CORE.pods,
+      pod.name,
+      { status: { phase: "Running", podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } },
+      { namespace: pod.namespace, subresource: "status" },
+    );
   }
 
   /** Creates or replaces every object of a YAML file (kubectl apply, without the merge logic). */
@@ -532,13 +555,13 @@ export class Sandbox {
   }
 
   /** The external server's log: one JSON line per connection with the source it saw. */
-  externalRequests(): { t: number; proto: string; src: string }[] {
+  externalRequests(): { t: number; proto: string; src: string; data?: string }[] {
     const file = join(this.dir, "external-requests.log");
     if (!existsSync(file)) return [];
     return readFileSync(file, "utf8")
       .split("\n")
       .filter(Boolean)
-      .map((l) => JSON.parse(l) as { t: number; proto: string; src: string });
+      .map((l) => JSON.parse(l) as { t: number; proto: string; src: string; data?: string });
   }
 
   log(component: string): string {

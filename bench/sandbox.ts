@@ -1,0 +1,225 @@
+/**
+ * End-to-end benchmarks in the sandbox (3 nodes, IPv4, default agent and lease settings).
+ *
+ *   failover  the gateway node holding the egress IP is cut off (uplink down, agent killed) while
+ *             a pod sends a TCP request every 20 ms; the gap is from the last request answered
+ *             from the egress IP before the cut to the first one after it. The node is revived
+ *             between trials, so successive trials alternate between the two gateway nodes.
+ *   new-pod   pods join a selected set one by one; each starts sending UDP every 20 ms as soon as
+ *             its network exists. Time from the Pod object being Running with its IP to the first
+ *             datagram the external server sees from the egress IP; leaks are datagrams the
+ *             server saw from any other address after that moment.
+ *   policy    100 pods already sending; a policy selecting them is created; time until the
+ *             server has seen every one of them from the egress IP.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { ours } from "../src/kube/client.ts";
+import { FailoverProbe } from "../src/sandbox/probe.ts";
+import { Sandbox, type SandboxPod } from "../src/sandbox/sandbox.ts";
+import { EXTERNAL } from "../src/sandbox/topology.ts";
+
+const EIP = "192.168.77.100";
+const TARGET = `${EXTERNAL[4]}:8080`;
+
+const GATEWAY = `apiVersion: sallyport.dev/v1alpha1
+kind: EgressGateway
+metadata: {name: edge}
+spec:
+  nodeSelector: {matchLabels: {egress: "true"}}
+  pool: ["192.168.77.100-192.168.77.120"]
+`;
+
+function policy(name: string, app: string): string {
+  return `apiVersion: sallyport.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: ${name}, namespace: default}
+spec:
+  gateway: edge
+  podSelector: {matchLabels: {app: ${app}}}
+  destinationCIDRs: ["${EXTERNAL[4]}/32"]
+  egressIP: ["${EIP}"]
+`;
+}
+
+function percentile(xs: number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)]!;
+}
+
+async function sandbox(name: string): Promise<Sandbox> {
+  return Sandbox.up({
+    prefix: `spb${name}`,
+    nodes: 3,
+    families: [4],
+    dir: mkdtempSync(join(tmpdir(), "sallyport-bench-")),
+  });
+}
+
+async function status(sb: Sandbox, name: string) {
+  return (
+    await sb.admin().get<{
+      metadata: object;
+      status?: {
+        gatewayNode?: string;
+        programmed?: string;
+        conditions?: { type: string; status: string }[];
+      };
+    }>(ours("EgressPolicy"), name, "default")
+  ).status;
+}
+
+async function until<T>(get: () => Promise<T>, ok: (v: T) => boolean, ms: number): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await get().catch(() => undefined as T);
+    if (ok(v) || Date.now() > end) return v;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** A UDP sender in a pod: its name, every 20 ms, to the external server (a test tool). */
+function sender(pod: SandboxPod): ChildProcess {
+  const [host, port] = TARGET.split(":");
+  const script = `while :; do echo ${pod.name} > /dev/udp/${host}/${port}; sleep 0.02; done`;
+  return spawn("ip", ["netns", "exec", pod.netns, "bash", "-c", script], { stdio: "ignore" });
+}
+
+export async function failover(trials = 12) {
+  const sb = await sandbox("fo");
+  try {
+    const pod = await sb.addPod("client", { node: 1, labels: { app: "web" } });
+    await sb.apply(GATEWAY + "---\n" + policy("web", "web"));
+    await until(
+      () => status(sb, "web"),
+      (s) => s?.conditions?.find((c) => c.type === "Ready")?.status === "True",
+      30_000,
+    );
+    const gaps: number[] = [];
+    for (let i = 0; i < trials; i++) {
+      const holder = Number((await status(sb, "web"))!.gatewayNode!.split("-")[1]);
+      const probe = new FailoverProbe(pod.netns, TARGET, EIP);
+      await probe.start();
+      await new Promise((r) => setTimeout(r, 500));
+      const cut = Date.now();
+      await sb.killNode(holder);
+      const gap = await probe.gapAfter(cut, 30_000);
+      await probe.stop();
+      if (gap === undefined) throw new Error(`trial ${i}: traffic did not come back`);
+      gaps.push(gap);
+      console.error(`trial ${i + 1}: node-${holder} cut, gap ${gap} ms`);
+      await sb.reviveNode(holder);
+      // Wait until the revived node is a live gateway candidate again.
+      await until(
+        () =>
+          sb
+            .admin()
+            .get<{ metadata: object; status?: { readyNodes?: number } }>(
+              ours("EgressGateway"),
+              "edge",
+            ),
+        (g) => g?.status?.readyNodes === 2,
+        30_000,
+      );
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    return {
+      bench: "failover",
+      trials,
+      p50Ms: percentile(gaps, 50),
+      p99Ms: percentile(gaps, 99),
+      maxMs: Math.max(...gaps),
+    };
+  } finally {
+    await sb.destroy();
+  }
+}
+
+export async function newPod(trials = 20) {
+  const sb = await sandbox("np");
+  const senders: ChildProcess[] = [];
+  try {
+    await sb.addPod("seed", { node: 1, labels: { app: "web" } });
+    await sb.apply(GATEWAY + "---\n" + policy("web", "web"));
+    await until(
+      () => status(sb, "web"),
+      (s) => s?.conditions?.find((c) => c.type === "Ready")?.status === "True",
+      30_000,
+    );
+    const times: number[] = [];
+    let leaks = 0;
+    for (let i = 0; i < trials; i++) {
+      const pod = await sb.addPodNetwork(`new-${i}`, { node: 1 + (i % 3), labels: { app: "web" } });
+      senders.push(sender(pod));
+      await new Promise((r) => setTimeout(r, 200));
+      const running = Date.now();
+      await sb.registerPod(pod);
+      const seen = await until(
+        async () => sb.externalRequests().filter((r) => r.data === pod.name && r.t >= running),
+        (rs) => rs.some((r) => r.src === EIP),
+        15_000,
+      );
+      const first = seen.find((r) => r.src === EIP);
+      if (first === undefined) throw new Error(`${pod.name}: never seen from the egress IP`);
+      times.push(first.t - running);
+      await new Promise((r) => setTimeout(r, 300));
+      leaks += sb
+        .externalRequests()
+        .filter((r) => r.data === pod.name && r.t >= running && r.src !== EIP).length;
+      console.error(`${pod.name} on node-${pod.node}: ${first.t - running} ms`);
+    }
+    return {
+      bench: "new-pod",
+      trials,
+      p50Ms: percentile(times, 50),
+      p99Ms: percentile(times, 99),
+      leaks,
+    };
+  } finally {
+    for (const s of senders) s.kill("SIGKILL");
+    await sb.destroy();
+  }
+}
+
+export async function policyBench(pods = 100) {
+  const sb = await sandbox("po");
+  const senders: ChildProcess[] = [];
+  try {
+    await sb.apply(GATEWAY);
+    const all: SandboxPod[] = [];
+    for (let i = 0; i < pods; i++) {
+      const pod = await sb.addPod(`p-${i}`, { node: 1 + (i % 3), labels: { app: "fleet" } });
+      all.push(pod);
+      senders.push(sender(pod));
+    }
+    await new Promise((r) => setTimeout(r, 2000));
+    const t0 = Date.now();
+    await sb.apply(policy("fleet", "fleet"));
+    const names = new Set(all.map((p) => p.name));
+    const done = await until(
+      async () => {
+        const via = new Set(
+          sb
+            .externalRequests()
+            .filter((r) => r.t >= t0 && r.src === EIP && names.has(r.data ?? ""))
+            .map((r) => r.data),
+        );
+        return via.size;
+      },
+      (n) => n === pods,
+      60_000,
+    );
+    if (done !== pods) throw new Error(`only ${done} of ${pods} pods reached the egress IP`);
+    const via = sb
+      .externalRequests()
+      .filter((r) => r.t >= t0 && r.src === EIP && names.has(r.data ?? ""));
+    const firstPerPod = new Map<string, number>();
+    for (const r of via) if (!firstPerPod.has(r.data!)) firstPerPod.set(r.data!, r.t);
+    return { bench: "policy", pods, ms: Math.max(...firstPerPod.values()) - t0 };
+  } finally {
+    for (const s of senders) s.kill("SIGKILL");
+    await sb.destroy();
+  }
+}
