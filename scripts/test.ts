@@ -1,6 +1,8 @@
 /**
  * Runs the whole suite in one `node --test` invocation (one summary for CI), then checks that
  * nothing was left behind: no network namespace, process or temporary directory of ours.
+ * Files run one at a time by default: the failover tests measure timing, and two sandboxes on a
+ * two-core CI machine would compete for it (TEST_CONCURRENCY=2 halves the time on a bigger one).
  *
  *   node scripts/test.ts           everything
  *   node scripts/test.ts --unit    only the pure tests under src/ (no root, no API server)
@@ -21,7 +23,7 @@ const run = spawnSync(
   [
     "--test",
     "--test-reporter=spec",
-    `--test-concurrency=${process.env.TEST_CONCURRENCY ?? "2"}`,
+    `--test-concurrency=${process.env.TEST_CONCURRENCY ?? "1"}`,
     ...files,
   ],
   { stdio: "inherit", env: { ...process.env, SALLYPORT_TEST_PREFIX: TEST_PREFIX } },

@@ -108,6 +108,7 @@ export class Agent {
       periodMs: timing.renewMs,
       durationMs: timing.durationMs,
       leaseValid: () => this.#renewer.valid,
+      apiReachable: () => this.#renewer.apiReachable,
       peers: () => {
         const out = new Map<string, string>();
         for (const n of this.egressNodes.items()) {

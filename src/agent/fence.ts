@@ -3,7 +3,7 @@
  * without dropping traffic when the API server is down for everyone.
  *
  * Gateway-capable agents send each other a heartbeat over the underlay every renewal period:
- * "my lease renewals succeed: yes/no". A gateway is fenced when
+ * "my last lease renewal reached the API server: yes/no". A gateway is fenced when
  *   - its own lease is no longer valid (no renewal started in the last D succeeded), and
  *   - another gateway-capable node exists (someone could take its egress IPs over), and
  *   - it is not the case that it hears at least one peer and every peer it hears says its
@@ -17,6 +17,21 @@ import { createSocket, type Socket } from "node:dgram";
 import type { Clock, Timer } from "../lib/clock.ts";
 import type { Logger } from "../lib/log.ts";
 
+export interface FenceInputs {
+  /** Our lease is valid. */
+  readonly leaseValid: boolean;
+  /** Other gateway-capable nodes exist (someone could take our egress IPs). */
+  readonly peers: number;
+  /** What the peers we heard within the lease duration say: did their API calls succeed? */
+  readonly heard: readonly boolean[];
+}
+
+/** Cut off from the API server while others reach it (or cut off from everything). */
+export function cutOff(i: FenceInputs): boolean {
+  const apiDownForAll = i.heard.length > 0 && i.heard.every((ok) => !ok);
+  return !i.leaseValid && i.peers > 0 && !apiDownForAll;
+}
+
 export interface FenceOptions {
   readonly node: string;
   readonly clock: Clock;
@@ -29,6 +44,8 @@ export interface FenceOptions {
   readonly durationMs: number;
   /** Is our own lease valid? */
   readonly leaseValid: () => boolean;
+  /** Did our last renewal attempt reach the API server? (what we tell peers) */
+  readonly apiReachable: () => boolean;
   /** Gateway-capable peers (not this node) and where to reach them. */
   readonly peers: () => ReadonlyMap<string, string>;
   readonly onChange: (fenced: boolean) => void;
@@ -77,8 +94,12 @@ export class Fence {
     this.#socket6.on("error", () => {});
     this.#socket6.bind(this.#o.port);
     const tick = () => {
-      this.#beat();
-      this.#evaluate();
+      try {
+        this.#beat();
+        this.#evaluate();
+      } catch (e) {
+        this.#o.log.error({ err: (e as Error).message }, "fence tick failed");
+      }
       this.#timer = this.#o.clock.after(this.#o.periodMs, tick);
     };
     tick();
@@ -91,7 +112,7 @@ export class Fence {
   }
 
   #beat(): void {
-    const msg = Buffer.from(JSON.stringify({ n: this.#o.node, ok: this.#o.leaseValid() }));
+    const msg = Buffer.from(JSON.stringify({ n: this.#o.node, ok: this.#o.apiReachable() }));
     for (const address of this.#o.peers().values()) {
       const socket = address.includes(":") ? this.#socket6 : this.#socket4;
       socket?.send(msg, this.#o.port, address, () => {});
@@ -105,9 +126,13 @@ export class Fence {
       ([n, h]) => peers.has(n) && now - h.at < this.#o.durationMs,
     );
     const apiDownForAll = heard.length > 0 && heard.every(([, h]) => !h.ok);
-    const cutOff = !this.#o.leaseValid() && peers.size > 0 && !apiDownForAll;
-    let fenced = cutOff;
-    if (this.#fenced && !cutOff) {
+    const isCutOff = cutOff({
+      leaseValid: this.#o.leaseValid(),
+      peers: peers.size,
+      heard: heard.map(([, h]) => h.ok),
+    });
+    let fenced = isCutOff;
+    if (this.#fenced && !isCutOff) {
       // Recovering: stay fenced until every cache was relisted after the recovery.
       if (this.#recoveringSince === undefined) {
         this.#recoveringSince = now;
@@ -115,11 +140,16 @@ export class Fence {
       }
       fenced = !this.#o.freshSince(this.#recoveringSince);
     }
-    if (!fenced || cutOff) this.#recoveringSince = undefined;
+    if (!fenced || isCutOff) this.#recoveringSince = undefined;
     if (fenced !== this.#fenced) {
       this.#fenced = fenced;
       this.#o.log.warn(
-        { fenced, peersHeard: heard.length, apiDownForAll },
+        {
+          fenced,
+          peersHeard: heard.length,
+          apiDownForAll,
+          heard: heard.map(([n, h]) => ({ n, ok: h.ok, ageMs: Math.round(now - h.at) })),
+        },
         fenced
           ? "fenced: the node lease expired while others can reach the API server; no longer answering for egress IPs"
           : "no longer fenced: the lease is renewed and the caches are fresh",

@@ -215,20 +215,18 @@ export class KubeClient {
     r: Resource,
     name: string,
     patch: unknown,
-    options: { namespace?: string | undefined; subresource?: string } = {},
+    options: { namespace?: string | undefined; subresource?: string; timeoutMs?: number } = {},
   ): Promise<T> {
-    return this.request(
-      "PATCH",
-      resourcePath(r, {
-        namespace: options.namespace,
-        name,
-        ...(options.subresource === undefined ? {} : { subresource: options.subresource }),
-      }),
-      {
-        body: patch,
-        contentType: "application/merge-patch+json",
-      },
-    );
+    const path = resourcePath(r, {
+      namespace: options.namespace,
+      name,
+      ...(options.subresource === undefined ? {} : { subresource: options.subresource }),
+    });
+    return this.request("PATCH", path, {
+      body: patch,
+      contentType: "application/merge-patch+json",
+      ...(options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs }),
+    });
   }
 
   async delete(r: Resource, name: string, namespace?: string): Promise<void> {

@@ -55,12 +55,12 @@ export class NodeLeaseRenewer {
   #stopped = true;
   /** Clock time at which the last successful renewal was *sent*. */
   #lastSuccessStart = Number.NEGATIVE_INFINITY;
-  #failing = false;
   #attempted = false;
   /** Create the lease when missing (the node is known to be gateway-capable). */
   #create = false;
   /** The hold of a previous process has been cleared. */
   #holdSent = false;
+  #lastAttemptOk = false;
 
   constructor(options: {
     client: KubeClient;
@@ -99,6 +99,15 @@ export class NodeLeaseRenewer {
     this.#timer?.cancel();
   }
 
+  /**
+   * Did the last renewal attempt reach the API server? This is what peers hear in heartbeats:
+   * when the API server goes down for everyone, every agent's next attempt fails within one
+   * period, well before any lease expires, so no gateway mistakes an outage for a partition.
+   */
+  get apiReachable(): boolean {
+    return this.#stopped || !this.#attempted || this.#lastAttemptOk;
+  }
+
   /** A planned restart: one last renewal asking the controller to hold the node for `holdMs`. */
   async handOver(holdMs: number): Promise<void> {
     this.stop();
@@ -135,7 +144,8 @@ export class NodeLeaseRenewer {
           CORE.leases,
           name,
           { ...clear, spec: { holderIdentity: node, renewTime: microTime() } },
-          { namespace },
+          // A black-holed API server must count as a failed attempt within about one period.
+          { namespace, timeoutMs: Math.max(300, timing.renewMs * 2) },
         );
         this.#holdSent = true;
       } catch (e) {
@@ -158,12 +168,13 @@ export class NodeLeaseRenewer {
         });
       }
       this.#lastSuccessStart = Math.max(this.#lastSuccessStart, started);
-      if (this.#failing) this.#o.log.info("node lease renewals succeed again");
-      this.#failing = false;
+      if (this.#attempted && !this.#lastAttemptOk)
+        this.#o.log.info("node lease renewals succeed again");
+      this.#lastAttemptOk = true;
     } catch (e) {
-      if (!this.#failing)
+      if (!this.#attempted || this.#lastAttemptOk)
         this.#o.log.warn({ err: (e as Error).message }, "cannot renew the node lease");
-      this.#failing = true;
+      this.#lastAttemptOk = false;
     }
     this.#attempted = true;
     if (!this.#stopped) {

@@ -117,7 +117,7 @@ describe("controller on a real kube-apiserver", () => {
         log: silentLogger,
         timing: TIMING,
       });
-      r.start();
+      r.start({ create: true });
       renewers.set(node, r);
     }
     controller = startController();
@@ -240,7 +240,7 @@ describe("controller on a real kube-apiserver", () => {
       events.items.find((e) => e.reason === "EgressIPMoved")?.message ?? "",
       new RegExp(`moved from ${victim} to ${survivor}: ${victim} is not alive`),
     );
-    renewers.get(victim)!.start();
+    renewers.get(victim)!.start({ create: true });
     await new Promise((r) => setTimeout(r, 1500));
     assert.equal((await status("web"))?.gatewayNode, survivor, "no failback by default");
   });
