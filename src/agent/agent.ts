@@ -137,6 +137,10 @@ export class Agent {
     });
   }
 
+  get leaseValid(): boolean {
+    return this.#renewer.valid;
+  }
+
   get fenced(): boolean {
     return this.#fence.fenced;
   }

@@ -16,7 +16,7 @@ import type { Clock } from "../lib/clock.ts";
 import { hashHex } from "../lib/hash.ts";
 import type { Logger } from "../lib/log.ts";
 import type { DatapathMetrics } from "../lib/metrics.ts";
-import { SyncLoop } from "./sync_loop.ts";
+import { SyncLoop } from "../lib/sync_loop.ts";
 
 export interface DatapathSyncOptions {
   readonly datapath: Datapath;

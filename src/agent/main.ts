@@ -8,7 +8,7 @@ import { realClock } from "../lib/clock.ts";
 import { serveMetrics } from "../lib/http.ts";
 import type { Family } from "../lib/ip.ts";
 import { createLogger } from "../lib/log.ts";
-import { datapathMetrics, Registry } from "../lib/metrics.ts";
+import { datapathMetrics, gaugeOf, Registry } from "../lib/metrics.ts";
 import { Agent } from "./agent.ts";
 
 export interface AgentFlags {
@@ -66,6 +66,18 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     fencePort: flags.fencePort,
     underlayDevice: flags.underlayDevice,
   });
+  gaugeOf(
+    registry,
+    "sallyport_agent_fenced",
+    "1 while this gateway is cut off from the API server and does not answer for its egress IPs",
+    () => [[{}, agent.fenced ? 1 : 0]],
+  );
+  gaugeOf(
+    registry,
+    "sallyport_node_lease_valid",
+    "1 while a node lease renewal started within the lease duration succeeded",
+    () => [[{}, agent.leaseValid ? 1 : 0]],
+  );
   await serveMetrics({
     port: flags.metricsPort,
     registry,

@@ -11,7 +11,6 @@
  * and keeps every egress IP where it is.
  */
 
-import { SyncLoop } from "../agent/sync_loop.ts";
 import {
   type AnyPolicy,
   API_VERSION,
@@ -40,7 +39,9 @@ import { type ChangeType, Reflector } from "../kube/reflector.ts";
 import type { Clock } from "../lib/clock.ts";
 import { type Family, normalizeCidrList } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
+import type { ControllerMetrics } from "../lib/metrics.ts";
 import { compileSelector } from "../lib/selector.ts";
+import { SyncLoop } from "../lib/sync_loop.ts";
 import {
   identityOf,
   type NodeObject,
@@ -70,6 +71,7 @@ export interface ControllerOptions {
   readonly sliceSize?: number;
   /** Called when leadership is lost; reconciling stops until this replica wins again. */
   readonly onLostLeadership?: () => void;
+  readonly metrics?: ControllerMetrics;
 }
 
 type Cache<T extends KubeObject> = Reflector<T>;
@@ -342,10 +344,10 @@ export class Controller {
     await this.#writeGateways(outcome, guard);
     await this.#writeClusterInfo(outcome, guard);
     this.reconciles++;
-    this.#o.log.debug(
-      { ms: Math.round(this.#o.clock.now() - started), failures: failures.length },
-      "reconciled",
-    );
+    const ms = this.#o.clock.now() - started;
+    this.#o.metrics?.reconcileDuration.observe(ms / 1000);
+    this.#o.metrics?.reconciles.inc({ result: failures.length === 0 ? "ok" : "error" });
+    this.#o.log.debug({ ms: Math.round(ms), failures: failures.length }, "reconciled");
     if (failures.length > 0)
       throw new Error(`${failures.length} write(s) failed: ${failures.slice(0, 3).join("; ")}`);
   }
@@ -531,6 +533,10 @@ export class Controller {
       before.gatewayNode !== now.gatewayNode
     ) {
       const alive = this.#leases.healthy().has(before.gatewayNode);
+      this.#o.metrics?.egressIPMoves.inc(
+        { reason: alive ? "rebalance" : "node_not_alive" },
+        now.egressIPs.length,
+      );
       void this.#events.record(
         target,
         "Normal",

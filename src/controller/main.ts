@@ -7,7 +7,7 @@ import { realClock } from "../lib/clock.ts";
 import { serveMetrics } from "../lib/http.ts";
 import type { Family } from "../lib/ip.ts";
 import { createLogger } from "../lib/log.ts";
-import { Registry } from "../lib/metrics.ts";
+import { controllerMetrics, gaugeOf, Registry } from "../lib/metrics.ts";
 import { Controller } from "./controller.ts";
 import { serveWebhook } from "./webhook.ts";
 
@@ -32,6 +32,7 @@ export async function runController(flags: ControllerFlags): Promise<void> {
   const tunnelCIDRs: Partial<Record<Family, string>> = {};
   for (const c of flags.tunnelCidrs) tunnelCIDRs[c.includes(":") ? 6 : 4] = c;
   const identity = flags.identity ?? process.env.POD_NAME ?? `${hostname()}-${process.pid}`;
+  const registry = new Registry();
   const controller = new Controller({
     client,
     namespace: flags.namespace,
@@ -46,8 +47,9 @@ export async function runController(flags: ControllerFlags): Promise<void> {
     // datapath does not depend on the controller, so traffic is unaffected meanwhile.
     onLostLeadership: () =>
       log.warn("lost leadership; stopped reconciling and rejoining the election"),
+    metrics: controllerMetrics(registry),
   });
-  const registry = new Registry();
+  stateMetrics(registry, controller);
   await serveMetrics({
     port: flags.metricsPort,
     ...(flags.bindAddress === undefined ? {} : { host: flags.bindAddress }),
@@ -77,4 +79,43 @@ export async function runController(flags: ControllerFlags): Promise<void> {
   };
   process.on("SIGTERM", () => void shutdown());
   process.on("SIGINT", () => void shutdown());
+}
+
+/** What the leader knows, read at each scrape (zero on a standby replica). */
+function stateMetrics(registry: Registry, controller: Controller): void {
+  gaugeOf(registry, "sallyport_controller_leader", "1 on the replica that leads", () => [
+    [{}, controller.leading ? 1 : 0],
+  ]);
+  gaugeOf(
+    registry,
+    "sallyport_policies",
+    "Policies by accepted and gateway_assigned",
+    function* () {
+      if (!controller.leading || controller.outcome === undefined) return;
+      const counts = new Map<string, number>();
+      for (const p of controller.outcome.policies.values()) {
+        const k = `${p.accepted}/${p.gatewayNode !== undefined}`;
+        counts.set(k, (counts.get(k) ?? 0) + 1);
+      }
+      for (const [k, n] of counts) {
+        const [accepted = "", assigned = ""] = k.split("/");
+        yield [{ accepted, gateway_assigned: assigned }, n];
+      }
+    },
+    ["accepted", "gateway_assigned"],
+  );
+  gaugeOf(
+    registry,
+    "sallyport_gateway_nodes",
+    "Nodes selected by each gateway, by readiness (node lease)",
+    function* () {
+      if (!controller.leading || controller.outcome === undefined) return;
+      for (const g of controller.outcome.gateways.values()) {
+        const ready = g.nodes.filter((n) => n.ready).length;
+        yield [{ gateway: g.name, ready: "true" }, ready];
+        yield [{ gateway: g.name, ready: "false" }, g.nodes.length - ready];
+      }
+    },
+    ["gateway", "ready"],
+  );
 }

@@ -38,4 +38,49 @@ export function datapathMetrics(registry: Registry) {
 
 export type DatapathMetrics = ReturnType<typeof datapathMetrics>;
 
+export function controllerMetrics(registry: Registry) {
+  return {
+    reconciles: new Counter({
+      name: "sallyport_controller_reconciles_total",
+      help: "Reconciles by the leader, by result (ok, error: some write failed and is retried)",
+      labelNames: ["result"],
+      registers: [registry],
+    }),
+    reconcileDuration: new Histogram({
+      name: "sallyport_controller_reconcile_duration_seconds",
+      help: "Duration of a reconcile: engine and API writes",
+      buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers: [registry],
+    }),
+    egressIPMoves: new Counter({
+      name: "sallyport_egress_ip_moves_total",
+      help: "Egress IPs moved to another gateway node, by reason (node_not_alive, rebalance)",
+      labelNames: ["reason"],
+      registers: [registry],
+    }),
+  };
+}
+
+export type ControllerMetrics = ReturnType<typeof controllerMetrics>;
+
+/** A gauge read when scraped. */
+export function gaugeOf(
+  registry: Registry,
+  name: string,
+  help: string,
+  read: () => Iterable<[Record<string, string>, number]>,
+  labelNames: readonly string[] = [],
+): Gauge {
+  return new Gauge({
+    name,
+    help,
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [labels, value] of read()) this.set(labels, value);
+    },
+  });
+}
+
 export { Registry };

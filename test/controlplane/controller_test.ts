@@ -14,6 +14,7 @@ import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/cli
 import { NodeLeaseRenewer } from "../../src/kube/node_lease.ts";
 import { realClock } from "../../src/lib/clock.ts";
 import { silentLogger } from "../../src/lib/log.ts";
+import { controllerMetrics, Registry } from "../../src/lib/metrics.ts";
 import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
 import {
   condition,
@@ -47,6 +48,7 @@ describe("controller on a real kube-apiserver", () => {
   let admin: KubeClient;
   let controller: Controller;
   const renewers = new Map<string, NodeLeaseRenewer>();
+  const registry = new Registry();
 
   const status = async (name: string) =>
     (await admin.get<WithStatus>(ours("EgressPolicy"), name, NS)).status;
@@ -63,6 +65,7 @@ describe("controller on a real kube-apiserver", () => {
       cluster: { tunnelCIDRs: { 4: "100.127.0.0/16" }, extraIgnoreCIDRs: [] },
       leaseTiming: TIMING,
       leaderElection: { leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 500 },
+      metrics: controllerMetrics(registry),
     });
     void c.start();
     return c;
@@ -239,6 +242,11 @@ describe("controller on a real kube-apiserver", () => {
     assert.match(
       events.items.find((e) => e.reason === "EgressIPMoved")?.message ?? "",
       new RegExp(`moved from ${victim} to ${survivor}: ${victim} is not alive`),
+    );
+    const moves = await registry.getSingleMetric("sallyport_egress_ip_moves_total")?.get();
+    assert.ok(
+      moves?.values.some((v) => v.labels.reason === "node_not_alive" && v.value >= 1),
+      `the move is counted: ${JSON.stringify(moves?.values)}`,
     );
     renewers.get(victim)!.start({ create: true });
     await new Promise((r) => setTimeout(r, 1500));

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { FakeClock } from "../lib/clock.ts";
+import { FakeClock } from "./clock.ts";
 import { SyncLoop } from "./sync_loop.ts";
 
 function loop(options: {

@@ -4,7 +4,7 @@
  * changed (that is what repairs drift), and a failed sync is retried after `retryMs`. Time comes
  * from an injected clock so that tests never sleep.
  */
-import type { Clock, Timer } from "../lib/clock.ts";
+import type { Clock, Timer } from "./clock.ts";
 
 export interface SyncLoopOptions {
   /** `periodic`: nothing asked for this sync, the period elapsed (a full check is due). */
