@@ -9,7 +9,7 @@ NODE := node_modules/.bin/node
 DEBIAN_PACKAGES := iptables ipset iproute2 conntrack iputils-ping iputils-arping procps kmod openssl curl ca-certificates
 export SALLYPORT_CACHE ?= $(HOME)/.cache/sallyport
 
-.PHONY: help deps debs npm k8s-bin test test-unit typecheck lint generated demo bench clean-sandbox
+.PHONY: help deps debs npm k8s-bin test test-unit typecheck lint generated demo bench clean-sandbox build image
 
 help:
 	@echo "make demo   # the sandbox: a policy, an egress IP, a gateway failure"
@@ -53,3 +53,10 @@ bench: deps
 
 clean-sandbox: npm
 	$(NODE) src/cli/main.ts sandbox down
+
+# Shipping: the bundle (dist/sallyport.mjs) and the image built from it (needs a container engine).
+build: npm
+	$(NODE) scripts/build.ts
+
+image: build
+	docker build -t sallyport:dev .

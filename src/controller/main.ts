@@ -1,5 +1,5 @@
 /** `sallyport controller`: wires the controller, its webhook and its metrics into a process. */
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { defaultKubeConfig, KubeClient } from "../kube/client.ts";
 import type { LeaseTiming } from "../kube/node_lease.ts";
@@ -56,19 +56,40 @@ export async function runController(flags: ControllerFlags): Promise<void> {
     registry,
     ready: () => true,
   });
-  if (
-    flags.webhookPort !== undefined &&
-    flags.webhookCert !== undefined &&
-    flags.webhookKey !== undefined
-  ) {
-    await serveWebhook({
-      port: flags.webhookPort,
+  const { webhookPort, webhookCert, webhookKey } = flags;
+  const certMissing = [webhookCert, webhookKey].filter((f) => f !== undefined && !existsSync(f));
+  if (webhookPort !== undefined && certMissing.length > 0) {
+    // deploy/sallyport.yaml mounts the certificate from an optional Secret: without cert-manager
+    // (deploy/webhook.yaml) the controller runs without its webhook rather than crash-looping.
+    log.warn(
+      { missing: certMissing },
+      "not serving the admission webhook: its certificate is missing. The CRDs' own rules still apply at admission; what only the webhook checks (pool overlaps, egress IPs outside the pool) shows as conditions and Events",
+    );
+  } else if (webhookPort !== undefined && webhookCert !== undefined && webhookKey !== undefined) {
+    const read = () => ({
+      cert: readFileSync(webhookCert, "utf8"),
+      key: readFileSync(webhookKey, "utf8"),
+    });
+    let current = read();
+    const server = await serveWebhook({
+      port: webhookPort,
       ...(flags.bindAddress === undefined ? {} : { host: flags.bindAddress }),
-      cert: readFileSync(flags.webhookCert, "utf8"),
-      key: readFileSync(flags.webhookKey, "utf8"),
+      ...current,
       gateways: () => controller.gateways.items(),
       log,
     });
+    // cert-manager renews the certificate in place: serve the new one without a restart.
+    setInterval(() => {
+      try {
+        const next = read();
+        if (next.cert === current.cert && next.key === current.key) return;
+        server.setSecureContext(next);
+        current = next;
+        log.info("webhook certificate reloaded");
+      } catch (e) {
+        log.warn({ err: (e as Error).message }, "cannot reload the webhook certificate");
+      }
+    }, 60_000).unref();
   }
   await controller.start();
   log.info({ identity, namespace: flags.namespace }, "controller started");

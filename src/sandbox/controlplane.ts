@@ -28,7 +28,7 @@ import {
   kubeConfigFor,
 } from "../kube/client.ts";
 
-const REPO = join(import.meta.dirname, "..", "..");
+export const REPO = join(import.meta.dirname, "..", "..");
 
 /** Builds (once) and returns the directory holding kube-apiserver and etcd. */
 export function controlPlaneBinaries(): string {
@@ -312,6 +312,8 @@ export class ControlPlane {
         // A single test API server has no endpoints to reconcile (and 1.37 refuses a loopback
         // advertise address for it).
         "--endpoint-reconciler-type=none",
+        // As kubeadm and every distribution set it: DaemonSets like our agent run privileged.
+        "--allow-privileged=true",
         `--service-cluster-ip-range=${(this.#o.serviceCIDRs ?? ["10.96.0.0/16"]).join(",")}`,
         "--authorization-mode=RBAC",
         `--token-auth-file=${join(this.dir, "tokens.csv")}`,

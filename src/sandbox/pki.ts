@@ -5,6 +5,8 @@
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
+import { parseAllDocuments } from "yaml";
+import { REPO } from "./controlplane.ts";
 
 export interface ServingCert {
   readonly certFile: string;
@@ -48,29 +50,21 @@ export function selfSignedCert(
   return { certFile, keyFile, caBundle: readFileSync(certFile).toString("base64") };
 }
 
-/** The ValidatingWebhookConfiguration for a webhook served at `url`. */
+/**
+ * The shipped ValidatingWebhookConfiguration (deploy/webhook.yaml), pointed at `url` with
+ * `caBundle` instead of the in-cluster Service and cert-manager's CA injection.
+ */
 export function webhookConfiguration(url: string, caBundle: string): Record<string, unknown> {
+  const docs = parseAllDocuments(readFileSync(join(REPO, "deploy", "webhook.yaml"), "utf8"));
+  const config = docs
+    .map((d) => d.toJS() as { kind?: string; metadata: { annotations?: object } } | null)
+    .find((o) => o?.kind === "ValidatingWebhookConfiguration");
+  if (config === undefined || config === null)
+    throw new Error("Cannot find the ValidatingWebhookConfiguration in deploy/webhook.yaml");
+  const webhooks = (config as unknown as { webhooks: Record<string, unknown>[] }).webhooks;
+  delete config.metadata.annotations;
   return {
-    apiVersion: "admissionregistration.k8s.io/v1",
-    kind: "ValidatingWebhookConfiguration",
-    metadata: { name: "sallyport.dev" },
-    webhooks: [
-      {
-        name: "validate.sallyport.dev",
-        clientConfig: { url, caBundle },
-        rules: [
-          {
-            apiGroups: ["sallyport.dev"],
-            apiVersions: ["v1alpha1"],
-            operations: ["CREATE", "UPDATE"],
-            resources: ["egressgateways", "egresspolicies", "clusteregresspolicies"],
-          },
-        ],
-        admissionReviewVersions: ["v1"],
-        sideEffects: "None",
-        failurePolicy: "Ignore",
-        timeoutSeconds: 2,
-      },
-    ],
+    ...config,
+    webhooks: webhooks.map((w) => ({ ...w, clientConfig: { url, caBundle } })),
   };
 }

@@ -19,11 +19,10 @@ import { KINDS, type KindName } from "../api/types.ts";
 import { ExecRunner, mustRun } from "../kernel/runner.ts";
 import { CORE, isAlreadyExists, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
 import { type Family, tryParseAddress } from "../lib/ip.ts";
-import { ControlPlane, SALLYPORT_NAMESPACE } from "./controlplane.ts";
+import { ControlPlane, REPO, SALLYPORT_NAMESPACE } from "./controlplane.ts";
 import { selfSignedCert, webhookConfiguration } from "./pki.ts";
 import { EIP_POOL, EXTERNAL, nodeAddress, nsRunner, podCIDR, Topology } from "./topology.ts";
 
-const REPO = join(import.meta.dirname, "..", "..");
 const CLI = join(REPO, "src", "cli", "main.ts");
 const ECHO = join(REPO, "src", "sandbox", "echo.ts");
 export const CONTROL_PLANE_ADDRESS = { 4: "192.168.77.2", 6: "fd00:77::2" } as const;

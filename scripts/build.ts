@@ -1,0 +1,30 @@
+/**
+ * `npm run build`: bundles the `sallyport` command into one ESM file for shipping
+ * (dist/sallyport.mjs, what the container image runs). Development runs the .ts files directly.
+ *
+ *   node scripts/build.ts [--outdir DIR]
+ */
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { build } from "esbuild";
+
+const REPO = join(import.meta.dirname, "..");
+const { values } = parseArgs({ options: { outdir: { type: "string" } } });
+const outfile = join(values.outdir ?? join(REPO, "dist"), "sallyport.mjs");
+
+await build({
+  entryPoints: [join(REPO, "src", "cli", "main.ts")],
+  outfile,
+  bundle: true,
+  platform: "node",
+  format: "esm",
+  target: "node24",
+  sourcemap: "linked",
+  legalComments: "linked",
+  logLevel: "warning",
+  // Some dependencies are CommonJS and call require() for Node built-ins.
+  banner: {
+    js: "import { createRequire as __sallyportRequire } from 'node:module'; const require = __sallyportRequire(import.meta.url);",
+  },
+});
+console.log(outfile);
