@@ -190,6 +190,25 @@ export function sandboxCommands(program: Command): void {
 
   prefixOpt(
     sb
+      .command("probe")
+      .description(
+        "connect from a pod to the external server, which answers with the source address it saw",
+      )
+      .argument("<pod>"),
+  )
+    .option("--ipv6", "over IPv6")
+    .option("--udp", "a UDP datagram instead of a TCP connection")
+    .action(async (pod: string, f: { prefix: string; ipv6?: boolean; udp?: boolean }) => {
+      const { probeOnce } = await import("../sandbox/probe.ts");
+      const s = Sandbox.open(f.prefix);
+      const target = s.externalTarget(f.ipv6 ? 6 : 4);
+      const r = await probeOnce(s.pod(pod).netns, target, { udp: f.udp === true });
+      console.log(r.ok ? `${target} saw ${r.saw}` : `${target}: ${r.error}`);
+      process.exit(r.ok ? 0 : 1);
+    });
+
+  prefixOpt(
+    sb
       .command("kill-node")
       .description("cut a node off completely: its agent dies and its uplink goes down")
       .argument("<i>"),
