@@ -204,6 +204,43 @@ leaseOptions(
   });
 });
 
+program
+  .command("explain")
+  .description(
+    "what happens to a packet from a pod to a destination: the policy that decides, the path, the egress IP the destination sees, and the rules on each node",
+  )
+  .argument("<pod>", "namespace/name (default namespace: default)")
+  .argument("<destination>", "an IP address")
+  .option("--port <port>", "destination port", (v) => Number(v))
+  .addOption(
+    new Option("--protocol <protocol>", "with --port")
+      .choices(["tcp", "udp", "sctp"])
+      .default("tcp"),
+  )
+  .option("--kubeconfig <file>", "kubeconfig; default: in-cluster, $KUBECONFIG, ~/.kube/config")
+  .option("--json", "print the explanation as JSON")
+  .action(
+    async (
+      pod: string,
+      destination: string,
+      f: {
+        port?: number;
+        protocol: "tcp" | "udp" | "sctp";
+        kubeconfig?: string;
+        json?: boolean;
+      },
+    ) => {
+      const { explain, formatExplanation } = await import("./explain.ts");
+      const { defaultKubeConfig, KubeClient } = await import("../kube/client.ts");
+      const e = await explain(new KubeClient(defaultKubeConfig(f.kubeconfig)), {
+        pod,
+        destination,
+        ...(f.port === undefined ? {} : { port: f.port, protocol: f.protocol }),
+      });
+      console.log(f.json === true ? JSON.stringify(e, null, 2) : formatExplanation(e));
+    },
+  );
+
 sandboxCommands(program);
 
 await program.parseAsync(process.argv);

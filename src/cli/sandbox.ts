@@ -209,6 +209,24 @@ export function sandboxCommands(program: Command): void {
 
   prefixOpt(
     sb
+      .command("explain")
+      .description("sallyport explain, against the sandbox's API server")
+      .argument("<pod>")
+      .argument("<destination>"),
+  )
+    .option("--port <port>", "destination port (TCP)", (v) => Number(v))
+    .action(async (pod: string, destination: string, f: { prefix: string; port?: number }) => {
+      const { explain, formatExplanation } = await import("./explain.ts");
+      const e = await explain(Sandbox.open(f.prefix).admin(), {
+        pod,
+        destination,
+        ...(f.port === undefined ? {} : { port: f.port, protocol: "tcp" as const }),
+      });
+      console.log(formatExplanation(e));
+    });
+
+  prefixOpt(
+    sb
       .command("kill-node")
       .description("cut a node off completely: its agent dies and its uplink goes down")
       .argument("<i>"),

@@ -8,6 +8,7 @@
  * It knows only the rule shapes planNode emits; anything else is reported as an error.
  */
 import { cidrContainsAddress, type Family, parseAddress, parseCidr } from "../lib/ip.ts";
+import { hex } from "./marks.ts";
 import type { IpSetPlan, NodePlan, Rule, TableName } from "./plan.ts";
 
 export interface Packet {
@@ -189,7 +190,9 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
     const hit = candidates[0];
     if (hit !== undefined) {
       route = { table: r.table, via: hit.via };
-      state.steps.push(`route: fwmark ${r.fwmark.toString(16)} → table ${r.table} via ${hit.via}`);
+      state.steps.push(
+        `route: fwmark ${hex(r.fwmark)}/${hex(r.mask)} → table ${r.table} via ${hit.via}`,
+      );
       break;
     }
   }

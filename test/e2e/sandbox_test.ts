@@ -12,6 +12,7 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
+import { explain } from "../../src/cli/explain.ts";
 import { mustRun } from "../../src/kernel/runner.ts";
 import { ours } from "../../src/kube/client.ts";
 import type { Family } from "../../src/lib/ip.ts";
@@ -148,6 +149,26 @@ describe("the sandbox, end to end (dual stack)", { skip: NEEDS_ROOT }, () => {
 
   it("a pod the policy does not select keeps its node's address", async () => {
     for (const f of FAMILIES) assert.equal(await saw("other", f), nodeAddress(1, f), `IPv${f}`);
+  });
+
+  it("sallyport explain agrees with the packets: which policy, which path, which address is seen", async () => {
+    for (const f of FAMILIES) {
+      const gw = (await status("web"))?.gatewayNode;
+      const selected = await explain(sb.admin(), { pod: "web-1", destination: EXTERNAL[f] });
+      assert.equal(selected.seenAs, await saw("web-1", f), `web-1, IPv${f}`);
+      assert.equal(selected.policy?.key, "EgressPolicy/default/web");
+      assert.deepEqual(
+        selected.hops.map((h) => h.node),
+        ["node-1", gw],
+        "from the pod's node through the tunnel to the gateway node",
+      );
+      assert.deepEqual(selected.notProgrammedOn, []);
+      const excluded = await explain(sb.admin(), { pod: "web-1", destination: EXCLUDED[f] });
+      assert.equal(excluded.policy, undefined, `an excluded destination, IPv${f}`);
+      assert.match(excluded.summary, /usual path/);
+      const other = await explain(sb.admin(), { pod: "other", destination: EXTERNAL[f] });
+      assert.match(other.summary, /no policy selects/, `a pod not selected, IPv${f}`);
+    }
   });
 
   it("excluded CIDRs, pod-to-pod and pod-to-node traffic keep their usual path", async () => {
