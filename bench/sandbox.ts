@@ -154,8 +154,8 @@ export async function newPod(trials = 20) {
       const pod = await sb.addPodNetwork(`new-${i}`, { node: 1 + (i % 3), labels: { app: "web" } });
       senders.push(sender(pod));
       await new Promise((r) => setTimeout(r, 200));
-      const running = Date.now();
-      await sb.registerPod(pod);
+      // From the moment the Pod's status saying Running with its IPs is sent to the API server.
+      const running = await sb.registerPod(pod);
       const seen = await until(
         async () => sb.externalRequests().filter((r) => r.data === pod.name && r.t >= running),
         (rs) => rs.some((r) => r.src === EIP),
@@ -165,10 +165,13 @@ export async function newPod(trials = 20) {
       if (first === undefined) throw new Error(`${pod.name}: never seen from the egress IP`);
       times.push(first.t - running);
       await new Promise((r) => setTimeout(r, 300));
-      leaks += sb
+      const leaked = sb
         .externalRequests()
-        .filter((r) => r.data === pod.name && r.t >= running && r.src !== EIP).length;
-      console.error(`${pod.name} on node-${pod.node}: ${first.t - running} ms`);
+        .filter((r) => r.data === pod.name && r.t >= running && r.src !== EIP);
+      leaks += leaked.length;
+      console.error(
+        `${pod.name} on node-${pod.node}: ${first.t - running} ms; ${leaked.length} leaked${leaked.length > 0 ? `, the last ${leaked[leaked.length - 1]!.t - running} ms after Running` : ""}`,
+      );
     }
     return {
       bench: "new-pod",

@@ -1,5 +1,6 @@
 /**
- * The node agent: watches Sallyport's own kinds (never Pods or Nodes), plans this node's datapath
+ * The node agent: watches Sallyport's own kinds, Namespaces and the Pods of its own node (never
+ * all Pods, never Nodes), plans this node's datapath
  * with the engine, keeps the kernel equal to it, and reports what it programmed.
  *
  * When the API server is unreachable the caches keep their last state, so the plan, and so the
@@ -15,10 +16,11 @@ import type {
 import { eipSetName } from "../engine/names.ts";
 import { planNode } from "../engine/node_plan.ts";
 import type { NodePlan } from "../engine/plan.ts";
+import { type PodObject, podInfo } from "../engine/snapshot.ts";
 import type { LocalFacts, NodeConfig } from "../engine/view.ts";
 import type { Datapath, KernelState } from "../kernel/datapath.ts";
 import { localFactsFrom } from "../kernel/facts.ts";
-import { type KubeClient, type KubeObject, ours } from "../kube/client.ts";
+import { CORE, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
 import { DEFAULT_LEASE_TIMING, type LeaseTiming, NodeLeaseRenewer } from "../kube/node_lease.ts";
 import { Reflector } from "../kube/reflector.ts";
 import type { Clock } from "../lib/clock.ts";
@@ -54,6 +56,9 @@ export class Agent {
   readonly gateways: Reflector<Obj<EgressGateway>>;
   readonly egressNodes: Reflector<Obj<EgressNode>>;
   readonly slices: Reflector<Obj<EgressEndpointSlice>>;
+  /** This node's pods only (a field selector), for steering new pods before their slice. */
+  readonly pods: Reflector<PodObject & KubeObject>;
+  readonly namespaces: Reflector<KubeObject>;
   readonly clusterInfos: Reflector<Obj<EgressClusterInfo>>;
   readonly sync: DatapathSync;
   readonly #renewer: NodeLeaseRenewer;
@@ -91,6 +96,21 @@ export class Agent {
     });
     this.slices = make("EgressEndpointSlice");
     this.clusterInfos = make("EgressClusterInfo");
+    this.pods = new Reflector<PodObject & KubeObject>({
+      client,
+      resource: CORE.pods,
+      fieldSelector: `spec.nodeName=${options.node}`,
+      clock,
+      log,
+      onChange,
+    });
+    this.namespaces = new Reflector<KubeObject>({
+      client,
+      resource: CORE.namespaces,
+      clock,
+      log,
+      onChange,
+    });
     const timing = options.leaseTiming ?? DEFAULT_LEASE_TIMING;
     this.#renewer = new NodeLeaseRenewer({
       client,
@@ -181,6 +201,8 @@ export class Agent {
       this.egressNodes,
       this.slices,
       this.clusterInfos,
+      this.pods,
+      this.namespaces,
     ] as never;
   }
 
@@ -216,6 +238,10 @@ export class Agent {
       gateways: this.gateways.items(),
       egressNodes: this.egressNodes.items(),
       slices: this.slices.items(),
+      localPods: [...this.pods.items()].map(podInfo),
+      namespaceLabels: new Map(
+        [...this.namespaces.items()].map((n) => [n.metadata.name ?? "", n.metadata.labels ?? {}]),
+      ),
       clusterInfo: this.clusterInfos.get("default"),
       config: this.#o.config,
       local: this.#facts,

@@ -12,6 +12,7 @@ import type {
   EgressNode,
 } from "../api/types.ts";
 import { policyKey } from "../api/types.ts";
+import { type PodInfo, type PolicySelection, podKey, selectsPod } from "../engine/snapshot.ts";
 import type {
   EndpointView,
   LocalFacts,
@@ -21,10 +22,46 @@ import type {
   PolicyView,
 } from "../engine/view.ts";
 import { policyRevision } from "../engine/view.ts";
-import { type Family, familyOfText, normalizeCidrList } from "../lib/ip.ts";
+import {
+  type Family,
+  familyOfText,
+  formatAddress,
+  normalizeCidrList,
+  parseAddress,
+} from "../lib/ip.ts";
+import { compileSelector, type Labels } from "../lib/selector.ts";
+
+const compiled = new WeakMap<AnyPolicy, PolicySelection>();
+
+/** The policy's selectors, for this node's pods; undefined when the agent cannot evaluate them. */
+function localSelection(p: AnyPolicy): PolicySelection | undefined {
+  // The agent does not read Node objects, so it cannot evaluate a nodeSelector: such policies
+  // wait for the controller's endpoint slices.
+  if (p.spec.nodeSelector !== undefined) return undefined;
+  let s = compiled.get(p);
+  if (s === undefined) {
+    s = {
+      namespace: p.kind === "EgressPolicy" ? (p.metadata.namespace ?? "") : undefined,
+      namespaceSelector:
+        p.kind === "ClusterEgressPolicy" ? compileSelector(p.spec.namespaceSelector) : undefined,
+      podSelector: compileSelector(p.spec.podSelector),
+      nodeSelector: undefined,
+    };
+    compiled.set(p, s);
+  }
+  return s;
+}
 
 export interface AgentInputs {
   readonly node: string;
+  /**
+   * Pods of this node, from the agent's own node-scoped watch: a new pod is steered as soon as
+   * its IP is known here, before the controller has put it into an endpoint slice. Its gateway
+   * drops its packets until the slice reaches it (fail closed) instead of them leaving with the
+   * node's address.
+   */
+  readonly localPods?: Iterable<PodInfo>;
+  readonly namespaceLabels?: ReadonlyMap<string, Labels>;
   readonly policies: Iterable<AnyPolicy>;
   readonly gateways: Iterable<EgressGateway>;
   readonly egressNodes: Iterable<EgressNode>;
@@ -71,12 +108,30 @@ export function buildAgentView(inputs: AgentInputs): AgentView {
     for (const e of s.endpoints) list.push({ pod: e.pod, node: e.node, ips: e.ips });
     endpoints.set(s.policy, list);
   }
+  const localPods = [...(inputs.localPods ?? [])];
   const policies: PolicyView[] = [];
   const revisions = new Map<string, { local: string; controller: string | undefined }>();
   for (const p of inputs.policies) {
     const accepted = p.status?.conditions?.find((c) => c.type === "Accepted");
     if (accepted?.status !== "True") continue;
     const key = policyKey(p);
+    const selection = localPods.length === 0 ? undefined : localSelection(p);
+    if (selection !== undefined) {
+      const list = endpoints.get(key) ?? [];
+      const known = new Set(list.map((e) => e.pod));
+      for (const pod of localPods) {
+        const podName = podKey(pod);
+        if (known.has(podName)) continue;
+        if (!selectsPod(selection, pod, inputs.namespaceLabels?.get(pod.namespace), undefined))
+          continue;
+        list.push({
+          pod: podName,
+          node: inputs.node,
+          ips: pod.ips.map((ip) => formatAddress(parseAddress(ip))),
+        });
+      }
+      endpoints.set(key, list);
+    }
     const snat: Partial<Record<Family, string>> = {};
     for (const a of p.status?.egressIPs ?? []) {
       const f = familyOfText(a);

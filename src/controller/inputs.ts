@@ -4,20 +4,20 @@ import type {
   NodeIdentity,
   NodeInfo,
   NodeReport,
-  PodInfo,
+  PodObject as PodFields,
   PreviousPolicy,
 } from "../engine/snapshot.ts";
 import type { KubeObject } from "../kube/client.ts";
+
+export { podInfo } from "../engine/snapshot.ts";
+
+export type PodObject = PodFields & KubeObject;
+
 import { type Family, tryParseAddress } from "../lib/ip.ts";
 
 export interface NodeObject extends KubeObject {
   spec?: { podCIDR?: string; podCIDRs?: string[] };
   status?: { addresses?: { type: string; address: string }[] };
-}
-
-export interface PodObject extends KubeObject {
-  spec?: { nodeName?: string; hostNetwork?: boolean };
-  status?: { phase?: string; podIP?: string; podIPs?: { ip: string }[] };
 }
 
 export function nodeInfo(node: NodeObject): NodeInfo {
@@ -33,21 +33,6 @@ export function nodeInfo(node: NodeObject): NodeInfo {
     labels: node.metadata.labels ?? {},
     addresses,
     podCIDRs: node.spec?.podCIDRs ?? (node.spec?.podCIDR === undefined ? [] : [node.spec.podCIDR]),
-  };
-}
-
-export function podInfo(pod: PodObject): PodInfo {
-  const ips =
-    pod.status?.podIPs?.map((p) => p.ip) ??
-    (pod.status?.podIP === undefined ? [] : [pod.status.podIP]);
-  return {
-    namespace: pod.metadata.namespace ?? "",
-    name: pod.metadata.name ?? "",
-    labels: pod.metadata.labels ?? {},
-    nodeName: pod.spec?.nodeName ?? "",
-    ips,
-    hostNetwork: pod.spec?.hostNetwork === true,
-    phase: pod.status?.phase ?? "Pending",
   };
 }
 

@@ -54,6 +54,7 @@ import {
   type PodInfo,
   podKey,
   type Snapshot,
+  selectsPod,
 } from "./snapshot.ts";
 import { type EndpointView, type PeerView, type PolicyView, policyRevision } from "./view.ts";
 
@@ -991,18 +992,12 @@ export class ClusterEngine {
   }
 
   #selects(p: PreparedPolicy, pod: PodInfo, st: Static): boolean {
-    if (!isEligiblePod(pod)) return false;
-    if (p.namespace !== undefined && pod.namespace !== p.namespace) return false;
-    if (
-      p.namespaceSelector !== undefined &&
-      !p.namespaceSelector.matches(st.namespaceLabels.get(pod.namespace))
-    ) {
-      return false;
-    }
-    if (!p.podSelector.matches(pod.labels)) return false;
-    if (p.nodeSelector !== undefined && !p.nodeSelector.matches(st.nodes.get(pod.nodeName)?.labels))
-      return false;
-    return true;
+    return selectsPod(
+      p,
+      pod,
+      st.namespaceLabels.get(pod.namespace),
+      st.nodes.get(pod.nodeName)?.labels,
+    );
   }
 
   #recomputeMemberships(): void {

@@ -4,7 +4,7 @@
  */
 import type { AnyPolicy, EgressGateway } from "../api/types.ts";
 import type { Family } from "../lib/ip.ts";
-import type { Labels } from "../lib/selector.ts";
+import type { CompiledSelector, Labels } from "../lib/selector.ts";
 
 export interface NodeInfo {
   readonly name: string;
@@ -90,4 +90,62 @@ export function isEligiblePod(pod: PodInfo): boolean {
     pod.phase !== "Succeeded" &&
     pod.phase !== "Failed"
   );
+}
+
+/** The selectors of a policy, compiled. */
+export interface PolicySelection {
+  /** An EgressPolicy's own namespace; undefined for a ClusterEgressPolicy. */
+  readonly namespace: string | undefined;
+  readonly namespaceSelector: CompiledSelector | undefined;
+  readonly podSelector: CompiledSelector;
+  readonly nodeSelector: CompiledSelector | undefined;
+}
+
+/**
+ * Does a policy select a pod? The one definition, used by the controller for every pod and by an
+ * agent for the pods of its own node.
+ */
+export function selectsPod(
+  p: PolicySelection,
+  pod: PodInfo,
+  namespaceLabels: Labels | undefined,
+  nodeLabels: Labels | undefined,
+): boolean {
+  if (!isEligiblePod(pod)) return false;
+  if (p.namespace !== undefined && pod.namespace !== p.namespace) return false;
+  if (p.namespaceSelector !== undefined && !p.namespaceSelector.matches(namespaceLabels))
+    return false;
+  if (!p.podSelector.matches(pod.labels)) return false;
+  if (p.nodeSelector !== undefined && !p.nodeSelector.matches(nodeLabels)) return false;
+  return true;
+}
+
+/** A Pod as the API serves it, as far as Sallyport reads it. */
+export interface PodObject {
+  readonly metadata: {
+    readonly namespace?: string;
+    readonly name?: string;
+    readonly labels?: Labels;
+  };
+  readonly spec?: { readonly nodeName?: string; readonly hostNetwork?: boolean };
+  readonly status?: {
+    readonly phase?: string;
+    readonly podIP?: string;
+    readonly podIPs?: readonly { readonly ip: string }[];
+  };
+}
+
+export function podInfo(pod: PodObject): PodInfo {
+  const ips =
+    pod.status?.podIPs?.map((p) => p.ip) ??
+    (pod.status?.podIP === undefined ? [] : [pod.status.podIP]);
+  return {
+    namespace: pod.metadata.namespace ?? "",
+    name: pod.metadata.name ?? "",
+    labels: pod.metadata.labels ?? {},
+    nodeName: pod.spec?.nodeName ?? "",
+    ips,
+    hostNetwork: pod.spec?.hostNetwork === true,
+    phase: pod.status?.phase ?? "Pending",
+  };
 }

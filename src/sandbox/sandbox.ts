@@ -455,7 +455,8 @@ export class Sandbox {
   }
 
   /** Reports the pod to the API server as the kubelet does: the Pod object, Running with its IPs. */
-  async registerPod(pod: SandboxPod): Promise<void> {
+  /** Creates the Pod, then reports it Running with its IPs; returns when that report was sent. */
+  async registerPod(pod: SandboxPod): Promise<number> {
     const admin = this.admin();
     try {
       await admin.create(CORE.namespaces, {
@@ -476,12 +477,14 @@ export class Sandbox {
         containers: [{ name: "app", image: "sandbox.invalid/app" }],
       },
     });
+    const running = Date.now();
     await admin.mergePatch(
       CORE.pods,
       pod.name,
       { status: { phase: "Running", podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } },
       { namespace: pod.namespace, subresource: "status" },
     );
+    return running;
   }
 
   /** Creates or replaces every object of a YAML file (kubectl apply, without the merge logic). */
