@@ -87,6 +87,38 @@ export const CORE = {
   },
 } as const satisfies Record<string, Resource>;
 
+const rbac = (plural: string, namespaced: boolean): Resource => ({
+  group: "rbac.authorization.k8s.io",
+  version: "v1",
+  plural,
+  namespaced,
+});
+
+/** The built-in kinds of Sallyport's own manifests (deploy/), by kind. */
+export const MANIFEST_KINDS: Readonly<Record<string, Resource>> = {
+  Namespace: CORE.namespaces,
+  ServiceAccount: { group: "", version: "v1", plural: "serviceaccounts", namespaced: true },
+  Service: { group: "", version: "v1", plural: "services", namespaced: true },
+  ClusterRole: rbac("clusterroles", false),
+  ClusterRoleBinding: rbac("clusterrolebindings", false),
+  Role: rbac("roles", true),
+  RoleBinding: rbac("rolebindings", true),
+  Deployment: { group: "apps", version: "v1", plural: "deployments", namespaced: true },
+  DaemonSet: { group: "apps", version: "v1", plural: "daemonsets", namespaced: true },
+  PodDisruptionBudget: {
+    group: "policy",
+    version: "v1",
+    plural: "poddisruptionbudgets",
+    namespaced: true,
+  },
+  ValidatingWebhookConfiguration: {
+    group: "admissionregistration.k8s.io",
+    version: "v1",
+    plural: "validatingwebhookconfigurations",
+    namespaced: false,
+  },
+};
+
 export function ours(kind: KindName): Resource {
   const info = KINDS[kind];
   return { group: GROUP, version: VERSION, plural: info.plural, namespaced: info.namespaced };

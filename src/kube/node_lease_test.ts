@@ -16,20 +16,22 @@ function fakeClient(state: { up: boolean; patches: number }): KubeClient {
   } as unknown as KubeClient;
 }
 
-describe("NodeLeaseRenewer", () => {
-  const timing = { renewMs: 250, durationMs: 1000, graceMs: 250 };
+function renewer(api: { up: boolean; patches: number }, clock: FakeClock): NodeLeaseRenewer {
+  return new NodeLeaseRenewer({
+    client: fakeClient(api),
+    namespace: "sallyport-system",
+    node: "n1",
+    clock,
+    log: silentLogger,
+    timing: { renewMs: 250, durationMs: 1000, graceMs: 250 },
+  });
+}
 
+describe("NodeLeaseRenewer", () => {
   it("reports the API server unreachable from the first failed renewal, and the lease invalid only after D", async () => {
     const clock = new FakeClock();
     const api = { up: true, patches: 0 };
-    const r = new NodeLeaseRenewer({
-      client: fakeClient(api),
-      namespace: "sallyport-system",
-      node: "n1",
-      clock,
-      log: silentLogger,
-      timing,
-    });
+    const r = renewer(api, clock);
     r.start({ create: true });
     await clock.advance(600);
     assert.ok(api.patches >= 3, `renewed every period (${api.patches} patches)`);
@@ -53,14 +55,7 @@ describe("NodeLeaseRenewer", () => {
   it("counts as valid and reachable while stopped (a node that holds no egress IP)", async () => {
     const clock = new FakeClock();
     const api = { up: false, patches: 0 };
-    const r = new NodeLeaseRenewer({
-      client: fakeClient(api),
-      namespace: "sallyport-system",
-      node: "n1",
-      clock,
-      log: silentLogger,
-      timing,
-    });
+    const r = renewer(api, clock);
     r.start();
     await clock.advance(2000);
     assert.equal(r.valid, false);

@@ -26,6 +26,7 @@ import {
   type KubeClient,
   type KubeObject,
   kubeConfigFor,
+  MANIFEST_KINDS,
 } from "../kube/client.ts";
 
 export const REPO = join(import.meta.dirname, "..", "..");
@@ -404,7 +405,8 @@ async function stop(child: ChildProcess | undefined): Promise<void> {
   await killPid(child.pid, "SIGTERM");
 }
 
-function alive(pid: number): boolean {
+/** Is a process still there? */
+export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
@@ -454,39 +456,12 @@ async function createOrKeep(
   }
 }
 
-const RESOURCES: Record<
-  string,
-  { group: string; version: string; plural: string; namespaced: boolean }
-> = {
-  Namespace: { group: "", version: "v1", plural: "namespaces", namespaced: false },
-  ServiceAccount: { group: "", version: "v1", plural: "serviceaccounts", namespaced: true },
-  ClusterRole: {
-    group: "rbac.authorization.k8s.io",
-    version: "v1",
-    plural: "clusterroles",
-    namespaced: false,
-  },
-  ClusterRoleBinding: {
-    group: "rbac.authorization.k8s.io",
-    version: "v1",
-    plural: "clusterrolebindings",
-    namespaced: false,
-  },
-  Role: { group: "rbac.authorization.k8s.io", version: "v1", plural: "roles", namespaced: true },
-  RoleBinding: {
-    group: "rbac.authorization.k8s.io",
-    version: "v1",
-    plural: "rolebindings",
-    namespaced: true,
-  },
-};
-
 /** Creates every object of a multi-document YAML that does not exist yet. */
 export async function applyManifests(client: KubeClient, yaml: string): Promise<void> {
   for (const doc of parseAllDocuments(yaml)) {
     const obj = doc.toJS() as KubeObject | null;
     if (obj === null) continue;
-    const r = RESOURCES[obj.kind ?? ""];
+    const r = MANIFEST_KINDS[obj.kind ?? ""];
     if (r === undefined)
       throw new Error(`Cannot apply kind ${obj.kind}: not a kind the harness knows`);
     await createOrKeep(client, r, obj);

@@ -16,10 +16,10 @@ import { homedir } from "node:os";
 import { join } from "node:path";
 import { parseAllDocuments } from "yaml";
 import { KINDS, type KindName } from "../api/types.ts";
-import { ExecRunner, mustRun } from "../kernel/runner.ts";
+import { mustRun } from "../kernel/runner.ts";
 import { CORE, isAlreadyExists, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
 import { type Family, tryParseAddress } from "../lib/ip.ts";
-import { ControlPlane, REPO, SALLYPORT_NAMESPACE } from "./controlplane.ts";
+import { alive, ControlPlane, REPO, SALLYPORT_NAMESPACE } from "./controlplane.ts";
 import { selfSignedCert, webhookConfiguration } from "./pki.ts";
 import { EIP_POOL, EXTERNAL, nodeAddress, nsRunner, podCIDR, Topology } from "./topology.ts";
 
@@ -198,41 +198,7 @@ export class Sandbox {
   }
 
   async #controlPlaneNamespace(): Promise<void> {
-    const ns = this.cpNs;
-    const br = this.#topology.bridgeNs;
-    const host = new ExecRunner();
-    await mustRun(host, ["ip", "netns", "add", ns]);
-    await mustRun(host, ["ip", "-n", ns, "link", "set", "lo", "up"]);
-    await mustRun(host, [
-      "ip",
-      "-n",
-      ns,
-      "link",
-      "add",
-      "eth0",
-      "type",
-      "veth",
-      "peer",
-      "name",
-      "vcp",
-      "netns",
-      br,
-    ]);
-    await mustRun(host, ["ip", "-n", br, "link", "set", "vcp", "master", "br0", "up"]);
-    for (const f of this.families) {
-      await mustRun(host, [
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        `${CONTROL_PLANE_ADDRESS[f]}/${f === 4 ? 24 : 64}`,
-        "dev",
-        "eth0",
-        ...(f === 6 ? ["nodad"] : []),
-      ]);
-    }
-    await mustRun(host, ["ip", "-n", ns, "link", "set", "eth0", "up"]);
+    await this.#topology.addHost(this.cpNs, "vcp", CONTROL_PLANE_ADDRESS);
   }
 
   async #registerNodes(admin: KubeClient): Promise<void> {
@@ -581,13 +547,4 @@ export class Sandbox {
 
   static readonly EIP_POOL = EIP_POOL;
   static readonly SALLYPORT_NAMESPACE = SALLYPORT_NAMESPACE;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }

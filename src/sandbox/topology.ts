@@ -119,14 +119,31 @@ export class Topology {
     await this.#ip(["-n", this.bridgeNs, "link", "add", "br0", "type", "bridge"]);
     await this.#ip(["-n", this.bridgeNs, "link", "set", "br0", "up"]);
     for (let i = 1; i <= this.nodeCount; i++) await this.#addNode(i);
-    await this.#addHost(this.externalNs, "vext", EXTERNAL);
+    await this.addHost(this.externalNs, "vext", EXTERNAL);
     for (let i = 1; i <= this.nodeCount; i++) await this.#nodeRoutes(i);
   }
 
-  async #addHost(
+  /** A host on the underlay segment: its namespace, its eth0 on the bridge, its addresses. */
+  async addHost(
     netns: string,
     port: string,
     addresses: Partial<Record<Family, string>>,
+  ): Promise<void> {
+    await this.#plug(netns, port, { netns: this.bridgeNs, bridge: "br0" }, (f) => {
+      const a = addresses[f];
+      return a === undefined ? undefined : `${a}/${SEGMENT[f].len}`;
+    });
+  }
+
+  /**
+   * A new namespace whose eth0 is a veth pair with `port` on `into.bridge` in `into.netns`,
+   * with the addresses `address(family)` gives (CIDR form), up.
+   */
+  async #plug(
+    netns: string,
+    port: string,
+    into: { netns: string; bridge: string },
+    address: (f: Family) => string | undefined,
   ): Promise<void> {
     await this.#netns(netns);
     await this.#ip([
@@ -141,30 +158,29 @@ export class Topology {
       "name",
       port,
       "netns",
-      this.bridgeNs,
+      into.netns,
     ]);
-    await this.#ip(["-n", this.bridgeNs, "link", "set", port, "master", "br0", "up"]);
+    await this.#ip(["-n", into.netns, "link", "set", port, "master", into.bridge, "up"]);
     for (const f of this.families) {
-      const a = addresses[f];
-      if (a !== undefined) {
+      const a = address(f);
+      if (a !== undefined)
         await this.#ip([
           "-n",
           netns,
           "addr",
           "add",
-          `${a}/${SEGMENT[f].len}`,
+          a,
           "dev",
           "eth0",
           ...(f === 6 ? ["nodad"] : []),
         ]);
-      }
     }
     await this.#ip(["-n", netns, "link", "set", "eth0", "up"]);
   }
 
   async #addNode(i: number): Promise<void> {
     const ns = this.nodeNs(i);
-    await this.#addHost(ns, `vn${i}`, { 4: nodeAddress(i, 4), 6: nodeAddress(i, 6) });
+    await this.addHost(ns, `vn${i}`, { 4: nodeAddress(i, 4), 6: nodeAddress(i, 6) });
     const r = nsRunner(ns);
     await mustRun(r, [
       "sysctl",
@@ -240,38 +256,11 @@ export class Topology {
     this.#podSeq.set(node, seq + 1);
     const netns = `${this.prefix}-p${node}x${seq}`;
     const hostSide = `vp${seq}`;
-    await this.#netns(netns);
-    await this.#ip([
-      "-n",
-      netns,
-      "link",
-      "add",
-      "eth0",
-      "type",
-      "veth",
-      "peer",
-      "name",
-      hostSide,
-      "netns",
-      this.nodeNs(node),
-    ]);
-    await this.#ip(["-n", this.nodeNs(node), "link", "set", hostSide, "master", "cni0", "up"]);
     const ips: Partial<Record<Family, string>> = {};
-    for (const f of this.families) {
-      const a = podAddress(node, seq, f);
-      ips[f] = a;
-      await this.#ip([
-        "-n",
-        netns,
-        "addr",
-        "add",
-        `${a}/${f === 4 ? 24 : 64}`,
-        "dev",
-        "eth0",
-        ...(f === 6 ? ["nodad"] : []),
-      ]);
-    }
-    await this.#ip(["-n", netns, "link", "set", "eth0", "up"]);
+    for (const f of this.families) ips[f] = podAddress(node, seq, f);
+    await this.#plug(netns, hostSide, { netns: this.nodeNs(node), bridge: "cni0" }, (f) =>
+      ips[f] === undefined ? undefined : `${ips[f]}/${f === 4 ? 24 : 64}`,
+    );
     for (const f of this.families) {
       const gw = f === 4 ? `10.244.${node}.1` : `fd00:244:0:${node.toString(16)}::1`;
       await this.#ip([

@@ -7,18 +7,18 @@ import type { Server } from "node:https";
 import { after, before, describe, it } from "node:test";
 import type { EgressGateway } from "../../src/api/types.ts";
 import { serveWebhook } from "../../src/controller/webhook.ts";
-import { ApiError, CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
+import {
+  ApiError,
+  CORE,
+  type KubeClient,
+  type KubeObject,
+  MANIFEST_KINDS,
+  ours,
+} from "../../src/kube/client.ts";
 import { silentLogger } from "../../src/lib/log.ts";
 import { ControlPlane } from "../../src/sandbox/controlplane.ts";
 import { selfSignedCert, webhookConfiguration } from "../../src/sandbox/pki.ts";
 import { BAD_MANIFESTS, CLUSTER_POLICY, GATEWAY, POLICY } from "../fixtures/manifests.ts";
-
-const WEBHOOKS = {
-  group: "admissionregistration.k8s.io",
-  version: "v1",
-  plural: "validatingwebhookconfigurations",
-  namespaced: false,
-};
 
 function resourceOf(obj: { kind?: unknown }) {
   return ours(obj.kind as "EgressGateway" | "EgressPolicy" | "ClusterEgressPolicy");
@@ -45,7 +45,7 @@ describe("admission on a real kube-apiserver", () => {
     });
     const port = (webhook.address() as { port: number }).port;
     await client.create(
-      WEBHOOKS,
+      MANIFEST_KINDS.ValidatingWebhookConfiguration!,
       webhookConfiguration(`https://127.0.0.1:${port}/validate`, cert.caBundle) as KubeObject,
     );
     await client

@@ -14,31 +14,13 @@ import {
   CORE,
   type KubeClient,
   type KubeObject,
+  MANIFEST_KINDS,
   ours,
-  type Resource,
 } from "../../src/kube/client.ts";
 import type { Lease } from "../../src/kube/lease.ts";
 import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
 import { eventually } from "../support/kube.ts";
 import { REPO } from "../support/lab.ts";
-
-const BUILT_IN: Record<string, Resource> = {
-  Deployment: { group: "apps", version: "v1", plural: "deployments", namespaced: true },
-  DaemonSet: { group: "apps", version: "v1", plural: "daemonsets", namespaced: true },
-  PodDisruptionBudget: {
-    group: "policy",
-    version: "v1",
-    plural: "poddisruptionbudgets",
-    namespaced: true,
-  },
-  Service: { group: "", version: "v1", plural: "services", namespaced: true },
-  ValidatingWebhookConfiguration: {
-    group: "admissionregistration.k8s.io",
-    version: "v1",
-    plural: "validatingwebhookconfigurations",
-    namespaced: false,
-  },
-};
 
 function manifests(file: string): KubeObject[] {
   return parseAllDocuments(readFileSync(join(REPO, "deploy", file), "utf8"))
@@ -70,7 +52,7 @@ describe("what we ship", () => {
     it(`deploy/${file} is accepted by the API server (dry run)`, async () => {
       let checked = 0;
       for (const obj of manifests(file)) {
-        const resource = BUILT_IN[obj.kind ?? ""];
+        const resource = MANIFEST_KINDS[obj.kind ?? ""];
         // cert-manager's kinds need cert-manager's CRDs, which this API server does not have.
         if (resource === undefined && obj.apiVersion?.startsWith("cert-manager.io/")) continue;
         assert.ok(resource, `${file}: a test resource for kind ${obj.kind}`);

@@ -5,6 +5,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
 import { mustRun } from "../../src/kernel/runner.ts";
+import { type ProbeLine, probeOnce } from "../../src/sandbox/probe.ts";
 import { nsRunner } from "../../src/sandbox/topology.ts";
 import { TEST_PREFIX } from "./leaks.ts";
 
@@ -73,29 +74,15 @@ export function startEcho(netns: string, port = 8080): Promise<ChildProcess> {
   return waitForLine(child, (l) => l.includes('"listening"')).then(() => child);
 }
 
-export interface ProbeResult {
-  readonly ok: boolean;
-  readonly saw?: string;
-  readonly error?: string;
-}
+export type ProbeResult = ProbeLine;
 
 /** One request from a namespace to host:port; returns the source address the server saw. */
-export async function probe(
+export function probe(
   netns: string,
   target: string,
   options: { udp?: boolean; timeoutMs?: number } = {},
 ): Promise<ProbeResult> {
-  const out = await mustRun(nsRunner(netns), [
-    process.execPath,
-    ECHO,
-    "probe",
-    "--target",
-    target,
-    "--timeout",
-    String(options.timeoutMs ?? 1500),
-    ...(options.udp ? ["--udp"] : []),
-  ]);
-  return JSON.parse(out.trim().split("\n").pop()!) as ProbeResult;
+  return probeOnce(netns, target, { timeoutMs: 1500, ...options });
 }
 
 /** Probes until `ok(result)` or the deadline; returns the last result (no timed assertion). */
@@ -106,7 +93,7 @@ export async function probeUntil(
   deadlineMs = 15_000,
 ): Promise<ProbeResult> {
   const end = Date.now() + deadlineMs;
-  let last: ProbeResult = { ok: false, error: "not probed" };
+  let last: ProbeResult = { t: 0, ok: false, error: "not probed" };
   while (Date.now() < end) {
     last = await probe(netns, target, { timeoutMs: 500 });
     if (ok(last)) return last;
