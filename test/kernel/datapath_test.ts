@@ -232,6 +232,111 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
     );
   });
 
+  it("the seed's reset-mark match never matches, so the egress IP is lost; our prefix match is why it works", async () => {
+    const n1 = nsRunner(topo.nodeNs(1));
+    const save = await mustRun(n1, ["iptables-save", "-t", "mangle"]);
+    const mark = /-A SALLYPORT-TO-\w+ -j MARK --set-xmark (0x[0-9a-f]+)\/0xffffff00/.exec(
+      save,
+    )?.[1];
+    assert.ok(mark, "node-1 steers toward the gateway with its NODE_MARK");
+    // Seed 000's rule: `-m mark --mark $NODE_MARK/0x26000000`. The kernel compares
+    // (mark & 0x26000000) == NODE_MARK, false for any node id bit.
+    const seed = [
+      "-m",
+      "mark",
+      "--mark",
+      `${mark}/0x26000000`,
+      "-j",
+      "MARK",
+      "--set-xmark",
+      "0x12000000/0xffffff00",
+    ];
+    await mustRun(n1, ["iptables", "-t", "mangle", "-R", "SALLYPORT-RESET-MARK", "2", ...seed]);
+    try {
+      const r = await probe(topo.pod("web-1").netns, ext4, { timeoutMs: 800 });
+      assert.notEqual(r.saw, EIP4, "with the seed's rule the server never sees the egress IP");
+      const counters = await mustRun(n1, [
+        "iptables",
+        "-t",
+        "mangle",
+        "-S",
+        "SALLYPORT-RESET-MARK",
+        "-v",
+      ]);
+      assert.match(
+        counters,
+        new RegExp(`--mark ${mark}/0x26000000 -c 0 0 -j MARK`),
+        "and it matched no packet",
+      );
+    } finally {
+      assert.ok((await syncNode(1)) > 0, "the sync puts our rule back");
+    }
+    assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4);
+  });
+
+  it("replies come back through the tunnel, so egress does not depend on the underlay routing pod CIDRs", async () => {
+    const n2 = nsRunner(topo.nodeNs(2));
+    const podRoute = [podCIDR(1, 4), "via", nodeAddress(1, 4), "dev", "eth0"];
+    // As on a cloud network that routes node addresses only: the gateway has no route to node-1's
+    // pods, just a default route (here toward the external host, which does not forward).
+    const defaultRoute = ["default", "via", EXTERNAL[4], "dev", "eth0"];
+    await mustRun(n2, ["ip", "route", "del", ...podRoute]);
+    await mustRun(n2, ["ip", "route", "add", ...defaultRoute]);
+    try {
+      assert.equal(
+        (await probe(topo.pod("web-1").netns, ext4)).saw,
+        EIP4,
+        "through the tunnel both ways",
+      );
+      await mustRun(n2, ["ip", "rule", "del", "pref", "5900", "fwmark", "0x27000000/0xff000000"]);
+      const r = await probe(topo.pod("web-1").netns, ext4, { timeoutMs: 800 });
+      assert.equal(r.ok, false, "without our reply rule the answer cannot find its way back");
+    } finally {
+      await mustRun(n2, ["ip", "route", "del", ...defaultRoute]);
+      await mustRun(n2, ["ip", "route", "replace", ...podRoute]);
+      await syncNode(2);
+    }
+    assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4);
+  });
+
+  it("an egress IP that appears on a node is announced at once: neighbours update without any traffic", async () => {
+    const n2 = nsRunner(topo.nodeNs(2));
+    const ext = nsRunner(topo.externalNs);
+    const links = JSON.parse(
+      await mustRun(n2, ["ip", "-j", "link", "show", "type", "macvlan"]),
+    ) as {
+      ifname: string;
+      address: string;
+    }[];
+    const device = links.find((l) => l.ifname.startsWith("spe-"));
+    assert.ok(device, "node-2 holds the egress IP on its own device");
+    await mustRun(n2, ["ip", "link", "del", device.ifname]);
+    // The external host believes the egress IP is somewhere else.
+    await mustRun(ext, [
+      "ip",
+      "neigh",
+      "replace",
+      EIP4,
+      "lladdr",
+      "02:00:00:00:00:99",
+      "dev",
+      "eth0",
+      "nud",
+      "stale",
+    ]);
+    assert.ok((await syncNode(2)) > 0, "the device comes back");
+    let seen = "";
+    for (let i = 0; i < 40 && !seen.includes(device.address); i++) {
+      seen = await mustRun(ext, ["ip", "neigh", "show", EIP4, "dev", "eth0"]);
+      if (!seen.includes(device.address)) await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.match(
+      seen,
+      new RegExp(device.address),
+      "the gratuitous ARP corrected the external host's cache",
+    );
+  });
+
   it("the egress IP exposes no service of the gateway node", async () => {
     startIn(topo.nodeNs(2), [
       process.execPath,
