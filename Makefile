@@ -23,9 +23,13 @@ debs:
 	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
+# `npm install`, not `npm ci`: the registry this machine reaches lacks Biome's binaries for other
+# platforms (404 for @biomejs/cli-android-arm64@2.6.8 and its siblings), so the lock file cannot
+# list them and `npm ci` refuses it ("Missing: @biomejs/cli-android-arm64@ from lock file").
+# With the lock file present, `npm install` installs exactly the locked versions and leaves it as is.
 npm: node_modules/.stamp
 node_modules/.stamp: package.json package-lock.json
-	npm ci --no-audit --no-fund
+	npm install --no-audit --no-fund
 	@touch $@
 
 k8s-bin:
