@@ -216,10 +216,10 @@ export class Agent {
     if (state !== undefined) this.#lastState = state;
     const kernel = this.#lastState;
     if (kernel === undefined) throw new Error("Cannot plan yet: the kernel has not been read");
-    const peers = new Map(
-      [...this.egressNodes.items()].map((n) => [n.metadata.name ?? "", peerOf(n)]),
-    );
     if (state !== undefined || this.#facts === undefined) {
+      const peers = new Map(
+        [...this.egressNodes.items()].map((n) => [n.metadata.name ?? "", peerOf(n)]),
+      );
       const self = this.egressNodes.get(this.#o.node)?.spec.addresses;
       this.#facts = localFactsFrom(kernel, {
         nodeAddresses: {

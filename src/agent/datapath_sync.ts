@@ -13,7 +13,6 @@ import {
   type SyncReport,
 } from "../kernel/datapath.ts";
 import type { Clock } from "../lib/clock.ts";
-import { hashHex } from "../lib/hash.ts";
 import type { Logger } from "../lib/log.ts";
 import type { DatapathMetrics } from "../lib/metrics.ts";
 import { SyncLoop } from "../lib/sync_loop.ts";
@@ -37,7 +36,8 @@ export interface DatapathSyncOptions {
 export class DatapathSync {
   readonly #o: DatapathSyncOptions;
   readonly #loop: SyncLoop;
-  #appliedHash: string | undefined;
+  /** The plan of the last successful sync: the kernel held it then. */
+  #applied: NodePlan | undefined;
   #lastReport: SyncReport | undefined;
   #repairs = 0;
   /** The first sync and any after a failure read the kernel. */
@@ -90,7 +90,6 @@ export class DatapathSync {
   async #sync(partial: boolean): Promise<void> {
     const state = partial ? undefined : await this.#o.datapath.read();
     const plan = this.#o.plan(state);
-    const hash = hashHex(planToJSON(plan));
     const report = await this.#o.datapath.sync(
       plan,
       state === undefined ? { partial: true } : { state },
@@ -100,7 +99,14 @@ export class DatapathSync {
     m.duration.observe(report.durationMs / 1000);
     m.changes.inc(report.changes);
     m.lastSuccess.setToCurrentTime();
-    const drift = report.changes > 0 && hash === this.#appliedHash;
+    // Only a sync that re-read the kernel can find drift (a partial one diffs against what the
+    // last sync applied); it is drift when the plan is the one the kernel held already. The plans
+    // are compared here, once a period, rather than fingerprinted on every event.
+    const drift =
+      report.changes > 0 &&
+      state !== undefined &&
+      this.#applied !== undefined &&
+      planToJSON(plan) === planToJSON(this.#applied);
     if (drift) {
       this.#repairs += report.changes;
       m.repairs.inc(report.changes);
@@ -116,7 +122,7 @@ export class DatapathSync {
     }
     for (const e of plan.errors)
       this.#o.log.error({ problem: e }, "part of the plan cannot be programmed");
-    this.#appliedHash = hash;
+    this.#applied = plan;
     this.#lastReport = report;
     this.#needFull = false;
     this.#o.onSynced?.(plan, report);

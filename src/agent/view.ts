@@ -116,16 +116,20 @@ export function buildAgentView(inputs: AgentInputs): AgentView {
     if (accepted?.status !== "True") continue;
     const key = policyKey(p);
     const selection = localPods.length === 0 ? undefined : localSelection(p);
-    if (selection !== undefined) {
+    const selected =
+      selection === undefined
+        ? []
+        : localPods.filter((pod) =>
+            selectsPod(selection, pod, inputs.namespaceLabels?.get(pod.namespace), undefined),
+          );
+    if (selected.length > 0) {
       const list = endpoints.get(key) ?? [];
-      const known = new Set(list.map((e) => e.pod));
-      for (const pod of localPods) {
-        const podName = podKey(pod);
-        if (known.has(podName)) continue;
-        if (!selectsPod(selection, pod, inputs.namespaceLabels?.get(pod.namespace), undefined))
-          continue;
+      // Only this node's entries of the slices can name the same pods.
+      const known = new Set(list.filter((e) => e.node === inputs.node).map((e) => e.pod));
+      for (const pod of selected) {
+        if (known.has(podKey(pod))) continue;
         list.push({
-          pod: podName,
+          pod: podKey(pod),
           node: inputs.node,
           ips: pod.ips.map((ip) => formatAddress(parseAddress(ip))),
         });

@@ -8,13 +8,14 @@
  */
 
 import { buildAgentView } from "../agent/view.ts";
-import type {
-  AnyPolicy,
-  Condition,
-  EgressClusterInfo,
-  EgressEndpointSlice,
-  EgressGateway,
-  EgressNode,
+import {
+  type AnyPolicy,
+  type Condition,
+  type EgressClusterInfo,
+  type EgressEndpointSlice,
+  type EgressGateway,
+  type EgressNode,
+  policyKey,
 } from "../api/types.ts";
 import { planNode } from "../engine/node_plan.ts";
 import { type Packet, type Trace, tracePacket } from "../engine/trace.ts";
@@ -142,15 +143,7 @@ export function explainPacket(inputs: ExplainInputs): Explanation {
     .flatMap((h) => h.trace.steps)
     .map((s) => s.slice(s.indexOf(": ") + 2))
     .find((c) => POLICY_KEY.test(c));
-  const policy =
-    key === undefined
-      ? undefined
-      : inputs.policies.find(
-          (p) =>
-            (p.kind === "EgressPolicy"
-              ? `EgressPolicy/${p.metadata.namespace}/${p.metadata.name}`
-              : `ClusterEgressPolicy/${p.metadata.name}`) === key,
-        );
+  const policy = key === undefined ? undefined : inputs.policies.find((p) => policyKey(p) === key);
   const notProgrammedOn: string[] = [];
   if (key !== undefined && policy?.status?.revision !== undefined) {
     for (const h of hops) {

@@ -40,7 +40,7 @@ import type { Clock } from "../lib/clock.ts";
 import { type Family, normalizeCidrList } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ControllerMetrics } from "../lib/metrics.ts";
-import { compileSelector } from "../lib/selector.ts";
+import { compileSelector, sameLabels } from "../lib/selector.ts";
 import { SyncLoop } from "../lib/sync_loop.ts";
 import {
   identityOf,
@@ -124,7 +124,7 @@ export class Controller {
     const specChanged = (type: ChangeType, obj: KubeObject, old: KubeObject | undefined) =>
       type !== "update" ||
       obj.metadata.generation !== old?.metadata.generation ||
-      obj.metadata.labels !== old?.metadata.labels;
+      !sameLabels(obj.metadata.labels, old?.metadata.labels);
     this.nodes = make<NodeObject>(CORE.nodes, (t, o, old) => {
       if (
         t !== "update" ||
@@ -134,11 +134,12 @@ export class Controller {
         this.#changed();
     });
     this.pods = make<PodObject>(CORE.pods, (type, pod) => {
-      if (this.#engine !== undefined) {
-        if (type === "delete") this.#engine.deletePod(podKey(podInfo(pod)));
-        else this.#engine.setPod(podInfo(pod));
-      }
-      this.#loop.trigger();
+      // Before the first reconcile the engine is built from the whole cache.
+      if (this.#engine === undefined) return this.#loop.trigger();
+      const info = podInfo(pod);
+      const changed =
+        type === "delete" ? this.#engine.deletePod(podKey(info)) : this.#engine.setPod(info);
+      if (changed) this.#loop.trigger();
     });
     this.namespaces = make(CORE.namespaces);
     this.gateways = make(

@@ -43,6 +43,7 @@ import {
   compileSelector,
   formatSelector,
   type Labels,
+  sameLabels,
 } from "../lib/selector.ts";
 import { MAX_NODE_ID, tunnelMac } from "./marks.ts";
 import { policySetName } from "./names.ts";
@@ -397,22 +398,30 @@ export class ClusterEngine {
     this.#static = undefined;
   }
 
-  setPod(pod: PodInfo): void {
+  /**
+   * A pod added or changed. A change the engine does not read (most Pod updates) costs nothing.
+   * @returns whether anything the engine reads changed
+   */
+  setPod(pod: PodInfo): boolean {
     const key = podKey(pod);
     const before = this.#pods.get(key);
+    if (before !== undefined && samePodInfo(before, pod)) return false;
     if (before !== undefined) this.#unindexPod(before);
     this.#indexPod(pod);
     if (this.#static !== undefined) {
       this.#removeMemberships(key);
       this.#addMemberships(pod);
     }
+    return true;
   }
 
-  deletePod(key: string): void {
+  /** @returns whether the engine knew the pod */
+  deletePod(key: string): boolean {
     const before = this.#pods.get(key);
-    if (before === undefined) return;
+    if (before === undefined) return false;
     this.#unindexPod(before);
     if (this.#static !== undefined) this.#removeMemberships(key);
+    return true;
   }
 
   #indexPod(pod: PodInfo): void {
@@ -1145,6 +1154,17 @@ export class ClusterEngine {
 /** Index key of a label value within a namespace. */
 function labelIndex(namespace: string, key: string, value: string): string {
   return `${namespace}\0${key}\0${value}`;
+}
+
+function samePodInfo(a: PodInfo, b: PodInfo): boolean {
+  return (
+    a.nodeName === b.nodeName &&
+    a.phase === b.phase &&
+    a.hostNetwork === b.hostNetwork &&
+    a.ips.length === b.ips.length &&
+    a.ips.every((ip, i) => ip === b.ips[i]) &&
+    sameLabels(a.labels, b.labels)
+  );
 }
 
 function endpointOf(pod: PodInfo): EndpointView {

@@ -671,6 +671,30 @@ describe("computeCluster() properties", () => {
     );
   });
 
+  it("recomputes nothing for a pod update it does not read (a condition, an annotation)", () => {
+    const engine = new ClusterEngine({
+      ...base,
+      policies: [policy("team-a", "web", { podSelector: { matchLabels: { app: "web" } } })],
+    });
+    const before = engine.compute().policies.get("EgressPolicy/team-a/web");
+    engine.setPod(
+      pod("team-a", "web-1", "node-1", ["172.29.1.5", "fd00:172:29:1::5"], { app: "web" }),
+    );
+    assert.equal(
+      engine.compute().policies.get("EgressPolicy/team-a/web"),
+      before,
+      "the same outcome object",
+    );
+    engine.setPod(
+      pod("team-a", "web-1", "node-1", ["172.29.1.5", "fd00:172:29:1::5"], { app: "db" }),
+    );
+    assert.notEqual(
+      engine.compute().policies.get("EgressPolicy/team-a/web"),
+      before,
+      "a label it reads",
+    );
+  });
+
   it("derives ipset names of at most 31 characters, unique per policy", () => {
     fc.assert(
       fc.property(

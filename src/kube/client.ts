@@ -117,6 +117,12 @@ export const MANIFEST_KINDS: Readonly<Record<string, Resource>> = {
     plural: "validatingwebhookconfigurations",
     namespaced: false,
   },
+  CustomResourceDefinition: {
+    group: "apiextensions.k8s.io",
+    version: "v1",
+    plural: "customresourcedefinitions",
+    namespaced: false,
+  },
 };
 
 export function ours(kind: KindName): Resource {

@@ -76,3 +76,10 @@ export function formatSelector(selector: LabelSelector | undefined): string {
   }
   return parts.length === 0 ? "<all>" : parts.join(",");
 }
+
+/** Same keys and values (label maps from two versions of an object are never the same object). */
+export function sameLabels(a: Labels | undefined, b: Labels | undefined): boolean {
+  const ka = Object.keys(a ?? {});
+  if (ka.length !== Object.keys(b ?? {}).length) return false;
+  return ka.every((k) => a?.[k] === b?.[k]);
+}

@@ -18,11 +18,10 @@ import {
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseAllDocuments } from "yaml";
 import { allCrds } from "../api/crds.ts";
+import { applyManifests, applyObjects } from "../kube/apply.ts";
 import {
   KubeClient as Client,
-  isAlreadyExists,
   type KubeClient,
   type KubeObject,
   kubeConfigFor,
@@ -365,13 +364,8 @@ export class ControlPlane {
 
   async #install(): Promise<void> {
     const client = this.client();
-    const crdResource = {
-      group: "apiextensions.k8s.io",
-      version: "v1",
-      plural: "customresourcedefinitions",
-      namespaced: false,
-    };
-    for (const crd of allCrds()) await createOrKeep(client, crdResource, crd as KubeObject);
+    const crdResource = MANIFEST_KINDS.CustomResourceDefinition!;
+    await applyObjects(client, allCrds() as KubeObject[], "keep");
     for (const crd of allCrds()) {
       const name = (crd.metadata as { name: string }).name;
       for (let i = 0; i < 100; i++) {
@@ -383,7 +377,7 @@ export class ControlPlane {
         await new Promise((r) => setTimeout(r, 50));
       }
     }
-    await applyManifests(client, readFileSync(join(REPO, "deploy", "rbac.yaml"), "utf8"));
+    await applyManifests(client, readFileSync(join(REPO, "deploy", "rbac.yaml"), "utf8"), "keep");
   }
 
   async stop(): Promise<void> {
@@ -441,29 +435,5 @@ function tail(file: string): string {
     return readFileSync(file, "utf8").split("\n").slice(-8).join("\n");
   } catch {
     return "(no log)";
-  }
-}
-
-async function createOrKeep(
-  client: KubeClient,
-  resource: { group: string; version: string; plural: string; namespaced: boolean },
-  obj: KubeObject,
-): Promise<void> {
-  try {
-    await client.create(resource, obj);
-  } catch (e) {
-    if (!isAlreadyExists(e)) throw e;
-  }
-}
-
-/** Creates every object of a multi-document YAML that does not exist yet. */
-export async function applyManifests(client: KubeClient, yaml: string): Promise<void> {
-  for (const doc of parseAllDocuments(yaml)) {
-    const obj = doc.toJS() as KubeObject | null;
-    if (obj === null) continue;
-    const r = MANIFEST_KINDS[obj.kind ?? ""];
-    if (r === undefined)
-      throw new Error(`Cannot apply kind ${obj.kind}: not a kind the harness knows`);
-    await createOrKeep(client, r, obj);
   }
 }

@@ -14,9 +14,9 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
-import { parseAllDocuments } from "yaml";
 import { KINDS, type KindName } from "../api/types.ts";
 import { mustRun } from "../kernel/runner.ts";
+import { applyManifests } from "../kube/apply.ts";
 import { CORE, isAlreadyExists, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
 import { type Family, tryParseAddress } from "../lib/ip.ts";
 import { alive, ControlPlane, REPO, SALLYPORT_NAMESPACE } from "./controlplane.ts";
@@ -455,32 +455,7 @@ export class Sandbox {
 
   /** Creates or replaces every object of a YAML file (kubectl apply, without the merge logic). */
   async apply(yaml: string): Promise<string[]> {
-    const admin = this.admin();
-    const done: string[] = [];
-    for (const doc of parseAllDocuments(yaml)) {
-      const obj = doc.toJS() as KubeObject | null;
-      if (obj === null) continue;
-      const kind = obj.kind as KindName;
-      if (!(kind in KINDS))
-        throw new Error(
-          `Cannot apply kind ${obj.kind}: the sandbox applies Sallyport objects only`,
-        );
-      const resource = ours(kind);
-      const ns = KINDS[kind].namespaced ? (obj.metadata.namespace ?? "default") : undefined;
-      if (ns !== undefined) obj.metadata.namespace = ns;
-      try {
-        await admin.create(resource, obj);
-        done.push(`${kind.toLowerCase()}/${obj.metadata.name} created`);
-      } catch (e) {
-        if (!isAlreadyExists(e)) throw e;
-        const current = await admin.get(resource, obj.metadata.name ?? "", ns);
-        if (current.metadata.resourceVersion !== undefined)
-          obj.metadata.resourceVersion = current.metadata.resourceVersion;
-        await admin.replace(resource, obj);
-        done.push(`${kind.toLowerCase()}/${obj.metadata.name} configured`);
-      }
-    }
-    return done;
+    return applyManifests(this.admin(), yaml, "replace");
   }
 
   async delete(kind: KindName, name: string, namespace?: string): Promise<void> {

@@ -11,17 +11,19 @@ import { after, before, describe, it } from "node:test";
 import { API_VERSION } from "../../src/api/types.ts";
 import { Controller } from "../../src/controller/controller.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
-import { NodeLeaseRenewer } from "../../src/kube/node_lease.ts";
+import type { NodeLeaseRenewer } from "../../src/kube/node_lease.ts";
 import { realClock } from "../../src/lib/clock.ts";
 import { silentLogger } from "../../src/lib/log.ts";
 import { controllerMetrics, Registry } from "../../src/lib/metrics.ts";
 import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
 import {
   condition,
+  createGateway,
   createNode,
   createPod,
   ensureNamespace,
   eventually,
+  renewNodeLeases,
   type Status,
   type WithStatus,
 } from "../support/kube.ts";
@@ -47,7 +49,7 @@ describe("controller on a real kube-apiserver", () => {
   let cp: ControlPlane;
   let admin: KubeClient;
   let controller: Controller;
-  const renewers = new Map<string, NodeLeaseRenewer>();
+  let renewers = new Map<string, NodeLeaseRenewer>();
   const registry = new Registry();
 
   const status = async (name: string) =>
@@ -102,27 +104,8 @@ describe("controller on a real kube-apiserver", () => {
       ips: ["10.244.1.6"],
       labels: { app: "web" },
     });
-    await admin.create(ours("EgressGateway"), {
-      apiVersion: API_VERSION,
-      kind: "EgressGateway",
-      metadata: { name: "edge" },
-      spec: {
-        nodeSelector: { matchLabels: { egress: "true" } },
-        pool: ["192.168.77.100-192.168.77.101"],
-      },
-    });
-    for (const node of ["node-2", "node-3"]) {
-      const r = new NodeLeaseRenewer({
-        client: cp.client("agent"),
-        namespace: SALLYPORT_NAMESPACE,
-        node,
-        clock: realClock,
-        log: silentLogger,
-        timing: TIMING,
-      });
-      r.start({ create: true });
-      renewers.set(node, r);
-    }
+    await createGateway(admin, ["192.168.77.100-192.168.77.101"]);
+    renewers = renewNodeLeases(cp.client("agent"), ["node-2", "node-3"], TIMING);
     controller = startController();
   });
 

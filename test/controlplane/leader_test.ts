@@ -11,15 +11,15 @@ import { after, before, describe, it } from "node:test";
 import { API_VERSION } from "../../src/api/types.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
 import type { Lease } from "../../src/kube/lease.ts";
-import { NodeLeaseRenewer } from "../../src/kube/node_lease.ts";
-import { realClock } from "../../src/lib/clock.ts";
-import { silentLogger } from "../../src/lib/log.ts";
+import type { NodeLeaseRenewer } from "../../src/kube/node_lease.ts";
 import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
 import {
+  createGateway,
   createNode,
   createPod,
   ensureNamespace,
   eventually,
+  renewNodeLeases,
   type WithStatus,
 } from "../support/kube.ts";
 import { REPO } from "../support/lab.ts";
@@ -29,7 +29,7 @@ const TIMING = { renewMs: 200, durationMs: 1000, graceMs: 250 };
 describe("two controller processes", () => {
   let cp: ControlPlane;
   let admin: KubeClient;
-  const renewers: NodeLeaseRenewer[] = [];
+  let renewers = new Map<string, NodeLeaseRenewer>();
   const controllers = new Map<string, ChildProcess>();
 
   function startController(identity: string): void {
@@ -92,15 +92,7 @@ describe("two controller processes", () => {
       ips: ["10.244.1.5"],
       labels: { app: "web" },
     });
-    await admin.create(ours("EgressGateway"), {
-      apiVersion: API_VERSION,
-      kind: "EgressGateway",
-      metadata: { name: "edge" },
-      spec: {
-        nodeSelector: { matchLabels: { egress: "true" } },
-        pool: ["192.168.77.100-192.168.77.110"],
-      },
-    });
+    await createGateway(admin, ["192.168.77.100-192.168.77.110"]);
     for (const n of ["a", "b", "c"]) {
       await admin.create(ours("EgressPolicy"), {
         apiVersion: API_VERSION,
@@ -113,24 +105,13 @@ describe("two controller processes", () => {
         },
       } as KubeObject);
     }
-    for (const node of ["node-2", "node-3"]) {
-      const r = new NodeLeaseRenewer({
-        client: cp.client("agent"),
-        namespace: SALLYPORT_NAMESPACE,
-        node,
-        clock: realClock,
-        log: silentLogger,
-        timing: TIMING,
-      });
-      r.start({ create: true });
-      renewers.push(r);
-    }
+    renewers = renewNodeLeases(cp.client("agent"), ["node-2", "node-3"], TIMING);
     startController("replica-1");
     startController("replica-2");
   });
 
   after(async () => {
-    for (const r of renewers) r.stop();
+    for (const r of renewers.values()) r.stop();
     for (const c of controllers.values()) c.kill("SIGKILL");
     await cp?.stop();
   });

@@ -21,15 +21,13 @@ import { Sandbox } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL, nodeAddress, nsRunner } from "../../src/sandbox/topology.ts";
 import { condition, eventually, type Status, type WithStatus } from "../support/kube.ts";
 import {
-  ECHO,
   NEEDS_ROOT,
   probe,
   probeUntil,
   startEcho,
-  startIn,
   stopAll,
+  stream,
   uniquePrefix,
-  waitForLine,
 } from "../support/lab.ts";
 import { TMP_PREFIX } from "../support/leaks.ts";
 
@@ -353,28 +351,12 @@ describe("the sandbox, end to end (dual stack)", { skip: NEEDS_ROOT }, () => {
     it(`restarting the agent of a ${role} node (a rolling update) breaks no connection and changes nothing in its kernel`, async () => {
       const s = await ready("drift");
       const index = role === "gateway" ? Number(s!.gatewayNode!.split("-")[1]) : 1;
-      const stream = startIn(sb.pod("web-1").netns, [
-        process.execPath,
-        ECHO,
-        "stream",
-        "--target",
-        target(4),
-        "--seconds",
-        "8",
-        "--interval",
-        "50",
-      ]);
-      const summary = waitForLine(stream, (l) => l.startsWith("{"), 30_000);
+      const summary = stream(sb.pod("web-1").netns, target(4), 8);
       await new Promise((r) => setTimeout(r, 1000));
       await sb.stopAgent(index, "SIGTERM");
       await new Promise((r) => setTimeout(r, 500));
       sb.startAgent(index);
-      const result = JSON.parse(await summary) as {
-        sent: number;
-        echoed: number;
-        reset: boolean;
-        sources: string[];
-      };
+      const result = await summary;
       assert.equal(result.reset, false, "no reset");
       assert.equal(result.echoed, result.sent, "every line came back");
       assert.deepEqual(result.sources, [EIP[4]]);

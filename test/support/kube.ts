@@ -1,5 +1,16 @@
 /** Objects a kubelet and a user would create, for tests against the real API server. */
-import { CORE, isAlreadyExists, type KubeClient, type KubeObject } from "../../src/kube/client.ts";
+import { API_VERSION } from "../../src/api/types.ts";
+import {
+  CORE,
+  isAlreadyExists,
+  type KubeClient,
+  type KubeObject,
+  ours,
+} from "../../src/kube/client.ts";
+import { type LeaseTiming, NodeLeaseRenewer } from "../../src/kube/node_lease.ts";
+import { realClock } from "../../src/lib/clock.ts";
+import { silentLogger } from "../../src/lib/log.ts";
+import { SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
 
 export async function ensureNamespace(
   client: KubeClient,
@@ -116,3 +127,35 @@ export function condition(s: Status | undefined, type: string) {
 }
 
 export type WithStatus = KubeObject & { status?: Status };
+
+/** The gateway "edge" over the nodes labelled egress=true. */
+export async function createGateway(client: KubeClient, pool: string[]): Promise<void> {
+  await client.create(ours("EgressGateway"), {
+    apiVersion: API_VERSION,
+    kind: "EgressGateway",
+    metadata: { name: "edge" },
+    spec: { nodeSelector: { matchLabels: { egress: "true" } }, pool },
+  });
+}
+
+/** What the agents of gateway-capable nodes do for liveness: renew their node leases. */
+export function renewNodeLeases(
+  client: KubeClient,
+  nodes: readonly string[],
+  timing: LeaseTiming,
+): Map<string, NodeLeaseRenewer> {
+  const renewers = new Map<string, NodeLeaseRenewer>();
+  for (const node of nodes) {
+    const r = new NodeLeaseRenewer({
+      client,
+      namespace: SALLYPORT_NAMESPACE,
+      node,
+      clock: realClock,
+      log: silentLogger,
+      timing,
+    });
+    r.start({ create: true });
+    renewers.set(node, r);
+  }
+  return renewers;
+}
