@@ -1,34 +1,41 @@
 /**
  * The node agent: watches Sallyport's own kinds, Namespaces and the Pods of its own node (never
- * all Pods, never Nodes), plans this node's datapath
- * with the engine, keeps the kernel equal to it, and reports what it programmed.
+ * all Pods, never Nodes), keeps this node's desired datapath per key, keeps the kernel equal to
+ * it, and reports what it programmed.
+ *
+ * Watch events update the keyed state (src/agent/view.ts): an event changes only its own key,
+ * and one that changes nothing this node carries (another node's status, a policy's status)
+ * costs no planning and no kernel work. The planner (engine/node_plan.ts) replans the keys that
+ * changed; the datapath applies only what differs. A full sync that re-reads the kernel runs
+ * every period whatever the event rate, and at once after a failure.
  *
  * When the API server is unreachable the caches keep their last state, so the plan, and so the
  * datapath, stays as it was; periodic syncs keep repairing drift meanwhile.
  */
 import type {
   AnyPolicy,
+  Condition,
   EgressClusterInfo,
   EgressEndpointSlice,
   EgressGateway,
   EgressNode,
 } from "../api/types.ts";
-import { eipSetName } from "../engine/names.ts";
-import { planNode } from "../engine/node_plan.ts";
+import { NodePlanner } from "../engine/node_plan.ts";
 import type { NodePlan } from "../engine/plan.ts";
-import { type PodObject, podInfo } from "../engine/snapshot.ts";
+import { type PodObject, podInfo, podKey } from "../engine/snapshot.ts";
 import type { LocalFacts, NodeConfig } from "../engine/view.ts";
 import type { Datapath, KernelState } from "../kernel/datapath.ts";
 import { localFactsFrom } from "../kernel/facts.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
 import { DEFAULT_LEASE_TIMING, type LeaseTiming, NodeLeaseRenewer } from "../kube/node_lease.ts";
-import { Reflector } from "../kube/reflector.ts";
+import { type ChangeType, objectKey, Reflector } from "../kube/reflector.ts";
 import type { Clock } from "../lib/clock.ts";
+import { deepEqual, mergePatch } from "../lib/equal.ts";
 import type { Logger } from "../lib/log.ts";
 import type { DatapathMetrics } from "../lib/metrics.ts";
 import { DatapathSync } from "./datapath_sync.ts";
 import { Fence } from "./fence.ts";
-import { buildAgentView, peerOf } from "./view.ts";
+import { AgentState } from "./view.ts";
 
 export interface AgentOptions {
   readonly client: KubeClient;
@@ -39,7 +46,7 @@ export interface AgentOptions {
   readonly clock: Clock;
   readonly log: Logger;
   readonly metrics: DatapathMetrics;
-  /** @default 10000 */
+  /** Time between full syncs (re-read the kernel, repair drift). @default 10000 */
   readonly periodMs?: number;
   readonly leaseTiming?: LeaseTiming;
   /** UDP port for gateway heartbeats. @default 7800 */
@@ -48,6 +55,9 @@ export interface AgentOptions {
 }
 
 type Obj<T> = T & KubeObject;
+
+/** EgressNode.status as this agent writes it (lastSync aside). */
+type NodeStatus = NonNullable<EgressNode["status"]>;
 
 export class Agent {
   readonly #o: AgentOptions;
@@ -61,67 +71,95 @@ export class Agent {
   readonly namespaces: Reflector<KubeObject>;
   readonly clusterInfos: Reflector<Obj<EgressClusterInfo>>;
   readonly sync: DatapathSync;
+  readonly state: AgentState;
+  readonly #planner: NodePlanner;
   readonly #renewer: NodeLeaseRenewer;
   readonly #fence: Fence;
   #facts: LocalFacts | undefined;
-  #lastState: KernelState | undefined;
-  #reported = "";
-  #reportedProgrammed: Record<string, string> = {};
-  #reporting = false;
-  #revisions: ReadonlyMap<
-    string,
-    { readonly local: string; readonly controller: string | undefined }
-  > = new Map();
+  #links: KernelState["routing"]["links"] = [];
   #programmed: Record<string, string> = {};
   #lastError: string | undefined;
+  #reporting = false;
+  #reportAgain = false;
+  /** The last status written, and the cached object's version then (its watch event is due). */
+  #written: { readonly version: string | undefined; readonly status: NodeStatus } | undefined;
+  /** Plans made, for tests and benchmarks: an event this node carries nothing of makes none. */
+  plans = 0;
 
   constructor(options: AgentOptions) {
     this.#o = options;
-    const { client, clock, log } = options;
-    const onChange = () => this.sync.trigger();
-    const make = <T extends KubeObject>(kind: Parameters<typeof ours>[0]) =>
-      new Reflector<T>({ client, resource: ours(kind), clock, log, onChange });
-    this.policies = make("EgressPolicy");
-    this.clusterPolicies = make("ClusterEgressPolicy");
-    this.gateways = make("EgressGateway");
-    this.egressNodes = new Reflector<Obj<EgressNode>>({
-      client,
-      resource: ours("EgressNode"),
-      clock,
-      log,
-      onChange: (_t, n) => {
-        if (n.metadata.name === options.node) this.#leaseFollowsCapability(n);
-        onChange();
-      },
+    const { client, clock, log, node } = options;
+    const state = new AgentState(node);
+    this.state = state;
+    this.#planner = new NodePlanner(node, options.config);
+    /** Applies a watch event to the keyed state; syncs or reports only if something changed. */
+    const handle =
+      <T extends KubeObject>(apply: (type: ChangeType, obj: T) => void) =>
+      (type: ChangeType, obj: T) => {
+        apply(type, obj);
+        if (state.planDirty) this.sync.trigger();
+        else if (state.reportDirty) this.#requestReport();
+      };
+    const make = <T extends KubeObject>(
+      kind: Parameters<typeof ours>[0],
+      apply: (type: ChangeType, obj: T) => void,
+    ) => new Reflector<T>({ client, resource: ours(kind), clock, log, onChange: handle(apply) });
+    const policy = (type: ChangeType, p: Obj<AnyPolicy>) =>
+      type === "delete" ? state.deletePolicy(p) : state.setPolicy(p);
+    this.policies = make("EgressPolicy", policy);
+    this.clusterPolicies = make("ClusterEgressPolicy", policy);
+    this.gateways = make<Obj<EgressGateway>>("EgressGateway", (type, g) =>
+      type === "delete" ? state.deleteGateway(g.metadata.name ?? "") : state.setGateway(g),
+    );
+    this.egressNodes = make<Obj<EgressNode>>("EgressNode", (type, n) => {
+      const name = n.metadata.name ?? "";
+      if (type === "delete") state.deleteEgressNode(name);
+      else state.setEgressNode(n);
+      if (name !== node) return;
+      if (type !== "delete") this.#leaseFollowsCapability(n);
+      // Our own object: a status that differs from what we hold (recreated, edited) is rewritten.
+      this.#requestReport();
     });
-    this.slices = make("EgressEndpointSlice");
-    this.clusterInfos = make("EgressClusterInfo");
+    this.slices = make<Obj<EgressEndpointSlice>>("EgressEndpointSlice", (type, s) =>
+      type === "delete" ? state.deleteSlice(s.metadata.name ?? "") : state.setSlice(s),
+    );
+    this.clusterInfos = make<Obj<EgressClusterInfo>>("EgressClusterInfo", (type, c) => {
+      if (c.metadata.name === "default") state.setClusterInfo(type === "delete" ? undefined : c);
+    });
     this.pods = new Reflector<PodObject & KubeObject>({
       client,
       resource: CORE.pods,
-      fieldSelector: `spec.nodeName=${options.node}`,
+      fieldSelector: `spec.nodeName=${node}`,
       clock,
       log,
-      onChange,
+      onChange: handle((type, p: PodObject & KubeObject) => {
+        const info = podInfo(p);
+        if (type === "delete") state.deleteLocalPod(podKey(info));
+        else state.setLocalPod(info);
+      }),
     });
     this.namespaces = new Reflector<KubeObject>({
       client,
       resource: CORE.namespaces,
       clock,
       log,
-      onChange,
+      onChange: handle((type, n: KubeObject) => {
+        const name = objectKey(n);
+        if (type === "delete") state.deleteNamespace(name);
+        else state.setNamespace(name, n.metadata.labels ?? {});
+      }),
     });
     const timing = options.leaseTiming ?? DEFAULT_LEASE_TIMING;
     this.#renewer = new NodeLeaseRenewer({
       client,
       namespace: options.namespace,
-      node: options.node,
+      node,
       clock,
       log,
       timing,
     });
     this.#fence = new Fence({
-      node: options.node,
+      node,
       clock,
       log,
       port: options.fencePort ?? 7800,
@@ -135,7 +173,7 @@ export class Agent {
           const name = n.metadata.name ?? "";
           const address =
             n.status?.underlay?.ipv4 ?? n.spec.addresses?.ipv4 ?? n.spec.addresses?.ipv6;
-          if (name !== options.node && n.spec.gatewayCapable === true && address !== undefined)
+          if (name !== node && n.spec.gatewayCapable === true && address !== undefined)
             out.set(name, address);
         }
         return out;
@@ -152,7 +190,7 @@ export class Agent {
       log,
       metrics: options.metrics,
       periodMs: options.periodMs ?? 10_000,
-      plan: (state) => this.#plan(state),
+      plan: (kernel) => this.#plan(kernel),
       onSynced: (plan) => this.#synced(plan),
     });
   }
@@ -212,69 +250,61 @@ export class Agent {
     else this.#renewer.stop();
   }
 
-  #plan(state: KernelState | undefined): NodePlan {
-    if (state !== undefined) this.#lastState = state;
-    const kernel = this.#lastState;
-    if (kernel === undefined) throw new Error("Cannot plan yet: the kernel has not been read");
-    if (state !== undefined || this.#facts === undefined) {
-      const peers = new Map(
-        [...this.egressNodes.items()].map((n) => [n.metadata.name ?? "", peerOf(n)]),
-      );
-      const self = this.egressNodes.get(this.#o.node)?.spec.addresses;
+  /** Feeds the planner the keys that changed, then plans (the planner keeps the rest). */
+  #plan(kernel: KernelState | undefined): NodePlan {
+    const state = this.state;
+    const changes = state.takeChanges();
+    if (kernel !== undefined) {
+      this.#links = kernel.routing.links;
+      const ids = this.egressNodes.get(this.#o.node)?.spec.addresses;
       this.#facts = localFactsFrom(kernel, {
         nodeAddresses: {
-          ...(self?.ipv4 === undefined ? {} : { 4: self.ipv4 }),
-          ...(self?.ipv6 === undefined ? {} : { 6: self.ipv6 }),
+          ...(ids?.ipv4 === undefined ? {} : { 4: ids.ipv4 }),
+          ...(ids?.ipv6 === undefined ? {} : { 6: ids.ipv6 }),
         },
-        peers,
+        peers: state.peers,
         rulePref: this.#o.config.rulePref,
         random: Math.random,
         underlayDevice: this.#o.underlayDevice,
       });
+      this.#planner.setLocal(this.#facts);
     }
-    const { view, revisions } = buildAgentView({
-      node: this.#o.node,
-      policies: [...this.policies.items(), ...this.clusterPolicies.items()],
-      gateways: this.gateways.items(),
-      egressNodes: this.egressNodes.items(),
-      slices: this.slices.items(),
-      localPods: [...this.pods.items()].map(podInfo),
-      namespaceLabels: new Map(
-        [...this.namespaces.items()].map((n) => [n.metadata.name ?? "", n.metadata.labels ?? {}]),
-      ),
-      clusterInfo: this.clusterInfos.get("default"),
-      config: this.#o.config,
-      local: this.#facts,
-    });
-    this.#revisions = revisions;
-    const plan = planNode(view);
-    if (!this.#fence.fenced) return plan;
+    if (this.#facts === undefined) throw new Error("Cannot plan yet: the kernel has not been read");
+    if (changes.peers) this.#planner.setPeers(state.peers);
+    if (changes.ignoreCIDRs) this.#planner.setIgnoreCIDRs(state.ignoreCIDRs);
+    for (const key of changes.policies) {
+      const view = state.view(key);
+      if (view === undefined) this.#planner.deletePolicy(key);
+      else this.#planner.setPolicy(view);
+    }
     // Fenced: keep every rule (SNAT included) but stop holding the egress IPs.
-    return {
-      ...plan,
-      eips: [],
-      ipsets: plan.ipsets.map((s) =>
-        s.name === eipSetName(4) || s.name === eipSetName(6) ? { ...s, members: [] } : s,
-      ),
-    };
+    this.#planner.setHoldEgressIPs(!this.#fence.fenced);
+    this.plans++;
+    return this.#planner.plan();
   }
 
   #synced(plan: NodePlan): void {
     this.#lastError = plan.errors.length > 0 ? plan.errors.join("; ") : undefined;
-    const programmed: Record<string, string> = {};
-    for (const [key, r] of this.#revisions) {
-      // Report only what matches the controller's revision: that is what "programmed" means.
-      if (r.controller !== undefined && r.local === r.controller) programmed[key] = r.local;
+    // Report only what matches the controller's revision: that is what "programmed" means.
+    this.#programmed = this.state.programmed();
+    this.#requestReport();
+  }
+
+  #requestReport(): void {
+    if (this.sync.lastReport === undefined) return;
+    if (this.state.reportDirty) this.#programmed = this.state.programmed();
+    if (this.#reporting) {
+      this.#reportAgain = true;
+      return;
     }
-    this.#programmed = programmed;
     void this.#report();
   }
 
-  /** EgressNode status: underlay, interfaces, what is programmed; written when it changes. */
-  async #report(): Promise<void> {
-    if (this.#reporting || this.#facts === undefined) return;
-    const u = this.#facts.underlay;
-    const interfaces = (this.#lastState?.routing.links ?? [])
+  /** The EgressNode status this node holds true now. */
+  #desiredStatus(current: NodeStatus | undefined): NodeStatus | undefined {
+    const u = this.#facts?.underlay;
+    if (u === undefined) return undefined;
+    const interfaces = this.#links
       .filter(
         (l) =>
           l.name !== "lo" &&
@@ -284,7 +314,14 @@ export class Agent {
       )
       .map((l) => ({ name: l.name, addresses: l.addresses.map((a) => a.split("/")[0]!) }))
       .slice(0, 64);
-    const status = {
+    const ready: Omit<Condition, "lastTransitionTime"> = {
+      type: "DatapathReady",
+      status: this.#lastError === undefined ? "True" : "False",
+      reason: this.#lastError === undefined ? "Synced" : "PartlyProgrammed",
+      message: this.#lastError ?? "the kernel holds this node's plan",
+    };
+    const prior = current?.conditions?.find((c) => c.type === "DatapathReady");
+    return {
       underlay: {
         interface: u.device,
         mtu: u.mtu,
@@ -296,35 +333,52 @@ export class Agent {
       repairs: this.sync.repairs,
       conditions: [
         {
-          type: "DatapathReady",
-          status: this.#lastError === undefined ? "True" : "False",
-          reason: this.#lastError === undefined ? "Synced" : "PartlyProgrammed",
-          message: this.#lastError ?? "the kernel holds this node's plan",
-          lastTransitionTime: new Date().toISOString(),
+          ...ready,
+          // Only a transition moves the time.
+          lastTransitionTime:
+            prior !== undefined && prior.status === ready.status
+              ? prior.lastTransitionTime
+              : new Date().toISOString(),
         },
       ],
     };
-    const key = JSON.stringify({
-      ...status,
-      conditions: status.conditions.map(({ lastTransitionTime: _, ...c }) => c),
-    });
-    if (key === this.#reported) return;
+  }
+
+  /**
+   * Writes EgressNode status when it differs from the cached object's (compared by content:
+   * a recreated or edited EgressNode gets its status back). One write in flight at a time.
+   */
+  async #report(): Promise<void> {
     this.#reporting = true;
     try {
-      // A merge patch merges maps: keys no longer programmed must be set to null explicitly.
-      const programmed: Record<string, string | null> = { ...status.programmed };
-      for (const k of Object.keys(this.#reportedProgrammed))
-        if (!(k in programmed)) programmed[k] = null;
-      await this.#o.client.mergePatch(
-        ours("EgressNode"),
-        this.#o.node,
-        { status: { ...status, programmed, lastSync: new Date().toISOString() } },
-        { subresource: "status" },
-      );
-      this.#reported = key;
-      this.#reportedProgrammed = status.programmed;
-    } catch (e) {
-      this.#o.log.debug({ err: (e as Error).message }, "cannot report status");
+      do {
+        this.#reportAgain = false;
+        const current = this.egressNodes.get(this.#o.node);
+        if (current === undefined) return;
+        const { lastSync: _, ...held } = current.status ?? {};
+        const desired = this.#desiredStatus(current.status);
+        if (desired === undefined || deepEqual(held, desired)) continue;
+        // Written already; the cache has not seen our write yet.
+        const version = current.metadata.resourceVersion;
+        const written = this.#written;
+        if (written?.version === version && deepEqual(written?.status, desired)) continue;
+        const patch = mergePatch(held, desired);
+        if (patch === undefined) continue;
+        try {
+          await this.#o.client.mergePatch(
+            ours("EgressNode"),
+            this.#o.node,
+            { status: { ...patch, lastSync: new Date().toISOString() } },
+            { subresource: "status" },
+          );
+          this.#written = { version, status: desired };
+        } catch (e) {
+          this.#o.log.debug({ err: (e as Error).message }, "cannot report status; retrying");
+          // The next sync or watch event of our EgressNode asks again; a failed write leaves the
+          // cached object unchanged, so it is retried then.
+          return;
+        }
+      } while (this.#reportAgain);
     } finally {
       this.#reporting = false;
     }

@@ -1,8 +1,13 @@
 /**
- * Keeps a node's kernel equal to its plan: one serialized loop that syncs on change (coalesced)
- * and every period, and tells desired changes apart from drift. A sync of an unchanged plan that
- * still changes the kernel repaired something someone else removed: that is logged with what
- * was changed, and counted.
+ * Keeps a node's kernel equal to its plan, in one serialized loop (src/lib/sync_loop.ts):
+ *
+ *  - events ask for a *partial* sync: the plan is recomputed for the keys that changed and
+ *    diffed against what the last sync applied; a plan identical to the applied one costs no
+ *    kernel command at all;
+ *  - a *full* sync re-reads the kernel every `periodMs` since the last one, whatever the event
+ *    rate, and at once after a failure: it repairs drift. A full sync of an unchanged plan that
+ *    still changes the kernel repaired something someone else removed: that is logged with what
+ *    was changed, and counted.
  */
 
 import { type NodePlan, planToJSON } from "../engine/plan.ts";
@@ -21,7 +26,7 @@ export interface DatapathSyncOptions {
   readonly datapath: Datapath;
   /**
    * Computes the plan from the latest inputs, at the start of every sync. On a full sync `state`
-   * is the kernel as just read (host facts come from it); on an event-driven one it is undefined.
+   * is the kernel as just read (host facts come from it); on a partial one it is undefined.
    */
   readonly plan: (state: KernelState | undefined) => NodePlan;
   readonly clock: Clock;
@@ -30,7 +35,7 @@ export interface DatapathSyncOptions {
   /** @default 10000 */
   readonly periodMs?: number;
   /** Called after every successful sync with the plan the kernel now holds. */
-  readonly onSynced?: (plan: NodePlan, report: SyncReport) => void;
+  readonly onSynced?: (plan: NodePlan, report: SyncReport | undefined) => void;
 }
 
 export class DatapathSync {
@@ -39,9 +44,11 @@ export class DatapathSync {
   /** The plan of the last successful sync: the kernel held it then. */
   #applied: NodePlan | undefined;
   #lastReport: SyncReport | undefined;
+  #lastFullAt: number | undefined;
   #repairs = 0;
-  /** The first sync and any after a failure read the kernel. */
-  #needFull = true;
+  /** When the oldest event not yet in the kernel arrived. */
+  #pendingSince: number | undefined;
+  #lastLatencyMs: number | undefined;
 
   constructor(options: DatapathSyncOptions) {
     this.#o = options;
@@ -49,19 +56,15 @@ export class DatapathSync {
       clock: options.clock,
       periodMs: options.periodMs ?? 10_000,
       retryMs: 1000,
-      // Events: diff against what was applied (fast); the period: re-read the kernel (repairs
-      // drift). After a failure the datapath has no mirror and reads the kernel anyway.
-      sync: ({ periodic }) => this.#sync(!periodic && !this.#needFull),
+      sync: ({ full }) => this.#sync(full),
       onError: (e) => {
-        this.#needFull = true;
-        options.metrics.syncs.inc({ result: "error" });
         options.log.error(
           {
             err: e instanceof Error ? e.message : String(e),
             step: e instanceof DatapathError ? e.step : undefined,
             input: e instanceof DatapathError ? e.input : undefined,
           },
-          "datapath sync failed; retrying",
+          "datapath sync failed; retrying with a full sync",
         );
       },
     });
@@ -75,6 +78,7 @@ export class DatapathSync {
   }
   /** Something the plan depends on changed. */
   trigger(): void {
+    this.#pendingSince ??= this.#o.clock.now();
     this.#loop.trigger();
   }
   idle(): Promise<void> {
@@ -86,45 +90,75 @@ export class DatapathSync {
   get lastReport(): SyncReport | undefined {
     return this.#lastReport;
   }
+  /** Clock time the last full sync (the one that re-reads the kernel) succeeded. */
+  get lastFullAt(): number | undefined {
+    return this.#lastFullAt;
+  }
+  /** From the first event of the last sync to the kernel holding it. */
+  get lastLatencyMs(): number | undefined {
+    return this.#lastLatencyMs;
+  }
 
-  async #sync(partial: boolean): Promise<void> {
-    const state = partial ? undefined : await this.#o.datapath.read();
-    const plan = this.#o.plan(state);
-    const report = await this.#o.datapath.sync(
-      plan,
-      state === undefined ? { partial: true } : { state },
-    );
+  async #sync(full: boolean): Promise<void> {
+    const since = this.#pendingSince;
+    this.#pendingSince = undefined;
     const m = this.#o.metrics;
-    m.syncs.inc({ result: "ok" });
-    m.duration.observe(report.durationMs / 1000);
-    m.changes.inc(report.changes);
-    m.lastSuccess.setToCurrentTime();
-    // Only a sync that re-read the kernel can find drift (a partial one diffs against what the
-    // last sync applied); it is drift when the plan is the one the kernel held already. The plans
-    // are compared here, once a period, rather than fingerprinted on every event.
-    const drift =
-      report.changes > 0 &&
-      state !== undefined &&
-      this.#applied !== undefined &&
-      planToJSON(plan) === planToJSON(this.#applied);
-    if (drift) {
-      this.#repairs += report.changes;
-      m.repairs.inc(report.changes);
-      this.#o.log.warn(
-        { repaired: report.detail, changes: report.changes },
-        "repaired datapath drift: kernel objects were changed behind the agent's back",
+    const kind = full ? "full" : "partial";
+    try {
+      const state = full ? await this.#o.datapath.read() : undefined;
+      const plan = this.#o.plan(state);
+      if (!full && plan === this.#applied) {
+        // Nothing this node carries changed: no kernel work.
+        this.#observe(since);
+        return;
+      }
+      const report = await this.#o.datapath.sync(
+        plan,
+        state !== undefined ? { state } : { partial: true },
       );
-    } else if (report.changes > 0) {
-      this.#o.log.info(
-        { changes: report.changes, detail: report.detail, ms: Math.round(report.durationMs) },
-        "datapath updated",
-      );
+      m.syncs.inc({ kind, result: "ok" });
+      m.duration.observe(report.durationMs / 1000);
+      m.changes.inc(report.changes);
+      m.lastSuccess.setToCurrentTime();
+      if (full) this.#lastFullAt = this.#o.clock.now();
+      // Only a sync that re-read the kernel can find drift (a partial one diffs against what the
+      // last sync applied); it is drift when the plan is the one the kernel held already.
+      const drift =
+        report.changes > 0 &&
+        full &&
+        this.#applied !== undefined &&
+        (plan === this.#applied || planToJSON(plan) === planToJSON(this.#applied));
+      if (drift) {
+        this.#repairs += report.changes;
+        m.repairs.inc(report.changes);
+        this.#o.log.warn(
+          { repaired: report.detail, changes: report.changes },
+          "repaired datapath drift: kernel objects were changed behind the agent's back",
+        );
+      } else if (report.changes > 0) {
+        this.#o.log.info(
+          { changes: report.changes, detail: report.detail, ms: Math.round(report.durationMs) },
+          "datapath updated",
+        );
+      }
+      if (plan.errors.join("\n") !== (this.#applied?.errors ?? []).join("\n"))
+        for (const e of plan.errors)
+          this.#o.log.error({ problem: e }, "part of the plan cannot be programmed");
+      this.#applied = plan;
+      this.#lastReport = report;
+      this.#observe(since);
+      this.#o.onSynced?.(plan, report);
+    } catch (e) {
+      m.syncs.inc({ kind, result: "error" });
+      // The events are still not in the kernel.
+      if (since !== undefined) this.#pendingSince = Math.min(since, this.#pendingSince ?? since);
+      throw e;
     }
-    for (const e of plan.errors)
-      this.#o.log.error({ problem: e }, "part of the plan cannot be programmed");
-    this.#applied = plan;
-    this.#lastReport = report;
-    this.#needFull = false;
-    this.#o.onSynced?.(plan, report);
+  }
+
+  #observe(since: number | undefined): void {
+    if (since === undefined) return;
+    this.#lastLatencyMs = this.#o.clock.now() - since;
+    this.#o.metrics.eventLatency.observe(this.#lastLatencyMs / 1000);
   }
 }

@@ -26,6 +26,7 @@ import {
   parseAddress,
   parseCidr,
 } from "../lib/ip.ts";
+import { getOrInsert } from "../lib/maps.ts";
 import {
   KEEP_MARK,
   MARK_WRITE_MASK,
@@ -67,8 +68,8 @@ import type {
   TunnelPlan,
 } from "./plan.ts";
 import { comparePrecedence } from "./precedence.ts";
-import { assignTables } from "./tables.ts";
-import type { NodeView, PeerView, PolicyView } from "./view.ts";
+import { assignTables, type TableChoice } from "./tables.ts";
+import type { LocalFacts, NodeConfig, NodeView, PeerView, PolicyView } from "./view.ts";
 
 export const CHAIN_FORWARD = "SALLYPORT-FORWARD";
 export const REPLY_TABLE_KEY = "reply";
@@ -212,27 +213,28 @@ type Decision =
   | { readonly kind: "steer"; readonly sources: string[]; readonly gateway: PeerView }
   | { readonly kind: "drop"; readonly sources: string[] };
 
-/** What `view.node` does with `policy`'s traffic of one family; undefined: nothing at all. */
+/** What `node` does with `policy`'s traffic of one family; undefined: nothing at all. */
 function decide(
-  view: NodeView,
+  node: string,
+  peers: ReadonlyMap<string, PeerView>,
   policy: PolicyView,
   family: Family,
+  families: readonly Family[],
   hasTunnel: boolean,
 ): Decision | undefined {
-  if (!policyFamilies(policy, view.config.families).includes(family)) return undefined;
+  if (!policyFamilies(policy, families).includes(family)) return undefined;
   if (policy.gatewayNode !== undefined && policy.snat[family] === undefined) return undefined;
-  const isGateway = policy.gatewayNode === view.node;
+  const isGateway = policy.gatewayNode === node;
   const sources = new Set<string>();
   for (const ep of policy.endpoints) {
-    if (isGateway || ep.node === view.node)
-      for (const c of ipsOfFamily(ep.ips, family)) sources.add(c);
+    if (isGateway || ep.node === node) for (const c of ipsOfFamily(ep.ips, family)) sources.add(c);
   }
   const sorted = normalizeCidrList(sources).map(intern);
   if (isGateway) {
     const replies: { dst: string; peer: PeerView }[] = [];
     for (const ep of policy.endpoints) {
-      if (ep.node === view.node) continue;
-      const peer = view.peers.get(ep.node);
+      if (ep.node === node) continue;
+      const peer = peers.get(ep.node);
       if (peer === undefined || peer.underlay === undefined || peer.tunnel[family] === undefined)
         continue;
       for (const c of ipsOfFamily(ep.ips, family))
@@ -241,7 +243,7 @@ function decide(
     return { kind: "gateway", sources: sorted, replies };
   }
   if (sorted.length === 0) return undefined;
-  const gateway = policy.gatewayNode === undefined ? undefined : view.peers.get(policy.gatewayNode);
+  const gateway = policy.gatewayNode === undefined ? undefined : peers.get(policy.gatewayNode);
   if (
     !hasTunnel ||
     gateway === undefined ||
@@ -253,87 +255,421 @@ function decide(
   return { kind: "steer", sources: sorted, gateway };
 }
 
-export function planNode(view: NodeView): NodePlan {
-  const { config, local } = view;
-  const families = config.families;
-  const tunnel = config.tunnelDevice;
-  const self = view.peers.get(view.node);
-  const policies = [...view.policies].sort(comparePrecedence);
-  const errors: string[] = [];
+/** What one policy contributes to this node's datapath in one family. */
+interface FamilyPart {
+  readonly decision: Decision;
+  /** The policy's sets, when this node matches sources of it (else it has no rules here). */
+  readonly src?: IpSetPlan | undefined;
+  readonly dst?: IpSetPlan | undefined;
+}
 
-  // --- the tunnel device and the sysctls the path needs
-  let tunnelPlan: TunnelPlan | undefined;
-  const underlayAddress = local.underlay.ipv4 ?? local.underlay.ipv6;
-  if (self !== undefined && underlayAddress !== undefined) {
-    const outer = parseAddress(underlayAddress).family;
-    tunnelPlan = {
-      name: tunnel,
-      vni: config.vni,
-      port: config.port,
-      local: underlayAddress,
-      parent: local.underlay.device,
-      mtu: local.underlay.mtu - VXLAN_OVERHEAD[outer],
-      mac: self.mac,
-      addresses: FAMILIES.filter((f) => families.includes(f) && self.tunnel[f] !== undefined).map(
-        (f) => hostCidr(parseAddress(self.tunnel[f]!)),
-      ),
-    };
-  } else if (self === undefined) {
-    errors.push(`Cannot build the tunnel: node ${view.node} has no identity yet (no EgressNode)`);
-  } else {
-    errors.push(`Cannot build the tunnel: node ${view.node} has no underlay address`);
-  }
+/** What one policy contributes to this node's datapath: the per-key unit of planning. */
+interface PolicyPart {
+  readonly view: PolicyView;
+  readonly families: ReadonlyMap<Family, FamilyPart>;
+  /** Peers its decisions read (its gateway node, the nodes replies go back to). */
+  readonly peers: ReadonlySet<string>;
+  /** Everything its rules, routing tables and routes depend on, except set members. */
+  readonly ruleSig: string;
+  /** Its reply destinations (gateway nodes only). */
+  readonly replySig: string;
+  /** The egress IPs it makes this node hold. */
+  readonly eipSig: string;
+}
 
-  // Peers this node must reach through the tunnel: gateway nodes it steers to, and (when it is a
-  // gateway) the nodes whose pods' replies it sends back.
-  const steerTargets = new Map<string, PeerView>();
-  const replyTargets = new Map<string, PeerView>();
-  const ipsets = new Map<string, IpSetPlan>();
-  const perFamily = new Map<Family, FamilyBuilder>();
-  const replyRoutes: { family: Family; dst: string; peer: PeerView }[] = [];
-  const eips = new Map<string, EipPlan>();
+function peerSig(p: PeerView | undefined): string {
+  if (p === undefined) return "-";
+  return `${p.name}|${p.nodeID}|${p.mac}|${p.tunnel[4] ?? ""}|${p.tunnel[6] ?? ""}|${p.underlay ?? ""}`;
+}
 
-  // First pass: what this node does with each policy's traffic, per family. The routing tables
-  // (TABLE_NUM) follow from it, and a peer that gets no table makes its traffic fail closed.
-  const decisions = new Map<string, Decision>();
-  for (const family of families) {
-    for (const policy of policies) {
-      const d = decide(view, policy, family, tunnelPlan !== undefined);
-      if (d !== undefined) decisions.set(`${family}/${policy.key}`, d);
+function sameMembers(a: readonly string[], b: readonly string[]): boolean {
+  if (a === b) return true;
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/** `next`, or `prev` when it has the same content: unchanged sets keep their identity. */
+function keepSet(prev: IpSetPlan | undefined, next: IpSetPlan): IpSetPlan {
+  if (
+    prev !== undefined &&
+    prev.name === next.name &&
+    prev.family === next.family &&
+    sameMembers(prev.members, next.members) &&
+    sameMembers(prev.nomatch, next.nomatch)
+  )
+    return prev;
+  return next;
+}
+
+function policyPart(
+  view: PolicyView,
+  node: NodeView["node"],
+  config: NodeConfig,
+  peers: ReadonlyMap<string, PeerView>,
+  hasTunnel: boolean,
+  prev: PolicyPart | undefined,
+): PolicyPart {
+  const families = new Map<Family, FamilyPart>();
+  const used = new Set<string>();
+  const sig: string[] = [view.key, String(view.priority), view.createdAt];
+  const replies: string[] = [];
+  for (const family of config.families) {
+    const d = decide(node, peers, view, family, config.families, hasTunnel);
+    if (d === undefined) continue;
+    let src: IpSetPlan | undefined;
+    let dst: IpSetPlan | undefined;
+    if (d.sources.length > 0) {
+      const srcName = policySetName("src", family, view.key);
+      const dstName = policySetName("dst", family, view.key);
+      const destinations = view.destinationCIDRs.filter((c) => familyOfText(c) === family);
+      const old = prev?.families.get(family);
+      src = keepSet(old?.src, { name: srcName, family, members: d.sources, nomatch: [] });
+      dst = keepSet(old?.dst, {
+        name: dstName,
+        family,
+        members: destinations.length > 0 ? destinations : [...ANY[family]],
+        nomatch: view.excludedCIDRs.filter((c) => familyOfText(c) === family),
+      });
+    }
+    families.set(family, { decision: d, src, dst });
+    sig.push(
+      `${family}:${d.kind}:${d.sources.length > 0}:${d.kind === "steer" ? peerSig(d.gateway) : ""}:${d.kind === "gateway" ? (view.snat[family] ?? "") : ""}`,
+    );
+    if (d.kind === "gateway") {
+      for (const r of d.replies) replies.push(`${family}>${r.dst}>${peerSig(r.peer)}`);
     }
   }
-  const tableKeys = new Set<string>();
-  for (const d of decisions.values()) {
-    if (d.kind === "steer") tableKeys.add(`node/${d.gateway.name}`);
-    if (d.kind === "gateway" && d.replies.length > 0) tableKeys.add(REPLY_TABLE_KEY);
-  }
-  const choice = assignTables([...tableKeys], {
-    range: config.tableRange,
-    used: local.usedTables,
-    existing: local.existingTables,
-    random: local.random,
-  });
-  errors.push(...choice.errors);
+  if (families.size > 0) sig.push(JSON.stringify(view.ports));
+  const holds = view.gatewayNode === node;
+  // The peers its decisions read, whether or not they are reachable now: one that appears or
+  // changes must replan this policy.
+  if (view.gatewayNode !== undefined) used.add(view.gatewayNode);
+  if (holds) for (const ep of view.endpoints) if (ep.node !== node) used.add(ep.node);
+  return {
+    view,
+    families,
+    peers: used,
+    ruleSig: families.size === 0 ? "" : sig.join("\n"),
+    replySig: replies.join("\n"),
+    eipSig: holds ? `${view.floating.join(",")}|${view.announceInterface ?? ""}` : "",
+  };
+}
 
-  for (const family of families) {
-    const fb = new FamilyBuilder();
-    perFamily.set(family, fb);
-    const ignore = ignoreSetName(family);
-    const eipSet = eipSetName(family);
-    ipsets.set(ignore, {
-      name: ignore,
-      family,
-      members: view.ignoreCIDRs.filter((c) => familyOfText(c) === family),
-      nomatch: [],
-    });
-    const held = new Set<string>();
-    for (const p of policies) {
-      if (p.gatewayNode !== view.node) continue;
-      for (const address of p.floating) {
-        if (familyOfText(address) === family) held.add(hostCidr(parseAddress(address)));
+/**
+ * The datapath of one node, planned per key: each policy's part (its decisions and sets) is
+ * recomputed only when its view or a peer it reads changes, and the plan reuses every unchanged
+ * section (sets, chains, routing) by identity, so the datapath's diff skips them by reference.
+ * An update that changes nothing this node carries returns the very same plan object.
+ *
+ * `planNode(view)` is this planner fed from scratch; the tests hold the incremental plan equal to
+ * it after any sequence of updates.
+ */
+export class NodePlanner {
+  readonly #node: string;
+  readonly #config: NodeConfig;
+  #local: LocalFacts | undefined;
+  #peers: ReadonlyMap<string, PeerView> = new Map();
+  #ignore: readonly string[] = [];
+  #holdEgressIPs = true;
+  readonly #views = new Map<string, PolicyView>();
+  readonly #parts = new Map<string, PolicyPart>();
+  readonly #dirty = new Set<string>();
+  /** peer name → keys of the policies whose parts read it */
+  readonly #readers = new Map<string, Set<string>>();
+  #order: string[] = [];
+  #orderDirty = true;
+  #hasTunnel: boolean | undefined;
+  // Sections of the last plan, and which must be rebuilt.
+  #plan: NodePlan | undefined;
+  #staticDirty = true;
+  #rulesDirty = true;
+  #routesDirty = true;
+  #eipsDirty = true;
+  #setsDirty = true;
+  #setNamesDirty = true;
+  #choiceKey = "";
+  #choice: TableChoice = { tables: new Map(), errors: [] };
+  #tunnel: TunnelPlan | undefined;
+  #tunnelErrors: string[] = [];
+  #rules: Record<Family, FamilyRules> | undefined;
+  #routing: Pick<NodePlan, "ipRules" | "routes" | "neighbors" | "fdb"> | undefined;
+  #eips: readonly EipPlan[] = [];
+  #eipSets = new Map<string, IpSetPlan>();
+  #ignoreSets = new Map<string, IpSetPlan>();
+  #setList: IpSetPlan[] = [];
+
+  constructor(node: string, config: NodeConfig) {
+    this.#node = node;
+    this.#config = config;
+  }
+
+  get node(): string {
+    return this.#node;
+  }
+
+  /** Host facts, from the last full read of the kernel. */
+  setLocal(local: LocalFacts): void {
+    if (local === this.#local) return;
+    const before = this.#local;
+    this.#local = local;
+    this.#staticDirty = true;
+    this.#eipsDirty = true;
+    if (
+      before === undefined ||
+      before.usedTables !== local.usedTables ||
+      before.existingTables !== local.existingTables
+    )
+      this.#rulesDirty = true;
+  }
+
+  /** All peers (this node included). Only the policies that read a changed peer are replanned. */
+  setPeers(peers: ReadonlyMap<string, PeerView>): void {
+    if (peers === this.#peers) return;
+    const before = this.#peers;
+    this.#peers = peers;
+    const names = new Set([...before.keys(), ...peers.keys()]);
+    for (const name of names) {
+      const a = before.get(name);
+      const b = peers.get(name);
+      if (a === b || peerSig(a) === peerSig(b)) continue;
+      if (name === this.#node) this.#staticDirty = true;
+      for (const key of this.#readers.get(name) ?? []) this.#dirty.add(key);
+    }
+  }
+
+  setPolicy(view: PolicyView): void {
+    const before = this.#views.get(view.key);
+    if (before === view) return;
+    this.#views.set(view.key, view);
+    this.#dirty.add(view.key);
+    if (
+      before === undefined ||
+      before.priority !== view.priority ||
+      before.createdAt !== view.createdAt
+    )
+      this.#orderDirty = true;
+  }
+
+  deletePolicy(key: string): void {
+    if (!this.#views.delete(key)) return;
+    this.#dirty.add(key);
+    this.#orderDirty = true;
+  }
+
+  /** The cluster's own CIDRs (both families, canonical). */
+  setIgnoreCIDRs(cidrs: readonly string[]): void {
+    if (sameMembers(cidrs, this.#ignore)) return;
+    this.#ignore = cidrs;
+    this.#ignoreSets.clear();
+    this.#setsDirty = true;
+  }
+
+  /** A fenced gateway keeps every rule (SNAT included) but stops holding its egress IPs. */
+  setHoldEgressIPs(hold: boolean): void {
+    if (hold === this.#holdEgressIPs) return;
+    this.#holdEgressIPs = hold;
+    this.#eipsDirty = true;
+  }
+
+  plan(): NodePlan {
+    const local = this.#local;
+    if (local === undefined)
+      throw new Error(`Cannot plan node ${this.#node}: its host facts are not known yet`);
+    const fresh =
+      this.#plan === undefined ||
+      this.#dirty.size > 0 ||
+      this.#orderDirty ||
+      this.#staticDirty ||
+      this.#rulesDirty ||
+      this.#routesDirty ||
+      this.#eipsDirty ||
+      this.#setsDirty;
+    if (!fresh) return this.#plan!;
+    const { families } = this.#config;
+
+    if (this.#staticDirty) this.#planTunnel(local);
+    const hasTunnel = this.#tunnel !== undefined;
+    if (hasTunnel !== this.#hasTunnel) {
+      this.#hasTunnel = hasTunnel;
+      for (const key of this.#views.keys()) this.#dirty.add(key);
+      for (const key of this.#parts.keys()) this.#dirty.add(key);
+    }
+
+    // 1. Parts of the policies that changed, or whose peers did.
+    for (const key of this.#dirty) {
+      const before = this.#parts.get(key);
+      const view = this.#views.get(key);
+      if (before !== undefined) for (const p of before.peers) this.#readers.get(p)?.delete(key);
+      if (view === undefined) {
+        if (before === undefined) continue;
+        this.#parts.delete(key);
+        this.#rulesDirty ||= before.families.size > 0;
+        this.#routesDirty ||= before.replySig !== "";
+        this.#eipsDirty ||= before.eipSig !== "";
+        this.#setNamesDirty = true;
+        continue;
+      }
+      const part = policyPart(view, this.#node, this.#config, this.#peers, hasTunnel, before);
+      this.#parts.set(key, part);
+      for (const p of part.peers) getOrInsert(this.#readers, p, () => new Set()).add(key);
+      if ((before?.ruleSig ?? "") !== part.ruleSig) this.#rulesDirty = true;
+      if (before === undefined || before.replySig !== part.replySig) this.#routesDirty = true;
+      if ((before?.eipSig ?? "") !== part.eipSig) this.#eipsDirty = true;
+      if (part.families.size > 0 || (before?.families.size ?? 0) > 0) this.#setsDirty = true;
+      if (!sameSetNames(before, part)) this.#setNamesDirty = true;
+    }
+    this.#dirty.clear();
+    if (this.#orderDirty || this.#rulesDirty) {
+      // Only policies with a part here have rules here: the others' order does not matter.
+      const order = [...this.#views.values()]
+        .filter((v) => (this.#parts.get(v.key)?.families.size ?? 0) > 0)
+        .sort(comparePrecedence)
+        .map((v) => v.key);
+      if (!sameMembers(order, this.#order)) this.#rulesDirty = true;
+      this.#order = order;
+      this.#orderDirty = false;
+    }
+
+    // 2. Routing tables (TABLE_NUM): one per gateway peer steered to, one for replies.
+    if (this.#rulesDirty || this.#routesDirty || this.#staticDirty) {
+      const keys = new Set<string>();
+      for (const part of this.#parts.values()) {
+        for (const fp of part.families.values()) {
+          const d = fp.decision;
+          if (d.kind === "steer") keys.add(`node/${d.gateway.name}`);
+          if (d.kind === "gateway" && d.replies.length > 0) keys.add(REPLY_TABLE_KEY);
+        }
+      }
+      const choiceKey = [...keys].sort().join(",");
+      if (choiceKey !== this.#choiceKey || this.#staticDirty) {
+        // Tables chosen earlier stay (the kernel may not have been re-read since): a new peer
+        // must never move another peer's routes to another table.
+        const existing = new Map(local.existingTables);
+        for (const [k, t] of this.#choice.tables) existing.set(k, t);
+        const choice = assignTables([...keys], {
+          range: this.#config.tableRange,
+          used: local.usedTables,
+          existing,
+          random: local.random,
+        });
+        if (!sameTables(choice, this.#choice)) {
+          this.#choice = choice;
+          this.#rulesDirty = true;
+          this.#routesDirty = true;
+        }
+        this.#choiceKey = choiceKey;
       }
     }
-    ipsets.set(eipSet, { name: eipSet, family, members: normalizeCidrList(held), nomatch: [] });
+
+    // 3. Rules, in precedence order: the first rule that matches a packet decides.
+    if (this.#rulesDirty || this.#staticDirty || this.#rules === undefined) {
+      const rules = {} as Record<Family, FamilyRules>;
+      for (const family of families) rules[family] = this.#familyRules(family);
+      if (this.#rules === undefined || rulesText(rules) !== rulesText(this.#rules))
+        this.#rules = rules;
+    }
+    if (this.#rulesDirty || this.#routesDirty || this.#staticDirty || this.#routing === undefined) {
+      const routing = this.#planRouting();
+      if (this.#routing === undefined || JSON.stringify(routing) !== JSON.stringify(this.#routing))
+        this.#routing = routing;
+    }
+    if (this.#eipsDirty || this.#staticDirty) this.#planEips(local);
+    if (this.#setsDirty || this.#eipsDirty || this.#setNamesDirty) this.#planSets();
+
+    const sysctls: SysctlPlan[] = [];
+    if (families.includes(4)) sysctls.push({ path: "net/ipv4/ip_forward", value: "1" });
+    if (families.includes(6)) sysctls.push({ path: "net/ipv6/conf/all/forwarding", value: "1" });
+    if (this.#tunnel !== undefined && families.includes(4)) {
+      // Requests reach a gateway, and replies reach the source node, on the tunnel while the
+      // reverse path of their source is elsewhere: strict rp_filter would drop them
+      // (spidernet-io/egressgateway#1797 on Rocky Linux, where the default is 1).
+      sysctls.push({ path: `net/ipv4/conf/${this.#tunnel.name}/rp_filter`, value: "2" });
+    }
+    const prev = this.#plan;
+    const errors = [...this.#tunnelErrors, ...this.#choice.errors];
+    this.#staticDirty = false;
+    this.#rulesDirty = false;
+    this.#routesDirty = false;
+    this.#eipsDirty = false;
+    this.#setsDirty = false;
+    this.#setNamesDirty = false;
+    if (
+      prev !== undefined &&
+      sameMembersRef(prev.ipsets, this.#setList) &&
+      prev.rules === this.#rules &&
+      prev.ipRules === this.#routing!.ipRules &&
+      prev.tunnel === this.#tunnel &&
+      prev.eips === this.#eips &&
+      prev.tables === this.#choice.tables &&
+      sameMembers(prev.errors, errors)
+    )
+      return prev;
+    this.#plan = {
+      node: this.#node,
+      ipsets:
+        prev !== undefined && sameMembersRef(prev.ipsets, this.#setList)
+          ? prev.ipsets
+          : this.#setList,
+      rules: this.#rules!,
+      ...this.#routing!,
+      tunnel: this.#tunnel,
+      eips: this.#eips,
+      sysctls:
+        prev !== undefined &&
+        sysctls.length === prev.sysctls.length &&
+        sysctls.every(
+          (s, i) => s.path === prev.sysctls[i]!.path && s.value === prev.sysctls[i]!.value,
+        )
+          ? prev.sysctls
+          : sysctls,
+      tables: this.#choice.tables,
+      errors,
+    };
+    return this.#plan;
+  }
+
+  #planTunnel(local: LocalFacts): void {
+    const self = this.#peers.get(this.#node);
+    const config = this.#config;
+    this.#tunnelErrors = [];
+    const underlayAddress = local.underlay.ipv4 ?? local.underlay.ipv6;
+    let tunnel: TunnelPlan | undefined;
+    if (self !== undefined && underlayAddress !== undefined) {
+      const outer = parseAddress(underlayAddress).family;
+      tunnel = {
+        name: config.tunnelDevice,
+        vni: config.vni,
+        port: config.port,
+        local: underlayAddress,
+        parent: local.underlay.device,
+        mtu: local.underlay.mtu - VXLAN_OVERHEAD[outer],
+        mac: self.mac,
+        addresses: FAMILIES.filter(
+          (f) => config.families.includes(f) && self.tunnel[f] !== undefined,
+        ).map((f) => hostCidr(parseAddress(self.tunnel[f]!))),
+      };
+    } else if (self === undefined) {
+      this.#tunnelErrors.push(
+        `Cannot build the tunnel: node ${this.#node} has no identity yet (no EgressNode)`,
+      );
+    } else {
+      this.#tunnelErrors.push(
+        `Cannot build the tunnel: node ${this.#node} has no underlay address`,
+      );
+    }
+    const before = this.#tunnel;
+    this.#tunnel =
+      before !== undefined && tunnel !== undefined && sameTunnel(before, tunnel) ? before : tunnel;
+  }
+
+  /** Every chain and hook of one family. Rebuilt whole when any policy's rules change. */
+  #familyRules(family: Family): FamilyRules {
+    const config = this.#config;
+    const tunnel = config.tunnelDevice;
+    const fb = new FamilyBuilder();
+    const ignore = ignoreSetName(family);
+    const eipSet = eipSetName(family);
 
     // --- static chains
     fb.hook("mangle", "PREROUTING", CHAIN_MARK_REQUEST, "sallyport: steer egress traffic");
@@ -403,38 +739,19 @@ export function planNode(view: NodeView): NodePlan {
     const snat = fb.chain("nat", CHAIN_SNAT_EIP);
 
     // --- policies, in precedence order: the first rule that matches a packet decides.
-    for (const policy of policies) {
-      const decision = decisions.get(`${family}/${policy.key}`);
-      if (decision === undefined) continue;
+    const tables = this.#choice.tables;
+    for (const key of this.#order) {
+      const part = this.#parts.get(key);
+      const fp = part?.families.get(family);
+      if (part === undefined || fp === undefined || fp.src === undefined || fp.dst === undefined)
+        continue;
+      const policy = part.view;
+      const decision = fp.decision;
       const isGateway = decision.kind === "gateway";
       const snatTo = policy.snat[family];
-      if (isGateway) {
-        for (const address of policy.floating) {
-          if (familyOfText(address) !== family || eips.has(address)) continue;
-          eips.set(address, {
-            device: eipDeviceName(address),
-            parent: policy.announceInterface ?? local.underlay.device,
-            mac: eipMac(address),
-            address,
-            family,
-          });
-        }
-      }
-      if (decision.sources.length === 0) continue;
-
-      const src = policySetName("src", family, policy.key);
-      const dst = policySetName("dst", family, policy.key);
-      const destinations = policy.destinationCIDRs.filter((c) => familyOfText(c) === family);
-      ipsets.set(src, { name: src, family, members: decision.sources, nomatch: [] });
-      ipsets.set(dst, {
-        name: dst,
-        family,
-        members: destinations.length > 0 ? destinations : [...ANY[family]],
-        nomatch: policy.excludedCIDRs.filter((c) => familyOfText(c) === family),
-      });
       const sets: SetMatch[] = [
-        { name: src, dir: "src" },
-        { name: dst, dir: "dst" },
+        { name: fp.src.name, dir: "src" },
+        { name: fp.dst.name, dir: "dst" },
         { name: ignore, dir: "dst", invert: true },
       ];
       const matches = portRules(policy.ports);
@@ -443,15 +760,8 @@ export function planNode(view: NodeView): NodePlan {
       let action: Rule["target"];
       if (decision.kind === "gateway") {
         action = { kind: "GOTO", chain: CHAIN_GATEWAY };
-        if (choice.tables.has(REPLY_TABLE_KEY)) {
-          for (const r of decision.replies) {
-            replyTargets.set(r.peer.name, r.peer);
-            replyRoutes.push({ family, dst: r.dst, peer: r.peer });
-          }
-        }
-      } else if (decision.kind === "steer" && choice.tables.has(`node/${decision.gateway.name}`)) {
+      } else if (decision.kind === "steer" && tables.has(`node/${decision.gateway.name}`)) {
         const gateway = decision.gateway;
-        steerTargets.set(gateway.name, gateway);
         const chain = fb.chain("mangle", steerChain(gateway.nodeID));
         if (chain.length === 0) {
           chain.push(
@@ -493,94 +803,230 @@ export function planNode(view: NodeView): NodePlan {
       comment: "sallyport: tunnel traffic no policy here claims",
       target: { kind: "DROP" },
     });
+    return fb.build();
   }
 
-  // --- routing: one table per gateway peer (TABLE_NUM), one for replies.
-  const ipRules: IpRulePlan[] = [];
-  const routes: RoutePlan[] = [];
-  const neighbors = new Map<string, NeighborPlan>();
-  const fdb = new Map<string, FdbPlan>();
-  const addPeer = (peer: PeerView) => {
+  /** Policy routing: one table per gateway peer (TABLE_NUM), one for replies. */
+  #planRouting(): Pick<NodePlan, "ipRules" | "routes" | "neighbors" | "fdb"> {
+    const { families, tunnelDevice: tunnel, rulePref } = this.#config;
+    const tables = this.#choice.tables;
+    const steerTargets = new Map<string, PeerView>();
+    const replyTargets = new Map<string, PeerView>();
+    const replyRoutes: { family: Family; dst: string; peer: PeerView }[] = [];
+    const replyTable = tables.get(REPLY_TABLE_KEY);
     for (const family of families) {
-      const address = peer.tunnel[family];
-      if (address === undefined) continue;
-      neighbors.set(`${family}/${address}`, { family, dev: tunnel, address, mac: peer.mac });
-    }
-    if (peer.underlay !== undefined)
-      fdb.set(peer.mac, { dev: tunnel, mac: peer.mac, dst: peer.underlay });
-  };
-  for (const peer of steerTargets.values()) {
-    const table = choice.tables.get(`node/${peer.name}`);
-    if (table === undefined) continue;
-    addPeer(peer);
-    for (const family of families) {
-      const via = peer.tunnel[family];
-      if (via === undefined) continue;
-      ipRules.push({
-        family,
-        pref: config.rulePref,
-        fwmark: nodeMark(peer.nodeID),
-        mask: MARK_WRITE_MASK,
-        table,
-      });
-      routes.push({ family, table, dst: "default", via, dev: tunnel });
-    }
-  }
-  const replyTable = choice.tables.get(REPLY_TABLE_KEY);
-  if (replyTable !== undefined) {
-    for (const peer of replyTargets.values()) addPeer(peer);
-    const seen = new Set<string>();
-    for (const { family, dst, peer } of replyRoutes) {
-      if (seen.has(dst)) continue;
-      seen.add(dst);
-      routes.push({ family, table: replyTable, dst, via: peer.tunnel[family]!, dev: tunnel });
-    }
-    for (const family of families) {
-      if (replyRoutes.some((r) => r.family === family)) {
-        ipRules.push({
-          family,
-          pref: config.rulePref,
-          fwmark: REPLY_PREFIX,
-          mask: PREFIX_MASK,
-          table: replyTable,
-        });
+      for (const key of this.#order) {
+        const d = this.#parts.get(key)?.families.get(family)?.decision;
+        if (d === undefined || d.sources.length === 0) continue;
+        if (d.kind === "steer" && tables.has(`node/${d.gateway.name}`))
+          steerTargets.set(d.gateway.name, d.gateway);
+        if (d.kind === "gateway" && replyTable !== undefined) {
+          for (const r of d.replies) {
+            replyTargets.set(r.peer.name, r.peer);
+            replyRoutes.push({ family, dst: r.dst, peer: r.peer });
+          }
+        }
       }
     }
+    const ipRules: IpRulePlan[] = [];
+    const routes: RoutePlan[] = [];
+    const neighbors = new Map<string, NeighborPlan>();
+    const fdb = new Map<string, FdbPlan>();
+    const addPeer = (peer: PeerView) => {
+      for (const family of families) {
+        const address = peer.tunnel[family];
+        if (address === undefined) continue;
+        neighbors.set(`${family}/${address}`, { family, dev: tunnel, address, mac: peer.mac });
+      }
+      if (peer.underlay !== undefined)
+        fdb.set(peer.mac, { dev: tunnel, mac: peer.mac, dst: peer.underlay });
+    };
+    for (const peer of steerTargets.values()) {
+      const table = tables.get(`node/${peer.name}`);
+      if (table === undefined) continue;
+      addPeer(peer);
+      for (const family of families) {
+        const via = peer.tunnel[family];
+        if (via === undefined) continue;
+        ipRules.push({
+          family,
+          pref: rulePref,
+          fwmark: nodeMark(peer.nodeID),
+          mask: MARK_WRITE_MASK,
+          table,
+        });
+        routes.push({ family, table, dst: "default", via, dev: tunnel });
+      }
+    }
+    if (replyTable !== undefined) {
+      for (const peer of replyTargets.values()) addPeer(peer);
+      const seen = new Set<string>();
+      for (const { family, dst, peer } of replyRoutes) {
+        if (seen.has(dst)) continue;
+        seen.add(dst);
+        routes.push({ family, table: replyTable, dst, via: peer.tunnel[family]!, dev: tunnel });
+      }
+      for (const family of families) {
+        if (replyRoutes.some((r) => r.family === family)) {
+          ipRules.push({
+            family,
+            pref: rulePref,
+            fwmark: REPLY_PREFIX,
+            mask: PREFIX_MASK,
+            table: replyTable,
+          });
+        }
+      }
+    }
+    return {
+      ipRules: ipRules.sort((a, b) => a.family - b.family || a.fwmark - b.fwmark),
+      routes: routes.sort(
+        (a, b) => a.family - b.family || a.table - b.table || compareDst(a.dst, b.dst),
+      ),
+      neighbors: [...neighbors.values()].sort(
+        (a, b) => a.family - b.family || (a.address < b.address ? -1 : 1),
+      ),
+      fdb: [...fdb.values()].sort((a, b) => (a.mac < b.mac ? -1 : 1)),
+    };
   }
 
-  const sysctls: SysctlPlan[] = [];
-  if (families.includes(4)) sysctls.push({ path: "net/ipv4/ip_forward", value: "1" });
-  if (families.includes(6)) sysctls.push({ path: "net/ipv6/conf/all/forwarding", value: "1" });
-  if (tunnelPlan !== undefined && families.includes(4)) {
-    // Requests reach a gateway, and replies reach the source node, on the tunnel while the
-    // reverse path of their source is elsewhere: strict rp_filter would drop them
-    // (spidernet-io/egressgateway#1797 on Rocky Linux, where the default is 1).
-    sysctls.push({ path: `net/ipv4/conf/${tunnel}/rp_filter`, value: "2" });
+  /** The egress IPs this node holds: a device each, and the sets that protect them. */
+  #planEips(local: LocalFacts): void {
+    const { families } = this.#config;
+    const eips = new Map<string, EipPlan>();
+    this.#eipSets = new Map();
+    for (const family of families) {
+      const held = new Set<string>();
+      for (const view of this.#views.values()) {
+        if (view.gatewayNode !== this.#node) continue;
+        for (const address of view.floating)
+          if (familyOfText(address) === family) held.add(hostCidr(parseAddress(address)));
+      }
+      const name = eipSetName(family);
+      this.#eipSets.set(name, {
+        name,
+        family,
+        members: this.#holdEgressIPs ? normalizeCidrList(held) : [],
+        nomatch: [],
+      });
+      if (!this.#holdEgressIPs) continue;
+      for (const key of this.#order) {
+        const part = this.#parts.get(key);
+        if (part?.families.get(family)?.decision.kind !== "gateway") continue;
+        for (const address of part.view.floating) {
+          if (familyOfText(address) !== family || eips.has(address)) continue;
+          eips.set(address, {
+            device: eipDeviceName(address),
+            parent: part.view.announceInterface ?? local.underlay.device,
+            mac: eipMac(address),
+            address,
+            family,
+          });
+        }
+      }
+    }
+    const list = [...eips.values()].sort((a, b) => (a.device < b.device ? -1 : 1));
+    this.#eips = sameEips(this.#eips, list) ? this.#eips : list;
   }
 
-  const sortedIpsets = [...ipsets.values()].sort((a, b) =>
-    a.name < b.name ? -1 : a.name > b.name ? 1 : 0,
+  /** Every set, sorted by name; unchanged sets keep their identity. */
+  #planSets(): void {
+    const byName = new Map<string, IpSetPlan>();
+    for (const family of this.#config.families) {
+      const ignore = ignoreSetName(family);
+      let set = this.#ignoreSets.get(ignore);
+      if (set === undefined) {
+        set = {
+          name: ignore,
+          family,
+          members: this.#ignore.filter((c) => familyOfText(c) === family),
+          nomatch: [],
+        };
+        this.#ignoreSets.set(ignore, set);
+      }
+      byName.set(ignore, set);
+      const eip = this.#eipSets.get(eipSetName(family));
+      if (eip !== undefined) byName.set(eip.name, eip);
+    }
+    for (const part of this.#parts.values()) {
+      for (const fp of part.families.values()) {
+        if (fp.src !== undefined) byName.set(fp.src.name, fp.src);
+        if (fp.dst !== undefined) byName.set(fp.dst.name, fp.dst);
+      }
+    }
+    const prev = this.#setList;
+    const previous = prev.map((s) => byName.get(s.name));
+    const list =
+      previous.length === byName.size && previous.every((s) => s !== undefined)
+        ? (previous as IpSetPlan[])
+        : [...byName.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    for (let i = 0; i < list.length; i++) {
+      const before = prev[i];
+      if (before !== undefined) list[i] = keepSet(before, list[i]!);
+    }
+    this.#setList = sameMembersRef(prev, list) ? prev : list;
+  }
+}
+
+/** Rules as comparable text: Maps become entry lists. */
+function rulesText(rules: Record<Family, FamilyRules>): string {
+  return JSON.stringify(rules, (_k, v: unknown) => (v instanceof Map ? [...v.entries()] : v));
+}
+
+function sameSetNames(a: PolicyPart | undefined, b: PolicyPart): boolean {
+  if (a === undefined) return b.families.size === 0;
+  for (const family of [4, 6] as const) {
+    const x = a.families.get(family);
+    const y = b.families.get(family);
+    if ((x?.src === undefined) !== (y?.src === undefined)) return false;
+  }
+  return true;
+}
+
+function sameMembersRef<T>(a: readonly T[], b: readonly T[]): boolean {
+  if (a === b) return true;
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+function sameTables(a: TableChoice, b: TableChoice): boolean {
+  if (a.tables.size !== b.tables.size || a.errors.length !== b.errors.length) return false;
+  for (const [k, v] of a.tables) if (b.tables.get(k) !== v) return false;
+  return a.errors.every((e, i) => e === b.errors[i]);
+}
+
+function sameTunnel(a: TunnelPlan, b: TunnelPlan): boolean {
+  return (
+    a.name === b.name &&
+    a.vni === b.vni &&
+    a.port === b.port &&
+    a.local === b.local &&
+    a.parent === b.parent &&
+    a.mtu === b.mtu &&
+    a.mac === b.mac &&
+    sameMembers(a.addresses, b.addresses)
   );
-  const rules = {} as Record<Family, FamilyRules>;
-  for (const family of families) rules[family] = perFamily.get(family)!.build();
-  return {
-    node: view.node,
-    ipsets: sortedIpsets,
-    rules,
-    ipRules: ipRules.sort((a, b) => a.family - b.family || a.fwmark - b.fwmark),
-    routes: routes.sort(
-      (a, b) => a.family - b.family || a.table - b.table || compareDst(a.dst, b.dst),
-    ),
-    tunnel: tunnelPlan,
-    neighbors: [...neighbors.values()].sort(
-      (a, b) => a.family - b.family || (a.address < b.address ? -1 : 1),
-    ),
-    fdb: [...fdb.values()].sort((a, b) => (a.mac < b.mac ? -1 : 1)),
-    eips: [...eips.values()].sort((a, b) => (a.device < b.device ? -1 : 1)),
-    sysctls,
-    tables: choice.tables,
-    errors,
-  };
+}
+
+function sameEips(a: readonly EipPlan[], b: readonly EipPlan[]): boolean {
+  return (
+    a.length === b.length &&
+    a.every((x, i) => {
+      const y = b[i]!;
+      return x.device === y.device && x.parent === y.parent && x.address === y.address;
+    })
+  );
+}
+
+/** The datapath `view.node` must carry: the planner fed from scratch. */
+export function planNode(view: NodeView): NodePlan {
+  const planner = new NodePlanner(view.node, view.config);
+  planner.setLocal(view.local);
+  planner.setPeers(view.peers);
+  for (const p of view.policies) planner.setPolicy(p);
+  planner.setIgnoreCIDRs(view.ignoreCIDRs);
+  return planner.plan();
 }
 
 function compareDst(a: string, b: string): number {

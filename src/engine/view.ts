@@ -102,7 +102,46 @@ export interface NodeView {
  * controller writes it to the policy's status; an agent reports it as programmed once its
  * kernel holds what that revision describes.
  */
+const revisions = new WeakMap<PolicyView, string>();
+
 export function policyRevision(policy: PolicyView): string {
+  let revision = revisions.get(policy);
+  if (revision === undefined) {
+    revision = computeRevision(policy);
+    revisions.set(policy, revision);
+  }
+  return revision;
+}
+
+/**
+ * The nodes whose datapath carries a policy: where its pods run, and the node holding its egress
+ * IP. The controller waits for these to report the policy's revision; an agent reports it only
+ * when it is one of them. One definition for both, so that "programmed" means one thing.
+ */
+export function policyTargets(policy: PolicyView): string[] {
+  const target = new Set(policy.endpoints.map((e) => e.node));
+  if (policy.gatewayNode !== undefined) target.add(policy.gatewayNode);
+  return [...target].sort();
+}
+
+/**
+ * What `node` reports for a policy once its kernel holds `policy`: the revision, when the node
+ * is a target and the revision is the one the controller published (the same view). Undefined:
+ * nothing to report.
+ */
+export function reportedRevision(
+  policy: PolicyView,
+  node: string,
+  controllerRevision: string | undefined,
+): string | undefined {
+  if (controllerRevision === undefined) return undefined;
+  if (policy.gatewayNode !== node && !policy.endpoints.some((e) => e.node === node))
+    return undefined;
+  const local = policyRevision(policy);
+  return local === controllerRevision ? local : undefined;
+}
+
+function computeRevision(policy: PolicyView): string {
   const h = createHash("sha256");
   h.update(
     JSON.stringify([

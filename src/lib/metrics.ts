@@ -8,8 +8,14 @@ export function datapathMetrics(registry: Registry) {
   return {
     syncs: new Counter({
       name: "sallyport_datapath_syncs_total",
-      help: "Datapath syncs by result (ok, error)",
-      labelNames: ["result"],
+      help: "Datapath syncs by kind (full: re-read the kernel; partial: on events) and result (ok, error)",
+      labelNames: ["kind", "result"],
+      registers: [registry],
+    }),
+    eventLatency: new Histogram({
+      name: "sallyport_datapath_event_to_kernel_seconds",
+      help: "From the first event a sync covers to the kernel holding its result (planning included)",
+      buckets: [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
       registers: [registry],
     }),
     repairs: new Counter({

@@ -1,41 +1,75 @@
 /**
- * One serialized sync loop (kube-proxy's BoundedFrequencyRunner, simplified): requests are
- * coalesced, one sync runs at a time, a sync runs at least every `periodMs` even when nothing
- * changed (that is what repairs drift), and a failed sync is retried after `retryMs`. Time comes
- * from an injected clock so that tests never sleep.
+ * One serialized sync loop with two kinds of sync, as kube-proxy's nftables proxier runs them:
+ *
+ *  - a *partial* sync when something changed (`trigger()`): requests are coalesced, one sync runs
+ *    at a time, at least `minIntervalMs` apart (BoundedFrequencyRunner's minimum interval);
+ *  - a *full* sync (the one that re-reads the world and so repairs drift) every `periodMs` since
+ *    the last full sync started, and at once after any failure (kube-proxy's `needFullSync`).
+ *
+ * Time decides when a full sync is due, never the absence of events: a trigger never moves the
+ * full sync's deadline, and a sync that starts after the deadline is a full one whatever asked
+ * for it. (The previous loop ran its periodic sync only when no event was pending and re-armed
+ * the period on every trigger, so a pod relabelled every 2 s postponed drift repair for ever.)
+ *
+ * Failures are retried with exponential backoff (`retryMs` doubling up to `maxRetryMs`); the
+ * retry is full. Time comes from an injected clock so that tests never sleep.
  */
 import type { Clock, Timer } from "./clock.ts";
 
+export interface SyncRequest {
+  /** Re-read the world: the period elapsed, nothing was synced yet, or the last sync failed. */
+  readonly full: boolean;
+}
+
 export interface SyncLoopOptions {
-  /** `periodic`: nothing asked for this sync, the period elapsed (a full check is due). */
-  readonly sync: (reason: { readonly periodic: boolean }) => Promise<void>;
+  readonly sync: (request: SyncRequest) => Promise<void>;
   readonly clock: Clock;
-  /** @default 10000 */
+  /** Time between the starts of two full syncs. @default 10000 */
   readonly periodMs?: number;
   /** Shortest gap between the end of one sync and the start of the next. @default 0 */
   readonly minIntervalMs?: number;
-  /** @default 1000 */
+  /** First retry delay after a failure; doubles per consecutive failure. @default 1000 */
   readonly retryMs?: number;
+  /** @default periodMs */
+  readonly maxRetryMs?: number;
   readonly onError?: (error: unknown) => void;
 }
 
 export class SyncLoop {
-  readonly #o: Required<Omit<SyncLoopOptions, "onError">> & Pick<SyncLoopOptions, "onError">;
+  readonly #sync: SyncLoopOptions["sync"];
+  readonly #clock: Clock;
+  readonly #periodMs: number;
+  readonly #minIntervalMs: number;
+  readonly #retryMs: number;
+  readonly #maxRetryMs: number;
+  readonly #onError: SyncLoopOptions["onError"];
   #running = false;
   #pending = false;
+  #needFull = true;
   #stopped = true;
   #timer: Timer | undefined;
   #dueAt = Number.POSITIVE_INFINITY;
   #lastEnd = Number.NEGATIVE_INFINITY;
+  #lastFullStart = Number.NEGATIVE_INFINITY;
+  #retryAt = Number.NEGATIVE_INFINITY;
+  #failures = 0;
   #idle: (() => void)[] = [];
 
   constructor(options: SyncLoopOptions) {
-    this.#o = { periodMs: 10_000, minIntervalMs: 0, retryMs: 1000, ...options };
+    this.#sync = options.sync;
+    this.#clock = options.clock;
+    this.#periodMs = options.periodMs ?? 10_000;
+    this.#minIntervalMs = options.minIntervalMs ?? 0;
+    this.#retryMs = options.retryMs ?? 1000;
+    this.#maxRetryMs = options.maxRetryMs ?? this.#periodMs;
+    this.#onError = options.onError;
   }
 
   start(): void {
     this.#stopped = false;
-    this.trigger();
+    this.#needFull = true;
+    this.#pending = true;
+    this.#reschedule();
   }
 
   stop(): void {
@@ -43,15 +77,26 @@ export class SyncLoop {
     this.#pending = false;
     this.#timer?.cancel();
     this.#timer = undefined;
+    this.#dueAt = Number.POSITIVE_INFINITY;
     for (const r of this.#idle.splice(0)) r();
   }
 
-  /** Asks for a sync soon; many requests before it starts make one sync. */
+  /** Asks for a partial sync soon; many requests before it starts make one sync. */
   trigger(): void {
     if (this.#stopped) return;
     this.#pending = true;
-    if (this.#running) return;
-    this.#schedule(Math.max(0, this.#lastEnd + this.#o.minIntervalMs - this.#o.clock.now()));
+    if (!this.#running) this.#reschedule();
+  }
+
+  /** Asks for a full sync soon (e.g. after the world was found to differ from what we hold). */
+  requestFull(): void {
+    this.#needFull = true;
+    this.trigger();
+  }
+
+  /** Consecutive failed syncs (0 after a success). */
+  get failures(): number {
+    return this.#failures;
   }
 
   /** Resolves when no sync is running or pending. */
@@ -60,12 +105,21 @@ export class SyncLoop {
     return new Promise((r) => this.#idle.push(r));
   }
 
-  #schedule(delay: number): void {
-    const at = this.#o.clock.now() + delay;
-    if (this.#timer !== undefined && this.#dueAt <= at) return;
+  /** When the next sync may start: the earlier of a pending request and the full-sync deadline. */
+  #nextAt(): number {
+    const fullAt = this.#needFull ? this.#retryAt : this.#lastFullStart + this.#periodMs;
+    if (!this.#pending) return Math.max(fullAt, this.#retryAt);
+    const partialAt = Math.max(this.#lastEnd + this.#minIntervalMs, this.#retryAt);
+    return Math.min(partialAt, Math.max(fullAt, this.#retryAt));
+  }
+
+  #reschedule(): void {
+    if (this.#stopped) return;
+    const at = Math.max(this.#clock.now(), this.#nextAt());
+    if (this.#timer !== undefined && this.#dueAt === at) return;
     this.#timer?.cancel();
     this.#dueAt = at;
-    this.#timer = this.#o.clock.after(delay, () => {
+    this.#timer = this.#clock.after(at - this.#clock.now(), () => {
       this.#timer = undefined;
       this.#dueAt = Number.POSITIVE_INFINITY;
       void this.#run();
@@ -74,22 +128,30 @@ export class SyncLoop {
 
   async #run(): Promise<void> {
     if (this.#stopped || this.#running) return;
-    const periodic = !this.#pending;
+    const started = this.#clock.now();
+    const full = this.#needFull || started >= this.#lastFullStart + this.#periodMs;
     this.#running = true;
     this.#pending = false;
-    let next = this.#o.periodMs;
     try {
-      await this.#o.sync({ periodic });
+      await this.#sync({ full });
+      this.#failures = 0;
+      this.#retryAt = Number.NEGATIVE_INFINITY;
+      if (full) {
+        this.#needFull = false;
+        this.#lastFullStart = started;
+      }
     } catch (e) {
-      next = this.#o.retryMs;
-      this.#o.onError?.(e);
+      this.#failures++;
+      this.#needFull = true;
+      const delay = Math.min(this.#maxRetryMs, this.#retryMs * 2 ** (this.#failures - 1));
+      this.#retryAt = this.#clock.now() + delay;
+      this.#onError?.(e);
     } finally {
       this.#running = false;
-      this.#lastEnd = this.#o.clock.now();
+      this.#lastEnd = this.#clock.now();
     }
     if (this.#stopped) return;
-    if (this.#pending) this.#schedule(Math.min(next, this.#o.minIntervalMs));
-    else this.#schedule(next);
+    this.#reschedule();
     if (!this.#pending) for (const r of this.#idle.splice(0)) r();
   }
 }

@@ -11,6 +11,7 @@ function loop(options: {
 }) {
   const clock = new FakeClock();
   const starts: number[] = [];
+  const kinds: ("full" | "partial")[] = [];
   const errors: unknown[] = [];
   const l = new SyncLoop({
     clock,
@@ -18,14 +19,15 @@ function loop(options: {
     minIntervalMs: options.minIntervalMs ?? 0,
     retryMs: 1000,
     onError: (e) => errors.push(e),
-    sync: async () => {
+    sync: async ({ full }) => {
       starts.push(clock.now());
+      kinds.push(full ? "full" : "partial");
       if (options.syncMs !== undefined)
         await new Promise<void>((r) => clock.after(options.syncMs!, r));
       if (options.fail?.()) throw new Error("boom");
     },
   });
-  return { clock, starts, errors, l };
+  return { clock, starts, kinds, errors, l };
 }
 
 describe("SyncLoop", () => {
@@ -66,6 +68,44 @@ describe("SyncLoop", () => {
     await clock.advance(1500);
     assert.deepEqual(starts, [0, 1000]);
     assert.equal(errors.length, 1);
+    l.stop();
+  });
+
+  it("runs full syncs on their own clock however often events arrive", async () => {
+    // A pod relabelled every second must not postpone drift repair (issue: it starved for 80 s).
+    const { clock, starts, kinds, l } = loop({ periodMs: 10_000 });
+    l.start();
+    for (let t = 0; t < 35_000; t += 1000) {
+      await clock.advance(1000);
+      l.trigger();
+    }
+    const fullAt = starts.filter((_, i) => kinds[i] === "full");
+    assert.deepEqual(fullAt, [0, 10_000, 20_000, 30_000]);
+    assert.ok(kinds.filter((k) => k === "partial").length >= 30, "events still sync at once");
+    l.stop();
+  });
+
+  it("makes the sync after a failure a full one, with backoff between failures", async () => {
+    let failures = 3;
+    const { clock, starts, kinds, l } = loop({ fail: () => failures-- > 0 });
+    l.start();
+    await clock.advance(8000);
+    assert.deepEqual(starts, [0, 1000, 3000, 7000]);
+    assert.deepEqual(kinds, ["full", "full", "full", "full"]);
+    l.trigger();
+    await clock.advance(1);
+    assert.equal(kinds.at(-1), "partial", "after a success, events sync partially again");
+    l.stop();
+  });
+
+  it("syncs partially on events between full syncs", async () => {
+    const { clock, starts, kinds, l } = loop({ periodMs: 10_000 });
+    l.start();
+    await clock.advance(2000);
+    l.trigger();
+    await clock.advance(1);
+    assert.deepEqual(starts, [0, 2000]);
+    assert.deepEqual(kinds, ["full", "partial"]);
     l.stop();
   });
 

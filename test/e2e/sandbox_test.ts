@@ -367,7 +367,7 @@ describe("the sandbox, end to end (dual stack)", { skip: NEEDS_ROOT }, () => {
             "-s",
             "http://127.0.0.1:9091/metrics",
           ]).catch(() => ""),
-        (m) => /sallyport_datapath_syncs_total\{result="ok"\} [2-9]/.test(m),
+        (m) => /sallyport_datapath_syncs_total\{kind="full",result="ok"\} [2-9]/.test(m),
         20_000,
       );
       assert.match(
