@@ -1,6 +1,8 @@
 /**
  * Engine benchmark: the controller's full computation for 10,000 policies × 100,000 pods ×
- * 1,000 nodes, one pod added incrementally, and the datapath plan of the busiest gateway node.
+ * 1,000 nodes; then, incrementally, one pod added, one gateway node holding egress IPs losing its
+ * lease (new placements and statuses: the failover path), one policy added; and the datapath plan
+ * of the busiest gateway node. Each incremental figure is the median of several runs.
  *
  * Shape: 1,000 namespaces × 100 pods; 10 policies per namespace, 9 selecting one app each and one
  * selecting the whole namespace (so every pod is in two overlapping policies); 8 gateway nodes;
@@ -105,8 +107,45 @@ export async function run() {
     engine!.compute();
     onePod.push(performance.now() - t0);
   }
+  // Lease loss: the gateway node holding the most egress IPs goes; it comes back untimed (without
+  // failback nothing moves back, so the next victim is again the busiest node).
+  const leaseLoss: number[] = [];
+  const moved: number[] = [];
+  for (let i = 0; i < 7; i++) {
+    const before = engine!.compute();
+    const load = new Map<string, number>();
+    for (const p of before.policies.values())
+      if (p.gatewayNode !== undefined) load.set(p.gatewayNode, (load.get(p.gatewayNode) ?? 0) + 1);
+    const victim = [...load].sort((a, b) => b[1] - a[1])[0]![0];
+    const healthy = new Set(s.healthy);
+    healthy.delete(victim);
+    const t0 = performance.now();
+    engine!.setHealthy(healthy);
+    const after = engine!.compute();
+    leaseLoss.push(performance.now() - t0);
+    let n = 0;
+    for (const [key, p] of after.policies)
+      if (before.policies.get(key)?.gatewayNode !== p.gatewayNode) n++;
+    moved.push(n);
+    engine!.setHealthy(s.healthy);
+    engine!.compute();
+  }
+  const policyAdd: number[] = [];
+  for (let i = 0; i < 9; i++) {
+    const p = policy(
+      `ns-${i * 7}`,
+      "added",
+      { podSelector: { matchLabels: { app: "app-4" } }, destinationCIDRs: ["203.0.113.0/24"] },
+      { created: "2026-02-01T00:00:00Z" },
+    );
+    const t0 = performance.now();
+    engine!.setPolicy(p);
+    engine!.compute();
+    policyAdd.push(performance.now() - t0);
+  }
   const outcome = engine!.compute();
   peakHeap = Math.max(peakHeap, heapMB());
+  console.error(`lease loss moved ${median(moved)} policies (median)`);
   const local = localFacts({ ipv4: "192.0.0.10" });
   const t0 = performance.now();
   const gwPlan = planNode(
@@ -126,6 +165,9 @@ export async function run() {
     nodes: s.nodes.length,
     fullMs: Math.round(median(fulls)),
     onePodMs: Number(median(onePod).toFixed(3)),
+    leaseLossMs: Number(median(leaseLoss).toFixed(1)),
+    leaseLossMoved: median(moved),
+    policyAddMs: Number(median(policyAdd).toFixed(2)),
     gatewayPlanMs: Math.round(gatewayPlanMs),
     nodePlanMs: Math.round(nodePlanMs),
     heapMB: Math.round(peakHeap),

@@ -1,7 +1,9 @@
 /** Cluster engine: allocation, placement, failover, precedence. Address plan: see ./testing.ts. */
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
+import { isDeepStrictEqual } from "node:util";
 import fc from "fast-check";
+import { type AnyPolicy, type EgressGateway, policyKey } from "../api/types.ts";
 import {
   ClusterEngine,
   type ClusterOutcome,
@@ -12,7 +14,16 @@ import {
 import { policySetName } from "./names.ts";
 import { planNode } from "./node_plan.ts";
 import { nodeViewFromOutcome } from "./node_view.ts";
-import type { PodInfo, PreviousPolicy, Snapshot } from "./snapshot.ts";
+import {
+  DEFAULT_CLUSTER_CONFIG,
+  type NamespaceInfo,
+  type NodeInfo,
+  type NodeReport,
+  type PodInfo,
+  type PreviousPolicy,
+  podKey,
+  type Snapshot,
+} from "./snapshot.ts";
 import { clusterPolicy, gateway, localFacts, node, pod, policy, snapshot } from "./testing.ts";
 import { tracePacket } from "./trace.ts";
 
@@ -711,6 +722,499 @@ describe("computeCluster() properties", () => {
           assert.equal(new Set(names).size, names.length);
         },
       ),
+    );
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// The incremental engine against the oracle, over random sequences of every kind of change.
+//
+// Universe: nodes node-1..node-5, dual stack, IPv4 or IPv6 only (so that changing nodes changes
+// the cluster's families), renumbered now and then; gateways "edge" (egress=true, small pools)
+// and "alt" (zone=b, optional namespace guard); namespaces team-a and team-b; policies named
+// p1..p5 in either namespace or cluster-wide, of every mode, with valid and invalid specs.
+
+const UNIVERSE_NODES = ["node-1", "node-2", "node-3", "node-4", "node-5"];
+
+function universeNode(
+  name: string,
+  egress: boolean,
+  zone: "a" | "b",
+  stack: "dual" | "v4" | "v6" = "dual",
+  renumbered = false,
+) {
+  const i = Number(name.slice(5)) + (renumbered ? 40 : 10);
+  return node(name, {
+    ...(stack !== "v6" ? { ipv4: `192.168.0.${i}` } : {}),
+    ...(stack !== "v4" ? { ipv6: `fd00:192:168::${i}` } : {}),
+    labels: { ...(egress ? { egress: "true" } : {}), zone },
+    podCIDRs: [`172.29.${i}.0/24`],
+  });
+}
+
+const arbGateway = fc.record({
+  name: fc.constantFrom("edge", "alt"),
+  pool: fc.constantFrom("full", "small", "none"),
+  failback: fc.boolean(),
+  guard: fc.boolean(),
+});
+
+const arbPolicySpec = fc.record({
+  scope: fc.constantFrom("team-a", "team-b", "cluster"),
+  name: fc.constantFrom("p1", "p2", "p3", "p4", "p5"),
+  gateway: fc.constantFrom("edge", "edge", "edge", "alt", "alt", "nope"),
+  app: fc.constantFrom("web", "db", undefined),
+  priority: fc.integer({ min: 0, max: 3 }),
+  day: fc.integer({ min: 1, max: 9 }),
+  dest: fc.constantFrom<string[]>(
+    [],
+    ["203.0.113.0/24"],
+    ["198.51.100.0/24"],
+    ["2001:db8::/64"],
+    ["203.0.113.0/24", "2001:db8::/64"],
+  ),
+  mode: fc.constantFrom(
+    "pool",
+    "pool",
+    "pool",
+    "explicit",
+    "explicit2",
+    "outside",
+    "nodeIP",
+    "interface",
+  ),
+  nodeSelector: fc.constantFrom(undefined, { egress: "true" }, { zone: "a" }),
+  prodOnly: fc.boolean(),
+  ports: fc.constantFrom<{ protocol: "TCP"; port: number }[]>([], [{ protocol: "TCP", port: 443 }]),
+  invalid: fc.integer({ min: 0, max: 15 }),
+});
+
+type PolicySpecInput = typeof arbPolicySpec extends fc.Arbitrary<infer T> ? T : never;
+
+function universePolicy(s: PolicySpecInput, generation: number): AnyPolicy {
+  const v6 = s.dest.some((d) => d.includes(":"));
+  const v4 = s.dest.length === 0 || s.dest.some((d) => !d.includes(":"));
+  const pick = (a: string, b: string) => [...(v4 ? [a] : []), ...(v6 ? [b] : [])];
+  const spec = {
+    gateway: s.gateway,
+    ...(s.app === undefined ? {} : { podSelector: { matchLabels: { app: s.app } } }),
+    priority: s.priority,
+    ...(s.dest.length > 0 ? { destinationCIDRs: s.dest } : {}),
+    ...(s.mode === "explicit" ? { egressIP: pick("10.168.60.105", "fd00:a::105") } : {}),
+    ...(s.mode === "explicit2" ? { egressIP: pick("10.168.60.104", "fd00:a::105") } : {}),
+    ...(s.mode === "outside" ? { egressIP: pick("10.9.9.9", "fd00:9::9") } : {}),
+    ...(s.mode === "nodeIP" ? { useNodeIP: true } : {}),
+    ...(s.mode === "interface" ? { interface: "eth1" } : {}),
+    ...(s.nodeSelector === undefined ? {} : { nodeSelector: { matchLabels: s.nodeSelector } }),
+    ...(s.ports.length > 0 ? { ports: s.ports } : {}),
+    // Now and then an invalid spec: egressIP and interface together.
+    ...(s.invalid === 0 ? { egressIP: ["10.168.60.101"], interface: "eth1" } : {}),
+  };
+  const meta = { created: `2026-01-0${s.day}T00:00:00Z`, generation };
+  if (s.scope === "cluster") {
+    return clusterPolicy(
+      s.name,
+      {
+        ...spec,
+        namespaceSelector: s.prodOnly ? { matchLabels: { env: "prod" } } : {},
+        podSelector: spec.podSelector ?? {},
+      },
+      meta,
+    );
+  }
+  return policy(s.scope, s.name, spec, meta);
+}
+
+function universeGateway(g: typeof arbGateway extends fc.Arbitrary<infer T> ? T : never) {
+  const pools = {
+    edge: {
+      full: ["10.168.60.100-10.168.60.105", "fd00:a::100-fd00:a::105"],
+      small: ["10.168.60.104-10.168.60.105", "fd00:a::105"],
+      none: undefined,
+    },
+    alt: {
+      full: ["10.168.61.100-10.168.61.103", "fd00:b::100-fd00:b::103"],
+      small: ["10.168.61.100"],
+      none: undefined,
+    },
+  };
+  const pool = pools[g.name as "edge" | "alt"][g.pool as "full" | "small" | "none"];
+  return gateway(g.name, {
+    selector: g.name === "edge" ? { egress: "true" } : { zone: "b" },
+    ...(pool === undefined ? {} : { pool }),
+    failback: g.failback,
+    ...(g.guard ? { namespaces: { env: "prod" } } : {}),
+  });
+}
+
+const arbOp = fc.oneof(
+  {
+    weight: 4,
+    arbitrary: fc.record({
+      t: fc.constant("pod" as const),
+      ns: fc.constantFrom("team-a", "team-b"),
+      name: fc.constantFrom("w1", "w2", "w3", "w4", "w5", "w6"),
+      node: fc.constantFrom(...UNIVERSE_NODES),
+      app: fc.constantFrom("web", "db"),
+      octet: fc.integer({ min: 1, max: 9 }),
+      running: fc.integer({ min: 0, max: 6 }),
+    }),
+  },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      t: fc.constant("deletePod" as const),
+      ns: fc.constantFrom("team-a", "team-b"),
+      name: fc.constantFrom("w1", "w2", "w3", "w4", "w5", "w6"),
+    }),
+  },
+  { weight: 5, arbitrary: fc.record({ t: fc.constant("policy" as const), spec: arbPolicySpec }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({ t: fc.constant("deletePolicy" as const), pick: fc.nat() }),
+  },
+  { weight: 1, arbitrary: fc.record({ t: fc.constant("statusOnly" as const), pick: fc.nat() }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      t: fc.constant("node" as const),
+      name: fc.constantFrom(...UNIVERSE_NODES),
+      egress: fc.boolean(),
+      zone: fc.constantFrom("a" as const, "b" as const),
+      stack: fc.constantFrom("dual" as const, "dual" as const, "v4" as const, "v6" as const),
+      renumbered: fc.boolean(),
+    }),
+  },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      t: fc.constant("deleteNode" as const),
+      name: fc.constantFrom(...UNIVERSE_NODES),
+    }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      t: fc.constant("namespace" as const),
+      ns: fc.constantFrom("team-a", "team-b"),
+      prod: fc.boolean(),
+    }),
+  },
+  {
+    weight: 3,
+    arbitrary: fc.record({
+      t: fc.constant("health" as const),
+      name: fc.constantFrom(...UNIVERSE_NODES),
+      up: fc.boolean(),
+    }),
+  },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      t: fc.constant("report" as const),
+      name: fc.constantFrom(...UNIVERSE_NODES),
+      eth1: fc.constantFrom(0, 1, 2),
+      underlay: fc.boolean(),
+    }),
+  },
+  { weight: 1, arbitrary: fc.record({ t: fc.constant("gateway" as const), gw: arbGateway }) },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      t: fc.constant("deleteGateway" as const),
+      name: fc.constantFrom("edge", "alt"),
+    }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({ t: fc.constant("cidrs" as const), variant: fc.nat({ max: 2 }) }),
+  },
+);
+
+type Op = typeof arbOp extends fc.Arbitrary<infer T> ? T : never;
+
+/** The inputs as plain collections, the way the controller's caches hold them. */
+class Universe {
+  readonly nodes = new Map<string, NodeInfo>();
+  readonly namespaces = new Map<string, NamespaceInfo>();
+  readonly gateways = new Map<string, EgressGateway>();
+  readonly policies = new Map<string, AnyPolicy>();
+  readonly pods = new Map<string, PodInfo>();
+  readonly healthy = new Set<string>();
+  readonly reports = new Map<string, NodeReport>();
+  cidrs = { serviceCIDRs: ["10.96.0.0/16"], extraCIDRs: [] as string[] };
+  #generation = 1;
+
+  /** Four nodes, two namespaces, both gateways; then the initial operations, before any compute. */
+  constructor(initial: readonly Op[]) {
+    for (const name of UNIVERSE_NODES.slice(0, 4)) {
+      this.nodes.set(
+        name,
+        universeNode(name, name !== "node-1", name === "node-4" ? "a" : "b", "dual"),
+      );
+      this.healthy.add(name);
+    }
+    this.namespaces.set("team-a", { name: "team-a", labels: { env: "prod" } });
+    this.namespaces.set("team-b", { name: "team-b", labels: { env: "dev" } });
+    for (const g of [
+      universeGateway({ name: "edge", pool: "full", failback: false, guard: false }),
+      universeGateway({ name: "alt", pool: "full", failback: true, guard: false }),
+    ])
+      this.gateways.set(g.metadata.name!, g);
+    for (const op of initial) this.apply(op, undefined);
+  }
+
+  snapshot(previous?: ClusterOutcome): Snapshot {
+    return {
+      nodes: [...this.nodes.values()],
+      pods: [...this.pods.values()],
+      namespaces: [...this.namespaces.values()],
+      gateways: [...this.gateways.values()],
+      policies: [...this.policies.values()],
+      ...this.cidrs,
+      healthy: new Set(this.healthy),
+      reports: new Map(this.reports),
+      previousNodes: previous === undefined ? new Map() : identitiesOf(previous),
+      previousPolicies: previous === undefined ? new Map() : previousOf(previous),
+      config: DEFAULT_CLUSTER_CONFIG,
+    };
+  }
+
+  /**
+   * Applies an operation to the model and, when given, to the engine, checking what its setter
+   * returned (without an engine: the initial state, fed to the engine's constructor).
+   */
+  apply(op: Op, engine?: ClusterEngine): void {
+    const expect = (changed: boolean | undefined, wanted: boolean, what: string) => {
+      if (changed !== undefined) assert.equal(changed, wanted, what);
+    };
+    switch (op.t) {
+      case "pod": {
+        const phase = op.running === 0 ? "Succeeded" : "Running";
+        const ips = op.running === 1 ? [] : [`172.29.9.${op.octet}`];
+        const p: PodInfo = { ...pod(op.ns, op.name, op.node, ips, { app: op.app }), phase };
+        this.pods.set(podKey(p), p);
+        engine?.setPod(p);
+        return;
+      }
+      case "deletePod": {
+        const key = `${op.ns}/${op.name}`;
+        const known = this.pods.delete(key);
+        expect(engine?.deletePod(key), known, "deletePod() says whether it knew the pod");
+        return;
+      }
+      case "policy": {
+        const p = universePolicy(op.spec, this.#generation++);
+        this.policies.set(policyKey(p), p);
+        expect(engine?.setPolicy(p), true, "a new generation is a change");
+        return;
+      }
+      case "deletePolicy":
+      case "statusOnly": {
+        const keys = [...this.policies.keys()];
+        if (keys.length === 0) return;
+        const key = keys[op.pick % keys.length]!;
+        if (op.t === "deletePolicy") {
+          this.policies.delete(key);
+          expect(engine?.deletePolicy(key), true, "deletePolicy() of a known policy");
+          return;
+        }
+        // What the controller's own status write brings back: same spec, new status and version.
+        const before = this.policies.get(key)!;
+        const echoed = {
+          ...before,
+          metadata: { ...before.metadata, resourceVersion: `${this.#generation++}` },
+          status: { observedGeneration: 1, egressIPs: ["10.168.60.100"], revision: "x" },
+        } as AnyPolicy;
+        this.policies.set(key, echoed);
+        expect(engine?.setPolicy(echoed), false, "a status-only update changes nothing");
+        return;
+      }
+      case "node": {
+        const n = universeNode(op.name, op.egress, op.zone, op.stack, op.renumbered);
+        this.nodes.set(op.name, n);
+        engine?.setNode(n);
+        return;
+      }
+      case "deleteNode": {
+        const known = this.nodes.delete(op.name);
+        expect(engine?.deleteNode(op.name), known, "deleteNode() says whether it knew the node");
+        return;
+      }
+      case "namespace": {
+        const ns = { name: op.ns, labels: { env: op.prod ? "prod" : "dev" } };
+        this.namespaces.set(op.ns, ns);
+        engine?.setNamespace(ns);
+        return;
+      }
+      case "health":
+        if (op.up) this.healthy.add(op.name);
+        else this.healthy.delete(op.name);
+        engine?.setHealthy(new Set(this.healthy));
+        return;
+      case "report": {
+        const i = Number(op.name.slice(5));
+        const eth1 =
+          op.eth1 === 0 ? [] : op.eth1 === 1 ? [`10.20.0.${i}`] : [`10.20.0.${i}`, `fd00:20::${i}`];
+        const report: NodeReport = {
+          ...(op.underlay ? { underlay: { ipv4: `10.30.0.${i}` } } : {}),
+          interfaces: new Map([["eth1", eth1]]),
+        };
+        this.reports.set(op.name, report);
+        engine?.setReport(op.name, report);
+        return;
+      }
+      case "gateway": {
+        const g = universeGateway(op.gw);
+        this.gateways.set(op.gw.name, g);
+        engine?.setGateway(g);
+        return;
+      }
+      case "deleteGateway": {
+        const known = this.gateways.delete(op.name);
+        expect(engine?.deleteGateway(op.name), known, "deleteGateway() says whether it knew it");
+        return;
+      }
+      case "cidrs": {
+        this.cidrs = {
+          serviceCIDRs: [["10.96.0.0/16"], ["10.96.0.0/12", "fd00:10:96::/112"], []][op.variant]!,
+          extraCIDRs: op.variant === 2 ? ["100.64.0.0/10"] : [],
+        };
+        engine?.setClusterCIDRs(this.cidrs);
+        return;
+      }
+    }
+  }
+}
+
+/** Everything the engine decides, as plain sorted data: what "equal" means for the oracle. */
+function fullSummary(o: ClusterOutcome) {
+  const sorted = <T>(m: ReadonlyMap<string, T>) =>
+    [...m.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  return {
+    families: [...o.families],
+    identities: sorted(o.identities),
+    identityErrors: sorted(o.identityErrors),
+    peers: sorted(o.peers),
+    ignoreCIDRs: [...o.ignoreCIDRs],
+    gateways: sorted(o.gateways),
+    policies: sorted(o.policies).map(([, p]) => ({
+      key: p.key,
+      accepted: p.accepted,
+      generation: p.generation,
+      gateway: p.gateway,
+      egressIPs: p.egressIPs,
+      gatewayNode: p.gatewayNode,
+      floating: p.view?.floating,
+      snat: p.view?.snat,
+      announceInterface: p.view?.announceInterface,
+      endpoints: p.endpoints,
+      shadowedBy: p.shadowedBy,
+      conditions: p.conditions,
+      revision: p.revision,
+      targetNodes: p.targetNodes,
+    })),
+  };
+}
+
+const arbInitial = fc.array(
+  fc.oneof(
+    { weight: 3, arbitrary: arbOp.filter((op) => op.t === "pod") },
+    { weight: 2, arbitrary: arbOp.filter((op) => op.t === "policy") },
+    { weight: 1, arbitrary: arbOp },
+  ),
+  { maxLength: 24, size: "max" },
+);
+const arbSteps = fc.array(arbOp, { minLength: 1, maxLength: 30, size: "max" });
+
+describe("ClusterEngine: incremental equals from scratch", () => {
+  it("after every step of random changes, equals computeCluster() of the same inputs with its previous outcome", () => {
+    fc.assert(
+      fc.property(arbInitial, arbSteps, (initial, ops) => {
+        const u = new Universe(initial);
+        const engine = new ClusterEngine(u.snapshot());
+        let previous = engine.compute();
+        for (const op of ops) {
+          u.apply(op, engine);
+          const next = engine.compute();
+          const oracle = computeCluster(u.snapshot(previous));
+          assert.deepEqual(fullSummary(next), fullSummary(oracle), `after ${JSON.stringify(op)}`);
+          // Reference stability: what did not change is the very same object.
+          for (const [key, p] of next.policies) {
+            const before = previous.policies.get(key);
+            if (before !== undefined && isDeepStrictEqual(before, p))
+              assert.equal(p, before, `${key} is the same object when unchanged`);
+          }
+          for (const [name, g] of next.gateways) {
+            const before = previous.gateways.get(name);
+            if (before !== undefined && isDeepStrictEqual(before, g))
+              assert.equal(g, before, `gateway ${name} is the same object when unchanged`);
+          }
+          if (isDeepStrictEqual([...previous.peers], [...next.peers]))
+            assert.equal(next.peers, previous.peers, "peers: the same map when unchanged");
+          if (isDeepStrictEqual([...previous.identities], [...next.identities]))
+            assert.equal(next.identities, previous.identities, "identities: the same map");
+          previous = next;
+        }
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it("moves only the egress IPs of a lost gateway node, and keeps every other outcome object", () => {
+    const s: Snapshot = {
+      ...base,
+      gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+      policies: ["a", "b", "c", "d"].map((n, i) =>
+        policy(
+          "team-a",
+          n,
+          { destinationCIDRs: [`203.0.11${i}.0/24`] },
+          { created: `2026-01-0${i + 1}T00:00:00Z` },
+        ),
+      ),
+    };
+    const engine = new ClusterEngine(s);
+    const before = engine.compute();
+    const victim = before.policies.get("EgressPolicy/team-a/a")!.gatewayNode!;
+    assert.equal(engine.setHealthy(new Set([...s.healthy].filter((n) => n !== victim))), true);
+    const after = engine.compute();
+    for (const [key, p] of before.policies) {
+      const q = after.policies.get(key)!;
+      if (p.gatewayNode === victim) {
+        assert.notEqual(q.gatewayNode, victim, `${key} leaves ${victim}`);
+        assert.deepEqual(q.egressIPs, p.egressIPs, `${key} keeps its egress IP`);
+      } else assert.equal(q, p, `${key}: the same outcome object`);
+    }
+    assert.equal(after.identities, before.identities, "identities untouched");
+    assert.equal(after.peers, before.peers, "peers untouched");
+    assert.equal(engine.setHealthy(new Set(s.healthy)), true);
+    const back = engine.compute();
+    for (const [key, p] of after.policies)
+      assert.equal(back.policies.get(key), p, `${key} does not move back without failback`);
+  });
+
+  it("returns false and the same outcome for a policy update that changes only its status", () => {
+    const p = policy("team-a", "web", { podSelector: { matchLabels: { app: "web" } } });
+    const engine = new ClusterEngine({ ...base, policies: [p] });
+    const first = engine.compute();
+    const echoed = {
+      ...p,
+      metadata: { ...p.metadata, resourceVersion: "42", managedFields: [{}] },
+      status: { observedGeneration: 1, revision: "abc", matchedPods: 2 },
+    } as AnyPolicy;
+    assert.equal(engine.setPolicy(echoed), false);
+    assert.equal(engine.compute(), first, "the same outcome object: nothing to do");
+    const reordered = {
+      ...p,
+      spec: { gateway: "edge", podSelector: { matchLabels: { app: "web" } } },
+    } as AnyPolicy;
+    assert.equal(engine.setPolicy(reordered), false, "keys in another order are the same spec");
+    const changed = { ...p, spec: { ...p.spec, priority: 5 } } as AnyPolicy;
+    assert.equal(engine.setPolicy(changed), true);
+    assert.notEqual(
+      engine.compute().policies.get("EgressPolicy/team-a/web"),
+      first.policies.get("EgressPolicy/team-a/web"),
     );
   });
 });

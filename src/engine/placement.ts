@@ -1,0 +1,440 @@
+/**
+ * Placement of egress IPs on gateway nodes.
+ *
+ * A *unit* is what must sit on one node: policies linked by a shared explicit address, or a single
+ * policy. Its candidates are the nodes its gateway selects that are usable (a live agent and an
+ * identity), and for `interface` policies only those that report that interface.
+ *
+ *  - Without failback a unit stays on its node while that node remains a candidate (the node the
+ *    oldest member had in the last outcome); a unit without one goes to the least loaded
+ *    candidate (fewest units), units in key order, ties to the first node by name.
+ *  - With `failback: true` a unit goes to its rendezvous winner (highest hash of unit key and
+ *    node), so it returns to its preferred node when that node recovers.
+ *
+ * Units placed without choice (sticky or rendezvous) count before any unit is placed by load, so
+ * the load a newcomer sees is the real one whatever the key order.
+ *
+ * `Placement` does this incrementally: inputs mark the units they concern (a node lost: the units
+ * on it; a node gained: the gateway's unplaced units and the failback units it now wins), and
+ * `place()` places only those.
+ */
+
+import { getOrInsert } from "../lib/maps.ts";
+import {
+  type CompiledSelector,
+  compileSelector,
+  type LabelSelector,
+  type Labels,
+} from "../lib/selector.ts";
+import { sameValue } from "./equality.ts";
+
+/** An accepted policy, as placement sees it. */
+export interface Member {
+  readonly key: string;
+  readonly createdAt: string;
+  readonly gateway: string;
+  /** `interface` mode: only nodes that report this interface qualify. */
+  readonly iface: string | undefined;
+  /** Floating addresses (explicit or from the pool). */
+  readonly addresses: readonly string[];
+  /** Explicit addresses: policies naming the same address share a unit. */
+  readonly shared: boolean;
+}
+
+export interface GatewayNodes {
+  readonly nodeSelector: LabelSelector;
+  readonly failback: boolean;
+}
+
+interface Unit {
+  /** The unit's addresses sorted and joined, or its policy's key when it has none. */
+  readonly key: string;
+  /** Oldest first. */
+  readonly members: readonly Member[];
+  readonly gateway: string;
+  readonly iface: string | undefined;
+  node: string | undefined;
+  /** Rendezvous score of `node` (failback units). */
+  score: number;
+}
+
+interface Candidates {
+  readonly list: readonly string[];
+  readonly set: ReadonlySet<string>;
+}
+
+interface Gateway {
+  readonly spec: GatewayNodes;
+  readonly selector: CompiledSelector;
+  /** Nodes the selector matches, usable or not. */
+  readonly nodes: Set<string>;
+  sorted: readonly string[] | undefined;
+  /** By interface ("" for none). */
+  readonly candidates: Map<string, Candidates>;
+}
+
+const NONE: ReadonlySet<string> = new Set();
+
+export function fnv1a(text: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  return h >>> 0;
+}
+
+function byAge(a: Member, b: Member): number {
+  if (a.createdAt !== b.createdAt) return a.createdAt < b.createdAt ? -1 : 1;
+  return a.key < b.key ? -1 : a.key > b.key ? 1 : 0;
+}
+
+function sameMember(a: Member, b: Member): boolean {
+  return (
+    a.key === b.key &&
+    a.createdAt === b.createdAt &&
+    a.gateway === b.gateway &&
+    a.iface === b.iface &&
+    a.shared === b.shared &&
+    a.addresses.length === b.addresses.length &&
+    a.addresses.every((x) => b.addresses.includes(x))
+  );
+}
+
+export class Placement {
+  readonly #gateways = new Map<string, Gateway>();
+  readonly #labels = new Map<string, Labels>();
+  readonly #usable = new Set<string>();
+  readonly #interfaces = new Map<string, ReadonlySet<string>>();
+  readonly #members = new Map<string, Member>();
+  readonly #unitOf = new Map<string, Unit>();
+  /** Shared (explicit) members by address. */
+  readonly #sharing = new Map<string, Set<string>>();
+  readonly #byGateway = new Map<string, Set<Unit>>();
+  readonly #onNode = new Map<string, Set<Unit>>();
+  readonly #load = new Map<string, number>();
+  readonly #dirty = new Set<Unit>();
+  readonly #changedGateways = new Set<string>();
+
+  // --- inputs
+
+  setGateway(name: string, spec: GatewayNodes | undefined): void {
+    const current = this.#gateways.get(name);
+    if (
+      current === undefined
+        ? spec === undefined
+        : spec !== undefined &&
+          current.spec.failback === spec.failback &&
+          sameValue(current.spec.nodeSelector, spec.nodeSelector)
+    )
+      return;
+    if (spec === undefined) this.#gateways.delete(name);
+    else {
+      const selector = compileSelector(spec.nodeSelector);
+      const nodes = new Set<string>();
+      for (const [node, labels] of this.#labels) if (selector.matches(labels)) nodes.add(node);
+      this.#gateways.set(name, {
+        spec,
+        selector,
+        nodes,
+        sorted: undefined,
+        candidates: new Map(),
+      });
+    }
+    for (const u of this.#byGateway.get(name) ?? []) this.#dirty.add(u);
+    this.#changedGateways.add(name);
+  }
+
+  /** A node's labels; undefined when the node is gone. */
+  setNode(name: string, labels: Labels | undefined): void {
+    if (labels === undefined) {
+      this.setUsable(name, false);
+      this.setInterfaces(name, NONE);
+      this.#labels.delete(name);
+    } else this.#labels.set(name, labels);
+    for (const [gwName, gw] of this.#gateways) {
+      const was = gw.nodes.has(name);
+      const now = labels !== undefined && gw.selector.matches(labels);
+      if (was === now) continue;
+      if (now) gw.nodes.add(name);
+      else gw.nodes.delete(name);
+      gw.sorted = undefined;
+      this.#changedGateways.add(gwName);
+      if (this.#usable.has(name)) this.#candidateChanged(gwName, gw, name, now, undefined);
+    }
+  }
+
+  /** A node may hold egress IPs: its agent is alive and it has an identity. */
+  setUsable(name: string, usable: boolean): void {
+    if (usable === this.#usable.has(name)) return;
+    if (usable) this.#usable.add(name);
+    else this.#usable.delete(name);
+    for (const [gwName, gw] of this.#gateways) {
+      if (gw.nodes.has(name)) this.#candidateChanged(gwName, gw, name, usable, undefined);
+    }
+  }
+
+  /** Interfaces the node's agent reports with at least one address. */
+  setInterfaces(name: string, interfaces: ReadonlySet<string>): void {
+    const before = this.#interfaces.get(name) ?? NONE;
+    if (before.size === interfaces.size && [...before].every((i) => interfaces.has(i))) return;
+    if (interfaces.size === 0) this.#interfaces.delete(name);
+    else this.#interfaces.set(name, interfaces);
+    if (!this.#usable.has(name)) return;
+    for (const [gwName, gw] of this.#gateways) {
+      if (!gw.nodes.has(name)) continue;
+      for (const i of new Set([...before, ...interfaces])) {
+        if (before.has(i) !== interfaces.has(i))
+          this.#candidateChanged(gwName, gw, name, interfaces.has(i), i);
+      }
+    }
+  }
+
+  /** An accepted policy; undefined when it is gone or no longer accepted. */
+  setMember(key: string, member: Member | undefined): void {
+    const current = this.#members.get(key);
+    if (
+      current === undefined
+        ? member === undefined
+        : member !== undefined && sameMember(current, member)
+    )
+      return;
+    // Every policy whose unit may split or merge: the old unit's, and those sharing an address.
+    const affected = new Set<string>();
+    const drop = (k: string) => {
+      const unit = this.#unitOf.get(k);
+      if (unit === undefined) return;
+      for (const m of unit.members) {
+        affected.add(m.key);
+        this.#unitOf.delete(m.key);
+      }
+      this.#removeUnit(unit);
+    };
+    drop(key);
+    if (current?.shared) {
+      for (const a of current.addresses) {
+        const set = this.#sharing.get(a)!;
+        set.delete(key);
+        if (set.size === 0) this.#sharing.delete(a);
+      }
+    }
+    if (member === undefined) this.#members.delete(key);
+    else {
+      this.#members.set(key, member);
+      affected.add(key);
+      if (member.shared) {
+        for (const a of member.addresses) {
+          const set = getOrInsert(this.#sharing, a, () => new Set());
+          for (const k of set) drop(k);
+          set.add(key);
+        }
+      }
+    }
+    affected.delete(member === undefined ? key : "");
+    for (const k of affected) if (!this.#unitOf.has(k)) this.#buildUnit(k);
+  }
+
+  #buildUnit(start: string): void {
+    const first = this.#members.get(start)!;
+    const members: Member[] = [first];
+    if (first.shared) {
+      // The component of `start` in the graph of policies and the addresses they share.
+      const seen = new Set([start]);
+      for (let i = 0; i < members.length; i++) {
+        for (const a of members[i]!.addresses) {
+          for (const k of this.#sharing.get(a) ?? []) {
+            if (seen.has(k)) continue;
+            seen.add(k);
+            members.push(this.#members.get(k)!);
+          }
+        }
+      }
+      members.sort(byAge);
+    }
+    const addresses = new Set<string>();
+    for (const m of members) for (const a of m.addresses) addresses.add(a);
+    const oldest = members[0]!;
+    const unit: Unit = {
+      key: addresses.size > 0 ? [...addresses].sort().join(",") : oldest.key,
+      members,
+      gateway: oldest.gateway,
+      iface: oldest.iface,
+      node: undefined,
+      score: -1,
+    };
+    for (const m of members) this.#unitOf.set(m.key, unit);
+    getOrInsert(this.#byGateway, unit.gateway, () => new Set()).add(unit);
+    this.#dirty.add(unit);
+  }
+
+  #removeUnit(unit: Unit): void {
+    this.#unplace(unit);
+    this.#dirty.delete(unit);
+    const set = this.#byGateway.get(unit.gateway);
+    set?.delete(unit);
+    if (set?.size === 0) this.#byGateway.delete(unit.gateway);
+  }
+
+  #unplace(unit: Unit): void {
+    const node = unit.node;
+    if (node === undefined) return;
+    const n = this.#load.get(node)! - 1;
+    if (n === 0) this.#load.delete(node);
+    else this.#load.set(node, n);
+    const set = this.#onNode.get(node)!;
+    set.delete(unit);
+    if (set.size === 0) this.#onNode.delete(node);
+    unit.node = undefined;
+    unit.score = -1;
+  }
+
+  #put(unit: Unit, node: string | undefined, score: number): void {
+    unit.node = node;
+    unit.score = score;
+    if (node === undefined) return;
+    this.#load.set(node, (this.#load.get(node) ?? 0) + 1);
+    getOrInsert(this.#onNode, node, () => new Set()).add(unit);
+  }
+
+  /** `iface` undefined: the node became (or stopped being) a candidate for every unit. */
+  #candidateChanged(
+    name: string,
+    gw: Gateway,
+    node: string,
+    gained: boolean,
+    iface: string | undefined,
+  ): void {
+    if (iface === undefined) gw.candidates.clear();
+    else gw.candidates.delete(iface);
+    this.#changedGateways.add(name);
+    if (!gained) {
+      for (const u of this.#onNode.get(node) ?? []) {
+        if (u.gateway === name && (iface === undefined || u.iface === iface)) this.#dirty.add(u);
+      }
+      return;
+    }
+    const interfaces = this.#interfaces.get(node) ?? NONE;
+    for (const u of this.#byGateway.get(name) ?? []) {
+      if (
+        iface !== undefined ? u.iface !== iface : u.iface !== undefined && !interfaces.has(u.iface)
+      )
+        continue;
+      if (u.node === undefined) this.#dirty.add(u);
+      else if (gw.spec.failback) {
+        const score = fnv1a(`${u.key}|${node}`);
+        if (score > u.score || (score === u.score && node < u.node)) this.#dirty.add(u);
+      }
+    }
+  }
+
+  #candidates(gateway: string, iface: string | undefined): Candidates {
+    const gw = this.#gateways.get(gateway);
+    if (gw === undefined) return { list: [], set: NONE };
+    let c = gw.candidates.get(iface ?? "");
+    if (c === undefined) {
+      const list = [...gw.nodes]
+        .filter(
+          (n) =>
+            this.#usable.has(n) &&
+            (iface === undefined || (this.#interfaces.get(n)?.has(iface) ?? false)),
+        )
+        .sort();
+      c = { list, set: new Set(list) };
+      gw.candidates.set(iface ?? "", c);
+    }
+    return c;
+  }
+
+  // --- placing
+
+  /**
+   * Places the units whose inputs changed.
+   * @param lastNode the node each policy had in the last outcome
+   * @returns the policies of the units placed (their node may be the same as before)
+   */
+  place(lastNode: (key: string) => string | undefined): Set<string> {
+    const placed = new Set<string>();
+    if (this.#dirty.size === 0) return placed;
+    const units = [...this.#dirty];
+    this.#dirty.clear();
+    for (const u of units) this.#unplace(u);
+    const byLoad: Unit[] = [];
+    for (const u of units) {
+      for (const m of u.members) placed.add(m.key);
+      const c = this.#candidates(u.gateway, u.iface);
+      if (this.#gateways.get(u.gateway)?.spec.failback === true) {
+        let best: string | undefined;
+        let score = -1;
+        for (const n of c.list) {
+          const s = fnv1a(`${u.key}|${n}`);
+          if (s > score) {
+            score = s;
+            best = n;
+          }
+        }
+        this.#put(u, best, score);
+        continue;
+      }
+      let previous: string | undefined;
+      for (const m of u.members) {
+        const n = lastNode(m.key);
+        if (n !== undefined && c.set.has(n)) {
+          previous = n;
+          break;
+        }
+      }
+      if (previous !== undefined) this.#put(u, previous, -1);
+      else byLoad.push(u);
+    }
+    byLoad.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+    for (const u of byLoad) {
+      let chosen: string | undefined;
+      let least = Number.POSITIVE_INFINITY;
+      for (const n of this.#candidates(u.gateway, u.iface).list) {
+        const load = this.#load.get(n) ?? 0;
+        if (load < least) {
+          least = load;
+          chosen = n;
+        }
+      }
+      this.#put(u, chosen, -1);
+    }
+    return placed;
+  }
+
+  // --- results
+
+  nodeOf(key: string): string | undefined {
+    return this.#unitOf.get(key)?.node;
+  }
+
+  /** The gateway whose nodes the policy's unit is placed on (its oldest member's). */
+  gatewayOf(key: string): string | undefined {
+    return this.#unitOf.get(key)?.gateway;
+  }
+
+  /** Policies placed on a node. */
+  *placedOn(node: string): Iterable<string> {
+    for (const u of this.#onNode.get(node) ?? []) for (const m of u.members) yield m.key;
+  }
+
+  /** Nodes a gateway's selector matches, usable or not, by name. */
+  gatewayNodes(gateway: string): readonly string[] {
+    const gw = this.#gateways.get(gateway);
+    if (gw === undefined) return [];
+    gw.sorted ??= [...gw.nodes].sort();
+    return gw.sorted;
+  }
+
+  /** Gateways whose selector matches a node. */
+  *gatewaysOf(node: string): Iterable<string> {
+    for (const [name, gw] of this.#gateways) if (gw.nodes.has(node)) yield name;
+  }
+
+  /** Gateways whose nodes or candidates changed since the last call. */
+  takeChangedGateways(): Set<string> {
+    const out = new Set(this.#changedGateways);
+    this.#changedGateways.clear();
+    return out;
+  }
+}
