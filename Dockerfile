@@ -1,9 +1,15 @@
-# The Sallyport image: one bundled file on Node.js 24 with the kernel tools the agent spawns.
-#   npm ci && npm run build && docker build -t sallyport:dev .
-# The same image runs the controller (`sallyport controller`) and the agent (`sallyport agent`).
-FROM node:24-bookworm-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables ipset iproute2 conntrack kmod \
- && rm -rf /var/lib/apt/lists/*
+# The Sallyport image: Node.js 24 and one bundled file on a Debian bookworm root with the kernel
+# tools the agent spawns. The same image runs the controller (`sallyport controller`) and the agent
+# (`sallyport agent`). `make image` (scripts/image.ts) prepares the build context and builds it
+# with buildah, from Debian's and npm's packages only (no base image from a registry):
+#   rootfs.tar  Debian bookworm made by mmdebstrap: iptables, ipset, nftables, iproute2, procps,
+#               conntrack, kmod, ca-certificates, libstdc++6
+#   node        the Node.js binary of the pinned npm package `node` (package-lock.json)
+#   dist/       the esbuild bundle (scripts/build.ts)
+# Any engine builds the same context: `docker build -f Dockerfile <context>`.
+FROM scratch
+ADD rootfs.tar /
+COPY node /usr/local/bin/node
 COPY dist/ /opt/sallyport/
+ENV NODE_ENV=production
 ENTRYPOINT ["node", "/opt/sallyport/sallyport.mjs"]

@@ -7,9 +7,12 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 NODE := node_modules/.bin/node
 DEBIAN_PACKAGES := iptables ipset iproute2 conntrack iputils-ping iputils-arping procps kmod openssl curl ca-certificates
+# The image (make image) and its test: a Debian root from Debian's packages, assembled and run
+# without Docker Hub or a docker daemon.
+DEBIAN_PACKAGES += mmdebstrap buildah podman runc
 export SALLYPORT_CACHE ?= $(HOME)/.cache/sallyport
 
-.PHONY: help deps debs npm k8s-bin test test-unit typecheck lint generated demo bench clean-sandbox build image
+.PHONY: help deps debs npm k8s-bin helm-bin test test-unit typecheck lint generated demo bench clean-sandbox build image manifests
 
 help:
 	@echo "make demo   # the sandbox: a policy, an egress IP, a gateway failure"
@@ -23,19 +26,19 @@ debs:
 	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-# `npm install`, not `npm ci`: the registry this machine reaches lacks Biome's binaries for other
-# platforms (404 for @biomejs/cli-android-arm64@2.6.8 and its siblings), so the lock file cannot
-# list them and `npm ci` refuses it ("Missing: @biomejs/cli-android-arm64@ from lock file").
-# With the lock file present, `npm install` installs exactly the locked versions and leaves it as is.
+# Exactly the lock file, which lists every platform's optional packages, and never rewrites it.
 npm: node_modules/.stamp
 node_modules/.stamp: package.json package-lock.json
-	npm install --no-audit --no-fund
+	npm ci --no-audit --no-fund
 	@touch $@
 
 k8s-bin:
 	@test/k8s-bin/build.sh >/dev/null
 
-deps: debs npm k8s-bin
+helm-bin:
+	@test/helm-bin/build.sh >/dev/null
+
+deps: debs npm k8s-bin helm-bin
 
 typecheck: npm
 	node_modules/.bin/tsc --noEmit -p .
@@ -58,9 +61,15 @@ bench: deps
 clean-sandbox: npm
 	$(NODE) src/cli/main.ts sandbox down
 
-# Shipping: the bundle (dist/sallyport.mjs) and the image built from it (needs a container engine).
+# Shipping: the bundle (dist/sallyport.mjs), the image (the chart's default image, built with
+# mmdebstrap and buildah into the local container storage; see scripts/image.ts) and the plain
+# manifests under deploy/, rendered from the Helm chart.
 build: npm
 	$(NODE) scripts/build.ts
 
-image: build
-	docker build -t sallyport:dev .
+image: debs npm
+	$(NODE) scripts/image.ts
+
+manifests: npm helm-bin
+	$(NODE) scripts/gen-crds.ts
+	$(NODE) scripts/gen-deploy.ts

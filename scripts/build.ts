@@ -9,22 +9,29 @@ import { parseArgs } from "node:util";
 import { build } from "esbuild";
 
 const REPO = join(import.meta.dirname, "..");
-const { values } = parseArgs({ options: { outdir: { type: "string" } } });
-const outfile = join(values.outdir ?? join(REPO, "dist"), "sallyport.mjs");
 
-await build({
-  entryPoints: [join(REPO, "src", "cli", "main.ts")],
-  outfile,
-  bundle: true,
-  platform: "node",
-  format: "esm",
-  target: "node24",
-  sourcemap: "linked",
-  legalComments: "linked",
-  logLevel: "warning",
-  // Some dependencies are CommonJS and call require() for Node built-ins.
-  banner: {
-    js: "import { createRequire as __sallyportRequire } from 'node:module'; const require = __sallyportRequire(import.meta.url);",
-  },
-});
-console.log(outfile);
+/** Writes sallyport.mjs (with its source map and licenses) to `outdir`; returns its path. */
+export async function bundle(outdir = join(REPO, "dist")): Promise<string> {
+  const outfile = join(outdir, "sallyport.mjs");
+  await build({
+    entryPoints: [join(REPO, "src", "cli", "main.ts")],
+    outfile,
+    bundle: true,
+    platform: "node",
+    format: "esm",
+    target: "node24",
+    sourcemap: "linked",
+    legalComments: "linked",
+    logLevel: "warning",
+    // Some dependencies are CommonJS and call require() for Node built-ins.
+    banner: {
+      js: "import { createRequire as __sallyportRequire } from 'node:module'; const require = __sallyportRequire(import.meta.url);",
+    },
+  });
+  return outfile;
+}
+
+if (import.meta.main) {
+  const { values } = parseArgs({ options: { outdir: { type: "string" } } });
+  console.log(await bundle(values.outdir));
+}

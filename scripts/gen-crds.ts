@@ -1,15 +1,20 @@
 /**
- * Writes deploy/crds/*.yaml from the TypeBox schemas. `make test` fails when they are stale
- * (src/api/crds_test.ts), so run `npm run gen` after changing src/api/types.ts.
+ * Writes the CRDs from the TypeBox schemas to deploy/crds/ and to the Helm chart's crds/
+ * (charts/sallyport/crds/), the same files. `make test` fails when either is stale
+ * (src/api/crds_test.ts, test/chart/chart_test.ts), so run it after changing src/api/types.ts.
  */
 import { readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { renderCrdFiles } from "../src/api/crds.ts";
 
-const dir = join(import.meta.dirname, "..", "deploy", "crds");
+const REPO = join(import.meta.dirname, "..");
+const CRD_DIRS = [join(REPO, "deploy", "crds"), join(REPO, "charts", "sallyport", "crds")];
+
 const files = renderCrdFiles();
-for (const existing of readdirSync(dir)) {
-  if (existing.endsWith(".yaml") && !files.has(existing)) rmSync(join(dir, existing));
+for (const dir of CRD_DIRS) {
+  for (const existing of readdirSync(dir)) {
+    if (existing.endsWith(".yaml") && !files.has(existing)) rmSync(join(dir, existing));
+  }
+  for (const [name, text] of files) writeFileSync(join(dir, name), text);
+  console.log(`wrote ${files.size} CRDs to ${dir}`);
 }
-for (const [name, text] of files) writeFileSync(join(dir, name), text);
-console.log(`wrote ${files.size} CRDs to ${dir}`);

@@ -18,8 +18,9 @@ import {
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { parseAllDocuments } from "yaml";
 import { allCrds } from "../api/crds.ts";
-import { applyManifests, applyObjects } from "../kube/apply.ts";
+import { applyObjects } from "../kube/apply.ts";
 import {
   KubeClient as Client,
   type KubeClient,
@@ -377,7 +378,7 @@ export class ControlPlane {
         await new Promise((r) => setTimeout(r, 50));
       }
     }
-    await applyManifests(client, readFileSync(join(REPO, "deploy", "rbac.yaml"), "utf8"), "keep");
+    await applyObjects(client, rbacWithGroups(), "keep");
   }
 
   async stop(): Promise<void> {
@@ -386,6 +387,31 @@ export class ControlPlane {
     for (const pid of Object.values(this.#pids)) if (pid !== undefined) await killPid(pid);
     if (this.#ownsDir) rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * The groups the token users of the tests and the sandbox belong to (ControlPlaneOptions.users),
+ * by the service account whose roles they get.
+ */
+const GROUP_OF_SERVICE_ACCOUNT: Readonly<Record<string, string>> = {
+  "sallyport-controller": "sallyport:controllers",
+  "sallyport-agent": "sallyport:agents",
+};
+
+/** deploy/rbac.yaml, each binding of a service account extended to its group. */
+function rbacWithGroups(): KubeObject[] {
+  type Subject = { kind: string; name: string; apiGroup?: string };
+  const objects = parseAllDocuments(readFileSync(join(REPO, "deploy", "rbac.yaml"), "utf8"))
+    .map((d) => d.toJS() as (KubeObject & { subjects?: Subject[] }) | null)
+    .filter((o) => o !== null);
+  for (const o of objects) {
+    const groups = (o.subjects ?? [])
+      .map((s) => (s.kind === "ServiceAccount" ? GROUP_OF_SERVICE_ACCOUNT[s.name] : undefined))
+      .filter((g) => g !== undefined);
+    for (const name of groups)
+      o.subjects!.push({ kind: "Group", apiGroup: "rbac.authorization.k8s.io", name });
+  }
+  return objects;
 }
 
 const killOnExit = new Set<ChildProcess>();

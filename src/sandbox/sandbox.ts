@@ -21,6 +21,7 @@ import { CORE, isAlreadyExists, type KubeClient, type KubeObject, ours } from ".
 import { type Family, tryParseAddress } from "../lib/ip.ts";
 import { alive, ControlPlane, REPO, SALLYPORT_NAMESPACE } from "./controlplane.ts";
 import { selfSignedCert, webhookConfiguration } from "./pki.ts";
+import { agentContainerArgv, removeContainers, signalContainer } from "./podman.ts";
 import { EIP_POOL, EXTERNAL, nodeAddress, nsRunner, podCIDR, Topology } from "./topology.ts";
 
 const CLI = join(REPO, "src", "cli", "main.ts");
@@ -41,6 +42,8 @@ export interface SandboxOptions {
   /** Extra agent flags, e.g. a shorter period in tests. */
   readonly agentArgs?: readonly string[];
   readonly controllerArgs?: readonly string[];
+  /** Run each node's agent from this image (podman, in the node's namespace), not from src/. */
+  readonly agentImage?: string;
 }
 
 export interface SandboxPod {
@@ -70,6 +73,7 @@ interface SandboxState {
   cpDir: string;
   agentArgs: string[];
   controllerArgs: string[];
+  agentImage?: string;
 }
 
 export function sandboxDir(prefix: string): string {
@@ -157,6 +161,7 @@ export class Sandbox {
       cpDir: join(dir, "controlplane"),
       agentArgs: [...(options.agentArgs ?? [])],
       controllerArgs: [...(options.controllerArgs ?? [])],
+      ...(options.agentImage === undefined ? {} : { agentImage: options.agentImage }),
     };
     const sb = new Sandbox(dir, state);
     try {
@@ -240,9 +245,11 @@ export class Sandbox {
     }
   }
 
-  #spawn(name: string, netns: string, argv: readonly string[]): ChildProcess {
+  /** Starts a process of the sandbox in `netns`, or as it is when `netns` is undefined. */
+  #spawn(name: string, netns: string | undefined, argv: readonly string[]): ChildProcess {
     const log = openSync(join(this.dir, `${name}.log`), "a");
-    const child = spawn("ip", ["netns", "exec", netns, ...argv], {
+    const full = netns === undefined ? argv : ["ip", "netns", "exec", netns, ...argv];
+    const child = spawn(full[0]!, full.slice(1), {
       stdio: ["ignore", log, log],
       detached: true,
     });
@@ -308,19 +315,37 @@ export class Sandbox {
 
   /** Starts (or restarts) the agent of node `i` inside its namespace. */
   startAgent(i: number): void {
-    const cp = this.#controlPlane();
-    this.#spawn(`agent-${i}`, this.nodeNs(i), [
-      process.execPath,
-      CLI,
-      "agent",
+    const kubeconfig = this.#controlPlane().kubeconfig(`sallyport-agent-${i}`);
+    const args = [
       "--node",
       this.nodeName(i),
-      "--kubeconfig",
-      cp.kubeconfig(`sallyport-agent-${i}`),
       "--families",
       this.families.join(","),
       ...this.#state.agentArgs,
-    ]);
+    ];
+    const image = this.#state.agentImage;
+    if (image === undefined) {
+      this.#spawn(`agent-${i}`, this.nodeNs(i), [
+        process.execPath,
+        CLI,
+        "agent",
+        "--kubeconfig",
+        kubeconfig,
+        ...args,
+      ]);
+      return;
+    }
+    const name = this.#agentContainer(i);
+    removeContainers([name]);
+    this.#spawn(
+      `agent-${i}`,
+      undefined,
+      agentContainerArgv({ name, image, netns: this.nodeNs(i), kubeconfig, args }),
+    );
+  }
+
+  #agentContainer(i: number): string {
+    return `${this.prefix}-agent-${i}`;
   }
 
   async stopAgent(i: number, signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
@@ -338,14 +363,24 @@ export class Sandbox {
   async #kill(name: string, signal: NodeJS.Signals): Promise<void> {
     const pid = this.#state.pids[name];
     if (pid === undefined) return;
+    // An agent from the image: the pid is `podman run`, which forwards SIGTERM but cannot
+    // forward SIGKILL; the container's own process is signalled.
+    const node = /^agent-(\d+)$/.exec(name)?.[1];
+    const container =
+      this.#state.agentImage === undefined || node === undefined
+        ? undefined
+        : this.#agentContainer(Number(node));
     // `ip netns exec` execs the program, so the pid is the process itself.
-    try {
-      process.kill(pid, signal);
-    } catch {
-      // gone already
+    if (container === undefined || !signalContainer(container, signal)) {
+      try {
+        process.kill(pid, signal);
+      } catch {
+        // gone already
+      }
     }
     for (let i = 0; i < 100 && alive(pid); i++) await new Promise((r) => setTimeout(r, 50));
     if (alive(pid)) process.kill(pid, "SIGKILL");
+    if (container !== undefined) removeContainers([container]);
     delete this.#state.pids[name];
     this.#children.delete(name);
     this.#save();
@@ -490,6 +525,11 @@ export class Sandbox {
           // gone
         }
       }
+      // Killing `podman run` leaves its container running, in a namespace about to go away.
+      if (state.agentImage !== undefined)
+        removeContainers(
+          Array.from({ length: state.nodes }, (_, i) => `${state.prefix}-agent-${i + 1}`),
+        );
     }
     await ControlPlane.killRecorded(join(dir, "controlplane"));
     const removed = await Topology.down(prefix);

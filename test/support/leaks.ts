@@ -1,6 +1,7 @@
 /**
  * What tests may create on the host, and how to find any of it left over: network namespaces
- * named with the test prefix, kube-apiserver/etcd processes, and temporary directories.
+ * named with the test prefix, kube-apiserver/etcd processes, containers (agents from the image)
+ * and temporary directories.
  */
 import { execFileSync } from "node:child_process";
 import { readdirSync } from "node:fs";
@@ -33,6 +34,16 @@ function processes(): string[] {
   }
 }
 
+function containers(): string[] {
+  try {
+    return execFileSync("podman", ["ps", "--all", "--format", "{{.Names}}"], { encoding: "utf8" })
+      .split("\n")
+      .filter((n) => n.startsWith(TEST_PREFIX) || n.startsWith("sp-"));
+  } catch {
+    return [];
+  }
+}
+
 function tmpDirs(): string[] {
   return readdirSync(tmpdir()).filter((d) => d.startsWith(TMP_PREFIX));
 }
@@ -41,6 +52,7 @@ export function leftovers(): string[] {
   return [
     ...netns().map((n) => `network namespace ${n}`),
     ...processes().map((p) => `process ${p}`),
+    ...containers().map((c) => `container ${c}`),
     ...tmpDirs().map((d) => `directory ${tmpdir()}/${d}`),
   ];
 }
