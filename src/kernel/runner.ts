@@ -83,32 +83,3 @@ export async function mustRun(
   if (result.code !== 0) throw new CommandError(argv, options?.stdin, result);
   return result.stdout;
 }
-
-export interface RecordedCall {
-  readonly argv: readonly string[];
-  readonly stdin: string | undefined;
-}
-
-/**
- * A runner for unit tests: records every call and answers from a script of handlers, the first
- * whose prefix matches the argv. Unscripted commands fail loudly.
- */
-export class RecordingRunner implements Runner {
-  readonly calls: RecordedCall[] = [];
-  readonly #handlers: { prefix: readonly string[]; answer: (call: RecordedCall) => RunResult }[] =
-    [];
-
-  on(prefix: readonly string[], answer: RunResult | ((call: RecordedCall) => RunResult)): this {
-    this.#handlers.push({ prefix, answer: typeof answer === "function" ? answer : () => answer });
-    return this;
-  }
-
-  async run(argv: readonly string[], options?: RunOptions): Promise<RunResult> {
-    const call = { argv, stdin: options?.stdin };
-    this.calls.push(call);
-    const h = this.#handlers.find((x) => x.prefix.every((p, i) => argv[i] === p));
-    if (h === undefined)
-      return { code: 127, stdout: "", stderr: `unscripted command: ${argv.join(" ")}` };
-    return h.answer(call);
-  }
-}
