@@ -1,83 +1,25 @@
 /** `sallyport sandbox …`: drive the simulated cluster from the command line. */
 import { readFileSync } from "node:fs";
 import type { Command } from "commander";
-import { ours } from "../kube/client.ts";
 import type { Family } from "../lib/ip.ts";
-import { Sandbox } from "../sandbox/sandbox.ts";
+import type { Sandbox as SandboxType } from "../sandbox/sandbox.ts";
+import { UsageError } from "./errors.ts";
+import { readManifests } from "./input.ts";
+import { int, port } from "./program.ts";
 
-interface Row {
-  [column: string]: string | number | undefined;
+/** Loaded on use: the sandbox brings the Kubernetes client and the kernel layer. */
+async function sandboxModule() {
+  return import("../sandbox/sandbox.ts");
 }
 
-function table(rows: Row[]): string {
-  if (rows.length === 0) return "(none)";
-  const cols = Object.keys(rows[0]!);
-  const width = cols.map((c) => Math.max(c.length, ...rows.map((r) => String(r[c] ?? "").length)));
-  const line = (vals: string[]) =>
-    vals
-      .map((v, i) => v.padEnd(width[i]!))
-      .join("  ")
-      .trimEnd();
-  return [
-    line(cols.map((c) => c.toUpperCase())),
-    ...rows.map((r) => line(cols.map((c) => String(r[c] ?? "")))),
-  ].join("\n");
+async function openSandbox(prefix: string): Promise<SandboxType> {
+  return (await sandboxModule()).Sandbox.open(prefix);
 }
 
-type Cond = { type: string; status: string; reason: string };
-type Obj = {
-  metadata: { name?: string; namespace?: string };
-  spec: Record<string, unknown>;
-  status?: Record<string, unknown> & { conditions?: Cond[] };
-};
-
-export async function printStatus(sb: Sandbox): Promise<string> {
-  const admin = sb.admin();
-  const out: string[] = [];
-  const gws = (await admin.listAll<Obj & never>(ours("EgressGateway"))).items as Obj[];
-  out.push(
-    "GATEWAYS",
-    table(
-      gws.map((g) => ({
-        name: g.metadata.name,
-        ready: `${g.status?.readyNodes ?? 0}/${g.status?.totalNodes ?? 0}`,
-        pool: g.status?.poolUsage as string,
-        nodes: ((g.status?.nodes as { name: string; ready: boolean; egressIPs?: string[] }[]) ?? [])
-          .map(
-            (n) =>
-              `${n.name}${n.ready ? "" : "(down)"}${(n.egressIPs ?? []).length > 0 ? `[${n.egressIPs!.join(",")}]` : ""}`,
-          )
-          .join(" "),
-      })),
-    ),
-  );
-  const policies = [
-    ...((await admin.listAll<Obj & never>(ours("EgressPolicy"))).items as Obj[]),
-    ...((await admin.listAll<Obj & never>(ours("ClusterEgressPolicy"))).items as Obj[]),
-  ];
-  out.push(
-    "",
-    "POLICIES",
-    table(
-      policies.map((p) => {
-        const ready = p.status?.conditions?.find((c) => c.type === "Ready");
-        return {
-          name:
-            p.metadata.namespace === undefined
-              ? p.metadata.name
-              : `${p.metadata.namespace}/${p.metadata.name}`,
-          "egress-ips": ((p.status?.egressIPs as string[]) ?? []).join(","),
-          node: p.status?.gatewayNode as string,
-          pods: p.status?.matchedPods as number,
-          programmed: p.status?.programmed as string,
-          ready:
-            ready === undefined
-              ? ""
-              : `${ready.status}${ready.status === "True" ? "" : ` (${ready.reason})`}`,
-        };
-      }),
-    ),
-  );
+/** The cluster's status (status.ts), then the sandbox's pods and processes. */
+export async function printStatus(sb: SandboxType): Promise<string> {
+  const { clusterStatus, table } = await import("./status.ts");
+  const out = [await clusterStatus(sb.admin())];
   out.push(
     "",
     "PODS",
@@ -96,6 +38,11 @@ export async function printStatus(sb: Sandbox): Promise<string> {
   return out.join("\n");
 }
 
+/** `sandbox exec POD -- CMD …`: the `--` is commander's to keep, not the command's. */
+export function commandOf(args: readonly string[]): string[] {
+  return args[0] === "--" ? args.slice(1) : [...args];
+}
+
 export function sandboxCommands(program: Command): void {
   const sb = program
     .command("sandbox")
@@ -110,13 +57,14 @@ export function sandboxCommands(program: Command): void {
         "build the network, start kube-apiserver, the controller and one agent per node",
       ),
   )
-    .option("--nodes <n>", "number of nodes", (v) => Number(v), 3)
+    .option("--nodes <n>", "number of nodes", int, 3)
     .option("--ipv6", "IPv6 only")
     .option("--dual-stack", "IPv4 and IPv6")
     .action(async (f: { prefix: string; nodes: number; ipv6?: boolean; dualStack?: boolean }) => {
       const families: Family[] = f.dualStack ? [4, 6] : f.ipv6 ? [6] : [4];
-      const s = await Sandbox.up({ prefix: f.prefix, nodes: f.nodes, families }, (l) =>
-        console.log(`- ${l}`),
+      const s = await (await sandboxModule()).Sandbox.up(
+        { prefix: f.prefix, nodes: f.nodes, families },
+        (l) => console.log(`- ${l}`),
       );
       console.log(
         `sandbox "${s.prefix}" is up: API server ${s.controlPlane?.url}; try "sallyport sandbox status"`,
@@ -127,21 +75,30 @@ export function sandboxCommands(program: Command): void {
   prefixOpt(
     sb.command("down").description("remove everything of the sandbox (also after a crash)"),
   ).action(async (f: { prefix: string }) => {
-    const removed = await Sandbox.down(f.prefix);
+    const removed = await (await sandboxModule()).Sandbox.down(f.prefix);
     console.log(`removed ${removed.length} namespaces`);
   });
 
   prefixOpt(sb.command("status").description("gateways, policies, pods and processes")).action(
     async (f: { prefix: string }) => {
-      console.log(await printStatus(Sandbox.open(f.prefix)));
+      console.log(await printStatus(await openSandbox(f.prefix)));
     },
   );
 
-  prefixOpt(sb.command("apply").description("create or update Sallyport objects from a YAML file"))
-    .requiredOption("-f, --file <file>", "YAML file")
-    .action(async (f: { prefix: string; file: string }) => {
-      for (const line of await Sandbox.open(f.prefix).apply(readFileSync(f.file, "utf8")))
-        console.log(line);
+  prefixOpt(
+    sb
+      .command("apply")
+      .description(
+        "create or update Sallyport objects from a YAML file; the API server rejects unknown fields (strict field validation, as kubectl apply)",
+      ),
+  )
+    .requiredOption("-f, --filename <file>", "YAML file, - for stdin")
+    .action(async (f: { prefix: string; filename: string }) => {
+      const objects = readManifests([f.filename]);
+      const { applyObjects } = await import("../kube/apply.ts");
+      await applyObjects((await openSandbox(f.prefix)).admin(), objects, "replace", {
+        onApplied: (line) => console.log(line),
+      });
     });
 
   prefixOpt(
@@ -150,7 +107,7 @@ export function sandboxCommands(program: Command): void {
       .description("add a pod (a namespace on a node, and its Pod object)")
       .argument("<name>"),
   )
-    .requiredOption("--node <i>", "node number", (v) => Number(v))
+    .requiredOption("--node <i>", "node number", int)
     .option("--namespace <ns>", "Kubernetes namespace", "default")
     .option("--labels <k=v,…>", "labels", "")
     .action(
@@ -164,7 +121,7 @@ export function sandboxCommands(program: Command): void {
             .filter(Boolean)
             .map((kv) => kv.split("=") as [string, string]),
         );
-        const p = await Sandbox.open(f.prefix).addPod(name, {
+        const p = await (await openSandbox(f.prefix)).addPod(name, {
           node: f.node,
           namespace: f.namespace,
           labels,
@@ -178,12 +135,18 @@ export function sandboxCommands(program: Command): void {
   prefixOpt(
     sb
       .command("exec")
-      .description("run a command in a pod's network namespace")
+      .description(
+        "run a command in a pod's network namespace; its options are its own: exec POD curl -s URL, or exec POD -- curl -s URL",
+      )
       .argument("<pod>")
-      .argument("<command...>"),
-  ).action(async (pod: string, command: string[], f: { prefix: string }) => {
+      .argument("<command...>")
+      // Everything after POD belongs to the command, options included (kubectl exec's habit).
+      .passThroughOptions(),
+  ).action(async (pod: string, args: string[], f: { prefix: string }) => {
+    const command = commandOf(args);
+    if (command.length === 0) throw new UsageError("Cannot exec: name the command after the pod");
     const { spawnSync } = await import("node:child_process");
-    const p = Sandbox.open(f.prefix).pod(pod);
+    const p = (await openSandbox(f.prefix)).pod(pod);
     const r = spawnSync("ip", ["netns", "exec", p.netns, ...command], { stdio: "inherit" });
     process.exit(r.status ?? 1);
   });
@@ -200,7 +163,7 @@ export function sandboxCommands(program: Command): void {
     .option("--udp", "a UDP datagram instead of a TCP connection")
     .action(async (pod: string, f: { prefix: string; ipv6?: boolean; udp?: boolean }) => {
       const { probeOnce } = await import("../sandbox/probe.ts");
-      const s = Sandbox.open(f.prefix);
+      const s = await openSandbox(f.prefix);
       const target = s.externalTarget(f.ipv6 ? 6 : 4);
       const r = await probeOnce(s.pod(pod).netns, target, { udp: f.udp === true });
       console.log(r.ok ? `${target} saw ${r.saw}` : `${target}: ${r.error}`);
@@ -214,10 +177,10 @@ export function sandboxCommands(program: Command): void {
       .argument("<pod>")
       .argument("<destination>"),
   )
-    .option("--port <port>", "destination port (TCP)", (v) => Number(v))
+    .option("--port <port>", "destination port (TCP)", port)
     .action(async (pod: string, destination: string, f: { prefix: string; port?: number }) => {
       const { explain, formatExplanation } = await import("./explain.ts");
-      const e = await explain(Sandbox.open(f.prefix).admin(), {
+      const e = await explain((await openSandbox(f.prefix)).admin(), {
         pod,
         destination,
         ...(f.port === undefined ? {} : { port: f.port, protocol: "tcp" as const }),
@@ -231,14 +194,14 @@ export function sandboxCommands(program: Command): void {
       .description("cut a node off completely: its agent dies and its uplink goes down")
       .argument("<i>"),
   ).action(async (i: string, f: { prefix: string }) => {
-    await Sandbox.open(f.prefix).killNode(Number(i));
+    await (await openSandbox(f.prefix)).killNode(Number(i));
     console.log(`node-${i} is cut off`);
   });
 
   prefixOpt(
     sb.command("revive-node").description("reconnect a node and restart its agent").argument("<i>"),
   ).action(async (i: string, f: { prefix: string }) => {
-    await Sandbox.open(f.prefix).reviveNode(Number(i));
+    await (await openSandbox(f.prefix)).reviveNode(Number(i));
     console.log(`node-${i} is back`);
   });
 
@@ -248,7 +211,7 @@ export function sandboxCommands(program: Command): void {
       .description("logs of a component (controller, agent-N, external, kube-apiserver)")
       .argument("[component]"),
   ).action(async (component: string | undefined, f: { prefix: string }) => {
-    const s = Sandbox.open(f.prefix);
+    const s = await openSandbox(f.prefix);
     if (component === undefined)
       console.log(`components: ${[...s.components(), "kube-apiserver", "etcd"].join(", ")}`);
     else if (component === "kube-apiserver" || component === "etcd")

@@ -1,0 +1,196 @@
+/**
+ * The commands that run Sallyport itself: the controller and the agent (its processes), the
+ * node's datapath by hand, cleanup, and the sandbox.
+ */
+import { readFileSync } from "node:fs";
+import { type Command, InvalidArgumentError, Option } from "commander";
+import { DEFAULT_LEASE_TIMING } from "../kube/node_lease.ts";
+import type { Family } from "../lib/ip.ts";
+import { int } from "./program.ts";
+import { sandboxCommands } from "./sandbox.ts";
+
+const list = (v: string) =>
+  v
+    .split(",")
+    .map((x) => x.trim())
+    .filter((x) => x !== "");
+
+function families(value: string): Family[] {
+  return value.split(",").map((f) => {
+    if (f !== "4" && f !== "6") throw new InvalidArgumentError("Expected 4, 6 or 4,6.");
+    return Number(f) as Family;
+  });
+}
+
+const leaseOptions = (cmd: Command) =>
+  cmd
+    .option(
+      "--lease-renew-ms <ms>",
+      "how often gateway agents renew their node lease",
+      int,
+      DEFAULT_LEASE_TIMING.renewMs,
+    )
+    .option(
+      "--lease-duration-ms <ms>",
+      "how long a node lease lasts",
+      int,
+      DEFAULT_LEASE_TIMING.durationMs,
+    )
+    .option(
+      "--lease-grace-ms <ms>",
+      "extra time before the controller declares a gateway dead",
+      int,
+      DEFAULT_LEASE_TIMING.graceMs,
+    );
+
+interface LeaseFlags {
+  leaseRenewMs: number;
+  leaseDurationMs: number;
+  leaseGraceMs: number;
+}
+const timing = (f: LeaseFlags) => ({
+  renewMs: f.leaseRenewMs,
+  durationMs: f.leaseDurationMs,
+  graceMs: f.leaseGraceMs,
+});
+
+const kernelOptions = (cmd: Command) =>
+  cmd
+    .addOption(
+      new Option("--families <list>", "IP families").default([4, 6], "4,6").argParser(families),
+    )
+    .addOption(
+      new Option("--iptables-backend <backend>", "iptables backend")
+        .choices(["auto", "nft", "legacy"])
+        .default("auto"),
+    )
+    .option("--rule-pref <n>", "ip rule preference Sallyport owns", int, 5900)
+    .option("--tunnel-device <name>", "name of the VXLAN device", "sallyport");
+
+interface KernelFlags {
+  families: Family[];
+  iptablesBackend: "auto" | "nft" | "legacy";
+  rulePref: number;
+  tunnelDevice: string;
+}
+
+async function open(flags: KernelFlags) {
+  const { openDatapath } = await import("../kernel/open.ts");
+  return openDatapath({
+    families: flags.families,
+    backend: flags.iptablesBackend,
+    rulePref: flags.rulePref,
+    tunnelDevice: flags.tunnelDevice,
+  });
+}
+
+/** The processes (controller, agent), the node's datapath by hand, and the sandbox. */
+export function processCommands(program: Command): void {
+  kernelOptions(
+    program
+      .command("cleanup")
+      .description(
+        "remove every chain, hook, ipset, ip rule, route, tunnel and egress-IP device Sallyport created on this host, and nothing else",
+      ),
+  ).action(async (flags: KernelFlags) => {
+    const datapath = await open(flags);
+    const report = await datapath.cleanup("(cleanup)");
+    console.log(JSON.stringify({ removed: report.changes, detail: report.detail }));
+  });
+
+  const datapath = program.command("datapath").description("a node's datapath, by hand");
+  kernelOptions(
+    datapath
+      .command("apply")
+      .description("make this host's kernel hold a saved plan")
+      .requiredOption("--plan <file>", "plan JSON"),
+  ).action(async (flags: KernelFlags & { plan: string }) => {
+    const { planFromJSON } = await import("../engine/plan.ts");
+    const d = await open(flags);
+    const report = await d.sync(planFromJSON(readFileSync(flags.plan, "utf8")));
+    console.log(JSON.stringify(report));
+  });
+
+  leaseOptions(
+    program
+      .command("controller")
+      .description("run the controller (Deployment): allocation, statuses, admission webhook")
+      .option("--kubeconfig <file>", "kubeconfig; default: in-cluster, $KUBECONFIG, ~/.kube/config")
+      .option("--namespace <ns>", "Sallyport's namespace", "sallyport-system")
+      .option("--identity <name>", "leader election identity (default: $POD_NAME or host-pid)")
+      .option("--tunnel-cidrs <list>", "tunnel address ranges, one per family", list, [
+        "100.127.0.0/16",
+        "fd5a:11::/112",
+      ])
+      .option("--extra-ignore-cidrs <list>", "more CIDRs never sent through a gateway", list, [])
+      .option("--leader-lease-ms <ms>", "leader lease duration", int, 15000)
+      .option(
+        "--leader-renew-deadline-ms <ms>",
+        "step down when not renewed for this long",
+        int,
+        10000,
+      )
+      .option("--leader-retry-ms <ms>", "leader election retry period", int, 2000)
+      .option("--webhook-port <port>", "serve the admission webhook on this port", int)
+      .option("--webhook-cert <file>", "webhook TLS certificate")
+      .option("--webhook-key <file>", "webhook TLS key")
+      .option("--metrics-port <port>", "metrics and health port", int, 9090)
+      .option("--bind-address <address>", "address for the webhook and metrics servers"),
+  ).action(async (f) => {
+    const { runController } = await import("../controller/main.ts");
+    await runController({
+      ...f,
+      lease: timing(f),
+      leader: {
+        leaseDurationMs: f.leaderLeaseMs,
+        renewDeadlineMs: f.leaderRenewDeadlineMs,
+        retryPeriodMs: f.leaderRetryMs,
+      },
+    });
+  });
+
+  leaseOptions(
+    kernelOptions(
+      program
+        .command("agent")
+        .description("run the node agent (DaemonSet): program this node's datapath and keep it so")
+        .requiredOption("--node <name>", "this node's name (the Node object)")
+        .option(
+          "--kubeconfig <file>",
+          "kubeconfig; default: in-cluster, $KUBECONFIG, ~/.kube/config",
+        )
+        .option("--namespace <ns>", "Sallyport's namespace", "sallyport-system")
+        .option("--vni <n>", "VXLAN network identifier", int, 7799)
+        .option("--vxlan-port <port>", "VXLAN UDP port", int, 7799)
+        .option("--table-start <n>", "TABLE_NUM start s", int, 3000)
+        .option("--table-count <n>", "TABLE_NUM count n", int, 100)
+        .option("--period-ms <ms>", "full resync period (drift repair)", int, 10000)
+        .option("--fence-port <port>", "UDP port for gateway heartbeats", int, 7800)
+        .option(
+          "--underlay-device <name>",
+          "interface for node-to-node traffic (default: the one holding the node's address)",
+        )
+        .option("--metrics-port <port>", "metrics and health port", int, 9091)
+        .option(
+          "--restart-hold-ms <ms>",
+          "on SIGTERM, ask the controller to keep this node's egress IPs this long",
+          int,
+          10000,
+        )
+        .option(
+          "--exempt-by-sets",
+          "also exempt steered traffic from SNAT by its ipsets, for CNIs that clear marks (such as Weave)",
+          false,
+        ),
+    ),
+  ).action(async (f) => {
+    const { runAgent } = await import("../agent/main.ts");
+    await runAgent({
+      ...f,
+      lease: timing(f),
+      noSnatBySets: f.exemptBySets === true,
+    });
+  });
+
+  sandboxCommands(program);
+}
