@@ -25,8 +25,20 @@ export interface SlicePlan {
   readonly delete: readonly string[];
 }
 
+/** Typed: the API server returns endpoints with their keys in its own order. */
 function sameEndpoints(a: readonly Endpoint[], b: readonly Endpoint[]): boolean {
-  return a.length === b.length && a.every((e, i) => JSON.stringify(e) === JSON.stringify(b[i]));
+  return (
+    a.length === b.length &&
+    a.every((e, i) => {
+      const f = b[i]!;
+      return (
+        e.pod === f.pod &&
+        e.node === f.node &&
+        e.ips.length === f.ips.length &&
+        e.ips.every((ip, j) => ip === f.ips[j])
+      );
+    })
+  );
 }
 
 export function planSlices(

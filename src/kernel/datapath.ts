@@ -194,7 +194,16 @@ export class Datapath {
     return this.#o;
   }
 
+  /** Reads everything Sallyport owns (and what it must avoid) from the kernel. */
   async read(): Promise<KernelState> {
+    try {
+      return await this.#read();
+    } catch (e) {
+      throw new DatapathError("read the kernel", e);
+    }
+  }
+
+  async #read(): Promise<KernelState> {
     const { runner, iptables, families, tunnelDevice } = this.#o;
     const json = (argv: string[]) => mustRun(runner, argv);
     const [saves, ipsetText, links, rules4, rules6, routes4, routes6] = await Promise.all([

@@ -182,6 +182,7 @@ export class Reflector<T extends KubeObject> {
     const path = resourcePath(this.#o.resource, { namespace: this.#o.namespace });
     const timeoutSeconds = 300 + Math.floor(Math.random() * 300);
     let relist = false;
+    let watchError: { code?: number; reason?: string; message?: string } | undefined;
     const generation = ++this.#generation;
     this.stats.watches++;
     this.#abort = await new Watch(this.#o.client.config).watch(
@@ -199,8 +200,23 @@ export class Reflector<T extends KubeObject> {
         this.#connected = true;
         this.#failures = 0;
         if (type === "ERROR") {
-          // 410: our resourceVersion is older than what etcd kept.
-          if (obj.code === 410) relist = true;
+          // The server ends the watch after an ERROR event. 410 (Expired/Gone): our
+          // resourceVersion is older than what etcd kept, so list again; anything else is a
+          // failure of this watch, retried with backoff from where we are. Never silent.
+          const status = obj as unknown as { code?: number; reason?: string; message?: string };
+          relist ||= status.code === 410 || status.reason === "Expired" || status.reason === "Gone";
+          watchError = status;
+          this.#o.log.warn(
+            {
+              resource: this.#o.resource.plural,
+              code: status.code,
+              reason: status.reason,
+              message: status.message,
+              relist,
+            },
+            "watch ended with an error event",
+          );
+          this.#abort?.abort();
           return;
         }
         const rv = obj.metadata?.resourceVersion;
@@ -222,6 +238,13 @@ export class Reflector<T extends KubeObject> {
         if (relist || status === 410) {
           this.#connected = false;
           void this.#listAndWatch();
+        } else if (watchError !== undefined) {
+          this.#failed(
+            new Error(
+              `watch error event ${watchError.code ?? ""} ${watchError.reason ?? ""}: ${watchError.message ?? ""}`,
+            ),
+            false,
+          );
         } else if (err === null || err === undefined || (err as Error).name === "TimeoutError") {
           // Clean end of the watch or the inactivity timeout: continue from where we are.
           void this.#watch().catch((e) => this.#failed(e, false));

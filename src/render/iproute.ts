@@ -367,7 +367,9 @@ export function diffRouting(
   const wantFdb = new Set(desired.fdb.map(fkey));
   for (const f of desired.fdb) {
     if (!haveFdb.has(fkey(f)) || tunnelFresh) {
-      d.bridge.push(`fdb append ${f.mac} dev ${f.dev} dst ${f.dst} self permanent`);
+      // `replace`, not `append`: the kernel ignores an append for a unicast MAC that already has
+      // an entry, and the `del` of the old remote below would then leave none.
+      d.bridge.push(`fdb replace ${f.mac} dev ${f.dev} dst ${f.dst} self permanent`);
     }
   }
   for (const f of actual.fdb) {

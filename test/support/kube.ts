@@ -159,3 +159,24 @@ export function renewNodeLeases(
   }
   return renewers;
 }
+
+/**
+ * Mutating requests the API server served for one API group (POST, PUT, PATCH, DELETE), from its
+ * own `apiserver_request_total` counters: what a writer really cost, whoever sent it.
+ */
+export async function apiWrites(
+  admin: KubeClient,
+  group = "sallyport.dev",
+  resource?: string,
+): Promise<number> {
+  const text = await admin.request<string>("GET", "/metrics");
+  let sum = 0;
+  for (const line of text.split("\n")) {
+    if (!line.startsWith("apiserver_request_total{")) continue;
+    if (!line.includes(`group="${group}"`)) continue;
+    if (resource !== undefined && !line.includes(`resource="${resource}"`)) continue;
+    if (!/verb="(POST|PATCH|PUT|DELETE|APPLY)"/.test(line)) continue;
+    sum += Number(line.slice(line.lastIndexOf(" ") + 1));
+  }
+  return sum;
+}
