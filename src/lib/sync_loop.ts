@@ -115,11 +115,12 @@ export class SyncLoop {
 
   #reschedule(): void {
     if (this.#stopped) return;
-    const at = Math.max(this.#clock.now(), this.#nextAt());
+    const now = this.#clock.now();
+    const at = Math.max(now, this.#nextAt());
     if (this.#timer !== undefined && this.#dueAt === at) return;
     this.#timer?.cancel();
     this.#dueAt = at;
-    this.#timer = this.#clock.after(at - this.#clock.now(), () => {
+    this.#timer = this.#clock.after(at - now, () => {
       this.#timer = undefined;
       this.#dueAt = Number.POSITIVE_INFINITY;
       void this.#run();
