@@ -22,4 +22,7 @@ const plugin =
   process.env.SALLYPORT_KUBECTL_PLUGIN === "1" ||
   basename(process.argv[1] ?? "").startsWith("kubectl-sallyport");
 
-process.exitCode = await runCli(await buildProgram({ plugin, argv: process.argv }), process.argv);
+const code = await runCli(await buildProgram({ plugin, argv: process.argv }), process.argv);
+// A failure ends the process even when something it started still holds the event loop (the
+// controller's metrics server, a keep-alive connection), as an uncaught error used to.
+if (code !== 0) process.exit(code);

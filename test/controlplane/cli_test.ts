@@ -8,11 +8,28 @@
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { isNotFound, type KubeClient, ours } from "../../src/kube/client.ts";
+import { convert } from "../../src/convert/convert.ts";
+import { parseManifests } from "../../src/kube/apply.ts";
+import {
+  CORE,
+  isAlreadyExists,
+  isNotFound,
+  type KubeClient,
+  type KubeObject,
+  ours,
+} from "../../src/kube/client.ts";
 import { ControlPlane, REPO } from "../../src/sandbox/controlplane.ts";
 
 const MAIN = join(REPO, "src", "cli", "main.ts");
@@ -162,6 +179,8 @@ describe("the CLI against a real API server", () => {
     const pod = run(["explain", "nope", "192.0.2.1"]);
     assert.equal(pod.code, 1);
     assert.equal(pod.stderr, "error: Cannot explain: pod default/nope does not exist\n");
+    const elsewhere = run(["explain", "nope", "192.0.2.1", "-n", "team-b"]);
+    assert.equal(elsewhere.stderr, "error: Cannot explain: pod team-b/nope does not exist\n");
   });
 
   it("a user without the right: Forbidden, exit 1", () => {
@@ -169,7 +188,7 @@ describe("the CLI against a real API server", () => {
     assert.equal(r.code, 1);
     assert.match(
       r.stderr,
-      /^Error from server \(Forbidden\): egressgateways\.sallyport\.dev is forbidden: User "viewer" cannot list resource "egressgateways"/,
+      /^Error from server \(Forbidden\): \w+\.sallyport\.dev is forbidden: User "viewer" cannot list resource "\w+" in API group "sallyport\.dev"/,
     );
     noStack(r);
   });
@@ -189,6 +208,46 @@ describe("the CLI against a real API server", () => {
       bad.stderr,
       /^error: Cannot show "pods\/x": write egp\/NAME \(or NAME\), cegp\/NAME or egw\/NAME/,
     );
+  });
+
+  it("what convert writes for every fixture and example, the API server accepts", async () => {
+    const sources = [
+      ...["cilium", "spidernet"].flatMap((d) =>
+        readdirSync(join(REPO, "src", "convert", "testdata", d)).map((f) =>
+          join(REPO, "src", "convert", "testdata", d, f),
+        ),
+      ),
+      join(REPO, "examples", "migration", "cilium.yaml"),
+      join(REPO, "examples", "migration", "spidernet.yaml"),
+    ];
+    let checked = 0;
+    for (const source of sources) {
+      const { objects } = convert(parseManifests(readFileSync(source, "utf8"), source));
+      for (const o of objects) {
+        const obj = structuredClone(o) as unknown as KubeObject;
+        obj.metadata.name = `converted-${obj.metadata.name}`; // apart from the other tests' objects
+        if (obj.kind === "EgressPolicy") {
+          obj.metadata.namespace ??= "default";
+          await client
+            .create(CORE.namespaces, {
+              apiVersion: "v1",
+              kind: "Namespace",
+              metadata: { name: obj.metadata.namespace },
+            })
+            .catch((e: unknown) => {
+              if (!isAlreadyExists(e)) throw e;
+            });
+        }
+        const kind = obj.kind as "EgressGateway" | "EgressPolicy" | "ClusterEgressPolicy";
+        await client
+          .create(ours(kind), obj, { dryRun: "All", fieldValidation: "Strict" })
+          .catch((e: unknown) =>
+            assert.fail(`${source}: ${kind}/${obj.metadata.name}: ${String(e)}`),
+          );
+        checked++;
+      }
+    }
+    assert.ok(checked > 30, `${checked} objects`);
   });
 
   it("works as `kubectl sallyport` with kubectl's flags", {
