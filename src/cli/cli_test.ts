@@ -5,7 +5,7 @@
  * test/controlplane/cli_test.ts.
  */
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -32,14 +32,25 @@ interface Run {
   stderr: string;
 }
 
-function sallyport(args: string[], env: Record<string, string> = {}, input?: string): Run {
-  const r = spawnSync(process.execPath, [MAIN, ...args], {
-    encoding: "utf8",
-    env: { ...process.env, SALLYPORT_DEBUG: "", KUBECONFIG: "", HOME: dir, ...env },
-    ...(input === undefined ? {} : { input }),
-    timeout: 30_000,
+/** Runs the CLI as a process; the tests of a group run at once (each spends its time starting Node). */
+function sallyport(args: string[], env: Record<string, string> = {}, input?: string): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [MAIN, ...args], {
+      env: { ...process.env, SALLYPORT_DEBUG: "", KUBECONFIG: "", HOME: dir, ...env },
+      timeout: 60_000,
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => {
+      stdout += d;
+    });
+    child.stderr.setEncoding("utf8").on("data", (d: string) => {
+      stderr += d;
+    });
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+    child.stdin.end(input ?? "");
   });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
 /** A port nothing listens on: one the kernel just handed out and took back. */
@@ -80,64 +91,70 @@ spec:
 
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-describe("sallyport CLI: every mistake gives a message and an exit code, never a stack trace", () => {
-  it("unknown flag: names it, points to the command's help, exit 2", () => {
+describe("sallyport CLI: every mistake gives a message and an exit code, never a stack trace", {
+  concurrency: true,
+}, () => {
+  it("unknown flag: names it, points to the command's help, exit 2", async () => {
     expectFailure(
-      sallyport(["convert", "-f", "x.yaml", "--nope"]),
+      await sallyport(["convert", "-f", "x.yaml", "--nope"]),
       2,
       "error: unknown option '--nope'",
       "See 'sallyport convert --help' for usage.",
     );
   });
 
-  it("unknown command: exit 2", () => {
+  it("unknown command: exit 2", async () => {
     expectFailure(
-      sallyport(["conver"]),
+      await sallyport(["conver"]),
       2,
       "error: unknown command 'conver'",
       "(Did you mean convert?)",
     );
   });
 
-  it("bad flag value: names the flag and the value, exit 2", () => {
+  it("bad flag value: names the flag and the value, exit 2", async () => {
     expectFailure(
-      sallyport(["explain", "web", "192.0.2.1", "--port", "70000"]),
+      await sallyport(["explain", "web", "192.0.2.1", "--port", "70000"]),
       2,
       "error: option '--port <port>' argument '70000' is invalid. Expected a port number from 1 to 65535.",
     );
     expectFailure(
-      sallyport(["convert", "-f", "x.yaml", "-o", "xml"]),
+      await sallyport(["convert", "-f", "x.yaml", "-o", "xml"]),
       2,
       "error: option '-o, --output <format>' argument 'xml' is invalid. Allowed choices are yaml, json.",
     );
   });
 
-  it("missing flag or argument: exit 2", () => {
-    expectFailure(sallyport(["convert"]), 2, "error: convert needs -f FILE (or -f - for stdin)");
+  it("missing flag or argument: exit 2", async () => {
     expectFailure(
-      sallyport(["explain", "web"]),
+      await sallyport(["convert"]),
+      2,
+      "error: convert needs -f FILE (or -f - for stdin)",
+    );
+    expectFailure(
+      await sallyport(["explain", "web"]),
       2,
       "error: missing required argument 'destination'",
     );
   });
 
-  it("missing file: names it, exit 1", () => {
+  it("missing file: names it, exit 1", async () => {
     const missing = join(dir, "nowhere.yaml");
     expectFailure(
-      sallyport(["convert", "-f", missing]),
+      await sallyport(["convert", "-f", missing]),
       1,
       `error: Cannot read file ${missing}: no such file or directory`,
     );
     expectFailure(
-      sallyport(["validate", "-f", dir]),
+      await sallyport(["validate", "-f", dir]),
       1,
       `error: Cannot read file ${dir}: it is a directory`,
     );
   });
 
-  it("YAML syntax error: names the file, line and column, and shows them, exit 1", () => {
+  it("YAML syntax error: names the file, line and column, and shows them, exit 1", async () => {
     const bad = file("bad.yaml", "apiVersion: v1\nkind: List\nitems: [1, 2\nmore: 3\n");
-    const r = sallyport(["convert", "-f", bad]);
+    const r = await sallyport(["convert", "-f", bad]);
     expectFailure(
       r,
       1,
@@ -146,9 +163,9 @@ describe("sallyport CLI: every mistake gives a message and an exit code, never a
     assert.match(r.stderr, /\n {2}more: 3\n {2}\^/);
   });
 
-  it("invalid object: our validator names the field and the fix, exit 1", () => {
+  it("invalid object: our validator names the field and the fix, exit 1", async () => {
     const typo = file("typo.yaml", POLICY_WITH_TYPO);
-    const r = sallyport(["validate", "-f", typo]);
+    const r = await sallyport(["validate", "-f", typo]);
     expectFailure(
       r,
       1,
@@ -156,7 +173,7 @@ describe("sallyport CLI: every mistake gives a message and an exit code, never a
       "  EgressPolicy default/egress-sample: spec.egresIP: unknown field: remove it or check its spelling",
     );
     assert.equal(r.stdout, "");
-    const fine = sallyport([
+    const fine = await sallyport([
       "validate",
       "-f",
       join(import.meta.dirname, "..", "..", "examples", "egress-sample.yaml"),
@@ -170,12 +187,12 @@ describe("sallyport CLI: every mistake gives a message and an exit code, never a
 
   it("a kubeconfig that cannot be used: exit 1", async () => {
     expectFailure(
-      sallyport(["status", "--kubeconfig", join(dir, "nope")]),
+      await sallyport(["status", "--kubeconfig", join(dir, "nope")]),
       1,
       `error: Cannot read kubeconfig ${join(dir, "nope")}: no such file`,
     );
     expectFailure(
-      sallyport(["status"]),
+      await sallyport(["status"]),
       1,
       "error: Cannot find a kubeconfig: pass --kubeconfig, set KUBECONFIG, or create ~/.kube/config",
     );
@@ -191,29 +208,29 @@ describe("sallyport CLI: every mistake gives a message and an exit code, never a
       }),
     );
     expectFailure(
-      sallyport(["status", "--kubeconfig", kc, "--context", "there"]),
+      await sallyport(["status", "--kubeconfig", kc, "--context", "there"]),
       1,
       'error: Cannot use context "there": the kubeconfig has only here',
     );
     const closed = await closedPort();
     writeFileSync(kc, readFileSync(kc, "utf8").replace("127.0.0.1:1", `127.0.0.1:${closed}`));
     expectFailure(
-      sallyport(["status"], { KUBECONFIG: kc }),
+      await sallyport(["status"], { KUBECONFIG: kc }),
       1,
       `error: Cannot reach the API server: connect ECONNREFUSED 127.0.0.1:${closed}; check --kubeconfig, --context or KUBECONFIG`,
     );
   });
 
-  it("help exits 0", () => {
-    const r = sallyport(["convert", "--help"]);
+  it("help exits 0", async () => {
+    const r = await sallyport(["convert", "--help"]);
     assert.equal(r.code, 0);
     assert.match(r.stdout, /Usage: sallyport convert \[options\]/);
   });
 });
 
-describe("sallyport convert", () => {
-  it("writes Sallyport YAML on stdout and the warnings on stderr, exit 0", () => {
-    const r = sallyport(["convert", "-f", join(TESTDATA, "cilium", "seed-003.yaml")]);
+describe("sallyport convert", { concurrency: true }, () => {
+  it("writes Sallyport YAML on stdout and the warnings on stderr, exit 0", async () => {
+    const r = await sallyport(["convert", "-f", join(TESTDATA, "cilium", "seed-003.yaml")]);
     assert.equal(r.code, 0, r.stderr);
     const docs = r.stdout
       .split(/^---$/m)
@@ -228,8 +245,8 @@ describe("sallyport convert", () => {
     );
   });
 
-  it("reads stdin and writes JSON", () => {
-    const r = sallyport(
+  it("reads stdin and writes JSON", async () => {
+    const r = await sallyport(
       ["convert", "-f", "-", "-o", "json"],
       {},
       `apiVersion: egressgateway.spidernet.io/v1beta1
@@ -242,8 +259,8 @@ spec: {nodeSelector: {selector: {matchLabels: {egress: "true"}}}}
     assert.equal((JSON.parse(r.stdout) as { kind: string }).kind, "EgressGateway");
   });
 
-  it("writes what it can and exits 1 naming what it cannot convert", () => {
-    const r = sallyport(["convert", "-f", join(TESTDATA, "cilium", "gateway-choices.yaml")]);
+  it("writes what it can and exits 1 naming what it cannot convert", async () => {
+    const r = await sallyport(["convert", "-f", join(TESTDATA, "cilium", "gateway-choices.yaml")]);
     expectFailure(
       r,
       1,
@@ -252,13 +269,13 @@ spec: {nodeSelector: {selector: {matchLabels: {egress: "true"}}}}
     assert.equal(r.stdout.split(/^---$/m).length, 4, "the gateway and three policies");
   });
 
-  it("exits 1 when the input holds nothing it reads", () => {
+  it("exits 1 when the input holds nothing it reads", async () => {
     const other = file(
       "deployment.yaml",
       "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n",
     );
     expectFailure(
-      sallyport(["convert", "-f", other]),
+      await sallyport(["convert", "-f", other]),
       1,
       "Warning: Deployment.apps/web kind: skipped",
       `error: Cannot convert ${other}: it holds no CiliumEgressGatewayPolicy (cilium.io)`,
@@ -266,23 +283,23 @@ spec: {nodeSelector: {selector: {matchLabels: {egress: "true"}}}}
   });
 });
 
-describe("sallyport as a kubectl plugin", () => {
-  it("holds only the commands that talk to the API as kubectl does", () => {
-    const r = sallyport(["sandbox", "status"], { SALLYPORT_KUBECTL_PLUGIN: "1" });
+describe("sallyport as a kubectl plugin", { concurrency: true }, () => {
+  it("holds only the commands that talk to the API as kubectl does", async () => {
+    const r = await sallyport(["sandbox", "status"], { SALLYPORT_KUBECTL_PLUGIN: "1" });
     expectFailure(
       r,
       2,
       "error: unknown command 'sandbox'",
       "See 'kubectl sallyport --help' for usage.",
     );
-    const help = sallyport(["--help"], { SALLYPORT_KUBECTL_PLUGIN: "1" });
+    const help = await sallyport(["--help"], { SALLYPORT_KUBECTL_PLUGIN: "1" });
     assert.match(help.stdout, /Usage: kubectl sallyport/);
     for (const c of ["explain", "status", "convert", "validate"])
       assert.match(help.stdout, new RegExp(`\\n  ${c} `));
     assert.doesNotMatch(help.stdout, /\n {2}(controller|agent|sandbox|cleanup|datapath) /);
   });
 
-  it("is bin/kubectl-sallyport", () => {
+  it("is bin/kubectl-sallyport", async () => {
     const r = spawnSync(
       join(import.meta.dirname, "..", "..", "bin", "kubectl-sallyport"),
       ["status", "--context", "x"],
@@ -354,7 +371,7 @@ describe("runCli()", () => {
     assert.match(env.text, STACK);
   });
 
-  it("turns the API's Status into kubectl's line, with one line per cause", () => {
+  it("turns the API's Status into kubectl's line, with one line per cause", async () => {
     const invalid = new ApiError(
       "POST",
       "/apis/sallyport.dev/v1alpha1/namespaces/default/egresspolicies",
