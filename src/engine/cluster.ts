@@ -51,7 +51,7 @@ import {
   cond,
   type EngineCondition,
   type GatewayOutcome,
-  gatewayOutcome,
+  GatewayTally,
   gatewaySeesChange,
   type PolicyOutcome,
   rejectedOutcome,
@@ -139,6 +139,8 @@ export class ClusterEngine {
   #errorMap = FrozenMap.empty<string, string>();
   #peerMap = FrozenMap.empty<string, PeerView>();
   #ignoreCIDRs: readonly string[] = [];
+  /** Per gateway, its accepted policies in the last result, counted. */
+  readonly #tallies = new Map<string, GatewayTally>();
 
   // What changed since the last computation.
   #reset = true;
@@ -608,8 +610,14 @@ export class ClusterEngine {
         continue;
       changes.set(key, after);
       if (gatewaySeesChange(before, after)) {
-        if (before !== undefined) this.#dirtyGateways.add(before.gateway);
-        if (after !== undefined) this.#dirtyGateways.add(after.gateway);
+        if (before?.accepted) {
+          this.#tally(before.gateway).count(before, -1);
+          this.#dirtyGateways.add(before.gateway);
+        }
+        if (after?.accepted) {
+          this.#tally(after.gateway).count(after, 1);
+          this.#dirtyGateways.add(after.gateway);
+        }
       }
     }
     this.#dirtyOutcomes.clear();
@@ -646,6 +654,10 @@ export class ClusterEngine {
     });
   }
 
+  #tally(gateway: string): GatewayTally {
+    return getOrInsert(this.#tallies, gateway, () => new GatewayTally());
+  }
+
   #updateGatewayOutcomes(): void {
     const changes = new Map<string, GatewayOutcome | undefined>();
     for (const name of this.#dirtyGateways) {
@@ -655,17 +667,11 @@ export class ClusterEngine {
         if (before !== undefined) changes.set(name, undefined);
         continue;
       }
-      const accepted: PolicyOutcome[] = [];
-      for (const key of this.#policiesByGateway.get(name) ?? NO_KEYS) {
-        const o = this.#policyMap.get(key);
-        if (o?.accepted) accepted.push(o);
-      }
-      const after = gatewayOutcome(
+      const after = this.#tally(name).outcome(
         gw.object,
         gw.pool,
         this.#placement.gatewayNodes(name),
         this.#healthy,
-        accepted,
       );
       if (before === undefined || !sameGatewayOutcome(before, after)) changes.set(name, after);
     }

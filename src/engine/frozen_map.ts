@@ -54,8 +54,12 @@ export class FrozenMap<K, V> implements ReadonlyMap<K, V> {
     if (delta === undefined) return this;
     // Flatten once the overrides cost more to copy per version than a rebuild amortized over them.
     if (delta.size > 64 && delta.size * 8 > this.#base.size) {
-      const flat = new Map<K, V>();
-      for (const [k, v] of new FrozenMap(this.#base, delta, size)) flat.set(k, v);
+      // The native copy keeps the base's order; set() on a present key keeps its place.
+      const flat = new Map<K, V>(this.#base);
+      for (const [k, slot] of delta) {
+        if (slot === DELETED) flat.delete(k);
+        else flat.set(k, slot);
+      }
       return new FrozenMap(flat, new Map(), size);
     }
     return new FrozenMap(this.#base, delta, size);

@@ -13,7 +13,7 @@
  * for that pod. `shadows(loser)` counts the pods per winner.
  */
 
-import { formatAddress, parseAddress } from "../lib/ip.ts";
+import { canonicalAddress } from "../lib/ip.ts";
 import { getOrInsert } from "../lib/maps.ts";
 import type { Labels } from "../lib/selector.ts";
 import { samePodInfo } from "./equality.ts";
@@ -25,6 +25,7 @@ import type { EndpointView } from "./view.ts";
 interface PodEntry {
   readonly key: string;
   readonly pod: PodInfo;
+  /** NO_ENDPOINT for a pod no policy can steer. */
   readonly endpoint: EndpointView;
   /** Accepted policies selecting the pod, in precedence order. */
   readonly policies: PreparedPolicy[];
@@ -39,25 +40,59 @@ interface PolicyEntry {
 }
 
 const NO_PODS: ReadonlySet<PodEntry> = new Set();
+/** The endpoint of a pod no policy can steer (not indexed). */
+const NO_ENDPOINT: EndpointView = { pod: "", node: "", ips: [] };
 const NO_SHADOWS: ReadonlyMap<string, number> = new Map();
 
 /** label key → value → pods */
 type LabelIndex = Map<string, Map<string, Set<PodEntry>>>;
 
-function endpointOf(pod: PodInfo): EndpointView {
-  return {
-    pod: podKey(pod),
-    node: pod.nodeName,
-    ips: pod.ips.map((ip) => formatAddress(parseAddress(ip))),
-  };
+function endpointOf(key: string, pod: PodInfo): EndpointView {
+  let ips = pod.ips;
+  for (let i = 0; i < ips.length; i++) {
+    const ip = ips[i]!;
+    // The API's strings are canonical nearly always: keep them, and skip the bigint round trip
+    // for plain dotted quads (one per pod, 100,000 pods).
+    if (isDottedQuad(ip)) continue;
+    const canonical = canonicalAddress(ip);
+    if (canonical === ip) continue;
+    if (ips === pod.ips) ips = [...pod.ips];
+    (ips as string[])[i] = canonical;
+  }
+  return { pod: key, node: pod.nodeName, ips };
+}
+
+/** Four decimal octets of at most 255 without leading zeros: canonical IPv4 text. */
+function isDottedQuad(text: string): boolean {
+  let octet = 0;
+  let digits = 0;
+  let dots = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 46) {
+      if (digits === 0) return false;
+      octet = 0;
+      digits = 0;
+      dots++;
+    } else if (c >= 48 && c <= 57 && !(digits > 0 && octet === 0)) {
+      octet = octet * 10 + (c - 48);
+      digits++;
+      if (octet > 255) return false;
+    } else return false;
+  }
+  return dots === 3 && digits > 0;
 }
 
 export class Memberships {
-  readonly #pods = new Map<string, PodInfo>();
-  readonly #entries = new Map<string, PodEntry>();
+  /** Every pod the engine knows; only eligible ones (with an endpoint) are indexed. */
+  readonly #pods = new Map<string, PodEntry>();
   readonly #byNamespace = new Map<string, Set<PodEntry>>();
   readonly #byLabel = new Map<string, LabelIndex>();
-  readonly #byNode = new Map<string, Set<PodEntry>>();
+  /**
+   * Built on first need (a node's labels change while a policy has a node selector), then kept:
+   * most clusters never need it, and it costs a set entry per pod.
+   */
+  #byNode: Map<string, Set<PodEntry>> | undefined;
   readonly #namespaceLabels = new Map<string, Labels>();
   readonly #nodeLabels = new Map<string, Labels>();
 
@@ -75,39 +110,56 @@ export class Memberships {
   setPod(pod: PodInfo): boolean {
     const key = podKey(pod);
     const before = this.#pods.get(key);
-    if (before !== undefined && samePodInfo(before, pod)) return false;
-    this.#pods.set(key, pod);
-    this.#removeEntry(key);
-    if (!isEligiblePod(pod)) return true;
-    const entry: PodEntry = { key, pod, endpoint: endpointOf(pod), policies: [] };
-    this.#entries.set(key, entry);
-    getOrInsert(this.#byNamespace, pod.namespace, () => new Set()).add(entry);
-    getOrInsert(this.#byNode, pod.nodeName, () => new Set()).add(entry);
-    const index = getOrInsert(this.#byLabel, pod.namespace, () => new Map());
-    for (const k in pod.labels) {
-      const values = getOrInsert(index, k, () => new Map());
-      getOrInsert(values, pod.labels[k]!, () => new Set()).add(entry);
+    if (before !== undefined) {
+      if (samePodInfo(before.pod, pod)) return false;
+      this.#unindex(before);
     }
-    for (const p of this.#policiesByNamespace.get(pod.namespace) ?? []) this.#consider(p, entry);
+    const eligible = isEligiblePod(pod);
+    const entry: PodEntry = {
+      key,
+      pod,
+      endpoint: eligible ? endpointOf(key, pod) : NO_ENDPOINT,
+      policies: [],
+    };
+    this.#pods.set(key, entry);
+    if (!eligible) return true;
+    const ns = pod.namespace;
+    setIn(this.#byNamespace, ns).add(entry);
+    if (this.#byNode !== undefined) setIn(this.#byNode, pod.nodeName).add(entry);
+    let index = this.#byLabel.get(ns);
+    if (index === undefined) {
+      index = new Map();
+      this.#byLabel.set(ns, index);
+    }
+    for (const k in pod.labels) {
+      let values = index.get(k);
+      if (values === undefined) {
+        values = new Map();
+        index.set(k, values);
+      }
+      setIn(values, pod.labels[k]!).add(entry);
+    }
+    const namespaced = this.#policiesByNamespace.get(ns);
+    if (namespaced !== undefined) for (const p of namespaced) this.#consider(p, entry);
     for (const p of this.#clusterPolicies) this.#consider(p, entry);
     return true;
   }
 
   /** @returns whether the pod was known */
   deletePod(key: string): boolean {
-    if (!this.#pods.delete(key)) return false;
-    this.#removeEntry(key);
+    const entry = this.#pods.get(key);
+    if (entry === undefined) return false;
+    this.#pods.delete(key);
+    this.#unindex(entry);
     return true;
   }
 
-  #removeEntry(key: string): void {
-    const entry = this.#entries.get(key);
-    if (entry === undefined) return;
-    this.#entries.delete(key);
+  #unindex(entry: PodEntry): void {
+    if (entry.endpoint === NO_ENDPOINT) return;
     const { pod } = entry;
     for (const p of [...entry.policies]) this.#unlink(this.#policies.get(p.key)!, entry);
     deleteFrom(this.#byNamespace, pod.namespace, entry);
-    deleteFrom(this.#byNode, pod.nodeName, entry);
+    if (this.#byNode !== undefined) deleteFrom(this.#byNode, pod.nodeName, entry);
     const index = this.#byLabel.get(pod.namespace)!;
     for (const k in pod.labels) {
       const values = index.get(k)!;
@@ -137,8 +189,17 @@ export class Memberships {
     for (const p of this.#nodeSelecting) {
       const selector = p.policy.nodeSelector!;
       if (selector.matches(before) === selector.matches(labels)) continue;
-      for (const entry of this.#byNode.get(name) ?? NO_PODS) this.#consider(p, entry);
+      for (const entry of this.#podsOn(name)) this.#consider(p, entry);
     }
+  }
+
+  #podsOn(node: string): ReadonlySet<PodEntry> {
+    if (this.#byNode === undefined) {
+      this.#byNode = new Map();
+      for (const entry of this.#pods.values())
+        if (entry.endpoint !== NO_ENDPOINT) setIn(this.#byNode, entry.pod.nodeName).add(entry);
+    }
+    return this.#byNode.get(node) ?? NO_PODS;
   }
 
   // --- policies
@@ -164,13 +225,14 @@ export class Memberships {
     else this.#clusterPolicies.add(p);
     if (policy.nodeSelector !== undefined) this.#nodeSelecting.add(p);
     this.#dirty.add(key);
-    for (const entry of this.#candidates(policy)) {
-      if (this.#selects(policy, entry)) this.#link(p, entry);
+    for (const list of this.#candidates(policy)) {
+      for (const entry of list) if (this.#selects(policy, entry)) this.#link(p, entry);
     }
   }
 
   /** Forgets every policy (pods stay indexed); for a recomputation from scratch. */
   clearPolicies(): void {
+    if (this.#policies.size === 0 && this.#shadows.size === 0) return;
     for (const key of this.#policies.keys()) this.#dirty.add(key);
     for (const key of this.#shadows.keys()) this.#dirty.add(key);
     this.#policies.clear();
@@ -178,30 +240,29 @@ export class Memberships {
     this.#clusterPolicies.clear();
     this.#nodeSelecting.clear();
     this.#shadows.clear();
-    for (const entry of this.#entries.values()) entry.policies.length = 0;
+    for (const entry of this.#pods.values()) entry.policies.length = 0;
   }
 
-  /** Pods that may match: the index entry of the selector's most selective label, or all. */
-  *#candidates(p: PreparedPolicy): Iterable<PodEntry> {
-    const namespaces =
-      p.namespace !== undefined
-        ? [p.namespace]
-        : [...this.#byNamespace.keys()].filter((ns) =>
-            p.namespaceSelector!.matches(this.#namespaceLabels.get(ns)),
-          );
+  /**
+   * Pods that may match, as posting lists: per namespace, the index entries of the selector's
+   * most selective label, or all of the namespace's pods.
+   */
+  #candidates(p: PreparedPolicy): ReadonlySet<PodEntry>[] {
+    const out: ReadonlySet<PodEntry>[] = [];
     const eq = p.podSelector.equalities;
-    for (const ns of namespaces) {
+    const add = (ns: string) => {
       if (eq.length === 0) {
-        yield* this.#byNamespace.get(ns) ?? NO_PODS;
-        continue;
+        const all = this.#byNamespace.get(ns);
+        if (all !== undefined) out.push(all);
+        return;
       }
       const index = this.#byLabel.get(ns);
-      if (index === undefined) continue;
-      let best: Set<PodEntry>[] | undefined;
+      if (index === undefined) return;
+      let best: ReadonlySet<PodEntry>[] = [];
       let bestSize = Number.POSITIVE_INFINITY;
       for (const { key, values } of eq) {
         const byValue = index.get(key);
-        const lists: Set<PodEntry>[] = [];
+        const lists: ReadonlySet<PodEntry>[] = [];
         let size = 0;
         for (const v of values) {
           const list = byValue?.get(v);
@@ -214,16 +275,24 @@ export class Memberships {
           bestSize = size;
         }
       }
-      for (const list of best ?? []) yield* list;
+      for (const list of best) out.push(list);
+    };
+    if (p.namespace !== undefined) add(p.namespace);
+    else {
+      for (const ns of this.#byNamespace.keys())
+        if (p.namespaceSelector!.matches(this.#namespaceLabels.get(ns))) add(ns);
     }
+    return out;
   }
 
   #selects(p: PreparedPolicy, entry: PodEntry): boolean {
+    const pod = entry.pod;
+    // Labels looked up only for the selectors that read them.
     return selectsPod(
       p,
-      entry.pod,
-      this.#namespaceLabels.get(entry.pod.namespace),
-      this.#nodeLabels.get(entry.pod.nodeName),
+      pod,
+      p.namespaceSelector === undefined ? undefined : this.#namespaceLabels.get(pod.namespace),
+      p.nodeSelector === undefined ? undefined : this.#nodeLabels.get(pod.nodeName),
     );
   }
 
@@ -237,6 +306,10 @@ export class Memberships {
   #link(p: PolicyEntry, entry: PodEntry): void {
     const list = entry.policies;
     const policy = p.policy;
+    p.pods.add(entry);
+    p.endpoints = undefined;
+    p.nodes = undefined;
+    this.#dirty.add(policy.key);
     let at = list.length;
     for (let i = 0; i < list.length; i++) {
       const other = list[i]!;
@@ -247,11 +320,8 @@ export class Memberships {
         else this.#shadow(policy.key, other.key, 1);
       }
     }
-    list.splice(at, 0, policy);
-    p.pods.add(entry);
-    p.endpoints = undefined;
-    p.nodes = undefined;
-    this.#dirty.add(policy.key);
+    if (at === list.length) list.push(policy);
+    else list.splice(at, 0, policy);
   }
 
   #unlink(p: PolicyEntry, entry: PodEntry): void {
@@ -284,9 +354,12 @@ export class Memberships {
   endpoints(key: string): readonly EndpointView[] {
     const p = this.#policies.get(key);
     if (p === undefined) return [];
-    p.endpoints ??= [...p.pods]
-      .map((e) => e.endpoint)
-      .sort((a, b) => (a.pod < b.pod ? -1 : a.pod > b.pod ? 1 : 0));
+    if (p.endpoints === undefined) {
+      const list: EndpointView[] = new Array(p.pods.size);
+      let i = 0;
+      for (const e of p.pods) list[i++] = e.endpoint;
+      p.endpoints = list.sort(byPod);
+    }
     return p.endpoints;
   }
 
@@ -294,7 +367,17 @@ export class Memberships {
   endpointNodes(key: string): readonly string[] {
     const p = this.#policies.get(key);
     if (p === undefined) return [];
-    p.nodes ??= [...new Set(this.endpoints(key).map((e) => e.node))].sort();
+    if (p.nodes === undefined) {
+      // Sort, then drop repeats: cheaper than a Set for lists that rarely repeat.
+      const nodes: string[] = new Array(p.pods.size);
+      let i = 0;
+      for (const e of p.pods) nodes[i++] = e.pod.nodeName;
+      nodes.sort();
+      let kept = 0;
+      for (const n of nodes) if (kept === 0 || nodes[kept - 1] !== n) nodes[kept++] = n;
+      nodes.length = kept;
+      p.nodes = nodes;
+    }
     return p.nodes;
   }
 
@@ -309,6 +392,20 @@ export class Memberships {
     this.#dirty.clear();
     return out;
   }
+}
+
+function byPod(a: EndpointView, b: EndpointView): number {
+  return a.pod < b.pod ? -1 : a.pod > b.pod ? 1 : 0;
+}
+
+/** The set at `key`, created when absent (no closure to allocate: this runs per pod). */
+function setIn<K, V>(map: Map<K, Set<V>>, key: K): Set<V> {
+  let set = map.get(key);
+  if (set === undefined) {
+    set = new Set();
+    map.set(key, set);
+  }
+  return set;
 }
 
 function deleteFrom<K, V>(map: Map<K, Set<V>>, key: K, value: V): void {

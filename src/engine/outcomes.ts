@@ -286,63 +286,86 @@ export function gatewaySeesChange(
 }
 
 /**
- * @param nodes the nodes the gateway's selector matches, by name
- * @param policies the accepted policies naming the gateway
+ * What a gateway's outcome counts of its accepted policies (egress IPs per node, pool usage),
+ * kept up to date policy by policy, so that a gateway of 10,000 policies is not recounted when a
+ * few of them move.
  */
-export function gatewayOutcome(
-  gateway: EgressGateway,
-  pool: Pool,
-  nodes: readonly string[],
-  healthy: ReadonlySet<string>,
-  policies: Iterable<PolicyOutcome>,
-): GatewayOutcome {
-  const name = gateway.metadata.name ?? "";
-  const perNode = new Map<string, { ips: Set<string>; policies: number }>();
-  const allocated = new Set<string>();
-  for (const p of policies) {
+export class GatewayTally {
+  /** address → accepted policies using it */
+  readonly #allocated = new Map<string, number>();
+  readonly #perFamily = { 4: 0, 6: 0 };
+  readonly #nodes = new Map<
+    string,
+    { ips: Map<string, number>; policies: number; sorted: readonly string[] | undefined }
+  >();
+
+  /** Counts an accepted policy of this gateway in (1) or out (-1). */
+  count(p: PolicyOutcome, sign: 1 | -1): void {
     const floating = p.view?.floating ?? [];
-    for (const a of floating) allocated.add(a);
-    if (p.gatewayNode === undefined) continue;
-    let entry = perNode.get(p.gatewayNode);
-    if (entry === undefined) {
-      entry = { ips: new Set(), policies: 0 };
-      perNode.set(p.gatewayNode, entry);
+    for (const a of floating) {
+      const n = (this.#allocated.get(a) ?? 0) + sign;
+      if (n === 0) this.#allocated.delete(a);
+      else this.#allocated.set(a, n);
+      if (n === 0 || (n === 1 && sign === 1)) this.#perFamily[a.includes(":") ? 6 : 4] += sign;
     }
-    for (const a of floating) entry.ips.add(a);
-    entry.policies++;
+    if (p.gatewayNode === undefined) return;
+    let entry = this.#nodes.get(p.gatewayNode);
+    if (entry === undefined) {
+      entry = { ips: new Map(), policies: 0, sorted: undefined };
+      this.#nodes.set(p.gatewayNode, entry);
+    }
+    entry.policies += sign;
+    entry.sorted = undefined;
+    for (const a of floating) {
+      const n = (entry.ips.get(a) ?? 0) + sign;
+      if (n === 0) entry.ips.delete(a);
+      else entry.ips.set(a, n);
+    }
+    if (entry.policies === 0) this.#nodes.delete(p.gatewayNode);
   }
-  const usage: Partial<Record<Family, PoolUsage>> = {};
-  for (const f of FAMILIES) {
-    if (!pool.ranges.some((r) => r.family === f)) continue;
-    let count = 0;
-    for (const a of allocated) if (familyOfText(a) === f) count++;
-    usage[f] = { size: poolSize(pool, f), allocated: count };
+
+  /** @param nodes the nodes the gateway's selector matches, by name */
+  outcome(
+    gateway: EgressGateway,
+    pool: Pool,
+    nodes: readonly string[],
+    healthy: ReadonlySet<string>,
+  ): GatewayOutcome {
+    const usage: Partial<Record<Family, PoolUsage>> = {};
+    for (const f of FAMILIES) {
+      if (!pool.ranges.some((r) => r.family === f)) continue;
+      usage[f] = { size: poolSize(pool, f), allocated: this.#perFamily[f] };
+    }
+    const nodeOutcomes = nodes.map((name) => {
+      const entry = this.#nodes.get(name);
+      if (entry !== undefined) entry.sorted ??= [...entry.ips.keys()].sort();
+      return {
+        name,
+        ready: healthy.has(name),
+        egressIPs: entry?.sorted ?? [],
+        policies: entry?.policies ?? 0,
+      };
+    });
+    const ready = nodeOutcomes.filter((n) => n.ready).length;
+    const conditions: EngineCondition[] = [
+      ready > 0
+        ? cond(
+            "GatewayAssigned",
+            "True",
+            "NodesReady",
+            `${ready} of ${nodes.length} gateway nodes are ready`,
+          )
+        : cond(
+            "GatewayAssigned",
+            "False",
+            nodes.length === 0 ? "NoMatchingNodes" : "NoReadyNodes",
+            nodes.length === 0
+              ? `no node matches ${formatSelector(gateway.spec.nodeSelector)}: label the nodes that should hold egress IPs`
+              : `none of the ${nodes.length} matching nodes has a live agent`,
+          ),
+    ];
+    return { name: gateway.metadata.name ?? "", nodes: nodeOutcomes, pool: usage, conditions };
   }
-  const nodeOutcomes = nodes.map((n) => ({
-    name: n,
-    ready: healthy.has(n),
-    egressIPs: [...(perNode.get(n)?.ips ?? [])].sort(),
-    policies: perNode.get(n)?.policies ?? 0,
-  }));
-  const ready = nodeOutcomes.filter((n) => n.ready).length;
-  const conditions: EngineCondition[] = [
-    ready > 0
-      ? cond(
-          "GatewayAssigned",
-          "True",
-          "NodesReady",
-          `${ready} of ${nodes.length} gateway nodes are ready`,
-        )
-      : cond(
-          "GatewayAssigned",
-          "False",
-          nodes.length === 0 ? "NoMatchingNodes" : "NoReadyNodes",
-          nodes.length === 0
-            ? `no node matches ${formatSelector(gateway.spec.nodeSelector)}: label the nodes that should hold egress IPs`
-            : `none of the ${nodes.length} matching nodes has a live agent`,
-        ),
-  ];
-  return { name, nodes: nodeOutcomes, pool: usage, conditions };
 }
 
 export function sameGatewayOutcome(a: GatewayOutcome, b: GatewayOutcome): boolean {

@@ -251,11 +251,17 @@ export class Placement {
       }
       members.sort(byAge);
     }
-    const addresses = new Set<string>();
-    for (const m of members) for (const a of m.addresses) addresses.add(a);
     const oldest = members[0]!;
+    let key: string;
+    if (members.length === 1 && oldest.addresses.length <= 1) {
+      key = oldest.addresses[0] ?? oldest.key;
+    } else {
+      const addresses = new Set<string>();
+      for (const m of members) for (const a of m.addresses) addresses.add(a);
+      key = addresses.size > 0 ? [...addresses].sort().join(",") : oldest.key;
+    }
     const unit: Unit = {
-      key: addresses.size > 0 ? [...addresses].sort().join(",") : oldest.key,
+      key,
       members,
       gateway: oldest.gateway,
       iface: oldest.iface,
