@@ -60,17 +60,31 @@ export function sandboxCommands(program: Command): void {
     .option("--nodes <n>", "number of nodes", int, 3)
     .option("--ipv6", "IPv6 only")
     .option("--dual-stack", "IPv4 and IPv6")
-    .action(async (f: { prefix: string; nodes: number; ipv6?: boolean; dualStack?: boolean }) => {
-      const families: Family[] = f.dualStack ? [4, 6] : f.ipv6 ? [6] : [4];
-      const s = await (await sandboxModule()).Sandbox.up(
-        { prefix: f.prefix, nodes: f.nodes, families },
-        (l) => console.log(`- ${l}`),
-      );
-      console.log(
-        `sandbox "${s.prefix}" is up: API server ${s.controlPlane?.url}; try "sallyport sandbox status"`,
-      );
-      process.exit(0);
-    });
+    .option("--agent-image <image>", "run the node agents from this image (podman; make image)")
+    .action(
+      async (f: {
+        prefix: string;
+        nodes: number;
+        ipv6?: boolean;
+        dualStack?: boolean;
+        agentImage?: string;
+      }) => {
+        const families: Family[] = f.dualStack ? [4, 6] : f.ipv6 ? [6] : [4];
+        const s = await (await sandboxModule()).Sandbox.up(
+          {
+            prefix: f.prefix,
+            nodes: f.nodes,
+            families,
+            ...(f.agentImage === undefined ? {} : { agentImage: f.agentImage }),
+          },
+          (l) => console.log(`- ${l}`),
+        );
+        console.log(
+          `sandbox "${s.prefix}" is up: API server ${s.controlPlane?.url}; try "sallyport sandbox status"`,
+        );
+        process.exit(0);
+      },
+    );
 
   prefixOpt(
     sb.command("down").description("remove everything of the sandbox (also after a crash)"),
