@@ -69,8 +69,13 @@ function sameRequest(a: AddressRequest, b: AddressRequest): boolean {
     a.createdAt === b.createdAt &&
     a.gateway === b.gateway &&
     a.pool === b.pool &&
-    a.explicit === b.explicit &&
-    a.families === b.families
+    (a.explicit === b.explicit ||
+      (a.explicit !== undefined &&
+        b.explicit !== undefined &&
+        a.explicit.length === b.explicit.length &&
+        a.explicit.every((e, i) => e.text === b.explicit![i]!.text))) &&
+    a.families.length === b.families.length &&
+    a.families.every((f, i) => f === b.families[i])
   );
 }
 

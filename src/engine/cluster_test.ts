@@ -26,6 +26,7 @@ import {
 } from "./snapshot.ts";
 import { clusterPolicy, gateway, localFacts, node, pod, policy, snapshot } from "./testing.ts";
 import { tracePacket } from "./trace.ts";
+import { policyTargets } from "./view.ts";
 
 const nodes = [
   node("node-1", { ipv4: "192.168.0.11", ipv6: "fd00:192:168::11" }),
@@ -1139,6 +1140,10 @@ describe("ClusterEngine: incremental equals from scratch", () => {
           const next = engine.compute();
           const oracle = computeCluster(u.snapshot(previous));
           assert.deepEqual(fullSummary(next), fullSummary(oracle), `after ${JSON.stringify(op)}`);
+          for (const p of next.policies.values()) {
+            if (p.view !== undefined)
+              assert.deepEqual(p.targetNodes, policyTargets(p.view), "one definition of targets");
+          }
           // Reference stability: what did not change is the very same object.
           for (const [key, p] of next.policies) {
             const before = previous.policies.get(key);

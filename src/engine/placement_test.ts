@@ -1,0 +1,202 @@
+/** Placement of egress IPs on gateway nodes. */
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import fc from "fast-check";
+import { type GatewayNodes, type Member, Placement } from "./placement.ts";
+
+const EDGE: GatewayNodes = { nodeSelector: { matchLabels: { egress: "true" } }, failback: false };
+const gw = { egress: "true" };
+
+function member(key: string, day: number, options: Partial<Member> = {}): Member {
+  return {
+    key,
+    createdAt: `2026-01-0${day}T00:00:00Z`,
+    gateway: "edge",
+    iface: undefined,
+    addresses: [`10.0.0.${day}`],
+    shared: false,
+    ...options,
+  };
+}
+
+/** A placement with gateway "edge" on nodes a, b, c (all usable). */
+function setup(failback = false): Placement {
+  const p = new Placement();
+  p.setGateway("edge", { ...EDGE, failback });
+  for (const n of ["a", "b", "c"]) {
+    p.setNode(n, gw);
+    p.setUsable(n, true);
+  }
+  return p;
+}
+
+const nowhere = () => undefined;
+
+describe("Placement", () => {
+  it("spreads units over the least loaded candidates, in unit key order", () => {
+    const p = setup();
+    for (let i = 1; i <= 4; i++) p.setMember(`p${i}`, member(`p${i}`, i));
+    assert.deepEqual([...p.place(nowhere)].sort(), ["p1", "p2", "p3", "p4"]);
+    assert.deepEqual(
+      ["p1", "p2", "p3", "p4"].map((k) => p.nodeOf(k)),
+      ["a", "b", "c", "a"],
+    );
+    assert.deepEqual([...p.place(nowhere)], [], "nothing changed, nothing placed");
+  });
+
+  it("moves only the units of a lost node, keeps everything else, and does not move them back", () => {
+    const p = setup();
+    for (let i = 1; i <= 6; i++) p.setMember(`p${i}`, member(`p${i}`, i));
+    p.place(nowhere);
+    const before = new Map([1, 2, 3, 4, 5, 6].map((i) => [`p${i}`, p.nodeOf(`p${i}`)]));
+    p.setUsable("b", false);
+    const moved = p.place((k) => before.get(k));
+    assert.deepEqual([...moved].sort(), ["p2", "p5"], "only the units that were on b");
+    for (const [k, n] of before) if (n !== "b") assert.equal(p.nodeOf(k), n, k);
+    assert.ok(["a", "c"].includes(p.nodeOf("p2")!));
+    const after = new Map([...before.keys()].map((k) => [k, p.nodeOf(k)]));
+    p.setUsable("b", true);
+    assert.deepEqual([...p.place((k) => after.get(k))], [], "without failback nothing moves back");
+  });
+
+  it("places units that had no candidate when a node comes back", () => {
+    const p = new Placement();
+    p.setGateway("edge", EDGE);
+    p.setMember("x", member("x", 1));
+    p.place(nowhere);
+    assert.equal(p.nodeOf("x"), undefined);
+    p.setNode("a", gw);
+    assert.deepEqual([...p.place(nowhere)], [], "not usable yet (no live agent)");
+    p.setUsable("a", true);
+    assert.deepEqual([...p.place(nowhere)], ["x"]);
+    assert.equal(p.nodeOf("x"), "a");
+  });
+
+  it("with failback, returns a unit to its rendezvous winner when that node recovers", () => {
+    const p = setup(true);
+    for (let i = 1; i <= 6; i++) p.setMember(`p${i}`, member(`p${i}`, i));
+    p.place(nowhere);
+    const home = new Map([1, 2, 3, 4, 5, 6].map((i) => [`p${i}`, p.nodeOf(`p${i}`)!]));
+    const victim = home.get("p1")!;
+    p.setUsable(victim, false);
+    p.place(nowhere);
+    assert.notEqual(p.nodeOf("p1"), victim);
+    p.setUsable(victim, true);
+    const back = p.place(nowhere);
+    for (const [k, n] of home) assert.equal(p.nodeOf(k), n, `${k} is home again`);
+    for (const k of back) assert.equal(home.get(k), victim, "only the units of the recovered node");
+  });
+
+  it("keeps policies sharing an address on one node, and splits them when the link goes", () => {
+    const p = setup();
+    p.setMember("p1", member("p1", 1));
+    p.setMember("x", member("x", 2, { addresses: ["10.9.0.1"], shared: true }));
+    p.setMember("y", member("y", 3, { addresses: ["10.9.0.1", "fd00:9::1"], shared: true }));
+    p.setMember("z", member("z", 4, { addresses: ["fd00:9::1"], shared: true }));
+    p.place(nowhere);
+    assert.equal(p.nodeOf("x"), p.nodeOf("y"));
+    assert.equal(p.nodeOf("y"), p.nodeOf("z"));
+    p.setMember("y", undefined);
+    const placed = p.place((k) => (k === "y" ? undefined : p.nodeOf(k)));
+    assert.deepEqual([...placed].sort(), ["x", "z"], "both halves are placed again");
+  });
+
+  it("places interface units only on nodes that report the interface", () => {
+    const p = setup();
+    p.setMember("i", member("i", 1, { iface: "eth1", addresses: [] }));
+    p.place(nowhere);
+    assert.equal(p.nodeOf("i"), undefined);
+    p.setInterfaces("c", new Set(["eth1"]));
+    p.place(nowhere);
+    assert.equal(p.nodeOf("i"), "c");
+    p.setInterfaces("c", new Set());
+    p.place((k) => (k === "i" ? "c" : undefined));
+    assert.equal(p.nodeOf("i"), undefined);
+  });
+
+  it("places incrementally where a fresh placement from the previous result places", () => {
+    const NODES = ["a", "b", "c", "d"];
+    const arbStep = fc.oneof(
+      fc.record({
+        t: fc.constant("member" as const),
+        key: fc.constantFrom("p1", "p2", "p3", "p4", "p5", "p6"),
+        day: fc.integer({ min: 1, max: 6 }),
+        gateway: fc.constantFrom("edge", "alt"),
+        address: fc.constantFrom(undefined, "10.0.0.1", "10.0.0.2", "10.0.0.3"),
+        iface: fc.constantFrom(undefined, undefined, "eth1"),
+        remove: fc.boolean(),
+      }),
+      fc.record({
+        t: fc.constant("node" as const),
+        name: fc.constantFrom(...NODES),
+        labels: fc.constantFrom({ egress: "true" }, { zone: "b" }, { egress: "true", zone: "b" }),
+        usable: fc.boolean(),
+        eth1: fc.boolean(),
+        remove: fc.boolean(),
+      }),
+      fc.record({ t: fc.constant("gateway" as const), failback: fc.boolean(), alt: fc.boolean() }),
+    );
+    fc.assert(
+      fc.property(fc.array(fc.array(arbStep, { maxLength: 3 }), { maxLength: 15 }), (steps) => {
+        const p = new Placement();
+        const members = new Map<string, Member>();
+        const nodes = new Map<
+          string,
+          { labels: Record<string, string>; usable: boolean; eth1: boolean }
+        >();
+        const gateways = new Map<string, GatewayNodes>([
+          ["edge", EDGE],
+          ["alt", { nodeSelector: { matchLabels: { zone: "b" } }, failback: true }],
+        ]);
+        for (const [name, spec] of gateways) p.setGateway(name, spec);
+        let last = new Map<string, string | undefined>();
+        for (const step of steps) {
+          for (const s of step) {
+            if (s.t === "member") {
+              const m = s.remove
+                ? undefined
+                : member(s.key, s.day, {
+                    gateway: s.gateway,
+                    iface: s.address === undefined ? s.iface : undefined,
+                    addresses: s.address === undefined ? [] : [s.address],
+                    shared: s.address !== undefined,
+                  });
+              if (m === undefined) members.delete(s.key);
+              else members.set(s.key, m);
+              p.setMember(s.key, m);
+            } else if (s.t === "node") {
+              if (s.remove) {
+                nodes.delete(s.name);
+                p.setNode(s.name, undefined);
+                continue;
+              }
+              nodes.set(s.name, s);
+              p.setNode(s.name, s.labels);
+              p.setUsable(s.name, s.usable);
+              p.setInterfaces(s.name, new Set(s.eth1 ? ["eth1"] : []));
+            } else {
+              const spec = s.alt
+                ? { nodeSelector: { matchLabels: { zone: "b" } }, failback: s.failback }
+                : { ...EDGE, failback: s.failback };
+              gateways.set(s.alt ? "alt" : "edge", spec);
+              p.setGateway(s.alt ? "alt" : "edge", spec);
+            }
+          }
+          const previous = last;
+          p.place((k) => previous.get(k));
+          const fresh = new Placement();
+          for (const [name, spec] of gateways) fresh.setGateway(name, spec);
+          for (const [name, n] of nodes) {
+            fresh.setNode(name, n.labels);
+            fresh.setUsable(name, n.usable);
+            fresh.setInterfaces(name, new Set(n.eth1 ? ["eth1"] : []));
+          }
+          for (const [k, m] of members) fresh.setMember(k, m);
+          fresh.place((k) => previous.get(k));
+          last = new Map([...members.keys()].map((k) => [k, p.nodeOf(k)]));
+          for (const k of members.keys()) assert.equal(p.nodeOf(k), fresh.nodeOf(k), k);
+        }
+      }),
+    );
+  });
+});
