@@ -101,6 +101,7 @@ interface PolicyInput {
 
 const NO_KEYS: ReadonlySet<string> = new Set();
 const NO_NODES: ReadonlyMap<string, NodeIdentity> = new Map();
+const NO_POLICIES: ReadonlyMap<string, PreviousPolicy> = new Map();
 
 export class ClusterEngine {
   // Inputs.
@@ -448,26 +449,29 @@ export class ClusterEngine {
 
     const last = this.#outcome;
     if (
-      last === undefined ||
-      last.families !== this.#families ||
-      last.identities !== this.#identityMap ||
-      last.identityErrors !== this.#errorMap ||
-      last.peers !== this.#peerMap ||
-      last.policies !== this.#policyMap ||
-      last.gateways !== this.#gatewayMap ||
-      last.ignoreCIDRs !== this.#ignoreCIDRs
-    ) {
-      this.#outcome = {
-        families: this.#families,
-        identities: this.#identityMap,
-        identityErrors: this.#errorMap,
-        peers: this.#peerMap,
-        policies: this.#policyMap,
-        gateways: this.#gatewayMap,
-        ignoreCIDRs: this.#ignoreCIDRs,
-      };
-    }
-    return this.#outcome!;
+      last !== undefined &&
+      last.families === this.#families &&
+      last.identities === this.#identityMap &&
+      last.identityErrors === this.#errorMap &&
+      last.peers === this.#peerMap &&
+      last.policies === this.#policyMap &&
+      last.gateways === this.#gatewayMap &&
+      last.ignoreCIDRs === this.#ignoreCIDRs
+    )
+      return last;
+    const outcome: ClusterOutcome = {
+      families: this.#families,
+      identities: this.#identityMap,
+      identityErrors: this.#errorMap,
+      peers: this.#peerMap,
+      policies: this.#policyMap,
+      gateways: this.#gatewayMap,
+      ignoreCIDRs: this.#ignoreCIDRs,
+    };
+    this.#outcome = outcome;
+    // From now on "previous" is this engine's own last result.
+    this.#seed = { nodes: NO_NODES, policies: NO_POLICIES };
+    return outcome;
   }
 
   /** What a policy had in the last result (or, before the first, what a new leader read back). */

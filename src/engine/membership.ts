@@ -27,8 +27,11 @@ interface PodEntry {
   readonly pod: PodInfo;
   /** NO_ENDPOINT for a pod no policy can steer. */
   readonly endpoint: EndpointView;
-  /** Accepted policies selecting the pod, in precedence order. */
-  readonly policies: PreparedPolicy[];
+  /**
+   * Accepted policies selecting the pod, in precedence order. Replaced, never grown in place: an
+   * exact-size array per pod instead of a growable one (a first push reserves 17 slots, ×100,000).
+   */
+  policies: readonly PreparedPolicy[];
 }
 
 interface PolicyEntry {
@@ -40,6 +43,7 @@ interface PolicyEntry {
 }
 
 const NO_PODS: ReadonlySet<PodEntry> = new Set();
+const NO_POLICIES: readonly PreparedPolicy[] = [];
 /** The endpoint of a pod no policy can steer (not indexed). */
 const NO_ENDPOINT: EndpointView = { pod: "", node: "", ips: [] };
 const NO_SHADOWS: ReadonlyMap<string, number> = new Map();
@@ -119,7 +123,7 @@ export class Memberships {
       key,
       pod,
       endpoint: eligible ? endpointOf(key, pod) : NO_ENDPOINT,
-      policies: [],
+      policies: NO_POLICIES,
     };
     this.#pods.set(key, entry);
     if (!eligible) return true;
@@ -157,7 +161,7 @@ export class Memberships {
   #unindex(entry: PodEntry): void {
     if (entry.endpoint === NO_ENDPOINT) return;
     const { pod } = entry;
-    for (const p of [...entry.policies]) this.#unlink(this.#policies.get(p.key)!, entry);
+    for (const p of entry.policies) this.#unlink(this.#policies.get(p.key)!, entry);
     deleteFrom(this.#byNamespace, pod.namespace, entry);
     if (this.#byNode !== undefined) deleteFrom(this.#byNode, pod.nodeName, entry);
     const index = this.#byLabel.get(pod.namespace)!;
@@ -240,7 +244,7 @@ export class Memberships {
     this.#clusterPolicies.clear();
     this.#nodeSelecting.clear();
     this.#shadows.clear();
-    for (const entry of this.#pods.values()) entry.policies.length = 0;
+    for (const entry of this.#pods.values()) entry.policies = NO_POLICIES;
   }
 
   /**
@@ -320,14 +324,17 @@ export class Memberships {
         else this.#shadow(policy.key, other.key, 1);
       }
     }
-    if (at === list.length) list.push(policy);
-    else list.splice(at, 0, policy);
+    const next: PreparedPolicy[] = new Array(list.length + 1);
+    for (let i = 0; i < at; i++) next[i] = list[i]!;
+    next[at] = policy;
+    for (let i = at; i < list.length; i++) next[i + 1] = list[i]!;
+    entry.policies = next;
   }
 
   #unlink(p: PolicyEntry, entry: PodEntry): void {
-    const list = entry.policies;
     const policy = p.policy;
-    list.splice(list.indexOf(policy), 1);
+    const list = entry.policies.filter((x) => x !== policy);
+    entry.policies = list.length === 0 ? NO_POLICIES : list;
     for (const other of list) {
       if (!conflicts(policy, other)) continue;
       if (comparePrecedence(policy, other) < 0) this.#shadow(other.key, policy.key, -1);
