@@ -64,6 +64,7 @@ import {
   compileGateway,
   type GatewayInfo,
   isPrepared,
+  type Mode,
   type ParsedPolicy,
   type PreparedPolicy,
   parsePolicy,
@@ -146,8 +147,12 @@ export class ClusterEngine {
   // What changed since the last computation.
   #reset = true;
   readonly #dirtyNodes = new Set<string>();
-  /** Nodes whose addresses or report changed: the snat of policies placed there may change. */
-  readonly #dirtyNodeFacts = new Set<string>();
+  /** Nodes whose addresses changed: the source address of nodeIP policies placed there. */
+  readonly #dirtyNodeAddresses = new Set<string>();
+  /** Nodes whose report changed: the source address of interface policies placed there. */
+  readonly #dirtyNodeReports = new Set<string>();
+  /** Gateways whose announce interface or node selector (shown in conditions) changed. */
+  readonly #dirtyGatewayViews = new Set<string>();
   #dirtyCIDRs = true;
   readonly #dirtyGatewaySpecs = new Set<string>();
   readonly #dirtyPolicies = new Set<string>();
@@ -255,12 +260,13 @@ export class ClusterEngine {
     if (
       before === undefined ||
       before.addresses[4] !== node.addresses[4] ||
-      before.addresses[6] !== node.addresses[6] ||
-      !sameStrings(before.podCIDRs, node.podCIDRs)
+      before.addresses[6] !== node.addresses[6]
     ) {
-      this.#dirtyNodeFacts.add(node.name);
+      this.#dirtyNodeAddresses.add(node.name);
       this.#dirtyCIDRs = true;
     }
+    if (before !== undefined && !sameStrings(before.podCIDRs, node.podCIDRs))
+      this.#dirtyCIDRs = true;
     this.#dirtyNodes.add(node.name);
     return true;
   }
@@ -305,7 +311,7 @@ export class ClusterEngine {
     if (report === undefined) this.#reports.delete(name);
     else this.#reports.set(name, report);
     this.#dirtyNodes.add(name);
-    this.#dirtyNodeFacts.add(name);
+    this.#dirtyNodeReports.add(name);
     return true;
   }
 
@@ -355,6 +361,12 @@ export class ClusterEngine {
     if (before !== undefined && sameGateway(before.object, gateway)) return false;
     this.#gateways.set(name, compileGateway(gateway));
     this.#gatewayChanged(name);
+    if (
+      before !== undefined &&
+      (before.object.spec.interface !== gateway.spec.interface ||
+        !sameValue(before.nodeSelector, gateway.spec.nodeSelector))
+    )
+      this.#dirtyGatewayViews.add(name);
     return true;
   }
 
@@ -436,12 +448,17 @@ export class ClusterEngine {
     }
     this.#dirtyGatewaySpecs.clear();
     this.#admit();
-    for (const key of this.#allocator.run((k) => this.#previous(k)?.egressIPs))
+    for (const key of this.#allocator.run((k) => this.#previous(k)?.egressIPs)) {
       this.#toActivate.add(key);
+      this.#dirtyOutcomes.add(key);
+    }
     for (const key of this.#toActivate) this.#activate(key);
     this.#toActivate.clear();
     for (const key of this.#placement.place((k) => this.#previous(k)?.gatewayNode))
       this.#dirtyOutcomes.add(key);
+    for (const name of this.#dirtyGatewayViews)
+      for (const key of this.#placement.placedBy(name)) this.#dirtyOutcomes.add(key);
+    this.#dirtyGatewayViews.clear();
     for (const key of this.#members.takeDirty()) this.#dirtyOutcomes.add(key);
     for (const name of this.#placement.takeChangedGateways()) this.#dirtyGateways.add(name);
     this.#updatePolicyOutcomes();
@@ -490,7 +507,6 @@ export class ClusterEngine {
     this.#admitted.clear();
     for (const map of [this.#nodes, this.#identityMap, this.#errorMap, this.#peerMap])
       for (const name of map.keys()) this.#dirtyNodes.add(name);
-    for (const name of this.#nodes.keys()) this.#dirtyNodeFacts.add(name);
     for (const name of this.#gateways.keys()) this.#dirtyGatewaySpecs.add(name);
     for (const map of [this.#gateways, this.#gatewayMap])
       for (const name of map.keys()) this.#dirtyGateways.add(name);
@@ -538,10 +554,9 @@ export class ClusterEngine {
       this.#peerMap = this.#peerMap.with(peers);
       this.#dirtyNodes.clear();
     }
-    // The source address of node-address and interface policies is the gateway node's.
-    for (const name of this.#dirtyNodeFacts)
-      for (const key of this.#placement.placedOn(name)) this.#dirtyOutcomes.add(key);
-    this.#dirtyNodeFacts.clear();
+    // The source address of nodeIP and interface policies is the gateway node's.
+    this.#nodeFactsChanged(this.#dirtyNodeAddresses, "nodeIP");
+    this.#nodeFactsChanged(this.#dirtyNodeReports, "interface");
     if (this.#dirtyCIDRs) {
       const cidrs = ignoreCidrs(
         this.#nodes.values(),
@@ -552,6 +567,16 @@ export class ClusterEngine {
       if (!sameStrings(cidrs, this.#ignoreCIDRs)) this.#ignoreCIDRs = cidrs;
       this.#dirtyCIDRs = false;
     }
+  }
+
+  #nodeFactsChanged(nodes: Set<string>, mode: Mode): void {
+    for (const name of nodes) {
+      for (const key of this.#placement.placedOn(name)) {
+        const p = this.#admitted.get(key);
+        if (isPrepared(p) && p.mode === mode) this.#dirtyOutcomes.add(key);
+      }
+    }
+    nodes.clear();
   }
 
   /** Re-admits the policies whose policy, gateway or namespace changed. */
@@ -569,16 +594,20 @@ export class ClusterEngine {
               this.#families,
               this.#admitted.get(key),
             );
+      // A re-admission that changes nothing returns the same object: its outcome stays.
+      if (admitted !== this.#admitted.get(key)) this.#dirtyOutcomes.add(key);
       if (admitted === undefined) this.#admitted.delete(key);
       else this.#admitted.set(key, admitted);
       this.#allocator.set(key, requestOf(admitted, gateway));
       this.#toActivate.add(key);
-      this.#dirtyOutcomes.add(key);
     }
     this.#dirtyPolicies.clear();
   }
 
-  /** Hands an accepted policy to membership and placement, or takes a rejected one back. */
+  /**
+   * Hands an accepted policy to membership and placement, or takes a rejected one back; both
+   * report what that changes (takeDirty(), place()).
+   */
   #activate(key: string): void {
     const admitted = this.#admitted.get(key);
     const p = isPrepared(admitted) ? admitted : undefined;
@@ -598,7 +627,6 @@ export class ClusterEngine {
             shared: active.mode === "explicit",
           },
     );
-    this.#dirtyOutcomes.add(key);
   }
 
   #updatePolicyOutcomes(): void {

@@ -758,6 +758,8 @@ const arbGateway = fc.record({
   pool: fc.constantFrom("full", "small", "none"),
   failback: fc.boolean(),
   guard: fc.boolean(),
+  announce: fc.boolean(),
+  zoneA: fc.boolean(),
 });
 
 const arbPolicySpec = fc.record({
@@ -782,6 +784,7 @@ const arbPolicySpec = fc.record({
     "explicit2",
     "outside",
     "nodeIP",
+    "interface",
     "interface",
   ),
   nodeSelector: fc.constantFrom(undefined, { egress: "true" }, { zone: "a" }),
@@ -841,7 +844,8 @@ function universeGateway(g: typeof arbGateway extends fc.Arbitrary<infer T> ? T 
   };
   const pool = pools[g.name as "edge" | "alt"][g.pool as "full" | "small" | "none"];
   return gateway(g.name, {
-    selector: g.name === "edge" ? { egress: "true" } : { zone: "b" },
+    selector: g.name === "edge" ? { egress: "true" } : g.zoneA ? { zone: "a" } : { zone: "b" },
+    ...(g.announce ? { interface: "eth9" } : {}),
     ...(pool === undefined ? {} : { pool }),
     failback: g.failback,
     ...(g.guard ? { namespaces: { env: "prod" } } : {}),
@@ -914,7 +918,7 @@ const arbOp = fc.oneof(
     arbitrary: fc.record({
       t: fc.constant("report" as const),
       name: fc.constantFrom(...UNIVERSE_NODES),
-      eth1: fc.constantFrom(0, 1, 2),
+      eth1: fc.constantFrom(0, 1, 2, 3),
       underlay: fc.boolean(),
     }),
   },
@@ -958,8 +962,22 @@ class Universe {
     this.namespaces.set("team-a", { name: "team-a", labels: { env: "prod" } });
     this.namespaces.set("team-b", { name: "team-b", labels: { env: "dev" } });
     for (const g of [
-      universeGateway({ name: "edge", pool: "full", failback: false, guard: false }),
-      universeGateway({ name: "alt", pool: "full", failback: true, guard: false }),
+      universeGateway({
+        name: "edge",
+        pool: "full",
+        failback: false,
+        guard: false,
+        announce: false,
+        zoneA: false,
+      }),
+      universeGateway({
+        name: "alt",
+        pool: "full",
+        failback: true,
+        guard: false,
+        announce: false,
+        zoneA: false,
+      }),
     ])
       this.gateways.set(g.metadata.name!, g);
     for (const op of initial) this.apply(op, undefined);
@@ -1055,8 +1073,9 @@ class Universe {
         return;
       case "report": {
         const i = Number(op.name.slice(5));
-        const eth1 =
-          op.eth1 === 0 ? [] : op.eth1 === 1 ? [`10.20.0.${i}`] : [`10.20.0.${i}`, `fd00:20::${i}`];
+        const eth1 = [[], [`10.20.0.${i}`], [`10.20.0.${i}`, `fd00:20::${i}`], [`10.21.0.${i}`]][
+          op.eth1
+        ]!;
         const report: NodeReport = {
           ...(op.underlay ? { underlay: { ipv4: `10.30.0.${i}` } } : {}),
           interfaces: new Map([["eth1", eth1]]),

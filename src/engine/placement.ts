@@ -424,6 +424,11 @@ export class Placement {
     for (const u of this.#onNode.get(node) ?? []) for (const m of u.members) yield m.key;
   }
 
+  /** Policies whose unit is placed by a gateway (its oldest member's). */
+  *placedBy(gateway: string): Iterable<string> {
+    for (const u of this.#byGateway.get(gateway) ?? []) for (const m of u.members) yield m.key;
+  }
+
   /** Nodes a gateway's selector matches, usable or not, by name. */
   gatewayNodes(gateway: string): readonly string[] {
     const gw = this.#gateways.get(gateway);

@@ -41,7 +41,14 @@ export function pod(
 
 export function gateway(
   name: string,
-  options: { selector?: Labels; pool?: string[]; failback?: boolean; namespaces?: Labels } = {},
+  options: {
+    selector?: Labels;
+    pool?: string[];
+    failback?: boolean;
+    namespaces?: Labels;
+    /** Where egress IPs are announced. */
+    interface?: string;
+  } = {},
 ): EgressGateway {
   return {
     apiVersion: "sallyport.dev/v1alpha1",
@@ -51,6 +58,7 @@ export function gateway(
       nodeSelector: { matchLabels: options.selector ?? { egress: "true" } },
       ...(options.pool === undefined ? {} : { pool: options.pool }),
       ...(options.failback === undefined ? {} : { failback: options.failback }),
+      ...(options.interface === undefined ? {} : { interface: options.interface }),
       ...(options.namespaces === undefined
         ? {}
         : { namespaceSelector: { matchLabels: options.namespaces } }),
