@@ -19,7 +19,6 @@ import { parsePool } from "../api/validate.ts";
 import {
   type Address,
   type Family,
-  familyOfText,
   formatAddress,
   type Range,
   rangeSize,
@@ -88,6 +87,11 @@ function sameAllocation(a: Allocation | undefined, b: Allocation | undefined): b
     );
   }
   return !a.ok && !b.ok && a.reason === b.reason && a.message === b.message;
+}
+
+/** The family of an address in canonical text (what the allocator holds). */
+function familyOf(canonical: string): Family {
+  return canonical.includes(":") ? 6 : 4;
 }
 
 function byAge(a: AddressRequest, b: AddressRequest): number {
@@ -209,6 +213,7 @@ export class AddressAllocator {
         touched.add(a);
       }
       this.#held.delete(key);
+      // The request may have moved to another gateway: look in all (there are few).
       for (const set of this.#waiting.values()) set.delete(key);
     }
 
@@ -243,7 +248,7 @@ export class AddressAllocator {
       for (const text of last(r.key) ?? []) {
         const a = tryParseAddress(text);
         if (a === undefined || !r.families.includes(a.family) || !inPool(r.pool, a)) continue;
-        if (kept.some((k) => familyOfText(k) === a.family)) continue;
+        if (kept.some((k) => familyOf(k) === a.family)) continue;
         const canonical = formatAddress(a);
         const holder = this.#holder.get(canonical);
         if (holder !== undefined) {
@@ -306,7 +311,7 @@ export class AddressAllocator {
       const wanted = r.families.filter((f) => r.pool.ranges.some((x) => x.family === f));
       let missing = false;
       for (const family of wanted) {
-        if (list.some((a) => familyOfText(a) === family)) continue;
+        if (list.some((a) => familyOf(a) === family)) continue;
         const free = this.#cursor(r.gateway, r.pool, family).next(taken);
         if (free === undefined) {
           missing = true;
