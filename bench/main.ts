@@ -9,6 +9,8 @@ const benches: Record<string, () => Promise<unknown>> = {
   failover: async () => (await import("./sandbox.ts")).failover(),
   "new-pod": async () => (await import("./sandbox.ts")).newPod(),
   policy: async () => (await import("./sandbox.ts")).policyBench(),
+  churn: async () => (await import("./churn.ts")).churn(),
+  agent: async () => (await import("./agent.ts")).run(),
 };
 const run = name === undefined ? undefined : benches[name];
 if (run === undefined) {

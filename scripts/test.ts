@@ -4,34 +4,56 @@
  * Files run one at a time by default: the failover tests measure timing, and two sandboxes on a
  * two-core CI machine would compete for it (TEST_CONCURRENCY=2 halves the time on a bigger one).
  *
+ * Tests that mostly wait (`*_slow_test.ts`, e.g. five minutes of a steady cluster that must write
+ * nothing) run beside the others in a second process, so that they cost the suite no time; their
+ * report is printed after the main one.
+ *
  *   node scripts/test.ts           everything
  *   node scripts/test.ts --unit    only the pure tests under src/ (no root, no API server)
  */
-import { spawnSync } from "node:child_process";
-import { globSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { globSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { leftovers, TEST_PREFIX } from "../test/support/leaks.ts";
 
 const unitOnly = process.argv.includes("--unit");
-const files = [
+const all = [
   ...globSync("src/**/*_test.ts"),
   ...(unitOnly ? [] : globSync("test/**/*_test.ts")),
 ].sort();
+const slow = all.filter((f) => f.endsWith("_slow_test.ts"));
+const files = all.filter((f) => !slow.includes(f));
+const env = { ...process.env, SALLYPORT_TEST_PREFIX: TEST_PREFIX };
+
+function run(args: string[], stdio: "inherit" | "ignore"): Promise<number> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ["--test", ...args], { stdio, env });
+    child.on("exit", (code) => resolve(code ?? 1));
+  });
+}
 
 const before = leftovers();
-const run = spawnSync(
-  process.execPath,
-  [
-    "--test",
-    "--test-reporter=spec",
-    `--test-concurrency=${process.env.TEST_CONCURRENCY ?? "1"}`,
-    ...files,
-  ],
-  { stdio: "inherit", env: { ...process.env, SALLYPORT_TEST_PREFIX: TEST_PREFIX } },
+const reportDir = mkdtempSync(join(tmpdir(), "sallyport-test-report-"));
+const slowReport = join(reportDir, "slow.txt");
+const waiting =
+  slow.length === 0
+    ? Promise.resolve(0)
+    : run(["--test-reporter=spec", `--test-reporter-destination=${slowReport}`, ...slow], "ignore");
+const status = await run(
+  ["--test-reporter=spec", `--test-concurrency=${process.env.TEST_CONCURRENCY ?? "1"}`, ...files],
+  "inherit",
 );
+const slowStatus = await waiting;
+if (slow.length > 0) {
+  console.log(`\n--- tests that ran beside the others: ${slow.join(", ")}`);
+  console.log(readFileSync(slowReport, "utf8"));
+}
+rmSync(reportDir, { recursive: true, force: true });
 const after = leftovers().filter((l) => !before.includes(l));
 if (after.length > 0) {
   console.error(`\nLeak check failed: the suite left these behind:\n  ${after.join("\n  ")}`);
   process.exit(1);
 }
 console.log("leak check: no namespace, process or directory left behind");
-process.exit(run.status ?? 1);
+process.exit(status !== 0 ? status : slowStatus);

@@ -85,6 +85,8 @@ export class Agent {
   #written: { readonly version: string | undefined; readonly status: NodeStatus } | undefined;
   /** Plans made, for tests and benchmarks: an event this node carries nothing of makes none. */
   plans = 0;
+  /** Time the last watch event took to handle (its sync, if any, runs afterwards). */
+  lastEventMs = 0;
 
   constructor(options: AgentOptions) {
     this.#o = options;
@@ -96,9 +98,11 @@ export class Agent {
     const handle =
       <T extends KubeObject>(apply: (type: ChangeType, obj: T) => void) =>
       (type: ChangeType, obj: T) => {
+        const started = performance.now();
         apply(type, obj);
         if (state.planDirty) this.sync.trigger();
         else if (state.reportDirty) this.#requestReport();
+        this.lastEventMs = performance.now() - started;
       };
     const make = <T extends KubeObject>(
       kind: Parameters<typeof ours>[0],

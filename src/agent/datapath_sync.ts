@@ -49,6 +49,8 @@ export class DatapathSync {
   /** When the oldest event not yet in the kernel arrived. */
   #pendingSince: number | undefined;
   #lastLatencyMs: number | undefined;
+  /** Time the last sync spent planning (the rest is reading and writing the kernel). */
+  lastPlanMs = 0;
 
   constructor(options: DatapathSyncOptions) {
     this.#o = options;
@@ -106,7 +108,9 @@ export class DatapathSync {
     const kind = full ? "full" : "partial";
     try {
       const state = full ? await this.#o.datapath.read() : undefined;
+      const planStart = performance.now();
       const plan = this.#o.plan(state);
+      this.lastPlanMs = performance.now() - planStart;
       if (!full && plan === this.#applied) {
         // Nothing this node carries changed: no kernel work.
         this.#observe(since);

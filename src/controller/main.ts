@@ -57,39 +57,50 @@ export async function runController(flags: ControllerFlags): Promise<void> {
     ready: () => true,
   });
   const { webhookPort, webhookCert, webhookKey } = flags;
-  const certMissing = [webhookCert, webhookKey].filter((f) => f !== undefined && !existsSync(f));
-  if (webhookPort !== undefined && certMissing.length > 0) {
-    // deploy/sallyport.yaml mounts the certificate from an optional Secret: without cert-manager
-    // (deploy/webhook.yaml) the controller runs without its webhook rather than crash-looping.
-    log.warn(
-      { missing: certMissing },
-      "not serving the admission webhook: its certificate is missing. The CRDs' own rules still apply at admission; what only the webhook checks (pool overlaps, egress IPs outside the pool) shows as conditions and Events",
-    );
-  } else if (webhookPort !== undefined && webhookCert !== undefined && webhookKey !== undefined) {
-    const read = () => ({
-      cert: readFileSync(webhookCert, "utf8"),
-      key: readFileSync(webhookKey, "utf8"),
-    });
-    let current = read();
-    const server = await serveWebhook({
-      port: webhookPort,
-      ...(flags.bindAddress === undefined ? {} : { host: flags.bindAddress }),
-      ...current,
-      gateways: () => controller.gateways.items(),
-      log,
-    });
-    // cert-manager renews the certificate in place: serve the new one without a restart.
-    setInterval(() => {
-      try {
-        const next = read();
-        if (next.cert === current.cert && next.key === current.key) return;
-        server.setSecureContext(next);
-        current = next;
-        log.info("webhook certificate reloaded");
-      } catch (e) {
-        log.warn({ err: (e as Error).message }, "cannot reload the webhook certificate");
+  if (webhookPort !== undefined && webhookCert !== undefined && webhookKey !== undefined) {
+    // The certificate comes from a Secret that cert-manager (or the chart) fills, possibly after
+    // this process started, and renews in place: serve as soon as it exists, and serve the
+    // renewed one without a restart.
+    let server: Awaited<ReturnType<typeof serveWebhook>> | undefined;
+    let current: { cert: string; key: string } | undefined;
+    let warned = false;
+    const check = async () => {
+      const missing = [webhookCert, webhookKey].filter((f) => !existsSync(f));
+      if (missing.length > 0) {
+        if (!warned)
+          log.warn(
+            { missing },
+            "not serving the admission webhook until its certificate exists. The CRDs' own rules still apply at admission; what only the webhook checks (pool overlaps, egress IPs outside the pool) shows as conditions and Events",
+          );
+        warned = true;
+        return;
       }
-    }, 60_000).unref();
+      try {
+        const next = {
+          cert: readFileSync(webhookCert, "utf8"),
+          key: readFileSync(webhookKey, "utf8"),
+        };
+        if (next.cert === current?.cert && next.key === current?.key) return;
+        if (server === undefined) {
+          server = await serveWebhook({
+            port: webhookPort,
+            ...(flags.bindAddress === undefined ? {} : { host: flags.bindAddress }),
+            ...next,
+            gateways: () => controller.gateways.items(),
+            log,
+          });
+          if (warned) log.info("webhook certificate found: serving the admission webhook");
+        } else {
+          server.setSecureContext(next);
+          log.info("webhook certificate reloaded");
+        }
+        current = next;
+      } catch (e) {
+        log.warn({ err: (e as Error).message }, "cannot load the webhook certificate");
+      }
+    };
+    await check();
+    setInterval(() => void check(), 10_000).unref();
   }
   await controller.start();
   log.info({ identity, namespace: flags.namespace }, "controller started");

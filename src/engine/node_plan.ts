@@ -17,10 +17,13 @@
  */
 import type { PortSpec } from "../api/types.ts";
 import {
-  cidrContains,
+  type Address,
+  type Cidr,
+  cidrContainsAddress,
   FAMILIES,
   type Family,
   familyOfText,
+  formatCidr,
   hostCidr,
   normalizeCidrList,
   parseAddress,
@@ -146,13 +149,43 @@ function intern(text: string): string {
   return text;
 }
 
-function ipsOfFamily(ips: readonly string[], family: Family): string[] {
-  const out: string[] = [];
+/** A pod address as a host CIDR, parsed once: endpoints are seen again on every replan. */
+interface Host {
+  readonly address: Address;
+  /** Canonical host CIDR text ("10.0.0.1/32"), interned. */
+  readonly cidr: string;
+}
+
+const HOSTS = new Map<string, Host>();
+function hostOf(ip: string): Host {
+  let h = HOSTS.get(ip);
+  if (h === undefined) {
+    const address = parseAddress(ip);
+    h = { address, cidr: intern(hostCidr(address)) };
+    if (HOSTS.size >= 4_000_000) HOSTS.clear();
+    HOSTS.set(ip, h);
+  }
+  return h;
+}
+
+function hostsOfFamily(ips: readonly string[], family: Family): Host[] {
+  const out: Host[] = [];
   for (const ip of ips) {
-    const a = parseAddress(ip);
-    if (a.family === family) out.push(hostCidr(a));
+    const h = hostOf(ip);
+    if (h.address.family === family) out.push(h);
   }
   return out;
+}
+
+/** Host CIDRs in canonical order (the order normalizeCidrList gives them), without duplicates. */
+function sortedHosts(hosts: Iterable<Host>): string[] {
+  const unique = new Map<string, Host>();
+  for (const h of hosts) unique.set(h.cidr, h);
+  return [...unique.values()]
+    .sort((a, b) =>
+      a.address.value < b.address.value ? -1 : a.address.value > b.address.value ? 1 : 0,
+    )
+    .map((h) => h.cidr);
 }
 
 function mark(value: number, mask: number, invert = false) {
@@ -198,10 +231,15 @@ class FamilyBuilder {
  * (pod CIDRs of different nodes never overlap, so one route per node is exact and the reply table
  * grows with nodes, not pods), else the pod's own address.
  */
-function replyDestination(hostCidrText: string, peer: PeerView): string {
-  const address = parseCidr(hostCidrText);
-  const covering = (peer.podCIDRs ?? []).find((c) => cidrContains(parseCidr(c), address));
-  return covering ?? hostCidrText;
+const PEER_CIDRS = new WeakMap<PeerView, Cidr[]>();
+function replyDestination(host: Host, peer: PeerView): string {
+  let cidrs = PEER_CIDRS.get(peer);
+  if (cidrs === undefined) {
+    cidrs = (peer.podCIDRs ?? []).map(parseCidr);
+    PEER_CIDRS.set(peer, cidrs);
+  }
+  const covering = cidrs.find((c) => cidrContainsAddress(c, host.address));
+  return covering === undefined ? host.cidr : formatCidr(covering);
 }
 
 type Decision =
@@ -225,11 +263,12 @@ function decide(
   if (!policyFamilies(policy, families).includes(family)) return undefined;
   if (policy.gatewayNode !== undefined && policy.snat[family] === undefined) return undefined;
   const isGateway = policy.gatewayNode === node;
-  const sources = new Set<string>();
+  const sources: Host[] = [];
   for (const ep of policy.endpoints) {
-    if (isGateway || ep.node === node) for (const c of ipsOfFamily(ep.ips, family)) sources.add(c);
+    if (isGateway || ep.node === node)
+      for (const h of hostsOfFamily(ep.ips, family)) sources.push(h);
   }
-  const sorted = normalizeCidrList(sources).map(intern);
+  const sorted = sortedHosts(sources);
   if (isGateway) {
     const replies: { dst: string; peer: PeerView }[] = [];
     for (const ep of policy.endpoints) {
@@ -237,8 +276,8 @@ function decide(
       const peer = peers.get(ep.node);
       if (peer === undefined || peer.underlay === undefined || peer.tunnel[family] === undefined)
         continue;
-      for (const c of ipsOfFamily(ep.ips, family))
-        replies.push({ dst: replyDestination(c, peer), peer });
+      for (const h of hostsOfFamily(ep.ips, family))
+        replies.push({ dst: replyDestination(h, peer), peer });
     }
     return { kind: "gateway", sources: sorted, replies };
   }
@@ -352,7 +391,13 @@ function policyPart(
     peers: used,
     ruleSig: families.size === 0 ? "" : sig.join("\n"),
     replySig: replies.join("\n"),
-    eipSig: holds ? `${view.floating.join(",")}|${view.announceInterface ?? ""}` : "",
+    // Its addresses go into the egress-IP sets; a device each only for the families it decides.
+    eipSig: holds
+      ? `${view.floating.join(",")}|${view.announceInterface ?? ""}|${[...families]
+          .filter(([, f]) => f.decision.kind === "gateway")
+          .map(([family]) => family)
+          .join(",")}`
+      : "",
   };
 }
 

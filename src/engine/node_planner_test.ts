@@ -221,7 +221,7 @@ describe("NodePlanner", () => {
           assert.deepEqual(comparable(plan), comparable(world.fromScratch(plan.tables)));
         }
       }),
-      { numRuns: 300 },
+      { numRuns: 800 },
     );
   });
 

@@ -10,7 +10,7 @@
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, openSync, readFileSync, renameSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -27,6 +27,7 @@ import {
 } from "../../src/kube/client.ts";
 import type { Lease } from "../../src/kube/lease.ts";
 import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
+import { selfSignedCert } from "../../src/sandbox/pki.ts";
 import { eventually } from "../support/kube.ts";
 import { REPO } from "../support/lab.ts";
 
@@ -214,7 +215,21 @@ describe("what we ship", () => {
     assert.equal(controller.exitCode, null, "still running");
     assert.match(
       readFileSync(join(scratch, "controller.log"), "utf8"),
-      /not serving the admission webhook: its certificate is missing/,
+      /not serving the admission webhook until its certificate exists/,
     );
+    // cert-manager issues the certificate after the controller started: it serves without a restart.
+    const dir = join(scratch, "missing");
+    mkdirSync(dir, { recursive: true });
+    const cert = selfSignedCert(dir, { ips: ["127.0.0.1"] });
+    renameSync(cert.certFile, join(dir, "tls.crt"));
+    renameSync(cert.keyFile, join(dir, "tls.key"));
+    const served = await eventually(
+      async () => readFileSync(join(scratch, "controller.log"), "utf8"),
+      (text) => /webhook certificate found: serving the admission webhook/.test(text),
+      30_000,
+      500,
+    );
+    assert.match(served, /webhook certificate found: serving the admission webhook/);
+    assert.equal(controller.exitCode, null, "still running");
   });
 });

@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { explain } from "../../src/cli/explain.ts";
 import { mustRun } from "../../src/kernel/runner.ts";
-import { ours } from "../../src/kube/client.ts";
+import { CORE, ours } from "../../src/kube/client.ts";
 import type { Family } from "../../src/lib/ip.ts";
 import { FailoverProbe } from "../../src/sandbox/probe.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
@@ -345,6 +345,46 @@ describe("the sandbox, end to end (dual stack)", { skip: NEEDS_ROOT }, () => {
     const r = await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4], 15_000);
     assert.equal(r.saw, EIP[4], "repaired within a sync period");
     assert.match(sb.log("agent-1"), /repaired datapath drift/);
+  });
+
+  it("drift is repaired on its own clock while a selected pod is relabelled every second for 60 s", async () => {
+    await ready("drift");
+    let relabels = 0;
+    const started = Date.now();
+    const churn = (async () => {
+      while (Date.now() - started < 60_000) {
+        await sb
+          .admin()
+          .mergePatch(
+            CORE.pods,
+            "web-1",
+            { metadata: { labels: { app: "web", churn: String(relabels) } } },
+            { namespace: "default" },
+          );
+        relabels++;
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    })();
+    try {
+      await new Promise((r) => setTimeout(r, 15_000));
+      await mustRun(nsRunner(sb.nodeNs(1)), [
+        "iptables",
+        "-t",
+        "mangle",
+        "-F",
+        "SALLYPORT-MARK-REQUEST",
+      ]);
+      const flushed = Date.now();
+      assert.equal(await saw("web-1", 4), nodeAddress(1, 4), "the flush broke it");
+      const r = await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4], 12_000);
+      const repairMs = Date.now() - flushed;
+      assert.equal(r.saw, EIP[4], `repaired within one period plus one sync (${repairMs} ms)`);
+      assert.ok(Date.now() - started < 60_000, "while the relabelling still went on");
+    } finally {
+      await churn;
+    }
+    assert.ok(relabels >= 50, `the pod was relabelled every second (${relabels} times)`);
+    assert.equal(await saw("web-1", 4), EIP[4], "and traffic still leaves with the egress IP");
   });
 
   for (const role of ["gateway", "non-gateway"] as const) {
