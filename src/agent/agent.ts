@@ -23,7 +23,7 @@ import type {
 import { NodePlanner } from "../engine/node_plan.ts";
 import type { NodePlan } from "../engine/plan.ts";
 import { type PodObject, podInfo, podKey } from "../engine/snapshot.ts";
-import type { LocalFacts, NodeConfig } from "../engine/view.ts";
+import { type LocalFacts, type NodeConfig, policyTargets } from "../engine/view.ts";
 import type { Datapath, KernelState } from "../kernel/datapath.ts";
 import { localFactsFrom } from "../kernel/facts.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
@@ -83,7 +83,7 @@ export class Agent {
   #reportAgain = false;
   /** The last status written, and the cached object's version then (its watch event is due). */
   #written: { readonly version: string | undefined; readonly status: NodeStatus } | undefined;
-  /** Plans made, for tests and benchmarks: an event this node carries nothing of makes none. */
+  /** Plans made for events (not the periodic full syncs), for tests and benchmarks: an event this node carries nothing of makes none. */
   plans = 0;
   /** Time the last watch event took to handle (its sync, if any, runs afterwards). */
   lastEventMs = 0;
@@ -274,6 +274,7 @@ export class Agent {
       this.#planner.setLocal(this.#facts);
     }
     if (this.#facts === undefined) throw new Error("Cannot plan yet: the kernel has not been read");
+    if (kernel === undefined) this.plans++;
     if (changes.peers) this.#planner.setPeers(state.peers);
     if (changes.ignoreCIDRs) this.#planner.setIgnoreCIDRs(state.ignoreCIDRs);
     for (const key of changes.policies) {
@@ -283,20 +284,36 @@ export class Agent {
     }
     // Fenced: keep every rule (SNAT included) but stop holding the egress IPs.
     this.#planner.setHoldEgressIPs(!this.#fence.fenced);
-    this.plans++;
     return this.#planner.plan();
   }
 
   #synced(plan: NodePlan): void {
     this.#lastError = plan.errors.length > 0 ? plan.errors.join("; ") : undefined;
-    // Report only what matches the controller's revision: that is what "programmed" means.
-    this.#programmed = this.state.programmed();
+    this.#programmed = this.#reportedRevisions();
     this.#requestReport();
+  }
+
+  /**
+   * What this node reports programmed: per policy it carries, the last revision the controller
+   * published whose view the kernel held. While this node's view and the controller's revision
+   * disagree (one of them has not seen a change yet: a new pod of this node, a slice on its
+   * way) the last confirmed revision stays: reporting nothing meanwhile would flip the policy to
+   * Pending and back, two status writes on each side for every pod. The controller counts a
+   * node only when it reports the current revision, so a kept older one never counts.
+   */
+  #reportedRevisions(): Record<string, string> {
+    const now = this.state.programmed();
+    for (const [key, revision] of Object.entries(this.#programmed)) {
+      if (now[key] !== undefined) continue;
+      const view = this.state.view(key);
+      if (view !== undefined && policyTargets(view).includes(this.#o.node)) now[key] = revision;
+    }
+    return now;
   }
 
   #requestReport(): void {
     if (this.sync.lastReport === undefined) return;
-    if (this.state.reportDirty) this.#programmed = this.state.programmed();
+    if (this.state.reportDirty) this.#programmed = this.#reportedRevisions();
     if (this.#reporting) {
       this.#reportAgain = true;
       return;

@@ -355,6 +355,11 @@ export class AgentState {
     return this.#ignore;
   }
 
+  /** The revision the controller published for a policy (its status), if any. */
+  publishedRevision(key: string): string | undefined {
+    return this.#headers.get(key)?.revision;
+  }
+
   /**
    * Policy → revision for every policy this node carries whose current view is the one the
    * controller published: what the node reports once its kernel holds the views.

@@ -1,12 +1,23 @@
 /**
- * The controller: watches the cluster, runs the engine, and writes what it decided.
+ * The controller: watches the cluster, runs the engine, and writes what it decided, per key.
  *
  * Every replica keeps informer caches (the admission webhook needs them); only the leader
- * (Lease `sallyport-controller`) reconciles. A reconcile is level-triggered and idempotent:
- * compute everything from the caches, then write only the objects whose content differs:
- *   EgressNode spec   node id / NODE_MARK, tunnel addresses and MAC, addresses, pod CIDRs
- *   slices            the pods each accepted policy matches
- *   statuses          policies, gateways, cluster info; Events on the transitions that matter
+ * (Lease `sallyport-controller`) computes and writes. Two loops, in the manner of kube-proxy's
+ * proxier and client-go's controllers:
+ *
+ *  - **compute**: watch events feed the incremental engine (a pod change costs the policies that
+ *    select it, a lease change the egress IPs of that node); one coalesced computation then finds
+ *    the keys whose outcome changed, by identity, and queues them. Every `periodMs` a full pass
+ *    re-feeds every input from the caches and queues every key, so nothing missed stays missed.
+ *  - **write**: a keyed, de-duplicating, rate-limited work queue (src/kube/workqueue.ts). A worker
+ *    builds the one object a key stands for, compares it with the cached copy by content (typed,
+ *    independent of key order) and writes only when a field the server holds would change, as a
+ *    merge patch that also deletes what must go. A failed write is retried by the queue with
+ *    per-key exponential backoff; the business logic never retries.
+ *
+ * Keys: `policy:<key>` (its status and Events), `slices:<key>` (its endpoint slices),
+ * `gateway:<name>` (status), `node:<name>` (EgressNode spec), `clusterinfo`.
+ *
  * Allocations live in those objects, so a restarted controller or a new leader reads them back
  * and keeps every egress IP where it is.
  */
@@ -21,12 +32,12 @@ import {
   policyKey,
 } from "../api/types.ts";
 import { ClusterEngine, type ClusterOutcome, type PolicyOutcome } from "../engine/cluster.ts";
-import { hex, nodeMark } from "../engine/marks.ts";
 import type { ClusterConfig, NodeIdentity, PreviousPolicy, Snapshot } from "../engine/snapshot.ts";
 import { podKey } from "../engine/snapshot.ts";
 import {
   CORE,
   isAlreadyExists,
+  isNotFound,
   type KubeClient,
   type KubeObject,
   ours,
@@ -36,13 +47,17 @@ import { EventRecorder, targetOf } from "../kube/events.ts";
 import { LeaderElector } from "../kube/lease.ts";
 import { type LeaseTiming, LeaseTracker } from "../kube/node_lease.ts";
 import { type ChangeType, Reflector } from "../kube/reflector.ts";
+import { runWorkers, WorkQueue } from "../kube/workqueue.ts";
 import type { Clock } from "../lib/clock.ts";
-import { type Family, normalizeCidrList } from "../lib/ip.ts";
+import { deepEqual, mergePatch } from "../lib/equal.ts";
+import type { Family } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ControllerMetrics } from "../lib/metrics.ts";
-import { compileSelector, sameLabels } from "../lib/selector.ts";
+import { type CompiledSelector, compileSelector } from "../lib/selector.ts";
 import { SyncLoop } from "../lib/sync_loop.ts";
 import {
+  clusterInfoStatus,
+  egressNodeSpec,
   identityOf,
   type NodeObject,
   nodeInfo,
@@ -52,7 +67,7 @@ import {
   reportOf,
 } from "./inputs.ts";
 import { POLICY_LABEL, planSlices, policyLabel } from "./slices.ts";
-import { gatewayStatus, policyStatus, statusPatch } from "./status.ts";
+import { gatewayStatus, policyStatus } from "./status.ts";
 
 export interface ControllerOptions {
   readonly client: KubeClient;
@@ -69,113 +84,154 @@ export interface ControllerOptions {
   };
   /** @default 100 */
   readonly sliceSize?: number;
-  /** Called when leadership is lost; reconciling stops until this replica wins again. */
+  /** Full pass: re-feed every input and check every object. @default 30000 */
+  readonly periodMs?: number;
+  /** Writers working the queue at once. @default 8 */
+  readonly workers?: number;
+  /** Called when leadership is lost; writing stops until this replica wins again. */
   readonly onLostLeadership?: () => void;
   readonly metrics?: ControllerMetrics;
 }
-
-type Cache<T extends KubeObject> = Reflector<T>;
 
 interface ServiceCIDRObject extends KubeObject {
   spec?: { cidrs?: string[] };
 }
 
 const CLUSTER_INFO = "default";
+/** How long the statuses wait for more agents' reports after one arrives. */
+const REPORTS_SETTLE_MS = 250;
+
+const selectors = new WeakMap<EgressGateway, CompiledSelector>();
+/** A gateway's node selector, compiled once per object. */
+function selectorOf(gw: EgressGateway): CompiledSelector {
+  let s = selectors.get(gw);
+  if (s === undefined) {
+    s = compileSelector(gw.spec.nodeSelector);
+    selectors.set(gw, s);
+  }
+  return s;
+}
+
+/** The cache key of a policy object from its policy key. */
+function cacheKeyOf(key: string): { kind: "EgressPolicy" | "ClusterEgressPolicy"; name: string } {
+  const [kind, ...rest] = key.split("/");
+  return { kind: kind as "EgressPolicy" | "ClusterEgressPolicy", name: rest.join("/") };
+}
 
 export class Controller {
   readonly #o: ControllerOptions;
-  readonly nodes: Cache<NodeObject>;
-  readonly pods: Cache<PodObject>;
-  readonly namespaces: Cache<KubeObject>;
-  readonly gateways: Cache<EgressGateway & KubeObject>;
-  readonly policies: Cache<AnyPolicy & KubeObject>;
-  readonly clusterPolicies: Cache<AnyPolicy & KubeObject>;
-  readonly egressNodes: Cache<EgressNode & KubeObject>;
-  readonly slices: Cache<EgressEndpointSlice & KubeObject>;
-  readonly clusterInfos: Cache<EgressClusterInfo & KubeObject>;
-  serviceCIDRs: Cache<ServiceCIDRObject> | undefined;
+  readonly nodes: Reflector<NodeObject>;
+  readonly pods: Reflector<PodObject>;
+  readonly namespaces: Reflector<KubeObject>;
+  readonly gateways: Reflector<EgressGateway & KubeObject>;
+  readonly policies: Reflector<AnyPolicy & KubeObject>;
+  readonly clusterPolicies: Reflector<AnyPolicy & KubeObject>;
+  readonly egressNodes: Reflector<EgressNode & KubeObject>;
+  readonly slices: Reflector<EgressEndpointSlice & KubeObject>;
+  readonly clusterInfos: Reflector<EgressClusterInfo & KubeObject>;
+  serviceCIDRs: Reflector<ServiceCIDRObject> | undefined;
   readonly #leases: LeaseTracker;
   readonly #elector: LeaderElector;
   readonly #loop: SyncLoop;
   readonly #events: EventRecorder;
+  /** policy label → names of its slices */
+  readonly #slicesByPolicy = new Map<string, Set<string>>();
   #engine: ClusterEngine | undefined;
-  #inputsDirty = true;
+  #queue: WorkQueue | undefined;
+  #workers: Promise<void> | undefined;
   #leading = false;
   #outcome: ClusterOutcome | undefined;
-  /** Reconciles completed, for tests and metrics. */
+  /** Per policy, the outcome its Events were last decided on. */
+  readonly #evented = new Map<string, PolicyOutcome>();
+  /** Per object, what was last written and the cached version then (its watch event is due). */
+  readonly #written = new Map<string, { version: string | undefined; value: unknown }>();
+  /** Keys processed by the leader, for tests and metrics. */
   reconciles = 0;
+  /** Writes sent to the API server (create, patch, delete), for tests and benchmarks. */
+  writes = 0;
 
   constructor(options: ControllerOptions) {
     this.#o = options;
     const { client, clock, log } = options;
     const make = <T extends KubeObject>(
       resource: Resource,
-      onChange?: (type: ChangeType, obj: T, old: T | undefined) => void,
-      extra: { namespace?: string } = {},
-    ) =>
-      new Reflector<T>({
-        client,
-        resource,
-        clock,
-        log,
-        ...extra,
-        onChange: onChange ?? (() => this.#changed()),
-      });
-    const specChanged = (type: ChangeType, obj: KubeObject, old: KubeObject | undefined) =>
-      type !== "update" ||
-      obj.metadata.generation !== old?.metadata.generation ||
-      !sameLabels(obj.metadata.labels, old?.metadata.labels);
-    this.nodes = make<NodeObject>(CORE.nodes, (t, o, old) => {
-      if (
-        t !== "update" ||
-        JSON.stringify([o.metadata.labels, o.status?.addresses, o.spec]) !==
-          JSON.stringify([old?.metadata.labels, old?.status?.addresses, old?.spec])
-      )
-        this.#changed();
+      onChange: (type: ChangeType, obj: T, old: T | undefined) => void,
+    ) => new Reflector<T>({ client, resource, clock, log, onChange });
+
+    this.nodes = make<NodeObject>(CORE.nodes, (type, n) => {
+      const name = n.metadata.name ?? "";
+      this.#input(() =>
+        type === "delete" ? this.#engine!.deleteNode(name) : this.#engine!.setNode(nodeInfo(n)),
+      );
+      this.#enqueue(`node:${name}`);
     });
     this.pods = make<PodObject>(CORE.pods, (type, pod) => {
-      // Before the first reconcile the engine is built from the whole cache.
-      if (this.#engine === undefined) return this.#loop.trigger();
       const info = podInfo(pod);
-      const changed =
-        type === "delete" ? this.#engine.deletePod(podKey(info)) : this.#engine.setPod(info);
-      if (changed) this.#loop.trigger();
+      this.#input(() =>
+        type === "delete" ? this.#engine!.deletePod(podKey(info)) : this.#engine!.setPod(info),
+      );
     });
-    this.namespaces = make(CORE.namespaces);
-    this.gateways = make(
-      ours("EgressGateway"),
-      (t, o, old) => specChanged(t, o, old) && this.#changed(),
-    );
-    this.policies = make(
-      ours("EgressPolicy"),
-      (t, o, old) => specChanged(t, o, old) && this.#changed(),
-    );
-    this.clusterPolicies = make(
-      ours("ClusterEgressPolicy"),
-      (t, o, old) => specChanged(t, o, old) && this.#changed(),
-    );
-    this.egressNodes = make(ours("EgressNode"), (t, o, old) => {
-      // Underlay and interfaces feed the engine; programmed revisions only the statuses.
-      if (
-        t !== "update" ||
-        JSON.stringify([o.status?.underlay, o.status?.interfaces]) !==
-          JSON.stringify([old?.status?.underlay, old?.status?.interfaces])
-      )
-        this.#inputsDirty = true;
-      this.#loop.trigger();
+    this.namespaces = make<KubeObject>(CORE.namespaces, (type, n) => {
+      const name = n.metadata.name ?? "";
+      this.#input(() =>
+        type === "delete"
+          ? this.#engine!.deleteNamespace(name)
+          : this.#engine!.setNamespace({ name, labels: n.metadata.labels ?? {} }),
+      );
     });
-    this.slices = make(ours("EgressEndpointSlice"), () => {});
-    this.clusterInfos = make(
-      ours("EgressClusterInfo"),
-      (t, o, old) => specChanged(t, o, old) && this.#changed(),
-    );
+    this.gateways = make<EgressGateway & KubeObject>(ours("EgressGateway"), (type, g, old) => {
+      const name = g.metadata.name ?? "";
+      this.#input(() =>
+        type === "delete" ? this.#engine!.deleteGateway(name) : this.#engine!.setGateway(g),
+      );
+      this.#enqueue(`gateway:${name}`);
+      // Which nodes are gateway-capable follows the gateways' node selectors.
+      if (type !== "update" || !deepEqual(g.spec.nodeSelector, old?.spec.nodeSelector))
+        for (const n of this.nodes.items()) this.#enqueue(`node:${n.metadata.name}`);
+    });
+    const policy = (type: ChangeType, p: AnyPolicy & KubeObject) => {
+      const key = policyKey(p);
+      this.#input(() =>
+        type === "delete" ? this.#engine!.deletePolicy(key) : this.#engine!.setPolicy(p),
+      );
+      // Level-triggered: its status is compared again (our own writes come back here too).
+      this.#enqueue(`policy:${key}`);
+      if (type === "delete") this.#enqueue(`slices:${key}`);
+    };
+    this.policies = make(ours("EgressPolicy"), policy);
+    this.clusterPolicies = make(ours("ClusterEgressPolicy"), policy);
+    this.egressNodes = make<EgressNode & KubeObject>(ours("EgressNode"), (type, n, old) => {
+      const name = n.metadata.name ?? "";
+      this.#input(() => this.#engine!.setReport(name, type === "delete" ? undefined : reportOf(n)));
+      this.#enqueue(`node:${name}`);
+      // What an agent reports programmed feeds the statuses of those policies only.
+      const now = type === "delete" ? {} : (n.status?.programmed ?? {});
+      const before = type === "add" ? {} : (old?.status?.programmed ?? {});
+      // Agents report within moments of each other: one status write for all their reports.
+      for (const key of new Set([...Object.keys(now), ...Object.keys(before)]))
+        if (now[key] !== before[key]) this.#queue?.addAfter(`policy:${key}`, REPORTS_SETTLE_MS);
+    });
+    this.slices = make<EgressEndpointSlice & KubeObject>(ours("EgressEndpointSlice"), (type, s) => {
+      const label = s.metadata.labels?.[POLICY_LABEL] ?? "";
+      const name = s.metadata.name ?? "";
+      const set = this.#slicesByPolicy.get(label) ?? new Set<string>();
+      if (type === "delete") set.delete(name);
+      else set.add(name);
+      if (set.size === 0) this.#slicesByPolicy.delete(label);
+      else this.#slicesByPolicy.set(label, set);
+      this.#enqueue(`slices:${s.policy}`);
+    });
+    this.clusterInfos = make<EgressClusterInfo & KubeObject>(ours("EgressClusterInfo"), () => {
+      this.#input(() => this.#engine!.setClusterCIDRs(this.#clusterCIDRs()));
+      this.#enqueue("clusterinfo");
+    });
     this.#leases = new LeaseTracker({
       client,
       namespace: options.namespace,
       clock,
       log,
       ...(options.leaseTiming === undefined ? {} : { timing: options.leaseTiming }),
-      onChange: () => this.#changed(),
+      onChange: () => this.#input(() => this.#engine!.setHealthy(this.#leases.healthy())),
     });
     this.#events = new EventRecorder({
       client,
@@ -186,10 +242,10 @@ export class Controller {
     });
     this.#loop = new SyncLoop({
       clock,
-      periodMs: 30_000,
+      periodMs: options.periodMs ?? 30_000,
       retryMs: 1000,
-      sync: () => this.#reconcile(),
-      onError: (e) => log.error({ err: (e as Error).message }, "reconcile failed; retrying"),
+      sync: ({ full }) => this.#compute(full),
+      onError: (e) => log.error({ err: (e as Error).message }, "computation failed; retrying"),
     });
     const le = options.leaderElection;
     this.#elector = new LeaderElector({
@@ -208,11 +264,10 @@ export class Controller {
           }),
       onStartedLeading: () => {
         this.#leading = true;
-        void this.#whenSynced().then(() => this.#loop.start());
+        void this.#whenSynced().then(() => this.#startLeading());
       },
       onStoppedLeading: () => {
-        this.#leading = false;
-        this.#loop.stop();
+        this.#stopLeading();
         this.#o.onLostLeadership?.();
       },
     });
@@ -252,7 +307,10 @@ export class Controller {
         resource: CORE.serviceCIDRs,
         clock: this.#o.clock,
         log: this.#o.log,
-        onChange: () => this.#changed(),
+        onChange: () => {
+          this.#input(() => this.#engine!.setClusterCIDRs(this.#clusterCIDRs()));
+          this.#enqueue("clusterinfo");
+        },
       });
     } catch (e) {
       this.#o.log.info(
@@ -266,19 +324,70 @@ export class Controller {
   }
 
   async stop(): Promise<void> {
-    this.#loop.stop();
+    this.#stopLeading();
     await this.#elector.stop();
     this.#leases.stop();
     for (const c of this.#caches()) c.stop();
+    await this.#workers;
   }
 
   async #whenSynced(): Promise<void> {
     await Promise.all([...this.#caches().map((c) => c.synced), this.#leases.synced]);
   }
 
-  #changed(): void {
-    this.#inputsDirty = true;
-    this.#loop.trigger();
+  #startLeading(): void {
+    if (!this.#leading || this.#queue !== undefined) return;
+    this.#engine = new ClusterEngine({
+      ...this.#inputs(),
+      pods: [...this.pods.items()].map(podInfo),
+    });
+    this.#outcome = undefined;
+    this.#evented.clear();
+    this.#written.clear();
+    const queue = new WorkQueue({ clock: this.#o.clock });
+    this.#queue = queue;
+    this.#workers = runWorkers(queue, {
+      workers: this.#o.workers ?? 8,
+      handle: (key) => this.#process(key),
+      onError: (key, error, requeues) => {
+        this.#o.metrics?.reconciles.inc({ result: "error" });
+        this.#o.log.warn(
+          { key, err: (error as Error).message, requeues },
+          "write failed; the queue retries it with backoff",
+        );
+      },
+    });
+    // The first computation is a full pass: every key is checked once.
+    this.#loop.start();
+  }
+
+  #stopLeading(): void {
+    this.#leading = false;
+    this.#loop.stop();
+    this.#queue?.shutDown();
+    this.#queue = undefined;
+    this.#engine = undefined;
+  }
+
+  /** An input changed: feed the engine (when leading) and compute soon if it read anything. */
+  #input(apply: () => boolean): void {
+    if (this.#engine === undefined) return;
+    if (apply()) this.#loop.trigger();
+  }
+
+  #enqueue(key: string): void {
+    this.#queue?.add(key);
+  }
+
+  #clusterCIDRs(): { serviceCIDRs: string[]; extraCIDRs: string[] } {
+    const info = this.clusterInfos.get(CLUSTER_INFO);
+    return {
+      serviceCIDRs: [
+        ...[...(this.serviceCIDRs?.items() ?? [])].flatMap((s) => s.spec?.cidrs ?? []),
+        ...(info?.spec.serviceCIDRs ?? []),
+      ],
+      extraCIDRs: info?.spec.extraCIDRs ?? [],
+    };
   }
 
   /** Everything but pods, from the caches. */
@@ -290,11 +399,6 @@ export class Controller {
       const prev = previousOf(p.status);
       if (prev !== undefined) previousPolicies.set(policyKey(p), prev);
     }
-    const info = this.clusterInfos.get(CLUSTER_INFO);
-    const serviceCIDRs = [
-      ...[...(this.serviceCIDRs?.items() ?? [])].flatMap((s) => s.spec?.cidrs ?? []),
-      ...(info?.spec.serviceCIDRs ?? []),
-    ];
     return {
       nodes: [...this.nodes.items()].map(nodeInfo),
       namespaces: [...this.namespaces.items()].map((n) => ({
@@ -303,8 +407,7 @@ export class Controller {
       })),
       gateways: [...this.gateways.items()],
       policies,
-      serviceCIDRs,
-      extraCIDRs: info?.spec.extraCIDRs ?? [],
+      ...this.#clusterCIDRs(),
       healthy: this.#leases.healthy(),
       reports: new Map(egressNodes.map((n) => [n.metadata.name ?? "", reportOf(n)])),
       previousNodes: new Map<string, NodeIdentity>(
@@ -315,97 +418,275 @@ export class Controller {
     };
   }
 
-  async #reconcile(): Promise<void> {
-    if (!this.#leading) return;
+  /**
+   * Runs the engine and queues the keys whose outcome changed. A full pass first re-feeds every
+   * input from the caches (the engine ignores what it already has) and then queues every key.
+   */
+  async #compute(full: boolean): Promise<void> {
+    const engine = this.#engine;
+    if (engine === undefined || !this.#leading) return;
     const started = this.#o.clock.now();
-    if (this.#engine === undefined) {
-      this.#engine = new ClusterEngine({
-        ...this.#inputs(),
-        pods: [...this.pods.items()].map(podInfo),
-      });
-      this.#inputsDirty = false;
-    } else if (this.#inputsDirty) {
-      this.#inputsDirty = false;
-      this.#engine.setInputs(this.#inputs());
-    }
-    const outcome = this.#engine.compute();
-    const previous = this.#outcome;
+    if (full && this.#outcome !== undefined) engine.setInputs(this.#inputs());
+    const outcome = engine.compute();
+    const previous = full ? undefined : this.#outcome;
     this.#outcome = outcome;
-    const failures: string[] = [];
-    const guard = async (what: string, fn: () => Promise<unknown>) => {
-      try {
-        await fn();
-      } catch (e) {
-        failures.push(`${what}: ${(e as Error).message}`);
-      }
-    };
-    await this.#writeNodes(outcome, guard);
-    await this.#writeSlices(outcome, guard);
-    await this.#writePolicies(outcome, previous, guard);
-    await this.#writeGateways(outcome, guard);
-    await this.#writeClusterInfo(outcome, guard);
-    this.reconciles++;
+    const add = (key: string) => this.#enqueue(key);
+    for (const [key, p] of outcome.policies) {
+      if (previous?.policies.get(key) === p) continue;
+      add(`policy:${key}`);
+      add(`slices:${key}`);
+    }
+    for (const key of previous?.policies.keys() ?? [])
+      if (!outcome.policies.has(key)) add(`slices:${key}`);
+    for (const [name, g] of outcome.gateways)
+      if (previous?.gateways.get(name) !== g) add(`gateway:${name}`);
+    if (previous?.identities !== outcome.identities) {
+      for (const [name, id] of outcome.identities)
+        if (previous?.identities.get(name) !== id) add(`node:${name}`);
+      for (const name of previous?.identities.keys() ?? [])
+        if (!outcome.identities.has(name)) add(`node:${name}`);
+    }
+    if (previous?.identityErrors !== outcome.identityErrors) this.#identityEvents(outcome);
+    if (previous === undefined || previous.ignoreCIDRs !== outcome.ignoreCIDRs) add("clusterinfo");
+    if (full) {
+      for (const n of this.nodes.items()) add(`node:${n.metadata.name}`);
+      for (const n of this.egressNodes.items()) add(`node:${n.metadata.name}`);
+      for (const s of this.slices.items()) add(`slices:${s.policy}`);
+      add("clusterinfo");
+    }
     const ms = this.#o.clock.now() - started;
     this.#o.metrics?.reconcileDuration.observe(ms / 1000);
-    this.#o.metrics?.reconciles.inc({ result: failures.length === 0 ? "ok" : "error" });
-    this.#o.log.debug({ ms: Math.round(ms), failures: failures.length }, "reconciled");
-    if (failures.length > 0)
-      throw new Error(`${failures.length} write(s) failed: ${failures.slice(0, 3).join("; ")}`);
+    this.#o.log.debug({ ms: Math.round(ms), full }, "computed");
   }
 
-  async #writeNodes(outcome: ClusterOutcome, guard: Guard): Promise<void> {
+  // --- the business logic of one key: build, compare, write when different
+
+  async #process(key: string): Promise<void> {
+    if (!this.#leading || this.#outcome === undefined) return;
+    const at = key.indexOf(":");
+    const kind = at < 0 ? key : key.slice(0, at);
+    const name = at < 0 ? "" : key.slice(at + 1);
+    if (kind === "policy") await this.#syncPolicy(name);
+    else if (kind === "slices") await this.#syncSlices(name);
+    else if (kind === "gateway") await this.#syncGateway(name);
+    else if (kind === "node") await this.#syncEgressNode(name);
+    else if (kind === "clusterinfo") await this.#syncClusterInfo();
+    this.reconciles++;
+    this.#o.metrics?.reconciles.inc({ result: "ok" });
+  }
+
+  /**
+   * Writes `patch` unless the same value was already written against this very version of the
+   * cached object (the write is done; its watch event has not arrived yet).
+   */
+  async #write(
+    id: string,
+    version: string | undefined,
+    desired: unknown,
+    send: () => Promise<unknown>,
+  ): Promise<void> {
+    const prior = this.#written.get(id);
+    if (prior !== undefined && prior.version === version && deepEqual(prior.value, desired)) return;
+    this.writes++;
+    this.#o.metrics?.writes.inc({ kind: id.slice(0, id.indexOf(":")) });
+    await send();
+    this.#written.set(id, { version, value: desired });
+  }
+
+  async #syncPolicy(key: string): Promise<void> {
+    const { kind, name } = cacheKeyOf(key);
+    const obj = (kind === "EgressPolicy" ? this.policies : this.clusterPolicies).get(name);
+    const o = this.#outcome?.policies.get(key);
+    if (obj === undefined || o === undefined) {
+      this.#evented.delete(key);
+      return;
+    }
+    const desired = policyStatus(
+      o,
+      obj.status,
+      {
+        programmedOn: (k, revision, targets) =>
+          targets.filter((n) => this.egressNodes.get(n)?.status?.programmed?.[k] === revision),
+      },
+      new Date().toISOString(),
+    );
+    if (this.#evented.get(key) !== o) {
+      this.#policyEvents(obj, o, this.#evented.get(key));
+      this.#evented.set(key, o);
+    }
+    const current = obj.status ?? {};
+    if (deepEqual(current, desired)) return;
+    const patch = mergePatch(current, desired);
+    if (patch === undefined) return;
+    await this.#write(`policy:${key}`, obj.metadata.resourceVersion, desired, () =>
+      this.#o.client.mergePatch(
+        ours(obj.kind),
+        obj.metadata.name ?? "",
+        { status: patch },
+        { namespace: obj.metadata.namespace, subresource: "status" },
+      ),
+    );
+  }
+
+  async #syncSlices(key: string): Promise<void> {
     const { client } = this.#o;
-    const capable = new Set<string>();
-    for (const gw of this.gateways.items()) {
-      const sel = compileSelector(gw.spec.nodeSelector);
-      for (const n of this.nodes.items())
-        if (sel.matches(n.metadata.labels)) capable.add(n.metadata.name ?? "");
+    const label = policyLabel(key);
+    const existing = [...(this.#slicesByPolicy.get(label) ?? [])]
+      .map((n) => this.slices.get(n))
+      .filter((s): s is EgressEndpointSlice & KubeObject => s !== undefined && s.policy === key);
+    const o = this.#outcome?.policies.get(key);
+    const endpoints =
+      o?.accepted === true
+        ? o.endpoints.map((e) => ({ pod: e.pod, node: e.node, ips: [...e.ips] }))
+        : [];
+    const plan = planSlices(
+      key,
+      endpoints,
+      existing.map((s) => ({ name: s.metadata.name ?? "", endpoints: s.endpoints })),
+      this.#o.sliceSize ?? 100,
+    );
+    for (const w of plan.write) {
+      const current = existing.find((s) => s.metadata.name === w.name);
+      await this.#write(`slice:${w.name}`, current?.metadata.resourceVersion, w.endpoints, () =>
+        current !== undefined
+          ? client.mergePatch(ours("EgressEndpointSlice"), w.name, { endpoints: w.endpoints })
+          : client
+              .create(ours("EgressEndpointSlice"), {
+                apiVersion: API_VERSION,
+                kind: "EgressEndpointSlice",
+                metadata: {
+                  name: w.name,
+                  labels: { [POLICY_LABEL]: label, "app.kubernetes.io/part-of": "sallyport" },
+                },
+                policy: key,
+                endpoints: [...w.endpoints],
+              })
+              .catch((e) => {
+                if (!isAlreadyExists(e)) throw e;
+              }),
+      );
     }
-    const tasks: (() => Promise<unknown>)[] = [];
-    for (const [name, id] of outcome.identities) {
-      const info = nodeInfo(this.nodes.get(name)!);
-      const spec: EgressNode["spec"] = {
-        nodeID: id.nodeID,
-        mark: hex(nodeMark(id.nodeID)),
-        tunnel: {
-          mac: id.mac,
-          ...(id.tunnel[4] === undefined ? {} : { ipv4: id.tunnel[4] }),
-          ...(id.tunnel[6] === undefined ? {} : { ipv6: id.tunnel[6] }),
-        },
-        addresses: {
-          ...(info.addresses[4] === undefined ? {} : { ipv4: info.addresses[4] }),
-          ...(info.addresses[6] === undefined ? {} : { ipv6: info.addresses[6] }),
-        },
-        podCIDRs: normalizeCidrList(info.podCIDRs),
-        gatewayCapable: capable.has(name),
-      };
-      const current = this.egressNodes.get(name);
-      if (current === undefined) {
-        tasks.push(() =>
-          guard(`create EgressNode ${name}`, () =>
-            client.create(ours("EgressNode"), {
-              apiVersion: API_VERSION,
-              kind: "EgressNode",
-              metadata: { name, labels: { "app.kubernetes.io/part-of": "sallyport" } },
-              spec,
-            }),
-          ),
-        );
-      } else if (JSON.stringify(current.spec) !== JSON.stringify(spec)) {
-        tasks.push(() =>
-          guard(`update EgressNode ${name}`, () =>
-            client.mergePatch(ours("EgressNode"), name, { spec }),
-          ),
-        );
-      }
+    for (const d of plan.delete) {
+      const current = existing.find((s) => s.metadata.name === d);
+      await this.#write(`slice:${d}`, current?.metadata.resourceVersion, null, () =>
+        client.delete(ours("EgressEndpointSlice"), d).catch((e) => {
+          if (!isNotFound(e)) throw e;
+        }),
+      );
     }
-    for (const n of this.egressNodes.items()) {
-      const name = n.metadata.name ?? "";
-      if (this.nodes.get(name) === undefined)
-        tasks.push(() =>
-          guard(`delete EgressNode ${name}`, () => client.delete(ours("EgressNode"), name)),
+  }
+
+  async #syncGateway(name: string): Promise<void> {
+    const gw = this.gateways.get(name);
+    const o = this.#outcome?.gateways.get(name);
+    if (gw === undefined || o === undefined) return;
+    const desired = gatewayStatus(
+      o,
+      gw.status,
+      gw.metadata.generation ?? 0,
+      new Date().toISOString(),
+    );
+    const current = gw.status ?? {};
+    if (deepEqual(current, desired)) return;
+    const ready = desired.conditions?.find((c) => c.type === "Ready");
+    const wasReady = gw.status?.conditions?.find((c) => c.type === "Ready");
+    if (ready?.status === "False" && wasReady?.status !== "False")
+      void this.#events.record(targetOf(gw), "Warning", ready.reason, ready.message);
+    const patch = mergePatch(current, desired);
+    if (patch === undefined) return;
+    await this.#write(`gateway:${name}`, gw.metadata.resourceVersion, desired, () =>
+      this.#o.client.mergePatch(
+        ours("EgressGateway"),
+        name,
+        { status: patch },
+        { subresource: "status" },
+      ),
+    );
+  }
+
+  async #syncEgressNode(name: string): Promise<void> {
+    const { client } = this.#o;
+    const node = this.nodes.get(name);
+    const current = this.egressNodes.get(name);
+    const id = this.#outcome?.identities.get(name);
+    if (node === undefined) {
+      if (current !== undefined)
+        await this.#write(`node:${name}`, current.metadata.resourceVersion, null, () =>
+          client.delete(ours("EgressNode"), name).catch((e) => {
+            if (!isNotFound(e)) throw e;
+          }),
         );
+      return;
     }
+    if (id === undefined) return;
+    const capable = [...this.gateways.items()].some((gw) =>
+      selectorOf(gw).matches(node.metadata.labels),
+    );
+    const spec = egressNodeSpec(id, nodeInfo(node), capable);
+    if (current === undefined) {
+      await this.#write(`node:${name}`, undefined, spec, () =>
+        client
+          .create(ours("EgressNode"), {
+            apiVersion: API_VERSION,
+            kind: "EgressNode",
+            metadata: { name, labels: { "app.kubernetes.io/part-of": "sallyport" } },
+            spec,
+          })
+          .catch((e) => {
+            if (!isAlreadyExists(e)) throw e;
+          }),
+      );
+      return;
+    }
+    if (deepEqual(current.spec, spec)) return;
+    const patch = mergePatch(current.spec, spec);
+    if (patch === undefined) return;
+    await this.#write(`node:${name}`, current.metadata.resourceVersion, spec, () =>
+      client.mergePatch(ours("EgressNode"), name, { spec: patch }),
+    );
+  }
+
+  async #syncClusterInfo(): Promise<void> {
+    const { client } = this.#o;
+    const outcome = this.#outcome;
+    if (outcome === undefined) return;
+    let info = this.clusterInfos.get(CLUSTER_INFO);
+    if (info === undefined) {
+      await this.#write("clusterinfo:create", undefined, true, async () => {
+        try {
+          info = await client.create<EgressClusterInfo & KubeObject>(ours("EgressClusterInfo"), {
+            apiVersion: API_VERSION,
+            kind: "EgressClusterInfo" as const,
+            metadata: { name: CLUSTER_INFO },
+            spec: {},
+          });
+        } catch (e) {
+          if (!isAlreadyExists(e)) throw e;
+        }
+      });
+    }
+    const desired = clusterInfoStatus(
+      [...this.nodes.items()].map(nodeInfo),
+      [...(this.serviceCIDRs?.items() ?? [])].flatMap((s) => s.spec?.cidrs ?? []),
+      outcome.ignoreCIDRs,
+    );
+    const current = info?.status ?? {};
+    if (deepEqual(current, desired)) return;
+    const patch = mergePatch(current, desired);
+    if (patch === undefined) return;
+    await this.#write("clusterinfo:status", info?.metadata.resourceVersion, desired, () =>
+      client.mergePatch(
+        ours("EgressClusterInfo"),
+        CLUSTER_INFO,
+        { status: patch },
+        { subresource: "status" },
+      ),
+    );
+  }
+
+  // --- Events on the transitions that matter
+
+  #identityEvents(outcome: ClusterOutcome): void {
     for (const [name, reason] of outcome.identityErrors) {
       const node = this.nodes.get(name);
       if (node !== undefined)
@@ -416,97 +697,6 @@ export class Controller {
           reason,
         );
     }
-    await parallel(tasks);
-  }
-
-  async #writeSlices(outcome: ClusterOutcome, guard: Guard): Promise<void> {
-    const { client } = this.#o;
-    const byPolicy = new Map<string, (EgressEndpointSlice & KubeObject)[]>();
-    for (const s of this.slices.items()) {
-      const label = s.metadata.labels?.[POLICY_LABEL] ?? "";
-      byPolicy.set(label, [...(byPolicy.get(label) ?? []), s]);
-    }
-    const tasks: (() => Promise<unknown>)[] = [];
-    const live = new Set<string>();
-    for (const p of outcome.policies.values()) {
-      if (!p.accepted) continue;
-      const label = policyLabel(p.key);
-      live.add(label);
-      const existing = byPolicy.get(label) ?? [];
-      const endpoints = p.endpoints.map((e) => ({ pod: e.pod, node: e.node, ips: [...e.ips] }));
-      const plan = planSlices(
-        p.key,
-        endpoints,
-        existing.map((s) => ({ name: s.metadata.name ?? "", endpoints: s.endpoints })),
-        this.#o.sliceSize ?? 100,
-      );
-      for (const w of plan.write) {
-        const exists = existing.some((s) => s.metadata.name === w.name);
-        tasks.push(() =>
-          guard(`write slice ${w.name}`, () =>
-            exists
-              ? client.mergePatch(ours("EgressEndpointSlice"), w.name, { endpoints: w.endpoints })
-              : client.create(ours("EgressEndpointSlice"), {
-                  apiVersion: API_VERSION,
-                  kind: "EgressEndpointSlice",
-                  metadata: {
-                    name: w.name,
-                    labels: { [POLICY_LABEL]: label, "app.kubernetes.io/part-of": "sallyport" },
-                  },
-                  policy: p.key,
-                  endpoints: [...w.endpoints],
-                }),
-          ),
-        );
-      }
-      for (const d of plan.delete)
-        tasks.push(() =>
-          guard(`delete slice ${d}`, () => client.delete(ours("EgressEndpointSlice"), d)),
-        );
-    }
-    for (const [label, list] of byPolicy) {
-      if (live.has(label)) continue;
-      for (const s of list)
-        tasks.push(() =>
-          guard(`delete slice ${s.metadata.name}`, () =>
-            client.delete(ours("EgressEndpointSlice"), s.metadata.name ?? ""),
-          ),
-        );
-    }
-    await parallel(tasks);
-  }
-
-  async #writePolicies(
-    outcome: ClusterOutcome,
-    previous: ClusterOutcome | undefined,
-    guard: Guard,
-  ): Promise<void> {
-    const { client } = this.#o;
-    const now = new Date().toISOString();
-    const programmed = (key: string, revision: string, targets: readonly string[]) =>
-      targets.filter((n) => this.egressNodes.get(n)?.status?.programmed?.[key] === revision);
-    const tasks: (() => Promise<unknown>)[] = [];
-    for (const obj of [...this.policies.items(), ...this.clusterPolicies.items()]) {
-      const key = policyKey(obj);
-      const o = outcome.policies.get(key);
-      if (o === undefined) continue;
-      const desired = policyStatus(o, obj.status, { programmedOn: programmed }, now);
-      const patch = statusPatch(desired, obj.status);
-      if (patch === undefined) continue;
-      const resource = ours(obj.kind);
-      tasks.push(() =>
-        guard(`status of ${key}`, () =>
-          client.mergePatch(
-            resource,
-            obj.metadata.name ?? "",
-            { status: patch },
-            { namespace: obj.metadata.namespace, subresource: "status" },
-          ),
-        ),
-      );
-      this.#policyEvents(obj, o, previous?.policies.get(key));
-    }
-    await parallel(tasks);
   }
 
   #policyEvents(
@@ -546,87 +736,6 @@ export class Controller {
       );
     }
   }
-
-  async #writeGateways(outcome: ClusterOutcome, guard: Guard): Promise<void> {
-    const now = new Date().toISOString();
-    const tasks: (() => Promise<unknown>)[] = [];
-    for (const gw of this.gateways.items()) {
-      const o = outcome.gateways.get(gw.metadata.name ?? "");
-      if (o === undefined) continue;
-      const desired = gatewayStatus(o, gw.status, gw.metadata.generation ?? 0, now);
-      const patch = statusPatch(desired, gw.status);
-      if (patch === undefined) continue;
-      const ready = desired.conditions?.find((c) => c.type === "Ready");
-      const wasReady = gw.status?.conditions?.find((c) => c.type === "Ready");
-      if (ready?.status === "False" && wasReady?.status !== "False")
-        void this.#events.record(targetOf(gw), "Warning", ready.reason, ready.message);
-      tasks.push(() =>
-        guard(`status of gateway ${gw.metadata.name}`, () =>
-          this.#o.client.mergePatch(
-            ours("EgressGateway"),
-            gw.metadata.name ?? "",
-            { status: patch },
-            { subresource: "status" },
-          ),
-        ),
-      );
-    }
-    await parallel(tasks);
-  }
-
-  async #writeClusterInfo(outcome: ClusterOutcome, guard: Guard): Promise<void> {
-    const { client } = this.#o;
-    const nodes = [...this.nodes.items()].map(nodeInfo);
-    const status = {
-      nodeIPs: normalizeCidrList(
-        nodes.flatMap((n) =>
-          Object.values(n.addresses).filter((a): a is string => a !== undefined),
-        ),
-      ),
-      podCIDRs: normalizeCidrList(nodes.flatMap((n) => n.podCIDRs)),
-      serviceCIDRs: normalizeCidrList(
-        [...(this.serviceCIDRs?.items() ?? [])].flatMap((s) => s.spec?.cidrs ?? []),
-      ),
-      ignoredCIDRs: [...outcome.ignoreCIDRs],
-    };
-    let info = this.clusterInfos.get(CLUSTER_INFO);
-    if (info === undefined) {
-      await guard("create EgressClusterInfo", async () => {
-        try {
-          info = await client.create<EgressClusterInfo & KubeObject>(ours("EgressClusterInfo"), {
-            apiVersion: API_VERSION,
-            kind: "EgressClusterInfo" as const,
-            metadata: { name: CLUSTER_INFO },
-            spec: {},
-          });
-        } catch (e) {
-          if (!isAlreadyExists(e)) throw e;
-        }
-      });
-    }
-    const patch = statusPatch(status, info?.status);
-    if (patch !== undefined) {
-      await guard("status of EgressClusterInfo", () =>
-        client.mergePatch(
-          ours("EgressClusterInfo"),
-          CLUSTER_INFO,
-          { status: patch },
-          { subresource: "status" },
-        ),
-      );
-    }
-  }
-}
-
-type Guard = (what: string, fn: () => Promise<unknown>) => Promise<void>;
-
-/** Runs writes with at most `limit` in flight. */
-async function parallel(tasks: readonly (() => Promise<unknown>)[], limit = 16): Promise<void> {
-  let next = 0;
-  const worker = async () => {
-    while (next < tasks.length) await tasks[next++]!();
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, tasks.length) }, worker));
 }
 
 export type { Family };

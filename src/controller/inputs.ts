@@ -1,5 +1,5 @@
 /** API objects → the engine's snapshot types. */
-import type { EgressNode, EgressPolicyStatus } from "../api/types.ts";
+import type { EgressClusterInfo, EgressNode, EgressPolicyStatus } from "../api/types.ts";
 import type {
   NodeIdentity,
   NodeInfo,
@@ -13,7 +13,8 @@ export { podInfo } from "../engine/snapshot.ts";
 
 export type PodObject = PodFields & KubeObject;
 
-import { type Family, tryParseAddress } from "../lib/ip.ts";
+import { hex, nodeMark } from "../engine/marks.ts";
+import { type Family, normalizeCidrList, tryParseAddress } from "../lib/ip.ts";
 
 export interface NodeObject extends KubeObject {
   spec?: { podCIDR?: string; podCIDRs?: string[] };
@@ -56,4 +57,43 @@ export function reportOf(node: EgressNode): NodeReport {
 export function previousOf(status: EgressPolicyStatus | undefined): PreviousPolicy | undefined {
   if (status === undefined) return undefined;
   return { egressIPs: status.egressIPs ?? [], gatewayNode: status.gatewayNode };
+}
+
+/** The EgressNode spec the controller publishes for a node: its identity and addresses. */
+export function egressNodeSpec(
+  id: NodeIdentity,
+  info: NodeInfo,
+  gatewayCapable: boolean,
+): EgressNode["spec"] {
+  return {
+    nodeID: id.nodeID,
+    mark: hex(nodeMark(id.nodeID)),
+    tunnel: {
+      mac: id.mac,
+      ...(id.tunnel[4] === undefined ? {} : { ipv4: id.tunnel[4] }),
+      ...(id.tunnel[6] === undefined ? {} : { ipv6: id.tunnel[6] }),
+    },
+    addresses: {
+      ...(info.addresses[4] === undefined ? {} : { ipv4: info.addresses[4] }),
+      ...(info.addresses[6] === undefined ? {} : { ipv6: info.addresses[6] }),
+    },
+    podCIDRs: normalizeCidrList(info.podCIDRs),
+    gatewayCapable,
+  };
+}
+
+/** EgressClusterInfo's status: the cluster's own CIDRs, and what policies never capture. */
+export function clusterInfoStatus(
+  nodes: readonly NodeInfo[],
+  serviceCIDRs: readonly string[],
+  ignoredCIDRs: readonly string[],
+): NonNullable<EgressClusterInfo["status"]> {
+  return {
+    nodeIPs: normalizeCidrList(
+      nodes.flatMap((n) => Object.values(n.addresses).filter((a): a is string => a !== undefined)),
+    ),
+    podCIDRs: normalizeCidrList(nodes.flatMap((n) => n.podCIDRs)),
+    serviceCIDRs: normalizeCidrList(serviceCIDRs),
+    ignoredCIDRs: [...ignoredCIDRs],
+  };
 }

@@ -13,6 +13,7 @@
  */
 import type { Condition, EgressGatewayStatus, EgressPolicyStatus } from "../api/types.ts";
 import type { EngineCondition, GatewayOutcome, PolicyOutcome } from "../engine/cluster.ts";
+import { policyTargets } from "../engine/view.ts";
 
 type WantedCondition = Pick<Condition, "type" | "status" | "reason" | "message">;
 
@@ -49,6 +50,8 @@ export function policyStatus(
   now: string,
 ): EgressPolicyStatus {
   const wanted: WantedCondition[] = outcome.conditions.map((c: EngineCondition) => ({ ...c }));
+  // One definition of the nodes that must report a policy, shared with the agents.
+  const targets = outcome.view === undefined ? [] : policyTargets(outcome.view);
   const accepted = wanted.find((c) => c.type === "Accepted");
   let programmed: WantedCondition;
   let programmedNodes = 0;
@@ -60,9 +63,9 @@ export function policyStatus(
       message: "not programmed: the policy is not accepted",
     };
   } else {
-    const done = realization.programmedOn(outcome.key, outcome.revision, outcome.targetNodes);
+    const done = realization.programmedOn(outcome.key, outcome.revision, targets);
     programmedNodes = done.length;
-    const waiting = outcome.targetNodes.filter((n) => !done.includes(n));
+    const waiting = targets.filter((n) => !done.includes(n));
     programmed =
       waiting.length === 0
         ? {
@@ -70,15 +73,15 @@ export function policyStatus(
             status: "True",
             reason: "Programmed",
             message:
-              outcome.targetNodes.length === 0
+              targets.length === 0
                 ? "no pod selected yet: nothing to program"
-                : `programmed on all ${outcome.targetNodes.length} nodes`,
+                : `programmed on all ${targets.length} nodes`,
           }
         : {
             type: "Programmed",
             status: "False",
             reason: "Pending",
-            message: `programmed on ${done.length} of ${outcome.targetNodes.length} nodes; waiting for ${waiting.slice(0, 5).join(", ")}${waiting.length > 5 ? ` and ${waiting.length - 5} more` : ""}`,
+            message: `programmed on ${done.length} of ${targets.length} nodes; waiting for ${waiting.slice(0, 5).join(", ")}${waiting.length > 5 ? ` and ${waiting.length - 5} more` : ""}`,
           };
   }
   wanted.push(programmed);
@@ -99,8 +102,8 @@ export function policyStatus(
     observedGeneration: outcome.generation,
     matchedPods: outcome.endpoints.length,
     programmedNodes,
-    targetNodes: outcome.targetNodes.length,
-    programmed: `${programmedNodes}/${outcome.targetNodes.length}`,
+    targetNodes: targets.length,
+    programmed: `${programmedNodes}/${targets.length}`,
     conditions: mergeConditions(current?.conditions, wanted, outcome.generation, now),
   };
   if (outcome.gatewayNode !== undefined) status.gatewayNode = outcome.gatewayNode;
@@ -147,21 +150,4 @@ export function gatewayStatus(
     status.poolUsage = usage.join(", ");
   }
   return status;
-}
-
-/**
- * A merge patch turning `current` into `desired` at the top level of a status, or undefined when
- * they are equal. Keys present before but not now are set to null (merge-patch deletion).
- */
-export function statusPatch<T extends object>(
-  desired: T,
-  current: T | undefined,
-): Record<string, unknown> | undefined {
-  const patch: Record<string, unknown> = {};
-  const cur = (current ?? {}) as Record<string, unknown>;
-  const want = desired as Record<string, unknown>;
-  for (const [k, v] of Object.entries(want))
-    if (JSON.stringify(v) !== JSON.stringify(cur[k])) patch[k] = v;
-  for (const k of Object.keys(cur)) if (!(k in want)) patch[k] = null;
-  return Object.keys(patch).length === 0 ? undefined : patch;
 }

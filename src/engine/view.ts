@@ -157,8 +157,21 @@ function computeRevision(policy: PolicyView): string {
       policy.announceInterface ?? "",
     ]),
   );
+  h.update(endpointsDigest(policy.endpoints));
+  return h.digest("hex").slice(0, 16);
+}
+
+const endpointDigests = new WeakMap<readonly EndpointView[], string>();
+
+/**
+ * The endpoints' part of a revision, kept per endpoints list: a change that only moves a policy
+ * to another gateway (a failover) does not hash its pods again.
+ */
+function endpointsDigest(list: readonly EndpointView[]): string {
+  let digest = endpointDigests.get(list);
+  if (digest !== undefined) return digest;
   // Endpoints in pod order, as one string: no copy of the list, one hash update.
-  let endpoints = policy.endpoints;
+  let endpoints = list;
   for (let i = 1; i < endpoints.length; i++) {
     if (endpoints[i - 1]!.pod > endpoints[i]!.pod) {
       endpoints = [...endpoints].sort((a, b) => (a.pod < b.pod ? -1 : 1));
@@ -169,6 +182,7 @@ function computeRevision(policy: PolicyView): string {
   for (const e of endpoints) {
     text += `\n${e.pod}\t${e.node}\t${e.ips.length === 1 ? e.ips[0] : [...e.ips].sort().join(",")}`;
   }
-  h.update(text);
-  return h.digest("hex").slice(0, 16);
+  digest = createHash("sha256").update(text).digest("hex");
+  endpointDigests.set(list, digest);
+  return digest;
 }

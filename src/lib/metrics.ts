@@ -48,14 +48,20 @@ export function controllerMetrics(registry: Registry) {
   return {
     reconciles: new Counter({
       name: "sallyport_controller_reconciles_total",
-      help: "Reconciles by the leader, by result (ok, error: some write failed and is retried)",
+      help: "Keys the leader processed, by result (ok, error: a write failed and the queue retries it)",
       labelNames: ["result"],
       registers: [registry],
     }),
     reconcileDuration: new Histogram({
       name: "sallyport_controller_reconcile_duration_seconds",
-      help: "Duration of a reconcile: engine and API writes",
+      help: "Duration of one engine computation (writes are counted per key)",
       buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers: [registry],
+    }),
+    writes: new Counter({
+      name: "sallyport_controller_writes_total",
+      help: "Writes the leader sent to the API server (create, patch, delete), by kind of object",
+      labelNames: ["kind"],
       registers: [registry],
     }),
     egressIPMoves: new Counter({
