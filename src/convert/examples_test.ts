@@ -18,7 +18,10 @@ describe("examples/migration", () => {
       const r = runConvert([join(EXAMPLES, `${name}.yaml`)], "yaml");
       assert.equal(r.error, undefined);
       assertGolden(join(EXAMPLES, `${name}.converted.yaml`), r.stdout);
-      assertGolden(join(EXAMPLES, `${name}.warnings.txt`), r.warnings.map((w) => `${w}\n`).join(""));
+      assertGolden(
+        join(EXAMPLES, `${name}.warnings.txt`),
+        r.warnings.map((w) => `${w}\n`).join(""),
+      );
       const valid = runValidate([join(EXAMPLES, `${name}.converted.yaml`)]);
       assert.ok(valid.length >= 2);
     });
