@@ -16,6 +16,8 @@
  */
 import type { Clock, Timer } from "./clock.ts";
 
+const TIMER_SLACK_MS = 2;
+
 export interface SyncRequest {
   /** Re-read the world: the period elapsed, nothing was synced yet, or the last sync failed. */
   readonly full: boolean;
@@ -130,7 +132,9 @@ export class SyncLoop {
   async #run(): Promise<void> {
     if (this.#stopped || this.#running) return;
     const started = this.#clock.now();
-    const full = this.#needFull || started >= this.#lastFullStart + this.#periodMs;
+    // Timers fire on libuv's millisecond loop clock, which can run up to a millisecond behind
+    // performance.now(): a timer set for the full sync's deadline may see "not yet" here.
+    const full = this.#needFull || started >= this.#lastFullStart + this.#periodMs - TIMER_SLACK_MS;
     this.#running = true;
     this.#pending = false;
     try {

@@ -109,6 +109,29 @@ describe("SyncLoop", () => {
     l.stop();
   });
 
+  it("counts a timer that fires a millisecond early (libuv's ms clock) as the full sync it is", async () => {
+    class EarlyClock extends FakeClock {
+      override after(ms: number, fn: () => void) {
+        return super.after(Math.max(0, ms - 1), fn);
+      }
+    }
+    const clock = new EarlyClock();
+    const kinds: boolean[] = [];
+    const l = new SyncLoop({
+      clock,
+      periodMs: 1000,
+      sync: async ({ full }) => {
+        kinds.push(full);
+        // A regression would spin here (each early timer re-armed for the same deadline).
+        if (kinds.length > 50) l.stop();
+      },
+    });
+    l.start();
+    await clock.advance(5500);
+    l.stop();
+    assert.deepEqual(kinds, [true, true, true, true, true, true], "no partial sync without events");
+  });
+
   it("stops", async () => {
     const { clock, starts, l } = loop({});
     l.start();
