@@ -20,6 +20,7 @@ import { API_VERSION } from "../src/api/types.ts";
 import { DEFAULT_NODE_CONFIG } from "../src/engine/view.ts";
 import { openDatapath } from "../src/kernel/open.ts";
 import { ExecRunner, mustRun, type Runner, type RunOptions } from "../src/kernel/runner.ts";
+import { SpawnerRunner } from "../src/kernel/spawner.ts";
 import { CORE, type KubeClient, ours } from "../src/kube/client.ts";
 import { realClock } from "../src/lib/clock.ts";
 import { silentLogger } from "../src/lib/log.ts";
@@ -194,9 +195,11 @@ export async function run(): Promise<Record<string, unknown>> {
     await objects(admin);
     const setupMs = Date.now() - setupStart;
 
-    // The agent runs on its host: enter only the network namespace (nsenter), not also a mount
-    // namespace with a fresh /sys as `ip netns exec` does (about 5 ms more per command).
-    const runner = new CountingRunner(new ExecRunner(["nsenter", `--net=/run/netns/${ns}`]));
+    // As the agent process runs them (src/agent/main.ts): from the small helper process, which
+    // here runs inside the node's network namespace, as an agent runs on its host.
+    const runner = new CountingRunner(
+      new SpawnerRunner({ within: ["nsenter", `--net=/run/netns/${ns}`] }),
+    );
     agent = new Agent({
       client: cp.client("agent"),
       node: "gw",
@@ -225,9 +228,31 @@ export async function run(): Promise<Record<string, unknown>> {
     const initialSyncMs = Math.round(performance.now() - started);
     const sets = (await mustRun(r, ["ipset", "list", "-n"])).split("\n").length;
 
+    {
+      const { monitorEventLoopDelay } = await import("node:perf_hooks");
+      const { readFileSync } = await import("node:fs");
+      const h = monitorEventLoopDelay({ resolution: 1 });
+      h.enable();
+      const cpu0 = process.cpuUsage();
+      const w0 = performance.now();
+      await new Promise((r) => setTimeout(r, 3000));
+      const cpu = process.cpuUsage(cpu0);
+      const w = performance.now() - w0;
+      h.disable();
+      console.error(
+        "DEBUG self cpu %",
+        ((cpu.user + cpu.system) / 10 / w).toFixed(1),
+        "loadavg",
+        readFileSync("/proc/loadavg", "utf8").trim(),
+        "loop p50",
+        h.percentile(50) / 1e6,
+      );
+    }
     // Pods of this node, one at a time, each selected by one policy.
     const latencies: number[] = [];
     const planning: number[] = [];
+    const waiting: number[] = [];
+    const kernel: number[] = [];
     for (let i = 0; i < POD_ADDS; i++) {
       const n = i % NAMESPACES;
       const k = (i * 7) % POLICIES_PER_NS;
@@ -255,6 +280,8 @@ export async function run(): Promise<Record<string, unknown>> {
       await a.sync.idle();
       latencies.push(a.sync.lastLatencyMs ?? Number.NaN);
       planning.push(a.sync.lastPlanMs);
+      waiting.push(a.sync.lastWaitMs);
+      kernel.push(a.sync.lastReport?.durationMs ?? Number.NaN);
     }
 
     // Another node's status, written as agents do after each of their syncs.
@@ -291,6 +318,10 @@ export async function run(): Promise<Record<string, unknown>> {
       podAddMaxMs: quantile(latencies, 1),
       podAddPlanP50Ms: quantile(planning, 0.5),
       podAddPlanP99Ms: quantile(planning, 0.99),
+      podAddWaitP50Ms: quantile(waiting, 0.5),
+      podAddWaitP99Ms: quantile(waiting, 0.99),
+      podAddKernelP50Ms: quantile(kernel, 0.5),
+      podAddKernelP99Ms: quantile(kernel, 0.99),
       foreignStatusWrites: FOREIGN,
       foreignStatusMs: quantile(handle, 0.99),
       foreignStatusMaxMs: quantile(handle, 1),

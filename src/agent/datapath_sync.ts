@@ -51,6 +51,8 @@ export class DatapathSync {
   #lastLatencyMs: number | undefined;
   /** Time the last sync spent planning (the rest is reading and writing the kernel). */
   lastPlanMs = 0;
+  /** Time the first event of the last sync waited for it to start. */
+  lastWaitMs = 0;
 
   constructor(options: DatapathSyncOptions) {
     this.#o = options;
@@ -104,6 +106,7 @@ export class DatapathSync {
   async #sync(full: boolean): Promise<void> {
     const since = this.#pendingSince;
     this.#pendingSince = undefined;
+    this.lastWaitMs = since === undefined ? 0 : this.#o.clock.now() - since;
     const m = this.#o.metrics;
     const kind = full ? "full" : "partial";
     try {

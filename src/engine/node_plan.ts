@@ -443,6 +443,10 @@ export class NodePlanner {
   #eipSets = new Map<string, IpSetPlan>();
   #ignoreSets = new Map<string, IpSetPlan>();
   #setList: IpSetPlan[] = [];
+  /** set name → its index in #setList */
+  #setIndex = new Map<string, number>();
+  /** Sets made since the last plan, to put in place when no set name changed. */
+  #changedSets: IpSetPlan[] = [];
 
   constructor(node: string, config: NodeConfig) {
     this.#node = node;
@@ -562,6 +566,10 @@ export class NodePlanner {
       if (before === undefined || before.replySig !== part.replySig) this.#routesDirty = true;
       if ((before?.eipSig ?? "") !== part.eipSig) this.#eipsDirty = true;
       if (part.families.size > 0 || (before?.families.size ?? 0) > 0) this.#setsDirty = true;
+      for (const fp of part.families.values()) {
+        if (fp.src !== undefined) this.#changedSets.push(fp.src);
+        if (fp.dst !== undefined) this.#changedSets.push(fp.dst);
+      }
       if (!sameSetNames(before, part)) this.#setNamesDirty = true;
     }
     this.#dirty.clear();
@@ -948,12 +956,14 @@ export class NodePlanner {
           if (familyOfText(address) === family) held.add(hostCidr(parseAddress(address)));
       }
       const name = eipSetName(family);
-      this.#eipSets.set(name, {
+      const set: IpSetPlan = {
         name,
         family,
         members: this.#holdEgressIPs ? normalizeCidrList(held) : [],
         nomatch: [],
-      });
+      };
+      this.#eipSets.set(name, set);
+      this.#changedSets.push(set);
       if (!this.#holdEgressIPs) continue;
       for (const key of this.#order) {
         const part = this.#parts.get(key);
@@ -974,22 +984,54 @@ export class NodePlanner {
     this.#eips = sameEips(this.#eips, list) ? this.#eips : list;
   }
 
-  /** Every set, sorted by name; unchanged sets keep their identity. */
+  /** The ignore set of one family, made once per list of ignore CIDRs. */
+  #ignoreSet(family: Family): IpSetPlan {
+    const name = ignoreSetName(family);
+    let set = this.#ignoreSets.get(name);
+    if (set === undefined) {
+      set = {
+        name,
+        family,
+        members: this.#ignore.filter((c) => familyOfText(c) === family),
+        nomatch: [],
+      };
+      this.#ignoreSets.set(name, set);
+      this.#changedSets.push(set);
+    }
+    return set;
+  }
+
+  /**
+   * Every set, sorted by name; unchanged sets keep their identity. When no set appeared or went
+   * (a pod added or removed), only the sets that changed are put in place of the old ones.
+   */
   #planSets(): void {
+    const prev = this.#setList;
+    for (const family of this.#config.families) this.#ignoreSet(family);
+    if (!this.#setNamesDirty && prev.length > 0 && this.#setIndex.size === prev.length) {
+      let list: IpSetPlan[] | undefined;
+      let complete = true;
+      for (const set of this.#changedSets) {
+        const i = this.#setIndex.get(set.name);
+        if (i === undefined) {
+          complete = false;
+          break;
+        }
+        const kept = keepSet(prev[i], set);
+        if (kept !== (list ?? prev)[i]) {
+          list ??= prev.slice();
+          list[i] = kept;
+        }
+      }
+      if (complete) {
+        this.#changedSets = [];
+        if (list !== undefined) this.#setList = list;
+        return;
+      }
+    }
     const byName = new Map<string, IpSetPlan>();
     for (const family of this.#config.families) {
-      const ignore = ignoreSetName(family);
-      let set = this.#ignoreSets.get(ignore);
-      if (set === undefined) {
-        set = {
-          name: ignore,
-          family,
-          members: this.#ignore.filter((c) => familyOfText(c) === family),
-          nomatch: [],
-        };
-        this.#ignoreSets.set(ignore, set);
-      }
-      byName.set(ignore, set);
+      byName.set(ignoreSetName(family), this.#ignoreSet(family));
       const eip = this.#eipSets.get(eipSetName(family));
       if (eip !== undefined) byName.set(eip.name, eip);
     }
@@ -999,7 +1041,6 @@ export class NodePlanner {
         if (fp.dst !== undefined) byName.set(fp.dst.name, fp.dst);
       }
     }
-    const prev = this.#setList;
     const previous = prev.map((s) => byName.get(s.name));
     const list =
       previous.length === byName.size && previous.every((s) => s !== undefined)
@@ -1010,6 +1051,8 @@ export class NodePlanner {
       if (before !== undefined) list[i] = keepSet(before, list[i]!);
     }
     this.#setList = sameMembersRef(prev, list) ? prev : list;
+    this.#setIndex = new Map(this.#setList.map((set, i) => [set.name, i]));
+    this.#changedSets = [];
   }
 }
 

@@ -18,7 +18,7 @@
  */
 
 import { isOwnedSet } from "../engine/names.ts";
-import type { IpSetPlan, NodePlan, SysctlPlan } from "../engine/plan.ts";
+import type { FamilyRules, IpSetPlan, NodePlan, SysctlPlan } from "../engine/plan.ts";
 import type { Family } from "../lib/ip.ts";
 import {
   type ActualRouting,
@@ -101,26 +101,13 @@ const EMPTY_PLAN = (node: string): NodePlan => ({
  */
 export function stateOfPlan(plan: NodePlan): KernelState {
   const rules = {} as Record<Family, SavedState>;
-  for (const family of [4, 6] as const) {
-    const fr = plan.rules[family];
-    const state: SavedState = new Map();
-    for (const table of TABLES) {
-      const chains = new Map<string, { rules: string[] }>();
-      for (const h of (fr?.hooks ?? [])
-        .filter((x) => x.table === table)
-        .sort((a, b) => a.position - b.position)) {
-        const c = chains.get(h.builtin) ?? { rules: [] };
-        c.rules.push(ruleText(h.rule));
-        chains.set(h.builtin, c);
-      }
-      for (const [name, list] of fr?.chains.get(table) ?? []) {
-        chains.set(name, { rules: list.map(ruleText) });
-      }
-      state.set(table, { chains });
-    }
-    rules[family] = state;
+  for (const family of [4, 6] as const) rules[family] = savedRules(plan.rules[family]);
+  let ipsets = SAVED_SETS.get(plan.ipsets);
+  if (ipsets === undefined) {
+    ipsets = new Map<string, SavedSet>(plan.ipsets.map((s) => [s.name, plannedSet(s)]));
+    SAVED_SETS.set(plan.ipsets, ipsets);
+    SET_SOURCES.set(ipsets, plan.ipsets);
   }
-  const ipsets = new Map<string, SavedSet>(plan.ipsets.map((s) => [s.name, plannedSet(s)]));
 
   const links: ParsedLink[] = [];
   if (plan.tunnel !== undefined) {
@@ -161,8 +148,48 @@ export function stateOfPlan(plan: NodePlan): KernelState {
   };
 }
 
+// Plans share unchanged sections by identity (src/engine/node_plan.ts): their saved forms are
+// kept with them, so the mirror of a plan that changed one set costs that set.
+const SAVED_RULES = new WeakMap<FamilyRules, SavedState>();
+const SAVED_SETS = new WeakMap<readonly IpSetPlan[], ReadonlyMap<string, SavedSet>>();
+const PLANNED_SETS = new WeakMap<IpSetPlan, SavedSet>();
+/** The plan's set list each saved set map was made from. */
+const SET_SOURCES = new WeakMap<ReadonlyMap<string, SavedSet>, readonly IpSetPlan[]>();
+const NO_RULES: FamilyRules = { chains: new Map(), hooks: [] };
+
+function savedRules(fr: FamilyRules | undefined): SavedState {
+  const rules = fr ?? NO_RULES;
+  let state = SAVED_RULES.get(rules);
+  if (state !== undefined) return state;
+  state = new Map();
+  for (const table of TABLES) {
+    const chains = new Map<string, { rules: string[] }>();
+    for (const h of rules.hooks
+      .filter((x) => x.table === table)
+      .sort((a, b) => a.position - b.position)) {
+      const c = chains.get(h.builtin) ?? { rules: [] };
+      c.rules.push(ruleText(h.rule));
+      chains.set(h.builtin, c);
+    }
+    for (const [name, list] of rules.chains.get(table) ?? []) {
+      chains.set(name, { rules: list.map(ruleText) });
+    }
+    state.set(table, { chains });
+  }
+  SAVED_RULES.set(rules, state);
+  return state;
+}
+
 /** A set as a plan describes it; its member Sets are only built if a diff needs them. */
 function plannedSet(plan: IpSetPlan): SavedSet {
+  const known = PLANNED_SETS.get(plan);
+  if (known !== undefined) return known;
+  const saved = newPlannedSet(plan);
+  PLANNED_SETS.set(plan, saved);
+  return saved;
+}
+
+function newPlannedSet(plan: IpSetPlan): SavedSet {
   let members: Set<string> | undefined;
   let nomatch: Set<string> | undefined;
   return {
@@ -267,7 +294,7 @@ export class Datapath {
     const started = performance.now();
     const { runner, iptables, families, rulePref, tunnelDevice } = this.#o;
     const routing = diffRouting(plan, actual.routing, { rulePref, tunnelDevice });
-    const sets = diffIpsets(plan.ipsets, actual.ipsets);
+    const sets = this.#diffSets(plan, actual, full);
     const step = async (name: string, fn: () => Promise<unknown>) => {
       try {
         await fn();
@@ -302,10 +329,10 @@ export class Datapath {
     const chains: string[] = [];
     let hooks = 0;
     for (const family of families) {
-      const diff = diffRules(
-        plan.rules[family] ?? { chains: new Map(), hooks: [] },
-        actual.rules[family],
-      );
+      const desired = plan.rules[family] ?? NO_RULES;
+      // The mirror of these very rules (a partial sync after a change elsewhere): nothing to do.
+      if (!full && SAVED_RULES.get(desired) === actual.rules[family]) continue;
+      const diff = diffRules(desired, actual.rules[family]);
       chains.push(
         ...diff.changedChains.map((c) => `v${family}:${c}`),
         ...diff.deletedChains.map((c) => `v${family}:-${c}`),
@@ -351,6 +378,25 @@ export class Datapath {
       },
       durationMs: performance.now() - started,
     };
+  }
+
+  /**
+   * The ipset difference. After a change that kept every set name (a pod added: one set's
+   * members) only the sets whose plan object changed are compared; the others are the very
+   * objects the mirror was made of.
+   */
+  #diffSets(plan: NodePlan, actual: KernelState, full: boolean) {
+    const before = full ? undefined : SET_SOURCES.get(actual.ipsets);
+    const now = plan.ipsets;
+    if (
+      before !== undefined &&
+      before.length === now.length &&
+      now.every((s, i) => s.name === before[i]!.name)
+    ) {
+      const changed = now.filter((s, i) => s !== before[i]);
+      return diffIpsets(changed, actual.ipsets, { onlyThese: true });
+    }
+    return diffIpsets(now, actual.ipsets);
   }
 
   /** Removes every kernel object Sallyport created on this node, and nothing else. */

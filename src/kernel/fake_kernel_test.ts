@@ -16,7 +16,7 @@ import { describe, it } from "node:test";
 import fc from "fast-check";
 import type { EgressPolicy } from "../api/types.ts";
 import { computeCluster } from "../engine/cluster.ts";
-import { planNode } from "../engine/node_plan.ts";
+import { NodePlanner, planNode } from "../engine/node_plan.ts";
 import { nodeViewFromOutcome } from "../engine/node_view.ts";
 import type { NodePlan } from "../engine/plan.ts";
 import type { Snapshot } from "../engine/snapshot.ts";
@@ -1266,6 +1266,64 @@ describe("Datapath between random plans (property)", () => {
         },
       ),
       { numRuns: 100 },
+    );
+  });
+});
+
+// ------------------------------------------------------------------------------------------------
+// The agent's path: plans from the keyed planner (unchanged sections shared by identity) applied
+// by partial syncs, which diff only what changed; the kernel must end up holding each plan.
+
+describe("partial syncs of keyed plans on the fake kernel", () => {
+  it("hold every plan of a sequence of pod and policy changes, as a full sync confirms", async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(
+          fc.record({
+            policy: fc.integer({ min: 0, max: 3 }),
+            pods: fc.integer({ min: 0, max: 4 }),
+            remove: fc.boolean(),
+          }),
+          { minLength: 1, maxLength: 8 },
+        ),
+        async (steps) => {
+          const fake = host(2);
+          const dp = datapathOn(fake);
+          const s = SCENARIOS["dual stack with ports"]!;
+          const outcome = computeCluster(s);
+          const local = localFactsFrom(await dp.read(), {
+            nodeAddresses: s.nodes.find((n) => n.name === "node-2")!.addresses,
+            peers: outcome.peers,
+            rulePref: RULE_PREF,
+            random: () => 0.5,
+          });
+          const view = nodeViewFromOutcome(outcome, "node-2", { local });
+          const planner = new NodePlanner("node-2", view.config);
+          planner.setLocal(local);
+          planner.setPeers(view.peers);
+          planner.setIgnoreCIDRs(view.ignoreCIDRs);
+          const base = view.policies[0]!;
+          for (const [i, step] of steps.entries()) {
+            const key = `${base.key}-${step.policy}`;
+            if (step.remove) planner.deletePolicy(key);
+            else
+              planner.setPolicy({
+                ...base,
+                key,
+                endpoints: Array.from({ length: step.pods }, (_, k) => ({
+                  pod: `team-a/p${k}`,
+                  node: "node-1",
+                  ips: [`172.29.1.${10 * step.policy + k + 2}`],
+                })),
+              });
+            const plan = planner.plan();
+            await dp.sync(plan, { partial: i > 0 });
+            await assertHolds(dp, plan, `step ${i}`);
+          }
+          assert.equal((await dp.sync(planner.plan())).changes, 0, "a full sync finds nothing");
+        },
+      ),
+      { numRuns: 40 },
     );
   });
 });

@@ -147,10 +147,18 @@ export function resourcePath(
 
 type Query = Record<string, string | number | boolean | undefined>;
 
+/**
+ * How long one connection pool is used before a fresh one picks up rotated TLS material
+ * (client certificates and CAs read from files).
+ */
+const DISPATCHER_TTL_MS = 10 * 60_000;
+
 export class KubeClient {
   readonly config: KubeConfig;
   readonly #server: string;
   readonly #dispatcher: Dispatcher | undefined;
+  /** The connection pool requests share, and when it was made. */
+  #shared: { dispatcher: Dispatcher; at: number } | undefined;
 
   /** @param options.socketPath reach the API server through a Unix socket (the sandbox's bridge) */
   constructor(config: KubeConfig, options: { socketPath?: string } = {}) {
@@ -180,7 +188,11 @@ export class KubeClient {
     for (const [k, v] of Object.entries(options.query ?? {}))
       if (v !== undefined) url.searchParams.set(k, String(v));
     const ctx = new RequestContext(url.toString(), method as never);
+    // Headers (tokens, re-read so that projected tokens rotate) every time; the dispatcher it
+    // makes is new every time too, and using it would open a new TLS connection per request
+    // (a handshake, a SecureContext, a socket left open): one pool is shared instead.
     await this.config.applySecurityAuthentication(ctx);
+    const dispatcher = this.#dispatcher ?? this.#sharedDispatcher(ctx);
     const headers = ctx.getHeaders() as Record<string, string>;
     headers.accept = "application/json";
     if (options.body !== undefined)
@@ -190,7 +202,7 @@ export class KubeClient {
       method,
       headers,
       ...(options.body === undefined ? {} : { body: JSON.stringify(options.body) }),
-      dispatcher: (this.#dispatcher ?? ctx.getDispatcher()) as never,
+      dispatcher: dispatcher as never,
       signal,
     });
     const text = await response.text();
@@ -198,6 +210,19 @@ export class KubeClient {
     const body = text === "" ? undefined : json ? (JSON.parse(text) as unknown) : text;
     if (!response.ok) throw new ApiError(method, path, response.status, body);
     return body as T;
+  }
+
+  #sharedDispatcher(ctx: RequestContext): Dispatcher | undefined {
+    const now = performance.now();
+    if (this.#shared === undefined || now - this.#shared.at > DISPATCHER_TTL_MS) {
+      const fresh = ctx.getDispatcher() as Dispatcher | undefined;
+      if (fresh === undefined) return undefined;
+      const old = this.#shared?.dispatcher;
+      this.#shared = { dispatcher: fresh, at: now };
+      // Requests in flight on the old pool finish; it closes after them.
+      void old?.close().catch(() => {});
+    }
+    return this.#shared.dispatcher;
   }
 
   get<T extends KubeObject>(r: Resource, name: string, namespace?: string): Promise<T> {

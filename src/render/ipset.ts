@@ -101,7 +101,12 @@ export interface IpsetDiff {
 export function diffIpsets(
   desired: readonly IpSetPlan[],
   actual: ReadonlyMap<string, SavedSet>,
-  options?: { swapThreshold?: number; full?: boolean },
+  options?: {
+    swapThreshold?: number;
+    full?: boolean;
+    /** `desired` is only the sets that changed: leave the others (destroy nothing stale). */
+    onlyThese?: boolean;
+  },
 ): IpsetDiff {
   const threshold = options?.swapThreshold ?? 0.5;
   const update: string[] = [];
@@ -173,8 +178,10 @@ export function diffIpsets(
     added += toAdd.length + toAddNomatch.length;
     removed += toDel.length;
   }
-  for (const name of actual.keys()) {
-    if (isOwnedSet(name) && !wanted.has(name)) destroy.push(`destroy ${name}`);
+  if (options?.onlyThese !== true) {
+    for (const name of actual.keys()) {
+      if (isOwnedSet(name) && !wanted.has(name)) destroy.push(`destroy ${name}`);
+    }
   }
   return {
     update: update.length === 0 ? "" : `${update.join("\n")}\n`,
