@@ -1,7 +1,7 @@
 /** `sallyport agent`: wires the agent, the kernel and its metrics into a process. */
 
 import { DEFAULT_NODE_CONFIG } from "../engine/view.ts";
-import { openDatapath } from "../kernel/open.ts";
+import { detectFilter, openDatapath } from "../kernel/open.ts";
 import { SpawnerRunner } from "../kernel/spawner.ts";
 import { defaultKubeConfig, KubeClient } from "../kube/client.ts";
 import type { LeaseTiming } from "../kube/node_lease.ts";
@@ -18,6 +18,7 @@ export interface AgentFlags {
   namespace: string;
   families: Family[];
   iptablesBackend: "auto" | "nft" | "legacy";
+  datapath: "auto" | "iptables" | "nftables";
   rulePref: number;
   tunnelDevice: string;
   vni: number;
@@ -38,14 +39,31 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
   const client = new KubeClient(defaultKubeConfig(flags.kubeconfig));
   // Commands start from a small helper process: a fork of the agent itself would copy its
   // page tables (7–12 ms per command at 100,000 endpoints; see src/kernel/spawner.ts).
+  if (flags.datapath === "auto") {
+    const { detectBackend } = await import("../kernel/iptables.ts");
+    const { ExecRunner } = await import("../kernel/runner.ts");
+    const probe = new ExecRunner();
+    const backend =
+      flags.iptablesBackend === "auto" ? await detectBackend(probe) : flags.iptablesBackend;
+    const choice = await detectFilter(probe, backend);
+    log.info(
+      { datapath: choice.filter, reason: choice.reason, hashNetNet: choice.hashNetNet },
+      "datapath chosen",
+    );
+    flags = { ...flags, datapath: choice.filter };
+  }
   const datapath = await openDatapath({
+    datapath: flags.datapath,
     runner: new SpawnerRunner(),
     families: flags.families,
     backend: flags.iptablesBackend,
     rulePref: flags.rulePref,
     tunnelDevice: flags.tunnelDevice,
   });
-  log.info({ backend: datapath.options.iptables.backend }, "iptables backend");
+  log.info(
+    { datapath: datapath.options.filter, iptables: datapath.options.iptables.backend },
+    "packet filter",
+  );
   const registry = new Registry();
   const agent = new Agent({
     client,
@@ -61,6 +79,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
       rulePref: flags.rulePref,
       tableRange: { start: flags.tableStart, count: flags.tableCount },
       noSnatBySets: flags.noSnatBySets,
+      datapath: datapath.options.filter ?? "iptables",
     },
     clock: realClock,
     log,

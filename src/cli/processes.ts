@@ -64,21 +64,31 @@ const kernelOptions = (cmd: Command) =>
         .choices(["auto", "nft", "legacy"])
         .default("auto"),
     )
+    .addOption(
+      new Option(
+        "--datapath <filter>",
+        "packet filter: nftables (one table, O(1) classification), iptables (+ ipset), or auto (what the node uses; see docs/operations.md)",
+      )
+        .choices(["auto", "iptables", "nftables"])
+        .default("iptables"),
+    )
     .option("--rule-pref <n>", "ip rule preference Sallyport owns", int, 5900)
     .option("--tunnel-device <name>", "name of the VXLAN device", "sallyport");
 
 interface KernelFlags {
   families: Family[];
   iptablesBackend: "auto" | "nft" | "legacy";
+  datapath: "auto" | "iptables" | "nftables";
   rulePref: number;
   tunnelDevice: string;
 }
 
-async function open(flags: KernelFlags) {
+async function open(flags: KernelFlags, datapath = flags.datapath) {
   const { openDatapath } = await import("../kernel/open.ts");
   return openDatapath({
     families: flags.families,
     backend: flags.iptablesBackend,
+    datapath,
     rulePref: flags.rulePref,
     tunnelDevice: flags.tunnelDevice,
   });
@@ -106,8 +116,10 @@ export function processCommands(program: Command): void {
       .requiredOption("--plan <file>", "plan JSON"),
   ).action(async (flags: KernelFlags & { plan: string }) => {
     const { planFromJSON } = await import("../engine/plan.ts");
-    const d = await open(flags);
-    const report = await d.sync(planFromJSON(readFileSync(flags.plan, "utf8")));
+    const plan = planFromJSON(readFileSync(flags.plan, "utf8"));
+    // A plan is made for one packet filter: it has an nftables part or it has iptables rules.
+    const d = await open(flags, plan.nft === undefined ? "iptables" : "nftables");
+    const report = await d.sync(plan);
     console.log(JSON.stringify(report));
   });
 

@@ -17,9 +17,9 @@
  */
 import type { PortSpec } from "../api/types.ts";
 import {
-  type Address,
   type Cidr,
   cidrContainsAddress,
+  cidrToRange,
   FAMILIES,
   type Family,
   familyOfText,
@@ -30,6 +30,9 @@ import {
   parseCidr,
 } from "../lib/ip.ts";
 import { getOrInsert } from "../lib/maps.ts";
+import { RangeSet } from "../lib/rangeset.ts";
+import { type ClassPolicy, ClassTable, type ClassVerdict, type TrafficClass } from "./classify.ts";
+import { type Host, hostsOfFamily, sortedHosts } from "./hosts.ts";
 import {
   KEEP_MARK,
   MARK_WRITE_MASK,
@@ -62,6 +65,7 @@ import type {
   IpRulePlan,
   IpSetPlan,
   NeighborPlan,
+  NftPlan,
   NodePlan,
   RoutePlan,
   Rule,
@@ -132,60 +136,6 @@ function portRules(
     if (chunk.length > 0) out.push({ protocol, dports: chunk.join(",") });
   }
   return out;
-}
-
-/**
- * One string instance per set member text: consecutive plans then share their members, and the
- * datapath's "is this set unchanged?" check on 100,000 members is a pointer comparison each
- * instead of a character comparison (datapath bench: one pod added, 24 → 17 ms).
- * Bounded: cleared when it outgrows any realistic node.
- */
-const INTERNED = new Map<string, string>();
-function intern(text: string): string {
-  const known = INTERNED.get(text);
-  if (known !== undefined) return known;
-  if (INTERNED.size >= 4_000_000) INTERNED.clear();
-  INTERNED.set(text, text);
-  return text;
-}
-
-/** A pod address as a host CIDR, parsed once: endpoints are seen again on every replan. */
-interface Host {
-  readonly address: Address;
-  /** Canonical host CIDR text ("10.0.0.1/32"), interned. */
-  readonly cidr: string;
-}
-
-const HOSTS = new Map<string, Host>();
-function hostOf(ip: string): Host {
-  let h = HOSTS.get(ip);
-  if (h === undefined) {
-    const address = parseAddress(ip);
-    h = { address, cidr: intern(hostCidr(address)) };
-    if (HOSTS.size >= 4_000_000) HOSTS.clear();
-    HOSTS.set(ip, h);
-  }
-  return h;
-}
-
-function hostsOfFamily(ips: readonly string[], family: Family): Host[] {
-  const out: Host[] = [];
-  for (const ip of ips) {
-    const h = hostOf(ip);
-    if (h.address.family === family) out.push(h);
-  }
-  return out;
-}
-
-/** Host CIDRs in canonical order (the order normalizeCidrList gives them), without duplicates. */
-function sortedHosts(hosts: Iterable<Host>): string[] {
-  const unique = new Map<string, Host>();
-  for (const h of hosts) unique.set(h.cidr, h);
-  return [...unique.values()]
-    .sort((a, b) =>
-      a.address.value < b.address.value ? -1 : a.address.value > b.address.value ? 1 : 0,
-    )
-    .map((h) => h.cidr);
 }
 
 function mark(value: number, mask: number, invert = false) {
@@ -443,6 +393,14 @@ export class NodePlanner {
   #eipSets = new Map<string, IpSetPlan>();
   #ignoreSets = new Map<string, IpSetPlan>();
   #setList: IpSetPlan[] = [];
+  // The nftables classification, per family.
+  readonly #classTables = new Map<Family, ClassTable>();
+  readonly #classPolicies = new Map<string, { sig: string; policy: ClassPolicy }>();
+  /** Policies whose parts were replanned since the classes were last fed. */
+  readonly #replanned = new Set<string>();
+  #ignoreChanged = true;
+  #rankOrder: readonly string[] = [];
+  #nft: NftPlan | undefined;
   /** set name → its index in #setList */
   #setIndex = new Map<string, number>();
   /** Sets made since the last plan, to put in place when no set name changed. */
@@ -512,6 +470,7 @@ export class NodePlanner {
     this.#ignore = cidrs;
     this.#ignoreSets.clear();
     this.#setsDirty = true;
+    this.#ignoreChanged = true;
   }
 
   /** A fenced gateway keeps every rule (SNAT included) but stops holding its egress IPs. */
@@ -547,6 +506,7 @@ export class NodePlanner {
 
     // 1. Parts of the policies that changed, or whose peers did.
     for (const key of this.#dirty) {
+      this.#replanned.add(key);
       const before = this.#parts.get(key);
       const view = this.#views.get(key);
       if (before !== undefined) for (const p of before.peers) this.#readers.get(p)?.delete(key);
@@ -615,8 +575,12 @@ export class NodePlanner {
       }
     }
 
-    // 3. Rules, in precedence order: the first rule that matches a packet decides.
-    if (this.#rulesDirty || this.#staticDirty || this.#rules === undefined) {
+    // 3. Rules, in precedence order: the first rule that matches a packet decides. The nftables
+    // datapath classifies instead (one lookup per stage whatever the number of policies).
+    const nftables = this.#config.datapath === "nftables";
+    if (nftables) {
+      this.#rules ??= NO_RULES(families);
+    } else if (this.#rulesDirty || this.#staticDirty || this.#rules === undefined) {
       const rules = {} as Record<Family, FamilyRules>;
       for (const family of families) rules[family] = this.#familyRules(family);
       if (this.#rules === undefined || rulesText(rules) !== rulesText(this.#rules))
@@ -628,7 +592,8 @@ export class NodePlanner {
         this.#routing = routing;
     }
     if (this.#eipsDirty || this.#staticDirty) this.#planEips(local);
-    if (this.#setsDirty || this.#eipsDirty || this.#setNamesDirty) this.#planSets();
+    if (nftables) this.#planClasses();
+    else if (this.#setsDirty || this.#eipsDirty || this.#setNamesDirty) this.#planSets();
 
     const sysctls: SysctlPlan[] = [];
     if (families.includes(4)) sysctls.push({ path: "net/ipv4/ip_forward", value: "1" });
@@ -655,6 +620,7 @@ export class NodePlanner {
       prev.tunnel === this.#tunnel &&
       prev.eips === this.#eips &&
       prev.tables === this.#choice.tables &&
+      prev.nft === this.#nft &&
       sameMembers(prev.errors, errors)
     )
       return prev;
@@ -678,6 +644,7 @@ export class NodePlanner {
           : sysctls,
       tables: this.#choice.tables,
       errors,
+      ...(this.#nft === undefined ? {} : { nft: this.#nft }),
     };
     return this.#plan;
   }
@@ -984,6 +951,104 @@ export class NodePlanner {
     this.#eips = sameEips(this.#eips, list) ? this.#eips : list;
   }
 
+  /** The classes of sources (nftables): what changed since the last plan is fed to the tables. */
+  #planClasses(): void {
+    const { families } = this.#config;
+    const tables = this.#choice.tables;
+    const orderChanged = this.#rankOrder !== this.#order;
+    // A new routing table choice can turn steering into dropping: re-feed every policy (the
+    // tables ignore what did not change).
+    const all = orderChanged || this.#rulesDirty || this.#staticDirty || this.#nft === undefined;
+    const keys = all ? new Set([...this.#parts.keys(), ...this.#replanned]) : this.#replanned;
+    const rank = orderChanged ? new Map(this.#order.map((k, i) => [k, i])) : undefined;
+    const classes: Partial<Record<Family, readonly TrafficClass[]>> = {};
+    const snat: Partial<Record<Family, readonly string[]>> = {};
+    const held: Partial<Record<Family, readonly string[]>> = {};
+    const steerTo = new Set<number>();
+    for (const family of families) {
+      const table = getOrInsert(this.#classTables, family, () => new ClassTable(family));
+      if (this.#ignoreChanged) {
+        const ignore = new RangeSet();
+        for (const c of this.#ignore) {
+          const cidr = parseCidr(c);
+          if (cidr.family === family) ignore.add(cidrToRange(cidr));
+        }
+        table.setIgnore(ignore);
+      }
+      if (rank !== undefined) table.setOrder(rank);
+      for (const key of keys) {
+        const part = this.#parts.get(key);
+        const fp = part?.families.get(family);
+        if (part === undefined || fp === undefined || fp.decision.sources.length === 0) {
+          table.set(key, undefined, []);
+          this.#classPolicies.delete(`${family}/${key}`);
+          continue;
+        }
+        const d = fp.decision;
+        const verdict: ClassVerdict =
+          d.kind === "gateway"
+            ? { kind: "snat", eip: part.view.snat[family]! }
+            : d.kind === "steer" && tables.has(`node/${d.gateway.name}`)
+              ? { kind: "steer", nodeID: d.gateway.nodeID }
+              : { kind: "drop" };
+        const v = part.view;
+        const sig = `${v.destinationCIDRs.join(",")}|${v.excludedCIDRs.join(",")}|${JSON.stringify(v.ports)}|${verdict.kind}:${verdict.kind === "steer" ? verdict.nodeID : verdict.kind === "snat" ? verdict.eip : ""}`;
+        const memo = `${family}/${key}`;
+        let cached = this.#classPolicies.get(memo);
+        if (cached?.sig !== sig) {
+          cached = {
+            sig,
+            policy: {
+              key,
+              destinations: v.destinationCIDRs,
+              excluded: v.excludedCIDRs,
+              ports: v.ports,
+              verdict,
+            },
+          };
+          this.#classPolicies.set(memo, cached);
+        }
+        table.set(key, cached.policy, d.sources);
+      }
+      classes[family] = table.classes();
+      const addresses = new Set<string>();
+      for (const c of classes[family]!) {
+        for (const e of c.entries) {
+          if (e.verdict.kind === "snat") addresses.add(e.verdict.eip);
+          else if (e.verdict.kind === "steer") steerTo.add(e.verdict.nodeID);
+        }
+      }
+      // Unchanged lists keep their identity: the datapath compares them by reference.
+      const snatNow = [...addresses].sort();
+      const snatBefore = this.#nft?.snat[family];
+      snat[family] =
+        snatBefore !== undefined && sameMembers(snatBefore, snatNow) ? snatBefore : snatNow;
+      held[family] = this.#eipSets.get(eipSetName(family))?.members ?? [];
+    }
+    this.#replanned.clear();
+    this.#ignoreChanged = false;
+    this.#rankOrder = this.#order;
+    const next: NftPlan = {
+      classes,
+      steerTo: [...steerTo].sort((a, b) => a - b),
+      snat,
+      held,
+      noSnatBySets: this.#config.noSnatBySets,
+    };
+    const prev = this.#nft;
+    this.#nft =
+      prev !== undefined &&
+      families.every(
+        (f) =>
+          prev.classes[f] === next.classes[f] &&
+          sameMembers(prev.snat[f] ?? [], next.snat[f] ?? []) &&
+          sameMembers(prev.held[f] ?? [], next.held[f] ?? []),
+      ) &&
+      sameMembers(prev.steerTo.map(String), next.steerTo.map(String))
+        ? prev
+        : next;
+  }
+
   /** The ignore set of one family, made once per list of ignore CIDRs. */
   #ignoreSet(family: Family): IpSetPlan {
     const name = ignoreSetName(family);
@@ -1055,6 +1120,12 @@ export class NodePlanner {
     this.#changedSets = [];
   }
 }
+
+const NO_RULES = (families: readonly Family[]): Record<Family, FamilyRules> => {
+  const rules = {} as Record<Family, FamilyRules>;
+  for (const f of families) rules[f] = { chains: new Map(), hooks: [] };
+  return rules;
+};
 
 /** Rules as comparable text: Maps become entry lists. */
 function rulesText(rules: Record<Family, FamilyRules>): string {

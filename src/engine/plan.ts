@@ -4,6 +4,7 @@
  * state produce, so that desired and actual can be compared field by field.
  */
 import type { Family } from "../lib/ip.ts";
+import type { TrafficClass } from "./classify.ts";
 
 export type TableName = "filter" | "nat" | "mangle";
 
@@ -154,6 +155,21 @@ export interface NodePlan {
   readonly tables: ReadonlyMap<string, number>;
   /** Problems that keep part of the plan out (e.g. no free routing table). */
   readonly errors: readonly string[];
+  /** The nftables datapath's classification (absent with iptables, which uses `rules`/`ipsets`). */
+  readonly nft?: NftPlan | undefined;
+}
+
+/** What the nftables datapath holds besides routing, tunnel and egress-IP devices. */
+export interface NftPlan {
+  /** Per family, the classes of sources and their disjoint entries, sorted by name. */
+  readonly classes: Readonly<Partial<Record<Family, readonly TrafficClass[]>>>;
+  /** Node ids of the gateway nodes this node steers to. */
+  readonly steerTo: readonly number[];
+  /** Per family, the source addresses this node SNATs to; a packet carries its index in its mark. */
+  readonly snat: Readonly<Partial<Record<Family, readonly string[]>>>;
+  /** Per family, the egress IPs this node holds (no service of the node answers on them). */
+  readonly held: Readonly<Partial<Record<Family, readonly string[]>>>;
+  readonly noSnatBySets: boolean;
 }
 
 /** A NodePlan as JSON (Maps become entry lists), for the CLI and for handing plans between processes. */

@@ -60,6 +60,11 @@ export interface NodeConfig {
   readonly tableRange: TableRange;
   /** Exempt steered traffic from SNAT by its sets too (for CNIs like Weave that clear marks). */
   readonly noSnatBySets: boolean;
+  /**
+   * Which packet filter carries the rules: iptables + ipset (a rule per policy) or nftables (one
+   * table, O(1) classification: src/engine/classify.ts). @default "iptables"
+   */
+  readonly datapath: "iptables" | "nftables";
 }
 
 export const DEFAULT_NODE_CONFIG: NodeConfig = {
@@ -70,6 +75,7 @@ export const DEFAULT_NODE_CONFIG: NodeConfig = {
   rulePref: 5900,
   tableRange: { start: 3000, count: 100 },
   noSnatBySets: false,
+  datapath: "iptables",
 };
 
 export interface LocalFacts {

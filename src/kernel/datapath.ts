@@ -33,6 +33,15 @@ import {
 } from "../render/iproute.ts";
 import { diffIpsets, parseIpsetSave, type SavedSet } from "../render/ipset.ts";
 import { diffRules, parseSave, ruleText, type SavedState, TABLES } from "../render/iptables.ts";
+import {
+  desiredTable,
+  diffNftFull,
+  diffNftPartial,
+  NFT_TABLE,
+  type NftActual,
+  type NftDesired,
+  parseNftTable,
+} from "../render/nftables.ts";
 import type { Iptables } from "./iptables.ts";
 import { CommandError, mustRun, type Runner } from "./runner.ts";
 
@@ -40,6 +49,8 @@ export interface KernelState {
   readonly rules: Readonly<Record<Family, SavedState>>;
   readonly ipsets: ReadonlyMap<string, SavedSet>;
   readonly routing: ActualRouting;
+  /** Our nftables table, if there is one (either datapath removes the other's leftovers). */
+  readonly nft?: NftActual | undefined;
 }
 
 export interface SyncReport {
@@ -52,6 +63,8 @@ export interface SyncReport {
     readonly setMembersRemoved: number;
     readonly routing: number;
     readonly sysctls: number;
+    /** What the nftables transaction changed (nftables datapath). */
+    readonly nft?: readonly string[];
   };
   readonly durationMs: number;
 }
@@ -74,6 +87,11 @@ export interface DatapathOptions {
   readonly families: readonly Family[];
   readonly rulePref: number;
   readonly tunnelDevice: string;
+  /**
+   * The packet filter that carries the rules: iptables + ipset, or one nftables table (plans
+   * must then be made with `datapath: "nftables"`). @default "iptables"
+   */
+  readonly filter?: "iptables" | "nftables";
 }
 
 const EMPTY_PLAN = (node: string): NodePlan => ({
@@ -212,6 +230,9 @@ export class Datapath {
   readonly #o: DatapathOptions;
   /** What the last successful sync left in the kernel; undefined forces a full read. */
   #mirror: KernelState | undefined;
+  /** The nftables table the last successful sync left (nftables datapath). */
+  #mirrorNft: NftDesired | undefined;
+  #lastNft: NftDesired | undefined;
 
   constructor(options: DatapathOptions) {
     this.#o = options;
@@ -256,7 +277,9 @@ export class Datapath {
       : ["[]", "[]"];
     const rules = { 4: new Map(), 6: new Map() } as Record<Family, SavedState>;
     for (const [f, s] of saves) rules[f] = s;
+    const nft = await this.#readNft();
     return {
+      ...(nft === undefined ? {} : { nft }),
       rules,
       ipsets: parseIpsetSave(ipsetText),
       routing: {
@@ -267,6 +290,24 @@ export class Datapath {
         fdb: parseFdb(fdb, tunnelDevice),
       },
     };
+  }
+
+  /** Our nftables table; undefined when there is none (or, with iptables, no nft at all). */
+  async #readNft(): Promise<NftActual | undefined> {
+    const argv = ["nft", "-j", "list", "table", "inet", NFT_TABLE];
+    let result: { code: number; stdout: string; stderr: string };
+    try {
+      result = await this.#o.runner.run(argv);
+    } catch (e) {
+      // The iptables datapath only looks for leftovers of ours; a host without nft has none.
+      if (this.#o.filter !== "nftables") return undefined;
+      throw e;
+    }
+    if (result.code === 0) return parseNftTable(result.stdout);
+    if (/No such file or directory/.test(result.stderr)) return undefined;
+    if (this.#o.filter !== "nftables" && /not found|Operation not supported/.test(result.stderr))
+      return undefined;
+    throw new CommandError(argv, undefined, result);
   }
 
   /**
@@ -280,19 +321,44 @@ export class Datapath {
     options?: { partial?: boolean; state?: KernelState },
   ): Promise<SyncReport> {
     const mirror = options?.partial === true ? this.#mirror : undefined;
+    const mirrorNft = mirror === undefined ? undefined : this.#mirrorNft;
     this.#mirror = undefined;
+    this.#mirrorNft = undefined;
     const report = await this.#apply(
       plan,
       mirror ?? options?.state ?? (await this.read()),
       mirror === undefined,
+      mirrorNft,
     );
     this.#mirror = stateOfPlan(plan);
+    this.#mirrorNft = this.#lastNft;
     return report;
   }
 
-  async #apply(plan: NodePlan, actual: KernelState, full: boolean): Promise<SyncReport> {
+  async #apply(
+    plan: NodePlan,
+    actual: KernelState,
+    full: boolean,
+    mirrorNft: NftDesired | undefined,
+  ): Promise<SyncReport> {
     const started = performance.now();
     const { runner, iptables, families, rulePref, tunnelDevice } = this.#o;
+    // nftables: the whole table in one transaction; iptables: remove a table of ours left over.
+    let nft: { payload: string; changes: number; detail: readonly string[] };
+    if (this.#o.filter === "nftables") {
+      const desired = desiredTable(plan, { families, tunnelDevice });
+      nft =
+        mirrorNft !== undefined && !full
+          ? diffNftPartial(desired, mirrorNft)
+          : diffNftFull(desired, actual.nft);
+      this.#lastNft = desired;
+    } else {
+      nft =
+        full && actual.nft !== undefined
+          ? { payload: `delete table inet ${NFT_TABLE}\n`, changes: 1, detail: ["-table"] }
+          : { payload: "", changes: 0, detail: [] };
+      this.#lastNft = undefined;
+    }
     const routing = diffRouting(plan, actual.routing, { rulePref, tunnelDevice });
     const sets = this.#diffSets(plan, actual, full);
     const step = async (name: string, fn: () => Promise<unknown>) => {
@@ -342,6 +408,11 @@ export class Datapath {
         iptables.restore(family, diff.payload),
       );
     }
+    await step("apply the nftables table", () =>
+      nft.payload === ""
+        ? Promise.resolve()
+        : mustRun(runner, ["nft", "-f", "-"], { stdin: nft.payload }),
+    );
     await step("create egress-IP devices", () => batch(["ip", "-batch", "-"], routing.eips));
     // Before they go up: arp_notify / ndisc_notify act at NETDEV_UP.
     sysctlChanges += await this.#sysctls(this.#deviceSysctls(plan, routing), step);
@@ -364,6 +435,7 @@ export class Datapath {
       (sets.update === "" ? 0 : sets.members.added + sets.members.removed + sets.swapped.length) +
       (sets.destroy === "" ? 0 : sets.destroy.split("\n").filter(Boolean).length) +
       chains.length +
+      nft.changes +
       hooks +
       sysctlChanges;
     return {
@@ -375,6 +447,7 @@ export class Datapath {
         setMembersRemoved: sets.members.removed,
         routing: routing.changes,
         sysctls: sysctlChanges,
+        ...(nft.detail.length === 0 ? {} : { nft: nft.detail }),
       },
       durationMs: performance.now() - started,
     };

@@ -1,0 +1,788 @@
+/**
+ * The nftables datapath ↔ text: one `inet sallyport` table rendered from a NodePlan, parsed back
+ * from `nft -j list table inet sallyport`, and the difference as one `nft -f -` transaction.
+ *
+ * The table (docs/datapath.md walks a packet through it):
+ *
+ *   prerouting (filter, mangle priority)   egress IPs expose no service; replies of steered
+ *       flows go back through the tunnel; established flows we never steered keep their path;
+ *       `ip saddr vmap @src4` → the source's class chain → `ip daddr . meta l4proto . th dport
+ *       vmap @<class>` → a verdict chain (steer to a node, SNAT here) or drop; unclaimed tunnel
+ *       traffic is dropped.
+ *   forward (filter, mangle priority)      steered → keep mark (+ MSS clamp); accept.
+ *   postrouting (nat, srcnat − 10)         keep mark → SNAT to the packet's own source (an
+ *       identity binding, so that no later NAT chain, e.g. the CNI's masquerade in an iptables
+ *       table, rewrites it: nftables runs every base chain of a hook, and only the first NAT
+ *       binding counts); SNAT mark → the egress IP its index names (`map @snat4`).
+ *
+ * Every rule carries a comment ending in `#<id>`, an id derived from the rule's text, so that
+ * reading the table back tells which rules are there without parsing nftables' rewritten forms.
+ * Sets and maps are compared element by element; classes are compared by identity when the
+ * previous plan is known (partial syncs), so a pod added is one element.
+ */
+import type { ClassEntry, TrafficClass } from "../engine/classify.ts";
+import {
+  hex,
+  KEEP_MARK,
+  MARK_WRITE_MASK,
+  nodeMark,
+  PREFIX_MASK,
+  REPLY_PREFIX,
+  STEER_PREFIX,
+  STEERED_MATCH_MASK,
+} from "../engine/marks.ts";
+import type { NftPlan, NodePlan } from "../engine/plan.ts";
+import { hashName } from "../lib/hash.ts";
+import type { Family } from "../lib/ip.ts";
+
+export const NFT_TABLE = "sallyport";
+/** Mark of a packet this node SNATs: the prefix, and its egress IP's index (see snatMark). */
+export const SNAT_PREFIX = 0x28000000;
+
+/**
+ * The mark carrying egress-IP index `i`: bits 8–13 and 16–23 (16,384 indexes), never bits 14–15,
+ * which kube-proxy uses for masquerade (0x4000) and drop (0x8000) on packets that, unlike our
+ * steering marks, keep this mark through filter FORWARD.
+ */
+export function snatMark(index: number): number {
+  if (!Number.isInteger(index) || index < 0 || index >= 1 << 14)
+    throw new RangeError(`Cannot mark egress IP index ${index}: it must be 0-16383`);
+  return (SNAT_PREFIX | ((index & 0x3f) << 8) | ((index >> 6) << 16)) >>> 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The model: what we compare
+
+export interface NftSetDef {
+  readonly name: string;
+  /** "ipv4_addr" or a concatenation "ipv4_addr . inet_proto . inet_service". */
+  readonly key: string;
+  /** Map value type ("verdict", "ipv4_addr"); undefined for a set. */
+  readonly value?: string | undefined;
+  readonly interval: boolean;
+  readonly counter: boolean;
+}
+
+export interface NftRule {
+  /** The rule as `nft add rule` takes it, without its comment. */
+  readonly text: string;
+  /** What it is for, for people reading `nft list`. */
+  readonly comment?: string | undefined;
+}
+
+export interface NftChainDef {
+  readonly name: string;
+  readonly base?: {
+    readonly type: "filter" | "nat";
+    readonly hook: "prerouting" | "forward" | "postrouting";
+    /** Numeric priority (mangle = -150, srcnat = 100). */
+    readonly priority: number;
+  };
+  readonly rules: readonly NftRule[];
+}
+
+/** The table as read back: declarations, elements (canonical text) and rule ids per chain. */
+export interface NftActual {
+  readonly sets: ReadonlyMap<
+    string,
+    { readonly def: NftSetDef; readonly elements: ReadonlyMap<string, string> }
+  >;
+  readonly chains: ReadonlyMap<
+    string,
+    { readonly base?: NftChainDef["base"]; readonly ids: readonly string[] }
+  >;
+}
+
+/** The desired table: static parts, and the classes kept by identity. */
+export interface NftDesired {
+  readonly sets: readonly NftSetDef[];
+  /** Elements of the static sets and maps (not the classes' and not src4/src6). */
+  readonly elements: ReadonlyMap<string, ReadonlyMap<string, string>>;
+  readonly chains: readonly NftChainDef[];
+  readonly classes: ReadonlyMap<string, TrafficClass>;
+}
+
+export function ruleId(rule: NftRule): string {
+  return hashName(rule.text, 10);
+}
+
+function commentOf(rule: NftRule): string {
+  const id = ruleId(rule);
+  return rule.comment === undefined ? `#${id}` : `${rule.comment} #${id}`;
+}
+
+const MANGLE = -150;
+const SRCNAT = 100;
+const ADDR: Record<Family, string> = { 4: "ipv4_addr", 6: "ipv6_addr" };
+const IP: Record<Family, string> = { 4: "ip", 6: "ip6" };
+
+function srcMap(family: Family): string {
+  return `src${family}`;
+}
+
+export function steerChainName(nodeID: number): string {
+  return `to-${nodeID.toString(16).padStart(4, "0")}`;
+}
+
+function snatChainName(family: Family, index: number): string {
+  return `snat${family}-${index}`;
+}
+
+const masked = (mask: number, value: number) => `meta mark & ${hex(mask)} == ${hex(value)}`;
+const ctMasked = (mask: number, value: number) => `ct mark & ${hex(mask)} == ${hex(value)}`;
+const setMark = (value: number) =>
+  `meta mark set meta mark & ${hex(~MARK_WRITE_MASK >>> 0)} | ${hex(value)}`;
+const setCtPrefix = (value: number) =>
+  `ct mark set ct mark & ${hex(~PREFIX_MASK >>> 0)} | ${hex(value)}`;
+
+/** The desired table of a plan made with `datapath: "nftables"`. */
+export function desiredTable(
+  plan: NodePlan,
+  options: { readonly families: readonly Family[]; readonly tunnelDevice: string },
+): NftDesired {
+  const nft: NftPlan = plan.nft ?? {
+    classes: {},
+    steerTo: [],
+    snat: {},
+    held: {},
+    noSnatBySets: false,
+  };
+  const { families, tunnelDevice: tunnel } = options;
+  const sets: NftSetDef[] = [];
+  const elements = new Map<string, Map<string, string>>();
+  const chains: NftChainDef[] = [];
+  const classes = new Map<string, TrafficClass>();
+
+  for (const family of families) {
+    const ip = IP[family];
+    sets.push({ name: `eip${family}`, key: ADDR[family], interval: false, counter: false });
+    elements.set(
+      `eip${family}`,
+      elementsOfList("held", nft.held[family] ?? [], (c) => [hostText(c), ""]),
+    );
+    sets.push({
+      name: srcMap(family),
+      key: ADDR[family],
+      value: "verdict",
+      interval: false,
+      counter: false,
+    });
+    sets.push({
+      name: `snat${family}`,
+      key: "mark",
+      value: ADDR[family],
+      interval: false,
+      counter: false,
+    });
+    const snat = nft.snat[family] ?? [];
+    elements.set(
+      `snat${family}`,
+      elementsOfList("snat", snat, (eip, i) => [hex(snatMark(i)), eip]),
+    );
+    snat.forEach((_, i) =>
+      chains.push({
+        name: snatChainName(family, i),
+        rules: [
+          {
+            text: `iifname "${tunnel}" ct state new ${setCtPrefix(REPLY_PREFIX)}`,
+            comment: "remember flows that came through the tunnel",
+          },
+          { text: `${setMark(snatMark(i))} accept` },
+        ],
+      }),
+    );
+    for (const c of nft.classes[family] ?? []) {
+      classes.set(c.name, c);
+      sets.push(classMapDef(c));
+      chains.push({
+        name: c.name,
+        rules: [
+          {
+            text: `${ip} daddr . meta l4proto . th dport vmap @${c.name}`,
+            comment: c.policies.length === 1 ? c.policies[0] : `${c.policies.length} policies`,
+          },
+        ],
+      });
+    }
+  }
+  for (const id of nft.steerTo) {
+    chains.push({
+      name: steerChainName(id),
+      rules: [{ text: `${setCtPrefix(STEER_PREFIX)} ${setMark(nodeMark(id))} accept` }],
+    });
+  }
+  chains.push({
+    name: "reply",
+    rules: [{ text: `${setMark(REPLY_PREFIX)} accept` }],
+  });
+  const prerouting: NftRule[] = [];
+  for (const family of families) {
+    prerouting.push({
+      text: `${IP[family]} daddr @eip${family} ct state invalid,new,untracked drop`,
+      comment: "egress IPs expose no service",
+    });
+  }
+  prerouting.push(
+    {
+      text: `ct direction reply ${ctMasked(PREFIX_MASK, REPLY_PREFIX)} goto reply`,
+      comment: "replies go back through the tunnel",
+    },
+    { text: "ct direction reply return" },
+    {
+      text: `ct state established,related ${ctMasked(PREFIX_MASK, STEER_PREFIX).replace("==", "!=")} return`,
+      comment: "connections we never steered keep their path",
+    },
+  );
+  for (const family of families)
+    prerouting.push({
+      text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${IP[family]} saddr vmap @${srcMap(family)}`,
+      comment: "classify: the source's policies, then its destination and port",
+    });
+  prerouting.push({
+    text: `iifname "${tunnel}" drop`,
+    comment: "tunnel traffic no policy here claims",
+  });
+  chains.push({
+    name: "prerouting",
+    base: { type: "filter", hook: "prerouting", priority: MANGLE },
+    rules: prerouting,
+  });
+  chains.push({
+    name: "forward",
+    base: { type: "filter", hook: "forward", priority: MANGLE },
+    rules: [
+      {
+        text: `${masked(STEERED_MATCH_MASK, STEER_PREFIX)} tcp flags syn / syn,rst tcp option maxseg size set rt mtu`,
+        comment: "fit the tunnel MTU",
+      },
+      { text: `${masked(STEERED_MATCH_MASK, STEER_PREFIX)} ${setMark(KEEP_MARK)}` },
+      { text: `${masked(PREFIX_MASK, KEEP_MARK)} accept`, comment: "steered traffic" },
+      { text: `iifname "${tunnel}" accept`, comment: "traffic from the tunnel" },
+    ],
+  });
+  const postrouting: NftRule[] = [];
+  for (const family of families) {
+    postrouting.push({
+      text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${masked(PREFIX_MASK, KEEP_MARK)} snat ${IP[family]} to ${IP[family]} saddr`,
+      comment: "no SNAT for steered traffic: an identity binding keeps other NAT chains off it",
+    });
+    postrouting.push({
+      text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${masked(PREFIX_MASK, SNAT_PREFIX)} snat ${IP[family]} to meta mark & ${hex(MARK_WRITE_MASK)} map @snat${family}`,
+      comment: "SNAT to the egress IP the mark names",
+    });
+  }
+  chains.push({
+    name: "postrouting",
+    base: { type: "nat", hook: "postrouting", priority: SRCNAT - 10 },
+    rules: postrouting,
+  });
+  return { sets, elements, chains, classes };
+}
+
+/**
+ * Elements of a static set, made once per list object: the planner keeps unchanged lists by
+ * identity, and a partial sync then skips them by reference.
+ */
+const STATIC_ELEMENTS = new Map<string, WeakMap<readonly string[], Map<string, string>>>();
+function elementsOfList(
+  kind: string,
+  list: readonly string[],
+  entry: (item: string, index: number) => [string, string],
+): Map<string, string> {
+  let cache = STATIC_ELEMENTS.get(kind);
+  if (cache === undefined) {
+    cache = new WeakMap();
+    STATIC_ELEMENTS.set(kind, cache);
+  }
+  let m = cache.get(list);
+  if (m === undefined) {
+    m = new Map(list.map(entry));
+    cache.set(list, m);
+  }
+  return m;
+}
+
+function classMapDef(c: TrafficClass): NftSetDef {
+  return {
+    name: c.name,
+    key: `${ADDR[c.family]} . inet_proto . inet_service`,
+    value: "verdict",
+    interval: true,
+    counter: true,
+  };
+}
+
+/** nftables prints a host prefix as a plain address. */
+function hostText(cidr: string): string {
+  return cidr.endsWith("/32") || cidr.endsWith("/128")
+    ? cidr.slice(0, cidr.lastIndexOf("/"))
+    : cidr;
+}
+
+const span = (r: readonly [number, number]) => (r[0] === r[1] ? `${r[0]}` : `${r[0]}-${r[1]}`);
+
+export function entryKey(e: ClassEntry): string {
+  return `${hostText(e.dst)} . ${span(e.l4.proto)} . ${span(e.l4.port)}`;
+}
+
+export function entryValue(e: ClassEntry, family: Family, snat: readonly string[]): string {
+  const v = e.verdict;
+  if (v.kind === "drop") return "drop";
+  if (v.kind === "steer") return `goto ${steerChainName(v.nodeID)}`;
+  return `goto ${snatChainName(family, snat.indexOf(v.eip))}`;
+}
+
+function classElements(c: TrafficClass, snat: readonly string[]): Map<string, string> {
+  return new Map(c.entries.map((e) => [entryKey(e), entryValue(e, c.family, snat)]));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reading back: `nft -j list table inet sallyport`
+
+type Json = Record<string, unknown>;
+
+const PROTO_NUMBERS: Readonly<Record<string, number>> = {
+  icmp: 1,
+  igmp: 2,
+  tcp: 6,
+  udp: 17,
+  ipv6: 41,
+  gre: 47,
+  esp: 50,
+  ah: 51,
+  "ipv6-icmp": 58,
+  sctp: 132,
+  udplite: 136,
+};
+
+/** One field of an element as we write it. */
+function fieldText(v: unknown, kind: string): string {
+  if (typeof v === "number") return kind === "mark" ? hex(v) : String(v);
+  if (typeof v === "string") {
+    if (kind === "inet_proto" && PROTO_NUMBERS[v] !== undefined) return String(PROTO_NUMBERS[v]);
+    return v;
+  }
+  const o = v as Json;
+  if (o.prefix !== undefined) {
+    const p = o.prefix as { addr: string; len: number };
+    return hostText(`${p.addr}/${p.len}`);
+  }
+  if (o.range !== undefined) {
+    const [a, b] = o.range as [unknown, unknown];
+    return `${fieldText(a, kind)}-${fieldText(b, kind)}`;
+  }
+  throw new SyntaxError(`Cannot read an nftables element field: ${JSON.stringify(v)}`);
+}
+
+function valueText(v: unknown, kind: string | undefined): string {
+  if (kind === undefined) return "";
+  if (kind === "verdict") {
+    const o = v as Json;
+    if ("drop" in o) return "drop";
+    if ("accept" in o) return "accept";
+    if ("return" in o) return "return";
+    for (const k of ["goto", "jump"]) {
+      if (k in o) return `${k} ${(o[k] as { target: string }).target}`;
+    }
+    throw new SyntaxError(`Cannot read an nftables verdict: ${JSON.stringify(v)}`);
+  }
+  return fieldText(v, kind);
+}
+
+/** Parses the JSON of `nft -j list table inet sallyport`; undefined when there is no table. */
+export function parseNftTable(json: string): NftActual | undefined {
+  const doc = JSON.parse(json) as { nftables?: Json[] };
+  const sets = new Map<string, { def: NftSetDef; elements: Map<string, string> }>();
+  const chains = new Map<string, { base?: NftChainDef["base"]; ids: string[] }>();
+  let found = false;
+  for (const item of doc.nftables ?? []) {
+    if (item.table !== undefined) {
+      const t = item.table as Json;
+      if (t.name === NFT_TABLE && t.family === "inet") found = true;
+      continue;
+    }
+    const set = (item.set ?? item.map) as Json | undefined;
+    if (set !== undefined) {
+      if (set.table !== NFT_TABLE) continue;
+      const types = Array.isArray(set.type) ? (set.type as string[]) : [set.type as string];
+      const flags = (set.flags as string[] | undefined) ?? [];
+      const def: NftSetDef = {
+        name: set.name as string,
+        key: types.join(" . "),
+        value: item.map === undefined ? undefined : (set.map as string),
+        interval: flags.includes("interval"),
+        counter:
+          ((set.stmt as Json[] | undefined) ?? []).some((x) => "counter" in x) || hasCounter(set),
+      };
+      const elements = new Map<string, string>();
+      for (const raw of (set.elem as unknown[] | undefined) ?? []) {
+        const [keyRaw, valRaw] =
+          item.map === undefined ? [raw, undefined] : (raw as [unknown, unknown]);
+        let key = keyRaw;
+        if (key !== null && typeof key === "object" && "elem" in (key as Json))
+          key = ((key as Json).elem as Json).val;
+        const fields =
+          key !== null && typeof key === "object" && "concat" in (key as Json)
+            ? ((key as Json).concat as unknown[])
+            : [key];
+        const text = fields.map((f, i) => fieldText(f, types[i] ?? "")).join(" . ");
+        elements.set(text, valueText(valRaw, def.value));
+      }
+      sets.set(def.name, { def, elements });
+      continue;
+    }
+    if (item.chain !== undefined) {
+      const c = item.chain as Json;
+      if (c.table !== NFT_TABLE) continue;
+      chains.set(c.name as string, {
+        ...(c.hook === undefined
+          ? {}
+          : {
+              base: {
+                type: c.type as "filter" | "nat",
+                hook: c.hook as "prerouting" | "forward" | "postrouting",
+                priority: c.prio as number,
+              },
+            }),
+        ids: [],
+      });
+      continue;
+    }
+    if (item.rule !== undefined) {
+      const r = item.rule as Json;
+      if (r.table !== NFT_TABLE) continue;
+      const comment = (r.comment as string | undefined) ?? "";
+      const at = comment.lastIndexOf("#");
+      chains.get(r.chain as string)?.ids.push(at < 0 ? "" : comment.slice(at + 1));
+    }
+  }
+  return found ? { sets, chains } : undefined;
+}
+
+function hasCounter(set: Json): boolean {
+  for (const raw of (set.elem as unknown[] | undefined) ?? []) {
+    const key = Array.isArray(raw) ? raw[0] : raw;
+    if (key !== null && typeof key === "object" && "elem" in (key as Json))
+      return ((key as Json).elem as Json).counter !== undefined;
+    return false;
+  }
+  return (set.flags as string[] | undefined)?.includes("counter") ?? false;
+}
+
+/** Per-element counters of the class maps, for traffic metrics: map → key → [packets, bytes]. */
+export function parseNftCounters(json: string): Map<string, Map<string, [number, number]>> {
+  const doc = JSON.parse(json) as { nftables?: Json[] };
+  const out = new Map<string, Map<string, [number, number]>>();
+  for (const item of doc.nftables ?? []) {
+    const set = item.map as Json | undefined;
+    if (set === undefined || set.table !== NFT_TABLE) continue;
+    const types = Array.isArray(set.type) ? (set.type as string[]) : [set.type as string];
+    const counts = new Map<string, [number, number]>();
+    for (const raw of (set.elem as unknown[] | undefined) ?? []) {
+      const key = (raw as [Json, unknown])[0];
+      const elem = key.elem as Json | undefined;
+      if (elem?.counter === undefined) continue;
+      const fields =
+        "concat" in (elem.val as Json) ? ((elem.val as Json).concat as unknown[]) : [elem.val];
+      const c = elem.counter as { packets: number; bytes: number };
+      counts.set(fields.map((f, i) => fieldText(f, types[i] ?? "")).join(" . "), [
+        c.packets,
+        c.bytes,
+      ]);
+    }
+    if (counts.size > 0) out.set(set.name as string, counts);
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The difference, as one transaction
+
+export interface NftDiff {
+  /** `nft -f -` input; empty when nothing differs. */
+  readonly payload: string;
+  readonly changes: number;
+  readonly detail: readonly string[];
+}
+
+class Transaction {
+  readonly addSets: string[] = [];
+  readonly addChains: string[] = [];
+  readonly delElements: string[] = [];
+  readonly addElements: string[] = [];
+  readonly rules: string[] = [];
+  readonly delChains: string[] = [];
+  readonly delSets: string[] = [];
+  readonly detail: string[] = [];
+  changes = 0;
+
+  elements(verb: "add" | "delete", set: string, items: readonly string[]): void {
+    if (items.length === 0) return;
+    this.changes += items.length;
+    const out = verb === "add" ? this.addElements : this.delElements;
+    // Bounded lines: nft reads them fine, and an error names a smaller batch.
+    for (let i = 0; i < items.length; i += 1000)
+      out.push(
+        `${verb} element inet ${NFT_TABLE} ${set} { ${items.slice(i, i + 1000).join(", ")} }`,
+      );
+  }
+
+  text(tableMissing: boolean): string {
+    const lines = [
+      ...(tableMissing ? [`add table inet ${NFT_TABLE}`] : []),
+      ...this.addSets,
+      ...this.addChains,
+      ...this.delElements,
+      ...this.addElements,
+      ...this.rules,
+      ...this.delChains,
+      ...this.delSets,
+    ];
+    return lines.length === 0 ? "" : `${lines.join("\n")}\n`;
+  }
+}
+
+function setDecl(d: NftSetDef): string {
+  const kind = d.value === undefined ? "set" : "map";
+  const type = d.value === undefined ? d.key : `${d.key} : ${d.value}`;
+  const flags = d.interval ? " flags interval;" : "";
+  const counter = d.counter ? " counter;" : "";
+  return `add ${kind} inet ${NFT_TABLE} ${d.name} { type ${type};${flags}${counter} }`;
+}
+
+function sameDef(a: NftSetDef, b: NftSetDef): boolean {
+  return (
+    a.key === b.key && a.value === b.value && a.interval === b.interval && a.counter === b.counter
+  );
+}
+
+function chainDecl(c: NftChainDef): string {
+  if (c.base === undefined) return `add chain inet ${NFT_TABLE} ${c.name}`;
+  return `add chain inet ${NFT_TABLE} ${c.name} { type ${c.base.type} hook ${c.base.hook} priority ${c.base.priority}; policy accept; }`;
+}
+
+function writeChain(t: Transaction, c: NftChainDef, exists: boolean): void {
+  if (exists) t.rules.push(`flush chain inet ${NFT_TABLE} ${c.name}`);
+  for (const r of c.rules)
+    t.rules.push(`add rule inet ${NFT_TABLE} ${c.name} ${r.text} comment "${commentOf(r)}"`);
+  t.changes++;
+  t.detail.push(`chain ${c.name}`);
+}
+
+function diffElements(
+  t: Transaction,
+  set: string,
+  want: ReadonlyMap<string, string>,
+  have: ReadonlyMap<string, string>,
+  isMap: boolean,
+): void {
+  const add: string[] = [];
+  const del: string[] = [];
+  for (const [k, v] of want) {
+    const h = have.get(k);
+    if (h === v) continue;
+    if (h !== undefined) del.push(k);
+    add.push(isMap ? `${k} : ${v}` : k);
+  }
+  for (const k of have.keys()) if (!want.has(k)) del.push(k);
+  t.elements("delete", set, del);
+  t.elements("add", set, add);
+  if (add.length + del.length > 0) t.detail.push(`${set} +${add.length} -${del.length}`);
+}
+
+/** The src map of one family, from its classes. */
+function sourceElements(classes: readonly TrafficClass[]): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const c of classes) for (const s of c.sources) out.set(hostText(s), `jump ${c.name}`);
+  return out;
+}
+
+/**
+ * Full: what turns the table as read (`actual`) into `desired`; undefined actual: no table yet.
+ */
+export function diffNftFull(desired: NftDesired, actual: NftActual | undefined): NftDiff {
+  const t = new Transaction();
+  const haveSets = actual?.sets ?? new Map();
+  const haveChains = actual?.chains ?? new Map();
+  const wantSets = new Map(desired.sets.map((s) => [s.name, s]));
+  const recreated = new Set<string>();
+  for (const d of desired.sets) {
+    const have = haveSets.get(d.name);
+    if (have !== undefined && sameDef(have.def, d)) continue;
+    if (have !== undefined) {
+      // Only interference makes a set of ours with another type: recreate it.
+      t.delSets.push(
+        `delete ${have.def.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${d.name}`,
+      );
+      recreated.add(d.name);
+    }
+    t.addSets.push(setDecl(d));
+    t.changes++;
+    t.detail.push(`set ${d.name}`);
+  }
+  const byFamily = new Map<Family, TrafficClass[]>();
+  for (const c of desired.classes.values()) {
+    const list = byFamily.get(c.family) ?? [];
+    list.push(c);
+    byFamily.set(c.family, list);
+  }
+  const snatOf = (family: Family) => [...(desired.elements.get(`snat${family}`)?.values() ?? [])];
+  const elementsOf = (name: string): ReadonlyMap<string, string> => {
+    const fixed = desired.elements.get(name);
+    if (fixed !== undefined) return fixed;
+    if (name === "src4") return sourceElements(byFamily.get(4) ?? []);
+    if (name === "src6") return sourceElements(byFamily.get(6) ?? []);
+    const c = desired.classes.get(name);
+    return c === undefined ? new Map() : classElements(c, snatOf(c.family));
+  };
+  const wantChains = new Map(desired.chains.map((c) => [c.name, c]));
+  for (const c of desired.chains) {
+    const have = haveChains.get(c.name);
+    const sameBase =
+      have !== undefined &&
+      have.base?.type === c.base?.type &&
+      have.base?.hook === c.base?.hook &&
+      have.base?.priority === c.base?.priority;
+    if (have === undefined || !sameBase) {
+      if (have !== undefined) t.delChains.push(`delete chain inet ${NFT_TABLE} ${c.name}`);
+      t.addChains.push(chainDecl(c));
+      writeChain(t, c, false);
+      continue;
+    }
+    const ids = c.rules.map(ruleId);
+    if (ids.length === have.ids.length && ids.every((id, i) => id === have.ids[i])) continue;
+    writeChain(t, c, true);
+  }
+  for (const d of desired.sets) {
+    const have = recreated.has(d.name) ? undefined : haveSets.get(d.name);
+    diffElements(t, d.name, elementsOf(d.name), have?.elements ?? new Map(), d.value !== undefined);
+  }
+  // Stale chains: flush first (a map element may still jump to them until deleted above).
+  for (const [name] of haveChains) {
+    if (wantChains.has(name)) continue;
+    t.rules.push(`flush chain inet ${NFT_TABLE} ${name}`);
+    t.delChains.push(`delete chain inet ${NFT_TABLE} ${name}`);
+    t.changes++;
+    t.detail.push(`-chain ${name}`);
+  }
+  for (const [name, have] of haveSets) {
+    if (wantSets.has(name)) continue;
+    t.delSets.push(
+      `delete ${have.def.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${name}`,
+    );
+    t.changes++;
+    t.detail.push(`-set ${name}`);
+  }
+  // A recreated set goes before its new declaration.
+  const text = t.text(actual === undefined);
+  return { payload: orderRecreated(text, recreated), changes: t.changes, detail: t.detail };
+}
+
+/** Deleting a set we recreate must come before its new declaration. */
+function orderRecreated(text: string, recreated: ReadonlySet<string>): string {
+  if (recreated.size === 0) return text;
+  const lines = text.split("\n");
+  const deletes = lines.filter(
+    (l) => /^delete (set|map) /.test(l) && recreated.has(l.split(" ")[4]!),
+  );
+  const rest = lines.filter((l) => !deletes.includes(l));
+  return [...deletes, ...rest].join("\n");
+}
+
+/**
+ * Partial: what turns the table the previous sync left (`before`, its desired state) into
+ * `desired`. Unchanged classes are skipped by identity; a class whose sources changed costs the
+ * sources that came or went.
+ */
+export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff {
+  const t = new Transaction();
+  const oldSets = new Map(before.sets.map((s) => [s.name, s]));
+  const newSets = new Map(desired.sets.map((s) => [s.name, s]));
+  for (const d of desired.sets) {
+    const o = oldSets.get(d.name);
+    if (o !== undefined && sameDef(o, d)) continue;
+    if (o !== undefined)
+      t.delSets.push(`delete ${o.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${d.name}`);
+    t.addSets.push(setDecl(d));
+    t.changes++;
+  }
+  const oldChains = new Map(before.chains.map((c) => [c.name, c]));
+  const newChains = new Map(desired.chains.map((c) => [c.name, c]));
+  for (const c of desired.chains) {
+    const o = oldChains.get(c.name);
+    if (o === undefined) {
+      t.addChains.push(chainDecl(c));
+      writeChain(t, c, false);
+    } else if (
+      o !== c &&
+      (o.rules.length !== c.rules.length || o.rules.some((r, i) => r.text !== c.rules[i]!.text))
+    ) {
+      writeChain(t, c, true);
+    }
+  }
+  // Static elements (small).
+  for (const [name, want] of desired.elements) {
+    const have = before.elements.get(name) ?? new Map<string, string>();
+    if (have === want) continue;
+    diffElements(t, name, want, have, newSets.get(name)?.value !== undefined);
+  }
+  // Classes: entries, and the sources that moved.
+  const snatChanged = (f: Family) =>
+    desired.elements.get(`snat${f}`) !== before.elements.get(`snat${f}`);
+  const srcAdd = new Map<Family, string[]>();
+  const srcDel = new Map<Family, string[]>();
+  const list = (m: Map<Family, string[]>, f: Family) => {
+    let l = m.get(f);
+    if (l === undefined) {
+      l = [];
+      m.set(f, l);
+    }
+    return l;
+  };
+  for (const [name, c] of desired.classes) {
+    const o = before.classes.get(name);
+    if (o === c && !snatChanged(c.family)) continue;
+    const snatNew = [...(desired.elements.get(`snat${c.family}`)?.values() ?? [])];
+    const snatOld = [...(before.elements.get(`snat${c.family}`)?.values() ?? [])];
+    if (o === undefined || o.entries !== c.entries || snatChanged(c.family)) {
+      diffElements(
+        t,
+        name,
+        classElements(c, snatNew),
+        o === undefined ? new Map() : classElements(o, snatOld),
+        true,
+      );
+    }
+    if (o === undefined || o.sources !== c.sources) {
+      const was = new Set(o?.sources ?? []);
+      const now = new Set(c.sources);
+      for (const s of c.sources)
+        if (!was.has(s)) list(srcAdd, c.family).push(`${hostText(s)} : jump ${name}`);
+      for (const s of o?.sources ?? []) if (!now.has(s)) list(srcDel, c.family).push(hostText(s));
+    }
+  }
+  for (const [name, o] of before.classes) {
+    if (desired.classes.has(name)) continue;
+    for (const s of o.sources) list(srcDel, o.family).push(hostText(s));
+  }
+  // A source that moved to another class is deleted, then added with its new verdict.
+  for (const [f, items] of srcDel) t.elements("delete", srcMap(f), items);
+  for (const [f, items] of srcAdd) t.elements("add", srcMap(f), items);
+  for (const [name] of oldChains) {
+    if (newChains.has(name)) continue;
+    t.rules.push(`flush chain inet ${NFT_TABLE} ${name}`);
+    t.delChains.push(`delete chain inet ${NFT_TABLE} ${name}`);
+    t.changes++;
+  }
+  for (const [name, o] of oldSets) {
+    if (newSets.has(name)) continue;
+    t.delSets.push(`delete ${o.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${name}`);
+    t.changes++;
+  }
+  return { payload: t.text(false), changes: t.changes, detail: t.detail };
+}
+
+/** The whole table as one `nft -f` input (golden files, `sallyport datapath show`). */
+export function renderNftTable(desired: NftDesired): string {
+  return diffNftFull(desired, undefined).payload;
+}
