@@ -212,7 +212,7 @@ export function desiredTable(
     });
   }
   chains.push({
-    name: "reply",
+    name: "tunnel-reply",
     rules: [{ text: `${setMark(REPLY_PREFIX)} accept` }],
   });
   const prerouting: NftRule[] = [];
@@ -224,7 +224,7 @@ export function desiredTable(
   }
   prerouting.push(
     {
-      text: `ct direction reply ${ctMasked(PREFIX_MASK, REPLY_PREFIX)} goto reply`,
+      text: `ct direction reply ${ctMasked(PREFIX_MASK, REPLY_PREFIX)} goto tunnel-reply`,
       comment: "replies go back through the tunnel",
     },
     { text: "ct direction reply return" },

@@ -15,144 +15,47 @@ import { DatapathSync } from "../../src/agent/datapath_sync.ts";
 import { computeCluster } from "../../src/engine/cluster.ts";
 import { planNode } from "../../src/engine/node_plan.ts";
 import { nodeViewFromOutcome } from "../../src/engine/node_view.ts";
-import { type NodePlan, planToJSON } from "../../src/engine/plan.ts";
+import { planToJSON } from "../../src/engine/plan.ts";
 import type { Snapshot } from "../../src/engine/snapshot.ts";
-import { gateway, node, pod, policy, snapshot } from "../../src/engine/testing.ts";
-import type { Datapath, KernelState } from "../../src/kernel/datapath.ts";
+import type { KernelState } from "../../src/kernel/datapath.ts";
 import { localFactsFrom } from "../../src/kernel/facts.ts";
 import { openDatapath } from "../../src/kernel/open.ts";
 import { ExecRunner, mustRun } from "../../src/kernel/runner.ts";
 import { realClock } from "../../src/lib/clock.ts";
 import { silentLogger } from "../../src/lib/log.ts";
 import { datapathMetrics, Registry } from "../../src/lib/metrics.ts";
+import { EXTERNAL, nodeAddress, nsRunner, podCIDR } from "../../src/sandbox/topology.ts";
 import {
-  EIP_POOL,
-  EXTERNAL,
-  nodeAddress,
-  nsRunner,
-  type PodHandle,
-  podCIDR,
-  Topology,
-} from "../../src/sandbox/topology.ts";
+  DatapathLab,
+  EIP4,
+  EIP6,
+  EXCLUDED4,
+  EXCLUDED6,
+  ext4,
+  ext6,
+} from "../support/datapath_lab.ts";
 import {
-  type HostState,
   hostState,
   NEEDS_ROOT,
   probe,
   probeUntil,
   REPO,
-  startEcho,
   startIn,
   stopAll,
   stream,
-  uniquePrefix,
 } from "../support/lab.ts";
 import { TMP_PREFIX } from "../support/leaks.ts";
 
-const EIP4 = "192.168.77.100";
-const EIP6 = "fd00:77::100";
-const EXCLUDED4 = "192.168.77.201";
-const EXCLUDED6 = "fd00:77::201";
-const ext4 = `${EXTERNAL[4]}:8080`;
-const ipsOf = (p: PodHandle) => [p.ips[4]!, p.ips[6]!];
-const ext6 = `[${EXTERNAL[6]}]:8080`;
-
 describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
-  const prefix = uniquePrefix("d");
-  const topo = new Topology({ prefix, nodes: 2, families: [4, 6] });
-  const datapaths = new Map<number, Datapath>();
-  const baseline = new Map<number, HostState>();
-  let snap: Snapshot;
-
-  async function planFor(index: number, s: Snapshot = snap): Promise<NodePlan> {
-    return planWith(index, await datapaths.get(index)!.read(), s);
-  }
-
-  function planWith(index: number, state: KernelState, s: Snapshot = snap): NodePlan {
-    const outcome = computeCluster(s);
-    const local = localFactsFrom(state, {
-      nodeAddresses: { 4: nodeAddress(index, 4), 6: nodeAddress(index, 6) },
-      peers: outcome.peers,
-      rulePref: 5900,
-      random: () => 0.5,
-    });
-    return planNode(nodeViewFromOutcome(outcome, topo.nodeName(index), { local }));
-  }
-
-  async function syncNode(index: number): Promise<number> {
-    const report = await datapaths.get(index)!.sync(await planFor(index));
-    if (process.env.DEBUG_SYNC === "1")
-      console.error(`node-${index}`, JSON.stringify(report.detail));
-    return report.changes;
-  }
+  const lab = new DatapathLab("iptables", "d");
+  const { topo, datapaths, baseline, prefix } = lab;
+  const planFor = (index: number, s?: Snapshot) => lab.planFor(index, s);
+  const planWith = (index: number, state: KernelState, s?: Snapshot) =>
+    lab.planWith(index, state, s);
+  const syncNode = (index: number) => lab.syncNode(index);
 
   before(async () => {
-    await Topology.down(prefix);
-    await topo.up();
-    const web1 = await topo.addPod("web-1", 1);
-    const other = await topo.addPod("other", 1);
-    const web2 = await topo.addPod("web-2", 2);
-    const target = await topo.addPod("target", 2);
-    await mustRun(nsRunner(topo.externalNs), [
-      "ip",
-      "addr",
-      "add",
-      `${EXCLUDED4}/24`,
-      "dev",
-      "eth0",
-    ]);
-    await mustRun(nsRunner(topo.externalNs), [
-      "ip",
-      "addr",
-      "add",
-      `${EXCLUDED6}/64`,
-      "dev",
-      "eth0",
-      "nodad",
-    ]);
-    await startEcho(topo.externalNs);
-    await startEcho(target.netns);
-    // Foreign state the agent must never touch.
-    const n2 = nsRunner(topo.nodeNs(2));
-    await mustRun(n2, ["ipset", "create", "KUBE-TEST-SET", "hash:ip"]);
-    await mustRun(n2, ["ipset", "add", "KUBE-TEST-SET", "10.96.0.1"]);
-    await mustRun(n2, ["ip", "route", "add", "10.99.0.0/16", "dev", "eth0", "table", "100"]);
-    await mustRun(n2, ["ip", "rule", "add", "pref", "100", "fwmark", "0x1", "table", "100"]);
-    for (const i of [1, 2]) baseline.set(i, await hostState(topo.nodeNs(i)));
-
-    const labels = { app: "web" };
-    snap = snapshot({
-      nodes: [
-        node("node-1", {
-          ipv4: nodeAddress(1, 4),
-          ipv6: nodeAddress(1, 6),
-          podCIDRs: [podCIDR(1, 4), podCIDR(1, 6)],
-        }),
-        node("node-2", {
-          ipv4: nodeAddress(2, 4),
-          ipv6: nodeAddress(2, 6),
-          podCIDRs: [podCIDR(2, 4), podCIDR(2, 6)],
-          labels: { egress: "true" },
-        }),
-      ],
-      pods: [
-        pod("default", "web-1", "node-1", ipsOf(web1), labels),
-        pod("default", "web-2", "node-2", ipsOf(web2), labels),
-        pod("default", "other", "node-1", ipsOf(other)),
-        pod("default", "target", "node-2", ipsOf(target)),
-      ],
-      gateways: [gateway("edge", { pool: EIP_POOL })],
-      policies: [
-        policy("default", "web", {
-          podSelector: { matchLabels: labels },
-          destinationCIDRs: ["192.168.77.192/26", "fd00:77::200/120"],
-          excludedCIDRs: [`${EXCLUDED4}/32`, `${EXCLUDED6}/128`],
-          egressIP: [EIP4, EIP6],
-        }),
-      ],
-    });
-    for (const i of [1, 2])
-      datapaths.set(i, await openDatapath({ runner: nsRunner(topo.nodeNs(i)) }));
+    await lab.up();
     assert.equal(
       datapaths.get(1)!.options.iptables.backend,
       "nft",
@@ -163,7 +66,7 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
 
   after(async () => {
     await stopAll();
-    await Topology.down(prefix);
+    await lab.down();
   });
 
   it("holds the plan exactly: a second sync changes nothing", async () => {
@@ -457,7 +360,7 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
       );
       await mustRun(r, ["ip", "-batch", "-"], { stdin: `${busy.join("\n")}\n` });
       const d = await openDatapath({ runner: r, families: [4] });
-      const outcome = computeCluster(snap);
+      const outcome = computeCluster(lab.snap);
       const planWith = async () =>
         planNode(
           nodeViewFromOutcome(outcome, "node-1", {

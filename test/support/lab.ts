@@ -144,6 +144,21 @@ export interface HostState {
   readonly routes4: string;
   readonly routes6: string;
   readonly links: string;
+  /** `nft list ruleset` without counters (iptables-nft's tables are in it too). */
+  readonly nft: string;
+}
+
+/**
+ * The nftables tables that are not iptables-nft's (those are in `iptables`/`ip6tables` above;
+ * iptables-nft leaves empty built-in chains behind that iptables-save does not show), without
+ * counters.
+ */
+function nativeTables(ruleset: string): string {
+  const blocks = ruleset.split(/\n(?=table )/);
+  return blocks
+    .filter((b) => !/^table ip6? (filter|nat|mangle|raw|security) \{/.test(b))
+    .join("\n")
+    .replace(/counter packets \d+ bytes \d+/g, "counter");
 }
 
 /** The lines that would show a difference in a host's network configuration. */
@@ -166,5 +181,6 @@ export async function hostState(netns: string): Promise<HostState> {
     routes4: await run(["ip", "route", "show", "table", "all"]),
     routes6: sortedLines(await run(["ip", "-6", "route", "show", "table", "all"])),
     links: (await run(["ip", "-o", "link", "show"])).replace(/ qlen \d+/g, ""),
+    nft: nativeTables(await run(["nft", "list", "ruleset"])),
   };
 }
