@@ -74,6 +74,7 @@ interface State {
 type Outcome = "continue" | "accept" | "drop" | "return-to-hook";
 
 export function tracePacket(plan: NodePlan, packet: Packet): Trace {
+  if (plan.nft !== undefined) return traceNft(plan, packet);
   const family: Family = parseAddress(packet.dst).family;
   const rules = plan.rules[family];
   const sets = new Map(plan.ipsets.map((s) => [s.name, s]));
@@ -207,4 +208,127 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
 
 function prefixOf(dst: string): number {
   return dst === "default" ? 0 : parseCidr(dst).prefix;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The nftables datapath: the same journey through the `inet sallyport` table (see
+// src/render/nftables.ts), evaluated from the plan's classes rather than from rule text.
+
+const SNAT_PREFIX = 0x28000000;
+const KEEP = 0x12000000;
+
+function inRange(text: string, address: ReturnType<typeof parseAddress>): boolean {
+  if (text.includes("-")) {
+    const [a, b] = text.split("-").map((x) => parseAddress(x).value);
+    return a! <= address.value && address.value <= b!;
+  }
+  return cidrContainsAddress(
+    parseCidr(text.includes("/") ? text : `${text}/${address.family === 4 ? 32 : 128}`),
+    address,
+  );
+}
+
+const PROTOCOL_NUMBER = { tcp: 6, udp: 17, sctp: 132 } as const;
+
+function traceNft(plan: NodePlan, packet: Packet): Trace {
+  const nft = plan.nft!;
+  const dst = parseAddress(packet.dst);
+  const family: Family = dst.family;
+  const ctstate = packet.ctstate ?? "NEW";
+  const ctdir = packet.ctdir ?? "ORIGINAL";
+  const iif = packet.inInterface ?? "veth-pod";
+  const tunnel = plan.tunnel?.name ?? "sallyport";
+  let mark = packet.mark ?? 0;
+  let connmark = packet.connmark ?? 0;
+  let snat: string | undefined;
+  const steps: string[] = [];
+  const setMark = (value: number) => {
+    mark = ((mark & 0xff) | value) >>> 0;
+  };
+  const done = (verdict: Verdict, route?: { table: number; via: string }): Trace => ({
+    verdict,
+    table: route?.table,
+    via: route?.via,
+    snat,
+    mark,
+    connmark,
+    steps,
+    errors: [],
+  });
+
+  // prerouting
+  const held = (nft.held[family] ?? []).some((c) => inRange(c, dst));
+  if (held && ctstate !== "ESTABLISHED" && ctstate !== "RELATED") {
+    steps.push("nft/prerouting: egress IPs expose no service → drop");
+    return done("drop");
+  }
+  let decided = false;
+  if (ctdir === "REPLY") {
+    if ((connmark & 0xff000000) >>> 0 === 0x27000000) {
+      steps.push("nft/prerouting: replies go back through the tunnel");
+      setMark(0x27000000);
+    }
+    decided = true;
+  } else if (
+    (ctstate === "ESTABLISHED" || ctstate === "RELATED") &&
+    (connmark & 0xff000000) >>> 0 !== 0x26000000
+  ) {
+    steps.push("nft/prerouting: connections we never steered keep their path");
+    decided = true;
+  }
+  if (!decided) {
+    const src = parseAddress(packet.src);
+    const cls = (nft.classes[family] ?? []).find((c) => c.sources.some((s) => inRange(s, src)));
+    const proto = packet.protocol === undefined ? 1 : PROTOCOL_NUMBER[packet.protocol];
+    const port = packet.dport ?? 0;
+    const entry = cls?.entries.find(
+      (e) =>
+        inRange(e.dst, dst) &&
+        e.l4.proto[0] <= proto &&
+        proto <= e.l4.proto[1] &&
+        e.l4.port[0] <= port &&
+        port <= e.l4.port[1],
+    );
+    if (cls !== undefined) steps.push(`nft/prerouting: source in class ${cls.name}`);
+    if (cls !== undefined && entry !== undefined) {
+      steps.push(`nft/${cls.name}: ${entry.dst} → ${entry.verdict.kind} (${entry.policy})`);
+      const v = entry.verdict;
+      if (v.kind === "drop") return done("drop");
+      if (v.kind === "steer") {
+        connmark = ((connmark & 0x00ffffff) | 0x26000000) >>> 0;
+        setMark((0x26000000 | (v.nodeID << 8)) >>> 0);
+      } else {
+        const index = (nft.snat[family] ?? []).indexOf(v.eip);
+        if (iif === tunnel && ctstate === "NEW")
+          connmark = ((connmark & 0x00ffffff) | 0x27000000) >>> 0;
+        setMark((SNAT_PREFIX | ((index & 0x3f) << 8) | ((index >> 6) << 16)) >>> 0);
+      }
+    } else if (iif === tunnel) {
+      steps.push("nft/prerouting: tunnel traffic no policy here claims → drop");
+      return done("drop");
+    }
+  }
+
+  // routing: our ip rules, then the usual path
+  let route: { table: number; via: string } | undefined;
+  for (const r of plan.ipRules.filter((x) => x.family === family)) {
+    if ((mark & r.mask) >>> 0 !== r.fwmark >>> 0) continue;
+    const hit = plan.routes
+      .filter((x) => x.family === family && x.table === r.table)
+      .filter((x) => x.dst === "default" || cidrContainsAddress(parseCidr(x.dst), dst))
+      .sort((a, b) => prefixOf(b.dst) - prefixOf(a.dst))[0];
+    if (hit !== undefined) {
+      route = { table: r.table, via: hit.via };
+      steps.push(`route: fwmark ${hex(r.fwmark)}/${hex(r.mask)} → table ${r.table} via ${hit.via}`);
+      break;
+    }
+  }
+  // forward: steered → keep; postrouting: keep → no SNAT, SNAT mark → the egress IP
+  if ((mark & 0xfe000000) >>> 0 === 0x26000000) setMark(KEEP);
+  if (ctstate === "NEW" && (mark & 0xff000000) >>> 0 === SNAT_PREFIX) {
+    const index = ((mark >>> 8) & 0x3f) | (((mark >>> 16) & 0xff) << 6);
+    snat = nft.snat[family]?.[index];
+    steps.push(`nft/postrouting: SNAT to ${snat}`);
+  }
+  return done(route === undefined ? "usual" : "tunnel", route);
 }
