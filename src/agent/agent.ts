@@ -343,6 +343,7 @@ export class Agent {
     };
     const prior = current?.conditions?.find((c) => c.type === "DatapathReady");
     return {
+      datapath: this.#o.config.datapath,
       underlay: {
         interface: u.device,
         mtu: u.mtu,

@@ -443,6 +443,11 @@ export const EgressNodeSchema = kindObject(
   ),
   Type.Object(
     {
+      datapath: Type.Optional(
+        Type.Union([Type.Literal("iptables"), Type.Literal("nftables")], {
+          description: "The packet filter that carries this node's rules",
+        }),
+      ),
       underlay: Type.Optional(
         Type.Object(
           {

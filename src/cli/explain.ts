@@ -91,7 +91,8 @@ function traceOn(node: string, inputs: ExplainInputs, families: Family[], packet
     egressNodes: inputs.egressNodes,
     slices: inputs.slices,
     clusterInfo: inputs.clusterInfo,
-    config: { ...DEFAULT_NODE_CONFIG, families },
+    // Each node is planned for the packet filter its agent reports.
+    config: { ...DEFAULT_NODE_CONFIG, families, datapath: self?.status?.datapath ?? "iptables" },
     local,
   });
   return tracePacket(planNode(view), packet);

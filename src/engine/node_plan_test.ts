@@ -57,6 +57,24 @@ describe("planNode() on seed 000's example", () => {
     assertGolden(join(GOLDEN, "seed-node-2.golden"), renderPlan(gatewayNode, OPTS));
   });
 
+  it("renders the same with nftables: one table, classes instead of a rule per policy", () => {
+    const nft = (name: string, ipv4: string) =>
+      planNode(
+        nodeViewFromOutcome(computeCluster(seed), name, {
+          local: localFacts({ ipv4 }),
+          config: { datapath: "nftables" },
+        }),
+      );
+    assertGolden(
+      join(GOLDEN, "seed-node-1-nft.golden"),
+      renderPlan(nft("node-1", "192.168.0.11"), OPTS),
+    );
+    assertGolden(
+      join(GOLDEN, "seed-node-2-nft.golden"),
+      renderPlan(nft("node-2", "192.168.0.12"), OPTS),
+    );
+  });
+
   it("steers the selected pod's traffic on the non-gateway node into the tunnel to node-2", () => {
     const t = tracePacket(nonGateway, {
       src: "172.29.234.173",

@@ -7,20 +7,31 @@ import type { NodePlan } from "../engine/plan.ts";
 import { renderRouting } from "./iproute.ts";
 import { renderIpsets } from "./ipset.ts";
 import { renderRules } from "./iptables.ts";
+import { desiredTable, renderNftTable } from "./nftables.ts";
 
 export function renderPlan(
   plan: NodePlan,
   options: { rulePref: number; tunnelDevice: string },
 ): string {
   const parts: string[] = [`# node ${plan.node}`];
-  parts.push("## ipset restore", renderIpsets(plan.ipsets).trimEnd());
-  for (const family of [4, 6] as const) {
-    const rules = plan.rules[family];
-    if (rules === undefined) continue;
+  if (plan.nft !== undefined) {
+    const families = ([4, 6] as const).filter((f) => plan.rules[f] !== undefined);
     parts.push(
-      `## ${family === 4 ? "iptables" : "ip6tables"}-restore --noflush`,
-      renderRules(rules).trimEnd(),
+      "## nft -f -",
+      renderNftTable(
+        desiredTable(plan, { families, tunnelDevice: options.tunnelDevice }),
+      ).trimEnd(),
     );
+  } else {
+    parts.push("## ipset restore", renderIpsets(plan.ipsets).trimEnd());
+    for (const family of [4, 6] as const) {
+      const rules = plan.rules[family];
+      if (rules === undefined) continue;
+      parts.push(
+        `## ${family === 4 ? "iptables" : "ip6tables"}-restore --noflush`,
+        renderRules(rules).trimEnd(),
+      );
+    }
   }
   parts.push(renderRouting(plan, options).trimEnd());
   if (plan.sysctls.length > 0)
