@@ -11,6 +11,7 @@ const benches: Record<string, () => Promise<unknown>> = {
   policy: async () => (await import("./sandbox.ts")).policyBench(),
   churn: async () => (await import("./churn.ts")).churn(),
   agent: async () => (await import("./agent.ts")).run(),
+  perpacket: async () => (await import("./perpacket.ts")).perpacket(),
 };
 const run = name === undefined ? undefined : benches[name];
 if (run === undefined) {

@@ -1,0 +1,179 @@
+/**
+ * Per-packet cost against the number of policies, on each packet filter (`npm run bench --
+ * perpacket`): in the sandbox (2 nodes; node-2 is the gateway), iperf3 from a selected pod on
+ * node-1 through the tunnel and the gateway to the external host, TCP (Gbit/s) and 64-byte UDP
+ * (packets per second received), with 1, 1,000 and 10,000 policies in front of the measured one
+ * (the same pod, other destinations, higher priority), for iptables and nftables side by side in
+ * one run; plus two references on the same machine in the same run: a pod no policy selects (its
+ * usual, masqueraded path) and node-1 itself (node to node, no pod, no tunnel).
+ *
+ *   PERPACKET_COUNTS=1,1000,10000  PERPACKET_SECONDS=5  PERPACKET_FILTERS=iptables,nftables
+ */
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { API_VERSION } from "../src/api/types.ts";
+import { mustRun } from "../src/kernel/runner.ts";
+import { ours } from "../src/kube/client.ts";
+import { Sandbox } from "../src/sandbox/sandbox.ts";
+import { EXTERNAL, nsRunner } from "../src/sandbox/topology.ts";
+import { probeUntil, startIn, stopAll } from "../test/support/lab.ts";
+
+const EIP = "192.168.77.100";
+const COUNTS = (process.env.PERPACKET_COUNTS ?? "1,1000,10000").split(",").map(Number);
+const SECONDS = Number(process.env.PERPACKET_SECONDS ?? 5);
+const FILTERS = (process.env.PERPACKET_FILTERS ?? "iptables,nftables").split(",") as (
+  | "iptables"
+  | "nftables"
+)[];
+
+interface Figures {
+  readonly tcpGbps: number;
+  readonly udpKpps: number;
+}
+
+async function iperf(netns: string, udp: boolean): Promise<number> {
+  const args = udp ? ["-u", "-l", "64", "-b", "0", "-t", String(SECONDS)] : ["-t", String(SECONDS)];
+  const out = await mustRun(nsRunner(netns), ["iperf3", "-c", EXTERNAL[4], "-J", ...args], {
+    timeoutMs: (SECONDS + 20) * 1000,
+  });
+  const j = JSON.parse(out) as {
+    end: {
+      sum_received?: { bits_per_second: number };
+      sum?: { packets: number; lost_packets: number; seconds: number };
+    };
+  };
+  if (udp) {
+    const s = j.end.sum!;
+    return (s.packets - s.lost_packets) / s.seconds / 1000;
+  }
+  return j.end.sum_received!.bits_per_second / 1e9;
+}
+
+async function measure(netns: string): Promise<Figures> {
+  return { tcpGbps: round(await iperf(netns, false)), udpKpps: round(await iperf(netns, true)) };
+}
+
+function round(x: number): number {
+  return Math.round(x * 1000) / 1000;
+}
+
+async function parallel<T>(items: readonly T[], limit: number, fn: (t: T) => Promise<unknown>) {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: limit }, async () => {
+      while (next < items.length) await fn(items[next++]!);
+    }),
+  );
+}
+
+const policyObject = (name: string, priority: number, destination: string) => ({
+  apiVersion: API_VERSION,
+  kind: "EgressPolicy",
+  metadata: { name, namespace: "default" },
+  spec: {
+    gateway: "edge",
+    podSelector: { matchLabels: { app: "perf" } },
+    destinationCIDRs: [destination],
+    egressIP: [EIP],
+    priority,
+  },
+});
+
+/** What node-1's kernel holds of the policies in front: rules (iptables) or entries (nftables). */
+async function programmed(sb: Sandbox, filter: string): Promise<number> {
+  const r = nsRunner(sb.nodeNs(1));
+  if (filter === "iptables") {
+    const save = await mustRun(r, ["iptables-save", "-t", "mangle"]);
+    return save
+      .split("\n")
+      .filter(
+        (l) =>
+          l.startsWith("-A SALLYPORT-MARK-REQUEST") && l.includes("EgressPolicy/default/front-"),
+      ).length;
+  }
+  const json = await mustRun(r, ["nft", "-j", "list", "table", "inet", "sallyport"]);
+  return (
+    (json.match(/"range": \["10\.2/g) ?? []).length +
+    (json.match(/"10\.2\d\d\.\d+\.\d+"/g) ?? []).length
+  );
+}
+
+export async function perpacket(): Promise<Record<string, unknown>> {
+  const result: Record<string, unknown> = { seconds: SECONDS, counts: COUNTS };
+  for (const filter of FILTERS) {
+    const sb = await Sandbox.up({
+      prefix: `spbpp${filter[0]}`,
+      nodes: 2,
+      families: [4],
+      dir: mkdtempSync(join(tmpdir(), "sallyport-bench-")),
+      agentArgs: ["--datapath", filter],
+    });
+    try {
+      await sb.addPod("perf", { node: 1, labels: { app: "perf" } });
+      await sb.addPod("plain", { node: 1, labels: { app: "none" } });
+      startIn(sb.externalNs, ["iperf3", "-s"]);
+      await sb.apply(`apiVersion: sallyport.dev/v1alpha1
+kind: EgressGateway
+metadata: {name: edge}
+spec:
+  nodeSelector: {matchLabels: {egress: "true"}}
+  pool: ["192.168.77.100-192.168.77.120"]
+`);
+      const admin = sb.admin();
+      await admin.create(ours("EgressPolicy"), policyObject("measured", 0, `${EXTERNAL[4]}/32`));
+      const seen = await probeUntil(
+        sb.pod("perf").netns,
+        `${EXTERNAL[4]}:8080`,
+        (x) => x.saw === EIP,
+        60_000,
+      );
+      if (seen.saw !== EIP)
+        throw new Error(
+          `Cannot measure: the pod's traffic does not leave with ${EIP} (${seen.saw})`,
+        );
+      const references = {
+        nodeToNode: await measure(sb.nodeNs(1)),
+        unselectedPod: await measure(sb.pod("plain").netns),
+      };
+      const rows: Record<string, unknown> = { references };
+      let created = 0;
+      for (const count of COUNTS) {
+        const want = count - 1;
+        const names = Array.from({ length: want - created }, (_, k) => created + k);
+        const started = performance.now();
+        await parallel(names, 16, (i) =>
+          admin.create(
+            ours("EgressPolicy"),
+            policyObject(`front-${i}`, 10, `10.${200 + (i >> 16)}.${(i >> 8) & 255}.${i & 255}/32`),
+          ),
+        );
+        created = want;
+        let held = 0;
+        for (let t = 0; t < 1800 && held < want; t++) {
+          held = await programmed(sb, filter).catch(() => 0);
+          if (held < want) await new Promise((r) => setTimeout(r, 1000));
+        }
+        const programMs = Math.round(performance.now() - started);
+        const figures = await measure(sb.pod("perf").netns);
+        rows[String(count)] = { ...figures, programmedInFront: held, programMs };
+        console.error(`${filter} ${count}: ${JSON.stringify(rows[String(count)])}`);
+      }
+      const base = rows["1"] as Figures | undefined;
+      for (const count of COUNTS) {
+        const r = rows[String(count)] as Figures & Record<string, unknown>;
+        if (base !== undefined) {
+          r.tcpVs1 = round(r.tcpGbps / base.tcpGbps);
+          r.udpVs1 = round(r.udpKpps / base.udpKpps);
+        }
+        r.tcpVsNode = round(r.tcpGbps / references.nodeToNode.tcpGbps);
+        r.udpVsNode = round(r.udpKpps / references.nodeToNode.udpKpps);
+      }
+      result[filter] = rows;
+    } finally {
+      await stopAll();
+      await sb.destroy();
+    }
+  }
+  return result;
+}
