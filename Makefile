@@ -7,12 +7,14 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 NODE := node_modules/.bin/node
 DEBIAN_PACKAGES := iptables ipset iproute2 conntrack iputils-ping iputils-arping procps kmod openssl curl ca-certificates
+# kube-proxy's nftables mode in the sandbox runs nft.
+DEBIAN_PACKAGES += nftables
 # The image (make image) and its test: a Debian root from Debian's packages, assembled and run
 # without Docker Hub or a docker daemon.
 DEBIAN_PACKAGES += mmdebstrap buildah podman runc
 export SALLYPORT_CACHE ?= $(HOME)/.cache/sallyport
 
-.PHONY: help deps debs npm k8s-bin helm-bin test test-unit typecheck lint generated demo bench clean-sandbox build image manifests
+.PHONY: help deps debs npm k8s-bin cni-bin helm-bin test test-unit typecheck lint generated demo bench clean-sandbox build image manifests
 
 help:
 	@echo "make demo   # the sandbox: a policy, an egress IP, a gateway failure"
@@ -32,13 +34,18 @@ node_modules/.stamp: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	@touch $@
 
+# kube-apiserver, etcd, kube-controller-manager, kube-proxy and kubectl from the pinned modules.
 k8s-bin:
 	@test/k8s-bin/build.sh >/dev/null
+
+# The CNI reference plugins of the sandbox's pod network (bridge, host-local, loopback, portmap).
+cni-bin:
+	@test/cni-bin/build.sh >/dev/null
 
 helm-bin:
 	@test/helm-bin/build.sh >/dev/null
 
-deps: debs npm k8s-bin helm-bin
+deps: debs npm k8s-bin cni-bin helm-bin
 
 typecheck: npm
 	node_modules/.bin/tsc --noEmit -p .

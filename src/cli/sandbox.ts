@@ -1,11 +1,13 @@
 /** `sallyport sandbox …`: drive the simulated cluster from the command line. */
 import { readFileSync } from "node:fs";
-import type { Command } from "commander";
+import { type Command, Option } from "commander";
 import type { Family } from "../lib/ip.ts";
 import type { Sandbox as SandboxType } from "../sandbox/sandbox.ts";
 import { UsageError } from "./errors.ts";
 import { readManifests } from "./input.ts";
 import { int, port } from "./program.ts";
+
+const CONTROL_PLANE_LOGS = ["kube-apiserver", "etcd", "kube-controller-manager"] as const;
 
 /** Loaded on use: the sandbox brings the Kubernetes client and the kernel layer. */
 async function sandboxModule() {
@@ -38,6 +40,40 @@ export async function printStatus(sb: SandboxType): Promise<string> {
   return out.join("\n");
 }
 
+/**
+ * `k=v,k2=v2` (and `k-`, which removes k) as kubectl's label arguments; throws a UsageError that
+ * names `what` for anything else.
+ */
+export function parseLabels(text: string, what: string): Record<string, string | null> {
+  const labels: Record<string, string | null> = {};
+  for (const item of text.split(",").filter(Boolean)) {
+    const eq = item.indexOf("=");
+    if (eq > 0) labels[item.slice(0, eq)] = item.slice(eq + 1);
+    else if (item.endsWith("-") && item.length > 1) labels[item.slice(0, -1)] = null;
+    else throw new UsageError(`Cannot parse ${what}: "${item}" is neither k=v nor k-`);
+  }
+  return labels;
+}
+
+/** `80`, `80:8080`, `53:8080/udp`, comma-separated. */
+export function parsePorts(
+  text: string,
+): { port: number; targetPort: number; protocol: "TCP" | "UDP" }[] {
+  return text
+    .split(",")
+    .filter(Boolean)
+    .map((item) => {
+      const m = /^(\d+)(?::(\d+))?(?:\/(tcp|udp))?$/i.exec(item.trim());
+      const port = Number(m?.[1]);
+      const targetPort = Number(m?.[2] ?? m?.[1]);
+      if (m === null || !(port >= 1 && port <= 65535 && targetPort >= 1 && targetPort <= 65535))
+        throw new UsageError(
+          `Cannot parse --port: "${item}" is not port[:targetPort][/udp] (e.g. 80:8080 or 53:8080/udp)`,
+        );
+      return { port, targetPort, protocol: m[3]?.toLowerCase() === "udp" ? "UDP" : "TCP" };
+    });
+}
+
 /** `sandbox exec POD -- CMD …`: the `--` is commander's to keep, not the command's. */
 export function commandOf(args: readonly string[]): string[] {
   return args[0] === "--" ? args.slice(1) : [...args];
@@ -61,6 +97,11 @@ export function sandboxCommands(program: Command): void {
     .option("--ipv6", "IPv6 only")
     .option("--dual-stack", "IPv4 and IPv6")
     .option("--agent-image <image>", "run the node agents from this image (podman; make image)")
+    .addOption(
+      new Option("--proxy-mode <mode>", "kube-proxy's mode on every node")
+        .choices(["iptables", "nftables"])
+        .default("iptables"),
+    )
     .action(
       async (f: {
         prefix: string;
@@ -68,6 +109,7 @@ export function sandboxCommands(program: Command): void {
         ipv6?: boolean;
         dualStack?: boolean;
         agentImage?: string;
+        proxyMode: "iptables" | "nftables";
       }) => {
         const families: Family[] = f.dualStack ? [4, 6] : f.ipv6 ? [6] : [4];
         const s = await (await sandboxModule()).Sandbox.up(
@@ -75,6 +117,7 @@ export function sandboxCommands(program: Command): void {
             prefix: f.prefix,
             nodes: f.nodes,
             families,
+            proxyMode: f.proxyMode,
             ...(f.agentImage === undefined ? {} : { agentImage: f.agentImage }),
           },
           (l) => console.log(`- ${l}`),
@@ -118,33 +161,131 @@ export function sandboxCommands(program: Command): void {
   prefixOpt(
     sb
       .command("add-pod")
-      .description("add a pod (a namespace on a node, and its Pod object)")
+      .description(
+        "add a pod as kubelet and a container runtime do: the Pod object, its network namespace plugged by CNI ADD, then Running with its addresses",
+      )
       .argument("<name>"),
   )
     .requiredOption("--node <i>", "node number", int)
     .option("--namespace <ns>", "Kubernetes namespace", "default")
     .option("--labels <k=v,…>", "labels", "")
+    .option("--echo", `its container is the echo server (TCP and UDP port 8080)`)
     .action(
       async (
         name: string,
-        f: { prefix: string; node: number; namespace: string; labels: string },
+        f: { prefix: string; node: number; namespace: string; labels: string; echo?: boolean },
       ) => {
-        const labels = Object.fromEntries(
-          f.labels
-            .split(",")
-            .filter(Boolean)
-            .map((kv) => kv.split("=") as [string, string]),
-        );
+        const labels = parseLabels(f.labels, "--labels");
+        for (const [k, v] of Object.entries(labels))
+          if (v === null)
+            throw new UsageError(`Cannot add pod ${name}: label ${k}- removes a label`);
         const p = await (await openSandbox(f.prefix)).addPod(name, {
           node: f.node,
           namespace: f.namespace,
-          labels,
+          labels: labels as Record<string, string>,
+          echo: f.echo === true,
         });
         console.log(
           `pod ${p.namespace}/${p.name} on node-${p.node}: ${Object.values(p.ips).join(", ")}`,
         );
       },
     );
+
+  prefixOpt(
+    sb
+      .command("delete-pod")
+      .description(
+        "delete a pod: the object is marked for deletion, CNI DEL, its namespace and its object go",
+      )
+      .argument("<pod>", "NAME or NAMESPACE/NAME"),
+  ).action(async (pod: string, f: { prefix: string }) => {
+    const p = await (await openSandbox(f.prefix)).deletePod(pod);
+    console.log(`pod ${p.namespace}/${p.name} deleted`);
+  });
+
+  prefixOpt(
+    sb
+      .command("label-pod")
+      .description("set or remove labels of a pod, as kubectl label does: k=v sets, k- removes")
+      .argument("<pod>", "NAME or NAMESPACE/NAME")
+      .argument("<labels...>", "k=v or k-"),
+  ).action(async (pod: string, labels: string[], f: { prefix: string }) => {
+    const p = await (await openSandbox(f.prefix)).labelPod(
+      pod,
+      parseLabels(labels.join(","), "label-pod"),
+    );
+    const text = Object.entries(p.labels)
+      .map(([k, v]) => `${k}=${v}`)
+      .join(",");
+    console.log(`pod ${p.namespace}/${p.name} labelled: ${text || "(no labels)"}`);
+  });
+
+  prefixOpt(
+    sb
+      .command("add-service")
+      .description(
+        "add a Service; kube-controller-manager makes its EndpointSlices, kube-proxy its rules",
+      )
+      .argument("<name>"),
+  )
+    .requiredOption("--selector <k=v,…>", "the pods it selects")
+    .requiredOption("--port <port[:target][/udp]…>", "ports, comma-separated: 80:8080, 53:8080/udp")
+    .option("--namespace <ns>", "Kubernetes namespace", "default")
+    .addOption(
+      new Option("--type <type>", "Service type")
+        .choices(["ClusterIP", "NodePort"])
+        .default("ClusterIP"),
+    )
+    .addOption(
+      new Option("--external-traffic-policy <policy>", "of a NodePort Service")
+        .choices(["Cluster", "Local"])
+        .default("Cluster"),
+    )
+    .action(
+      async (
+        name: string,
+        f: {
+          prefix: string;
+          selector: string;
+          port: string;
+          namespace: string;
+          type: "ClusterIP" | "NodePort";
+          externalTrafficPolicy: "Cluster" | "Local";
+        },
+      ) => {
+        const selector = parseLabels(f.selector, "--selector");
+        if (Object.keys(selector).length === 0 || Object.values(selector).includes(null))
+          throw new UsageError(`Cannot add service ${name}: --selector needs k=v pairs`);
+        const svc = await (await openSandbox(f.prefix)).addService(name, {
+          namespace: f.namespace,
+          selector: selector as Record<string, string>,
+          ports: parsePorts(f.port),
+          type: f.type,
+          externalTrafficPolicy: f.externalTrafficPolicy,
+        });
+        const nodePorts = Object.entries(svc.nodePorts).map(([p, n]) => `${p}→node port ${n}`);
+        console.log(
+          `service ${svc.namespace}/${svc.name}: ${Object.values(svc.clusterIPs).join(", ")}${nodePorts.length > 0 ? `; ${nodePorts.join(", ")}` : ""}`,
+        );
+      },
+    );
+
+  prefixOpt(
+    sb
+      .command("kubectl")
+      .description(
+        "the real kubectl (built from the pinned Kubernetes) against the sandbox's API server: kubectl get egp -o wide",
+      )
+      .argument("<args...>")
+      // Everything after `kubectl` is kubectl's own, flags included.
+      .passThroughOptions()
+      .allowUnknownOption(),
+  ).action(async (args: string[], f: { prefix: string }) => {
+    const { spawnSync } = await import("node:child_process");
+    const argv = (await openSandbox(f.prefix)).kubectlArgv(commandOf(args));
+    const r = spawnSync(argv[0]!, argv.slice(1), { stdio: "inherit" });
+    process.exit(r.status ?? 1);
+  });
 
   prefixOpt(
     sb
@@ -222,13 +363,15 @@ export function sandboxCommands(program: Command): void {
   prefixOpt(
     sb
       .command("logs")
-      .description("logs of a component (controller, agent-N, external, kube-apiserver)")
+      .description(
+        "logs of a component (controller, agent-N, kube-proxy-N, external, kube-apiserver, kube-controller-manager)",
+      )
       .argument("[component]"),
   ).action(async (component: string | undefined, f: { prefix: string }) => {
     const s = await openSandbox(f.prefix);
     if (component === undefined)
-      console.log(`components: ${[...s.components(), "kube-apiserver", "etcd"].join(", ")}`);
-    else if (component === "kube-apiserver" || component === "etcd")
+      console.log(`components: ${[...s.components(), ...CONTROL_PLANE_LOGS].join(", ")}`);
+    else if ((CONTROL_PLANE_LOGS as readonly string[]).includes(component))
       console.log(readFileSync(`${s.dir}/controlplane/${component}.log`, "utf8"));
     else process.stdout.write(s.log(component));
   });

@@ -31,16 +31,36 @@ import {
 
 export const REPO = join(import.meta.dirname, "..", "..");
 
-/** Builds (once) and returns the directory holding kube-apiserver and etcd. */
-export function controlPlaneBinaries(): string {
+export type KubernetesBinary =
+  | "kube-apiserver"
+  | "etcd"
+  | "kube-controller-manager"
+  | "kube-proxy"
+  | "kubectl";
+
+/**
+ * Builds (once, those missing) and returns the directory holding the named upstream binaries,
+ * by default those of the control plane.
+ */
+export function kubernetesBinaries(
+  names: readonly KubernetesBinary[] = ["kube-apiserver", "etcd"],
+): string {
   const dir = process.env.SALLYPORT_K8S_BIN;
   if (dir !== undefined) return dir;
-  const out = execFileSync(join(REPO, "test", "k8s-bin", "build.sh"), {
+  const out = execFileSync(join(REPO, "test", "k8s-bin", "build.sh"), [...names], {
     encoding: "utf8",
     stdio: ["ignore", "pipe", "inherit"],
   });
   return out.trim().split("\n").pop()!;
 }
+
+/** The controllers the sandbox's kube-controller-manager runs: Services get real EndpointSlices. */
+export const SANDBOX_CONTROLLERS = [
+  "endpointslice",
+  "endpointslicemirroring",
+  // Deleting a Service deletes its EndpointSlices through their owner references.
+  "garbagecollector",
+] as const;
 
 async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -70,6 +90,11 @@ export interface ControlPlaneOptions {
    * are written to the directory so that `ControlPlane.attach()` can operate them later.
    */
   readonly detached?: boolean;
+  /**
+   * Also run kube-controller-manager with these controllers (as the user
+   * system:kube-controller-manager, each controller with its own service account's token).
+   */
+  readonly controllers?: readonly string[];
 }
 
 interface Persisted {
@@ -78,12 +103,18 @@ interface Persisted {
   readonly etcdPort: number;
   readonly apiPort: number;
   readonly tokens: Record<string, string>;
-  pids: {
-    etcd?: number | undefined;
-    apiserver?: number | undefined;
-    forwarder?: number | undefined;
-  };
+  pids: Pids;
 }
+
+interface Pids {
+  etcd?: number | undefined;
+  apiserver?: number | undefined;
+  forwarder?: number | undefined;
+  controllerManager?: number | undefined;
+}
+
+/** The token user of kube-controller-manager: the name its bootstrap RBAC binding expects. */
+export const CONTROLLER_MANAGER_USER = "system:kube-controller-manager";
 
 export const SALLYPORT_NAMESPACE = "sallyport-system";
 
@@ -98,11 +129,7 @@ export class ControlPlane {
   readonly #apiPort: number;
   #etcd: ChildProcess | undefined;
   #api: ChildProcess | undefined;
-  readonly #pids: {
-    etcd?: number | undefined;
-    apiserver?: number | undefined;
-    forwarder?: number | undefined;
-  } = {};
+  readonly #pids: Pids = {};
   /** The directory was created here (a temporary one) and goes away with stop(). */
   #ownsDir = false;
 
@@ -123,7 +150,16 @@ export class ControlPlane {
   }
 
   static async start(options: ControlPlaneOptions = {}): Promise<ControlPlane> {
-    const bin = controlPlaneBinaries();
+    const bin = kubernetesBinaries(
+      options.controllers === undefined
+        ? ["kube-apiserver", "etcd"]
+        : ["kube-apiserver", "etcd", "kube-controller-manager"],
+    );
+    if (options.controllers !== undefined)
+      options = {
+        ...options,
+        users: { ...options.users, [CONTROLLER_MANAGER_USER]: [] },
+      };
     const dir =
       options.dir ?? mkdtempSync(join(tmpdir(), `sallyport-test-${options.tag ?? "cp"}-`));
     mkdirSync(dir, { recursive: true });
@@ -138,6 +174,7 @@ export class ControlPlane {
       cp.#startEtcd();
       await cp.startApiServer();
       await cp.#install();
+      if (options.controllers !== undefined) cp.#startControllerManager(options.controllers);
       return cp;
     } catch (e) {
       await cp.stop();
@@ -330,6 +367,28 @@ export class ControlPlane {
     this.#pids.apiserver = this.#api.pid;
     this.#persist();
     await this.#waitReady(60_000);
+  }
+
+  #startControllerManager(controllers: readonly string[]): void {
+    const kubeconfig = this.kubeconfig(CONTROLLER_MANAGER_USER);
+    const child = this.#spawn(
+      [
+        join(this.#bin, "kube-controller-manager"),
+        `--kubeconfig=${kubeconfig}`,
+        `--authentication-kubeconfig=${kubeconfig}`,
+        `--authorization-kubeconfig=${kubeconfig}`,
+        `--controllers=${controllers.join(",")}`,
+        // As kubeadm runs it: each controller acts with its own service account's permissions.
+        "--use-service-account-credentials=true",
+        "--leader-elect=false",
+        `--bind-address=${this.#o.address ?? "127.0.0.1"}`,
+        // Its serving certificate goes here, not to /var/run/kubernetes.
+        `--cert-dir=${join(this.dir, "certs-controller-manager")}`,
+      ],
+      "kube-controller-manager.log",
+    );
+    this.#pids.controllerManager = child.pid;
+    this.#persist();
   }
 
   async stopApiServer(): Promise<void> {

@@ -1,32 +1,74 @@
 /**
  * The sandbox: a whole cluster on one machine, inside network namespaces.
  *
- *   <prefix>-cp     the control plane: etcd, kube-apiserver (192.168.77.2:6443) and the
- *                   controller with its admission webhook, on the simulated segment
- *   <prefix>-nI     node I: the real agent process, its kernel datapath, a CNI-like pod network
+ *   <prefix>-cp     the control plane: etcd, kube-apiserver (192.168.77.2:6443),
+ *                   kube-controller-manager (EndpointSlices of Services) and the controller with
+ *                   its admission webhook, on the simulated segment
+ *   <prefix>-nI     node I: kube-proxy (iptables or nftables mode), the real agent process, its
+ *                   kernel datapath, a bridge CNI pod network with host-gw routes between nodes
  *   <prefix>-ext    the external server: answers with the source address it saw, and logs it
- *   <prefix>-p…     pods (the sandbox plays kubelet: it registers Node and Pod objects)
+ *   <prefix>-p…     pods. The sandbox plays kubelet and container runtime: it registers Node
+ *                   objects, creates a Pod object first, then its network namespace and CNI ADD
+ *                   with the node's configuration list, then reports it Running with the
+ *                   addresses CNI gave; deleting a pod is CNI DEL and the object's removal.
  *
  * State (processes, pods) is kept in a directory so that every `sallyport sandbox` command, and
  * `down` after a crash, finds it again. Nothing is configured in the root namespace.
  */
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
 import { KINDS, type KindName } from "../api/types.ts";
 import { mustRun } from "../kernel/runner.ts";
 import { applyManifests } from "../kube/apply.ts";
-import { CORE, isAlreadyExists, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
+import {
+  CORE,
+  isAlreadyExists,
+  isNotFound,
+  type KubeClient,
+  type KubeObject,
+  ours,
+  type Resource,
+  resourcePath,
+} from "../kube/client.ts";
 import { type Family, tryParseAddress } from "../lib/ip.ts";
-import { alive, ControlPlane, REPO, SALLYPORT_NAMESPACE } from "./controlplane.ts";
+import type { CniResult } from "./cni.ts";
+import {
+  alive,
+  ControlPlane,
+  kubernetesBinaries,
+  REPO,
+  SALLYPORT_NAMESPACE,
+  SANDBOX_CONTROLLERS,
+} from "./controlplane.ts";
+import {
+  KUBE_PROXY_HEALTHZ,
+  KUBE_PROXY_USER,
+  kubeProxyArgv,
+  type ProxyMode,
+} from "./kube_proxy.ts";
 import { selfSignedCert, webhookConfiguration } from "./pki.ts";
 import { agentContainerArgv, removeContainers, signalContainer } from "./podman.ts";
-import { EIP_POOL, EXTERNAL, nodeAddress, nsRunner, podCIDR, Topology } from "./topology.ts";
+import {
+  EIP_POOL,
+  EXTERNAL,
+  nodeAddress,
+  nsRunner,
+  POD_SUPERNET,
+  type PodHandle,
+  podCIDR,
+  Topology,
+} from "./topology.ts";
 
 const CLI = join(REPO, "src", "cli", "main.ts");
 const ECHO = join(REPO, "src", "sandbox", "echo.ts");
 export const CONTROL_PLANE_ADDRESS = { 4: "192.168.77.2", 6: "fd00:77::2" } as const;
+export const SERVICE_CIDR = { 4: "10.96.0.0/16", 6: "fd00:96::/112" } as const;
+/** The port of the echo server a pod runs when it is added with `echo: true`. */
+export const POD_ECHO_PORT = 8080;
+
+const SERVICES: Resource = { group: "", version: "v1", plural: "services", namespaced: true };
 
 export interface SandboxOptions {
   /** Namespace prefix; every namespace is "<prefix>-…". @default "sp" */
@@ -44,6 +86,47 @@ export interface SandboxOptions {
   readonly controllerArgs?: readonly string[];
   /** Run each node's agent from this image (podman, in the node's namespace), not from src/. */
   readonly agentImage?: string;
+  /** kube-proxy's mode on every node. @default "iptables" */
+  readonly proxyMode?: ProxyMode;
+}
+
+export interface PodOptions {
+  readonly node: number;
+  /** @default "default" */
+  readonly namespace?: string;
+  readonly labels?: Record<string, string>;
+  /** The pod's container is the echo server (TCP and UDP on POD_ECHO_PORT). */
+  readonly echo?: boolean;
+}
+
+export interface ServicePort {
+  readonly port: number;
+  /** @default port */
+  readonly targetPort?: number;
+  /** @default "TCP" */
+  readonly protocol?: "TCP" | "UDP";
+  readonly nodePort?: number;
+  /** @default "<protocol>-<port>" */
+  readonly name?: string;
+}
+
+export interface ServiceOptions {
+  /** @default "default" */
+  readonly namespace?: string;
+  readonly selector: Record<string, string>;
+  readonly ports: readonly ServicePort[];
+  /** @default "ClusterIP" */
+  readonly type?: "ClusterIP" | "NodePort";
+  /** @default "Cluster" */
+  readonly externalTrafficPolicy?: "Cluster" | "Local";
+}
+
+export interface SandboxService {
+  readonly name: string;
+  readonly namespace: string;
+  readonly clusterIPs: Partial<Record<Family, string>>;
+  /** By port: the node port the API server allocated (NodePort services). */
+  readonly nodePorts: Record<number, number>;
 }
 
 export interface SandboxPod {
@@ -53,6 +136,9 @@ export interface SandboxPod {
   readonly netns: string;
   readonly ips: Partial<Record<Family, string>>;
   readonly labels: Record<string, string>;
+  /** CNI_CONTAINERID and the ADD result (for DEL). */
+  readonly cni?: { readonly containerId: string; readonly result: CniResult };
+  readonly echo?: boolean;
 }
 
 interface SandboxState {
@@ -61,19 +147,15 @@ interface SandboxState {
   families: Family[];
   gatewayNodes: number[];
   pids: Record<string, number>;
-  pods: {
-    name: string;
-    namespace: string;
-    node: number;
-    netns: string;
-    ips: Partial<Record<Family, string>>;
-    labels: Record<string, string>;
-  }[];
+  pods: SandboxPod[];
+  /** The number in the next pod namespace's name, `<prefix>-p<node>x<n>`. */
+  nextPod: number;
   apiserver: string;
   cpDir: string;
   agentArgs: string[];
   controllerArgs: string[];
   agentImage?: string;
+  proxyMode: ProxyMode;
 }
 
 export function sandboxDir(prefix: string): string {
@@ -98,6 +180,8 @@ export class Sandbox {
       prefix: state.prefix,
       nodes: state.nodes,
       families: state.families,
+      podNetwork: "cni",
+      cniDir: join(dir, "cni"),
     });
   }
 
@@ -112,6 +196,9 @@ export class Sandbox {
   }
   get nodeCount(): number {
     return this.#state.nodes;
+  }
+  get proxyMode(): ProxyMode {
+    return this.#state.proxyMode;
   }
   get controlPlane(): ControlPlane | undefined {
     return this.#cp;
@@ -137,7 +224,11 @@ export class Sandbox {
     const file = join(dir, "state.json");
     if (!existsSync(file))
       throw new Error(`Cannot find sandbox "${prefix}": run "sallyport sandbox up" first`);
-    return new Sandbox(dir, JSON.parse(readFileSync(file, "utf8")) as SandboxState);
+    const state = JSON.parse(readFileSync(file, "utf8")) as SandboxState;
+    // A sandbox brought up by an older version: its pods came before these fields.
+    state.nextPod ??= state.pods.length;
+    state.proxyMode ??= "iptables";
+    return new Sandbox(dir, state);
   }
 
   /** Builds the network, starts the control plane, the controller and every agent. */
@@ -157,25 +248,30 @@ export class Sandbox {
       gatewayNodes: [...(options.gatewayNodes ?? [2, 3])],
       pids: {},
       pods: [],
+      nextPod: 0,
       apiserver: "",
       cpDir: join(dir, "controlplane"),
       agentArgs: [...(options.agentArgs ?? [])],
       controllerArgs: [...(options.controllerArgs ?? [])],
       ...(options.agentImage === undefined ? {} : { agentImage: options.agentImage }),
+      proxyMode: options.proxyMode ?? "iptables",
     };
     const sb = new Sandbox(dir, state);
     try {
       log(`network: ${state.nodes} nodes, an external host, IPv${families.join("+IPv")}`);
       await sb.#topology.up();
       await sb.#controlPlaneNamespace();
-      log("control plane: etcd and kube-apiserver");
+      log("control plane: etcd, kube-apiserver, kube-controller-manager");
       const apiFamily: Family = families.includes(4) ? 4 : 6;
       sb.#cp = await ControlPlane.start({
         netns: sb.cpNs,
         address: CONTROL_PLANE_ADDRESS[apiFamily],
         dir: state.cpDir,
         detached: true,
+        serviceCIDRs: families.map((f) => SERVICE_CIDR[f]),
+        controllers: SANDBOX_CONTROLLERS,
         users: {
+          [KUBE_PROXY_USER]: [],
           "sallyport-controller": ["sallyport:controllers"],
           ...Object.fromEntries(
             Array.from({ length: state.nodes }, (_, i) => [
@@ -189,6 +285,8 @@ export class Sandbox {
       sb.#save();
       const admin = sb.#cp.client();
       await sb.#registerNodes(admin);
+      log(`kube-proxy (${state.proxyMode} mode) on every node`);
+      await sb.#startKubeProxies();
       await sb.#startEcho();
       log("controller");
       await sb.#startController();
@@ -242,6 +340,48 @@ export class Sandbox {
         },
         { subresource: "status" },
       );
+    }
+  }
+
+  /**
+   * kube-proxy on every node, started before the agents and waited for until its first sync:
+   * its jump rules go to the top of the built-in chains when it creates them, and the agents'
+   * then come above (the agents move theirs back to the top; kube-proxy only adds a missing one).
+   */
+  async #startKubeProxies(): Promise<void> {
+    const bin = kubernetesBinaries(["kube-proxy"]);
+    const kubeconfig = this.#controlPlane().kubeconfig(KUBE_PROXY_USER);
+    for (let i = 1; i <= this.#state.nodes; i++) {
+      this.#spawn(
+        `kube-proxy-${i}`,
+        this.nodeNs(i),
+        kubeProxyArgv({
+          binary: join(bin, "kube-proxy"),
+          configFile: join(this.dir, `kube-proxy-${i}.json`),
+          kubeconfig,
+          node: this.nodeName(i),
+          mode: this.#state.proxyMode,
+          clusterCIDRs: this.families.map((f) => POD_SUPERNET[f]),
+        }),
+      );
+    }
+    for (let i = 1; i <= this.#state.nodes; i++) await this.#waitKubeProxy(i);
+  }
+
+  async #waitKubeProxy(i: number): Promise<void> {
+    const deadline = Date.now() + 60_000;
+    const node = nsRunner(this.nodeNs(i));
+    for (;;) {
+      const r = await node.run(["curl", "-sf", "-m", "1", `http://${KUBE_PROXY_HEALTHZ}/healthz`]);
+      if (r.code === 0) return;
+      const pid = this.#state.pids[`kube-proxy-${i}`];
+      if (pid === undefined || !alive(pid) || Date.now() > deadline) {
+        const tail = this.log(`kube-proxy-${i}`).split("\n").slice(-6).join("\n");
+        throw new Error(
+          `kube-proxy on ${this.nodeName(i)} is not healthy (${pid !== undefined && alive(pid) ? "no successful sync within 60 s" : "it exited"}); its log ${join(this.dir, `kube-proxy-${i}.log`)} ends with:\n${tail}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 200));
     }
   }
 
@@ -425,67 +565,263 @@ export class Sandbox {
     return p;
   }
 
-  /** A pod: its namespace on node `node`, and its Pod object, Running with its IPs. */
-  async addPod(
-    name: string,
-    options: { node: number; namespace?: string; labels?: Record<string, string> },
-  ): Promise<SandboxPod> {
+  /**
+   * A pod, the way kubelet and a container runtime make it: the Pod object, then its network
+   * namespace and CNI ADD, then (its container, if any, started) the report that it is Running
+   * with the addresses CNI gave.
+   */
+  async addPod(name: string, options: PodOptions): Promise<SandboxPod> {
     const pod = await this.addPodNetwork(name, options);
     await this.registerPod(pod);
     return pod;
   }
 
-  /** The pod's network only (as a CNI ADD would do), before the kubelet reports it. */
-  async addPodNetwork(
-    name: string,
-    options: { node: number; namespace?: string; labels?: Record<string, string> },
-  ): Promise<SandboxPod> {
+  /** The Pod object and the pod's network (CNI ADD), before the kubelet reports it Running. */
+  async addPodNetwork(name: string, options: PodOptions): Promise<SandboxPod> {
     const namespace = options.namespace ?? "default";
-    const handle = await this.#topology.addPod(`${namespace}/${name}`, options.node);
-    const pod = {
-      name,
-      namespace,
-      node: options.node,
-      netns: handle.netns,
-      ips: handle.ips,
-      labels: options.labels ?? {},
-    };
-    this.#state.pods.push(pod);
-    this.#save();
-    return pod;
-  }
-
-  /** Reports the pod to the API server as the kubelet does: the Pod object, Running with its IPs. */
-  /** Creates the Pod, then reports it Running with its IPs; returns when that report was sent. */
-  async registerPod(pod: SandboxPod): Promise<number> {
+    if (options.node < 1 || options.node > this.#state.nodes || !Number.isInteger(options.node))
+      throw new Error(
+        `Cannot add pod ${namespace}/${name}: there is no node ${options.node} (nodes 1-${this.#state.nodes})`,
+      );
+    if (this.#state.pods.some((p) => p.name === name && p.namespace === namespace))
+      throw new Error(
+        `Cannot add pod ${namespace}/${name}: it exists already; delete it first ("sallyport sandbox delete-pod ${namespace}/${name}") or choose another name`,
+      );
     const admin = this.admin();
     try {
       await admin.create(CORE.namespaces, {
         apiVersion: "v1",
         kind: "Namespace",
-        metadata: { name: pod.namespace },
+        metadata: { name: namespace },
       });
     } catch (e) {
       if (!isAlreadyExists(e)) throw e;
     }
-    const ips = this.families.map((f) => pod.ips[f]).filter((ip): ip is string => ip !== undefined);
+    const labels = options.labels ?? {};
     await admin.create(CORE.pods, {
       apiVersion: "v1",
       kind: "Pod",
-      metadata: { name: pod.name, namespace: pod.namespace, labels: pod.labels },
+      metadata: { name, namespace, labels },
       spec: {
-        nodeName: this.nodeName(pod.node),
-        containers: [{ name: "app", image: "sandbox.invalid/app" }],
+        nodeName: this.nodeName(options.node),
+        containers: [
+          {
+            name: "app",
+            image: options.echo ? "sandbox.invalid/echo" : "sandbox.invalid/app",
+            ...(options.echo
+              ? {
+                  ports: [
+                    { name: "tcp", containerPort: POD_ECHO_PORT, protocol: "TCP" },
+                    { name: "udp", containerPort: POD_ECHO_PORT, protocol: "UDP" },
+                  ],
+                }
+              : {}),
+          },
+        ],
+        terminationGracePeriodSeconds: 0,
       },
     });
+    const netns = `${this.prefix}-p${options.node}x${this.#state.nextPod++}`;
+    this.#save();
+    let handle: PodHandle;
+    try {
+      handle = await this.#topology.addPod(`${namespace}/${name}`, options.node, { netns });
+    } catch (e) {
+      await this.#deletePodObject(name, namespace, 0);
+      throw e;
+    }
+    const pod: SandboxPod = {
+      name,
+      namespace,
+      node: options.node,
+      netns,
+      ips: handle.ips,
+      labels,
+      ...(handle.cni === undefined ? {} : { cni: handle.cni }),
+      ...(options.echo ? { echo: true } : {}),
+    };
+    this.#state.pods.push(pod);
+    this.#save();
+    if (options.echo)
+      this.#spawn(this.#podProcess(pod), netns, [
+        process.execPath,
+        ECHO,
+        "serve",
+        "--port",
+        String(POD_ECHO_PORT),
+      ]);
+    return pod;
+  }
+
+  #podProcess(pod: { namespace: string; name: string }): string {
+    return `pod-${pod.namespace}-${pod.name}`;
+  }
+
+  /**
+   * Reports the pod to the API server as the kubelet does once its containers run: Running and
+   * Ready, with its IPs. Returns when that report was sent.
+   */
+  async registerPod(pod: SandboxPod): Promise<number> {
+    const ips = this.families.map((f) => pod.ips[f]).filter((ip): ip is string => ip !== undefined);
+    const hostIPs = this.families.map((f) => nodeAddress(pod.node, f));
+    const now = new Date().toISOString();
+    const condition = (type: string) => ({ type, status: "True", lastTransitionTime: now });
     const running = Date.now();
-    await admin.mergePatch(
+    await this.admin().mergePatch(
       CORE.pods,
       pod.name,
-      { status: { phase: "Running", podIP: ips[0], podIPs: ips.map((ip) => ({ ip })) } },
+      {
+        status: {
+          phase: "Running",
+          podIP: ips[0],
+          podIPs: ips.map((ip) => ({ ip })),
+          hostIP: hostIPs[0],
+          hostIPs: hostIPs.map((ip) => ({ ip })),
+          startTime: now,
+          conditions: ["PodScheduled", "Initialized", "ContainersReady", "Ready"].map(condition),
+          containerStatuses: [
+            {
+              name: "app",
+              image: pod.echo ? "sandbox.invalid/echo" : "sandbox.invalid/app",
+              imageID: "",
+              ready: true,
+              started: true,
+              restartCount: 0,
+              state: { running: { startedAt: now } },
+            },
+          ],
+        },
+      },
       { namespace: pod.namespace, subresource: "status" },
     );
     return running;
+  }
+
+  /**
+   * Deletes a pod as the API server and kubelet do: the object is marked for deletion (its
+   * endpoints stop being ready), its container stops, CNI DEL, its namespace goes, and the
+   * kubelet's final delete removes the object.
+   */
+  async deletePod(name: string): Promise<SandboxPod> {
+    const pod = this.pod(name);
+    await this.#deletePodObject(pod.name, pod.namespace, undefined);
+    if (this.#state.pids[this.#podProcess(pod)] !== undefined)
+      await this.#kill(this.#podProcess(pod), "SIGKILL");
+    await this.#topology.deletePod({ ...pod, name: `${pod.namespace}/${pod.name}` });
+    this.#state.pods = this.#state.pods.filter((p) => p !== pod);
+    this.#save();
+    await this.#deletePodObject(pod.name, pod.namespace, 0);
+    return pod;
+  }
+
+  async #deletePodObject(
+    name: string,
+    namespace: string,
+    gracePeriodSeconds: number | undefined,
+  ): Promise<void> {
+    try {
+      await this.admin().request("DELETE", resourcePath(CORE.pods, { namespace, name }), {
+        ...(gracePeriodSeconds === undefined ? {} : { query: { gracePeriodSeconds } }),
+      });
+    } catch (e) {
+      if (!isNotFound(e)) throw e;
+    }
+  }
+
+  /**
+   * Sets labels of a pod (merged into its labels; a null value removes the label), as
+   * `kubectl label` does.
+   */
+  async labelPod(name: string, labels: Record<string, string | null>): Promise<SandboxPod> {
+    const pod = this.pod(name);
+    await this.admin().mergePatch(
+      CORE.pods,
+      pod.name,
+      { metadata: { labels } },
+      { namespace: pod.namespace },
+    );
+    const merged = { ...pod.labels };
+    for (const [k, v] of Object.entries(labels)) {
+      if (v === null) delete merged[k];
+      else merged[k] = v;
+    }
+    const updated = { ...pod, labels: merged };
+    this.#state.pods = this.#state.pods.map((p) => (p === pod ? updated : p));
+    this.#save();
+    return updated;
+  }
+
+  /**
+   * A Service of the sandbox's families (dual stack when the sandbox is); kube-controller-manager
+   * makes its EndpointSlices and kube-proxy on every node its rules.
+   */
+  async addService(name: string, options: ServiceOptions): Promise<SandboxService> {
+    const namespace = options.namespace ?? "default";
+    const type = options.type ?? "ClusterIP";
+    type Service = KubeObject & {
+      spec: {
+        clusterIPs?: string[];
+        ports?: { port: number; protocol: string; nodePort?: number }[];
+      };
+    };
+    const created = await this.admin().create<Service>(SERVICES, {
+      apiVersion: "v1",
+      kind: "Service",
+      metadata: { name, namespace },
+      spec: {
+        type,
+        selector: options.selector,
+        ipFamilyPolicy: this.families.length > 1 ? "RequireDualStack" : "SingleStack",
+        ipFamilies: this.families.map((f) => `IPv${f}`),
+        ports: options.ports.map((p) => ({
+          name: p.name ?? `${(p.protocol ?? "TCP").toLowerCase()}-${p.port}`,
+          port: p.port,
+          targetPort: p.targetPort ?? p.port,
+          protocol: p.protocol ?? "TCP",
+          ...(p.nodePort === undefined ? {} : { nodePort: p.nodePort }),
+        })),
+        ...(type === "NodePort"
+          ? { externalTrafficPolicy: options.externalTrafficPolicy ?? "Cluster" }
+          : {}),
+      },
+    } as Service);
+    const clusterIPs: Partial<Record<Family, string>> = {};
+    for (const ip of created.spec.clusterIPs ?? []) clusterIPs[ip.includes(":") ? 6 : 4] = ip;
+    const nodePorts: Record<number, number> = {};
+    for (const p of created.spec.ports ?? [])
+      if (p.nodePort !== undefined) nodePorts[p.port] = p.nodePort;
+    return { name, namespace, clusterIPs, nodePorts };
+  }
+
+  async deleteService(name: string, namespace = "default"): Promise<void> {
+    await this.admin().delete(SERVICES, name, namespace);
+  }
+
+  /**
+   * The argv of the real kubectl against the sandbox's API server (as admin), run in the
+   * control plane's namespace: the API server has no address outside the sandbox.
+   */
+  kubectlArgv(args: readonly string[]): string[] {
+    const bin = kubernetesBinaries(["kubectl"]);
+    return [
+      "ip",
+      "netns",
+      "exec",
+      this.cpNs,
+      join(bin, "kubectl"),
+      `--kubeconfig=${this.#controlPlane().kubeconfig()}`,
+      `--cache-dir=${join(this.dir, "kubectl-cache")}`,
+      ...args,
+    ];
+  }
+
+  /** Runs kubectl (see kubectlArgv) and returns what it printed; throws when it fails. */
+  kubectl(args: readonly string[]): string {
+    const argv = this.kubectlArgv(args);
+    const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8" });
+    if (r.status !== 0)
+      throw new Error(`Cannot run kubectl ${args.join(" ")}: ${r.stderr.trim() || r.error}`);
+    return r.stdout;
   }
 
   /** Creates or replaces every object of a YAML file (kubectl apply, without the merge logic). */

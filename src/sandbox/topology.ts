@@ -3,21 +3,44 @@
  * namespace, and every namespace is named `<prefix>-…`.
  *
  *   <prefix>-br    an L2 segment (bridge "br0") joining the nodes and the external host
- *   <prefix>-nI    node I: eth0 on the segment, a CNI-like pod bridge "cni0", host-gw routes to
- *                  the other nodes' pod CIDRs, and the CNI's masquerade for pod traffic leaving
- *                  the cluster (so without a policy the outside sees the node's address)
+ *   <prefix>-nI    node I: eth0 on the segment, host-gw routes to the other nodes' pod CIDRs, and
+ *                  its pod network (see below)
  *   <prefix>-ext   the external host, on the same segment as the nodes and the egress IPs
- *   <prefix>-p…    pods, each a namespace with eth0 on its node's cni0
+ *   <prefix>-p…    pods, each a namespace with eth0 on its node's bridge "cni0"
+ *
+ * The pod network (`podNetwork`):
+ *   "cni"     what a cluster with a bridge CNI and a host-gw network has: pods plugged by the
+ *             CNI reference plugins (bridge with its own `ipMasq` chains, host-local, portmap;
+ *             see cni.ts) with CNI ADD and DEL, and the host-gw network's masquerade exemption
+ *             for pod-to-pod traffic. The sandbox uses it.
+ *   "static"  a hand-made stand-in: cni0, addresses and one masquerade rule written directly,
+ *             for kernel tests that program the datapath without a cluster.
  *
  * Address plan (IPv4 / IPv6):
  *   segment        192.168.77.0/24          fd00:77::/64       node I = .10+I / ::a+I
  *   external host  192.168.77.200           fd00:77::200
  *   egress IPs     192.168.77.100-120       fd00:77::100-120   (same segment: ARP/NDP works)
+ *   pods           10.244.0.0/16            fd00:244::/56      (the cluster CIDR)
  *   pods of node I 10.244.I.0/24            fd00:244:0:I::/64  (gateway .1 / ::1)
  */
 
+import { mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { ExecRunner, mustRun, type Runner } from "../kernel/runner.ts";
 import type { Family } from "../lib/ip.ts";
+import {
+  type CniResult,
+  type CniRuntime,
+  cniAdd,
+  cniBinaries,
+  cniDel,
+  LOOPBACK,
+  type NetworkConfList,
+  nodeConfList,
+  type PluginConf,
+  podIPs,
+} from "./cni.ts";
 
 export const SEGMENT = {
   4: { prefix: "192.168.77", len: 24 },
@@ -45,6 +68,15 @@ export interface TopologyOptions {
   readonly prefix: string;
   readonly nodes: number;
   readonly families: readonly Family[];
+  /** @default "static" */
+  readonly podNetwork?: "cni" | "static";
+  /**
+   * Where the nodes' CNI configuration lists and host-local's state go.
+   * @default a directory under the system's temporary directory, removed by `Topology.down()`
+   */
+  readonly cniDir?: string;
+  /** Plugins appended to every node's configuration list (a chained plugin). */
+  readonly chainedPlugins?: readonly PluginConf[];
 }
 
 export interface PodHandle {
@@ -52,6 +84,12 @@ export interface PodHandle {
   readonly netns: string;
   readonly node: number;
   readonly ips: Readonly<Partial<Record<Family, string>>>;
+  /** CNI_CONTAINERID and the ADD result, which DEL is given again ("cni" pod network). */
+  readonly cni?: { readonly containerId: string; readonly result: CniResult };
+}
+
+function defaultCniDir(prefix: string): string {
+  return join(tmpdir(), `sallyport-cni-${prefix}`);
 }
 
 /** Runs a command inside a namespace of the topology. */
@@ -63,14 +101,35 @@ export class Topology {
   readonly prefix: string;
   readonly families: readonly Family[];
   readonly nodeCount: number;
+  readonly podNetwork: "cni" | "static";
+  readonly cniDir: string;
+  readonly #chained: readonly PluginConf[];
   readonly #root = new ExecRunner();
   readonly #pods = new Map<string, PodHandle>();
   #podSeq = new Map<number, number>();
+  #cniPath: string | undefined;
 
   constructor(options: TopologyOptions) {
     this.prefix = options.prefix;
     this.families = options.families;
     this.nodeCount = options.nodes;
+    this.podNetwork = options.podNetwork ?? "static";
+    this.cniDir = options.cniDir ?? defaultCniDir(options.prefix);
+    this.#chained = options.chainedPlugins ?? [];
+  }
+
+  /** Node `i`'s CNI configuration list: what a CNI's installer writes to /etc/cni/net.d. */
+  confList(i: number): NetworkConfList {
+    return nodeConfList({
+      podCIDRs: Object.fromEntries(this.families.map((f) => [f, podCIDR(i, f)])),
+      ipamDataDir: join(this.cniDir, `node-${i}`, "ipam"),
+      chained: this.#chained,
+    });
+  }
+
+  #cni(node: number): CniRuntime {
+    this.#cniPath ??= cniBinaries();
+    return { runner: nsRunner(this.nodeNs(node)), cniPath: this.#cniPath };
   }
 
   get bridgeNs(): string {
@@ -189,6 +248,10 @@ export class Topology {
       "net/ipv4/ip_forward=1",
       "net/ipv6/conf/all/forwarding=1",
     ]);
+    if (this.podNetwork === "cni") {
+      await this.#cniNode(i);
+      return;
+    }
     await this.#ip(["-n", ns, "link", "add", "cni0", "type", "bridge"]);
     for (const f of this.families) {
       const gw = f === 4 ? `10.244.${i}.1/24` : `fd00:244:0:${i.toString(16)}::1/64`;
@@ -230,6 +293,45 @@ export class Topology {
     }
   }
 
+  /**
+   * A node of the "cni" pod network before its first pod: the CNI's configuration list, the
+   * chains the kubelet leaves (which tell the iptables backend in use, see kernel/iptables.ts),
+   * and the host-gw network's exemption: pod-to-pod traffic keeps its source. The bridge
+   * plugin's `ipMasq` chains masquerade everything that leaves the node's own pod CIDR, other
+   * nodes' pods included; a host-gw network (flannel's `FLANNEL-POSTRTG` rules) exempts the
+   * cluster CIDR first. Appended, so kube-proxy's masquerade (hairpin, NodePort) still comes
+   * before it and the bridge plugin's per-pod rules, appended at each ADD, after it.
+   */
+  async #cniNode(i: number): Promise<void> {
+    const dir = join(this.cniDir, `node-${i}`);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, "10-sandbox.conflist"), JSON.stringify(this.confList(i), null, 2));
+    const rules = (family: Family) => {
+      const supernet = POD_SUPERNET[family];
+      return [
+        "*mangle",
+        ":KUBE-IPTABLES-HINT - [0:0]",
+        ":KUBE-KUBELET-CANARY - [0:0]",
+        "COMMIT",
+        "*filter",
+        ":KUBE-KUBELET-CANARY - [0:0]",
+        "COMMIT",
+        "*nat",
+        ":KUBE-KUBELET-CANARY - [0:0]",
+        `-A POSTROUTING -s ${supernet} -d ${supernet} -m comment --comment "host-gw: pod to pod keeps its source" -j ACCEPT`,
+        "COMMIT",
+        "",
+      ].join("\n");
+    };
+    for (const family of this.families) {
+      await mustRun(
+        nsRunner(this.nodeNs(i)),
+        [family === 4 ? "iptables-restore" : "ip6tables-restore", "--noflush"],
+        { stdin: rules(family) },
+      );
+    }
+  }
+
   async #nodeRoutes(i: number): Promise<void> {
     for (let k = 1; k <= this.nodeCount; k++) {
       if (k === i) continue;
@@ -250,11 +352,15 @@ export class Topology {
     }
   }
 
-  /** Adds a pod on node `node`; returns its addresses. */
-  async addPod(name: string, node: number): Promise<PodHandle> {
+  /**
+   * Adds a pod on node `node`; returns its addresses. Its namespace is `netns`, by default the
+   * next `<prefix>-p<node>x<n>` this Topology object has not used.
+   */
+  async addPod(name: string, node: number, options: { netns?: string } = {}): Promise<PodHandle> {
     const seq = this.#podSeq.get(node) ?? 0;
     this.#podSeq.set(node, seq + 1);
-    const netns = `${this.prefix}-p${node}x${seq}`;
+    const netns = options.netns ?? `${this.prefix}-p${node}x${seq}`;
+    if (this.podNetwork === "cni") return this.#addCniPod(name, node, netns);
     const hostSide = `vp${seq}`;
     const ips: Partial<Record<Family, string>> = {};
     for (const f of this.families) ips[f] = podAddress(node, seq, f);
@@ -277,6 +383,60 @@ export class Topology {
     const pod = { name, netns, node, ips };
     this.#pods.set(name, pod);
     return pod;
+  }
+
+  /**
+   * What a container runtime does for a new pod sandbox: an empty network namespace, then CNI
+   * ADD of the loopback network and of the node's network. On failure the namespace goes again
+   * (after a DEL, which cleans up what the ADD got done).
+   */
+  async #addCniPod(name: string, node: number, netns: string): Promise<PodHandle> {
+    await this.#ip(["netns", "add", netns]);
+    const containerId = `${netns}-${Date.now().toString(36)}`;
+    const attachment = { containerId, netns: `/run/netns/${netns}` };
+    const rt = this.#cni(node);
+    try {
+      await cniAdd(rt, LOOPBACK, attachment);
+      const result = await cniAdd(rt, this.confList(node), attachment);
+      const pod: PodHandle = {
+        name,
+        netns,
+        node,
+        ips: podIPs(result),
+        cni: { containerId, result },
+      };
+      this.#pods.set(name, pod);
+      return pod;
+    } catch (e) {
+      await cniDel(rt, this.confList(node), attachment, undefined).catch(() => {});
+      await this.#root.run(["ip", "netns", "del", netns]);
+      throw e;
+    }
+  }
+
+  /**
+   * Removes a pod as a runtime does: CNI DEL with the ADD's result (the bridge plugin's chains
+   * and host-local's address go), then its namespace. Idempotent: a pod already gone is no error.
+   */
+  async deletePod(pod: PodHandle): Promise<void> {
+    this.#pods.delete(pod.name);
+    if (pod.cni !== undefined) {
+      const attachment = { containerId: pod.cni.containerId, netns: `/run/netns/${pod.netns}` };
+      const rt = this.#cni(pod.node);
+      await cniDel(rt, this.confList(pod.node), attachment, pod.cni.result);
+      await cniDel(rt, LOOPBACK, attachment, undefined);
+    }
+    const pids = (await this.#root.run(["ip", "netns", "pids", pod.netns])).stdout
+      .split("\n")
+      .filter(Boolean);
+    for (const pid of pids) {
+      try {
+        process.kill(Number(pid), "SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+    await this.#root.run(["ip", "netns", "del", pod.netns]);
   }
 
   /** Cuts a node off: its uplink goes down (no ARP, no traffic). */
@@ -307,6 +467,7 @@ export class Topology {
       }
     }
     for (const ns of list) await root.run(["ip", "netns", "del", ns]);
+    rmSync(defaultCniDir(prefix), { recursive: true, force: true });
     return list;
   }
 }
