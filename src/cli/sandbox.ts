@@ -210,10 +210,8 @@ export function sandboxCommands(program: Command): void {
       .argument("<pod>", "NAME or NAMESPACE/NAME")
       .argument("<labels...>", "k=v or k-"),
   ).action(async (pod: string, labels: string[], f: { prefix: string }) => {
-    const p = await (await openSandbox(f.prefix)).labelPod(
-      pod,
-      parseLabels(labels.join(","), "label-pod"),
-    );
+    const changes = parseLabels(labels.join(","), "label-pod");
+    const p = await (await openSandbox(f.prefix)).labelPod(pod, changes);
     const text = Object.entries(p.labels)
       .map(([k, v]) => `${k}=${v}`)
       .join(",");
@@ -256,10 +254,11 @@ export function sandboxCommands(program: Command): void {
         const selector = parseLabels(f.selector, "--selector");
         if (Object.keys(selector).length === 0 || Object.values(selector).includes(null))
           throw new UsageError(`Cannot add service ${name}: --selector needs k=v pairs`);
+        const ports = parsePorts(f.port);
         const svc = await (await openSandbox(f.prefix)).addService(name, {
           namespace: f.namespace,
           selector: selector as Record<string, string>,
-          ports: parsePorts(f.port),
+          ports,
           type: f.type,
           externalTrafficPolicy: f.externalTrafficPolicy,
         });

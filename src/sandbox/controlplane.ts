@@ -377,6 +377,8 @@ export class ControlPlane {
         `--kubeconfig=${kubeconfig}`,
         `--authentication-kubeconfig=${kubeconfig}`,
         `--authorization-kubeconfig=${kubeconfig}`,
+        // The API server has no client CA (token authentication only): nothing to look up.
+        "--authentication-skip-lookup=true",
         `--controllers=${controllers.join(",")}`,
         // As kubeadm runs it: each controller acts with its own service account's permissions.
         "--use-service-account-credentials=true",
