@@ -23,7 +23,7 @@ export async function demo(prefix = "sp"): Promise<boolean> {
   let sb: Sandbox | undefined;
   try {
     say(
-      "building the sandbox: 3 nodes (node-2 and node-3 may be gateways), an external server, a real kube-apiserver",
+      "building the sandbox: 3 nodes (node-2 and node-3 may be gateways) with kube-proxy and a bridge CNI pod network, an external server, a real control plane",
     );
     sb = await Sandbox.up({ prefix, nodes: 3, families: [4] }, (l) => console.log(`   ${l}`));
     const pod = await sb.addPod("mediabot", {
@@ -31,6 +31,15 @@ export async function demo(prefix = "sp"): Promise<boolean> {
       labels: { org: "empire", class: "mediabot" },
     });
     console.log(`   pod default/mediabot on node-1 with ${pod.ips[4]}`);
+    const api = await sb.addPod("api", { node: 3, labels: { app: "api" }, echo: true });
+    const service = await sb.addService("api", {
+      selector: { app: "api" },
+      ports: [{ port: 80, targetPort: 8080 }],
+    });
+    const apiTarget = `${service.clusterIPs[4]}:80`;
+    console.log(
+      `   pod default/api on node-3 with ${api.ips[4]} behind Service default/api ${service.clusterIPs[4]} (kube-proxy, ${sb.proxyMode} mode)`,
+    );
     const target = sb.externalTarget(4);
 
     say("without a policy: the external server sees the pod's node (seed 003's first expectation)");
@@ -50,6 +59,12 @@ export async function demo(prefix = "sp"): Promise<boolean> {
     step("the policy is Ready", ready.ready, ready.detail);
     const after = await probeUntilSeen(pod.netns, target, EIP, 15_000);
     step("with the policy the source is the egress IP", after === EIP, `the server saw ${after}`);
+    const inside = await probeUntilSeen(pod.netns, apiTarget, pod.ips[4]!, 15_000);
+    step(
+      "traffic inside the cluster keeps its path: Service default/api (its backend on node-3) sees the pod's own address",
+      inside === pod.ips[4],
+      `the backend saw ${inside}`,
+    );
     console.log(`\n${await printStatus(sb)}`);
 
     const holder = ready.node;

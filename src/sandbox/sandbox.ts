@@ -33,7 +33,7 @@ import {
   resourcePath,
 } from "../kube/client.ts";
 import { type Family, tryParseAddress } from "../lib/ip.ts";
-import type { CniResult } from "./cni.ts";
+import type { CniResult, PluginConf } from "./cni.ts";
 import {
   alive,
   ControlPlane,
@@ -88,6 +88,8 @@ export interface SandboxOptions {
   readonly agentImage?: string;
   /** kube-proxy's mode on every node. @default "iptables" */
   readonly proxyMode?: ProxyMode;
+  /** Plugins appended to every node's CNI configuration list (a chained plugin). */
+  readonly chainedPlugins?: readonly PluginConf[];
 }
 
 export interface PodOptions {
@@ -156,6 +158,7 @@ interface SandboxState {
   controllerArgs: string[];
   agentImage?: string;
   proxyMode: ProxyMode;
+  chainedPlugins?: PluginConf[];
 }
 
 export function sandboxDir(prefix: string): string {
@@ -182,6 +185,7 @@ export class Sandbox {
       families: state.families,
       podNetwork: "cni",
       cniDir: join(dir, "cni"),
+      chainedPlugins: state.chainedPlugins ?? [],
     });
   }
 
@@ -255,6 +259,9 @@ export class Sandbox {
       controllerArgs: [...(options.controllerArgs ?? [])],
       ...(options.agentImage === undefined ? {} : { agentImage: options.agentImage }),
       proxyMode: options.proxyMode ?? "iptables",
+      ...(options.chainedPlugins === undefined
+        ? {}
+        : { chainedPlugins: [...options.chainedPlugins] }),
     };
     const sb = new Sandbox(dir, state);
     try {
