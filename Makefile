@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 NODE := node_modules/.bin/node
-DEBIAN_PACKAGES := iptables ipset iproute2 conntrack iputils-ping iputils-arping procps kmod openssl curl ca-certificates
+DEBIAN_PACKAGES := iptables ipset iproute2 conntrack iputils-ping iputils-arping procps kmod openssl curl ca-certificates iperf3
 # kube-proxy's nftables mode in the sandbox runs nft.
 DEBIAN_PACKAGES += nftables
 # The image (make image) and its test: a Debian root from Debian's packages, assembled and run
