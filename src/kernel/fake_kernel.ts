@@ -1,8 +1,8 @@
 /**
  * A fake Linux host below `Datapath`, in the spirit of kubernetes-sigs/knftables' fake.go: a
  * `Runner` that answers the exact commands the datapath runs from an in-memory model of one host
- * (iptables chains and rules per family and table, ipsets, links, addresses, ip rules, routes,
- * neighbours, the VXLAN FDB, sysctls).
+ * (iptables chains and rules per family and table, ipsets, nftables tables, links, addresses, ip
+ * rules, routes, neighbours, the VXLAN FDB, sysctls).
  *
  * - It applies exactly the text the datapath sends and parses only the forms our renderers emit;
  *   anything else is answered with exit 2 and "FakeKernel does not model …", never silently.
@@ -12,12 +12,13 @@
  *   so a renderer that writes a form the kernel prints differently shows up as a diff.
  *
  * Every behaviour below was checked in throwaway network namespaces on Linux 6.18 with
- * iptables v1.8.9 (nf_tables), ipset v7.17 (protocol 7), iproute2 6.1.0 and procps-ng sysctl 4.0.2;
- * each section says what it models and what it leaves out.
+ * iptables v1.8.9 (nf_tables), ipset v7.17 (protocol 7), nftables 1.0.6, iproute2 6.1.0 and
+ * procps-ng sysctl 4.0.2; each section says what it models and what it leaves out.
  *
  * Tests seed foreign state with `seed(argv, stdin)`: the same tool syntax, not logged in `calls`,
- * and iptables rules or ipsets the fake cannot parse (a CNI's MASQUERADE rule, a kube-proxy
- * hash:ip,port set) are kept verbatim as someone else's. `failNext()` injects a failure;
+ * and iptables rules, ipsets or nft rules the fake cannot parse (a CNI's MASQUERADE rule, a
+ * kube-proxy hash:ip,port set, an nft rule with an anonymous set) are kept verbatim as someone
+ * else's. `failNext()` injects a failure;
  * `dump()` prints the whole model as canonical text for equality assertions.
  */
 import {
@@ -279,6 +280,15 @@ class Xtables {
         for (const chain of table.values())
           for (const r of chain.rules) if (r.sets.includes(name)) n++;
     return n;
+  }
+
+  /** The tables iptables-nft made, as nftables names them (they share the kernel's table list). */
+  tableNames(): (readonly [NftFamily, string])[] {
+    return ([4, 6] as const).flatMap((family) =>
+      SAVE_ORDER.filter((name) => this.#tables[family].has(name)).map(
+        (name) => [family === 4 ? "ip" : "ip6", name] as const,
+      ),
+    );
   }
 
   save(family: Family, args: readonly string[]): string {
@@ -2357,6 +2367,1905 @@ class Net {
 }
 
 // ================================================================================================
+// nft (nftables)
+//
+// Models nftables 1.0.6 (Debian's) on Linux 6.18 for tables of the ip, ip6 and inet families.
+// Every message, exit code, listing and handle below was compared byte for byte with the real
+// tool in network namespaces, on hand-written cases and on the transactions the datapath sends
+// for random plans.
+// - Input: `nft -f -`, or one command in argv (`nft flush chain inet sallyport prerouting`):
+//   `add table`, `table FAMILY NAME { … }` blocks (sets, maps and chains with their rules, for
+//   seeding), `add set|map … { type K [. K…] [: V]; [flags interval;] [counter;] [elements = {…}] }`,
+//   `add chain` (regular, or base `{ type filter|nat|route hook H priority P; policy accept|drop; }`
+//   with priorities by number or name), `add rule … [comment "…"]`, `add|delete element` (single or
+//   concatenated keys of prefixes, ranges and values; verdicts, marks and addresses as values),
+//   `flush chain|set|map`, `delete table|chain|set|map`, `flush ruleset`.
+// - Atomic as the kernel's batch: nft first evaluates every command and sends nothing if one fails
+//   (its own errors below); the kernel then runs the commands in order, reports every one it
+//   refuses ("Could not process rule: …") and aborts them all. Each error is printed as nft does,
+//   `/dev/stdin:LINE:FIRST-LAST: Error: …`, the line and carets (`Error: …` and the command for one
+//   in argv); exit 1.
+// - nft's own refusals: a table, set or map that does not exist for a set, chain, element or `@set`
+//   lookup (`flush set` too); `vmap` of a set ("Expression is not a map") or of a data map; a lookup
+//   or map key of another type or arity ("datatype mismatch, …", with the expression underlined);
+//   elements that do not parse as the set's type (an address of the other family, a prefix longer
+//   than the type, a protocol or port out of range, an unknown protocol name, a mark over 32 bits, a
+//   range of negative size, a prefix or range without `flags interval`, too few or too many
+//   fields); a verdict map value that is no verdict; a value for a set ("netlink: Error: set is not
+//   a map"); a comment over 128 characters; an unknown datatype.
+// - The kernel's: a rule in a table or chain that does not exist; `goto`/`jump` (in a rule or a map
+//   element) to a chain missing at that point of the batch (No such file or directory) or to a base
+//   chain (Operation not supported); deleting or flushing what does not exist; deleting a chain a
+//   rule or map element still jumps to, or a set a rule still uses (Device or resource busy);
+//   `delete element` of what is not there; `add element` of a key already there with another value,
+//   and in an interval map (pipapo) of an element whose first or last point lies in one already
+//   there (File exists: only those two corners are checked, so an element holding another one whole
+//   is accepted); a map element without value, a verdict in a data map (Invalid argument); `add
+//   set|map` over one of another definition, `add chain` over one of another type (File exists);
+//   `add chain` over a base chain at another hook or priority, or with a hook over a regular chain,
+//   a nat chain at forward, a route chain but at output (Operation not supported; only a policy
+//   changes in place); snat/masquerade, dnat or `rt mtu` where a base chain of another hook reaches
+//   them through jumps, gotos and verdict maps, snat in a base chain not of type nat (Operation not
+//   supported, located on the whole command; the kernel finds these when it validates at commit
+//   and replays the batch, so every handle the batch took is taken twice).
+// - Kept as the kernel does it: `delete element` in an interval map removes the first element (in
+//   insertion order) that holds the key's first point, even when it is not that key; a chain is
+//   deleted with its rules (and what they referenced); `add` of what is there with the same
+//   definition or value changes nothing; `delete set` deletes a map of that name and vice versa;
+//   handles count per table and are used up by refused batches too.
+// - Listings: `nft [-j] list table|tables|ruleset`. JSON as nft prints it: sets with `type` a string
+//   or a list, `map`, `flags`, `elem`, `stmt: [{"counter": null}]`; elements as values, `{"concat":
+//   […]}`, `{"prefix": …}` (any range that is one CIDR), `{"range": […]}`, protocol names from
+//   netbase's /etc/protocols, `{"elem": {"val", "counter"}}` in counter sets, verdict objects;
+//   chains with type/hook/prio/policy; rules with their comment. Text as nft prints sets (elements
+//   so many a line by type) and chains (priorities by name). nft sorts the elements of hash sets;
+//   interval maps list in insertion order. A missing table: exit 1, "Error: No such file or
+//   directory" and the command with carets.
+// - iptables-nft's tables (the model above) are listed by `nft list tables`, before ours rather
+//   than in creation order; nft commands on them, and `list|flush ruleset` while they exist, are
+//   not modeled.
+// Not modeled (exit 2, "FakeKernel does not model …"): other families, set types and options
+// (timeout, size, policy, typeof, dynamic), single-field interval sets (rbtree and its auto-merge),
+// hostnames and service names in elements, anonymous sets and maps in rules, `insert`, `replace`,
+// `create`, `delete rule … handle`, `list` of single chains or sets. Rules are checked against the
+// vocabulary of the statements Sallyport renders and kube-proxy uses (selectors, operators, values,
+// nat, mangling, verdicts, counter, comment), not against nft's grammar; they are kept and printed
+// as written (nft prints its canonical form, e.g. `meta mark 0x12000000/8`), and their JSON `expr`
+// is a placeholder, `[{"fake": "<rule as written>"}]`: the datapath reads only rule comments.
+// Counters stay at zero. nft's "; did you mean …" suggestions are not printed: when a similar name
+// exists, nft reports in userspace, with a suggestion, what the kernel reports otherwise.
+
+const NFT_METAINFO = {
+  metainfo: { version: "1.0.6", release_name: "Lester Gooch #5", json_schema_version: 1 },
+};
+
+type NftFamily = "ip" | "ip6" | "inet";
+type NftKeyType = "ipv4_addr" | "ipv6_addr" | "inet_proto" | "inet_service" | "mark";
+type NftValueType = NftKeyType | "verdict";
+
+const NFT_TYPES: Readonly<Record<NftValueType, string>> = {
+  ipv4_addr: "IPv4 address",
+  ipv6_addr: "IPv6 address",
+  inet_proto: "Internet protocol",
+  inet_service: "internet network service",
+  mark: "packet mark",
+  verdict: "netfilter verdict",
+};
+/** Datatypes nft knows and the fake does not model (anything else is an unknown datatype). */
+const NFT_OTHER_TYPES = new Set([
+  "integer",
+  "string",
+  "ether_addr",
+  "ether_type",
+  "ifname",
+  "iface_index",
+  "iface_type",
+  "icmp_type",
+  "icmpv6_type",
+  "tcp_flag",
+  "ct_state",
+  "ct_status",
+  "ct_dir",
+  "nf_proto",
+  "boolean",
+  "uid",
+  "gid",
+  "realm",
+  "classid",
+  "dscp",
+  "ecn",
+  "pkt_type",
+  "devgroup",
+  "ct_label",
+  "time",
+  "day",
+  "hour",
+]);
+
+function isNftKeyType(name: string): name is NftKeyType {
+  return name !== "verdict" && Object.hasOwn(NFT_TYPES, name);
+}
+
+/** Debian netbase's /etc/protocols: getprotobynumber() names (the first name of each number). */
+const PROTOCOL_NAMES: ReadonlyMap<number, string> = new Map(
+  "0:ip 1:icmp 2:igmp 3:ggp 4:ipencap 5:st 6:tcp 8:egp 9:igp 12:pup 17:udp 20:hmp 22:xns-idp 27:rdp 29:iso-tp4 33:dccp 36:xtp 37:ddp 38:idpr-cmtp 41:ipv6 43:ipv6-route 44:ipv6-frag 45:idrp 46:rsvp 47:gre 50:esp 51:ah 57:skip 58:ipv6-icmp 59:ipv6-nonxt 60:ipv6-opts 73:rspf 81:vmtp 88:eigrp 89:ospf 93:ax.25 94:ipip 97:etherip 98:encap 103:pim 108:ipcomp 112:vrrp 115:l2tp 124:isis 132:sctp 133:fc 135:mobility-header 136:udplite 137:mpls-in-ip 138:manet 139:hip 140:shim6 141:wesp 142:rohc 143:ethernet"
+    .split(" ")
+    .map((e) => {
+      const [n, name] = e.split(":");
+      return [Number(n), name!] as const;
+    }),
+);
+const PROTOCOL_NUMBERS: ReadonlyMap<string, number> = new Map([
+  ...[...PROTOCOL_NAMES].map(([n, name]) => [name, n] as const),
+  ["hopopt", 0],
+]);
+
+const HOOKS = ["prerouting", "input", "forward", "output", "postrouting"] as const;
+type NftHook = (typeof HOOKS)[number];
+const hookBit = (hook: NftHook) => 1 << HOOKS.indexOf(hook);
+/** Where the kernel's validate callbacks allow an expression (nft_nat_validate, nft_rt_validate). */
+const SNAT_HOOKS = hookBit("postrouting") | hookBit("input");
+const DNAT_HOOKS = hookBit("prerouting") | hookBit("output");
+const RT_MTU_HOOKS = hookBit("forward") | hookBit("output") | hookBit("postrouting");
+
+/** nft's standard priorities (ip, ip6, inet) and the hooks srcnat and dnat are valid at. */
+const STD_PRIORITIES: readonly (readonly [string, number, readonly NftHook[] | undefined])[] = [
+  ["raw", -300, undefined],
+  ["mangle", -150, undefined],
+  ["dstnat", -100, ["prerouting", "output"]],
+  ["filter", 0, undefined],
+  ["security", 50, undefined],
+  ["srcnat", 100, ["postrouting", "input"]],
+];
+
+/** nft's prio2str(): a standard priority within ±10 by name, anything else as a number. */
+function priorityText(priority: number, hook: NftHook): string {
+  for (const [name, value, hooks] of STD_PRIORITIES) {
+    const offset = priority - value;
+    if (Math.abs(offset) > 10 || (hooks !== undefined && !hooks.includes(hook))) continue;
+    return offset === 0 ? name : `${name} ${offset > 0 ? "+" : "-"} ${Math.abs(offset)}`;
+  }
+  return String(priority);
+}
+
+const ERRNO = {
+  ENOENT: "No such file or directory",
+  EEXIST: "File exists",
+  EBUSY: "Device or resource busy",
+  EOPNOTSUPP: "Operation not supported",
+  EINVAL: "Invalid argument",
+} as const;
+
+interface NftToken {
+  /** A string's text without its quotes. */
+  readonly text: string;
+  readonly kind: "word" | "string" | "punct" | "newline";
+  readonly line: number;
+  /** Columns of the first and last character (1-based, quotes included), as nft reports them. */
+  readonly first: number;
+  readonly last: number;
+}
+
+function nftTokens(input: string): NftToken[] {
+  const out: NftToken[] = [];
+  let line = 1;
+  let col = 1;
+  let i = 0;
+  while (i < input.length) {
+    const c = input[i]!;
+    if (c === "\n") {
+      out.push({ text: "\n", kind: "newline", line, first: col, last: col });
+      line++;
+      col = 1;
+      i++;
+    } else if (c === " " || c === "\t" || c === "\r") {
+      i++;
+      col++;
+    } else if (c === "#") {
+      while (i < input.length && input[i] !== "\n") i++;
+    } else if (c === "{" || c === "}" || c === ";" || c === ",") {
+      out.push({ text: c, kind: "punct", line, first: col, last: col });
+      i++;
+      col++;
+    } else if (c === '"') {
+      const end = input.indexOf('"', i + 1);
+      const newline = input.indexOf("\n", i + 1);
+      if (end < 0 || (newline >= 0 && newline < end))
+        throw unmodeled(`an unterminated string in nft input line ${line}`);
+      out.push({
+        text: input.slice(i + 1, end),
+        kind: "string",
+        line,
+        first: col,
+        last: col + end - i,
+      });
+      col += end - i + 1;
+      i = end + 1;
+    } else {
+      let j = i;
+      while (j < input.length && !/[\s{};,"]/.test(input[j]!)) j++;
+      out.push({ text: input.slice(i, j), kind: "word", line, first: col, last: col + j - i - 1 });
+      col += j - i;
+      i = j;
+    }
+  }
+  return out;
+}
+
+/** Top-level commands: split at newlines and semicolons outside braces. */
+function nftCommands(tokens: readonly NftToken[]): NftToken[][] {
+  const out: NftToken[][] = [];
+  let current: NftToken[] = [];
+  let depth = 0;
+  for (const t of tokens) {
+    if (depth === 0 && (t.kind === "newline" || t.text === ";")) {
+      if (current.length > 0) out.push(current);
+      current = [];
+      continue;
+    }
+    if (t.kind === "punct" && t.text === "{") depth++;
+    if (t.kind === "punct" && t.text === "}") {
+      depth--;
+      if (depth < 0) throw unmodeled(`an unbalanced "}" in nft input line ${t.line}`);
+    }
+    current.push(t);
+  }
+  if (depth !== 0) throw unmodeled("an nft input whose braces do not balance");
+  if (current.length > 0) out.push(current);
+  return out;
+}
+
+interface NftSpan {
+  readonly line: number;
+  readonly first: number;
+  readonly last: number;
+}
+
+function nftSpan(from: NftToken, to: NftToken = from): NftSpan {
+  return { line: from.line, first: from.first, last: to.line === from.line ? to.last : from.last };
+}
+
+/** A whole command, as the kernel's errors locate it: up to the newline that ends it. */
+function nftCommandSpan(tokens: readonly NftToken[]): NftSpan {
+  const span = nftSpan(tokens[0]!, tokens[tokens.length - 1]!);
+  return { ...span, last: span.last + 1 };
+}
+
+/** One error nft prints: refused by nft itself ("user") or by the kernel. */
+class NftFailure {
+  readonly stage: "user" | "kernel";
+  readonly message: string;
+  /** Undefined: printed without location (netlink's own errors). */
+  readonly at: NftSpan | undefined;
+  /** The expression a datatype mismatch is about, underlined with `~`. */
+  readonly context: NftSpan | undefined;
+  constructor(stage: "user" | "kernel", message: string, at?: NftSpan, context?: NftSpan) {
+    this.stage = stage;
+    this.message = message;
+    this.at = at;
+    this.context = context;
+  }
+}
+
+const userError = (message: string, at?: NftSpan, context?: NftSpan) =>
+  new NftFailure("user", message, at, context);
+const kernelError = (errno: keyof typeof ERRNO, at: NftSpan) =>
+  new NftFailure("kernel", `Could not process rule: ${ERRNO[errno]}`, at);
+
+// ------------------------------------------------------------------------------------------------
+// The model
+
+/** One field of an element key: a single value (lo = hi), a prefix or a range. */
+interface NftField {
+  readonly lo: bigint;
+  readonly hi: bigint;
+}
+
+type NftVerdict =
+  | { readonly kind: "accept" | "drop" | "return" | "continue" }
+  | { readonly kind: "goto" | "jump"; readonly chain: string };
+
+interface NftElement {
+  readonly key: readonly NftField[];
+  /** A verdict (verdict maps), an address or mark (data maps), nothing (sets). */
+  readonly value: NftVerdict | bigint | undefined;
+}
+
+interface NftSet {
+  readonly name: string;
+  readonly handle: number;
+  readonly key: readonly NftKeyType[];
+  readonly value: NftValueType | undefined;
+  readonly interval: boolean;
+  readonly counter: boolean;
+  /** By key identity, in insertion order. */
+  elements: Map<string, NftElement>;
+}
+
+interface NftBaseChain {
+  readonly type: "filter" | "nat" | "route";
+  readonly hook: NftHook;
+  readonly priority: number;
+  readonly policy: "accept" | "drop";
+}
+
+interface NftRule {
+  readonly handle: number;
+  /** The statements as written (without the comment). */
+  readonly text: string;
+  readonly comment: string | undefined;
+  /** Chains it jumps or goes to. */
+  readonly chains: readonly string[];
+  /** Sets and maps it uses (the kernel's reference count). */
+  readonly sets: readonly string[];
+  /** Verdict maps it looks up: their elements' chains are reachable from it. */
+  readonly vmaps: readonly string[];
+  /** Hooks its expressions are valid at (a bit per hook); undefined: any. */
+  readonly hooks: number | undefined;
+  /** It has a nat statement: in a base chain, that chain must be of type nat. */
+  readonly nat: boolean;
+}
+
+interface NftChain {
+  readonly name: string;
+  readonly handle: number;
+  readonly base: NftBaseChain | undefined;
+  rules: NftRule[];
+}
+
+interface NftTable {
+  readonly family: NftFamily;
+  readonly name: string;
+  readonly handle: number;
+  /** The table's handle generator: shared by its copies, so an aborted batch still uses handles. */
+  readonly handles: { next: number };
+  sets: Map<string, NftSet>;
+  chains: Map<string, NftChain>;
+}
+
+function cloneNftTable(t: NftTable): NftTable {
+  return {
+    ...t,
+    sets: new Map([...t.sets].map(([k, s]) => [k, { ...s, elements: new Map(s.elements) }])),
+    chains: new Map([...t.chains].map(([k, c]) => [k, { ...c, rules: [...c.rules] }])),
+  };
+}
+
+function elementId(key: readonly NftField[]): string {
+  return key.map((f) => (f.lo === f.hi ? `${f.lo}` : `${f.lo}-${f.hi}`)).join(".");
+}
+
+function sameValue(a: NftElement["value"], b: NftElement["value"]): boolean {
+  if (typeof a !== "object" || typeof b !== "object") return a === b;
+  return a.kind === b.kind && ("chain" in a ? a.chain : "") === ("chain" in b ? b.chain : "");
+}
+
+function typeWidth(type: NftKeyType): number {
+  switch (type) {
+    case "ipv4_addr":
+      return 32;
+    case "ipv6_addr":
+      return 128;
+    case "inet_proto":
+      return 8;
+    case "inet_service":
+      return 16;
+    case "mark":
+      return 32;
+  }
+}
+
+/** A field as nft prints it: an address prefix when the range is one, names for protocols. */
+function fieldText(f: NftField, type: NftKeyType): string {
+  if (type === "ipv4_addr" || type === "ipv6_addr") {
+    const family: Family = type === "ipv4_addr" ? 4 : 6;
+    const addr = (v: bigint) => formatAddress({ family, value: v });
+    if (f.lo === f.hi) return addr(f.lo);
+    const prefix = cidrPrefix(f, family);
+    return prefix === undefined ? `${addr(f.lo)}-${addr(f.hi)}` : `${addr(f.lo)}/${prefix}`;
+  }
+  const one = (v: bigint) => {
+    if (type === "mark") return `0x${v.toString(16).padStart(8, "0")}`;
+    if (type === "inet_proto" && f.lo === f.hi) return PROTOCOL_NAMES.get(Number(v)) ?? `${v}`;
+    return `${v}`;
+  };
+  return f.lo === f.hi ? one(f.lo) : `${one(f.lo)}-${one(f.hi)}`;
+}
+
+function fieldJson(f: NftField, type: NftKeyType): unknown {
+  if (type === "ipv4_addr" || type === "ipv6_addr") {
+    const family: Family = type === "ipv4_addr" ? 4 : 6;
+    const addr = (v: bigint) => formatAddress({ family, value: v });
+    if (f.lo === f.hi) return addr(f.lo);
+    const prefix = cidrPrefix(f, family);
+    return prefix === undefined
+      ? { range: [addr(f.lo), addr(f.hi)] }
+      : { prefix: { addr: addr(f.lo), len: prefix } };
+  }
+  if (f.lo !== f.hi) return { range: [Number(f.lo), Number(f.hi)] };
+  if (type === "inet_proto") return PROTOCOL_NAMES.get(Number(f.lo)) ?? Number(f.lo);
+  return Number(f.lo);
+}
+
+/** The prefix length when [lo, hi] is exactly one CIDR. */
+function cidrPrefix(f: NftField, family: Family): number | undefined {
+  const size = f.hi - f.lo + 1n;
+  if ((size & (size - 1n)) !== 0n || f.lo % size !== 0n) return undefined;
+  return bits(family) - (size.toString(2).length - 1);
+}
+
+function verdictText(v: NftVerdict): string {
+  return "chain" in v ? `${v.kind} ${v.chain}` : v.kind;
+}
+
+function verdictJson(v: NftVerdict): unknown {
+  return "chain" in v ? { [v.kind]: { target: v.chain } } : { [v.kind]: null };
+}
+
+/** JSON as libjansson prints it for nft: `", "` and `": "` separators, one line. */
+function nftJson(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return `[${value.map(nftJson).join(", ")}]`;
+  if (typeof value === "object")
+    return `{${Object.entries(value as Record<string, unknown>)
+      .map(([k, v]) => `${JSON.stringify(k)}: ${nftJson(v)}`)
+      .join(", ")}}`;
+  return JSON.stringify(value);
+}
+
+function typeDescription(types: readonly NftValueType[]): string {
+  return types.length === 1
+    ? NFT_TYPES[types[0]!]
+    : `concatenation of (${types.map((t) => NFT_TYPES[t]).join(", ")})`;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rules: the vocabulary of the statements the fake understands
+
+/** Selectors and the datatype of what they load (undefined: a type the fake does not model). */
+const NFT_SELECTORS: Readonly<Record<string, Readonly<Record<string, NftKeyType | null>>>> = {
+  ip: { saddr: "ipv4_addr", daddr: "ipv4_addr", protocol: "inet_proto" },
+  ip6: { saddr: "ipv6_addr", daddr: "ipv6_addr", nexthdr: "inet_proto" },
+  meta: {
+    mark: "mark",
+    l4proto: "inet_proto",
+    nfproto: null,
+    iifname: null,
+    oifname: null,
+    protocol: null,
+  },
+  ct: { state: null, direction: null, mark: "mark", status: null },
+  th: { dport: "inet_service", sport: "inet_service" },
+  tcp: { dport: "inet_service", sport: "inet_service", flags: null },
+  udp: { dport: "inet_service", sport: "inet_service" },
+};
+const NFT_VALUE_WORDS = new Set([
+  // ct state, ct direction, meta nfproto, tcp flags
+  "invalid",
+  "new",
+  "established",
+  "related",
+  "untracked",
+  "original",
+  "reply",
+  "ipv4",
+  "ipv6",
+  "syn",
+  "ack",
+  "fin",
+  "rst",
+  "psh",
+  "urg",
+  "ecn",
+  "cwr",
+]);
+const NFT_OPERATORS = new Set(["==", "!=", "<", ">", "<=", ">=", "&", "|", "^", "/", "set"]);
+const NFT_VERDICTS = new Set(["accept", "drop", "return", "continue"]);
+
+interface NftSetRef {
+  readonly name: string;
+  readonly token: NftToken;
+  readonly mode: "lookup" | "vmap" | "map";
+  /** The expression looked up, and its types when the fake knows them. */
+  readonly key: {
+    readonly types: readonly NftKeyType[];
+    readonly from: NftToken;
+    readonly to: NftToken;
+  };
+  /** The snat/dnat statement a `map` feeds, and the family of address it needs. */
+  readonly nat?: { readonly token: NftToken; readonly type: NftKeyType };
+}
+
+interface ParsedNftRule {
+  readonly text: string;
+  readonly comment: string | undefined;
+  readonly chains: readonly NftToken[];
+  readonly refs: readonly NftSetRef[];
+  readonly hooks: number | undefined;
+  readonly nat: boolean;
+  /** nft's own refusals (a comment too long, snat without family in an inet table). */
+  readonly errors: readonly NftFailure[];
+}
+
+function isNumberWord(text: string): boolean {
+  return /^(0x[0-9a-fA-F]+|\d+)$/.test(text);
+}
+
+function isValueWord(text: string): boolean {
+  if (isNumberWord(text) || NFT_VALUE_WORDS.has(text) || PROTOCOL_NUMBERS.has(text)) return true;
+  if (text.startsWith("@")) return false;
+  return text
+    .split("-")
+    .every(
+      (p) => isNumberWord(p) || tryParseAddress(p) !== undefined || tryParseCidr(p) !== undefined,
+    );
+}
+
+/**
+ * Walks a rule's statements: checks every word against the vocabulary (seeded rules keep words the
+ * fake does not know), and collects what the kernel checks (chains, sets, hooks) and the comment.
+ */
+function parseNftRule(
+  tokens: readonly NftToken[],
+  source: string,
+  family: NftFamily,
+  seeding: boolean,
+): ParsedNftRule {
+  const chains: NftToken[] = [];
+  const refs: NftSetRef[] = [];
+  const errors: NftFailure[] = [];
+  let hooks: number | undefined;
+  let nat = false;
+  let comment: string | undefined;
+  let end = tokens.length;
+  const restrict = (mask: number) => {
+    hooks = (hooks ?? mask) & mask;
+  };
+  /** The expression being built (selectors joined by `.`), for set lookups. */
+  let expr:
+    | { types: (NftKeyType | null)[]; from: NftToken; to: NftToken; open: boolean }
+    | undefined;
+  let natStatement: { token: NftToken; type: NftKeyType } | undefined;
+  const reject = (t: NftToken) => {
+    if (!seeding) throw unmodeled(`the nft rule syntax "${t.text}" (in: ${source.trim()})`);
+  };
+  for (let i = 0; i < tokens.length; i++) {
+    const t = tokens[i]!;
+    const next = tokens[i + 1];
+    if (t.kind === "string") {
+      expr = undefined;
+      continue;
+    }
+    if (t.kind === "punct") {
+      if (t.text === ",") continue;
+      if (t.text === "{" && seeding) {
+        // An anonymous set or map of someone else's rule: kept as written.
+        let depth = 0;
+        for (; i < tokens.length; i++) {
+          if (tokens[i]!.text === "{") depth++;
+          if (tokens[i]!.text === "}" && --depth === 0) break;
+        }
+        continue;
+      }
+      throw unmodeled(`anonymous sets and maps in nft rules (in: ${source.trim()})`);
+    }
+    const w = t.text;
+    if (w === "comment") {
+      if (next?.kind !== "string" && next?.kind !== "word")
+        throw unmodeled(`a rule's comment without text (in: ${source.trim()})`);
+      if (i + 2 !== tokens.length)
+        throw unmodeled(`statements after a rule's comment (in: ${source.trim()})`);
+      comment = next.text;
+      end = i;
+      if (Buffer.byteLength(comment) > 128)
+        errors.push(userError("comment too long, 128 characters maximum allowed", nftSpan(next)));
+      break;
+    }
+    const fields = NFT_SELECTORS[w];
+    if (fields !== undefined && next !== undefined && Object.hasOwn(fields, next.text)) {
+      const type = fields[next.text]!;
+      if (expr?.open === true) {
+        expr.types.push(type);
+        expr.to = next;
+        expr.open = false;
+      } else {
+        expr = { types: [type], from: t, to: next, open: false };
+      }
+      i++;
+      continue;
+    }
+    if (w === "iifname" || w === "oifname") {
+      expr = { types: [null], from: t, to: t, open: false };
+      continue;
+    }
+    if (w === "." && expr !== undefined && !expr.open) {
+      expr.open = true;
+      continue;
+    }
+    if (NFT_OPERATORS.has(w)) continue;
+    if (NFT_VERDICTS.has(w)) {
+      expr = undefined;
+      continue;
+    }
+    if ((w === "goto" || w === "jump") && next?.kind === "word") {
+      chains.push(next);
+      expr = undefined;
+      i++;
+      continue;
+    }
+    if (w === "counter") {
+      if (next?.text === "packets" && tokens[i + 3]?.text === "bytes") i += 4;
+      expr = undefined;
+      continue;
+    }
+    if (w === "masquerade") {
+      nat = true;
+      restrict(SNAT_HOOKS);
+      continue;
+    }
+    if (w === "snat" || w === "dnat") {
+      nat = true;
+      restrict(w === "snat" ? SNAT_HOOKS : DNAT_HOOKS);
+      let type: NftKeyType | undefined;
+      if ((next?.text === "ip" || next?.text === "ip6") && tokens[i + 2]?.text === "to") {
+        type = next.text === "ip" ? "ipv4_addr" : "ipv6_addr";
+        i += 2;
+      } else if (next?.text === "to") {
+        if (family === "inet")
+          errors.push(
+            userError("ip or ip6 must be specified with address for inet tables.", nftSpan(t)),
+          );
+        type = family === "ip6" ? "ipv6_addr" : "ipv4_addr";
+        i++;
+      } else {
+        reject(t);
+        continue;
+      }
+      natStatement = { token: t, type };
+      expr = undefined;
+      continue;
+    }
+    if (w === "tcp" && next?.text === "option" && tokens[i + 2]?.text === "maxseg") {
+      if (tokens[i + 3]?.text !== "size") reject(t);
+      i += 3;
+      continue;
+    }
+    if (w === "rt" && next?.text === "mtu") {
+      restrict(RT_MTU_HOOKS);
+      i++;
+      continue;
+    }
+    if ((w === "vmap" || w === "map") && next?.text.startsWith("@") === true) {
+      if (expr === undefined || expr.open) reject(t);
+      else {
+        if (expr.types.includes(null))
+          throw unmodeled(`a set lookup of this expression (in: ${source.trim()})`);
+        if (w === "map" && natStatement === undefined)
+          throw unmodeled(`maps outside snat/dnat (in: ${source.trim()})`);
+        refs.push({
+          name: next.text.slice(1),
+          token: next,
+          mode: w,
+          key: { types: expr.types as NftKeyType[], from: expr.from, to: expr.to },
+          ...(w === "map" ? { nat: natStatement! } : {}),
+        });
+      }
+      expr = undefined;
+      i++;
+      continue;
+    }
+    if (w.startsWith("@") && w.length > 1) {
+      if (expr === undefined || expr.types.includes(null)) reject(t);
+      else
+        refs.push({
+          name: w.slice(1),
+          token: t,
+          mode: "lookup",
+          key: { types: expr.types as NftKeyType[], from: expr.from, to: expr.to },
+        });
+      expr = undefined;
+      continue;
+    }
+    if (isValueWord(w)) continue;
+    reject(t);
+  }
+  const last = tokens[end - 1];
+  const text =
+    last === undefined ? "" : source.slice(tokens[0]!.first - 1, last.last).replace(/\s+/g, " ");
+  return { text, comment, chains, refs, hooks, nat, errors };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Elements
+
+interface ParsedElement {
+  readonly key: readonly NftField[];
+  readonly value: NftVerdict | bigint | undefined;
+  /** The value is a verdict in a data map (the kernel refuses it). */
+  readonly misplacedVerdict: boolean;
+  readonly span: NftSpan;
+}
+
+/** Parses `{ key [: value], … }` for `set` as nft evaluates it (every error is nft's own). */
+function parseNftElements(tokens: readonly NftToken[], set: NftSet): ParsedElement[] {
+  const items: NftToken[][] = [[]];
+  for (const t of tokens) {
+    if (t.kind === "newline") continue;
+    if (t.kind === "punct" && t.text === ",") items.push([]);
+    else if (t.kind === "punct") throw unmodeled(`"${t.text}" inside an nft element list`);
+    else items[items.length - 1]!.push(t);
+  }
+  const out: ParsedElement[] = [];
+  for (const item of items) {
+    if (item.length === 0) continue;
+    const colon = item.findIndex((t) => t.text === ":");
+    const keyTokens = colon < 0 ? item : item.slice(0, colon);
+    const valueTokens = colon < 0 ? [] : item.slice(colon + 1);
+    if (keyTokens.length === 0) throw unmodeled("an nft element without key");
+    const span = nftSpan(keyTokens[0]!, keyTokens[keyTokens.length - 1]!);
+    // Fields separated by ".": nft locates the third and later ones from the dot before them.
+    const fields: { token: NftToken; at: NftSpan }[] = [];
+    for (let i = 0; i < keyTokens.length; i++) {
+      const t = keyTokens[i]!;
+      if (i % 2 === 1) {
+        if (t.text !== ".") throw unmodeled(`the nft element syntax "${t.text}"`);
+        continue;
+      }
+      if (t.kind !== "word") throw unmodeled(`the nft element syntax "${t.text}"`);
+      const dot = keyTokens[i - 1];
+      fields.push({
+        token: t,
+        at: fields.length >= 2 && dot !== undefined ? nftSpan(dot, t) : nftSpan(t),
+      });
+    }
+    if (fields.length > set.key.length)
+      throw userError("Can't parse symbolic invalid expressions", fields[set.key.length]!.at);
+    if (fields.length < set.key.length)
+      throw userError(
+        `datatype mismatch, expected ${typeDescription(set.key)}, expression has type ${typeDescription(set.key.slice(0, fields.length))}`,
+        span,
+      );
+    const key = fields.map((f, i) => parseNftField(f.token, f.at, set.key[i]!, set.interval));
+    let value: NftVerdict | bigint | undefined;
+    let misplacedVerdict = false;
+    if (colon >= 0) {
+      if (set.value === undefined) throw new NftFailure("user", "netlink: Error: set is not a map");
+      const v = valueTokens[0];
+      if (v === undefined) throw unmodeled("an nft element value that is missing");
+      const isVerdict = NFT_VERDICTS.has(v.text) || v.text === "goto" || v.text === "jump";
+      if (isVerdict) {
+        const target = valueTokens[1];
+        if (
+          (v.text === "goto" || v.text === "jump") !== (target !== undefined) ||
+          valueTokens.length > 2
+        )
+          throw unmodeled(`the nft verdict syntax "${valueTokens.map((t) => t.text).join(" ")}"`);
+        value =
+          target === undefined
+            ? { kind: v.text as "accept" }
+            : { kind: v.text as "goto" | "jump", chain: target.text };
+        misplacedVerdict = set.value !== "verdict";
+      } else if (set.value === "verdict") {
+        throw userError("Can't parse symbolic netfilter verdict expressions", nftSpan(v));
+      } else {
+        if (valueTokens.length > 1) throw unmodeled(`the nft element value "${v.text} …"`);
+        const f = parseNftField(v, nftSpan(v), set.value, true);
+        if (f.lo !== f.hi) throw userError("Value must be a singleton", nftSpan(v));
+        value = f.lo;
+      }
+    }
+    out.push({ key, value, misplacedVerdict, span });
+  }
+  if (out.length === 0) throw unmodeled("an empty nft element list (nft: syntax error)");
+  return out;
+}
+
+function parseNftField(
+  token: NftToken,
+  at: NftSpan,
+  type: NftKeyType,
+  interval: boolean,
+): NftField {
+  const text = token.text;
+  const single = (part: string, where: NftSpan): bigint => {
+    switch (type) {
+      case "ipv4_addr":
+      case "ipv6_addr": {
+        const want: Family = type === "ipv4_addr" ? 4 : 6;
+        const a = tryParseAddress(part);
+        if (a === undefined) throw unmodeled(`hostnames in nft elements ("${part}")`);
+        if (a.family !== want)
+          throw userError(
+            "Could not resolve hostname: Address family for hostname not supported",
+            where,
+          );
+        return a.value;
+      }
+      case "inet_proto": {
+        if (isNumberWord(part)) {
+          const n = BigInt(part);
+          if (n > 255n) throw userError("Protocol out of range", where);
+          return n;
+        }
+        const n = PROTOCOL_NUMBERS.get(part.toLowerCase());
+        if (n === undefined) throw userError("Could not resolve protocol name", where);
+        return BigInt(n);
+      }
+      case "inet_service": {
+        if (!isNumberWord(part)) throw unmodeled(`service names in nft elements ("${part}")`);
+        const n = BigInt(part);
+        if (n > 65535n) throw userError("Service out of range", where);
+        return n;
+      }
+      case "mark": {
+        if (!isNumberWord(part)) throw userError("Could not parse packet mark", where);
+        const n = BigInt(part);
+        if (n > 0xffffffffn) throw userError(`Value ${n} exceeds valid range 0-4294967295`, where);
+        return n;
+      }
+    }
+  };
+  const isAddress = type === "ipv4_addr" || type === "ipv6_addr";
+  const slash = text.indexOf("/");
+  if (isAddress && slash >= 0) {
+    const base = single(text.slice(0, slash), {
+      line: token.line,
+      first: token.first,
+      last: token.first + slash - 1,
+    });
+    const lenText = text.slice(slash + 1);
+    const width = typeWidth(type);
+    if (!/^\d+$/.test(lenText)) throw unmodeled(`the nft prefix "${text}"`);
+    const len = Number(lenText);
+    if (len > width)
+      throw userError(`Prefix length ${len} is invalid for type of ${width} bits width`, at);
+    if (!interval)
+      throw userError(
+        "You must add 'flags interval' to your set declaration if you want to add prefix elements",
+        at,
+      );
+    const host = (1n << BigInt(width - len)) - 1n;
+    return { lo: base & ~host, hi: (base & ~host) | host };
+  }
+  const dash =
+    type === "inet_proto" && PROTOCOL_NUMBERS.has(text.toLowerCase()) ? -1 : text.indexOf("-", 1);
+  if (dash > 0) {
+    const lo = single(text.slice(0, dash), at);
+    const hi = single(text.slice(dash + 1), at);
+    if (lo > hi) throw userError("Range has zero or negative size", at);
+    if (!interval)
+      throw userError(
+        "You must add 'flags interval' to your set declaration if you want to add range elements",
+        at,
+      );
+    return { lo, hi };
+  }
+  const v = single(text, at);
+  return { lo: v, hi: v };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Transactions and listings
+
+/** A cursor over one command's tokens. */
+class NftCursor {
+  readonly #tokens: readonly NftToken[];
+  readonly #source: string;
+  #i = 0;
+  constructor(tokens: readonly NftToken[], source: string) {
+    this.#tokens = tokens;
+    this.#source = source;
+  }
+  get done(): boolean {
+    return this.#i >= this.#tokens.length;
+  }
+  next(what: string): NftToken {
+    const t = this.#tokens[this.#i++];
+    if (t === undefined || t.kind === "newline" || t.kind === "punct")
+      throw unmodeled(`nft input without ${what} (in: ${this.#source.trim()})`);
+    return t;
+  }
+  /** The tokens of a `{ … }` block, without its braces. */
+  /** The `{` of the last block(). */
+  opened: NftToken | undefined;
+  block(): NftToken[] {
+    const open = this.#tokens[this.#i];
+    if (open?.text !== "{") throw unmodeled(`nft input without "{" (in: ${this.#source.trim()})`);
+    this.opened = open;
+    let depth = 0;
+    const start = this.#i + 1;
+    for (; this.#i < this.#tokens.length; this.#i++) {
+      const t = this.#tokens[this.#i]!;
+      if (t.kind === "punct" && t.text === "{") depth++;
+      if (t.kind === "punct" && t.text === "}" && --depth === 0) break;
+    }
+    return this.#tokens.slice(start, this.#i++);
+  }
+  rest(): NftToken[] {
+    const out = this.#tokens.slice(this.#i);
+    this.#i = this.#tokens.length;
+    return out;
+  }
+}
+
+/** Items of a block: split at newlines and semicolons outside nested braces. */
+function nftItems(tokens: readonly NftToken[]): NftToken[][] {
+  const out: NftToken[][] = [];
+  let current: NftToken[] = [];
+  let depth = 0;
+  for (const t of tokens) {
+    if (depth === 0 && (t.kind === "newline" || (t.kind === "punct" && t.text === ";"))) {
+      if (current.length > 0) out.push(current);
+      current = [];
+      continue;
+    }
+    if (t.kind === "punct" && t.text === "{") depth++;
+    if (t.kind === "punct" && t.text === "}") depth--;
+    current.push(t);
+  }
+  if (current.length > 0) out.push(current);
+  return out;
+}
+
+interface NftBatch {
+  readonly tables: NftTable[];
+  readonly lines: readonly string[];
+  readonly seeding: boolean;
+  readonly failures: NftFailure[];
+  /**
+   * A chain failed validation at commit: the kernel aborts and replays the whole batch to find the
+   * message at fault, so every handle the batch took is taken twice.
+   */
+  replayed: boolean;
+}
+
+interface NftSetSpec {
+  readonly key: NftKeyType[];
+  readonly value: NftValueType | undefined;
+  readonly interval: boolean;
+  readonly counter: boolean;
+  readonly elements: NftToken[] | undefined;
+}
+
+class Nftables {
+  #tables: NftTable[] = [];
+  readonly #tableHandles = { next: 1 };
+  /** iptables-nft's tables, which live in the same kernel tables list. */
+  readonly #xtables: () => readonly (readonly [NftFamily, string])[];
+
+  constructor(xtables: () => readonly (readonly [NftFamily, string])[]) {
+    this.#xtables = xtables;
+  }
+
+  /** `nft ARGS…`: a transaction from stdin (`-f -`) or argv, or a listing. */
+  run(args: readonly string[], stdin: string, seeding: boolean): string {
+    let json = false;
+    let i = 0;
+    for (; i < args.length; i++) {
+      const a = args[i]!;
+      if (a === "-j" || a === "--json") json = true;
+      else if (a === "-f" || a === "--file") {
+        if (args[i + 1] !== "-" || i + 2 !== args.length)
+          throw unmodeled(`nft ${args.join(" ")} (only -f - is modeled)`);
+        this.#transaction(stdin, stdin.split("\n"), seeding, false);
+        return "";
+      } else if (a.startsWith("-")) throw unmodeled(`the nft option ${a}`);
+      else break;
+    }
+    const rest = args.slice(i);
+    if (rest[0] === "list") return this.#list(rest, json);
+    if (rest.length === 0) throw unmodeled("nft without a command (the interactive mode)");
+    if (json) throw unmodeled("nft -j with a command other than list");
+    const line = rest.join(" ");
+    this.#transaction(line, [line], seeding, true);
+    return "";
+  }
+
+  tableNames(): string[] {
+    return this.#tables.map((t) => `${t.family} ${t.name}`);
+  }
+
+  // --- transactions
+
+  #transaction(input: string, lines: readonly string[], seeding: boolean, cli: boolean): void {
+    const commands = nftCommands(nftTokens(input));
+    const batch: NftBatch = {
+      tables: this.#tables.map(cloneNftTable),
+      lines,
+      seeding,
+      failures: [],
+      replayed: false,
+    };
+    const handles = [this.#tableHandles, ...batch.tables.map((t) => t.handles)];
+    const start = handles.map((h) => h.next);
+    for (const tokens of commands) this.#command(tokens, batch);
+    const user = batch.failures.filter((f) => f.stage === "user");
+    const failed = user.length > 0 ? user : batch.failures;
+    if (failed.length > 0) {
+      if (user.length === 0 && batch.replayed)
+        handles.forEach((h, i) => {
+          h.next += h.next - start[i]!;
+        });
+      throw new ToolFailure(1, failed.map((f) => this.#format(f, lines, cli)).join(""));
+    }
+    this.#tables = batch.tables;
+  }
+
+  #format(f: NftFailure, lines: readonly string[], cli: boolean): string {
+    if (f.at === undefined) return `${f.message}\n`;
+    const where = cli ? "" : `/dev/stdin:${f.at.line}:${f.at.first}-${f.at.last}: `;
+    const marks: string[] = [];
+    const mark = (s: NftSpan, c: string) => {
+      for (let col = s.first; col <= s.last; col++) marks[col - 1] = c;
+    };
+    if (f.context !== undefined) mark(f.context, "~");
+    mark(f.at, "^");
+    const carets = Array.from(marks, (m) => m ?? " ").join("");
+    return `${where}Error: ${f.message}\n${lines[f.at.line - 1] ?? ""}\n${carets}\n`;
+  }
+
+  /** Runs one command of a batch; a refusal is recorded and the command changes nothing. */
+  #attempt(batch: NftBatch, fn: () => void): void {
+    try {
+      fn();
+    } catch (e) {
+      if (e instanceof NftFailure) batch.failures.push(e);
+      else if (Array.isArray(e) && e.every((x) => x instanceof NftFailure))
+        batch.failures.push(...(e as NftFailure[]));
+      else throw e;
+    }
+  }
+
+  #command(tokens: readonly NftToken[], batch: NftBatch): void {
+    const source = batch.lines[tokens[0]!.line - 1] ?? "";
+    const p = new NftCursor(tokens, source);
+    const whole = nftCommandSpan(tokens);
+    const verb = p.next("a command");
+    const object = verb.text === "table" ? verb : p.next("an object");
+    const target = () => {
+      const f = p.next("a family or table");
+      if (f.text === "ip" || f.text === "ip6" || f.text === "inet")
+        return { family: f.text as NftFamily, table: p.next("a table") };
+      if (["arp", "bridge", "netdev"].includes(f.text)) throw unmodeled(`nft's ${f.text} family`);
+      return { family: "ip" as NftFamily, table: f };
+    };
+    const run = (fn: () => void) => this.#attempt(batch, fn);
+    switch (`${verb.text} ${object.text}`) {
+      case "table table":
+      case "add table": {
+        const { family, table } = target();
+        run(() => this.#addTable(batch, family, table));
+        if (!p.done) this.#tableBlock(batch, family, table, p.block(), source);
+        break;
+      }
+      case "add chain": {
+        const { family, table } = target();
+        const name = p.next("a chain name");
+        const spec = p.done ? undefined : nftItems(p.block());
+        run(() => this.#addChain(batch, family, table, name, spec, whole, source));
+        break;
+      }
+      case "add set":
+      case "add map": {
+        const { family, table } = target();
+        const name = p.next("a set name");
+        const block = p.block();
+        const open = p.opened!;
+        run(() =>
+          this.#addSet(
+            batch,
+            family,
+            table,
+            name,
+            this.#setSpec(open, block, object.text === "map", source),
+            whole,
+          ),
+        );
+        break;
+      }
+      case "add rule": {
+        const { family, table } = target();
+        const chain = p.next("a chain name");
+        run(() => this.#addRule(batch, family, table, chain, p.rest(), whole, source));
+        break;
+      }
+      case "add element":
+      case "delete element": {
+        const { family, table } = target();
+        const set = p.next("a set name");
+        const elements = p.block();
+        run(() =>
+          verb.text === "add"
+            ? this.#addElements(batch, family, table, set, elements, whole)
+            : this.#deleteElements(batch, family, table, set, elements),
+        );
+        break;
+      }
+      case "delete table":
+      case "delete chain":
+      case "delete set":
+      case "delete map":
+      case "flush chain":
+      case "flush set":
+      case "flush map": {
+        const { family, table } = target();
+        const name = object.text === "table" ? undefined : p.next("a name");
+        run(() => this.#removal(batch, `${verb.text} ${object.text}`, family, table, name));
+        break;
+      }
+      case "flush ruleset":
+        if (this.#xtables().length > 0)
+          throw unmodeled("nft flush ruleset on a host with iptables-nft tables");
+        batch.tables.length = 0;
+        break;
+      default:
+        throw unmodeled(`the nft command "${verb.text} ${object.text}"`);
+    }
+    if (!p.done) throw unmodeled(`nft input after the command (in: ${source.trim()})`);
+  }
+
+  /** `table F N { set …; map …; chain … }`: chains, then sets and their elements, then rules. */
+  #tableBlock(
+    batch: NftBatch,
+    family: NftFamily,
+    table: NftToken,
+    tokens: readonly NftToken[],
+    source: string,
+  ): void {
+    const chains: {
+      name: NftToken;
+      spec: NftToken[][] | undefined;
+      rules: NftToken[][];
+      whole: NftSpan;
+      line: string;
+    }[] = [];
+    const sets: {
+      name: NftToken;
+      open: NftToken;
+      block: NftToken[];
+      map: boolean;
+      line: string;
+      whole: NftSpan;
+    }[] = [];
+    for (const item of nftItems(tokens)) {
+      const line = batch.lines[item[0]!.line - 1] ?? source;
+      const p = new NftCursor(item, line);
+      const kind = p.next("an object").text;
+      const name = p.next("a name");
+      const whole = nftCommandSpan(item);
+      if (kind === "chain") {
+        const items = nftItems(p.block());
+        const spec: NftToken[][] = [];
+        while (items[0]?.[0]?.text === "type" || items[0]?.[0]?.text === "policy")
+          spec.push(items.shift()!);
+        chains.push({
+          name,
+          spec: spec.length === 0 ? undefined : spec,
+          rules: items,
+          whole,
+          line,
+        });
+      } else if (kind === "set" || kind === "map") {
+        const block = p.block();
+        sets.push({ name, open: p.opened!, block, map: kind === "map", line, whole });
+      } else {
+        throw unmodeled(`"${kind}" in an nft table block`);
+      }
+      if (!p.done) throw unmodeled(`nft input after the ${kind} ${name.text}`);
+    }
+    const run = (fn: () => void) => this.#attempt(batch, fn);
+    for (const c of chains)
+      run(() => this.#addChain(batch, family, table, c.name, c.spec, c.whole, c.line));
+    for (const s of sets)
+      run(() =>
+        this.#addSet(
+          batch,
+          family,
+          table,
+          s.name,
+          this.#setSpec(s.open, s.block, s.map, s.line),
+          s.whole,
+        ),
+      );
+    for (const c of chains)
+      for (const rule of c.rules) {
+        const line = batch.lines[rule[0]!.line - 1] ?? "";
+        const whole = nftCommandSpan(rule);
+        run(() => this.#addRule(batch, family, table, c.name, rule, whole, line));
+      }
+  }
+
+  #findTable(batch: NftBatch, family: NftFamily, name: NftToken): NftTable | undefined {
+    if (this.#xtables().some(([f, n]) => f === family && n === name.text))
+      throw unmodeled(`nft commands on iptables-nft's table ${family} ${name.text}`);
+    return batch.tables.find((t) => t.family === family && t.name === name.text);
+  }
+
+  #addTable(batch: NftBatch, family: NftFamily, name: NftToken): void {
+    if (this.#findTable(batch, family, name) !== undefined) return;
+    batch.tables.push({
+      family,
+      name: name.text,
+      handle: this.#tableHandles.next++,
+      handles: { next: 1 },
+      sets: new Map(),
+      chains: new Map(),
+    });
+  }
+
+  /** `type T hook H priority P; policy accept|drop;`, as items of a block. */
+  #chainSpec(
+    items: readonly NftToken[][],
+    source: string,
+  ): { base: NftBaseChain; policy: NftToken[] | undefined } {
+    let base: Omit<NftBaseChain, "policy"> | undefined;
+    let policy: NftToken[] | undefined;
+    let policyValue: "accept" | "drop" = "accept";
+    for (const item of items) {
+      const words = item.map((t) => t.text);
+      if (words[0] === "type" && words[2] === "hook" && words[4] === "priority") {
+        const type = words[1]!;
+        const hook = words[3]!;
+        if (type !== "filter" && type !== "nat" && type !== "route")
+          throw unmodeled(`the nft chain type ${type}`);
+        if (!(HOOKS as readonly string[]).includes(hook)) throw unmodeled(`the nft hook ${hook}`);
+        base = {
+          type,
+          hook: hook as NftHook,
+          priority: this.#priority(words.slice(5), hook, source),
+        };
+      } else if (words[0] === "policy" && words.length === 2) {
+        if (words[1] !== "accept" && words[1] !== "drop")
+          throw unmodeled(`the nft chain policy ${words[1]}`);
+        policy = item;
+        policyValue = words[1];
+      } else {
+        throw unmodeled(`the nft chain property "${words.join(" ")}" (in: ${source.trim()})`);
+      }
+    }
+    if (base === undefined)
+      throw unmodeled(`an nft chain block without type (in: ${source.trim()})`);
+    return { base: { ...base, policy: policyValue }, policy };
+  }
+
+  /** A number, or a standard priority's name with an optional `+ N` / `- N`. */
+  #priority(words: readonly string[], hook: string, source: string): number {
+    if (words.length === 1 && /^-?\d+$/.test(words[0]!)) return Number(words[0]);
+    const std = STD_PRIORITIES.find(([name]) => name === words[0]);
+    const sign = words.length === 1 ? 1 : words[1] === "+" ? 1 : words[1] === "-" ? -1 : 0;
+    const offset = words.length === 1 ? 0 : /^\d+$/.test(words[2] ?? "") ? Number(words[2]) : NaN;
+    if (std === undefined || sign === 0 || Number.isNaN(offset) || words.length > 3)
+      throw unmodeled(`the nft priority "${words.join(" ")}" (in: ${source.trim()})`);
+    if (std[2] !== undefined && !std[2].includes(hook as NftHook))
+      throw unmodeled(`the priority ${std[0]} at the ${hook} hook`);
+    return std[1] + sign * offset;
+  }
+
+  #addChain(
+    batch: NftBatch,
+    family: NftFamily,
+    tableName: NftToken,
+    name: NftToken,
+    specItems: readonly NftToken[][] | undefined,
+    whole: NftSpan,
+    source: string,
+  ): void {
+    const spec = specItems === undefined ? undefined : this.#chainSpec(specItems, source);
+    const table = this.#findTable(batch, family, tableName);
+    if (table === undefined) throw userError(ERRNO.ENOENT, nftSpan(tableName));
+    const base = spec?.base;
+    if (base !== undefined) {
+      const valid =
+        base.type === "filter" ||
+        (base.type === "nat" && base.hook !== "forward") ||
+        (base.type === "route" && base.hook === "output");
+      if (!valid) throw kernelError("EOPNOTSUPP", whole);
+    }
+    const existing = table.chains.get(name.text);
+    if (existing !== undefined) {
+      // The kernel updates a chain in place only where nothing about its hook changes.
+      if (base === undefined) return;
+      if (existing.base === undefined) {
+        if (spec?.policy === undefined) throw kernelError("EEXIST", nftSpan(name));
+        throw kernelError(
+          "EOPNOTSUPP",
+          nftSpan(spec.policy[0]!, spec.policy[spec.policy.length - 1]),
+        );
+      }
+      const b = existing.base;
+      if (b.type !== base.type) throw kernelError("EEXIST", nftSpan(name));
+      if (b.hook !== base.hook || b.priority !== base.priority)
+        throw kernelError("EOPNOTSUPP", whole);
+      table.chains.set(name.text, { ...existing, base: { ...b, policy: base.policy } });
+      return;
+    }
+    table.chains.set(name.text, {
+      name: name.text,
+      handle: table.handles.next++,
+      base,
+      rules: [],
+    });
+  }
+
+  #setSpec(open: NftToken, tokens: readonly NftToken[], map: boolean, source: string): NftSetSpec {
+    let key: NftKeyType[] | undefined;
+    let value: NftValueType | undefined;
+    let interval = false;
+    let counter = false;
+    let elements: NftToken[] | undefined;
+    const errors: NftFailure[] = [];
+    for (const item of nftItems(tokens)) {
+      const words = item.map((t) => t.text);
+      if (words[0] === "type") {
+        const colon = words.indexOf(":");
+        const keyTokens = item.slice(1, colon < 0 ? item.length : colon);
+        if (map !== colon >= 0)
+          throw unmodeled(`a ${map ? "map" : "set"} declared with "${words.join(" ")}"`);
+        const types: NftKeyType[] = [];
+        for (let i = 0; i < keyTokens.length; i++) {
+          const t = keyTokens[i]!;
+          if (i % 2 === 1) {
+            if (t.text !== ".") throw unmodeled(`the nft set type "${words.join(" ")}"`);
+            continue;
+          }
+          if (isNftKeyType(t.text)) types.push(t.text);
+          else if (NFT_OTHER_TYPES.has(t.text) || t.text === "verdict")
+            throw unmodeled(`nft sets of type ${t.text}`);
+          else errors.push(userError(`unknown datatype ${t.text}`, nftSpan(t)));
+        }
+        if (colon >= 0) {
+          const v = item[colon + 1];
+          if (v === undefined || item.length !== colon + 2)
+            throw unmodeled(`the nft map type "${words.join(" ")}"`);
+          if (v.text === "verdict" || isNftKeyType(v.text)) value = v.text as NftValueType;
+          else throw unmodeled(`nft maps to ${v.text}`);
+        }
+        if (errors.length > 0) {
+          errors.push(
+            userError(
+              "set definition does not specify key",
+              nftSpan(open, tokens[tokens.length - 1] ?? open),
+            ),
+          );
+          throw errors;
+        }
+        key = types;
+      } else if (words[0] === "flags" && words.length === 2 && words[1] === "interval") {
+        interval = true;
+      } else if (words.length === 1 && words[0] === "counter") {
+        counter = true;
+      } else if (words[0] === "elements" && words[1] === "=") {
+        const p = new NftCursor(item.slice(2), source);
+        elements = p.block();
+        if (!p.done) throw unmodeled(`nft input after a set's elements (in: ${source.trim()})`);
+      } else {
+        throw unmodeled(`the nft set property "${words.join(" ")}" (in: ${source.trim()})`);
+      }
+    }
+    if (key === undefined) throw unmodeled(`an nft set without type (in: ${source.trim()})`);
+    if (interval && key.length === 1)
+      throw unmodeled("interval sets of one field (nft's rbtree backend and its auto-merge)");
+    return { key, value, interval, counter, elements };
+  }
+
+  #addSet(
+    batch: NftBatch,
+    family: NftFamily,
+    tableName: NftToken,
+    name: NftToken,
+    spec: NftSetSpec,
+    whole: NftSpan,
+  ): void {
+    const table = this.#findTable(batch, family, tableName);
+    if (table === undefined) throw userError(ERRNO.ENOENT, nftSpan(tableName));
+    let created = false;
+    const existing = table.sets.get(name.text);
+    if (existing === undefined) {
+      created = true;
+      table.sets.set(name.text, {
+        name: name.text,
+        handle: table.handles.next++,
+        key: spec.key,
+        value: spec.value,
+        interval: spec.interval,
+        counter: spec.counter,
+        elements: new Map(),
+      });
+    } else if (
+      existing.key.join(".") !== spec.key.join(".") ||
+      existing.value !== spec.value ||
+      existing.interval !== spec.interval ||
+      existing.counter !== spec.counter
+    ) {
+      throw kernelError("EEXIST", nftSpan(name));
+    }
+    if (spec.elements === undefined) return;
+    try {
+      this.#addElements(batch, family, tableName, name, spec.elements, whole);
+    } catch (e) {
+      if (created) table.sets.delete(name.text);
+      throw e;
+    }
+  }
+
+  #setOf(batch: NftBatch, family: NftFamily, tableName: NftToken, name: NftToken) {
+    const table = this.#findTable(batch, family, tableName);
+    if (table === undefined) throw userError(ERRNO.ENOENT, nftSpan(tableName));
+    const set = table.sets.get(name.text);
+    if (set === undefined) throw userError(ERRNO.ENOENT, nftSpan(name));
+    return { table, set };
+  }
+
+  #addElements(
+    batch: NftBatch,
+    family: NftFamily,
+    tableName: NftToken,
+    name: NftToken,
+    tokens: readonly NftToken[],
+    whole: NftSpan,
+  ): void {
+    const { table, set } = this.#setOf(batch, family, tableName, name);
+    const parsed = parseNftElements(tokens, set);
+    const next: NftSet = { ...set, elements: new Map(set.elements) };
+    let jumps = false;
+    for (const e of parsed) {
+      if (set.value !== undefined && e.value === undefined) throw kernelError("EINVAL", e.span);
+      if (e.misplacedVerdict) throw kernelError("EINVAL", e.span);
+      if (typeof e.value === "object" && "chain" in e.value) {
+        const target = table.chains.get(e.value.chain);
+        if (target === undefined) throw kernelError("ENOENT", e.span);
+        if (target.base !== undefined) throw kernelError("EOPNOTSUPP", e.span);
+        jumps = true;
+      }
+      const element: NftElement = { key: e.key, value: e.value };
+      const id = elementId(e.key);
+      if (!set.interval) {
+        const have = next.elements.get(id);
+        if (have !== undefined) {
+          if (!sameValue(have.value, e.value)) throw kernelError("EEXIST", e.span);
+          continue;
+        }
+        next.elements.set(id, element);
+        continue;
+      }
+      // pipapo: the element holding the new one's first point, then its last point.
+      const holds = (point: readonly bigint[]) => {
+        for (const x of next.elements.values())
+          if (x.key.every((f, i) => f.lo <= point[i]! && point[i]! <= f.hi)) return x;
+        return undefined;
+      };
+      const atStart = holds(e.key.map((f) => f.lo));
+      if (atStart !== undefined) {
+        if (elementId(atStart.key) !== id || !sameValue(atStart.value, e.value))
+          throw kernelError("EEXIST", e.span);
+        continue;
+      }
+      if (holds(e.key.map((f) => f.hi)) !== undefined) throw kernelError("EEXIST", e.span);
+      next.elements.set(id, element);
+    }
+    table.sets.set(set.name, next);
+    if (jumps && set.value === "verdict" && this.#hookViolation(table)) {
+      table.sets.set(set.name, set);
+      batch.replayed = true;
+      throw kernelError("EOPNOTSUPP", whole);
+    }
+  }
+
+  #deleteElements(
+    batch: NftBatch,
+    family: NftFamily,
+    tableName: NftToken,
+    name: NftToken,
+    tokens: readonly NftToken[],
+  ): void {
+    const { table, set } = this.#setOf(batch, family, tableName, name);
+    const parsed = parseNftElements(tokens, set);
+    const next: NftSet = { ...set, elements: new Map(set.elements) };
+    for (const e of parsed) {
+      if (!set.interval) {
+        if (!next.elements.delete(elementId(e.key))) throw kernelError("ENOENT", e.span);
+        continue;
+      }
+      // pipapo looks the key's first point up and deletes what holds it (checked on 6.18).
+      const point = e.key.map((f) => f.lo);
+      const hit = [...next.elements].find(([, x]) =>
+        x.key.every((f, i) => f.lo <= point[i]! && point[i]! <= f.hi),
+      );
+      if (hit === undefined) throw kernelError("ENOENT", e.span);
+      next.elements.delete(hit[0]);
+    }
+    table.sets.set(set.name, next);
+  }
+
+  #addRule(
+    batch: NftBatch,
+    family: NftFamily,
+    tableName: NftToken,
+    chainName: NftToken,
+    tokens: readonly NftToken[],
+    whole: NftSpan,
+    source: string,
+  ): void {
+    if (tokens.length === 0) throw unmodeled(`an empty nft rule (in: ${source.trim()})`);
+    const rule = parseNftRule(tokens, source, family, batch.seeding);
+    const table = this.#findTable(batch, family, tableName);
+    // What nft evaluates itself.
+    const errors: NftFailure[] = [...rule.errors];
+    for (const ref of rule.refs) {
+      if (table === undefined) {
+        errors.push(userError(ERRNO.ENOENT, nftSpan(tableName)));
+        break;
+      }
+      const set = table.sets.get(ref.name);
+      if (set === undefined) {
+        errors.push(userError(ERRNO.ENOENT, nftSpan(ref.token)));
+        continue;
+      }
+      const keyAt = nftSpan(ref.key.from, ref.key.to);
+      const refAt = nftSpan(ref.token);
+      const sameKey = set.key.join(".") === ref.key.types.join(".");
+      if (ref.mode === "lookup") {
+        if (!sameKey)
+          errors.push(
+            userError(
+              `datatype mismatch, expected ${typeDescription(ref.key.types)}, expression has type ${typeDescription(set.key)}`,
+              refAt,
+              keyAt,
+            ),
+          );
+        continue;
+      }
+      if (set.value === undefined) {
+        if (ref.mode === "map") throw unmodeled("snat to a map that is a set (nft 1.0.6 crashes)");
+        errors.push(userError("Expression is not a map", refAt));
+        continue;
+      }
+      if (!sameKey) {
+        errors.push(
+          userError(
+            `datatype mismatch, map expects ${typeDescription(set.key)}, mapping expression has type ${typeDescription(ref.key.types)}`,
+            refAt,
+            keyAt,
+          ),
+        );
+        continue;
+      }
+      if (ref.mode === "vmap" && set.value !== "verdict")
+        errors.push(
+          userError(
+            `datatype mismatch: expected netfilter verdict, expression has type ${NFT_TYPES[set.value]}`,
+            nftSpan(ref.key.from, ref.token),
+          ),
+        );
+      if (ref.mode === "map" && set.value !== ref.nat!.type)
+        errors.push(
+          userError(
+            `datatype mismatch: expected ${NFT_TYPES[ref.nat!.type]}, expression has type ${NFT_TYPES[set.value]}`,
+            nftSpan(ref.key.from, ref.token),
+            nftSpan(ref.nat!.token),
+          ),
+        );
+    }
+    if (errors.length > 0) throw errors;
+    // What the kernel checks.
+    if (table === undefined) throw kernelError("ENOENT", nftSpan(tableName));
+    const chain = table.chains.get(chainName.text);
+    if (chain === undefined) throw kernelError("ENOENT", nftSpan(chainName));
+    const handle = table.handles.next++;
+    for (const target of rule.chains) {
+      const c = table.chains.get(target.text);
+      if (c === undefined) throw kernelError("ENOENT", nftSpan(target));
+      if (c.base !== undefined) throw kernelError("EOPNOTSUPP", nftSpan(target));
+    }
+    const added: NftRule = {
+      handle,
+      text: rule.text,
+      comment: rule.comment,
+      chains: rule.chains.map((t) => t.text),
+      sets: rule.refs.map((r) => r.name),
+      vmaps: rule.refs.filter((r) => r.mode === "vmap").map((r) => r.name),
+      hooks: rule.hooks,
+      nat: rule.nat,
+    };
+    const before = chain.rules;
+    chain.rules = [...before, added];
+    if (this.#hookViolation(table)) {
+      chain.rules = before;
+      batch.replayed = true;
+      throw kernelError("EOPNOTSUPP", whole);
+    }
+  }
+
+  /** The kernel's chain validation: every base chain and what it reaches, through verdict maps too. */
+  #hookViolation(table: NftTable): boolean {
+    for (const start of table.chains.values()) {
+      const base = start.base;
+      if (base === undefined) continue;
+      const seen = new Set<string>();
+      const stack = [start.name];
+      while (stack.length > 0) {
+        const name = stack.pop()!;
+        if (seen.has(name)) continue;
+        seen.add(name);
+        const chain = table.chains.get(name);
+        if (chain === undefined) continue;
+        for (const r of chain.rules) {
+          if (r.hooks !== undefined && (r.hooks & hookBit(base.hook)) === 0) return true;
+          if (r.nat && chain === start && base.type !== "nat") return true;
+          stack.push(...r.chains);
+          for (const m of r.vmaps)
+            for (const e of table.sets.get(m)?.elements.values() ?? [])
+              if (typeof e.value === "object" && "chain" in e.value) stack.push(e.value.chain);
+        }
+      }
+    }
+    return false;
+  }
+
+  #removal(
+    batch: NftBatch,
+    what: string,
+    family: NftFamily,
+    tableName: NftToken,
+    name: NftToken | undefined,
+  ): void {
+    const table = this.#findTable(batch, family, tableName);
+    const isSet = what === "flush set" || what === "flush map";
+    if (table === undefined)
+      throw isSet
+        ? userError(ERRNO.ENOENT, nftSpan(tableName))
+        : kernelError("ENOENT", nftSpan(tableName));
+    if (name === undefined) {
+      batch.tables.splice(batch.tables.indexOf(table), 1);
+      return;
+    }
+    const rules = [...table.chains.values()].flatMap((c) => c.rules);
+    switch (what) {
+      case "delete chain": {
+        if (!table.chains.has(name.text)) throw kernelError("ENOENT", nftSpan(name));
+        // Its own rules go with it; a jump or a map element elsewhere keeps it.
+        const elements = [...table.sets.values()].flatMap((s) => [...s.elements.values()]);
+        if (
+          rules.some((r) => r.chains.includes(name.text)) ||
+          elements.some(
+            (e) => typeof e.value === "object" && "chain" in e.value && e.value.chain === name.text,
+          )
+        )
+          throw kernelError("EBUSY", nftSpan(name));
+        table.chains.delete(name.text);
+        return;
+      }
+      case "delete set":
+      case "delete map":
+        if (!table.sets.has(name.text)) throw kernelError("ENOENT", nftSpan(name));
+        if (rules.some((r) => r.sets.includes(name.text)))
+          throw kernelError("EBUSY", nftSpan(name));
+        table.sets.delete(name.text);
+        return;
+      case "flush chain": {
+        const chain = table.chains.get(name.text);
+        if (chain === undefined) throw kernelError("ENOENT", nftSpan(name));
+        chain.rules = [];
+        return;
+      }
+      default: {
+        const set = table.sets.get(name.text);
+        if (set === undefined) throw userError(ERRNO.ENOENT, nftSpan(name));
+        table.sets.set(name.text, { ...set, elements: new Map() });
+      }
+    }
+  }
+
+  // --- listings
+
+  #list(words: readonly string[], json: boolean): string {
+    const what = words.slice(1);
+    if (what.length === 1 && what[0] === "tables") {
+      const names = [...this.#xtables().map(([f, n]) => `${f} ${n}`), ...this.tableNames()];
+      if (json)
+        return `${nftJson({
+          nftables: [
+            NFT_METAINFO,
+            ...this.#xtables().map(([family, name], i) => ({
+              table: { family, name, handle: i + 1 },
+            })),
+            ...this.#tables.map((t) => ({
+              table: { family: t.family, name: t.name, handle: t.handle },
+            })),
+          ],
+        })}\n`;
+      return names.map((n) => `table ${n}\n`).join("");
+    }
+    if (what.length === 1 && what[0] === "ruleset") {
+      if (this.#xtables().length > 0)
+        throw unmodeled(
+          "nft list ruleset on a host with iptables-nft tables (they list as xt expressions)",
+        );
+      if (json)
+        return `${nftJson({ nftables: [NFT_METAINFO, ...this.#tables.flatMap((t) => this.#tableJson(t))] })}\n`;
+      return this.#tables.map((t) => this.#tableText(t)).join("");
+    }
+    if (what[0] === "table" && what.length >= 2 && what.length <= 3) {
+      const [family, name] = what.length === 3 ? [what[1]!, what[2]!] : ["ip", what[1]!];
+      if (this.#xtables().some(([f, n]) => f === family && n === name))
+        throw unmodeled(`nft list of iptables-nft's table ${family} ${name}`);
+      const table = this.#tables.find((t) => t.family === family && t.name === name);
+      if (table === undefined) {
+        const line = words.join(" ");
+        const at = line.length - name.length + 1;
+        throw new ToolFailure(
+          1,
+          `Error: ${ERRNO.ENOENT}\n${line}\n${" ".repeat(at - 1)}${"^".repeat(name.length)}\n`,
+        );
+      }
+      if (json) return `${nftJson({ nftables: [NFT_METAINFO, ...this.#tableJson(table)] })}\n`;
+      return this.#tableText(table);
+    }
+    throw unmodeled(`nft ${words.join(" ")}`);
+  }
+
+  #tableJson(t: NftTable): unknown[] {
+    const { family, name: table } = t;
+    const sets = [...t.sets.values()].map((s) => {
+      const kind = s.value === undefined ? "set" : "map";
+      const elem = this.#ordered(s).map((e) => {
+        const val =
+          e.key.length === 1
+            ? fieldJson(e.key[0]!, s.key[0]!)
+            : { concat: e.key.map((f, i) => fieldJson(f, s.key[i]!)) };
+        const key = s.counter ? { elem: { val, counter: { packets: 0, bytes: 0 } } } : val;
+        if (s.value === undefined) return key;
+        const v = e.value!;
+        return [key, typeof v === "object" ? verdictJson(v) : this.#dataJson(v, s.value)];
+      });
+      return {
+        [kind]: {
+          family,
+          name: s.name,
+          table,
+          type: s.key.length === 1 ? s.key[0] : s.key,
+          handle: s.handle,
+          ...(s.value === undefined ? {} : { map: s.value }),
+          ...(s.interval ? { flags: ["interval"] } : {}),
+          ...(elem.length === 0 ? {} : { elem }),
+          ...(s.counter ? { stmt: [{ counter: null }] } : {}),
+        },
+      };
+    });
+    const chains = [...t.chains.values()].map((c) => ({
+      chain: {
+        family,
+        table,
+        name: c.name,
+        handle: c.handle,
+        ...(c.base === undefined
+          ? {}
+          : { type: c.base.type, hook: c.base.hook, prio: c.base.priority, policy: c.base.policy }),
+      },
+    }));
+    const rules = [...t.chains.values()].flatMap((c) =>
+      c.rules.map((r) => ({
+        rule: {
+          family,
+          table,
+          chain: c.name,
+          handle: r.handle,
+          ...(r.comment === undefined ? {} : { comment: r.comment }),
+          expr: [{ fake: r.text }],
+        },
+      })),
+    );
+    return [{ table: { family, name: table, handle: t.handle } }, ...sets, ...chains, ...rules];
+  }
+
+  #dataJson(v: bigint, type: NftValueType): unknown {
+    if (type === "ipv4_addr") return formatAddress({ family: 4, value: v });
+    if (type === "ipv6_addr") return formatAddress({ family: 6, value: v });
+    return Number(v);
+  }
+
+  #dataText(v: bigint, type: NftValueType): string {
+    return type === "verdict" ? "" : fieldText({ lo: v, hi: v }, type);
+  }
+
+  /**
+   * Elements as nft lists them: it sorts those of hash sets by key; interval maps (pipapo) come
+   * out in insertion order.
+   */
+  #ordered(s: NftSet): NftElement[] {
+    const all = [...s.elements.values()];
+    if (s.interval) return all;
+    return all.sort((a, b) => {
+      for (let i = 0; i < a.key.length; i++) {
+        const x = a.key[i]!.lo;
+        const y = b.key[i]!.lo;
+        if (x !== y) return x < y ? -1 : 1;
+      }
+      return 0;
+    });
+  }
+
+  #elementText(s: NftSet, e: NftElement, counters: boolean): string {
+    const key = e.key.map((f, i) => fieldText(f, s.key[i]!)).join(" . ");
+    const counter = counters && s.counter ? " counter packets 0 bytes 0" : "";
+    if (s.value === undefined || e.value === undefined) return `${key}${counter}`;
+    const v = typeof e.value === "object" ? verdictText(e.value) : this.#dataText(e.value, s.value);
+    return `${key}${counter} : ${v}`;
+  }
+
+  #tableText(t: NftTable): string {
+    const blocks: string[] = [];
+    for (const s of t.sets.values()) {
+      const lines = [`\t${s.value === undefined ? "set" : "map"} ${s.name} {`];
+      lines.push(`\t\ttype ${s.key.join(" . ")}${s.value === undefined ? "" : ` : ${s.value}`}`);
+      if (s.interval) lines.push("\t\tflags interval");
+      if (s.counter) lines.push("\t\tcounter");
+      const elements = this.#ordered(s);
+      if (elements.length > 0) {
+        // expression.c calculate_delim(): per key type, a number of elements per line.
+        const perLine =
+          s.key.length > 1 ? 1 : s.key[0] === "ipv4_addr" ? 2 : s.key[0] === "ipv6_addr" ? 1 : 5;
+        let text = "";
+        elements.forEach((e, i) => {
+          if (i > 0) text += i % perLine === 0 ? ",\n\t\t\t     " : ", ";
+          text += this.#elementText(s, e, true);
+        });
+        lines.push(`\t\telements = { ${text} }`);
+      }
+      lines.push("\t}");
+      blocks.push(lines.join("\n"));
+    }
+    for (const c of t.chains.values()) {
+      const lines = [`\tchain ${c.name} {`];
+      if (c.base !== undefined)
+        lines.push(
+          `\t\ttype ${c.base.type} hook ${c.base.hook} priority ${priorityText(c.base.priority, c.base.hook)}; policy ${c.base.policy};`,
+        );
+      for (const r of c.rules)
+        lines.push(`\t\t${r.text}${r.comment === undefined ? "" : ` comment "${r.comment}"`}`);
+      lines.push("\t}");
+      blocks.push(lines.join("\n"));
+    }
+    return `table ${t.family} ${t.name} {\n${blocks.map((b) => `${b}\n`).join("\n")}}\n`;
+  }
+
+  /** Canonical text: tables, sets and chains by name, elements sorted, rules in order. */
+  dump(): string[] {
+    const out: string[] = [];
+    const byName = <T extends { name: string }>(list: Iterable<T>) =>
+      [...list].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    const tables = [...this.#tables].sort((a, b) =>
+      `${a.family} ${a.name}` < `${b.family} ${b.name}` ? -1 : 1,
+    );
+    for (const t of tables) {
+      const at = `nft ${t.family} ${t.name}`;
+      out.push(`nft table ${t.family} ${t.name}`);
+      for (const s of byName(t.sets.values())) {
+        const kind = s.value === undefined ? "set" : "map";
+        out.push(
+          `${at} ${kind} ${s.name} type ${s.key.join(" . ")}${s.value === undefined ? "" : ` : ${s.value}`}${s.interval ? " flags interval" : ""}${s.counter ? " counter" : ""}`,
+        );
+        out.push(
+          ...[...s.elements.values()]
+            .map((e) => `${at} ${kind} ${s.name} element ${this.#elementText(s, e, false)}`)
+            .sort(),
+        );
+      }
+      for (const c of byName(t.chains.values())) {
+        out.push(
+          `${at} chain ${c.name}${c.base === undefined ? "" : ` type ${c.base.type} hook ${c.base.hook} priority ${c.base.priority} policy ${c.base.policy}`}`,
+        );
+        for (const r of c.rules)
+          out.push(
+            `${at} chain ${c.name} rule ${r.text}${r.comment === undefined ? "" : ` comment "${r.comment}"`}`,
+          );
+      }
+    }
+    return out;
+  }
+}
+
+// ================================================================================================
 // The host
 
 /** Commands that change the kernel (for assertions like "this sync ran no write command"). */
@@ -2367,6 +4276,7 @@ export function isWriteCommand(argv: readonly string[]): boolean {
   if (tool === "ipset") return args[0] !== "save" && args[0] !== "list";
   if (tool === "ip" || tool === "bridge") return !args.some((a) => a === "show" || a === "list");
   if (tool === "sysctl") return args.includes("-w");
+  if (tool === "nft") return args.find((a) => !a.startsWith("-")) !== "list";
   return true;
 }
 
@@ -2377,6 +4287,7 @@ export class FakeKernel implements Runner {
   readonly #sysctls = new Sysctls();
   readonly #ipsets = new Ipsets();
   readonly #xtables = new Xtables(this.#ipsets);
+  readonly #nft = new Nftables(() => this.#xtables.tableNames());
   readonly #net = new Net(this.#sysctls);
 
   /** A host with only `lo` (up), the default ip rules and no iptables tables, like a new netns. */
@@ -2413,7 +4324,7 @@ export class FakeKernel implements Runner {
 
   /** The whole model as canonical text, one self-describing line per object, sorted per kind. */
   dump(): string {
-    return `${[...this.#xtables.dump(), ...this.#ipsets.dump(), ...this.#net.dump(), ...this.#sysctls.dump()].join("\n")}\n`;
+    return `${[...this.#xtables.dump(), ...this.#nft.dump(), ...this.#ipsets.dump(), ...this.#net.dump(), ...this.#sysctls.dump()].join("\n")}\n`;
   }
 
   #execute(argv: readonly string[], stdin: string, seeding: boolean): RunResult {
@@ -2468,10 +4379,12 @@ export class FakeKernel implements Runner {
         throw unmodeled(`bridge ${args.join(" ")}`);
       case "sysctl":
         return this.#sysctls.run(args);
+      case "nft":
+        return this.#nft.run(args, stdin, seeding);
       default:
         throw new ToolFailure(
           127,
-          `FakeKernel does not model the program ${tool}: it runs iptables, ipset, ip, bridge and sysctl\n`,
+          `FakeKernel does not model the program ${tool}: it runs iptables, ipset, nft, ip, bridge and sysctl\n`,
           true,
         );
     }

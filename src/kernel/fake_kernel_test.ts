@@ -3,7 +3,8 @@
  * would otherwise need root and network namespaces.
  *
  * Every exit code and message asserted in the first half was observed with the real tools in a
- * throwaway network namespace (Linux 6.18, iptables 1.8.9 nf_tables, ipset 7.17, iproute2 6.1.0).
+ * throwaway network namespace (Linux 6.18, iptables 1.8.9 nf_tables, ipset 7.17, nftables 1.0.6,
+ * iproute2 6.1.0).
  *
  * Address plan (src/engine/testing.ts): node-N holds 192.168.0.(10+N)/24 and
  * fd00:192:168::(10+N)/64 on eth0 (MTU 1500); its pods are in 172.29.N.0/24 and
@@ -30,11 +31,12 @@ import {
   parseRules,
 } from "../render/iproute.ts";
 import { parseIpsetSave } from "../render/ipset.ts";
+import { desiredTable, parseNftTable, renderNftTable } from "../render/nftables.ts";
 import { Datapath, DatapathError, type KernelState, stateOfPlan } from "./datapath.ts";
 import { localFactsFrom } from "./facts.ts";
 import { FakeKernel, isWriteCommand } from "./fake_kernel.ts";
 import { Iptables } from "./iptables.ts";
-import { openDatapath } from "./open.ts";
+import { detectFilter, openDatapath } from "./open.ts";
 import type { Runner, RunOptions, RunResult } from "./runner.ts";
 
 const RULE_PREF = 5900;
@@ -507,7 +509,7 @@ describe("FakeKernel: iptables-nft", () => {
       [["iptables-legacy-restore", "--noflush"], "*nat\nCOMMIT\n"],
       [["ipset", "restore"], "create x hash:ip,port\n"],
       [["ip", "-batch", "-"], "link add v0 type veth peer name v1\n"],
-      [["nft", "list", "ruleset"], ""],
+      [["nft", "monitor"], ""],
     ] as const) {
       const r = await run(fake, [...argv], stdin);
       assert.notEqual(r.code, 0, argv.join(" "));
@@ -924,6 +926,874 @@ describe("FakeKernel: sysctl, faults, calls and dump", () => {
 });
 
 // ================================================================================================
+// nft: every exit code and message asserted below is nft 1.0.6's on Linux 6.18, each transaction
+// run in a fresh network namespace after NFT_SETUP.
+
+const NFT = ["nft", "-f", "-"];
+
+/** One table with one object of each kind, and what uses what. */
+const NFT_SETUP = `add table inet t
+add map inet t m { type ipv4_addr . inet_proto . inet_service : verdict; flags interval; counter; }
+add map inet t v { type ipv4_addr : verdict; }
+add set inet t s { type ipv4_addr; }
+add map inet t k { type mark : ipv4_addr; }
+add chain inet t c1
+add chain inet t c2
+add chain inet t c3
+add chain inet t b { type filter hook prerouting priority -150; policy accept; }
+add chain inet t post { type nat hook postrouting priority 100; policy accept; }
+add element inet t v { 1.1.1.1 : goto c1 }
+add element inet t s { 1.1.1.1 }
+add element inet t k { 0x28000000 : 10.0.0.1 }
+add element inet t m { 10.0.0.0/8 . 6 . 80 : goto c1 }
+add rule inet t c3 jump c2
+add rule inet t c3 ip daddr @s accept
+`;
+
+/** [transaction, exit code, stderr] as nft 1.0.6 answers it after NFT_SETUP. */
+type NftCase = readonly [string, number, string];
+
+async function assertNftCases(cases: readonly NftCase[]): Promise<void> {
+  for (const [input, code, stderr] of cases) {
+    const fake = new FakeKernel();
+    fake.seed(NFT, NFT_SETUP);
+    const before = fake.dump();
+    const r = await run(fake, NFT, input);
+    assert.equal(r.stderr, stderr, input);
+    assert.equal(r.code, code, input);
+    if (code !== 0) assert.equal(fake.dump(), before, `nothing of a refused batch stays: ${input}`);
+  }
+}
+
+/** The lines of the fake's dump about one nftables table. */
+function nftSection(dump: string, family: string, name: string): string {
+  return dump
+    .split("\n")
+    .filter((l) => l === `nft table ${family} ${name}` || l.startsWith(`nft ${family} ${name} `))
+    .join("\n");
+}
+
+/** kube-proxy in nftables mode, as test/support/datapath_lab.ts leaves it on real kernels. */
+const KUBE_PROXY_NFT = `table ip kube-proxy {
+  set cluster-ips { type ipv4_addr; elements = { 10.96.0.1 } }
+  chain filter-forward {
+    type filter hook forward priority -110; policy accept;
+    ct state invalid drop
+  }
+  chain nat-postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    meta mark & 0x4000 == 0x4000 masquerade
+  }
+}
+`;
+
+/** What the renderer writes (src/render/nftables.ts), elements in no particular order. */
+const RENDERED = `add table inet sallyport
+add set inet sallyport eip4 { type ipv4_addr; }
+add map inet sallyport src4 { type ipv4_addr : verdict; }
+add map inet sallyport snat4 { type mark : ipv4_addr; }
+add map inet sallyport c4-a { type ipv4_addr . inet_proto . inet_service : verdict; flags interval; counter; }
+add map inet sallyport c6-a { type ipv6_addr . inet_proto . inet_service : verdict; flags interval; }
+add chain inet sallyport c4-a
+add chain inet sallyport snat4-0
+add chain inet sallyport prerouting { type filter hook prerouting priority -150; policy accept; }
+add chain inet sallyport postrouting { type nat hook postrouting priority 90; policy accept; }
+add element inet sallyport eip4 { 10.168.60.101, 10.168.60.100 }
+add element inet sallyport src4 { 172.29.2.5 : jump c4-a, 172.29.1.5 : jump c4-a }
+add element inet sallyport snat4 { 0x28000000 : 10.168.60.101 }
+add element inet sallyport c4-a { 100.128.0.0-172.29.0.255 . 0-5 . 0-65535 : goto snat4-0, 10.0.0.0/8 . 6 . 443 : drop, 10.6.105.150 . 17 . 53 : goto snat4-0 }
+add element inet sallyport c6-a { 2001:db8::/64 . 132 . 443 : accept }
+add rule inet sallyport snat4-0 meta mark set meta mark & 0x000000ff | 0x28000000 accept comment "#g3wkhq4gif"
+add rule inet sallyport c4-a ip daddr . meta l4proto . th dport vmap @c4-a comment "2 policies #bckveefawm"
+add rule inet sallyport prerouting meta nfproto ipv4 ip saddr vmap @src4 comment "classify #6xzmmwjahk"
+add rule inet sallyport postrouting meta nfproto ipv4 meta mark & 0xff000000 == 0x28000000 snat ip to meta mark & 0xffffff00 map @snat4 comment "SNAT #3e2na6yty4"
+`;
+
+describe("FakeKernel: nft", () => {
+  it("applies the renderer's transaction and lists it as nft -j list table does", async () => {
+    const fake = new FakeKernel();
+    await ok(fake, NFT, RENDERED);
+    const listed = JSON.parse(
+      await ok(fake, ["nft", "-j", "list", "table", "inet", "sallyport"]),
+    ) as {
+      nftables: Record<string, Record<string, unknown>>[];
+    };
+    assert.deepEqual(listed.nftables[0], {
+      metainfo: { version: "1.0.6", release_name: "Lester Gooch #5", json_schema_version: 1 },
+    });
+    // A rule's expr is a placeholder (the datapath reads only comments); the rest is nft's output.
+    const rules = listed.nftables.filter((item) => item.rule !== undefined);
+    assert.deepEqual(
+      rules.map((item) => item.rule!.expr),
+      [
+        [{ fake: "ip daddr . meta l4proto . th dport vmap @c4-a" }],
+        [{ fake: "meta mark set meta mark & 0x000000ff | 0x28000000 accept" }],
+        [{ fake: "meta nfproto ipv4 ip saddr vmap @src4" }],
+        [
+          {
+            fake: "meta nfproto ipv4 meta mark & 0xff000000 == 0x28000000 snat ip to meta mark & 0xffffff00 map @snat4",
+          },
+        ],
+      ],
+    );
+    for (const item of rules) delete item.rule!.expr;
+    assert.deepEqual(listed.nftables.slice(1), [
+      { table: { family: "inet", name: "sallyport", handle: 1 } },
+      {
+        set: {
+          family: "inet",
+          name: "eip4",
+          table: "sallyport",
+          type: "ipv4_addr",
+          handle: 1,
+          elem: ["10.168.60.100", "10.168.60.101"],
+        },
+      },
+      {
+        map: {
+          family: "inet",
+          name: "src4",
+          table: "sallyport",
+          type: "ipv4_addr",
+          handle: 2,
+          map: "verdict",
+          elem: [
+            ["172.29.1.5", { jump: { target: "c4-a" } }],
+            ["172.29.2.5", { jump: { target: "c4-a" } }],
+          ],
+        },
+      },
+      {
+        map: {
+          family: "inet",
+          name: "snat4",
+          table: "sallyport",
+          type: "mark",
+          handle: 3,
+          map: "ipv4_addr",
+          elem: [[671088640, "10.168.60.101"]],
+        },
+      },
+      {
+        map: {
+          family: "inet",
+          name: "c4-a",
+          table: "sallyport",
+          type: ["ipv4_addr", "inet_proto", "inet_service"],
+          handle: 4,
+          map: "verdict",
+          flags: ["interval"],
+          elem: [
+            [
+              {
+                elem: {
+                  val: {
+                    concat: [
+                      { range: ["100.128.0.0", "172.29.0.255"] },
+                      { range: [0, 5] },
+                      { range: [0, 65535] },
+                    ],
+                  },
+                  counter: { packets: 0, bytes: 0 },
+                },
+              },
+              { goto: { target: "snat4-0" } },
+            ],
+            [
+              {
+                elem: {
+                  val: { concat: [{ prefix: { addr: "10.0.0.0", len: 8 } }, "tcp", 443] },
+                  counter: { packets: 0, bytes: 0 },
+                },
+              },
+              { drop: null },
+            ],
+            [
+              {
+                elem: {
+                  val: { concat: ["10.6.105.150", "udp", 53] },
+                  counter: { packets: 0, bytes: 0 },
+                },
+              },
+              { goto: { target: "snat4-0" } },
+            ],
+          ],
+          stmt: [{ counter: null }],
+        },
+      },
+      {
+        map: {
+          family: "inet",
+          name: "c6-a",
+          table: "sallyport",
+          type: ["ipv6_addr", "inet_proto", "inet_service"],
+          handle: 5,
+          map: "verdict",
+          flags: ["interval"],
+          elem: [
+            [
+              { concat: [{ prefix: { addr: "2001:db8::", len: 64 } }, "sctp", 443] },
+              { accept: null },
+            ],
+          ],
+        },
+      },
+      { chain: { family: "inet", table: "sallyport", name: "c4-a", handle: 6 } },
+      { chain: { family: "inet", table: "sallyport", name: "snat4-0", handle: 7 } },
+      {
+        chain: {
+          family: "inet",
+          table: "sallyport",
+          name: "prerouting",
+          handle: 8,
+          type: "filter",
+          hook: "prerouting",
+          prio: -150,
+          policy: "accept",
+        },
+      },
+      {
+        chain: {
+          family: "inet",
+          table: "sallyport",
+          name: "postrouting",
+          handle: 9,
+          type: "nat",
+          hook: "postrouting",
+          prio: 90,
+          policy: "accept",
+        },
+      },
+      {
+        rule: {
+          family: "inet",
+          table: "sallyport",
+          chain: "c4-a",
+          handle: 11,
+          comment: "2 policies #bckveefawm",
+        },
+      },
+      {
+        rule: {
+          family: "inet",
+          table: "sallyport",
+          chain: "snat4-0",
+          handle: 10,
+          comment: "#g3wkhq4gif",
+        },
+      },
+      {
+        rule: {
+          family: "inet",
+          table: "sallyport",
+          chain: "prerouting",
+          handle: 12,
+          comment: "classify #6xzmmwjahk",
+        },
+      },
+      {
+        rule: {
+          family: "inet",
+          table: "sallyport",
+          chain: "postrouting",
+          handle: 13,
+          comment: "SNAT #3e2na6yty4",
+        },
+      },
+    ]);
+    const table = parseNftTable(JSON.stringify(listed))!;
+    assert.deepEqual(
+      [...table.sets.get("c4-a")!.elements],
+      [
+        ["100.128.0.0-172.29.0.255 . 0-5 . 0-65535", "goto snat4-0"],
+        ["10.0.0.0/8 . 6 . 443", "drop"],
+        ["10.6.105.150 . 17 . 53", "goto snat4-0"],
+      ],
+      "the renderer's parser reads back what it wrote",
+    );
+    assert.deepEqual(table.chains.get("prerouting"), {
+      base: { type: "filter", hook: "prerouting", priority: -150 },
+      ids: ["6xzmmwjahk"],
+    });
+  });
+
+  it("lists as text as nft does: elements sorted, so many a line by type, priorities by name", async () => {
+    const fake = new FakeKernel();
+    await ok(
+      fake,
+      NFT,
+      [
+        "add table inet t",
+        "add set inet t marks { type mark; }",
+        "add element inet t marks { 0x10, 5, 6, 7, 8, 9, 10 }",
+        "add set inet t a4 { type ipv4_addr; }",
+        "add element inet t a4 { 1.1.1.3, 1.1.1.2, 1.1.1.1 }",
+        "add set inet t a6 { type ipv6_addr; }",
+        "add element inet t a6 { ::2, ::1 }",
+        "add chain inet t post { type nat hook postrouting priority srcnat - 10; policy accept; }",
+        "",
+      ].join("\n"),
+    );
+    assert.equal(
+      await ok(fake, ["nft", "list", "table", "inet", "t"]),
+      [
+        "table inet t {",
+        "\tset marks {",
+        "\t\ttype mark",
+        "\t\telements = { 0x00000005, 0x00000006, 0x00000007, 0x00000008, 0x00000009,",
+        "\t\t\t     0x0000000a, 0x00000010 }",
+        "\t}",
+        "",
+        "\tset a4 {",
+        "\t\ttype ipv4_addr",
+        "\t\telements = { 1.1.1.1, 1.1.1.2,",
+        "\t\t\t     1.1.1.3 }",
+        "\t}",
+        "",
+        "\tset a6 {",
+        "\t\ttype ipv6_addr",
+        "\t\telements = { ::1,",
+        "\t\t\t     ::2 }",
+        "\t}",
+        "",
+        "\tchain post {",
+        "\t\ttype nat hook postrouting priority srcnat - 10; policy accept;",
+        "\t}",
+        "}",
+        "",
+      ].join("\n"),
+    );
+  });
+
+  it("is atomic: one refused command rejects the batch; nft prints each command the kernel refused, or only its own errors", async () => {
+    await assertNftCases([
+      [
+        "add chain inet t ok1\ndelete chain inet t missing-chain\nadd rule inet t c1 goto missing-chain\nadd chain inet t ok2\n",
+        1,
+        "/dev/stdin:2:21-33: Error: Could not process rule: No such file or directory\ndelete chain inet t missing-chain\n                    ^^^^^^^^^^^^^\n/dev/stdin:3:25-37: Error: Could not process rule: No such file or directory\nadd rule inet t c1 goto missing-chain\n                        ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add chain inet t ok1\nadd rule inet t c1 ip daddr @missing-set drop\nadd element inet t missing-set { 1.2.3.4 }\n",
+        1,
+        "/dev/stdin:2:29-40: Error: No such file or directory\nadd rule inet t c1 ip daddr @missing-set drop\n                            ^^^^^^^^^^^^\n/dev/stdin:3:20-30: Error: No such file or directory\nadd element inet t missing-set { 1.2.3.4 }\n                   ^^^^^^^^^^^\n",
+      ],
+      [
+        "delete chain inet t missing-chain\nadd rule inet t c1 ip daddr @missing-set drop\n",
+        1,
+        "/dev/stdin:2:29-40: Error: No such file or directory\nadd rule inet t c1 ip daddr @missing-set drop\n                            ^^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t s { 2.2.2.2 }\nadd element inet t v { 2.2.2.2 : goto c2 }\nadd element inet t v { 1.1.1.1 : goto c2 }\n",
+        1,
+        "/dev/stdin:3:24-30: Error: Could not process rule: File exists\nadd element inet t v { 1.1.1.1 : goto c2 }\n                       ^^^^^^^\n",
+      ],
+    ]);
+  });
+
+  it("refuses what does not exist: a set, map, chain or table (nft itself or the kernel, as nft decides)", async () => {
+    await assertNftCases([
+      [
+        "add rule inet t c1 ip daddr @missing-set drop\n",
+        1,
+        "/dev/stdin:1:29-40: Error: No such file or directory\nadd rule inet t c1 ip daddr @missing-set drop\n                            ^^^^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t c1 ip saddr vmap @missing-set\n",
+        1,
+        "/dev/stdin:1:34-45: Error: No such file or directory\nadd rule inet t c1 ip saddr vmap @missing-set\n                                 ^^^^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t c1 goto missing-chain\n",
+        1,
+        "/dev/stdin:1:25-37: Error: Could not process rule: No such file or directory\nadd rule inet t c1 goto missing-chain\n                        ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t c1 jump missing-chain\n",
+        1,
+        "/dev/stdin:1:25-37: Error: Could not process rule: No such file or directory\nadd rule inet t c1 jump missing-chain\n                        ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t missing-chain accept\n",
+        1,
+        "/dev/stdin:1:17-29: Error: Could not process rule: No such file or directory\nadd rule inet t missing-chain accept\n                ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t v { 1.2.3.4 : goto missing-chain }\n",
+        1,
+        "/dev/stdin:1:24-30: Error: Could not process rule: No such file or directory\nadd element inet t v { 1.2.3.4 : goto missing-chain }\n                       ^^^^^^^\n",
+      ],
+      [
+        "add element inet t missing-set { 1.2.3.4 }\n",
+        1,
+        "/dev/stdin:1:20-30: Error: No such file or directory\nadd element inet t missing-set { 1.2.3.4 }\n                   ^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet missing-table s { 1.2.3.4 }\n",
+        1,
+        "/dev/stdin:1:18-30: Error: No such file or directory\nadd element inet missing-table s { 1.2.3.4 }\n                 ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add set inet missing-table s { type ipv4_addr; }\n",
+        1,
+        "/dev/stdin:1:14-26: Error: No such file or directory\nadd set inet missing-table s { type ipv4_addr; }\n             ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add chain inet missing-table x\n",
+        1,
+        "/dev/stdin:1:16-28: Error: No such file or directory\nadd chain inet missing-table x\n               ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "flush chain inet t missing-chain\n",
+        1,
+        "/dev/stdin:1:20-32: Error: Could not process rule: No such file or directory\nflush chain inet t missing-chain\n                   ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "flush map inet t missing-set\n",
+        1,
+        "/dev/stdin:1:18-28: Error: No such file or directory\nflush map inet t missing-set\n                 ^^^^^^^^^^^\n",
+      ],
+      [
+        "delete chain inet t missing-chain\n",
+        1,
+        "/dev/stdin:1:21-33: Error: Could not process rule: No such file or directory\ndelete chain inet t missing-chain\n                    ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "delete set inet t missing-set\n",
+        1,
+        "/dev/stdin:1:19-29: Error: Could not process rule: No such file or directory\ndelete set inet t missing-set\n                  ^^^^^^^^^^^\n",
+      ],
+      [
+        "delete table inet nope\n",
+        1,
+        "/dev/stdin:1:19-22: Error: Could not process rule: No such file or directory\ndelete table inet nope\n                  ^^^^\n",
+      ],
+      [
+        "add chain inet t c9\nadd rule inet t c1 goto c8\nadd chain inet t c8\n",
+        1,
+        "/dev/stdin:2:25-26: Error: Could not process rule: No such file or directory\nadd rule inet t c1 goto c8\n                        ^^\n",
+      ],
+    ]);
+  });
+
+  it("refuses to delete a chain or set still in use; a chain's own rules go with it", async () => {
+    await assertNftCases([
+      [
+        "delete chain inet t c2\n",
+        1,
+        "/dev/stdin:1:21-22: Error: Could not process rule: Device or resource busy\ndelete chain inet t c2\n                    ^^\n",
+      ],
+      [
+        "delete chain inet t c1\n",
+        1,
+        "/dev/stdin:1:21-22: Error: Could not process rule: Device or resource busy\ndelete chain inet t c1\n                    ^^\n",
+      ],
+      [
+        "delete set inet t s\n",
+        1,
+        "/dev/stdin:1:19-19: Error: Could not process rule: Device or resource busy\ndelete set inet t s\n                  ^\n",
+      ],
+      [
+        "delete map inet t v\nadd rule inet t c1 ip saddr vmap @v\n",
+        1,
+        "/dev/stdin:2:34-35: Error: No such file or directory\nadd rule inet t c1 ip saddr vmap @v\n                                 ^^\n",
+      ],
+      ["flush chain inet t c3\ndelete chain inet t c2\ndelete set inet t s\n", 0, ""],
+      ["delete map inet t v\ndelete map inet t m\ndelete chain inet t c1\n", 0, ""],
+      ["delete chain inet t c3\ndelete chain inet t c2\n", 0, ""],
+    ]);
+    const fake = new FakeKernel();
+    fake.seed(NFT, NFT_SETUP);
+    await ok(fake, NFT, "flush chain inet t c3\ndelete chain inet t c2\ndelete set inet t s\n");
+    assert.doesNotMatch(
+      nftSection(fake.dump(), "inet", "t"),
+      /chain c2|set s /,
+      "flushed, then deleted: as the renderer does it",
+    );
+  });
+
+  it("add element: a key already there with another value, an interval whose first or last point is taken; delete element: what is not there", async () => {
+    await assertNftCases([
+      [
+        "add element inet t v { 1.1.1.1 : goto c2 }\n",
+        1,
+        "/dev/stdin:1:24-30: Error: Could not process rule: File exists\nadd element inet t v { 1.1.1.1 : goto c2 }\n                       ^^^^^^^\n",
+      ],
+      [
+        "add element inet t k { 0x28000000 : 10.0.0.2 }\n",
+        1,
+        "/dev/stdin:1:24-33: Error: Could not process rule: File exists\nadd element inet t k { 0x28000000 : 10.0.0.2 }\n                       ^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t m { 10.0.0.0/8 . 6 . 80 : goto c2 }\n",
+        1,
+        "/dev/stdin:1:24-42: Error: Could not process rule: File exists\nadd element inet t m { 10.0.0.0/8 . 6 . 80 : goto c2 }\n                       ^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t m { 10.1.0.0/16 . 6 . 80 : drop }\n",
+        1,
+        "/dev/stdin:1:24-43: Error: Could not process rule: File exists\nadd element inet t m { 10.1.0.0/16 . 6 . 80 : drop }\n                       ^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t m { 9.0.0.0-10.0.0.0 . 6 . 80 : drop }\n",
+        1,
+        "/dev/stdin:1:24-48: Error: Could not process rule: File exists\nadd element inet t m { 9.0.0.0-10.0.0.0 . 6 . 80 : drop }\n                       ^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t m { 12.0.0.0/8 . 6 . 80 : drop, 12.0.0.0/16 . 6 . 80 : drop }\n",
+        1,
+        "/dev/stdin:1:52-71: Error: Could not process rule: File exists\nadd element inet t m { 12.0.0.0/8 . 6 . 80 : drop, 12.0.0.0/16 . 6 . 80 : drop }\n                                                   ^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t v { 2.2.2.2 : drop, 2.2.2.2 : accept }\n",
+        1,
+        "/dev/stdin:1:40-46: Error: Could not process rule: File exists\nadd element inet t v { 2.2.2.2 : drop, 2.2.2.2 : accept }\n                                       ^^^^^^^\n",
+      ],
+      [
+        "add element inet t s { 1.1.1.1 }\nadd element inet t v { 1.1.1.1 : goto c1 }\nadd element inet t m { 10.0.0.0/8 . tcp . 80 : goto c1 }\n",
+        0,
+        "",
+      ],
+      ["add element inet t m { 10.0.0.0/8 . 6 . 70-90 : drop }\n", 0, ""],
+      [
+        "delete element inet t s { 2.2.2.2 }\n",
+        1,
+        "/dev/stdin:1:27-33: Error: Could not process rule: No such file or directory\ndelete element inet t s { 2.2.2.2 }\n                          ^^^^^^^\n",
+      ],
+      [
+        "delete element inet t v { 1.1.1.1, 1.1.1.1 }\n",
+        1,
+        "/dev/stdin:1:36-42: Error: Could not process rule: No such file or directory\ndelete element inet t v { 1.1.1.1, 1.1.1.1 }\n                                   ^^^^^^^\n",
+      ],
+      [
+        "delete element inet t m { 11.0.0.0/8 . 6 . 80 }\n",
+        1,
+        "/dev/stdin:1:27-45: Error: Could not process rule: No such file or directory\ndelete element inet t m { 11.0.0.0/8 . 6 . 80 }\n                          ^^^^^^^^^^^^^^^^^^^\n",
+      ],
+    ]);
+  });
+
+  it("interval maps as the kernel's pipapo: an element holding another one whole is accepted; delete removes what holds the key's first point", async () => {
+    const fake = new FakeKernel();
+    fake.seed(NFT, NFT_SETUP);
+    // 10.0.0.0/8 . 6 . 80 is there; neither corner of this one lies in it.
+    await ok(fake, NFT, "add element inet t m { 10.0.0.0/8 . 6 . 70-90 : drop }\n");
+    const elements = () =>
+      nftSection(fake.dump(), "inet", "t")
+        .split("\n")
+        .filter((l) => l.includes(" map m element "));
+    assert.deepEqual(elements(), [
+      "nft inet t map m element 10.0.0.0/8 . tcp . 70-90 : drop",
+      "nft inet t map m element 10.0.0.0/8 . tcp . 80 : goto c1",
+    ]);
+    // No such element, but a point both hold: the one added first goes, then the other.
+    await ok(fake, NFT, "delete element inet t m { 10.0.0.0/24 . 6 . 80 }\n");
+    assert.deepEqual(elements(), ["nft inet t map m element 10.0.0.0/8 . tcp . 70-90 : drop"]);
+    await ok(fake, NFT, "delete element inet t m { 10.0.0.0/24 . 6 . 80 }\n");
+    assert.deepEqual(elements(), []);
+  });
+
+  it("elements and lookups of the wrong type or arity, values a map does not take, a comment over 128 characters", async () => {
+    await assertNftCases([
+      [
+        "add element inet t m { 10.0.0.0/8 . 6 : goto c1 }\n",
+        1,
+        "/dev/stdin:1:24-37: Error: datatype mismatch, expected concatenation of (IPv4 address, Internet protocol, internet network service), expression has type concatenation of (IPv4 address, Internet protocol)\nadd element inet t m { 10.0.0.0/8 . 6 : goto c1 }\n                       ^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t m { 10.0.0.0/8 . 6 . 80 . 5 : goto c1 }\n",
+        1,
+        "/dev/stdin:1:44-46: Error: Can't parse symbolic invalid expressions\nadd element inet t m { 10.0.0.0/8 . 6 . 80 . 5 : goto c1 }\n                                           ^^^\n",
+      ],
+      [
+        "add element inet t s { fd00::1 }\n",
+        1,
+        "/dev/stdin:1:24-30: Error: Could not resolve hostname: Address family for hostname not supported\nadd element inet t s { fd00::1 }\n                       ^^^^^^^\n",
+      ],
+      [
+        "add element inet t m { fd00::/64 . 6 . 80 : goto c1 }\n",
+        1,
+        "/dev/stdin:1:24-29: Error: Could not resolve hostname: Address family for hostname not supported\nadd element inet t m { fd00::/64 . 6 . 80 : goto c1 }\n                       ^^^^^^\n",
+      ],
+      [
+        "add element inet t m { 10.0.0.0/33 . 6 . 443 : drop }\n",
+        1,
+        "/dev/stdin:1:24-34: Error: Prefix length 33 is invalid for type of 32 bits width\nadd element inet t m { 10.0.0.0/33 . 6 . 443 : drop }\n                       ^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t m { 10.0.0.0/8 . bogus . 80 : goto c1 }\n",
+        1,
+        "/dev/stdin:1:37-41: Error: Could not resolve protocol name\nadd element inet t m { 10.0.0.0/8 . bogus . 80 : goto c1 }\n                                    ^^^^^\n",
+      ],
+      [
+        "add element inet t m { 10.0.0.0/8 . 256 . 80 : goto c1 }\n",
+        1,
+        "/dev/stdin:1:37-39: Error: Protocol out of range\nadd element inet t m { 10.0.0.0/8 . 256 . 80 : goto c1 }\n                                    ^^^\n",
+      ],
+      [
+        "add element inet t m { 10.0.0.0/8 . 6 . 70000 : goto c1 }\n",
+        1,
+        "/dev/stdin:1:39-45: Error: Service out of range\nadd element inet t m { 10.0.0.0/8 . 6 . 70000 : goto c1 }\n                                      ^^^^^^^\n",
+      ],
+      [
+        "add element inet t m { 10.0.0.0/8 . 6 . 90-80 : goto c1 }\n",
+        1,
+        "/dev/stdin:1:39-45: Error: Range has zero or negative size\nadd element inet t m { 10.0.0.0/8 . 6 . 90-80 : goto c1 }\n                                      ^^^^^^^\n",
+      ],
+      [
+        "add element inet t s { 10.0.0.0/8 }\n",
+        1,
+        "/dev/stdin:1:24-33: Error: You must add 'flags interval' to your set declaration if you want to add prefix elements\nadd element inet t s { 10.0.0.0/8 }\n                       ^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t s { 10.0.0.1-10.0.0.3 }\n",
+        1,
+        "/dev/stdin:1:24-40: Error: You must add 'flags interval' to your set declaration if you want to add range elements\nadd element inet t s { 10.0.0.1-10.0.0.3 }\n                       ^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t v { 5.5.5.5 : 10.0.0.1 }\n",
+        1,
+        "/dev/stdin:1:34-41: Error: Can't parse symbolic netfilter verdict expressions\nadd element inet t v { 5.5.5.5 : 10.0.0.1 }\n                                 ^^^^^^^^\n",
+      ],
+      [
+        "add element inet t v { 6.6.6.6 }\n",
+        1,
+        "/dev/stdin:1:24-30: Error: Could not process rule: Invalid argument\nadd element inet t v { 6.6.6.6 }\n                       ^^^^^^^\n",
+      ],
+      ["add element inet t s { 6.6.6.6 : drop }\n", 1, "netlink: Error: set is not a map\n"],
+      [
+        "add element inet t k { foo : 10.0.0.1 }\n",
+        1,
+        "/dev/stdin:1:24-26: Error: Could not parse packet mark\nadd element inet t k { foo : 10.0.0.1 }\n                       ^^^\n",
+      ],
+      [
+        "add element inet t k { 0x100000000 : 1.2.3.4 }\n",
+        1,
+        "/dev/stdin:1:24-34: Error: Value 4294967296 exceeds valid range 0-4294967295\nadd element inet t k { 0x100000000 : 1.2.3.4 }\n                       ^^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t k { 7 : 1.2.3.0/24 }\n",
+        1,
+        "/dev/stdin:1:28-37: Error: Value must be a singleton\nadd element inet t k { 7 : 1.2.3.0/24 }\n                           ^^^^^^^^^^\n",
+      ],
+      [
+        "add element inet t k { 7 : drop }\n",
+        1,
+        "/dev/stdin:1:24-24: Error: Could not process rule: Invalid argument\nadd element inet t k { 7 : drop }\n                       ^\n",
+      ],
+      [
+        "add rule inet t c1 ip6 saddr vmap @v\n",
+        1,
+        "/dev/stdin:1:35-36: Error: datatype mismatch, map expects IPv4 address, mapping expression has type IPv6 address\nadd rule inet t c1 ip6 saddr vmap @v\n                   ~~~~~~~~~      ^^\n",
+      ],
+      [
+        "add rule inet t c1 ip daddr . meta l4proto vmap @m\n",
+        1,
+        "/dev/stdin:1:49-50: Error: datatype mismatch, map expects concatenation of (IPv4 address, Internet protocol, internet network service), mapping expression has type concatenation of (IPv4 address, Internet protocol)\nadd rule inet t c1 ip daddr . meta l4proto vmap @m\n                   ~~~~~~~~~~~~~~~~~~~~~~~      ^^\n",
+      ],
+      [
+        "add rule inet t c1 ip6 daddr @s accept\n",
+        1,
+        "/dev/stdin:1:30-31: Error: datatype mismatch, expected IPv6 address, expression has type IPv4 address\nadd rule inet t c1 ip6 daddr @s accept\n                   ~~~~~~~~~ ^^\n",
+      ],
+      [
+        "add rule inet t c1 ip saddr vmap @s\n",
+        1,
+        "/dev/stdin:1:34-35: Error: Expression is not a map\nadd rule inet t c1 ip saddr vmap @s\n                                 ^^\n",
+      ],
+      [
+        "add rule inet t c1 meta mark vmap @k\n",
+        1,
+        "/dev/stdin:1:20-36: Error: datatype mismatch: expected netfilter verdict, expression has type IPv4 address\nadd rule inet t c1 meta mark vmap @k\n                   ^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t post snat ip6 to meta mark map @k\n",
+        1,
+        "/dev/stdin:1:34-49: Error: datatype mismatch: expected IPv6 address, expression has type IPv4 address\nadd rule inet t post snat ip6 to meta mark map @k\n                     ~~~~        ^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add set inet t z { type ipv9_addr; }\n",
+        1,
+        "/dev/stdin:1:25-33: Error: unknown datatype ipv9_addr\nadd set inet t z { type ipv9_addr; }\n                        ^^^^^^^^^\n/dev/stdin:1:18-34: Error: set definition does not specify key\nadd set inet t z { type ipv9_addr; }\n                 ^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        'add rule inet t c1 accept comment "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"\n',
+        1,
+        '/dev/stdin:1:35-165: Error: comment too long, 128 characters maximum allowed\nadd rule inet t c1 accept comment "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"\n                                  ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n',
+      ],
+    ]);
+  });
+
+  it("chains and sets: what the kernel will not change in place; snat and rt mtu checked against every hook that reaches them", async () => {
+    await assertNftCases([
+      [
+        "add chain inet t b { type filter hook prerouting priority -100; policy accept; }\n",
+        1,
+        "/dev/stdin:1:1-81: Error: Could not process rule: Operation not supported\nadd chain inet t b { type filter hook prerouting priority -100; policy accept; }\n^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add chain inet t b { type filter hook forward priority -150; policy accept; }\n",
+        1,
+        "/dev/stdin:1:1-78: Error: Could not process rule: Operation not supported\nadd chain inet t b { type filter hook forward priority -150; policy accept; }\n^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add chain inet t b { type nat hook prerouting priority -150; policy accept; }\n",
+        1,
+        "/dev/stdin:1:18-18: Error: Could not process rule: File exists\nadd chain inet t b { type nat hook prerouting priority -150; policy accept; }\n                 ^\n",
+      ],
+      [
+        "add chain inet t c1 { type filter hook prerouting priority -150; policy accept; }\n",
+        1,
+        "/dev/stdin:1:66-78: Error: Could not process rule: Operation not supported\nadd chain inet t c1 { type filter hook prerouting priority -150; policy accept; }\n                                                                 ^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add chain inet t n { type nat hook forward priority 100; policy accept; }\n",
+        1,
+        "/dev/stdin:1:1-74: Error: Could not process rule: Operation not supported\nadd chain inet t n { type nat hook forward priority 100; policy accept; }\n^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add set inet t s { type ipv4_addr; counter; }\n",
+        1,
+        "/dev/stdin:1:16-16: Error: Could not process rule: File exists\nadd set inet t s { type ipv4_addr; counter; }\n               ^\n",
+      ],
+      [
+        "add map inet t m { type ipv4_addr . inet_proto . inet_service : verdict; flags interval; }\n",
+        1,
+        "/dev/stdin:1:16-16: Error: Could not process rule: File exists\nadd map inet t m { type ipv4_addr . inet_proto . inet_service : verdict; flags interval; }\n               ^\n",
+      ],
+      [
+        "add rule inet t c1 jump b\n",
+        1,
+        "/dev/stdin:1:25-25: Error: Could not process rule: Operation not supported\nadd rule inet t c1 jump b\n                        ^\n",
+      ],
+      [
+        "add rule inet t b snat ip to 1.2.3.4\n",
+        1,
+        "/dev/stdin:1:1-37: Error: Could not process rule: Operation not supported\nadd rule inet t b snat ip to 1.2.3.4\n^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      ["add rule inet t c2 snat ip to 1.2.3.4\n", 0, ""],
+      [
+        "add rule inet t b tcp flags syn / syn,rst tcp option maxseg size set rt mtu\n",
+        1,
+        "/dev/stdin:1:1-76: Error: Could not process rule: Operation not supported\nadd rule inet t b tcp flags syn / syn,rst tcp option maxseg size set rt mtu\n^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t c1 tcp flags syn / syn,rst tcp option maxseg size set rt mtu\nadd rule inet t b ip saddr vmap @v\n",
+        1,
+        "/dev/stdin:2:1-35: Error: Could not process rule: Operation not supported\nadd rule inet t b ip saddr vmap @v\n^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+    ]);
+    const fake = new FakeKernel();
+    fake.seed(NFT, NFT_SETUP);
+    await ok(
+      fake,
+      NFT,
+      "add chain inet t b { type filter hook prerouting priority -150; policy drop; }\n",
+    );
+    assert.match(
+      fake.dump(),
+      /^nft inet t chain b type filter hook prerouting priority -150 policy drop$/m,
+      "a base chain's policy changes in place",
+    );
+  });
+
+  it("lists tables, iptables-nft's too; a missing table exits 1 with nft's message; a command in argv is located in argv", async () => {
+    const fake = host(1);
+    await ok(fake, NFT, "add table inet sallyport\n");
+    assert.deepEqual(
+      (await ok(fake, ["nft", "list", "tables"])).split("\n").filter(Boolean).sort(),
+      [
+        "table inet sallyport",
+        "table ip filter",
+        "table ip mangle",
+        "table ip nat",
+        "table ip6 filter",
+        "table ip6 mangle",
+        "table ip6 nat",
+      ],
+    );
+    for (const json of [[], ["-j"]]) {
+      const r = await run(fake, ["nft", ...json, "list", "table", "inet", "nope"]);
+      assert.deepEqual(r, {
+        code: 1,
+        stdout: "",
+        stderr: "Error: No such file or directory\nlist table inet nope\n                ^^^^\n",
+      });
+    }
+    assert.equal(
+      (await run(fake, ["nft", "flush", "chain", "inet", "sallyport", "nope"])).stderr,
+      "Error: Could not process rule: No such file or directory\nflush chain inet sallyport nope\n                           ^^^^\n",
+    );
+  });
+
+  it("seeds foreign tables in nft's block syntax, keeps rules it does not know as written, and dumps them canonically", async () => {
+    const fake = new FakeKernel();
+    fake.seed(NFT, KUBE_PROXY_NFT);
+    fake.seed(
+      NFT,
+      'table ip kube-proxy {\n  chain services {\n    tcp dport { 80, 443 } log prefix "svc " accept\n  }\n}\n',
+    );
+    assert.deepEqual(
+      fake
+        .dump()
+        .split("\n")
+        .filter((l) => l.startsWith("nft ")),
+      [
+        "nft table ip kube-proxy",
+        "nft ip kube-proxy set cluster-ips type ipv4_addr",
+        "nft ip kube-proxy set cluster-ips element 10.96.0.1",
+        "nft ip kube-proxy chain filter-forward type filter hook forward priority -110 policy accept",
+        "nft ip kube-proxy chain filter-forward rule ct state invalid drop",
+        "nft ip kube-proxy chain nat-postrouting type nat hook postrouting priority 100 policy accept",
+        "nft ip kube-proxy chain nat-postrouting rule meta mark & 0x4000 == 0x4000 masquerade",
+        "nft ip kube-proxy chain services",
+        'nft ip kube-proxy chain services rule tcp dport { 80, 443 } log prefix "svc " accept',
+      ],
+    );
+    assert.equal(
+      (await detectFilter(fake, "nft")).reason,
+      "kube-proxy runs in nftables mode",
+      "--datapath auto sees kube-proxy's table",
+    );
+    const r = await run(
+      fake,
+      NFT,
+      "add chain ip kube-proxy c\nadd rule ip kube-proxy c log accept\n",
+    );
+    assert.equal(r.code, 2, "outside seeding, a statement it does not know is not modeled");
+    assert.match(r.stderr, /^FakeKernel does not model the nft rule syntax "log"/);
+  });
+
+  it("says so, with a non-zero exit, for everything it does not model", async () => {
+    const inTable = (lines: string) => `add table inet t\nadd chain inet t c\n${lines}\n`;
+    for (const [argv, stdin] of [
+      [NFT, "add table bridge b\n"],
+      [NFT, "add table inet t\nadd set inet t s { type ipv4_addr; flags interval; }\n"],
+      [NFT, "add table inet t\nadd set inet t s { type ipv4_addr; timeout 10s; }\n"],
+      [NFT, "add table inet t\nadd set inet t s { type ether_addr; }\n"],
+      [
+        NFT,
+        "add table inet t\nadd set inet t s { type ipv4_addr; }\nadd element inet t s { example.com }\n",
+      ],
+      [NFT, inTable("add rule inet t c tcp dport { 80, 443 } accept")],
+      [NFT, inTable("insert rule inet t c accept")],
+      [NFT, inTable("delete rule inet t c handle 3")],
+      [NFT, inTable("flush table inet t")],
+      [["nft", "-f", "/etc/nftables.conf"], ""],
+      [["nft", "monitor"], ""],
+      [["nft", "-a", "list", "ruleset"], ""],
+    ] as const) {
+      const fake = new FakeKernel();
+      const r = await run(fake, [...argv], stdin);
+      assert.equal(r.code, 2, `${argv.join(" ")} ${stdin}`);
+      assert.match(r.stderr, /^FakeKernel does not model /, `${argv.join(" ")} ${stdin}`);
+      assert.equal(fake.dump(), new FakeKernel().dump(), "and changes nothing");
+    }
+    const r = await run(host(1), ["nft", "list", "ruleset"]);
+    assert.match(r.stderr, /does not model nft list ruleset on a host with iptables-nft tables/);
+  });
+});
+
+// ================================================================================================
 // Datapath on the fake
 
 describe("Datapath on the fake kernel", () => {
@@ -1319,6 +2189,393 @@ describe("partial syncs of keyed plans on the fake kernel", () => {
             const plan = planner.plan();
             await dp.sync(plan, { partial: i > 0 });
             await assertHolds(dp, plan, `step ${i}`);
+          }
+          assert.equal((await dp.sync(planner.plan())).changes, 0, "a full sync finds nothing");
+        },
+      ),
+      { numRuns: 40 },
+    );
+  });
+});
+
+// ================================================================================================
+// The nftables datapath on the fake: the promises of test/kernel/datapath_nft_test.ts without root.
+
+/** host(index), where kube-proxy also runs in nftables mode. */
+function nftHost(index: number): FakeKernel {
+  const fake = host(index);
+  fake.seed(NFT, KUBE_PROXY_NFT);
+  return fake;
+}
+
+/** Datapath exactly as src/kernel/open.ts builds it for --datapath nftables. */
+function nftDatapathOn(runner: Runner): Promise<Datapath> {
+  return openDatapath({ runner, datapath: "nftables", backend: "nft" });
+}
+
+/** What the agent does with `datapath: "nftables"`: facts from the kernel, then the plan. */
+function nftPlanWith(index: number, state: KernelState, s: Snapshot, random = 0.5): NodePlan {
+  const outcome = computeCluster(s);
+  const self = s.nodes.find((n) => n.name === `node-${index}`)!;
+  const local = localFactsFrom(state, {
+    nodeAddresses: self.addresses,
+    peers: outcome.peers,
+    rulePref: RULE_PREF,
+    random: () => random,
+  });
+  return planNode(
+    nodeViewFromOutcome(outcome, `node-${index}`, { local, config: { datapath: "nftables" } }),
+  );
+}
+
+/** Our table as a fresh kernel holds it after the whole table is rendered from `plan`. */
+async function freshTable(plan: NodePlan): Promise<string> {
+  const fresh = new FakeKernel();
+  const payload = renderNftTable(desiredTable(plan, { families: [4, 6], tunnelDevice: TUNNEL }));
+  await ok(fresh, NFT, payload);
+  return nftSection(fresh.dump(), "inet", "sallyport");
+}
+
+/** The kernel holds the plan: routing and devices as with iptables, and exactly the table. */
+async function assertHoldsNft(
+  fake: FakeKernel,
+  dp: Datapath,
+  plan: NodePlan,
+  message?: string,
+): Promise<void> {
+  await assertHolds(dp, plan, message);
+  assert.equal(nftSection(fake.dump(), "inet", "sallyport"), await freshTable(plan), message);
+}
+
+/** Names in our table the drifts below act on: a class map, a verdict chain, a source. */
+async function ourNames(fake: FakeKernel): Promise<Record<string, string>> {
+  const table = parseNftTable(await ok(fake, ["nft", "-j", "list", "table", "inet", "sallyport"]))!;
+  const classMap = [...table.sets.keys()].find((n) => /^c[46]-/.test(n)) ?? "";
+  const verdict = [...table.chains.keys()].find((n) => /^(to-|snat[46]-)/.test(n)) ?? "";
+  const source = [...(table.sets.get("src4")?.elements.keys() ?? [])][0] ?? "";
+  return { $CLASS: classMap, $VERDICT: verdict, $SOURCE: `{ ${source} }` };
+}
+
+describe("Datapath on the fake kernel: nftables", () => {
+  for (const [name, s] of Object.entries(SCENARIOS)) {
+    for (const index of [1, 2]) {
+      it(`${name}, node-${index}: synced from empty, the table holds the plan, nothing else changed; a second sync writes nothing`, async () => {
+        const fake = nftHost(index);
+        const seeded = fake.dump();
+        const dp = await nftDatapathOn(fake);
+        const plan = nftPlanWith(index, await dp.read(), s);
+        assert.deepEqual(plan.errors, []);
+        assert.ok((await dp.sync(plan)).changes > 0);
+        await assertHoldsNft(fake, dp, plan);
+        assert.equal(
+          foreign(fake.dump()),
+          foreign(seeded),
+          "kube-proxy's table, iptables-nft's rules and every other object, byte for byte",
+        );
+        assert.doesNotMatch(
+          fake.dump(),
+          /SALLYPORT|ipset sallyport/,
+          "no iptables rule or ipset of ours",
+        );
+        fake.calls.length = 0;
+        const second = await dp.sync(nftPlanWith(index, await dp.read(), s));
+        assert.equal(second.changes, 0, JSON.stringify(second.detail));
+        assert.deepEqual(writes(fake), [], "the second sync ran no write command");
+      });
+    }
+  }
+
+  const drifts: [string, number, string[]][] = [
+    ["a flushed base chain", 1, ["nft", "flush", "chain", "inet", "sallyport", "prerouting"]],
+    ["a flushed verdict chain", 1, ["nft", "flush", "chain", "inet", "sallyport", "$VERDICT"]],
+    ["a flushed SNAT chain", 2, ["nft", "flush", "chain", "inet", "sallyport", "$VERDICT"]],
+    [
+      "a deleted source element",
+      1,
+      ["nft", "delete", "element", "inet", "sallyport", "src4", "$SOURCE"],
+    ],
+    ["a flushed class map", 1, ["nft", "flush", "map", "inet", "sallyport", "$CLASS"]],
+    [
+      "a foreign rule in our chain",
+      2,
+      ["nft", "add", "rule", "inet", "sallyport", "forward", "accept"],
+    ],
+    ["a deleted table", 2, ["nft", "delete", "table", "inet", "sallyport"]],
+  ];
+  for (const [what, index, argv] of drifts) {
+    it(`repairs ${what} with one full sync`, async () => {
+      const s = SCENARIOS["dual stack with ports"]!;
+      const fake = nftHost(index);
+      const dp = await nftDatapathOn(fake);
+      const plan = nftPlanWith(index, await dp.read(), s);
+      await dp.sync(plan);
+      const names = await ourNames(fake);
+      await ok(
+        fake,
+        argv.map((a) => names[a] ?? a),
+      );
+      assert.notEqual(
+        nftSection(fake.dump(), "inet", "sallyport"),
+        await freshTable(plan),
+        "the drift happened",
+      );
+      assert.ok((await dp.sync(plan)).changes > 0, "the full sync found the drift");
+      await assertHoldsNft(fake, dp, plan);
+      assert.equal((await dp.sync(plan)).changes, 0, "and then holds the plan");
+    });
+  }
+
+  it("a new agent adopts the table without writing", async () => {
+    const s = SCENARIOS["two overlapping policies"]!;
+    const fake = nftHost(1);
+    const first = await nftDatapathOn(fake);
+    await first.sync(nftPlanWith(1, await first.read(), s, 0.1));
+    fake.calls.length = 0;
+    const restarted = await nftDatapathOn(fake);
+    const report = await restarted.sync(nftPlanWith(1, await restarted.read(), s, 0.9));
+    assert.equal(report.changes, 0, JSON.stringify(report.detail));
+    assert.deepEqual(writes(fake), []);
+  });
+
+  it("`sallyport cleanup` (its --datapath default, iptables) removes our table and leaves the host exactly as seeded", async () => {
+    for (const index of [1, 2]) {
+      const fake = nftHost(index);
+      const seeded = fake.dump();
+      const dp = await nftDatapathOn(fake);
+      await dp.sync(nftPlanWith(index, await dp.read(), SCENARIOS["dual stack with ports"]!));
+      const cleanup = await openDatapath({ runner: fake, backend: "nft" });
+      await cleanup.cleanup("(cleanup)");
+      assert.equal(fake.dump(), seeded, `node-${index}`);
+    }
+  });
+
+  it("Datapath.cleanup() with the nftables filter leaves the host exactly as seeded", {
+    todo: "bugs in src/render/nftables.ts: the empty plan still renders the table's skeleton (base chains, sets, tunnel-reply), so cleanup keeps `table inet sallyport`; and a stale verdict chain is deleted before the stale class map whose elements still goto it (Device or resource busy, on real nft too)",
+  }, async () => {
+    for (const index of [1, 2]) {
+      const fake = nftHost(index);
+      const seeded = fake.dump();
+      const dp = await nftDatapathOn(fake);
+      await dp.sync(nftPlanWith(index, await dp.read(), SCENARIOS["dual stack with ports"]!));
+      await dp.cleanup(`node-${index}`);
+      assert.equal(fake.dump(), seeded, `node-${index}`);
+    }
+  });
+
+  it("a transaction nft refuses throws a DatapathError naming the step, with nft's message; the table is as before; the next full sync converges", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = nftHost(2);
+    const dp = await nftDatapathOn(fake);
+    await dp.sync(nftPlanWith(2, await dp.read(), s));
+    // A pod more: elements to add, nothing to delete.
+    const more = {
+      ...s,
+      pods: [...s.pods, pod("team-a", "web-3", "node-1", ["172.29.1.7", "fd00:172:29:1::7"], WEB)],
+    };
+    const plan = nftPlanWith(2, await dp.read(), more);
+    // The kernel refuses the last command: every command before it must be undone too.
+    const refusing: Runner = {
+      run(argv: readonly string[], options?: RunOptions) {
+        const stdin =
+          argv[0] === "nft" && argv[1] === "-f"
+            ? `${options?.stdin ?? ""}delete chain inet sallyport no-such-chain\n`
+            : options?.stdin;
+        return fake.run(argv, stdin === undefined ? {} : { stdin });
+      },
+    };
+    const flaky = await nftDatapathOn(refusing);
+    const before = nftSection(fake.dump(), "inet", "sallyport");
+    await assert.rejects(flaky.sync(plan), (e: unknown) => {
+      assert.ok(e instanceof DatapathError, String(e));
+      assert.equal(e.step, "apply the nftables table");
+      assert.match(
+        e.message,
+        /^Cannot apply the nftables table: Cannot run nft -f -: exit 1: \/dev\/stdin:\d+:29-41: Error: Could not process rule: No such file or directory \| delete chain inet sallyport no-such-chain \| {29}\^{13}$/,
+      );
+      assert.ok(e.input?.includes("add element"), "the error carries the transaction");
+      return true;
+    });
+    assert.equal(nftSection(fake.dump(), "inet", "sallyport"), before, "all or nothing");
+    fake.failNext(["nft", "-f", "-"], {
+      code: 1,
+      stderr: "Error: Could not process rule: Operation not permitted\n",
+    });
+    await assert.rejects(
+      dp.sync(plan),
+      (e) => e instanceof DatapathError && e.step === "apply the nftables table",
+    );
+    await dp.sync(plan, { partial: true });
+    await assertHoldsNft(fake, dp, plan, "after a failure, even a partial sync is a full one");
+  });
+
+  it("syncs a policy with a long name", {
+    todo: "src/render/nftables.ts: a class chain's rule comment is its policy's key, `EgressPolicy/<namespace>/<name> #<id>`; nft refuses comments over 128 characters (names may have 253), so the whole transaction fails, on real nft too",
+  }, async () => {
+    const s = SCENARIOS["one policy, explicit egress IP (seed 000/003)"]!;
+    const long = {
+      ...s,
+      policies: s.policies.map((p) => ({
+        ...p,
+        metadata: { ...p.metadata, name: "a".repeat(110) },
+      })),
+    };
+    const fake = nftHost(1);
+    const dp = await nftDatapathOn(fake);
+    const plan = nftPlanWith(1, await dp.read(), long);
+    await dp.sync(plan);
+    await assertHoldsNft(fake, dp, plan);
+  });
+
+  it("repairs a base chain of ours at another priority (drift, or an upgrade that moves it)", {
+    todo: "src/render/nftables.ts (diffNftFull) adds the chain with its new hook or priority before it deletes the old one: the kernel refuses the add (Operation not supported), on real nft too",
+  }, async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = nftHost(1);
+    const dp = await nftDatapathOn(fake);
+    const plan = nftPlanWith(1, await dp.read(), s);
+    await dp.sync(plan);
+    await ok(
+      fake,
+      NFT,
+      "delete chain inet sallyport postrouting\nadd chain inet sallyport postrouting { type nat hook postrouting priority 100; policy accept; }\n",
+    );
+    await dp.sync(plan);
+    await assertHoldsNft(fake, dp, plan);
+  });
+
+  it("recreates a class map of ours whose definition changed while its chain still uses it (an upgrade)", {
+    todo: "src/render/nftables.ts (diffNftFull) deletes the map before the class chain whose rule looks it up is flushed: Device or resource busy, on real nft too",
+  }, async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = nftHost(1);
+    const dp = await nftDatapathOn(fake);
+    const plan = nftPlanWith(1, await dp.read(), s);
+    await dp.sync(plan);
+    const { $CLASS: c } = await ourNames(fake);
+    // As an older version without per-entry counters would have left it.
+    await ok(
+      fake,
+      NFT,
+      `flush chain inet sallyport ${c}\ndelete map inet sallyport ${c}\nadd map inet sallyport ${c} { type ipv4_addr . inet_proto . inet_service : verdict; flags interval; }\nadd rule inet sallyport ${c} ip daddr . meta l4proto . th dport vmap @${c} comment "older #x"\n`,
+    );
+    await dp.sync(plan);
+    await assertHoldsNft(fake, dp, plan);
+  });
+
+  it("moves a host from iptables to nftables and back, leaving nothing of the other", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    for (const index of [1, 2]) {
+      const fake = nftHost(index);
+      const seeded = fake.dump();
+      const ipt = datapathOn(fake);
+      await ipt.sync(planWith(index, await ipt.read(), s));
+      assert.match(fake.dump(), /SALLYPORT/);
+      const nft = await nftDatapathOn(fake);
+      const nftPlan = nftPlanWith(index, await nft.read(), s);
+      await nft.sync(nftPlan);
+      await assertHoldsNft(fake, nft, nftPlan, `node-${index} on nftables`);
+      assert.doesNotMatch(
+        fake.dump(),
+        /SALLYPORT|ipset sallyport-/,
+        "no iptables chain or ipset of ours",
+      );
+      assert.equal(foreign(fake.dump()), foreign(seeded));
+      const back = datapathOn(fake);
+      const backPlan = planWith(index, await back.read(), s);
+      await back.sync(backPlan);
+      await assertHolds(back, backPlan, `node-${index} back on iptables`);
+      assert.doesNotMatch(fake.dump(), /inet sallyport/, "no table of ours");
+      await back.cleanup(`node-${index}`);
+      assert.equal(fake.dump(), seeded);
+    }
+  });
+});
+
+// ------------------------------------------------------------------------------------------------
+// Random plans on nftables: the property tests above, with the nftables filter.
+
+describe("Datapath on nftables between random plans (property)", () => {
+  it("every sync succeeds, the fake holds each plan, foreign state never changes, cleanup restores the host", {
+    todo: "src/render/nftables.ts deletes a stale verdict chain (to-XXXX, snatF-N) before the stale class map whose elements still goto it: nft refuses the transaction (Device or resource busy); and cleanup keeps the table's skeleton",
+  }, async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom(1, 2, 3),
+        fc.array(
+          fc.tuple(snapshotArb, fc.boolean(), fc.double({ min: 0, max: 0.999, noNaN: true })),
+          { minLength: 1, maxLength: 4 },
+        ),
+        async (index, steps) => {
+          const fake = nftHost(index);
+          const seeded = fake.dump();
+          const dp = await nftDatapathOn(fake);
+          let plan: NodePlan | undefined;
+          for (const [r, partial, random] of steps) {
+            plan = nftPlanWith(index, await dp.read(), randomSnapshot(r), random);
+            await dp.sync(plan, { partial });
+            await assertHoldsNft(fake, dp, plan);
+            assert.equal(foreign(fake.dump()), foreign(seeded));
+          }
+          fake.calls.length = 0;
+          assert.equal((await dp.sync(plan!)).changes, 0);
+          assert.deepEqual(writes(fake), []);
+          await dp.cleanup(`node-${index}`);
+          assert.equal(fake.dump(), seeded);
+        },
+      ),
+      { numRuns: 100 },
+    );
+  });
+
+  it("partial syncs of keyed plans (NodePlanner) hold every plan, as a full sync confirms", {
+    todo: "src/render/nftables.ts (diffNftPartial) deletes a stale SNAT chain before the stale class map whose elements still goto it: nft refuses the transaction (Device or resource busy)",
+  }, async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(
+          fc.record({
+            policy: fc.integer({ min: 0, max: 3 }),
+            pods: fc.integer({ min: 0, max: 4 }),
+            remove: fc.boolean(),
+          }),
+          { minLength: 1, maxLength: 8 },
+        ),
+        async (steps) => {
+          const fake = nftHost(2);
+          const dp = await nftDatapathOn(fake);
+          const s = SCENARIOS["dual stack with ports"]!;
+          const outcome = computeCluster(s);
+          const local = localFactsFrom(await dp.read(), {
+            nodeAddresses: s.nodes.find((n) => n.name === "node-2")!.addresses,
+            peers: outcome.peers,
+            rulePref: RULE_PREF,
+            random: () => 0.5,
+          });
+          const view = nodeViewFromOutcome(outcome, "node-2", {
+            local,
+            config: { datapath: "nftables" },
+          });
+          const planner = new NodePlanner("node-2", view.config);
+          planner.setLocal(local);
+          planner.setPeers(view.peers);
+          planner.setIgnoreCIDRs(view.ignoreCIDRs);
+          const base = view.policies[0]!;
+          for (const [i, step] of steps.entries()) {
+            const key = `${base.key}-${step.policy}`;
+            if (step.remove) planner.deletePolicy(key);
+            else
+              planner.setPolicy({
+                ...base,
+                key,
+                endpoints: Array.from({ length: step.pods }, (_, k) => ({
+                  pod: `team-a/p${k}`,
+                  node: "node-1",
+                  ips: [`172.29.1.${10 * step.policy + k + 2}`],
+                })),
+              });
+            const plan = planner.plan();
+            await dp.sync(plan, { partial: i > 0 });
+            await assertHoldsNft(fake, dp, plan, `step ${i}`);
           }
           assert.equal((await dp.sync(planner.plan())).changes, 0, "a full sync finds nothing");
         },
