@@ -1,6 +1,7 @@
 /**
  * `npm run build`: bundles the `sallyport` command into one ESM file for shipping
- * (dist/sallyport.mjs, what the container image runs). Development runs the .ts files directly.
+ * (dist/sallyport.mjs, what the container image runs), and the agent's traffic reader thread into
+ * dist/traffic-worker.mjs beside it. Development runs the .ts files directly.
  *
  *   node scripts/build.ts [--outdir DIR]
  */
@@ -13,8 +14,18 @@ const REPO = join(import.meta.dirname, "..");
 /** Writes sallyport.mjs (with its source map and licenses) to `outdir`; returns its path. */
 export async function bundle(outdir = join(REPO, "dist")): Promise<string> {
   const outfile = join(outdir, "sallyport.mjs");
+  await Promise.all([
+    bundleOne(join(REPO, "src", "cli", "main.ts"), outfile),
+    // The agent's traffic reader runs in a worker thread, whose program must be a file of its own
+    // next to the bundle (src/agent/traffic_worker.ts finds it there).
+    bundleOne(join(REPO, "src", "agent", "traffic_worker.ts"), join(outdir, "traffic-worker.mjs")),
+  ]);
+  return outfile;
+}
+
+async function bundleOne(entry: string, outfile: string): Promise<void> {
   await build({
-    entryPoints: [join(REPO, "src", "cli", "main.ts")],
+    entryPoints: [entry],
     outfile,
     bundle: true,
     platform: "node",
@@ -28,7 +39,6 @@ export async function bundle(outdir = join(REPO, "dist")): Promise<string> {
       js: "import { createRequire as __sallyportRequire } from 'node:module'; const require = __sallyportRequire(import.meta.url);",
     },
   });
-  return outfile;
 }
 
 if (import.meta.main) {

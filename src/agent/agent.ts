@@ -19,6 +19,7 @@ import type {
   EgressEndpointSlice,
   EgressGateway,
   EgressNode,
+  SnatSaturationReport,
 } from "../api/types.ts";
 import { NodePlanner } from "../engine/node_plan.ts";
 import type { NodePlan } from "../engine/plan.ts";
@@ -58,6 +59,10 @@ type Obj<T> = T & KubeObject;
 
 /** EgressNode.status as this agent writes it (lastSync aside). */
 type NodeStatus = NonNullable<EgressNode["status"]>;
+
+function snatSaturationOf(list: readonly SnatSaturationReport[] | undefined) {
+  return list === undefined || list.length === 0 ? {} : { snatSaturation: [...list] };
+}
 
 export class Agent {
   readonly #o: AgentOptions;
@@ -197,6 +202,17 @@ export class Agent {
       plan: (kernel) => this.#plan(kernel),
       onSynced: (plan) => this.#synced(plan),
     });
+  }
+
+  // --- traffic (src/agent/traffic.ts): SNAT port saturation, a condition in the controller.
+  // Undefined until measured: a restarted agent keeps what its status says meanwhile.
+  #snatSaturation: readonly SnatSaturationReport[] | undefined;
+
+  /** Destinations past the SNAT port threshold; the collector calls this only when they change. */
+  setSnatSaturation(list: readonly SnatSaturationReport[]): void {
+    if (this.#snatSaturation !== undefined && deepEqual(list, this.#snatSaturation)) return;
+    this.#snatSaturation = list.map((s) => ({ ...s }));
+    this.#requestReport();
   }
 
   get leaseValid(): boolean {
@@ -353,6 +369,7 @@ export class Agent {
       interfaces,
       programmed: this.#programmed,
       repairs: this.sync.repairs,
+      ...snatSaturationOf(this.#snatSaturation ?? current?.snatSaturation),
       conditions: [
         {
           ...ready,

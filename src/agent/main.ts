@@ -1,6 +1,7 @@
 /** `sallyport agent`: wires the agent, the kernel and its metrics into a process. */
 
 import { DEFAULT_NODE_CONFIG } from "../engine/view.ts";
+import type { PortRange } from "../kernel/conntrack.ts";
 import { detectFilter, openDatapath } from "../kernel/open.ts";
 import { SpawnerRunner } from "../kernel/spawner.ts";
 import { defaultKubeConfig, KubeClient } from "../kube/client.ts";
@@ -9,8 +10,10 @@ import { realClock } from "../lib/clock.ts";
 import { serveMetrics } from "../lib/http.ts";
 import type { Family } from "../lib/ip.ts";
 import { createLogger } from "../lib/log.ts";
-import { datapathMetrics, gaugeOf, Registry } from "../lib/metrics.ts";
+import { datapathMetrics, gaugeOf, Registry, trafficMetrics } from "../lib/metrics.ts";
 import { Agent } from "./agent.ts";
+import { TrafficCollector } from "./traffic.ts";
+import { WorkerTrafficReader } from "./traffic_worker.ts";
 
 export interface AgentFlags {
   kubeconfig?: string;
@@ -32,6 +35,10 @@ export interface AgentFlags {
   metricsPort: number;
   noSnatBySets: boolean;
   restartHoldMs: number;
+  /** 0: no traffic figures (src/agent/traffic.ts). */
+  trafficPeriodMs: number;
+  snatPortRange: PortRange;
+  topDestinations: number;
 }
 
 export async function runAgent(flags: AgentFlags): Promise<void> {
@@ -101,6 +108,28 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     "1 while a node lease renewal started within the lease duration succeeded",
     () => [[{}, agent.leaseValid ? 1 : 0]],
   );
+  // --- traffic (src/agent/traffic.ts): counters and SNAT use, read in a worker thread
+  let traffic: TrafficCollector | undefined;
+  const trafficReads = trafficMetrics(registry, () => traffic);
+  if (flags.trafficPeriodMs > 0)
+    traffic = new TrafficCollector({
+      reader: new WorkerTrafficReader({
+        counters: {
+          kind: "iptables",
+          backend: datapath.options.iptables.backend,
+          families: flags.families,
+        },
+        snatPortRange: flags.snatPortRange,
+        topDestinations: flags.topDestinations,
+      }),
+      clock: realClock,
+      log,
+      periodMs: flags.trafficPeriodMs,
+      egressIPOf: (policy, family) => agent.state.view(policy)?.snat[family],
+      onSaturation: (list) => agent.setSnatSaturation(list),
+      metrics: trafficReads,
+    });
+  // --- end traffic
   await serveMetrics({
     port: flags.metricsPort,
     registry,
@@ -108,9 +137,14 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
   });
   await agent.start();
   log.info("agent started");
+  // traffic: what the last agent reported stays until measured otherwise
+  traffic?.adopt(agent.egressNodes.get(flags.node)?.status?.snatSaturation ?? []);
+  traffic?.start();
+  if (traffic === undefined) agent.setSnatSaturation([]);
   // The datapath stays as it is on exit: a restarted agent adopts it without a flush. SIGTERM is
   // a planned restart (a rolling update): ask the controller to hold this node meanwhile.
   const shutdown = async () => {
+    traffic?.stop();
     await agent.stop({ restartHoldMs: flags.restartHoldMs });
     process.exit(0);
   };

@@ -405,6 +405,22 @@ export const ClusterEgressPolicySchema = kindObject(
 // ---------------------------------------------------------------------------------------------
 // Internal kinds
 
+/** A destination toward which an egress IP is running out of source ports (src/agent/traffic.ts). */
+export const SnatSaturationSchema = Type.Object(
+  {
+    egressIP: Type.String(),
+    destination: Type.String(),
+    port: Type.Integer({ minimum: 0, maximum: 65535, description: "0 for ICMP" }),
+    protocol: Type.String({ maxLength: 16 }),
+    percent: Type.Integer({
+      minimum: 0,
+      maximum: 100,
+      description: "Source ports in use when the threshold was crossed, in percent",
+    }),
+  },
+  Strict,
+);
+
 /** Per-node identity allocated by the controller (spec) and realization reported by the agent. */
 export const EgressNodeSchema = kindObject(
   "EgressNode",
@@ -472,6 +488,13 @@ export const EgressNodeSchema = kindObject(
       ),
       lastSync: Type.Optional(Type.String()),
       repairs: Type.Optional(Type.Integer({ minimum: 0 })),
+      snatSaturation: Type.Optional(
+        Type.Array(SnatSaturationSchema, {
+          maxItems: 16,
+          description:
+            "Destinations toward which an egress IP this node holds uses 80% or more of its SNAT source ports (until it falls below 70%). Written when the list changes, never per measurement; the controller sets SNATPortsSaturated on the policies concerned",
+        }),
+      ),
       conditions: Type.Optional(Conditions),
     },
     Strict,
@@ -545,6 +568,7 @@ export type ClusterEgressPolicySpec = Static<typeof ClusterEgressPolicySpecSchem
 export type EgressPolicyStatus = Static<typeof EgressPolicyStatusSchema>;
 export type PortSpec = Static<typeof PortSchema>;
 export type EgressNode = Static<typeof EgressNodeSchema>;
+export type SnatSaturationReport = Static<typeof SnatSaturationSchema>;
 export type EgressClusterInfo = Static<typeof EgressClusterInfoSchema>;
 export type EgressEndpointSlice = Static<typeof EgressEndpointSliceSchema>;
 export type Endpoint = Static<typeof EndpointSchema>;

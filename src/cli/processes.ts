@@ -193,14 +193,33 @@ export function processCommands(program: Command): void {
           "--exempt-by-sets",
           "also exempt steered traffic from SNAT by its ipsets, for CNIs that clear marks (such as Weave)",
           false,
+        )
+        .option(
+          "--traffic-period-ms <ms>",
+          "how often a gateway reads its SNATed connections (ports in use per destination); 0: no traffic figures",
+          int,
+          10000,
+        )
+        .option(
+          "--snat-port-range <first-last>",
+          "source ports SNAT chooses from when its rule names none (the kernel's choice: 1024-65535)",
+          "1024-65535",
+        )
+        .option(
+          "--top-destinations <n>",
+          "destinations named per egress IP in the SNAT metrics; the rest are one 'other' series",
+          int,
+          10,
         ),
     ),
   ).action(async (f) => {
     const { runAgent } = await import("../agent/main.ts");
+    const { parsePortRange } = await import("../kernel/conntrack.ts");
     await runAgent({
       ...f,
       lease: timing(f),
       noSnatBySets: f.exemptBySets === true,
+      snatPortRange: parsePortRange(f.snatPortRange),
     });
   });
 

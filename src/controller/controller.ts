@@ -143,6 +143,8 @@ export class Controller {
   #outcome: ClusterOutcome | undefined;
   /** Per policy, the outcome its Events were last decided on. */
   readonly #evented = new Map<string, PolicyOutcome>();
+  /** Policies whose SNATPortsSaturated Event was recorded and whose write may not be back yet. */
+  readonly #saturationEvented = new Set<string>();
   /** Per object, what was last written and the cached version then (its watch event is due). */
   readonly #written = new Map<string, { version: string | undefined; value: unknown }>();
   /** Keys processed by the leader, for tests and metrics. */
@@ -210,6 +212,15 @@ export class Controller {
       // Agents report within moments of each other: one status write for all their reports.
       for (const key of new Set([...Object.keys(now), ...Object.keys(before)]))
         if (now[key] !== before[key]) this.#queue?.addAfter(`policy:${key}`, REPORTS_SETTLE_MS);
+      // SNAT port saturation (src/agent/traffic.ts) concerns the policies this node holds.
+      if (
+        !deepEqual(
+          n.status?.snatSaturation,
+          type === "add" ? undefined : old?.status?.snatSaturation,
+        )
+      )
+        for (const [key, p] of this.#outcome?.policies ?? [])
+          if (p.gatewayNode === name) this.#enqueue(`policy:${key}`);
     });
     this.slices = make<EgressEndpointSlice & KubeObject>(ours("EgressEndpointSlice"), (type, s) => {
       const label = s.metadata.labels?.[POLICY_LABEL] ?? "";
@@ -343,6 +354,7 @@ export class Controller {
     });
     this.#outcome = undefined;
     this.#evented.clear();
+    this.#saturationEvented.clear();
     this.#written.clear();
     const queue = new WorkQueue({ clock: this.#o.clock });
     this.#queue = queue;
@@ -499,6 +511,7 @@ export class Controller {
     const o = this.#outcome?.policies.get(key);
     if (obj === undefined || o === undefined) {
       this.#evented.delete(key);
+      this.#saturationEvented.delete(key);
       return;
     }
     const desired = policyStatus(
@@ -507,6 +520,7 @@ export class Controller {
       {
         programmedOn: (k, revision, targets) =>
           targets.filter((n) => this.egressNodes.get(n)?.status?.programmed?.[k] === revision),
+        snatSaturation: (node) => this.egressNodes.get(node)?.status?.snatSaturation,
       },
       new Date().toISOString(),
     );
@@ -514,6 +528,7 @@ export class Controller {
       this.#policyEvents(obj, o, this.#evented.get(key));
       this.#evented.set(key, o);
     }
+    this.#saturationEvent(key, obj, desired);
     const current = obj.status ?? {};
     if (deepEqual(current, desired)) return;
     const patch = mergePatch(current, desired);
@@ -685,6 +700,23 @@ export class Controller {
   }
 
   // --- Events on the transitions that matter
+
+  /** SNATPortsSaturated turning True: one Warning, not one per pass. */
+  #saturationEvent(
+    key: string,
+    obj: AnyPolicy & KubeObject,
+    desired: NonNullable<AnyPolicy["status"]>,
+  ): void {
+    const now = desired.conditions?.find((c) => c.type === "SNATPortsSaturated");
+    const before = obj.status?.conditions?.find((c) => c.type === "SNATPortsSaturated");
+    if (now?.status !== "True") {
+      this.#saturationEvented.delete(key);
+      return;
+    }
+    if (before?.status === "True" || this.#saturationEvented.has(key)) return;
+    this.#saturationEvented.add(key);
+    void this.#events.record(targetOf(obj), "Warning", "SNATPortsSaturated", now.message);
+  }
 
   #identityEvents(outcome: ClusterOutcome): void {
     for (const [name, reason] of outcome.identityErrors) {

@@ -10,10 +10,20 @@
  *   Conflicted       higher-precedence policies take some of its pods and destinations
  *   Programmed       every node that must carry its rules reports the current revision
  *   Ready            Accepted, GatewayAssigned and Programmed
+ *   SNATPortsSaturated  the gateway node reports that an egress IP of the policy uses 80 % or
+ *                    more of its source ports toward a destination of the policy (reported by
+ *                    the agent with hysteresis, src/agent/traffic.ts); present while the policy
+ *                    has egress IPs. Informational: it does not change Ready.
  */
-import type { Condition, EgressGatewayStatus, EgressPolicyStatus } from "../api/types.ts";
+import type {
+  Condition,
+  EgressGatewayStatus,
+  EgressPolicyStatus,
+  SnatSaturationReport,
+} from "../api/types.ts";
 import type { EngineCondition, GatewayOutcome, PolicyOutcome } from "../engine/cluster.ts";
-import { policyTargets } from "../engine/view.ts";
+import { type PolicyView, policyTargets } from "../engine/view.ts";
+import { cidrContainsAddress, tryParseAddress, tryParseCidr } from "../lib/ip.ts";
 
 type WantedCondition = Pick<Condition, "type" | "status" | "reason" | "message">;
 
@@ -41,6 +51,62 @@ export function mergeConditions(
 export interface Realization {
   /** Nodes among `targets` that report `revision` for `key`. */
   programmedOn(key: string, revision: string, targets: readonly string[]): string[];
+  /** What a node reports in EgressNode status.snatSaturation. */
+  snatSaturation?(node: string): readonly SnatSaturationReport[] | undefined;
+}
+
+/** Whether the policy sends traffic to this destination, port and protocol through its egress IP. */
+function policySends(view: PolicyView | undefined, s: SnatSaturationReport): boolean {
+  if (view === undefined) return true;
+  const address = tryParseAddress(s.destination);
+  if (address === undefined) return false;
+  const within = (cidrs: readonly string[]) =>
+    cidrs.some((c) => {
+      const cidr = tryParseCidr(c);
+      return cidr !== undefined && cidrContainsAddress(cidr, address);
+    });
+  if (view.destinationCIDRs.length > 0 && !within(view.destinationCIDRs)) return false;
+  if (within(view.excludedCIDRs)) return false;
+  if (view.ports.length === 0) return true;
+  return view.ports.some(
+    (p) =>
+      (p.protocol ?? "TCP").toLowerCase() === s.protocol &&
+      (p.port === undefined || (s.port >= p.port && s.port <= (p.endPort ?? p.port))),
+  );
+}
+
+/**
+ * SNATPortsSaturated from the report of the node holding the policy's egress IPs: only its
+ * entries for those egress IPs and for destinations the policy sends there count (a shared
+ * egress IP's other policies may saturate destinations this one never reaches).
+ */
+export function snatSaturationCondition(
+  outcome: PolicyOutcome,
+  reported: readonly SnatSaturationReport[] | undefined,
+): WantedCondition | undefined {
+  if (outcome.egressIPs.length === 0 || outcome.gatewayNode === undefined) return undefined;
+  const mine = (reported ?? []).filter(
+    (s) => outcome.egressIPs.includes(s.egressIP) && policySends(outcome.view, s),
+  );
+  if (mine.length === 0)
+    return {
+      type: "SNATPortsSaturated",
+      status: "False",
+      reason: "SourcePortsAvailable",
+      message: "no destination uses 80% or more of an egress IP's source ports",
+    };
+  const shown = mine
+    .slice(0, 3)
+    .map(
+      (s) =>
+        `egress IP ${s.egressIP} uses ${s.percent}% of its source ports toward ${s.destination}${s.port === 0 ? "" : `:${s.port}`}/${s.protocol}`,
+    );
+  return {
+    type: "SNATPortsSaturated",
+    status: "True",
+    reason: "HighSourcePortUse",
+    message: `${shown.join("; ")}${mine.length > 3 ? ` and ${mine.length - 3} more destinations` : ""} (reported by ${outcome.gatewayNode}): new connections to a destination fail when no port is left; reuse connections (keep-alive, pools) or spread the traffic over more egress IPs`,
+  };
 }
 
 export function policyStatus(
@@ -98,6 +164,13 @@ export function policyStatus(
         }
       : { type: "Ready", status: "False", reason: failing.reason, message: failing.message },
   );
+  const saturated = snatSaturationCondition(
+    outcome,
+    outcome.gatewayNode === undefined
+      ? undefined
+      : realization.snatSaturation?.(outcome.gatewayNode),
+  );
+  if (saturated !== undefined) wanted.push(saturated);
   const status: EgressPolicyStatus = {
     observedGeneration: outcome.generation,
     matchedPods: outcome.endpoints.length,

@@ -86,6 +86,7 @@ describe("the Helm chart", () => {
       "Deployment/sallyport-controller",
       "PodDisruptionBudget/sallyport-controller",
       "Role/sallyport-leases",
+      "Role/sallyport-metrics-reader",
       "RoleBinding/sallyport-leases",
       "Secret/sallyport-webhook-tls",
       "Service/sallyport-agent-metrics",

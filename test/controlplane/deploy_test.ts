@@ -40,6 +40,7 @@ function objects(yaml: string): KubeObject[] {
 /** Kinds the chart renders besides those of deploy/; the last three by their minimal CRDs. */
 const MORE_KINDS: Readonly<Record<string, Resource>> = {
   Secret: { group: "", version: "v1", plural: "secrets", namespaced: true },
+  ConfigMap: { group: "", version: "v1", plural: "configmaps", namespaced: true },
   Issuer: { group: "cert-manager.io", version: "v1", plural: "issuers", namespaced: true },
   Certificate: {
     group: "cert-manager.io",
