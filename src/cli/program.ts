@@ -1,7 +1,7 @@
 /**
  * The `sallyport` command tree. As a kubectl plugin (`kubectl sallyport …`, bin/kubectl-sallyport)
  * it holds only the commands that read or write the cluster's API the way kubectl does: explain,
- * status, convert and validate.
+ * status, top, convert and validate.
  */
 import { Command, InvalidArgumentError, Option } from "commander";
 import { convertCommand } from "./convert.ts";
@@ -81,6 +81,66 @@ function clusterCommands(program: Command): void {
   });
 }
 
+/** `top`: the agents' traffic figures per policy and egress IP (src/cli/top.ts). */
+function topCommand(program: Command, plugin: boolean): void {
+  const cmd = kubeOptions(
+    program
+      .command("top")
+      .description(
+        "per policy and egress IP: packets, bytes and connections per second steered and SNATed, connections through the egress IP and its busiest destination's source-port use, from the agents' metrics",
+      )
+      .option(
+        "--interval <seconds>",
+        "time between the two scrapes rates are computed from",
+        seconds,
+        2,
+      )
+      .option(
+        "--sallyport-namespace <namespace>",
+        "where the agents run (their metrics are read through the API server's pod proxy)",
+        "sallyport-system",
+      ),
+  );
+  if (!plugin)
+    cmd.option(
+      "--sandbox <prefix>",
+      "read the agents of the sandbox with this prefix (in their nodes' namespaces) instead",
+    );
+  cmd.action(
+    async (f: KubeFlags & { interval: number; sallyportNamespace: string; sandbox?: string }) => {
+      const { formatTop, PodProxySource, SandboxSource, top } = await import("./top.ts");
+      let source: import("./top.ts").MetricsSource;
+      if (f.sandbox !== undefined) {
+        const { Sandbox } = await import("../sandbox/sandbox.ts");
+        const sb = Sandbox.open(f.sandbox);
+        source = new SandboxSource(
+          Array.from({ length: sb.nodeCount }, (_, i) => ({
+            name: sb.nodeName(i + 1),
+            netns: sb.nodeNs(i + 1),
+          })),
+        );
+      } else {
+        source = new PodProxySource((await connect(f)).client, f.sallyportNamespace);
+      }
+      const rows = await top(source, {
+        intervalMs: f.interval * 1000,
+        namespace: f.namespace,
+        warn: (line) => console.error(line),
+      });
+      console.log(formatTop(rows));
+    },
+  );
+}
+
+const seconds = (v: string): number => {
+  const n = Number(v);
+  if (v.trim() === "" || !Number.isFinite(n) || n <= 0 || n > 3600)
+    throw new InvalidArgumentError(
+      "Expected seconds, more than 0 and at most 3600 (e.g. 2 or 0.5).",
+    );
+  return n;
+};
+
 /**
  * @param options.argv the command line: the process commands (and the Kubernetes client and
  *   kernel layer they load) are added only when it names one of them or asks for the full help
@@ -98,6 +158,7 @@ export async function buildProgram(
     .enablePositionalOptions();
 
   clusterCommands(program);
+  topCommand(program, plugin);
   convertCommand(program);
   validateCommand(program);
   const first = options.argv?.slice(2).find((a) => !a.startsWith("-"));
