@@ -67,8 +67,6 @@ export interface Explanation {
   readonly notProgrammedOn: readonly string[];
 }
 
-const POLICY_KEY = /^(EgressPolicy\/[^/\s]+\/[^/\s]+|ClusterEgressPolicy\/[^/\s]+)$/;
-
 /** Plans `node` as its agent does; only tables differ (chosen as on an empty host). */
 function traceOn(node: string, inputs: ExplainInputs, families: Family[], packet: Packet): Trace {
   const self = inputs.egressNodes.find((n) => n.metadata.name === node);
@@ -140,10 +138,7 @@ export function explainPacket(inputs: ExplainInputs): Explanation {
     gatewayNode = inputs.pod.node;
   }
 
-  const key = hops
-    .flatMap((h) => h.trace.steps)
-    .map((s) => s.slice(s.indexOf(": ") + 2))
-    .find((c) => POLICY_KEY.test(c));
+  const key = hops.map((h) => h.trace.policy).find((k) => k !== undefined);
   const policy = key === undefined ? undefined : inputs.policies.find((p) => policyKey(p) === key);
   const notProgrammedOn: string[] = [];
   if (key !== undefined && policy?.status?.revision !== undefined) {

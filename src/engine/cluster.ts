@@ -361,10 +361,12 @@ export class ClusterEngine {
     if (before !== undefined && sameGateway(before.object, gateway)) return false;
     this.#gateways.set(name, compileGateway(gateway));
     this.#gatewayChanged(name);
+    // A gateway deleted and made again between two computations is new here too: its policies
+    // may still be placed by the old one's name.
     if (
-      before !== undefined &&
-      (before.object.spec.interface !== gateway.spec.interface ||
-        !sameValue(before.nodeSelector, gateway.spec.nodeSelector))
+      before === undefined ||
+      before.object.spec.interface !== gateway.spec.interface ||
+      !sameValue(before.nodeSelector, gateway.spec.nodeSelector)
     )
       this.#dirtyGatewayViews.add(name);
     return true;
@@ -373,6 +375,7 @@ export class ClusterEngine {
   deleteGateway(name: string): boolean {
     if (!this.#gateways.delete(name)) return false;
     this.#gatewayChanged(name);
+    this.#dirtyGatewayViews.add(name);
     return true;
   }
 

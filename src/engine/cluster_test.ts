@@ -1188,7 +1188,61 @@ describe("ClusterEngine: incremental equals from scratch", () => {
           previous = next;
         }
       }),
-      { numRuns: 300 },
+      {
+        numRuns: 300,
+        examples: [
+          // Found by this property: a gateway deleted and made again, now with an interface,
+          // between two computations.
+          [
+            [
+              {
+                t: "policy",
+                spec: {
+                  scope: "team-a",
+                  name: "p1",
+                  gateway: "edge",
+                  app: "web",
+                  priority: 0,
+                  day: 1,
+                  dest: [],
+                  mode: "pool",
+                  nodeSelector: undefined,
+                  prodOnly: false,
+                  ports: [],
+                  invalid: 1,
+                },
+              },
+            ],
+            [
+              [
+                { t: "deleteGateway", name: "edge" },
+                {
+                  t: "gateway",
+                  gw: {
+                    name: "edge",
+                    pool: "full",
+                    failback: false,
+                    guard: false,
+                    announce: true,
+                    zoneA: false,
+                  },
+                },
+              ],
+              [
+                {
+                  t: "pod",
+                  ns: "team-a",
+                  name: "w1",
+                  node: "node-1",
+                  app: "web",
+                  octet: 1,
+                  running: 0,
+                },
+              ],
+            ],
+          ],
+        ],
+      },
     );
   });
 

@@ -34,6 +34,8 @@ export interface Trace {
   readonly table?: number | undefined;
   readonly via?: string | undefined;
   readonly snat?: string | undefined;
+  /** The policy whose rule decided the packet's path (its key), if one did. */
+  readonly policy?: string | undefined;
   readonly mark: number;
   readonly connmark: number;
   /** Our rules that matched, as "table/chain#index: comment or target". */
@@ -67,9 +69,13 @@ interface State {
   mark: number;
   connmark: number;
   snat: string | undefined;
+  policy: string | undefined;
   steps: string[];
   errors: string[];
 }
+
+/** Rules a policy owns carry its key as their comment (src/engine/node_plan.ts). */
+const POLICY_KEY = /^(EgressPolicy\/[^/\s]+\/[^/\s]+|ClusterEgressPolicy\/[^/\s]+)$/;
 
 type Outcome = "continue" | "accept" | "drop" | "return-to-hook";
 
@@ -82,6 +88,7 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
     mark: packet.mark ?? 0,
     connmark: packet.connmark ?? 0,
     snat: undefined,
+    policy: undefined,
     steps: [],
     errors: [],
   };
@@ -122,6 +129,7 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
       if (!matches(rule)) continue;
       const t = rule.target;
       state.steps.push(`${table}/${chain}#${i + 1}: ${rule.comment ?? t.kind}`);
+      if (rule.comment !== undefined && POLICY_KEY.test(rule.comment)) state.policy ??= rule.comment;
       switch (t.kind) {
         case "ACCEPT":
           return "accept";
@@ -170,6 +178,7 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
     table: route?.table,
     via: route?.via,
     snat: state.snat,
+    policy: state.policy,
     mark: state.mark,
     connmark: state.connmark,
     steps: state.steps,
@@ -241,6 +250,7 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
   let mark = packet.mark ?? 0;
   let connmark = packet.connmark ?? 0;
   let snat: string | undefined;
+  let policy: string | undefined;
   const steps: string[] = [];
   const setMark = (value: number) => {
     mark = ((mark & 0xff) | value) >>> 0;
@@ -250,6 +260,7 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
     table: route?.table,
     via: route?.via,
     snat,
+    policy,
     mark,
     connmark,
     steps,
@@ -292,6 +303,7 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
     if (cls !== undefined) steps.push(`nft/prerouting: source in class ${cls.name}`);
     if (cls !== undefined && entry !== undefined) {
       steps.push(`nft/${cls.name}: ${entry.dst} → ${entry.verdict.kind} (${entry.policy})`);
+      policy = entry.policy;
       const v = entry.verdict;
       if (v.kind === "drop") return done("drop");
       if (v.kind === "steer") {
