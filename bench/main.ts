@@ -12,6 +12,7 @@ const benches: Record<string, () => Promise<unknown>> = {
   churn: async () => (await import("./churn.ts")).churn(),
   agent: async () => (await import("./agent.ts")).run(),
   perpacket: async () => (await import("./perpacket.ts")).perpacket(),
+  traffic: async () => (await import("./traffic.ts")).run(),
 };
 const run = name === undefined ? undefined : benches[name];
 if (run === undefined) {

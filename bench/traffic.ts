@@ -15,7 +15,7 @@
  * `BALLAST_MB` (default 300) of live objects on the calling thread stand in for the agent's heap
  * at 100,000 endpoints, whose garbage collections an inline parse would lengthen.
  *
- *   node bench/traffic.ts        (npm run bench -- traffic, once bench/main.ts lists it)
+ *   npm run bench -- traffic     (or node bench/traffic.ts)
  */
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import { InlineTrafficReader } from "../src/agent/traffic.ts";

@@ -263,16 +263,8 @@ export class SnatLab {
   }
 
   /** Opens what `plan` says from the client; resolves once every TCP connection echoed. */
-  async send(plan: { tcp?: readonly TcpPlan[]; udp?: readonly UdpPlan[] }): Promise<void> {
-    const child = this.#start(this.client, [
-      process.execPath,
-      "-e",
-      CLIENT_JS,
-      JSON.stringify(plan),
-    ]);
-    const line = await lineOf(child, (l) => l.startsWith("{"));
-    const m = JSON.parse(line) as { error?: string };
-    if (m.error !== undefined) throw new Error(`Cannot connect from the client: ${m.error}`);
+  async send(plan: TrafficPlan): Promise<void> {
+    await clientReady(this.#start(this.client, clientArgv(plan)));
   }
 
   /** Empties the gateway's connection tracking table and zeroes its rule counters. */
@@ -317,6 +309,23 @@ export class SnatLab {
       ),
     );
   }
+}
+
+export interface TrafficPlan {
+  readonly tcp?: readonly TcpPlan[];
+  readonly udp?: readonly UdpPlan[];
+}
+
+/** The client's command: run it in a namespace (`ip netns exec NS …`). */
+export function clientArgv(plan: TrafficPlan): string[] {
+  return [process.execPath, "-e", CLIENT_JS, JSON.stringify(plan)];
+}
+
+/** Resolves when the client has every connection open and every datagram sent. */
+export async function clientReady(child: ChildProcess): Promise<void> {
+  const line = await lineOf(child, (l) => l.startsWith("{"));
+  const m = JSON.parse(line) as { error?: string };
+  if (m.error !== undefined) throw new Error(`Cannot connect from the client: ${m.error}`);
 }
 
 function lineOf(
