@@ -129,7 +129,8 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
       if (!matches(rule)) continue;
       const t = rule.target;
       state.steps.push(`${table}/${chain}#${i + 1}: ${rule.comment ?? t.kind}`);
-      if (rule.comment !== undefined && POLICY_KEY.test(rule.comment)) state.policy ??= rule.comment;
+      if (rule.comment !== undefined && POLICY_KEY.test(rule.comment))
+        state.policy ??= rule.comment;
       switch (t.kind) {
         case "ACCEPT":
           return "accept";

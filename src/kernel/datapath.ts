@@ -345,7 +345,8 @@ export class Datapath {
     const { runner, iptables, families, rulePref, tunnelDevice } = this.#o;
     // nftables: the whole table in one transaction; iptables: remove a table of ours left over.
     let nft: { payload: string; changes: number; detail: readonly string[] };
-    if (this.#o.filter === "nftables") {
+    // The empty plan (cleanup) has no table at all: the branch below removes it.
+    if (this.#o.filter === "nftables" && plan.nft !== undefined) {
       const desired = desiredTable(plan, { families, tunnelDevice });
       nft =
         mirrorNft !== undefined && !full

@@ -2349,9 +2349,7 @@ describe("Datapath on the fake kernel: nftables", () => {
     }
   });
 
-  it("Datapath.cleanup() with the nftables filter leaves the host exactly as seeded", {
-    todo: "bugs in src/render/nftables.ts: the empty plan still renders the table's skeleton (base chains, sets, tunnel-reply), so cleanup keeps `table inet sallyport`; and a stale verdict chain is deleted before the stale class map whose elements still goto it (Device or resource busy, on real nft too)",
-  }, async () => {
+  it("Datapath.cleanup() with the nftables filter leaves the host exactly as seeded", async () => {
     for (const index of [1, 2]) {
       const fake = nftHost(index);
       const seeded = fake.dump();
@@ -2408,9 +2406,7 @@ describe("Datapath on the fake kernel: nftables", () => {
     await assertHoldsNft(fake, dp, plan, "after a failure, even a partial sync is a full one");
   });
 
-  it("syncs a policy with a long name", {
-    todo: "src/render/nftables.ts: a class chain's rule comment is its policy's key, `EgressPolicy/<namespace>/<name> #<id>`; nft refuses comments over 128 characters (names may have 253), so the whole transaction fails, on real nft too",
-  }, async () => {
+  it("syncs a policy with a long name", async () => {
     const s = SCENARIOS["one policy, explicit egress IP (seed 000/003)"]!;
     const long = {
       ...s,
@@ -2426,9 +2422,7 @@ describe("Datapath on the fake kernel: nftables", () => {
     await assertHoldsNft(fake, dp, plan);
   });
 
-  it("repairs a base chain of ours at another priority (drift, or an upgrade that moves it)", {
-    todo: "src/render/nftables.ts (diffNftFull) adds the chain with its new hook or priority before it deletes the old one: the kernel refuses the add (Operation not supported), on real nft too",
-  }, async () => {
+  it("repairs a base chain of ours at another priority (drift, or an upgrade that moves it)", async () => {
     const s = SCENARIOS["dual stack with ports"]!;
     const fake = nftHost(1);
     const dp = await nftDatapathOn(fake);
@@ -2443,9 +2437,7 @@ describe("Datapath on the fake kernel: nftables", () => {
     await assertHoldsNft(fake, dp, plan);
   });
 
-  it("recreates a class map of ours whose definition changed while its chain still uses it (an upgrade)", {
-    todo: "src/render/nftables.ts (diffNftFull) deletes the map before the class chain whose rule looks it up is flushed: Device or resource busy, on real nft too",
-  }, async () => {
+  it("recreates a class map of ours whose definition changed while its chain still uses it (an upgrade)", async () => {
     const s = SCENARIOS["dual stack with ports"]!;
     const fake = nftHost(1);
     const dp = await nftDatapathOn(fake);
@@ -2495,9 +2487,7 @@ describe("Datapath on the fake kernel: nftables", () => {
 // Random plans on nftables: the property tests above, with the nftables filter.
 
 describe("Datapath on nftables between random plans (property)", () => {
-  it("every sync succeeds, the fake holds each plan, foreign state never changes, cleanup restores the host", {
-    todo: "src/render/nftables.ts deletes a stale verdict chain (to-XXXX, snatF-N) before the stale class map whose elements still goto it: nft refuses the transaction (Device or resource busy); and cleanup keeps the table's skeleton",
-  }, async () => {
+  it("every sync succeeds, the fake holds each plan, foreign state never changes, cleanup restores the host", async () => {
     await fc.assert(
       fc.asyncProperty(
         fc.constantFrom(1, 2, 3),
@@ -2527,9 +2517,7 @@ describe("Datapath on nftables between random plans (property)", () => {
     );
   });
 
-  it("partial syncs of keyed plans (NodePlanner) hold every plan, as a full sync confirms", {
-    todo: "src/render/nftables.ts (diffNftPartial) deletes a stale SNAT chain before the stale class map whose elements still goto it: nft refuses the transaction (Device or resource busy)",
-  }, async () => {
+  it("partial syncs of keyed plans (NodePlanner) hold every plan, as a full sync confirms", async () => {
     await fc.assert(
       fc.asyncProperty(
         fc.array(

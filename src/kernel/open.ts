@@ -47,10 +47,18 @@ export async function detectFilter(runner: Runner, backend: Backend): Promise<Fi
   try {
     const r = await runner.run(["nft", "list", "tables"]);
     if (r.code !== 0)
-      return { filter: "iptables", reason: `nftables is not usable: ${r.stderr.trim()}`, hashNetNet };
+      return {
+        filter: "iptables",
+        reason: `nftables is not usable: ${r.stderr.trim()}`,
+        hashNetNet,
+      };
     tables = r.stdout;
   } catch (e) {
-    return { filter: "iptables", reason: `nft is not installed: ${(e as Error).message}`, hashNetNet };
+    return {
+      filter: "iptables",
+      reason: `nft is not installed: ${(e as Error).message}`,
+      hashNetNet,
+    };
   }
   if (/^table ip6? kube-proxy$/m.test(tables))
     return { filter: "nftables", reason: "kube-proxy runs in nftables mode", hashNetNet };

@@ -34,6 +34,7 @@ import {
 import type { NftPlan, NodePlan } from "../engine/plan.ts";
 import { hashName } from "../lib/hash.ts";
 import type { Family } from "../lib/ip.ts";
+import { getOrInsert } from "../lib/maps.ts";
 
 export const NFT_TABLE = "sallyport";
 /** Mark of a packet this node SNATs: the prefix, and its egress IP's index (see snatMark). */
@@ -106,9 +107,15 @@ export function ruleId(rule: NftRule): string {
   return hashName(rule.text, 10);
 }
 
+/** nft refuses comments over 128 bytes; a policy's key may be longer (names up to 253). */
+const MAX_COMMENT = 128;
+
 function commentOf(rule: NftRule): string {
-  const id = ruleId(rule);
-  return rule.comment === undefined ? `#${id}` : `${rule.comment} #${id}`;
+  const id = ` #${ruleId(rule)}`;
+  if (rule.comment === undefined) return id.slice(1);
+  let text = rule.comment;
+  while (Buffer.byteLength(text) + id.length > MAX_COMMENT) text = text.slice(0, -1);
+  return text + id;
 }
 
 const MANGLE = -150;
@@ -179,7 +186,7 @@ export function desiredTable(
       `snat${family}`,
       elementsOfList("snat", snat, (eip, i) => [hex(snatMark(i)), eip]),
     );
-    snat.forEach((_, i) =>
+    for (let i = 0; i < snat.length; i++)
       chains.push({
         name: snatChainName(family, i),
         rules: [
@@ -189,8 +196,7 @@ export function desiredTable(
           },
           { text: `${setMark(snatMark(i))} accept` },
         ],
-      }),
-    );
+      });
     for (const c of nft.classes[family] ?? []) {
       classes.set(c.name, c);
       sets.push(classMapDef(c));
@@ -506,6 +512,10 @@ export interface NftDiff {
 }
 
 class Transaction {
+  /** Sets and maps made again with another definition: deleted before anything else. */
+  readonly recreateSets: string[] = [];
+  /** Base chains of ours at another hook or priority: deleted before they are added again. */
+  readonly replaceChains: string[] = [];
   readonly addSets: string[] = [];
   readonly addChains: string[] = [];
   readonly delElements: string[] = [];
@@ -528,18 +538,32 @@ class Transaction {
   }
 
   text(tableMissing: boolean): string {
+    // A set made again is still looked up by our rules until their chains are flushed.
+    const early = this.recreateSets.length === 0 ? [] : this.rules.filter(isFlush);
     const lines = [
       ...(tableMissing ? [`add table inet ${NFT_TABLE}`] : []),
+      ...early,
+      ...this.recreateSets,
+      ...this.replaceChains,
       ...this.addSets,
       ...this.addChains,
       ...this.delElements,
       ...this.addElements,
-      ...this.rules,
-      ...this.delChains,
+      ...(early.length === 0 ? this.rules : this.rules.filter((l) => !isFlush(l))),
+      // Stale maps before stale chains: their elements may still goto those chains.
       ...this.delSets,
+      ...this.delChains,
     ];
     return lines.length === 0 ? "" : `${lines.join("\n")}\n`;
   }
+}
+
+function isFlush(line: string): boolean {
+  return line.startsWith("flush chain ");
+}
+
+function delSetLine(name: string, def: NftSetDef): string {
+  return `delete ${def.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${name}`;
 }
 
 function setDecl(d: NftSetDef): string {
@@ -610,10 +634,8 @@ export function diffNftFull(desired: NftDesired, actual: NftActual | undefined):
     const have = haveSets.get(d.name);
     if (have !== undefined && sameDef(have.def, d)) continue;
     if (have !== undefined) {
-      // Only interference makes a set of ours with another type: recreate it.
-      t.delSets.push(
-        `delete ${have.def.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${d.name}`,
-      );
+      // Interference, or an upgrade, made a set of ours with another type: recreate it.
+      t.recreateSets.push(delSetLine(d.name, have.def));
       recreated.add(d.name);
     }
     t.addSets.push(setDecl(d));
@@ -621,20 +643,8 @@ export function diffNftFull(desired: NftDesired, actual: NftActual | undefined):
     t.detail.push(`set ${d.name}`);
   }
   const byFamily = new Map<Family, TrafficClass[]>();
-  for (const c of desired.classes.values()) {
-    const list = byFamily.get(c.family) ?? [];
-    list.push(c);
-    byFamily.set(c.family, list);
-  }
-  const snatOf = (family: Family) => [...(desired.elements.get(`snat${family}`)?.values() ?? [])];
-  const elementsOf = (name: string): ReadonlyMap<string, string> => {
-    const fixed = desired.elements.get(name);
-    if (fixed !== undefined) return fixed;
-    if (name === "src4") return sourceElements(byFamily.get(4) ?? []);
-    if (name === "src6") return sourceElements(byFamily.get(6) ?? []);
-    const c = desired.classes.get(name);
-    return c === undefined ? new Map() : classElements(c, snatOf(c.family));
-  };
+  for (const c of desired.classes.values()) getOrInsert(byFamily, c.family, () => []).push(c);
+  const elementsOf = (name: string) => elementsIn(desired, name, byFamily);
   const wantChains = new Map(desired.chains.map((c) => [c.name, c]));
   for (const c of desired.chains) {
     const have = haveChains.get(c.name);
@@ -644,13 +654,15 @@ export function diffNftFull(desired: NftDesired, actual: NftActual | undefined):
       have.base?.hook === c.base?.hook &&
       have.base?.priority === c.base?.priority;
     if (have === undefined || !sameBase) {
-      if (have !== undefined) t.delChains.push(`delete chain inet ${NFT_TABLE} ${c.name}`);
+      if (have !== undefined) t.replaceChains.push(`delete chain inet ${NFT_TABLE} ${c.name}`);
       t.addChains.push(chainDecl(c));
       writeChain(t, c, false);
       continue;
     }
     const ids = c.rules.map(ruleId);
-    if (ids.length === have.ids.length && ids.every((id, i) => id === have.ids[i])) continue;
+    const same = ids.length === have.ids.length && ids.every((id, i) => id === have.ids[i]);
+    // A recreated set is looked up by rules that must be written again after it.
+    if (same && recreated.size === 0) continue;
     writeChain(t, c, true);
   }
   for (const d of desired.sets) {
@@ -667,26 +679,43 @@ export function diffNftFull(desired: NftDesired, actual: NftActual | undefined):
   }
   for (const [name, have] of haveSets) {
     if (wantSets.has(name)) continue;
-    t.delSets.push(
-      `delete ${have.def.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${name}`,
-    );
+    t.delSets.push(delSetLine(name, have.def));
     t.changes++;
     t.detail.push(`-set ${name}`);
   }
-  // A recreated set goes before its new declaration.
-  const text = t.text(actual === undefined);
-  return { payload: orderRecreated(text, recreated), changes: t.changes, detail: t.detail };
+  return { payload: t.text(actual === undefined), changes: t.changes, detail: t.detail };
 }
 
-/** Deleting a set we recreate must come before its new declaration. */
-function orderRecreated(text: string, recreated: ReadonlySet<string>): string {
-  if (recreated.size === 0) return text;
-  const lines = text.split("\n");
-  const deletes = lines.filter(
-    (l) => /^delete (set|map) /.test(l) && recreated.has(l.split(" ")[4]!),
-  );
-  const rest = lines.filter((l) => !deletes.includes(l));
-  return [...deletes, ...rest].join("\n");
+/** The elements `desired` holds in one set or map. */
+function elementsIn(
+  desired: NftDesired,
+  name: string,
+  byFamily: ReadonlyMap<Family, readonly TrafficClass[]>,
+): ReadonlyMap<string, string> {
+  const fixed = desired.elements.get(name);
+  if (fixed !== undefined) return fixed;
+  if (name === "src4") return sourceElements(byFamily.get(4) ?? []);
+  if (name === "src6") return sourceElements(byFamily.get(6) ?? []);
+  const c = desired.classes.get(name);
+  if (c === undefined) return new Map();
+  return classElements(c, [...(desired.elements.get(`snat${c.family}`)?.values() ?? [])]);
+}
+
+/** The table a sync of `desired` left, as a read would return it. */
+function actualOf(desired: NftDesired): NftActual {
+  const byFamily = new Map<Family, TrafficClass[]>();
+  for (const c of desired.classes.values()) getOrInsert(byFamily, c.family, () => []).push(c);
+  return {
+    sets: new Map(
+      desired.sets.map((d) => [
+        d.name,
+        { def: d, elements: elementsIn(desired, d.name, byFamily) },
+      ]),
+    ),
+    chains: new Map(
+      desired.chains.map((c) => [c.name, { base: c.base, ids: c.rules.map(ruleId) }]),
+    ),
+  };
 }
 
 /**
@@ -701,8 +730,8 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
   for (const d of desired.sets) {
     const o = oldSets.get(d.name);
     if (o !== undefined && sameDef(o, d)) continue;
-    if (o !== undefined)
-      t.delSets.push(`delete ${o.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${d.name}`);
+    // A set made again with another definition (rare: an upgrade) rewrites what uses it.
+    if (o !== undefined) return diffNftFull(desired, actualOf(before));
     t.addSets.push(setDecl(d));
     t.changes++;
   }
@@ -776,7 +805,7 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
   }
   for (const [name, o] of oldSets) {
     if (newSets.has(name)) continue;
-    t.delSets.push(`delete ${o.value === undefined ? "set" : "map"} inet ${NFT_TABLE} ${name}`);
+    t.delSets.push(delSetLine(name, o));
     t.changes++;
   }
   return { payload: t.text(false), changes: t.changes, detail: t.detail };

@@ -180,6 +180,20 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
     });
   }
 
+  for (const partial of [false, true])
+    it(`a deleted policy takes its class and its steering chain with it in one transaction (${partial ? "partial" : "full"} sync)`, async () => {
+      const dp = lab.datapaths.get(1)!;
+      const r = nsRunner(topo.nodeNs(1));
+      const without = { ...lab.snap, policies: [] };
+      const report = await dp.sync(lab.planWith(1, await dp.read(), without), { partial });
+      assert.ok(report.changes > 0);
+      const table = await mustRun(r, ["nft", "list", "table", "inet", "sallyport"]);
+      assert.doesNotMatch(table, /c4-|c6-|to-\d+/, "no class and no steering chain left");
+      assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, nodeAddress(1, 4));
+      assert.ok((await lab.syncNode(1)) > 0, "the policy again");
+      assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4);
+    });
+
   it("a new agent process adopts the state without changing it, and an established TCP connection survives", async () => {
     const summary = stream(topo.pod("web-1").netns, ext4, 3);
     await new Promise((r) => setTimeout(r, 800));
