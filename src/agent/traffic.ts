@@ -35,12 +35,17 @@ import type { Family } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
 import { SyncLoop } from "../lib/sync_loop.ts";
 
-/** Which counter source to build (serializable: a worker thread builds it from this). */
-export type CounterSourceConfig = {
-  readonly kind: "iptables";
-  readonly backend: "nft" | "legacy";
-  readonly families: readonly Family[];
-};
+/**
+ * Which counter source to build (serializable: a worker thread builds it from this). `none`:
+ * the datapath has no counter source yet (the nftables one is to come); no figures then.
+ */
+export type CounterSourceConfig =
+  | {
+      readonly kind: "iptables";
+      readonly backend: "nft" | "legacy";
+      readonly families: readonly Family[];
+    }
+  | { readonly kind: "none" };
 
 export interface TrafficReaderConfig {
   readonly counters: CounterSourceConfig;
@@ -54,6 +59,8 @@ export function counterSourceFor(runner: Runner, config: CounterSourceConfig): C
   switch (config.kind) {
     case "iptables":
       return new IptablesCounters(runner, config);
+    case "none":
+      return { read: async () => [] };
   }
 }
 
