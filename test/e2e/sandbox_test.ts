@@ -58,464 +58,490 @@ spec:
 ${spec}`;
 }
 
-describe("the sandbox, end to end (dual stack)", { skip: NEEDS_ROOT }, () => {
-  let sb: Sandbox;
+/** The same journeys on both packet filters (`sallyport agent --datapath`). */
+for (const datapath of ["iptables", "nftables"] as const)
+  describe(`the sandbox, end to end (dual stack, ${datapath})`, { skip: NEEDS_ROOT }, () => {
+    let sb: Sandbox;
 
-  const status = async (name: string): Promise<Status | undefined> =>
-    (await sb.admin().get<WithStatus>(ours("EgressPolicy"), name, "default")).status;
-  const ready = (name: string, ms = 30_000) =>
-    eventually(
-      () => status(name),
-      (s) => condition(s, "Ready")?.status === "True",
-      ms,
-    );
-  const saw = async (pod: string, f: Family, address?: string) =>
-    (await probe(sb.pod(pod).netns, target(f, address))).saw;
+    const status = async (name: string): Promise<Status | undefined> =>
+      (await sb.admin().get<WithStatus>(ours("EgressPolicy"), name, "default")).status;
+    const ready = (name: string, ms = 30_000) =>
+      eventually(
+        () => status(name),
+        (s) => condition(s, "Ready")?.status === "True",
+        ms,
+      );
+    /** Someone flushes our steering rules on a node. */
+    const flushSteering = (i: number) =>
+      mustRun(
+        nsRunner(sb.nodeNs(i)),
+        datapath === "iptables"
+          ? ["iptables", "-t", "mangle", "-F", "SALLYPORT-MARK-REQUEST"]
+          : ["nft", "flush", "chain", "inet", "sallyport", "prerouting"],
+      );
+    const saw = async (pod: string, f: Family, address?: string) =>
+      (await probe(sb.pod(pod).netns, target(f, address))).saw;
 
-  before(async () => {
-    const prefix = uniquePrefix("e");
-    sb = await Sandbox.up({
-      prefix,
-      nodes: 3,
-      families: FAMILIES,
-      dir: mkdtempSync(join(tmpdir(), `${TMP_PREFIX}sandbox-`)),
-      agentArgs: ["--period-ms", "3000"],
+    before(async () => {
+      const prefix = uniquePrefix(datapath === "iptables" ? "e" : "f");
+      sb = await Sandbox.up({
+        prefix,
+        nodes: 3,
+        families: FAMILIES,
+        dir: mkdtempSync(join(tmpdir(), `${TMP_PREFIX}sandbox-`)),
+        agentArgs: ["--period-ms", "3000", "--datapath", datapath],
+      });
+      for (const [name, node, labels] of [
+        ["web-1", 1, { app: "web" }],
+        ["web-2", 2, { app: "web" }],
+        ["web-3", 3, { app: "web" }],
+        ["other", 1, { app: "other" }],
+        ["target", 3, { app: "target" }],
+      ] as const) {
+        await sb.addPod(name, { node, labels });
+      }
+      for (const f of FAMILIES) {
+        await mustRun(nsRunner(sb.externalNs), [
+          "ip",
+          ...(f === 6 ? ["-6"] : []),
+          "addr",
+          "add",
+          `${EXCLUDED[f]}/${f === 4 ? 24 : 64}`,
+          "dev",
+          "eth0",
+          ...(f === 6 ? ["nodad"] : []),
+        ]);
+      }
+      await startEcho(sb.pod("target").netns);
+      await startEcho(sb.nodeNs(3));
+      await sb.apply(gatewayYaml());
     });
-    for (const [name, node, labels] of [
-      ["web-1", 1, { app: "web" }],
-      ["web-2", 2, { app: "web" }],
-      ["web-3", 3, { app: "web" }],
-      ["other", 1, { app: "other" }],
-      ["target", 3, { app: "target" }],
-    ] as const) {
-      await sb.addPod(name, { node, labels });
-    }
-    for (const f of FAMILIES) {
-      await mustRun(nsRunner(sb.externalNs), [
-        "ip",
-        ...(f === 6 ? ["-6"] : []),
-        "addr",
-        "add",
-        `${EXCLUDED[f]}/${f === 4 ? 24 : 64}`,
-        "dev",
-        "eth0",
-        ...(f === 6 ? ["nodad"] : []),
-      ]);
-    }
-    await startEcho(sb.pod("target").netns);
-    await startEcho(sb.nodeNs(3));
-    await sb.apply(gatewayYaml());
-  });
 
-  after(async () => {
-    await stopAll();
-    await sb?.destroy();
-  });
+    after(async () => {
+      await stopAll();
+      await sb?.destroy();
+    });
 
-  it("seed 003: without a policy the external server sees the pod's node", async () => {
-    for (const f of FAMILIES) {
-      assert.equal(await saw("web-1", f), nodeAddress(1, f), `IPv${f}`);
-      assert.equal(await saw("web-2", f), nodeAddress(2, f), `IPv${f}`);
-    }
-  });
+    it("seed 003: without a policy the external server sees the pod's node", async () => {
+      for (const f of FAMILIES) {
+        assert.equal(await saw("web-1", f), nodeAddress(1, f), `IPv${f}`);
+        assert.equal(await saw("web-2", f), nodeAddress(2, f), `IPv${f}`);
+      }
+    });
 
-  it("seed 003: with the policy it sees the egress IP, IPv4 and IPv6, also from the gateway node's own pod", async () => {
-    await sb.apply(
-      policyYaml(
-        "web",
-        `  podSelector: {matchLabels: {app: web}}
+    it("seed 003: with the policy it sees the egress IP, IPv4 and IPv6, also from the gateway node's own pod", async () => {
+      await sb.apply(
+        policyYaml(
+          "web",
+          `  podSelector: {matchLabels: {app: web}}
   destinationCIDRs: ["192.168.77.192/26", "fd00:77::200/120"]
   excludedCIDRs: ["${EXCLUDED[4]}/32", "${EXCLUDED[6]}/128"]
   egressIP: ["${EIP[4]}", "${EIP[6]}"]
 `,
-      ),
-    );
-    const s = await ready("web");
-    assert.equal(condition(s, "Ready")?.status, "True", condition(s, "Ready")?.message);
-    assert.equal(
-      s?.programmed,
-      "3/3",
-      "programmed on the gateway and on both nodes with selected pods",
-    );
-    for (const f of FAMILIES) {
-      for (const pod of ["web-1", "web-2", "web-3"]) {
-        const r = await probeUntil(sb.pod(pod).netns, target(f), (x) => x.saw === EIP[f], 10_000);
-        assert.equal(r.saw, EIP[f], `${pod} over IPv${f}`);
-      }
-    }
-  });
-
-  it("a pod the policy does not select keeps its node's address", async () => {
-    for (const f of FAMILIES) assert.equal(await saw("other", f), nodeAddress(1, f), `IPv${f}`);
-  });
-
-  it("sallyport explain agrees with the packets: which policy, which path, which address is seen", async () => {
-    for (const f of FAMILIES) {
-      const gw = (await status("web"))?.gatewayNode;
-      const selected = await explain(sb.admin(), { pod: "web-1", destination: EXTERNAL[f] });
-      assert.equal(selected.seenAs, await saw("web-1", f), `web-1, IPv${f}`);
-      assert.equal(selected.policy?.key, "EgressPolicy/default/web");
-      assert.deepEqual(
-        selected.hops.map((h) => h.node),
-        ["node-1", gw],
-        "from the pod's node through the tunnel to the gateway node",
+        ),
       );
-      assert.deepEqual(selected.notProgrammedOn, []);
-      const excluded = await explain(sb.admin(), { pod: "web-1", destination: EXCLUDED[f] });
-      assert.equal(excluded.policy, undefined, `an excluded destination, IPv${f}`);
-      assert.match(excluded.summary, /usual path/);
-      const other = await explain(sb.admin(), { pod: "other", destination: EXTERNAL[f] });
-      assert.match(other.summary, /no policy selects/, `a pod not selected, IPv${f}`);
-    }
-  });
-
-  it("excluded CIDRs, pod-to-pod and pod-to-node traffic keep their usual path", async () => {
-    const t = sb.pod("target");
-    for (const f of FAMILIES) {
-      assert.equal(await saw("web-1", f, EXCLUDED[f]), nodeAddress(1, f), `excluded, IPv${f}`);
-      assert.equal(await saw("web-1", f, t.ips[f]), sb.pod("web-1").ips[f], `pod to pod, IPv${f}`);
+      const s = await ready("web");
+      assert.equal(condition(s, "Ready")?.status, "True", condition(s, "Ready")?.message);
       assert.equal(
-        await saw("web-1", f, nodeAddress(3, f)),
-        nodeAddress(1, f),
-        `pod to node, IPv${f} (the CNI's usual masquerade)`,
+        s?.programmed,
+        "3/3",
+        "programmed on the gateway and on both nodes with selected pods",
       );
-    }
-  });
+      for (const f of FAMILIES) {
+        for (const pod of ["web-1", "web-2", "web-3"]) {
+          const r = await probeUntil(sb.pod(pod).netns, target(f), (x) => x.saw === EIP[f], 10_000);
+          assert.equal(r.saw, EIP[f], `${pod} over IPv${f}`);
+        }
+      }
+    });
 
-  it("empty destinationCIDRs: the outside goes through the egress IP, the cluster keeps its path", async () => {
-    await sb.apply(
-      policyYaml(
-        "everything",
-        `  podSelector: {matchLabels: {app: other}}
+    it("a pod the policy does not select keeps its node's address", async () => {
+      for (const f of FAMILIES) assert.equal(await saw("other", f), nodeAddress(1, f), `IPv${f}`);
+    });
+
+    it("sallyport explain agrees with the packets: which policy, which path, which address is seen", async () => {
+      for (const f of FAMILIES) {
+        const gw = (await status("web"))?.gatewayNode;
+        const selected = await explain(sb.admin(), { pod: "web-1", destination: EXTERNAL[f] });
+        assert.equal(selected.seenAs, await saw("web-1", f), `web-1, IPv${f}`);
+        assert.equal(selected.policy?.key, "EgressPolicy/default/web");
+        assert.deepEqual(
+          selected.hops.map((h) => h.node),
+          ["node-1", gw],
+          "from the pod's node through the tunnel to the gateway node",
+        );
+        assert.deepEqual(selected.notProgrammedOn, []);
+        const excluded = await explain(sb.admin(), { pod: "web-1", destination: EXCLUDED[f] });
+        assert.equal(excluded.policy, undefined, `an excluded destination, IPv${f}`);
+        assert.match(excluded.summary, /usual path/);
+        const other = await explain(sb.admin(), { pod: "other", destination: EXTERNAL[f] });
+        assert.match(other.summary, /no policy selects/, `a pod not selected, IPv${f}`);
+      }
+    });
+
+    it("excluded CIDRs, pod-to-pod and pod-to-node traffic keep their usual path", async () => {
+      const t = sb.pod("target");
+      for (const f of FAMILIES) {
+        assert.equal(await saw("web-1", f, EXCLUDED[f]), nodeAddress(1, f), `excluded, IPv${f}`);
+        assert.equal(
+          await saw("web-1", f, t.ips[f]),
+          sb.pod("web-1").ips[f],
+          `pod to pod, IPv${f}`,
+        );
+        assert.equal(
+          await saw("web-1", f, nodeAddress(3, f)),
+          nodeAddress(1, f),
+          `pod to node, IPv${f} (the CNI's usual masquerade)`,
+        );
+      }
+    });
+
+    it("empty destinationCIDRs: the outside goes through the egress IP, the cluster keeps its path", async () => {
+      await sb.apply(
+        policyYaml(
+          "everything",
+          `  podSelector: {matchLabels: {app: other}}
   excludedCIDRs: ["${EXCLUDED[4]}/32", "${EXCLUDED[6]}/128"]
   egressIP: ["${EIP2[4]}", "${EIP2[6]}"]
 `,
-      ),
-    );
-    await ready("everything");
-    const t = sb.pod("target");
-    for (const f of FAMILIES) {
-      const r = await probeUntil(
-        sb.pod("other").netns,
-        target(f),
-        (x) => x.saw === EIP2[f],
-        10_000,
+        ),
       );
-      assert.equal(r.saw, EIP2[f], `outside, IPv${f}`);
-      assert.equal(
-        await saw("other", f, t.ips[f]),
-        sb.pod("other").ips[f],
-        `pod to pod across nodes, IPv${f}`,
-      );
-      assert.equal(
-        await saw("other", f, nodeAddress(3, f)),
-        nodeAddress(1, f),
-        `pod to node, IPv${f}`,
-      );
-      assert.equal(await saw("other", f, EXCLUDED[f]), nodeAddress(1, f), `excluded, IPv${f}`);
-    }
-  });
+      await ready("everything");
+      const t = sb.pod("target");
+      for (const f of FAMILIES) {
+        const r = await probeUntil(
+          sb.pod("other").netns,
+          target(f),
+          (x) => x.saw === EIP2[f],
+          10_000,
+        );
+        assert.equal(r.saw, EIP2[f], `outside, IPv${f}`);
+        assert.equal(
+          await saw("other", f, t.ips[f]),
+          sb.pod("other").ips[f],
+          `pod to pod across nodes, IPv${f}`,
+        );
+        assert.equal(
+          await saw("other", f, nodeAddress(3, f)),
+          nodeAddress(1, f),
+          `pod to node, IPv${f}`,
+        );
+        assert.equal(await saw("other", f, EXCLUDED[f]), nodeAddress(1, f), `excluded, IPv${f}`);
+      }
+    });
 
-  it("two overlapping policies: the higher priority wins on every node; the other says it is shadowed", async () => {
-    await sb.apply(
-      policyYaml(
-        "vip",
-        `  podSelector: {matchLabels: {app: web}}
+    it("two overlapping policies: the higher priority wins on every node; the other says it is shadowed", async () => {
+      await sb.apply(
+        policyYaml(
+          "vip",
+          `  podSelector: {matchLabels: {app: web}}
   destinationCIDRs: ["${EXTERNAL[4]}/32", "${EXTERNAL[6]}/128"]
   egressIP: ["${EIP2[4]}", "${EIP2[6]}"]
   priority: 100
 `,
-      ),
-    );
-    await ready("vip");
-    const web = await eventually(
-      () => status("web"),
-      (s) => (s?.shadowedBy ?? []).length > 0,
-    );
-    assert.deepEqual(web?.shadowedBy, [{ policy: "EgressPolicy/default/vip", pods: 3 }]);
-    assert.equal(condition(web, "Conflicted")?.status, "True");
-    for (const f of FAMILIES) {
-      for (const pod of ["web-1", "web-2", "web-3"]) {
-        const r = await probeUntil(sb.pod(pod).netns, target(f), (x) => x.saw === EIP2[f], 10_000);
-        assert.equal(r.saw, EIP2[f], `${pod} over IPv${f} follows the higher priority`);
+        ),
+      );
+      await ready("vip");
+      const web = await eventually(
+        () => status("web"),
+        (s) => (s?.shadowedBy ?? []).length > 0,
+      );
+      assert.deepEqual(web?.shadowedBy, [{ policy: "EgressPolicy/default/vip", pods: 3 }]);
+      assert.equal(condition(web, "Conflicted")?.status, "True");
+      for (const f of FAMILIES) {
+        for (const pod of ["web-1", "web-2", "web-3"]) {
+          const r = await probeUntil(
+            sb.pod(pod).netns,
+            target(f),
+            (x) => x.saw === EIP2[f],
+            10_000,
+          );
+          assert.equal(r.saw, EIP2[f], `${pod} over IPv${f} follows the higher priority`);
+        }
       }
-    }
-    await sb.delete("EgressPolicy", "vip");
-    for (const f of FAMILIES) {
-      const r = await probeUntil(sb.pod("web-1").netns, target(f), (x) => x.saw === EIP[f], 10_000);
-      assert.equal(r.saw, EIP[f], "back to the other policy once the winner is gone");
-    }
-  });
+      await sb.delete("EgressPolicy", "vip");
+      for (const f of FAMILIES) {
+        const r = await probeUntil(
+          sb.pod("web-1").netns,
+          target(f),
+          (x) => x.saw === EIP[f],
+          10_000,
+        );
+        assert.equal(r.saw, EIP[f], "back to the other policy once the winner is gone");
+      }
+    });
 
-  it("a changed policy takes effect: new selector, new destination", async () => {
-    await sb.apply(
-      policyYaml(
-        "web",
-        `  podSelector: {matchLabels: {app: other}}
+    it("a changed policy takes effect: new selector, new destination", async () => {
+      await sb.apply(
+        policyYaml(
+          "web",
+          `  podSelector: {matchLabels: {app: other}}
   destinationCIDRs: ["${EXCLUDED[4]}/32", "${EXCLUDED[6]}/128"]
   egressIP: ["${EIP[4]}", "${EIP[6]}"]
 `,
-      ),
-    );
-    for (const f of FAMILIES) {
-      const r = await probeUntil(
-        sb.pod("other").netns,
-        target(f, EXCLUDED[f]),
-        (x) => x.saw === EIP[f],
-        15_000,
+        ),
       );
-      assert.equal(r.saw, EIP[f], `the new destination and the new pods, IPv${f}`);
-      const w = await probeUntil(
-        sb.pod("web-1").netns,
-        target(f),
-        (x) => x.saw === nodeAddress(1, f),
-        15_000,
-      );
-      assert.equal(
-        w.saw,
-        nodeAddress(1, f),
-        `pods no longer selected are back to their node, IPv${f}`,
-      );
-    }
-  });
-
-  it("a deleted policy leaves no trace on any node", async () => {
-    const { policySetName } = await import("../../src/engine/names.ts");
-    await sb.delete("EgressPolicy", "web");
-    await sb.delete("EgressPolicy", "everything");
-    for (const f of FAMILIES) {
-      const r = await probeUntil(
-        sb.pod("other").netns,
-        target(f),
-        (x) => x.saw === nodeAddress(1, f),
-        15_000,
-      );
-      assert.equal(r.saw, nodeAddress(1, f), `IPv${f}`);
-    }
-    for (let i = 1; i <= 3; i++) {
-      const node = nsRunner(sb.nodeNs(i));
-      const state = await eventually(
-        async () =>
-          [
-            await mustRun(node, ["ipset", "save"]),
-            await mustRun(node, ["iptables-save"]),
-            await mustRun(node, ["ip6tables-save"]),
-            await mustRun(node, ["ip", "-o", "link"]),
-            await mustRun(node, ["ip", "rule"]),
-          ].join("\n"),
-        (text) =>
-          !text.includes(policySetName("src", 4, "EgressPolicy/default/web")) &&
-          !text.includes("spe-") &&
-          !text.includes("EgressPolicy/default/") &&
-          !/5900:.*fwmark 0x26/.test(text),
-      );
-      for (const key of ["EgressPolicy/default/web", "EgressPolicy/default/everything"]) {
-        for (const f of FAMILIES) {
-          assert.ok(!state.includes(policySetName("src", f, key)), `node-${i}: no ipset of ${key}`);
-        }
-        assert.ok(!state.includes(key), `node-${i}: no rule of ${key}`);
+      for (const f of FAMILIES) {
+        const r = await probeUntil(
+          sb.pod("other").netns,
+          target(f, EXCLUDED[f]),
+          (x) => x.saw === EIP[f],
+          15_000,
+        );
+        assert.equal(r.saw, EIP[f], `the new destination and the new pods, IPv${f}`);
+        const w = await probeUntil(
+          sb.pod("web-1").netns,
+          target(f),
+          (x) => x.saw === nodeAddress(1, f),
+          15_000,
+        );
+        assert.equal(
+          w.saw,
+          nodeAddress(1, f),
+          `pods no longer selected are back to their node, IPv${f}`,
+        );
       }
-      assert.ok(!state.includes("spe-"), `node-${i}: no egress-IP device`);
-    }
-  });
+    });
 
-  it("drift: a rule deleted by hand is repaired and traffic recovers, with no API change", async () => {
-    await sb.apply(
-      policyYaml(
-        "drift",
-        `  podSelector: {matchLabels: {app: web}}
+    it("a deleted policy leaves no trace on any node", async () => {
+      const { policySetName } = await import("../../src/engine/names.ts");
+      await sb.delete("EgressPolicy", "web");
+      await sb.delete("EgressPolicy", "everything");
+      for (const f of FAMILIES) {
+        const r = await probeUntil(
+          sb.pod("other").netns,
+          target(f),
+          (x) => x.saw === nodeAddress(1, f),
+          15_000,
+        );
+        assert.equal(r.saw, nodeAddress(1, f), `IPv${f}`);
+      }
+      for (let i = 1; i <= 3; i++) {
+        const node = nsRunner(sb.nodeNs(i));
+        const state = await eventually(
+          async () =>
+            [
+              await mustRun(node, ["ipset", "save"]),
+              await mustRun(node, ["iptables-save"]),
+              await mustRun(node, ["ip6tables-save"]),
+              await mustRun(node, ["ip", "-o", "link"]),
+              await mustRun(node, ["ip", "rule"]),
+              await mustRun(node, ["nft", "list", "ruleset"]),
+            ].join("\n"),
+          (text) =>
+            !text.includes(policySetName("src", 4, "EgressPolicy/default/web")) &&
+            !text.includes("spe-") &&
+            !text.includes("EgressPolicy/default/") &&
+            !/5900:.*fwmark 0x26/.test(text),
+        );
+        for (const key of ["EgressPolicy/default/web", "EgressPolicy/default/everything"]) {
+          for (const f of FAMILIES) {
+            assert.ok(
+              !state.includes(policySetName("src", f, key)),
+              `node-${i}: no ipset of ${key}`,
+            );
+          }
+          assert.ok(!state.includes(key), `node-${i}: no rule of ${key}`);
+        }
+        assert.ok(!state.includes("spe-"), `node-${i}: no egress-IP device`);
+      }
+    });
+
+    it("drift: a rule deleted by hand is repaired and traffic recovers, with no API change", async () => {
+      await sb.apply(
+        policyYaml(
+          "drift",
+          `  podSelector: {matchLabels: {app: web}}
   destinationCIDRs: ["192.168.77.192/26", "fd00:77::200/120"]
   egressIP: ["${EIP[4]}", "${EIP[6]}"]
 `,
-      ),
-    );
-    await ready("drift");
-    assert.equal(
-      (await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4])).saw,
-      EIP[4],
-    );
-    await mustRun(nsRunner(sb.nodeNs(1)), [
-      "iptables",
-      "-t",
-      "mangle",
-      "-F",
-      "SALLYPORT-MARK-REQUEST",
-    ]);
-    assert.equal(await saw("web-1", 4), nodeAddress(1, 4), "the drift broke it");
-    const r = await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4], 15_000);
-    assert.equal(r.saw, EIP[4], "repaired within a sync period");
-    assert.match(sb.log("agent-1"), /repaired datapath drift/);
-  });
-
-  it("drift is repaired on its own clock while a selected pod is relabelled every second for 60 s", async () => {
-    await ready("drift");
-    let relabels = 0;
-    const started = Date.now();
-    const churn = (async () => {
-      while (Date.now() - started < 60_000) {
-        await sb
-          .admin()
-          .mergePatch(
-            CORE.pods,
-            "web-1",
-            { metadata: { labels: { app: "web", churn: String(relabels) } } },
-            { namespace: "default" },
-          );
-        relabels++;
-        await new Promise((r) => setTimeout(r, 1000));
-      }
-    })();
-    try {
-      await new Promise((r) => setTimeout(r, 15_000));
-      await mustRun(nsRunner(sb.nodeNs(1)), [
-        "iptables",
-        "-t",
-        "mangle",
-        "-F",
-        "SALLYPORT-MARK-REQUEST",
-      ]);
-      const flushed = Date.now();
-      assert.equal(await saw("web-1", 4), nodeAddress(1, 4), "the flush broke it");
-      const r = await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4], 12_000);
-      const repairMs = Date.now() - flushed;
-      assert.equal(r.saw, EIP[4], `repaired within one period plus one sync (${repairMs} ms)`);
-      assert.ok(Date.now() - started < 60_000, "while the relabelling still went on");
-    } finally {
-      await churn;
-    }
-    assert.ok(relabels >= 50, `the pod was relabelled every second (${relabels} times)`);
-    assert.equal(await saw("web-1", 4), EIP[4], "and traffic still leaves with the egress IP");
-  });
-
-  for (const role of ["gateway", "non-gateway"] as const) {
-    it(`restarting the agent of a ${role} node (a rolling update) breaks no connection and changes nothing in its kernel`, async () => {
-      const s = await ready("drift");
-      const index = role === "gateway" ? Number(s!.gatewayNode!.split("-")[1]) : 1;
-      const summary = stream(sb.pod("web-1").netns, target(4), 8);
-      await new Promise((r) => setTimeout(r, 1000));
-      await sb.stopAgent(index, "SIGTERM");
-      await new Promise((r) => setTimeout(r, 500));
-      sb.startAgent(index);
-      const result = await summary;
-      assert.equal(result.reset, false, "no reset");
-      assert.equal(result.echoed, result.sent, "every line came back");
-      assert.deepEqual(result.sources, [EIP[4]]);
-      const metrics = await eventually(
-        () =>
-          mustRun(nsRunner(sb.nodeNs(index)), [
-            "curl",
-            "-s",
-            "http://127.0.0.1:9091/metrics",
-          ]).catch(() => ""),
-        (m) => /sallyport_datapath_syncs_total\{kind="full",result="ok"\} [2-9]/.test(m),
-        20_000,
+        ),
       );
-      assert.match(
-        metrics,
-        /sallyport_datapath_changes_total 0\n/,
-        "the restarted agent found the kernel already right",
+      await ready("drift");
+      assert.equal(
+        (await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4])).saw,
+        EIP[4],
       );
+      await flushSteering(1);
+      assert.equal(await saw("web-1", 4), nodeAddress(1, 4), "the drift broke it");
+      const r = await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4], 15_000);
+      assert.equal(r.saw, EIP[4], "repaired within a sync period");
+      assert.match(sb.log("agent-1"), /repaired datapath drift/);
     });
-  }
 
-  it("the API server is stopped for 30 s: traffic keeps flowing through the egress IP the whole time", async () => {
-    const p = new FailoverProbe(sb.pod("web-1").netns, target(4), EIP[4], 100);
-    await p.start();
-    const from = Date.now();
-    await sb.stopApiServer();
-    await new Promise((r) => setTimeout(r, 30_000));
-    await sb.startApiServer();
-    await new Promise((r) => setTimeout(r, 2000));
-    await p.stop();
-    const during = p.lines.filter((l) => l.t > from);
-    assert.ok(during.length >= 100, `probed all along (${during.length} requests)`);
-    const other = during.filter((l) => l.saw !== EIP[4]);
-    assert.deepEqual(other, [], "every request was answered, and from the egress IP");
-    // and the control plane catches up with a change made after it came back
-    await sb.apply(
-      policyYaml(
-        "after-outage",
-        `  podSelector: {matchLabels: {app: other}}\n  destinationCIDRs: ["${EXTERNAL[4]}/32"]\n  egressIP: ["${EIP2[4]}"]\n`,
-      ),
-    );
-    const r = await probeUntil(sb.pod("other").netns, target(4), (x) => x.saw === EIP2[4], 30_000);
-    assert.equal(r.saw, EIP2[4]);
-  });
-
-  it("split brain: a gateway cut off from the API server stops answering ARP before another node starts", async () => {
-    const s = await ready("drift");
-    const holder = Number(s!.gatewayNode!.split("-")[1]);
-    const other = holder === 2 ? 3 : 2;
-    const macOf = async (i: number) =>
-      (await mustRun(nsRunner(sb.nodeNs(i)), ["cat", "/sys/class/net/eth0/address"])).trim();
-    const macs: Record<string, string> = {
-      [await macOf(holder)]: `node-${holder}`,
-      [await macOf(other)]: `node-${other}`,
-    };
-    // One ARP request at a time from the external host; each answer is attributed by the
-    // answering node's uplink MAC (the egress IP's own MAC is shared by design and says nothing).
-    const answers: string[] = [];
-    const stopAt = Date.now() + 12_000;
-    const arp = (async () => {
-      while (Date.now() < stopAt) {
-        const r = await nsRunner(sb.externalNs).run([
-          "arping",
-          "-I",
-          "eth0",
-          "-c",
-          "1",
-          "-w",
-          "1",
-          EIP[4],
-        ]);
-        for (const m of r.stdout.matchAll(/\[([0-9A-F:]+)\]/gi)) {
-          const who = macs[m[1]!.toLowerCase()];
-          if (who !== undefined) answers.push(who);
+    it("drift is repaired on its own clock while a selected pod is relabelled every second for 60 s", async () => {
+      await ready("drift");
+      let relabels = 0;
+      const started = Date.now();
+      const churn = (async () => {
+        while (Date.now() - started < 60_000) {
+          await sb
+            .admin()
+            .mergePatch(
+              CORE.pods,
+              "web-1",
+              { metadata: { labels: { app: "web", churn: String(relabels) } } },
+              { namespace: "default" },
+            );
+          relabels++;
+          await new Promise((r) => setTimeout(r, 1000));
         }
+      })();
+      try {
+        await new Promise((r) => setTimeout(r, 15_000));
+        await flushSteering(1);
+        const flushed = Date.now();
+        assert.equal(await saw("web-1", 4), nodeAddress(1, 4), "the flush broke it");
+        const r = await probeUntil(
+          sb.pod("web-1").netns,
+          target(4),
+          (x) => x.saw === EIP[4],
+          12_000,
+        );
+        const repairMs = Date.now() - flushed;
+        assert.equal(r.saw, EIP[4], `repaired within one period plus one sync (${repairMs} ms)`);
+        assert.ok(Date.now() - started < 60_000, "while the relabelling still went on");
+      } finally {
+        await churn;
       }
-    })();
-    await new Promise((r) => setTimeout(r, 1000));
-    // Cut the holder's path to the API server only: its uplink and its peers stay reachable.
-    const rule = ["OUTPUT", "-d", "192.168.77.2", "-p", "tcp", "--dport", "6443", "-j", "DROP"];
-    await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-I", ...rule]);
-    await arp;
-    await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-D", ...rule]);
-    const firstOther = answers.indexOf(`node-${other}`);
-    assert.ok(
-      answers.indexOf(`node-${holder}`) === 0,
-      `the holder answered first: ${answers.join(" ")}`,
-    );
-    assert.ok(firstOther > 0, `then the other node took over: ${answers.join(" ")}`);
-    assert.ok(
-      !answers.slice(firstOther).includes(`node-${holder}`),
-      `the cut-off node never answered once the other had started: ${answers.join(" ")}`,
-    );
-    const s2 = await eventually(
-      () => status("drift"),
-      (x) => x?.gatewayNode === `node-${other}`,
-    );
-    assert.equal(s2?.gatewayNode, `node-${other}`);
-    assert.match(sb.log(`agent-${holder}`), /fenced: the node lease expired/);
-  });
+      assert.ok(relabels >= 50, `the pod was relabelled every second (${relabels} times)`);
+      assert.equal(await saw("web-1", 4), EIP[4], "and traffic still leaves with the egress IP");
+    });
 
-  it("a killed gateway node: traffic resumes from the same egress IP through the other gateway node", async () => {
-    const s = await ready("drift");
-    const holder = Number(s!.gatewayNode!.split("-")[1]);
-    const p = new FailoverProbe(sb.pod("web-1").netns, target(4), EIP[4]);
-    await p.start();
-    const killedAt = Date.now();
-    await sb.killNode(holder);
-    const gap = await p.gapAfter(killedAt, 20_000);
-    await p.stop();
-    assert.notEqual(gap, undefined, "traffic came back through the egress IP");
-    const moved = await eventually(
-      () => status("drift"),
-      (x) => x?.gatewayNode !== undefined && x.gatewayNode !== `node-${holder}`,
-    );
-    assert.notEqual(moved?.gatewayNode, `node-${holder}`);
-    console.log(`# failover gap ${gap} ms`);
-    await sb.reviveNode(holder);
+    for (const role of ["gateway", "non-gateway"] as const) {
+      it(`restarting the agent of a ${role} node (a rolling update) breaks no connection and changes nothing in its kernel`, async () => {
+        const s = await ready("drift");
+        const index = role === "gateway" ? Number(s!.gatewayNode!.split("-")[1]) : 1;
+        const summary = stream(sb.pod("web-1").netns, target(4), 8);
+        await new Promise((r) => setTimeout(r, 1000));
+        await sb.stopAgent(index, "SIGTERM");
+        await new Promise((r) => setTimeout(r, 500));
+        sb.startAgent(index);
+        const result = await summary;
+        assert.equal(result.reset, false, "no reset");
+        assert.equal(result.echoed, result.sent, "every line came back");
+        assert.deepEqual(result.sources, [EIP[4]]);
+        const metrics = await eventually(
+          () =>
+            mustRun(nsRunner(sb.nodeNs(index)), [
+              "curl",
+              "-s",
+              "http://127.0.0.1:9091/metrics",
+            ]).catch(() => ""),
+          (m) => /sallyport_datapath_syncs_total\{kind="full",result="ok"\} [2-9]/.test(m),
+          20_000,
+        );
+        assert.match(
+          metrics,
+          /sallyport_datapath_changes_total 0\n/,
+          "the restarted agent found the kernel already right",
+        );
+      });
+    }
+
+    it("the API server is stopped for 30 s: traffic keeps flowing through the egress IP the whole time", async () => {
+      const p = new FailoverProbe(sb.pod("web-1").netns, target(4), EIP[4], 100);
+      await p.start();
+      const from = Date.now();
+      await sb.stopApiServer();
+      await new Promise((r) => setTimeout(r, 30_000));
+      await sb.startApiServer();
+      await new Promise((r) => setTimeout(r, 2000));
+      await p.stop();
+      const during = p.lines.filter((l) => l.t > from);
+      assert.ok(during.length >= 100, `probed all along (${during.length} requests)`);
+      const other = during.filter((l) => l.saw !== EIP[4]);
+      assert.deepEqual(other, [], "every request was answered, and from the egress IP");
+      // and the control plane catches up with a change made after it came back
+      await sb.apply(
+        policyYaml(
+          "after-outage",
+          `  podSelector: {matchLabels: {app: other}}\n  destinationCIDRs: ["${EXTERNAL[4]}/32"]\n  egressIP: ["${EIP2[4]}"]\n`,
+        ),
+      );
+      const r = await probeUntil(
+        sb.pod("other").netns,
+        target(4),
+        (x) => x.saw === EIP2[4],
+        30_000,
+      );
+      assert.equal(r.saw, EIP2[4]);
+    });
+
+    it("split brain: a gateway cut off from the API server stops answering ARP before another node starts", async () => {
+      const s = await ready("drift");
+      const holder = Number(s!.gatewayNode!.split("-")[1]);
+      const other = holder === 2 ? 3 : 2;
+      const macOf = async (i: number) =>
+        (await mustRun(nsRunner(sb.nodeNs(i)), ["cat", "/sys/class/net/eth0/address"])).trim();
+      const macs: Record<string, string> = {
+        [await macOf(holder)]: `node-${holder}`,
+        [await macOf(other)]: `node-${other}`,
+      };
+      // One ARP request at a time from the external host; each answer is attributed by the
+      // answering node's uplink MAC (the egress IP's own MAC is shared by design and says nothing).
+      const answers: string[] = [];
+      const stopAt = Date.now() + 12_000;
+      const arp = (async () => {
+        while (Date.now() < stopAt) {
+          const r = await nsRunner(sb.externalNs).run([
+            "arping",
+            "-I",
+            "eth0",
+            "-c",
+            "1",
+            "-w",
+            "1",
+            EIP[4],
+          ]);
+          for (const m of r.stdout.matchAll(/\[([0-9A-F:]+)\]/gi)) {
+            const who = macs[m[1]!.toLowerCase()];
+            if (who !== undefined) answers.push(who);
+          }
+        }
+      })();
+      await new Promise((r) => setTimeout(r, 1000));
+      // Cut the holder's path to the API server only: its uplink and its peers stay reachable.
+      const rule = ["OUTPUT", "-d", "192.168.77.2", "-p", "tcp", "--dport", "6443", "-j", "DROP"];
+      await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-I", ...rule]);
+      await arp;
+      await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-D", ...rule]);
+      const firstOther = answers.indexOf(`node-${other}`);
+      assert.ok(
+        answers.indexOf(`node-${holder}`) === 0,
+        `the holder answered first: ${answers.join(" ")}`,
+      );
+      assert.ok(firstOther > 0, `then the other node took over: ${answers.join(" ")}`);
+      assert.ok(
+        !answers.slice(firstOther).includes(`node-${holder}`),
+        `the cut-off node never answered once the other had started: ${answers.join(" ")}`,
+      );
+      const s2 = await eventually(
+        () => status("drift"),
+        (x) => x?.gatewayNode === `node-${other}`,
+      );
+      assert.equal(s2?.gatewayNode, `node-${other}`);
+      assert.match(sb.log(`agent-${holder}`), /fenced: the node lease expired/);
+    });
+
+    it("a killed gateway node: traffic resumes from the same egress IP through the other gateway node", async () => {
+      const s = await ready("drift");
+      const holder = Number(s!.gatewayNode!.split("-")[1]);
+      const p = new FailoverProbe(sb.pod("web-1").netns, target(4), EIP[4]);
+      await p.start();
+      const killedAt = Date.now();
+      await sb.killNode(holder);
+      const gap = await p.gapAfter(killedAt, 20_000);
+      await p.stop();
+      assert.notEqual(gap, undefined, "traffic came back through the egress IP");
+      const moved = await eventually(
+        () => status("drift"),
+        (x) => x?.gatewayNode !== undefined && x.gatewayNode !== `node-${holder}`,
+      );
+      assert.notEqual(moved?.gatewayNode, `node-${holder}`);
+      console.log(`# failover gap ${gap} ms`);
+      await sb.reviveNode(holder);
+    });
   });
-});
 
 export { EIP, nsRunner };
