@@ -701,6 +701,17 @@ export class NodePlanner {
     fb.hook("nat", "POSTROUTING", CHAIN_SNAT_EIP, "sallyport: snat to egress IPs");
 
     const markRequest = fb.chain("mangle", CHAIN_MARK_REQUEST);
+    // Neighbour discovery is not a connection (conntrack calls it INVALID): a unicast
+    // solicitation of the egress IP, or the advertisement answering one it sent, must pass.
+    if (family === 6)
+      for (const icmpv6Type of [135, 136] as const)
+        markRequest.push({
+          protocol: "ipv6-icmp",
+          icmpv6Type,
+          sets: [{ name: eipSet, dir: "dst" }],
+          comment: "sallyport: neighbour discovery of egress IPs",
+          target: { kind: "RETURN" },
+        });
     markRequest.push(
       {
         sets: [{ name: eipSet, dir: "dst" }],

@@ -37,7 +37,9 @@ export type Target =
  */
 export interface Rule {
   readonly inInterface?: string;
-  readonly protocol?: "tcp" | "udp" | "sctp";
+  readonly protocol?: "tcp" | "udp" | "sctp" | "ipv6-icmp";
+  /** With protocol ipv6-icmp: neighbour solicitation (135) or advertisement (136). */
+  readonly icmpv6Type?: 135 | 136;
   /** TCP SYN-without-RST match (for TCPMSS). */
   readonly tcpSyn?: boolean;
   readonly mark?: MarkMatch;

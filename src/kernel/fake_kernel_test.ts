@@ -500,6 +500,32 @@ describe("FakeKernel: iptables-nft", () => {
     await ok(fake, IPT, "*mangle\n:K - [0:0]\n-A K -p tcp -j TCPMSS --clamp-mss-to-pmtu\nCOMMIT\n");
   });
 
+  it("matches neighbour discovery as ip6tables does: names or numbers, saved as numbers, only with -p ipv6-icmp", async () => {
+    const fake = new FakeKernel();
+    const ip6 = ["ip6tables-nft-restore", "--noflush"];
+    await ok(
+      fake,
+      ip6,
+      "*mangle\n:K - [0:0]\n-A K -p icmpv6 -m icmp6 --icmpv6-type neighbour-solicitation -j RETURN\n-A K -p ipv6-icmp -m icmp6 --icmpv6-type 136 -j RETURN\nCOMMIT\n",
+    );
+    const saved = await ok(fake, ["ip6tables-nft-save", "-t", "mangle"]);
+    assert.match(saved, /^-A K -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j RETURN$/m);
+    assert.match(saved, /^-A K -p ipv6-icmp -m icmp6 --icmpv6-type 136 -j RETURN$/m);
+    const bare = await run(
+      fake,
+      ip6,
+      "*mangle\n:L - [0:0]\n-A L -m icmp6 --icmpv6-type 135 -j RETURN\nCOMMIT\n",
+    );
+    assert.equal(bare.code, 4, "the kernel refuses icmp6 without -p ipv6-icmp");
+    const unknown = await run(
+      fake,
+      ip6,
+      "*mangle\n:L - [0:0]\n-A L -p ipv6-icmp -m icmp6 --icmpv6-type foo -j RETURN\nCOMMIT\n",
+    );
+    assert.equal(unknown.code, 2);
+    assert.match(unknown.stderr, /Unknown ICMPv6 type `foo'/);
+  });
+
   it("says so, with a non-zero exit, for everything it does not model", async () => {
     const fake = new FakeKernel();
     for (const [argv, stdin] of [

@@ -71,6 +71,8 @@ export function ruleArgs(rule: Rule): string[] {
   const args: string[] = [];
   if (rule.inInterface !== undefined) args.push("-i", rule.inInterface);
   if (rule.protocol !== undefined) args.push("-p", rule.protocol);
+  if (rule.icmpv6Type !== undefined)
+    args.push("-m", "icmp6", "--icmpv6-type", String(rule.icmpv6Type));
   if (rule.mark !== undefined) {
     args.push("-m", "mark", ...(rule.mark.invert ? ["!"] : []), "--mark", markText(rule.mark));
   }
@@ -157,7 +159,8 @@ export function parseRuleArgs(words: readonly string[]): Rule {
     if (w === "-i") rule.inInterface = next();
     else if (w === "-p") {
       const p = next();
-      if (p !== "tcp" && p !== "udp" && p !== "sctp") throw new UnknownRuleError(`protocol ${p}`);
+      if (p !== "tcp" && p !== "udp" && p !== "sctp" && p !== "ipv6-icmp")
+        throw new UnknownRuleError(`protocol ${p}`);
       rule.protocol = p;
     } else if (w === "-m") {
       const module = next();
@@ -169,7 +172,11 @@ export function parseRuleArgs(words: readonly string[]): Rule {
       }
       if (module === "mark" && opt === "--mark") rule.mark = parseMark(next(), invert);
       else if (module === "connmark" && opt === "--mark") rule.connmark = parseMark(next(), invert);
-      else if (module === "tcp" && opt === "--tcp-flags") {
+      else if (module === "icmp6" && opt === "--icmpv6-type") {
+        const type = next();
+        if (type !== "135" && type !== "136") throw new UnknownRuleError(`icmpv6 type ${type}`);
+        rule.icmpv6Type = type === "135" ? 135 : 136;
+      } else if (module === "tcp" && opt === "--tcp-flags") {
         if (next() !== "SYN,RST" || next() !== "SYN") throw new UnknownRuleError("tcp flags");
         rule.tcpSyn = true;
       } else if (module === "set" && opt === "--match-set") {

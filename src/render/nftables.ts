@@ -223,6 +223,14 @@ export function desiredTable(
   });
   const prerouting: NftRule[] = [];
   for (const family of families) {
+    // Neighbour discovery is not a connection (conntrack calls it invalid): a unicast
+    // solicitation of the egress IP, or the advertisement answering one it sent, must pass.
+    if (family === 6)
+      for (const type of ["nd-neighbor-solicit", "nd-neighbor-advert"])
+        prerouting.push({
+          text: `ip6 daddr @eip6 icmpv6 type ${type} accept`,
+          comment: "neighbour discovery of egress IPs",
+        });
     prerouting.push({
       text: `${IP[family]} daddr @eip${family} ct state invalid,new,untracked drop`,
       comment: "egress IPs expose no service",

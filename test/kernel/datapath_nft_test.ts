@@ -138,6 +138,10 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
     assert.ok(packets(after) > packets(before), "the class map's counters grew");
   });
 
+  it("the egress IP answers neighbour discovery: a router's unicast probe keeps it reachable", async () => {
+    assert.equal(await lab.probeEgressNeighbour(), "REACHABLE");
+  });
+
   it("the egress IP exposes no service of the gateway node", async () => {
     startIn(topo.nodeNs(2), [
       process.execPath,

@@ -240,6 +240,10 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
     );
   });
 
+  it("the egress IP answers neighbour discovery: a router's unicast probe keeps it reachable", async () => {
+    assert.equal(await lab.probeEgressNeighbour(), "REACHABLE");
+  });
+
   it("the egress IP exposes no service of the gateway node", async () => {
     startIn(topo.nodeNs(2), [
       process.execPath,

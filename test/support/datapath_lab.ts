@@ -153,6 +153,44 @@ export class DatapathLab {
     return report.changes;
   }
 
+  /**
+   * The external host confirms that the egress IP is still there the way routers do: its
+   * neighbour entry goes stale, the next packet to it starts a probe, and the probe is a
+   * *unicast* neighbour solicitation to the egress IP. Returns the entry's state once it settles:
+   * REACHABLE when the gateway answered, FAILED when something dropped the solicitation.
+   */
+  async probeEgressNeighbour(): Promise<string> {
+    const ext = nsRunner(this.topo.externalNs);
+    await mustRun(ext, ["sysctl", "-qw", "net.ipv6.neigh.eth0.delay_first_probe_time=1"]);
+    const show = async () =>
+      (await mustRun(ext, ["ip", "-6", "neigh", "show", EIP6, "dev", "eth0"])).trim();
+    // Resolve it first (multicast, as on first contact), then let it go stale.
+    await ext.run(["ping", "-6", "-c", "1", "-W", "1", EIP6]);
+    const lladdr = /lladdr (\S+)/.exec(await show())?.[1];
+    if (lladdr === undefined) throw new Error(`the external host cannot resolve ${EIP6}`);
+    await mustRun(ext, [
+      "ip",
+      "-6",
+      "neigh",
+      "replace",
+      EIP6,
+      "lladdr",
+      lladdr,
+      "dev",
+      "eth0",
+      "nud",
+      "stale",
+    ]);
+    await ext.run(["ping", "-6", "-c", "1", "-W", "1", EIP6]);
+    const deadline = Date.now() + 15_000;
+    for (;;) {
+      const state = /(REACHABLE|FAILED|STALE|DELAY|PROBE|INCOMPLETE)/.exec(await show())?.[1];
+      if (state === "REACHABLE" || state === "FAILED" || Date.now() > deadline)
+        return state ?? "none";
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
   async down(): Promise<void> {
     await Topology.down(this.prefix);
   }
