@@ -220,16 +220,26 @@ function decide(
   }
   const sorted = sortedHosts(sources);
   if (isGateway) {
-    const replies: { dst: string; peer: PeerView }[] = [];
+    // One per destination (a node's pod CIDR, mostly): a pod joining a node the policy already
+    // has pods on changes no route.
+    const replies = new Map<string, PeerView>();
     for (const ep of policy.endpoints) {
       if (ep.node === node) continue;
       const peer = peers.get(ep.node);
       if (peer === undefined || peer.underlay === undefined || peer.tunnel[family] === undefined)
         continue;
-      for (const h of hostsOfFamily(ep.ips, family))
-        replies.push({ dst: replyDestination(h, peer), peer });
+      for (const h of hostsOfFamily(ep.ips, family)) {
+        const dst = replyDestination(h, peer);
+        if (!replies.has(dst)) replies.set(dst, peer);
+      }
     }
-    return { kind: "gateway", sources: sorted, replies };
+    return {
+      kind: "gateway",
+      sources: sorted,
+      replies: [...replies]
+        .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+        .map(([dst, peer]) => ({ dst, peer })),
+    };
   }
   if (sorted.length === 0) return undefined;
   const gateway = policy.gatewayNode === undefined ? undefined : peers.get(policy.gatewayNode);
