@@ -12,7 +12,7 @@ import type { Family } from "../lib/ip.ts";
 import { createLogger } from "../lib/log.ts";
 import { datapathMetrics, gaugeOf, Registry, trafficMetrics } from "../lib/metrics.ts";
 import { Agent } from "./agent.ts";
-import { TrafficCollector } from "./traffic.ts";
+import { nftPolicyOf, syncedPlanOf, TrafficCollector } from "./traffic.ts";
 import { WorkerTrafficReader } from "./traffic_worker.ts";
 
 export interface AgentFlags {
@@ -111,18 +111,18 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
   // --- traffic (src/agent/traffic.ts): counters and SNAT use, read in a worker thread
   let traffic: TrafficCollector | undefined;
   const trafficReads = trafficMetrics(registry, () => traffic);
-  if (flags.trafficPeriodMs > 0)
+  if (flags.trafficPeriodMs > 0) {
+    const nftables = datapath.options.filter === "nftables";
     traffic = new TrafficCollector({
       reader: new WorkerTrafficReader({
-        // The nftables datapath's named counters are to come: until then, no figures there.
-        counters:
-          datapath.options.filter === "nftables"
-            ? { kind: "none" }
-            : {
-                kind: "iptables",
-                backend: datapath.options.iptables.backend,
-                families: flags.families,
-              },
+        // nftables: the class maps' element counters, whose policies the synced plan names
+        counters: nftables
+          ? { kind: "nftables", families: flags.families }
+          : {
+              kind: "iptables",
+              backend: datapath.options.iptables.backend,
+              families: flags.families,
+            },
         snatPortRange: flags.snatPortRange,
         topDestinations: flags.topDestinations,
       }),
@@ -130,9 +130,11 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
       log,
       periodMs: flags.trafficPeriodMs,
       egressIPOf: (policy, family) => agent.state.view(policy)?.snat[family],
+      ...(nftables ? { policyOf: nftPolicyOf(syncedPlanOf(datapath)) } : {}),
       onSaturation: (list) => agent.setSnatSaturation(list),
       metrics: trafficReads,
     });
+  }
   // --- end traffic
   await serveMetrics({
     port: flags.metricsPort,

@@ -9,12 +9,18 @@
  * are read when Prometheus (or `sallyport top`) scrapes, at most once per `countersMaxAgeMs`; the
  * connection tracking table every `periodMs`, and only on nodes whose rules SNAT to an egress IP.
  *
+ * The iptables rules name their policy (their comment); the nftables class maps' elements do
+ * not: the collector asks the plan the kernel holds which policy decided each element
+ * (`nftPolicyOf`, with the plan `syncedPlanOf` keeps), on the agent's thread, where the plan is.
+ *
  * Saturation is reported with hysteresis: a destination enters the list at `saturatedAt` of the
  * source ports and leaves it below `clearedBelow`, and an entry keeps the percentage it entered
  * with, so that the list (and the EgressNode status it is written to) changes only when a
  * destination crosses a threshold, never per measurement: a steady cluster writes nothing.
  */
 
+import type { ClassEntry } from "../engine/classify.ts";
+import type { NftPlan, NodePlan } from "../engine/plan.ts";
 import {
   KERNEL_SNAT_PORTS,
   listSnatConnections,
@@ -27,25 +33,26 @@ import {
   type CounterKind,
   type CounterSource,
   IptablesCounters,
+  NftCounters,
+  type NftElement,
   type RuleCounter,
 } from "../kernel/counters.ts";
+import type { Datapath } from "../kernel/datapath.ts";
 import type { Runner } from "../kernel/runner.ts";
 import type { Clock } from "../lib/clock.ts";
 import type { Family } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
 import { SyncLoop } from "../lib/sync_loop.ts";
+import { entryKey, entryValue } from "../render/nftables.ts";
 
-/**
- * Which counter source to build (serializable: a worker thread builds it from this). `none`:
- * the datapath has no counter source yet (the nftables one is to come); no figures then.
- */
+/** Which counter source to build (serializable: a worker thread builds it from this). */
 export type CounterSourceConfig =
   | {
       readonly kind: "iptables";
       readonly backend: "nft" | "legacy";
       readonly families: readonly Family[];
     }
-  | { readonly kind: "none" };
+  | { readonly kind: "nftables"; readonly families: readonly Family[] };
 
 export interface TrafficReaderConfig {
   readonly counters: CounterSourceConfig;
@@ -59,9 +66,74 @@ export function counterSourceFor(runner: Runner, config: CounterSourceConfig): C
   switch (config.kind) {
     case "iptables":
       return new IptablesCounters(runner, config);
-    case "none":
-      return { read: async () => [] };
+    case "nftables":
+      return new NftCounters(runner, config);
   }
+}
+
+/**
+ * The plan the kernel holds: `datapath.sync` wrapped to keep each plan it applied. (The agent's
+ * DatapathSync keeps the plan it applied to itself; the nftables counters need it to name the
+ * policy of each class map element.) A failed sync keeps the previous plan: the elements it
+ * wrote are then unknown for a while, the others still named.
+ */
+export function syncedPlanOf(datapath: Datapath): () => NodePlan | undefined {
+  let held: NodePlan | undefined;
+  const sync = datapath.sync.bind(datapath);
+  datapath.sync = async (plan, options) => {
+    const report = await sync(plan, options);
+    held = plan;
+    return report;
+  };
+  return () => held;
+}
+
+/**
+ * Which policy decided an nftables class map element, from a plan (`plan.nft.classes[family][i]
+ * .entries[j].policy`, rendered to elements as src/render/nftables.ts renders them): undefined
+ * when the plan has no such element with that verdict (not synced yet, or synced away). Each
+ * class's entries are indexed once (the planner keeps unchanged ones by identity).
+ */
+export function nftPolicyOf(
+  plan: () => NodePlan | undefined,
+): (element: NftElement) => string | undefined {
+  let named: { readonly nft: NftPlan; readonly classes: Map<string, NftClassIndex> } | undefined;
+  const indexes = new WeakMap<readonly ClassEntry[], NftClassIndex>();
+  return (element) => {
+    const nft = plan()?.nft;
+    if (nft === undefined) return undefined;
+    if (named?.nft !== nft) {
+      const classes = new Map<string, NftClassIndex>();
+      for (const family of [4, 6] as const) {
+        const snat = nft.snat[family] ?? [];
+        for (const c of nft.classes[family] ?? []) {
+          let index = indexes.get(c.entries);
+          if (index === undefined || index.snat !== snat.join()) {
+            index = {
+              snat: snat.join(),
+              byKey: new Map(
+                c.entries.map((e) => [
+                  entryKey(e),
+                  { verdict: entryValue(e, family, snat), policy: e.policy },
+                ]),
+              ),
+            };
+            indexes.set(c.entries, index);
+          }
+          classes.set(c.name, index);
+        }
+      }
+      named = { nft, classes };
+    }
+    const entry = named.classes.get(element.map)?.byKey.get(element.key);
+    return entry?.verdict === element.verdict ? entry.policy : undefined;
+  };
+}
+
+interface NftClassIndex {
+  /** The egress IPs the verdicts were rendered with (`snatF-N` is the N-th). */
+  readonly snat: string;
+  readonly byKey: ReadonlyMap<string, { readonly verdict: string; readonly policy: string }>;
 }
 
 export interface TrafficReading {
@@ -166,6 +238,7 @@ export interface PolicyTraffic {
 }
 
 interface RuleState {
+  readonly policy: string;
   readonly series: string;
   packets: number;
   bytes: number;
@@ -203,6 +276,11 @@ export interface TrafficCollectorOptions {
   readonly clearedBelow?: number;
   /** The egress IP of a policy's family, for counters whose rule names none (steered). */
   readonly egressIPOf?: (policy: string, family: Family) => string | undefined;
+  /**
+   * The policy that decided an nftables class map element (`nftPolicyOf`): counters with an
+   * `element` name none themselves.
+   */
+  readonly policyOf?: (element: NftElement) => string | undefined;
   /** Called when the list of saturated destinations changes (not per measurement). */
   readonly onSaturation?: (list: readonly SnatSaturation[]) => void;
   readonly metrics?: TrafficReadMetrics;
@@ -332,12 +410,20 @@ export class TrafficCollector {
     const seen = new Set<string>();
     const live = new Set<string>();
     for (const c of reading.counters) {
-      const egressIP = c.egressIP ?? this.#o.egressIPOf?.(c.policy, c.family) ?? "";
+      const known = this.#rules.get(c.id);
+      // nftables: the plan the kernel holds names the element's policy. An element it no longer
+      // names keeps the policy it had (the kernel still holds it: the sync that rewrites it has
+      // not finished, or failed); one it does not name yet waits for a later read, which then
+      // takes all it counted since it was made.
+      const policy =
+        c.element === undefined ? c.policy : (this.#o.policyOf?.(c.element) ?? known?.policy);
+      if (policy === undefined) continue;
+      const egressIP = c.egressIP ?? this.#o.egressIPOf?.(policy, c.family) ?? "";
       const kind = kindOf(c.kind);
-      const series = `${c.policy}\n${egressIP}\n${kind}`;
+      const series = `${policy}\n${egressIP}\n${kind}`;
       if (!this.#series.has(series))
         this.#series.set(series, {
-          policy: c.policy,
+          policy,
           egressIP,
           kind,
           retiredPackets: 0,
@@ -345,7 +431,6 @@ export class TrafficCollector {
         });
       live.add(series);
       seen.add(c.id);
-      const known = this.#rules.get(c.id);
       if (known !== undefined && known.series === series) {
         // A chain the datapath rewrote starts its rules' counters from zero again.
         if (c.packets < known.packets || c.bytes < known.bytes) {
@@ -356,13 +441,17 @@ export class TrafficCollector {
         known.bytes = c.bytes;
         continue;
       }
+      // A counter that changed series (its policy's egress IP changed, another policy decides
+      // its element now) leaves what it counted to the old series and counts for the new one
+      // from here on; a new counter brings all it counted since it was made.
       if (known !== undefined) this.#retire(known);
       this.#rules.set(c.id, {
+        policy,
         series,
         packets: c.packets,
         bytes: c.bytes,
-        basePackets: 0,
-        baseBytes: 0,
+        basePackets: known === undefined ? 0 : -c.packets,
+        baseBytes: known === undefined ? 0 : -c.bytes,
       });
     }
     for (const [id, r] of this.#rules) {

@@ -1,21 +1,26 @@
 /**
  * The traffic collector: counters that stay monotonic while the datapath rewrites its chains,
  * saturation reported with hysteresis (and so never per measurement), and the metrics it feeds.
- * The kernel side is the inline reader on the real outputs of src/kernel/testdata/traffic/.
+ * The kernel side is the inline reader on the real outputs of src/kernel/testdata/traffic/; the
+ * nftables class maps' elements are named by the plan they were rendered from (nft-plan.json).
  */
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, it } from "node:test";
+import type { NftPlan, NodePlan } from "../engine/plan.ts";
 import type { SnatEgress } from "../kernel/conntrack.ts";
-import type { RuleCounter } from "../kernel/counters.ts";
+import { type NftElement, parseNftClassCounters, type RuleCounter } from "../kernel/counters.ts";
+import type { Datapath, SyncReport } from "../kernel/datapath.ts";
 import type { Runner } from "../kernel/runner.ts";
 import { FakeClock } from "../lib/clock.ts";
 import { silentLogger } from "../lib/log.ts";
 import { Registry, trafficMetrics } from "../lib/metrics.ts";
 import {
   InlineTrafficReader,
+  nftPolicyOf,
   type SnatSaturation,
+  syncedPlanOf,
   TrafficCollector,
   type TrafficReader,
   type TrafficReading,
@@ -337,5 +342,229 @@ describe("InlineTrafficReader", () => {
       assert.ok(!runner.calls.some((c) => c.startsWith("conntrack")));
       assert.ok(reading.counters.length > 0);
     }
+  });
+});
+
+// ------------------------------------------------------------------------------------------------
+// nftables: class map elements, named by the plan the kernel holds
+
+/** The plan the fixtures' table was rendered from (only `nft` is read). */
+const NFT_PLAN = {
+  nft: JSON.parse(fixture("nft-plan.json")) as NftPlan,
+} as Partial<NodePlan> as NodePlan;
+const NFT_OUTPUT = fixture("nft-j-i-list-map.jsonl");
+const WEB = "EgressPolicy/default/web";
+const BILLING = "EgressPolicy/team-a/billing";
+
+describe("nftPolicyOf()", () => {
+  it("names the policy of every element of the kernel's class maps, from the plan they came from", () => {
+    const policyOf = nftPolicyOf(() => NFT_PLAN);
+    const counters = parseNftClassCounters(NFT_OUTPUT, [4, 6]);
+    const named = counters.map((c) => policyOf(c.element!));
+    assert.ok(named.every((p) => p !== undefined));
+    assert.deepEqual(
+      counters
+        .map((c, i) => `${named[i]} v${c.family} ${c.kind} ${c.packets}:${c.bytes}`)
+        .filter((l) => !l.endsWith(" 0:0"))
+        .sort(),
+      [
+        "ClusterEgressPolicy/no-gateway v4 dropped 2:156",
+        `${WEB} v4 snat_new 1:38`,
+        `${WEB} v4 snat_new 4:240`,
+        `${WEB} v6 snat_new 1:58`,
+        `${WEB} v6 snat_new 2:160`,
+        `${BILLING} v4 steered 12:644`,
+        `${BILLING} v6 steered 6:442`,
+      ],
+    );
+  });
+
+  it("names nothing the plan does not hold with that verdict", () => {
+    let plan: NodePlan | undefined;
+    const policyOf = nftPolicyOf(() => plan);
+    const steered: NftElement = {
+      map: "c4-dgfl7d7mxidl",
+      key: "10.2.0.3 . 6 . 8080",
+      verdict: "goto to-0001",
+    };
+    assert.equal(policyOf(steered), undefined); // nothing synced yet
+    plan = NFT_PLAN;
+    assert.equal(policyOf(steered), BILLING);
+    assert.equal(policyOf({ ...steered, verdict: "goto to-0002" }), undefined);
+    assert.equal(policyOf({ ...steered, map: "c4-other" }), undefined);
+    assert.equal(policyOf({ ...steered, key: "10.2.0.9 . 6 . 8080" }), undefined);
+    // SNAT verdicts name the egress IP's index in the plan's list.
+    const snat: NftElement = {
+      map: "c4-dgfl7d7mxidl",
+      key: "10.2.0.2 . 6 . 9090",
+      verdict: "goto snat4-1",
+    };
+    assert.equal(policyOf(snat), "EgressPolicy/default/narrow");
+    const nft = NFT_PLAN.nft!;
+    plan = {
+      nft: { ...nft, snat: { ...nft.snat, 4: [nft.snat[4]![1]!] } },
+    } as Partial<NodePlan> as NodePlan;
+    assert.equal(policyOf(snat), undefined);
+    assert.equal(policyOf({ ...snat, verdict: "goto snat4-0" }), "EgressPolicy/default/narrow");
+  });
+});
+
+describe("TrafficCollector with nftables elements", () => {
+  const element = (key: string, packets: number, verdict = "goto to-0001"): RuleCounter => ({
+    id: `nft c4-x ${key} : ${verdict}`,
+    policy: "",
+    family: 4,
+    kind: "steered",
+    packets,
+    bytes: packets * 100,
+    element: { map: "c4-x", key, verdict },
+  });
+
+  it("names elements by the plan; waits for one the plan does not name yet", async () => {
+    const reader = new ScriptedReader();
+    const policies = new Map<string, string>();
+    const { c, clock } = collector(reader, { policyOf: (e) => policies.get(e.key) });
+    const figures = async () => {
+      await clock.advance(2000);
+      return (await c.policyTraffic()).map((t) => `${t.policy} ${t.kind} ${t.packets}`);
+    };
+    policies.set("a", BILLING);
+    reader.counters = [element("a", 10), element("b", 3)];
+    // b is in the kernel, not yet in the plan synced (the sync that wrote it has not returned)
+    assert.deepEqual(await figures(), [`${BILLING} steered 10`]);
+    policies.set("b", BILLING);
+    reader.counters = [element("a", 10), element("b", 4)];
+    assert.deepEqual(await figures(), [`${BILLING} steered 14`]);
+  });
+
+  it("keeps an element's policy while the kernel holds it, and stays monotonic across rewrites", async () => {
+    const reader = new ScriptedReader();
+    const policies = new Map([
+      ["a", BILLING],
+      ["b", BILLING],
+    ]);
+    const { c, clock } = collector(reader, { policyOf: (e) => policies.get(e.key) });
+    const figures = async () => {
+      await clock.advance(2000);
+      return (await c.policyTraffic()).map((t) => `${t.policy} ${t.kind} ${t.packets}`);
+    };
+    reader.counters = [element("a", 10), element("b", 5)];
+    assert.deepEqual(await figures(), [`${BILLING} steered 15`]);
+    // The plan moved on (a is gone from it) before the kernel did: a still counts for billing.
+    policies.delete("a");
+    reader.counters = [element("a", 12), element("b", 5)];
+    assert.deepEqual(await figures(), [`${BILLING} steered 17`]);
+    // a deleted from the kernel; b deleted and added again (its counter restarts).
+    reader.counters = [element("b", 1)];
+    assert.deepEqual(await figures(), [`${BILLING} steered 18`]);
+    // b's verdict changed (another gateway): another element, from zero.
+    policies.set("b", BILLING);
+    reader.counters = [element("b", 2, "goto to-0002")];
+    assert.deepEqual(await figures(), [`${BILLING} steered 20`]);
+  });
+
+  it("counts an element for the policy that decides it now only from then on", async () => {
+    const reader = new ScriptedReader();
+    const policies = new Map([
+      ["a", BILLING],
+      ["b", WEB],
+    ]);
+    const { c, clock } = collector(reader, { policyOf: (e) => policies.get(e.key) });
+    const figures = async () => {
+      await clock.advance(2000);
+      return (await c.policyTraffic()).map((t) => `${t.policy} ${t.packets}`);
+    };
+    reader.counters = [element("a", 10), element("b", 7)];
+    assert.deepEqual(await figures(), [`${BILLING} 10`, `${WEB} 7`]);
+    // web now decides a too, with the same verdict: the element is not rewritten.
+    policies.set("a", WEB);
+    reader.counters = [element("a", 11), element("b", 7)];
+    assert.deepEqual(await figures(), [`${WEB} 7`]);
+    reader.counters = [element("a", 15), element("b", 8)];
+    assert.deepEqual(await figures(), [`${WEB} 12`]);
+  });
+});
+
+describe("InlineTrafficReader on nftables", () => {
+  const host = (): Runner & { calls: string[] } => {
+    const calls: string[] = [];
+    return {
+      calls,
+      run: async (argv) => {
+        calls.push(argv.join(" "));
+        const line = argv.join(" ");
+        const stdout =
+          argv[0] === "conntrack"
+            ? fixture("conntrack-extended.txt")
+            : line === "nft -t -j list maps inet"
+              ? fixture("nft-t-j-list-maps.json")
+              : NFT_OUTPUT;
+        return { code: 0, stdout, stderr: "" };
+      },
+    };
+  };
+
+  it("reads conntrack for the egress IPs the class maps SNAT to", async () => {
+    const runner = host();
+    const reading = await new InlineTrafficReader(runner, {
+      counters: { kind: "nftables", families: [4, 6] },
+    }).read({ conntrack: true });
+    assert.deepEqual(runner.calls, [
+      "nft -t -j list maps inet",
+      "env HOME=/dev/null nft -j -i",
+      "conntrack -L -o extended -n",
+    ]);
+    assert.deepEqual(
+      reading.snat?.egress.map((e) => [e.egressIP, e.connections, e.portRange.first]),
+      [
+        ["10.2.0.100", 5, 1024],
+        ["10.2.0.101", 0, 1024],
+        ["fd02::100", 3, 1024],
+      ],
+    );
+  });
+
+  it("gives the collector figures per policy once a plan names the elements", async () => {
+    const reader = new InlineTrafficReader(host(), {
+      counters: { kind: "nftables", families: [4, 6] },
+    });
+    const { c } = collector(reader, { policyOf: nftPolicyOf(() => NFT_PLAN) });
+    await c.collect();
+    assert.deepEqual(
+      (await c.policyTraffic())
+        .filter((t) => t.packets > 0)
+        .map((t) => `${t.policy} ${t.kind} ${t.egressIP} ${t.packets}:${t.bytes}`)
+        .sort(),
+      [
+        "ClusterEgressPolicy/no-gateway dropped  2:156",
+        // 4 SYNs and a UDP flow's datagram; 2 SYNs and one datagram over IPv6
+        `${WEB} connections 10.2.0.100 5:278`,
+        `${WEB} connections fd02::100 3:218`,
+        `${BILLING} steered  6:442`,
+        `${BILLING} steered 192.0.2.1 12:644`,
+      ],
+    );
+  });
+});
+
+describe("syncedPlanOf()", () => {
+  it("holds the plan of the last sync that succeeded", async () => {
+    let fail = false;
+    const report = { changes: 0, detail: {}, durationMs: 1 } as unknown as SyncReport;
+    const datapath = {
+      sync: async () => {
+        if (fail) throw new Error("nft: refused");
+        return report;
+      },
+    } as unknown as Datapath;
+    const plan = syncedPlanOf(datapath);
+    const a = { node: "a" } as NodePlan;
+    const b = { node: "b" } as NodePlan;
+    assert.equal(plan(), undefined);
+    assert.equal(await datapath.sync(a), report);
+    assert.equal(plan(), a);
+    fail = true;
+    await assert.rejects(datapath.sync(b), /refused/);
+    assert.equal(plan(), a);
   });
 });

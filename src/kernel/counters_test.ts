@@ -8,13 +8,34 @@
  *   EgressPolicy/team-a/billing     steered to node 0001: 2 TCP connections and 2 pings (IPv4),
  *                                   1 TCP connection (IPv6)
  *   ClusterEgressPolicy/no-gateway  fails closed (-j DROP): 2 SYNs dropped (IPv4 only)
+ *
+ * And the nftables datapath's class maps (testdata/traffic/nft-*: nft 1.0.6, Linux 6.18, the
+ * same lab with its iptables rules replaced by the `inet sallyport` table rendered from
+ * nft-plan.json, the four policies of test/kernel/traffic_test.ts in one class per family):
+ *
+ *   nft-t-j-list-maps.json    `nft -t -j list maps inet`: the declarations
+ *   nft-j-i-list-map.jsonl    `nft -j -i` fed `list map inet sallyport <map>` for both class
+ *                             maps, snat4 and snat6: one document per line
+ *   nft-j-list-maps.json      `nft -j list maps inet`: the same in one document (with src4/src6)
+ *
+ *   web        4 TCP connections and 1 UDP flow SNATed to 10.2.0.100, 2 and 1 to fd02::100
+ *   billing    steered to node 0001: 2 TCP connections (IPv4), 1 (IPv6), the client killed
+ *              after its echo (every packet of the original direction, FIN and RST included)
+ *   no-gateway 2 UDP datagrams dropped
  */
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { IptablesCounters, parseIptablesCounters, type RuleCounter } from "./counters.ts";
-import type { Runner } from "./runner.ts";
+import {
+  INTERACTIVE_MAX_MAPS,
+  IptablesCounters,
+  NftCounters,
+  parseIptablesCounters,
+  parseNftClassCounters,
+  type RuleCounter,
+} from "./counters.ts";
+import type { Runner, RunResult } from "./runner.ts";
 
 const fixture = (name: string) =>
   readFileSync(join(import.meta.dirname, "testdata", "traffic", name), "utf8");
@@ -134,6 +155,219 @@ describe("IptablesCounters", () => {
     await assert.rejects(
       new IptablesCounters(runner, { backend: "legacy", families: [4] }).read(),
       /Cannot run iptables-legacy-save -c -t (mangle|nat): exit 1: iptables-legacy-save: not found/,
+    );
+  });
+});
+
+const NFT_INTERACTIVE = fixture("nft-j-i-list-map.jsonl");
+const NFT_MAPS = fixture("nft-j-list-maps.json");
+const NFT_TERSE = fixture("nft-t-j-list-maps.json");
+
+const elements = (counters: readonly RuleCounter[]) =>
+  counters
+    .filter((c) => c.packets > 0)
+    .map(
+      (c) =>
+        `v${c.family} ${c.element?.key} ${c.element?.verdict} ${c.kind}${c.egressIP === undefined ? "" : ` ${c.egressIP}`} ${c.packets}:${c.bytes}`,
+    )
+    .sort();
+
+describe("parseNftClassCounters()", () => {
+  it("reads each class map element's counter, its key and verdict, and what it counts", () => {
+    const counters = parseNftClassCounters(NFT_INTERACTIVE, [4, 6]);
+    // Every element of both maps (25 + 11), most of them at zero.
+    assert.equal(counters.length, 36);
+    assert.deepEqual(elements(counters), [
+      // nat: a connection's packets until its first reply (4 SYNs, a UDP flow's one datagram)
+      "v4 10.2.0.2 . 17 . 8081 goto snat4-0 snat_new 10.2.0.100 1:38",
+      "v4 10.2.0.2 . 6 . 8080 goto snat4-0 snat_new 10.2.0.100 4:240",
+      // every packet of the steered connections' original direction
+      "v4 10.2.0.3 . 6 . 8080 goto to-0001 steered 12:644",
+      "v4 10.2.0.4 . 17 . 8081 drop dropped 2:156",
+      "v6 fd02::2 . 17 . 8081 goto snat6-0 snat_new fd02::100 1:58",
+      "v6 fd02::2 . 6 . 8080 goto snat6-0 snat_new fd02::100 2:160",
+      "v6 fd02::3 . 6 . 8080 goto to-0001 steered 6:442",
+    ]);
+    assert.ok(counters.every((c) => c.policy === "" && c.element !== undefined));
+    assert.ok(
+      counters.every(
+        (c) => c.element!.map === (c.family === 4 ? "c4-dgfl7d7mxidl" : "c6-fvzr3fv7ym7l"),
+      ),
+    );
+  });
+
+  it("reads the same from one `list maps` document, and only the families asked for", () => {
+    assert.deepEqual(
+      parseNftClassCounters(NFT_MAPS, [4, 6]),
+      parseNftClassCounters(NFT_INTERACTIVE, [4, 6]),
+    );
+    assert.ok(parseNftClassCounters(NFT_MAPS, [6]).every((c) => c.family === 6));
+  });
+
+  it("gives each element its own identity: its map, key and verdict", () => {
+    const ids = parseNftClassCounters(NFT_INTERACTIVE, [4, 6]).map((c) => c.id);
+    assert.equal(new Set(ids).size, ids.length);
+    assert.ok(ids.includes("nft c4-dgfl7d7mxidl 10.2.0.3 . 6 . 8080 : goto to-0001"));
+    // The same element with new counts keeps its id; with another verdict it is another one.
+    const later = NFT_INTERACTIVE.replace(
+      '"packets": 12, "bytes": 644',
+      '"packets": 99, "bytes": 9999',
+    );
+    assert.deepEqual(
+      parseNftClassCounters(later, [4, 6]).map((c) => c.id),
+      ids,
+    );
+  });
+
+  it("skips other tables, maps without counters, and verdicts it does not count", () => {
+    const doc = (map: object) => JSON.stringify({ nftables: [{ map }] });
+    const elem = (verdict: object, port = 80) => [
+      { elem: { val: { concat: ["10.0.0.1", "tcp", port] }, counter: { packets: 1, bytes: 60 } } },
+      verdict,
+    ];
+    const text = [
+      doc({
+        family: "ip",
+        name: "c4-x",
+        table: "kube-proxy",
+        type: ["ipv4_addr", "inet_proto", "inet_service"],
+        map: "verdict",
+        elem: [elem({ drop: null })],
+      }),
+      doc({
+        family: "inet",
+        name: "c4-y",
+        table: "sallyport",
+        type: ["ipv4_addr", "inet_proto", "inet_service"],
+        map: "verdict",
+        elem: [elem({ accept: null }), elem({ jump: { target: "c4-z" } }, 81)],
+      }),
+      doc({
+        family: "inet",
+        name: "src4",
+        table: "sallyport",
+        type: "ipv4_addr",
+        map: "verdict",
+        elem: [["10.1.0.2", { jump: { target: "c4-y" } }]],
+      }),
+    ].join("\n");
+    assert.deepEqual(parseNftClassCounters(text, [4]), []);
+  });
+});
+
+describe("NftCounters", () => {
+  /** A host whose nft prints the fixtures; `answer` overrides the interactive run. */
+  const host = (answer?: (stdin: string) => RunResult) => {
+    const calls: { argv: string; stdin: string }[] = [];
+    const runner: Runner = {
+      run: async (argv, options) => {
+        const stdin = options?.stdin ?? "";
+        calls.push({ argv: argv.join(" "), stdin });
+        const line = argv.join(" ");
+        if (line === "nft -t -j list maps inet") return { code: 0, stdout: NFT_TERSE, stderr: "" };
+        if (line === "nft -j list maps inet") return { code: 0, stdout: NFT_MAPS, stderr: "" };
+        if (line === "env HOME=/dev/null nft -j -i")
+          return answer?.(stdin) ?? { code: 0, stdout: NFT_INTERACTIVE, stderr: "" };
+        return { code: 1, stdout: "", stderr: `unexpected: ${line}` };
+      },
+    };
+    return { runner, calls };
+  };
+
+  it("lists the class maps by name, then reads them and the SNAT maps in one interactive nft", async () => {
+    const { runner, calls } = host();
+    const counters = await new NftCounters(runner, { families: [4, 6] }).read();
+    assert.deepEqual(
+      calls.map((c) => c.argv),
+      ["nft -t -j list maps inet", "env HOME=/dev/null nft -j -i"],
+    );
+    assert.equal(
+      calls[1]!.stdin,
+      [
+        "list map inet sallyport c4-dgfl7d7mxidl",
+        "list map inet sallyport c6-fvzr3fv7ym7l",
+        "list map inet sallyport snat4",
+        "list map inet sallyport snat6",
+        "",
+      ].join("\n"),
+    );
+    assert.deepEqual(elements(counters), elements(parseNftClassCounters(NFT_INTERACTIVE, [4, 6])));
+  });
+
+  it("reads nothing more when there is no class map (no table, or no policy here)", async () => {
+    const { runner, calls } = host();
+    const none = new NftCounters(
+      {
+        run: async (argv, options) =>
+          argv.includes("-t")
+            ? { code: 0, stdout: '{"nftables": [{"metainfo": {"version": "1.0.6"}}]}', stderr: "" }
+            : runner.run(argv, options),
+      },
+      { families: [4, 6] },
+    );
+    assert.deepEqual(await none.read(), []);
+    assert.deepEqual(calls, []);
+  });
+
+  it("takes a map deleted meanwhile as absent, and fails on any other error", async () => {
+    const gone = host(() => ({
+      code: 0,
+      stdout: NFT_INTERACTIVE.split("\n").slice(1).join("\n"),
+      stderr:
+        "Error: No such file or directory\nlist map inet sallyport c4-dgfl7d7mxidl\n                        ^^^^^^^^^^^^^^^\n",
+    }));
+    const counters = await new NftCounters(gone.runner, { families: [4, 6] }).read();
+    assert.ok(counters.length > 0 && counters.every((c) => c.family === 6));
+    const denied = host(() => ({
+      code: 0,
+      stdout: "",
+      stderr: "Error: Operation not permitted\nlist map inet sallyport snat4\n",
+    }));
+    await assert.rejects(
+      new NftCounters(denied.runner, { families: [4, 6] }).read(),
+      /Cannot run env HOME=\/dev\/null nft -j -i: exit 1: Error: Operation not permitted/,
+    );
+  });
+
+  it("falls back to one `list maps` when nft has no interactive CLI, and stays there", async () => {
+    const { runner, calls } = host(() => ({
+      code: 1,
+      stdout: "",
+      stderr: "nft: interactive CLI not supported in this build\n",
+    }));
+    const source = new NftCounters(runner, { families: [4, 6] });
+    const counters = await source.read();
+    await source.read();
+    assert.deepEqual(
+      calls.map((c) => c.argv),
+      [
+        "nft -t -j list maps inet",
+        "env HOME=/dev/null nft -j -i",
+        "nft -j list maps inet",
+        "nft -t -j list maps inet",
+        "nft -j list maps inet",
+      ],
+    );
+    assert.deepEqual(counters, parseNftClassCounters(NFT_MAPS, [4, 6]));
+  });
+
+  it(`lists all maps at once beyond ${INTERACTIVE_MAX_MAPS} classes (each interactive list costs more)`, async () => {
+    const many = JSON.stringify({
+      nftables: Array.from({ length: INTERACTIVE_MAX_MAPS + 1 }, (_, i) => ({
+        map: { family: "inet", name: `c4-${i}`, table: "sallyport" },
+      })),
+    });
+    const { runner, calls } = host();
+    await new NftCounters(
+      {
+        run: async (argv, options) =>
+          argv.includes("-t") ? { code: 0, stdout: many, stderr: "" } : runner.run(argv, options),
+      },
+      { families: [4] },
+    ).read();
+    assert.deepEqual(
+      calls.map((c) => c.argv),
+      ["nft -j list maps inet"],
     );
   });
 });
