@@ -126,16 +126,19 @@ function systemError(e: unknown): string | undefined {
   return `Cannot ${s.syscall === "open" || s.syscall === "read" || s.syscall === undefined ? "read" : String(s.syscall)}${path}: ${SYSTEM_ERRORS[s.code]}`;
 }
 
-/** undici's `fetch failed` (refused, unknown host, TLS) and request timeouts. */
+/** Codes of a connection that failed: the socket's (refused, unknown host) and undici's own. */
+const NETWORK_CODE =
+  /^(UND_ERR_|E(CONNREFUSED|CONNRESET|HOSTUNREACH|NETUNREACH|TIMEDOUT|PIPE|AI_AGAIN)$|ENOTFOUND$)|CERT|SELF_SIGNED|UNABLE_TO/;
+
+/** A connection that failed (refused, unknown host, TLS), fetch's or undici's, and timeouts. */
 function networkError(e: unknown): string | undefined {
   if (!(e instanceof Error)) return undefined;
   if (e.name === "TimeoutError" || e.name === "AbortError")
     return `Cannot reach the API server: no answer in time (${e.message}); check --kubeconfig, --context or KUBECONFIG`;
-  if (e instanceof TypeError && e.message === "fetch failed") {
-    const cause = (e as { cause?: unknown }).cause;
-    return `Cannot reach the API server: ${cause instanceof Error ? cause.message : "the connection failed"}; check --kubeconfig, --context or KUBECONFIG`;
-  }
-  return undefined;
+  const cause = e instanceof TypeError && e.message === "fetch failed" ? e.cause : e;
+  const code = (cause as { code?: unknown } | undefined)?.code;
+  if (cause === e && (typeof code !== "string" || !NETWORK_CODE.test(code))) return undefined;
+  return `Cannot reach the API server: ${cause instanceof Error ? cause.message : "the connection failed"}; check --kubeconfig, --context or KUBECONFIG`;
 }
 
 /** The Status message of an ApiError, without the method and path ApiError puts in front. */

@@ -6,7 +6,7 @@
  * strategic-merge patch) and the API's Status turned into an ApiError.
  */
 import { KubeConfig, RequestContext } from "@kubernetes/client-node";
-import { Agent, type Dispatcher, fetch } from "undici";
+import { Agent, type Dispatcher, request as undiciRequest } from "undici";
 import { GROUP, KINDS, type KindName, VERSION } from "../api/types.ts";
 
 export { KubeConfig };
@@ -198,17 +198,20 @@ export class KubeClient {
     if (options.body !== undefined)
       headers["content-type"] = options.contentType ?? "application/json";
     const signal = options.signal ?? AbortSignal.timeout(options.timeoutMs ?? 30_000);
-    const response = await fetch(url, {
+    // undici's request(), not fetch(): fetch streams every body, so a request the server refused
+    // with an HTTP/2 GOAWAY (an API server restarting, a load balancer's connection age) could
+    // not be sent again; with a string body undici replays it on a new connection.
+    const response = await undiciRequest(url, {
       method,
       headers,
       ...(options.body === undefined ? {} : { body: JSON.stringify(options.body) }),
-      dispatcher: dispatcher as never,
+      ...(dispatcher === undefined ? {} : { dispatcher }),
       signal,
     });
-    const text = await response.text();
-    const json = (response.headers.get("content-type") ?? "").includes("json");
+    const text = await response.body.text();
+    const json = String(response.headers["content-type"] ?? "").includes("json");
     const body = text === "" ? undefined : json ? (JSON.parse(text) as unknown) : text;
-    if (!response.ok) throw new ApiError(method, path, response.status, body);
+    if (response.statusCode >= 300) throw new ApiError(method, path, response.statusCode, body);
     return body as T;
   }
 
