@@ -76,7 +76,7 @@ export function view(extraPods: number, extraPolicies: number): NodeView {
       excludedCIDRs: [],
       ports: [],
       gatewayNode: "gw",
-      snat: { 4: eip },
+      snat: { 4: [eip] },
       floating: [eip],
       endpoints,
     });

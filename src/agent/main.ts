@@ -38,6 +38,8 @@ export interface AgentFlags {
   /** 0: no traffic figures (src/agent/traffic.ts). */
   trafficPeriodMs: number;
   snatPortRange: PortRange;
+  /** Source ports the SNAT rules name (TCP, UDP, SCTP); undefined: none, the kernel's choice. */
+  snatPorts?: PortRange | undefined;
   topDestinations: number;
 }
 
@@ -87,6 +89,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
       tableRange: { start: flags.tableStart, count: flags.tableCount },
       noSnatBySets: flags.noSnatBySets,
       datapath: datapath.options.filter ?? "iptables",
+      snatPorts: flags.snatPorts,
     },
     clock: realClock,
     log,
@@ -123,13 +126,16 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
               backend: datapath.options.iptables.backend,
               families: flags.families,
             },
-        snatPortRange: flags.snatPortRange,
+        // The rules' own range when they name one (the nftables counters do not read it back).
+        snatPortRange: flags.snatPorts ?? flags.snatPortRange,
         topDestinations: flags.topDestinations,
       }),
       clock: realClock,
       log,
       periodMs: flags.trafficPeriodMs,
-      egressIPOf: (policy, family) => agent.state.view(policy)?.snat[family],
+      // A policy with several egress IPs of the family: all of them (its steered traffic leaves
+      // with any), as one label value.
+      egressIPOf: (policy, family) => agent.state.view(policy)?.snat[family]?.join(","),
       ...(nftables ? { policyOf: nftPolicyOf(syncedPlanOf(datapath)) } : {}),
       onSaturation: (list) => agent.setSnatSaturation(list),
       metrics: trafficReads,

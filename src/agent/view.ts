@@ -34,6 +34,7 @@ import {
   type Family,
   familyOfText,
   formatAddress,
+  normalizeAddressList,
   normalizeCidrList,
   parseAddress,
 } from "../lib/ip.ts";
@@ -68,7 +69,7 @@ interface PolicyHeader {
   readonly excludedCIDRs: readonly string[];
   readonly ports: PolicyView["ports"];
   readonly gatewayNode: string | undefined;
-  readonly snat: Readonly<Partial<Record<Family, string>>>;
+  readonly snat: Readonly<Partial<Record<Family, readonly string[]>>>;
   readonly floating: readonly string[];
   readonly announceInterface: string | undefined;
   /** The policy's selectors for this node's pods; undefined when it has a nodeSelector. */
@@ -80,10 +81,13 @@ interface PolicyHeader {
 
 function headerOf(p: AnyPolicy, gateway: EgressGateway | undefined): PolicyHeader {
   const accepted = p.status?.conditions?.find((c) => c.type === "Accepted")?.status === "True";
-  const snat: Partial<Record<Family, string>> = {};
-  for (const a of p.status?.egressIPs ?? []) {
-    const f = familyOfText(a);
-    if (f !== undefined) snat[f] = a;
+  const snat: Partial<Record<Family, readonly string[]>> = {};
+  // In address order per family, as the controller's view has them.
+  for (const a of normalizeAddressList(
+    (p.status?.egressIPs ?? []).filter((x) => familyOfText(x) !== undefined),
+  )) {
+    const f = familyOfText(a)!;
+    snat[f] = [...(snat[f] ?? []), a];
   }
   // Pool and explicit addresses float between nodes; a node's own address or an interface's
   // address does not.
@@ -108,7 +112,7 @@ function headerOf(p: AnyPolicy, gateway: EgressGateway | undefined): PolicyHeade
     ports: p.spec.ports ?? [],
     gatewayNode: p.status?.gatewayNode,
     snat,
-    floating: floats ? Object.values(snat).sort() : [],
+    floating: floats ? Object.values(snat).flat().sort() : [],
     announceInterface: gateway?.spec.interface,
     // The agent does not read Node objects, so it cannot evaluate a nodeSelector: such policies
     // wait for the controller's endpoint slices.

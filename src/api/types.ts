@@ -17,6 +17,12 @@ export const API_VERSION = `${GROUP}/${VERSION}`;
 export const MAX_POOL_PREFIX_V4 = 8;
 export const MAX_POOL_PREFIX_V6 = 64;
 export const MAX_PRIORITY = 1000;
+/**
+ * Egress IPs of one family a policy may have (explicit or allocated): new connections are spread
+ * over them, each adding a source port range toward every destination. Bounded so that a typo
+ * cannot take a whole pool, and so that a policy's SNAT stays a handful of rules.
+ */
+export const MAX_EGRESS_IPS_PER_FAMILY = 8;
 
 interface CelRule {
   rule: string;
@@ -288,10 +294,20 @@ const policySpecProperties = {
   egressIP: Type.Optional(
     Type.Array(IPAddress, {
       minItems: 1,
-      maxItems: 2,
-      description:
-        "Explicit egress IPs from the gateway's pool, at most one per family. Shared by every policy naming the same address.",
+      maxItems: 2 * MAX_EGRESS_IPS_PER_FAMILY,
+      description: `Explicit egress IPs from the gateway's pool, up to ${MAX_EGRESS_IPS_PER_FAMILY} per family: new connections are spread over the addresses of their family. Shared by every policy naming the same address (such policies share a gateway node).`,
     }),
+  ),
+  egressIPCount: Type.Optional(
+    Type.Integer({
+      description: `Pool addresses to allocate per family, 1-${MAX_EGRESS_IPS_PER_FAMILY} (default 1): new connections are spread over them, so that more connections to one destination fit (each egress IP has its own source ports). Not with egressIP, interface or useNodeIP.`,
+      "x-kubernetes-validations": [
+        {
+          rule: `self >= 1 && self <= ${MAX_EGRESS_IPS_PER_FAMILY}`,
+          message: `must be between 1 and ${MAX_EGRESS_IPS_PER_FAMILY}: the number of pool addresses per family`,
+        },
+      ],
+    } as object),
   ),
   interface: Type.Optional(
     Type.String({
@@ -325,8 +341,19 @@ const policySpecRules: CelRule[] = [
     fieldPath: ".useNodeIP",
   },
   {
-    rule: "!has(self.egressIP) || size(self.egressIP) < 2 || !isIP(self.egressIP[0]) || !isIP(self.egressIP[1]) || ip(self.egressIP[0]).family() != ip(self.egressIP[1]).family()",
-    message: "egressIP may hold at most one IPv4 and one IPv6 address",
+    rule: "!has(self.egressIPCount) || !(has(self.egressIP) || has(self.interface) || (has(self.useNodeIP) && self.useNodeIP))",
+    message:
+      "egressIPCount sets how many pool addresses to allocate: remove it, or remove egressIP, interface and useNodeIP to take addresses from the pool",
+    fieldPath: ".egressIPCount",
+  },
+  {
+    rule: `!has(self.egressIP) || (self.egressIP.filter(e, isIP(e) && ip(e).family() == 4).size() <= ${MAX_EGRESS_IPS_PER_FAMILY} && self.egressIP.filter(e, isIP(e) && ip(e).family() == 6).size() <= ${MAX_EGRESS_IPS_PER_FAMILY})`,
+    message: `egressIP may hold at most ${MAX_EGRESS_IPS_PER_FAMILY} addresses of each family: remove some`,
+    fieldPath: ".egressIP",
+  },
+  {
+    rule: "!has(self.egressIP) || self.egressIP.all(a, !isIP(a) || self.egressIP.exists_one(b, isIP(b) && ip(b) == ip(a)))",
+    message: "egressIP lists an address twice: list each address once",
     fieldPath: ".egressIP",
   },
   {
@@ -375,7 +402,13 @@ export const EgressPolicyStatusSchema = Type.Object(
   {
     observedGeneration: Type.Optional(Type.Integer({ minimum: 0 })),
     gatewayNode: Type.Optional(Type.String()),
-    egressIPs: Type.Optional(Type.Array(Type.String(), { maxItems: 2 })),
+    egressIPs: Type.Optional(
+      Type.Array(Type.String(), {
+        maxItems: 2 * MAX_EGRESS_IPS_PER_FAMILY,
+        description:
+          "Every egress IP of the policy, IPv4 first, each family in address order: new connections leave with one of their family",
+      }),
+    ),
     matchedPods: Type.Optional(Type.Integer({ minimum: 0 })),
     programmedNodes: Type.Optional(Type.Integer({ minimum: 0 })),
     targetNodes: Type.Optional(Type.Integer({ minimum: 0 })),

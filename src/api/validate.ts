@@ -27,6 +27,7 @@ import {
   KINDS,
   type KindName,
   type LabelSelectorSpec,
+  MAX_EGRESS_IPS_PER_FAMILY,
   MAX_POOL_PREFIX_V4,
   MAX_POOL_PREFIX_V6,
 } from "./types.ts";
@@ -258,17 +259,48 @@ function validatePolicySpec(policy: AnyPolicy): FieldError[] {
       message: "useNodeIP cannot be combined with egressIP or interface",
     });
   }
+  if (spec.egressIPCount !== undefined) {
+    if (
+      !Number.isInteger(spec.egressIPCount) ||
+      spec.egressIPCount < 1 ||
+      spec.egressIPCount > MAX_EGRESS_IPS_PER_FAMILY
+    ) {
+      errors.push({
+        field: "spec.egressIPCount",
+        message: `must be between 1 and ${MAX_EGRESS_IPS_PER_FAMILY}: the number of pool addresses per family`,
+      });
+    }
+    if (spec.egressIP !== undefined || spec.interface !== undefined || spec.useNodeIP === true) {
+      errors.push({
+        field: "spec.egressIPCount",
+        message:
+          "egressIPCount sets how many pool addresses to allocate: remove it, or remove egressIP, interface and useNodeIP to take addresses from the pool",
+      });
+    }
+  }
   const families = new Map<Family, number>();
+  const seen = new Map<string, number>();
   (spec.egressIP ?? []).forEach((text, i) => {
     try {
       const a = parseAddress(text);
-      if (families.has(a.family)) {
+      const canonical = formatAddress(a);
+      const first = seen.get(canonical);
+      if (first !== undefined) {
         errors.push({
           field: `spec.egressIP[${i}]`,
-          message: `egressIP may hold at most one IPv${a.family} address: ${formatAddress(a)} is the second`,
+          message: `${canonical} is listed twice (also spec.egressIP[${first}]): list each address once`,
+        });
+        return;
+      }
+      seen.set(canonical, i);
+      const n = (families.get(a.family) ?? 0) + 1;
+      if (n === MAX_EGRESS_IPS_PER_FAMILY + 1) {
+        errors.push({
+          field: `spec.egressIP[${i}]`,
+          message: `egressIP may hold at most ${MAX_EGRESS_IPS_PER_FAMILY} IPv${a.family} addresses: ${canonical} is one too many`,
         });
       }
-      families.set(a.family, i);
+      families.set(a.family, n);
     } catch {
       errors.push({ field: `spec.egressIP[${i}]`, message: `"${text}" is not an IP address` });
     }

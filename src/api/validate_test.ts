@@ -29,6 +29,24 @@ describe("validateObject()", () => {
       assert.deepEqual(validateObject(good), [], good.kind);
   });
 
+  it("accepts several egress IPs per family, and egressIPCount for pool addresses", () => {
+    const many = {
+      ...POLICY,
+      spec: {
+        ...POLICY.spec,
+        destinationCIDRs: ["10.6.105.150/32", "2001:db8::/64"],
+        egressIP: [
+          ...Array.from({ length: 8 }, (_, i) => `10.168.60.${100 + i}`),
+          "fd00:a::1",
+          "fd00:a::2",
+        ],
+      },
+    };
+    assert.deepEqual(admit(many), []);
+    const { egressIP: _, ...pool } = POLICY.spec;
+    assert.deepEqual(validateObject({ ...POLICY, spec: { ...pool, egressIPCount: 8 } }), []);
+  });
+
   it(`has at least 30 bad manifests`, () => assert.ok(BAD_MANIFESTS.length >= 30));
 
   for (const bad of BAD_MANIFESTS) {

@@ -157,9 +157,12 @@ export function explainPacket(inputs: ExplainInputs): Explanation {
       key === undefined
         ? `dropped on ${hops[hops.length - 1]!.node}`
         : `dropped by ${key}: it fails closed while its egress IP has no ready gateway node (${policy?.status?.conditions?.find((c) => c.type === "GatewayAssigned")?.message ?? "see its status"})`;
-  } else if (last.snat !== undefined) {
-    seenAs = last.snat;
-    summary = `${key ?? "a policy"} sends it ${gatewayNode === inputs.pod.node ? "out of" : `through the tunnel to`} ${gatewayNode}, which SNATs it to the egress IP ${last.snat}`;
+  } else if (last.snat !== undefined && last.snat.length > 0) {
+    const several = last.snat.length > 1;
+    seenAs = several
+      ? `one of ${last.snat.join(", ")} (new connections take them in turn)`
+      : last.snat[0]!;
+    summary = `${key ?? "a policy"} sends it ${gatewayNode === inputs.pod.node ? "out of" : `through the tunnel to`} ${gatewayNode}, which SNATs it to ${several ? `one of its ${last.snat.length} egress IPs, ${last.snat.join(", ")}: each new connection takes the next, round-robin` : `the egress IP ${last.snat[0]}`}`;
   } else if (first.verdict === "tunnel") {
     seenAs = "unknown: the gateway node does not SNAT it";
     summary = `${key ?? "a policy"} sends it to ${gatewayNode ?? first.via}, whose plan does not SNAT it: the gateway's agent has not caught up, or the policy just changed`;

@@ -206,6 +206,10 @@ export function processCommands(program: Command): void {
           "1024-65535",
         )
         .option(
+          "--snat-ports <first-last>",
+          "source ports the SNAT to egress IPs names for TCP, UDP and SCTP (default: none named, the kernel's choice); also the range the SNAT metrics assume",
+        )
+        .option(
           "--top-destinations <n>",
           "destinations named per egress IP in the SNAT metrics; the rest are one 'other' series",
           int,
@@ -220,6 +224,7 @@ export function processCommands(program: Command): void {
       lease: timing(f),
       noSnatBySets: f.exemptBySets === true,
       snatPortRange: parsePortRange(f.snatPortRange),
+      snatPorts: f.snatPorts === undefined ? undefined : parsePortRange(f.snatPorts),
     });
   });
 

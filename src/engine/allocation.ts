@@ -1,13 +1,17 @@
 /**
  * Egress IP allocation from gateway pools.
  *
- *  - An explicit `egressIP` must lie in the pool of the policy's gateway; policies naming the same
- *    address share it. An explicit claim on an address a pool policy holds waits until that
- *    policy lets it go (`EgressIPInUse`): an address in use never moves because of a newcomer.
- *  - A pool policy keeps the addresses it held (the engine's last outcome, or the statuses a new
- *    leader reads back) while they stay in its pool and of a family it steers; when two claim the
- *    same address, the older policy keeps it. Then policies missing an address get the lowest
- *    free one of each family, oldest policy first.
+ *  - An explicit `egressIP` (one or several addresses per family) must lie in the pool of the
+ *    policy's gateway; policies naming the same address share it. An explicit claim on an address
+ *    a pool policy holds waits until that policy lets it go (`EgressIPInUse`): an address in use
+ *    never moves because of a newcomer.
+ *  - A pool policy wants `count` addresses (spec.egressIPCount) of each family it steers that the
+ *    pool has. It keeps the addresses it held (the engine's last outcome, or the statuses a new
+ *    leader reads back) while they stay in its pool and of a family it steers, up to `count` per
+ *    family, the lowest first; when two claim the same address, the older policy keeps it. Then
+ *    policies missing addresses get the lowest free ones of each family, oldest policy first.
+ *  - A policy that got some of its addresses but not all is allocated what it got (`short` says
+ *    what is missing) and waits for the rest: the next address freed in its pool goes to it.
  *  - An empty result is `PoolExhausted` or `NoPoolForFamily`, never an exception.
  *
  * `AddressAllocator` does this incrementally: `set()` records a policy's request and `run()`
@@ -20,6 +24,7 @@ import {
   type Address,
   type Family,
   formatAddress,
+  normalizeAddressList,
   type Range,
   rangeSize,
   tryParseAddress,
@@ -54,12 +59,28 @@ export interface AddressRequest {
   readonly pool: Pool;
   /** Explicit addresses (canonical, with the text written); undefined for a pool policy. */
   readonly explicit: readonly { readonly text: string; readonly address: string }[] | undefined;
-  /** Families the policy steers: a pool policy gets one address of each the pool has. */
+  /** Families the policy steers: a pool policy gets `count` addresses of each the pool has. */
   readonly families: readonly Family[];
+  /** Pool addresses wanted per family. */
+  readonly count: number;
+}
+
+/** A family of which a pool policy got fewer addresses than it wants. */
+export interface Shortfall {
+  readonly family: Family;
+  readonly got: number;
+  readonly wanted: number;
+  /** `IPv4 6/6 in use`: the pool's size in that family. */
+  readonly usage: string;
 }
 
 export type Allocation =
-  | { readonly ok: true; readonly addresses: readonly string[] }
+  | {
+      readonly ok: true;
+      /** IPv4 first, each family in address order. */
+      readonly addresses: readonly string[];
+      readonly short?: readonly Shortfall[];
+    }
   | { readonly ok: false; readonly reason: string; readonly message: string };
 
 function sameRequest(a: AddressRequest, b: AddressRequest): boolean {
@@ -74,7 +95,8 @@ function sameRequest(a: AddressRequest, b: AddressRequest): boolean {
         a.explicit.length === b.explicit.length &&
         a.explicit.every((e, i) => e.text === b.explicit![i]!.text))) &&
     a.families.length === b.families.length &&
-    a.families.every((f, i) => f === b.families[i])
+    a.families.every((f, i) => f === b.families[i]) &&
+    a.count === b.count
   );
 }
 
@@ -82,8 +104,15 @@ function sameAllocation(a: Allocation | undefined, b: Allocation | undefined): b
   if (a === undefined || b === undefined) return a === b;
   if (a.ok !== b.ok) return false;
   if (a.ok && b.ok) {
+    const sa = a.short ?? [];
+    const sb = b.short ?? [];
     return (
-      a.addresses.length === b.addresses.length && a.addresses.every((x, i) => x === b.addresses[i])
+      a.addresses.length === b.addresses.length &&
+      a.addresses.every((x, i) => x === b.addresses[i]) &&
+      sa.length === sb.length &&
+      sa.every(
+        (x, i) => x.family === sb[i]!.family && x.got === sb[i]!.got && x.usage === sb[i]!.usage,
+      )
     );
   }
   return !a.ok && !b.ok && a.reason === b.reason && a.message === b.message;
@@ -245,11 +274,14 @@ export class AddressAllocator {
         continue;
       }
       const kept: string[] = [];
-      for (const text of last(r.key) ?? []) {
-        const a = tryParseAddress(text);
-        if (a === undefined || !r.families.includes(a.family) || !inPool(r.pool, a)) continue;
-        if (kept.some((k) => familyOf(k) === a.family)) continue;
-        const canonical = formatAddress(a);
+      // The lowest `count` of each family (the last outcome lists them in address order).
+      const before = normalizeAddressList(
+        (last(r.key) ?? []).filter((t) => tryParseAddress(t) !== undefined),
+      );
+      for (const canonical of before) {
+        const a = tryParseAddress(canonical)!;
+        if (!r.families.includes(a.family) || !inPool(r.pool, a)) continue;
+        if (kept.filter((k) => familyOf(k) === a.family).length >= r.count) continue;
         const holder = this.#holder.get(canonical);
         if (holder !== undefined) {
           // Only a policy that changed in the same step as an older claimant can hold it.
@@ -276,7 +308,7 @@ export class AddressAllocator {
       this.#results.set(
         key,
         held === undefined
-          ? { ok: true, addresses: list }
+          ? { ok: true, addresses: normalizeAddressList(list) }
           : {
               ok: false,
               reason: "EgressIPInUse",
@@ -309,23 +341,29 @@ export class AddressAllocator {
     for (const r of pending) {
       const list = this.#held.get(r.key)!;
       const wanted = r.families.filter((f) => r.pool.ranges.some((x) => x.family === f));
-      let missing = false;
+      const short: Shortfall[] = [];
       for (const family of wanted) {
-        if (list.some((a) => familyOf(a) === family)) continue;
-        const free = this.#cursor(r.gateway, r.pool, family).next(taken);
-        if (free === undefined) {
-          missing = true;
-          continue;
+        let got = list.filter((a) => familyOf(a) === family).length;
+        while (got < r.count) {
+          const free = this.#cursor(r.gateway, r.pool, family).next(taken);
+          if (free === undefined) break;
+          this.#holder.set(free, r.key);
+          list.push(free);
+          got++;
         }
-        this.#holder.set(free, r.key);
-        list.push(free);
+        if (got < r.count) short.push({ family, got, wanted: r.count, usage: usageOf(r, family) });
       }
       const waiting = getOrInsert(this.#waiting, r.gateway, () => new Set());
-      if (missing) waiting.add(r.key);
+      if (short.length > 0) waiting.add(r.key);
       else waiting.delete(r.key);
+      const addresses = normalizeAddressList(list);
       this.#results.set(
         r.key,
-        list.length > 0 ? { ok: true, addresses: [...list] } : exhausted(r, wanted),
+        list.length === 0
+          ? exhausted(r, wanted)
+          : short.length === 0
+            ? { ok: true, addresses }
+            : { ok: true, addresses, short },
       );
     }
 
@@ -356,15 +394,16 @@ function exhausted(r: AddressRequest, wanted: readonly Family[]): Allocation {
     };
   }
   // Every family the pool has is exhausted: all of its addresses are in use.
-  const usage = r.families
-    .map((f) => {
-      const size = poolSize(r.pool, f);
-      return `IPv${f} ${size}/${size} in use`;
-    })
-    .join(", ");
+  const usage = r.families.map((f) => usageOf(r, f)).join(", ");
   return {
     ok: false,
     reason: "PoolExhausted",
     message: `Cannot allocate an egress IP for ${r.key}: the pool of EgressGateway ${r.gateway} is exhausted (${usage}); add addresses to the pool or delete unused policies`,
   };
+}
+
+/** `IPv4 6/6 in use`: a family of the pool, every address taken. */
+function usageOf(r: AddressRequest, family: Family): string {
+  const size = poolSize(r.pool, family);
+  return `IPv${family} ${size}/${size} in use`;
 }

@@ -16,7 +16,7 @@ const EDGE = parseGatewayPool(["10.168.60.100-10.168.60.102", "fd00:a::100-fd00:
 function pooled(
   key: string,
   day: number,
-  options: { families?: Family[]; pool?: Pool; gateway?: string } = {},
+  options: { families?: Family[]; pool?: Pool; gateway?: string; count?: number } = {},
 ): AddressRequest {
   return {
     key,
@@ -25,6 +25,7 @@ function pooled(
     pool: options.pool ?? EDGE,
     explicit: undefined,
     families: options.families ?? [4],
+    count: options.count ?? 1,
   };
 }
 
@@ -36,6 +37,7 @@ function explicit(key: string, day: number, addresses: string[], pool = EDGE): A
     pool,
     explicit: addresses.map((a) => ({ text: a, address: a })),
     families: [4],
+    count: 1,
   };
 }
 
@@ -140,6 +142,65 @@ describe("AddressAllocator", () => {
     assert.deepEqual(addressesOf(alloc.get("young")), ["10.168.60.101"]);
   });
 
+  it("gives a pool policy egressIPCount addresses per family, the lowest free ones", () => {
+    const alloc = new AddressAllocator();
+    alloc.set("a", pooled("a", 1, { families: [4, 6], count: 2 }));
+    alloc.set("b", pooled("b", 2, { families: [4], count: 1 }));
+    alloc.run(none);
+    const a = alloc.get("a")!;
+    assert.deepEqual(a, {
+      ok: true,
+      addresses: ["10.168.60.100", "10.168.60.101", "fd00:a::100", "fd00:a::101"],
+    });
+    assert.deepEqual(addressesOf(alloc.get("b")), ["10.168.60.102"]);
+  });
+
+  it("allocates what it can when the pool runs short, says what is missing, and completes the policy when an address comes free", () => {
+    const alloc = new AddressAllocator();
+    alloc.set("a", pooled("a", 1));
+    alloc.set("b", pooled("b", 2, { count: 3 }));
+    alloc.run(none);
+    const b = alloc.get("b")!;
+    assert.deepEqual(b, {
+      ok: true,
+      addresses: ["10.168.60.101", "10.168.60.102"],
+      short: [{ family: 4, got: 2, wanted: 3, usage: "IPv4 3/3 in use" }],
+    });
+    alloc.set("a", undefined);
+    assert.deepEqual([...alloc.run(none)].sort(), ["a", "b"]);
+    assert.deepEqual(alloc.get("b"), {
+      ok: true,
+      addresses: ["10.168.60.100", "10.168.60.101", "10.168.60.102"],
+    });
+  });
+
+  it("keeps the lowest addresses a policy held when its egressIPCount goes down, and frees the rest", () => {
+    const alloc = new AddressAllocator();
+    alloc.set("a", pooled("a", 1, { count: 3 }));
+    alloc.run(none);
+    const last = addressesOf(alloc.get("a"));
+    alloc.set("a", pooled("a", 1, { count: 2 }));
+    alloc.set("b", pooled("b", 2));
+    alloc.run((k) => (k === "a" ? last : undefined));
+    assert.deepEqual(addressesOf(alloc.get("a")), ["10.168.60.100", "10.168.60.101"]);
+    assert.deepEqual(addressesOf(alloc.get("b")), ["10.168.60.102"]);
+  });
+
+  it("lists explicit addresses IPv4 first, each family in address order", () => {
+    const alloc = new AddressAllocator();
+    alloc.set(
+      "x",
+      explicit("x", 1, ["fd00:a::101", "10.168.60.102", "fd00:a::100", "10.168.60.100"]),
+    );
+    alloc.run(none);
+    assert.deepEqual(addressesOf(alloc.get("x")), [
+      "10.168.60.100",
+      "10.168.60.102",
+      "fd00:a::100",
+      "fd00:a::101",
+    ]);
+  });
+
   it("allocates incrementally what a fresh allocator allocates from the previous result", () => {
     const pools = [
       EDGE,
@@ -151,7 +212,15 @@ describe("AddressAllocator", () => {
       day: fc.integer({ min: 1, max: 5 }),
       pool: fc.nat({ max: 2 }),
       families: fc.constantFrom<Family[]>([4], [6], [4, 6]),
-      explicit: fc.constantFrom(undefined, ["10.168.60.100"], ["10.168.60.101"], ["10.9.9.9"]),
+      explicit: fc.constantFrom(
+        undefined,
+        undefined,
+        ["10.168.60.100"],
+        ["10.168.60.101"],
+        ["10.168.60.100", "10.168.60.102"],
+        ["10.9.9.9"],
+      ),
+      count: fc.integer({ min: 1, max: 3 }),
       remove: fc.boolean(),
     });
     fc.assert(
@@ -165,7 +234,11 @@ describe("AddressAllocator", () => {
               ? undefined
               : r.explicit !== undefined
                 ? explicit(r.key, r.day, [...r.explicit], pools[r.pool])
-                : pooled(r.key, r.day, { families: r.families, pool: pools[r.pool]! });
+                : pooled(r.key, r.day, {
+                    families: r.families,
+                    pool: pools[r.pool]!,
+                    count: r.count,
+                  });
             if (request === undefined) requests.delete(r.key);
             else requests.set(r.key, request);
             alloc.set(r.key, request);

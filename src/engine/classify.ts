@@ -44,8 +44,20 @@ export interface L4Box {
 
 export type ClassVerdict =
   | { readonly kind: "steer"; readonly nodeID: number }
-  | { readonly kind: "snat"; readonly eip: string }
+  /**
+   * SNAT here to the egress IP `eip`; when the policy has several of this family, `eips` holds
+   * them all, in address order (`eip` is the first), and new connections go round-robin over them.
+   */
+  | { readonly kind: "snat"; readonly eip: string; readonly eips?: readonly string[] | undefined }
   | { readonly kind: "drop" };
+
+/** The egress IPs a SNAT verdict spreads new connections over (one, mostly). */
+export function snatAddresses(v: {
+  readonly eip: string;
+  readonly eips?: readonly string[] | undefined;
+}): readonly string[] {
+  return v.eips ?? [v.eip];
+}
 
 /** One disjoint entry of a class: destination × (protocol, port) → verdict. */
 export interface ClassEntry {
@@ -479,7 +491,7 @@ function sameStrings(a: readonly string[], b: readonly string[]): boolean {
 function sameVerdict(a: ClassVerdict, b: ClassVerdict): boolean {
   if (a.kind !== b.kind) return false;
   if (a.kind === "steer") return a.nodeID === (b as typeof a).nodeID;
-  if (a.kind === "snat") return a.eip === (b as typeof a).eip;
+  if (a.kind === "snat") return sameStrings(snatAddresses(a), snatAddresses(b as typeof a));
   return true;
 }
 

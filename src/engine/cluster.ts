@@ -676,6 +676,7 @@ export class ClusterEngine {
     return acceptedOutcome({
       policy: admitted,
       addresses: allocation?.addresses ?? [],
+      short: allocation?.short,
       gateway: this.#gateways.get(this.#placement.gatewayOf(key)!)!.object,
       node,
       nodeAddresses: node === undefined ? undefined : this.#nodes.get(node)?.addresses,
@@ -735,6 +736,7 @@ function requestOf(
     pool: gateway.pool,
     explicit: admitted.mode === "explicit" ? admitted.explicit : undefined,
     families: admitted.families,
+    count: admitted.egressIPCount,
   };
 }
 

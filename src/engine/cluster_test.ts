@@ -148,6 +148,90 @@ describe("computeCluster(): egress IPs", () => {
     assert.deepEqual(out.gateways.get("edge")?.pool[4], { size: 2n, allocated: 1 });
   });
 
+  it("gives a policy egressIPCount addresses per family, all on one gateway node, and lists them in its status and view", () => {
+    const s: Snapshot = {
+      ...base,
+      gateways: [
+        gateway("edge", { pool: ["10.168.60.100-10.168.60.103", "fd00:a::100-fd00:a::103"] }),
+      ],
+      policies: [
+        policy("team-a", "web", { podSelector: { matchLabels: { app: "web" } }, egressIPCount: 2 }),
+      ],
+    };
+    const out = computeCluster(s);
+    const o = out.policies.get("EgressPolicy/team-a/web")!;
+    assert.deepEqual(o.egressIPs, ["10.168.60.100", "10.168.60.101", "fd00:a::100", "fd00:a::101"]);
+    assert.deepEqual(o.view?.snat, {
+      4: ["10.168.60.100", "10.168.60.101"],
+      6: ["fd00:a::100", "fd00:a::101"],
+    });
+    assert.match(condition(o, "GatewayAssigned")!.message, /^egress IPs held by node node-[23]$/);
+    const held = out.gateways.get("edge")!.nodes.find((n) => n.name === o.gatewayNode)!;
+    assert.deepEqual(held.egressIPs, o.egressIPs, "all four on the policy's gateway node");
+    assert.deepEqual(out.gateways.get("edge")?.pool[4], { size: 4n, allocated: 2 });
+  });
+
+  it("accepts a policy the pool gives fewer addresses than egressIPCount, says what is missing, and completes it when one comes free", () => {
+    const engine = new ClusterEngine({
+      ...base,
+      policies: [
+        policy(
+          "team-a",
+          "first",
+          { destinationCIDRs: ["203.0.113.0/24"] },
+          { created: "2026-01-01T00:00:00Z" },
+        ),
+        policy(
+          "team-a",
+          "many",
+          { destinationCIDRs: ["203.0.113.0/24"], egressIPCount: 2 },
+          { created: "2026-01-02T00:00:00Z" },
+        ),
+      ],
+    });
+    const many = engine.compute().policies.get("EgressPolicy/team-a/many")!;
+    assert.deepEqual(many.egressIPs, ["10.168.60.101"]);
+    const accepted = condition(many, "Accepted")!;
+    assert.equal(accepted.status, "True");
+    assert.equal(
+      accepted.message,
+      "Accepted; 1 of 2 IPv4 egress IPs: the pool of EgressGateway edge is exhausted (IPv4 2/2 in use); the next address freed there goes to this policy",
+    );
+    engine.deletePolicy("EgressPolicy/team-a/first");
+    const after = engine.compute().policies.get("EgressPolicy/team-a/many")!;
+    assert.deepEqual(after.egressIPs, ["10.168.60.100", "10.168.60.101"]);
+    assert.equal(condition(after, "Accepted")!.message, "Accepted");
+  });
+
+  it("keeps policies whose explicit address lists overlap on one gateway node", () => {
+    const s: Snapshot = {
+      ...base,
+      gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.103"] })],
+      policies: [
+        policy("team-a", "x", {
+          egressIP: ["10.168.60.101", "10.168.60.100"],
+          destinationCIDRs: ["203.0.113.0/24"],
+        }),
+        policy("team-b", "y", {
+          egressIP: ["10.168.60.102", "10.168.60.101"],
+          destinationCIDRs: ["198.51.100.0/24"],
+        }),
+        policy("team-b", "z", {
+          egressIP: ["10.168.60.103"],
+          destinationCIDRs: ["198.51.100.0/24"],
+        }),
+      ],
+    };
+    const out = computeCluster(s);
+    const x = out.policies.get("EgressPolicy/team-a/x")!;
+    const y = out.policies.get("EgressPolicy/team-b/y")!;
+    const z = out.policies.get("EgressPolicy/team-b/z")!;
+    assert.deepEqual(x.egressIPs, ["10.168.60.100", "10.168.60.101"]);
+    assert.deepEqual(y.egressIPs, ["10.168.60.101", "10.168.60.102"]);
+    assert.equal(x.gatewayNode, y.gatewayNode, "they share 10.168.60.101");
+    assert.notEqual(z.gatewayNode, x.gatewayNode, "an unrelated address goes to the other node");
+  });
+
   it("rejects an explicit address outside the gateway's pool with the fix in the message", () => {
     const o = outcomeOf(
       {
@@ -337,7 +421,7 @@ describe("computeCluster(): precedence between overlapping policies", () => {
       const via = (p: PolicyOutcome) => (p.gatewayNode === name ? "usual" : "tunnel");
       assert.equal(toPartner.verdict, via(winner), `${name}: partner traffic follows the winner`);
       assert.equal(toOther.verdict, via(loser), `${name}: other traffic follows the loser`);
-      if (winner.gatewayNode === name) assert.equal(toPartner.snat, winner.egressIPs[0]);
+      if (winner.gatewayNode === name) assert.deepEqual(toPartner.snat, winner.egressIPs);
     }
   });
 
@@ -520,6 +604,8 @@ const arbPolicies = fc.uniqueArray(
     day: fc.integer({ min: 1, max: 9 }),
     dest: fc.constantFrom<string[]>([], ["203.0.113.0/24"], ["198.51.100.0/24"], ["2001:db8::/64"]),
     explicit: fc.boolean(),
+    /** Egress IPs per family: egressIPCount, or as many explicit addresses. */
+    count: fc.integer({ min: 1, max: 3 }),
   }),
   { selector: (p) => `${p.ns}/${p.name}`, maxLength: 8 },
 );
@@ -541,8 +627,10 @@ function build(specs: PolicySpecs): Snapshot {
           priority: p.priority,
           ...(p.dest.length > 0 ? { destinationCIDRs: p.dest } : {}),
           ...(p.explicit && !p.dest.some((d) => d.includes(":"))
-            ? { egressIP: ["10.168.60.105"] }
-            : {}),
+            ? { egressIP: ["10.168.60.105", "10.168.60.104", "10.168.60.103"].slice(0, p.count) }
+            : p.count > 1
+              ? { egressIPCount: p.count }
+              : {}),
         },
         { created: `2026-01-0${p.day}T00:00:00Z` },
       ),
@@ -780,8 +868,11 @@ const arbPolicySpec = fc.record({
     "pool",
     "pool",
     "pool",
+    "pool2",
+    "pool3",
     "explicit",
     "explicit2",
+    "explicitMany",
     "outside",
     "nodeIP",
     "interface",
@@ -806,6 +897,17 @@ function universePolicy(s: PolicySpecInput, generation: number): AnyPolicy {
     ...(s.dest.length > 0 ? { destinationCIDRs: s.dest } : {}),
     ...(s.mode === "explicit" ? { egressIP: pick("10.168.60.105", "fd00:a::105") } : {}),
     ...(s.mode === "explicit2" ? { egressIP: pick("10.168.60.104", "fd00:a::105") } : {}),
+    // Several per family, sharing 10.168.60.104 with explicit2 and fd00:a::105 with both.
+    ...(s.mode === "explicitMany"
+      ? {
+          egressIP: [
+            ...pick("10.168.60.103", "fd00:a::104"),
+            ...pick("10.168.60.104", "fd00:a::105"),
+          ],
+        }
+      : {}),
+    ...(s.mode === "pool2" ? { egressIPCount: 2 } : {}),
+    ...(s.mode === "pool3" ? { egressIPCount: 3 } : {}),
     ...(s.mode === "outside" ? { egressIP: pick("10.9.9.9", "fd00:9::9") } : {}),
     ...(s.mode === "nodeIP" ? { useNodeIP: true } : {}),
     ...(s.mode === "interface" ? { interface: "eth1" } : {}),

@@ -9,7 +9,10 @@
  *   filter FORWARD     1 → SALLYPORT-FORWARD        keep mark / from tunnel → ACCEPT
  *   filter OUTPUT      1 → SALLYPORT-KEEP-MARK      keep mark → ACCEPT (the VXLAN outer packet)
  *   nat    POSTROUTING 1 → SALLYPORT-NO-SNAT        keep mark → ACCEPT (no CNI masquerade)
- *   nat    POSTROUTING 2 → SALLYPORT-SNAT-EIP       gateway: SNAT --to-source EIP
+ *   nat    POSTROUTING 2 → SALLYPORT-SNAT-EIP       gateway: SNAT --to-source EIP (a policy with
+ *                                                  several egress IPs of a family: one rule each,
+ *                                                  `-m statistic --mode nth` spreading connections
+ *                                                  round-robin)
  *
  * NO-SNAT comes before SNAT-EIP (the seed has them the other way round): a packet that this node
  * steers to another gateway must never be rewritten by a local SNAT rule of a lower-precedence
@@ -31,7 +34,13 @@ import {
 } from "../lib/ip.ts";
 import { getOrInsert } from "../lib/maps.ts";
 import { RangeSet } from "../lib/rangeset.ts";
-import { type ClassPolicy, ClassTable, type ClassVerdict, type TrafficClass } from "./classify.ts";
+import {
+  type ClassPolicy,
+  ClassTable,
+  type ClassVerdict,
+  snatAddresses,
+  type TrafficClass,
+} from "./classify.ts";
 import { type Host, hostsOfFamily, sortedHosts } from "./hosts.ts";
 import {
   KEEP_MARK,
@@ -211,7 +220,8 @@ function decide(
   hasTunnel: boolean,
 ): Decision | undefined {
   if (!policyFamilies(policy, families).includes(family)) return undefined;
-  if (policy.gatewayNode !== undefined && policy.snat[family] === undefined) return undefined;
+  if (policy.gatewayNode !== undefined && (policy.snat[family]?.length ?? 0) === 0)
+    return undefined;
   const isGateway = policy.gatewayNode === node;
   const sources: Host[] = [];
   for (const ep of policy.endpoints) {
@@ -333,7 +343,7 @@ function policyPart(
     }
     families.set(family, { decision: d, src, dst });
     sig.push(
-      `${family}:${d.kind}:${d.sources.length > 0}:${d.kind === "steer" ? peerSig(d.gateway) : ""}:${d.kind === "gateway" ? (view.snat[family] ?? "") : ""}`,
+      `${family}:${d.kind}:${d.sources.length > 0}:${d.kind === "steer" ? peerSig(d.gateway) : ""}:${d.kind === "gateway" ? (view.snat[family]?.join(",") ?? "") : ""}`,
     );
     if (d.kind === "gateway") {
       for (const r of d.replies) replies.push(`${family}>${r.dst}>${peerSig(r.peer)}`);
@@ -789,7 +799,7 @@ export class NodePlanner {
       const policy = part.view;
       const decision = fp.decision;
       const isGateway = decision.kind === "gateway";
-      const snatTo = policy.snat[family];
+      const snatTo = policy.snat[family] ?? [];
       const sets: SetMatch[] = [
         { name: fp.src.name, dir: "src" },
         { name: fp.dst.name, dir: "dst" },
@@ -834,9 +844,9 @@ export class NodePlanner {
             target: { kind: "RETURN" },
           });
         }
-        if (isGateway && snatTo !== undefined) {
-          snat.push({ ...v, sets, comment: policy.key, target: { kind: "SNAT", to: snatTo } });
-        }
+        if (isGateway)
+          for (const rule of snatRules(v, snatTo, family, config.snatPorts))
+            snat.push({ ...rule, sets, comment: policy.key });
       }
     }
     markRequest.push({
@@ -984,6 +994,7 @@ export class NodePlanner {
     const rank = orderChanged ? new Map(this.#order.map((k, i) => [k, i])) : undefined;
     const classes: Partial<Record<Family, readonly TrafficClass[]>> = {};
     const snat: Partial<Record<Family, readonly string[]>> = {};
+    const snatGroups: Partial<Record<Family, readonly (readonly string[])[]>> = {};
     const held: Partial<Record<Family, readonly string[]>> = {};
     const steerTo = new Set<number>();
     for (const family of families) {
@@ -1006,14 +1017,15 @@ export class NodePlanner {
           continue;
         }
         const d = fp.decision;
+        const eips = d.kind === "gateway" ? part.view.snat[family]! : [];
         const verdict: ClassVerdict =
           d.kind === "gateway"
-            ? { kind: "snat", eip: part.view.snat[family]! }
+            ? { kind: "snat", eip: eips[0]!, ...(eips.length > 1 ? { eips } : {}) }
             : d.kind === "steer" && tables.has(`node/${d.gateway.name}`)
               ? { kind: "steer", nodeID: d.gateway.nodeID }
               : { kind: "drop" };
         const v = part.view;
-        const sig = `${v.destinationCIDRs.join(",")}|${v.excludedCIDRs.join(",")}|${JSON.stringify(v.ports)}|${verdict.kind}:${verdict.kind === "steer" ? verdict.nodeID : verdict.kind === "snat" ? verdict.eip : ""}`;
+        const sig = `${v.destinationCIDRs.join(",")}|${v.excludedCIDRs.join(",")}|${JSON.stringify(v.ports)}|${verdict.kind}:${verdict.kind === "steer" ? verdict.nodeID : verdict.kind === "snat" ? snatAddresses(verdict).join(",") : ""}`;
         const memo = `${family}/${key}`;
         let cached = this.#classPolicies.get(memo);
         if (cached?.sig !== sig) {
@@ -1033,10 +1045,13 @@ export class NodePlanner {
       }
       classes[family] = table.classes();
       const addresses = new Set<string>();
+      const groups = new Map<string, readonly string[]>();
       for (const c of classes[family]!) {
         for (const e of c.entries) {
-          if (e.verdict.kind === "snat") addresses.add(e.verdict.eip);
-          else if (e.verdict.kind === "steer") steerTo.add(e.verdict.nodeID);
+          if (e.verdict.kind === "snat") {
+            for (const a of snatAddresses(e.verdict)) addresses.add(a);
+            if (e.verdict.eips !== undefined) groups.set(e.verdict.eips.join(","), e.verdict.eips);
+          } else if (e.verdict.kind === "steer") steerTo.add(e.verdict.nodeID);
         }
       }
       // Unchanged lists keep their identity: the datapath compares them by reference.
@@ -1044,6 +1059,11 @@ export class NodePlanner {
       const snatBefore = this.#nft?.snat[family];
       snat[family] =
         snatBefore !== undefined && sameMembers(snatBefore, snatNow) ? snatBefore : snatNow;
+      if (groups.size > 0) {
+        const now = [...groups].sort(([a], [b]) => (a < b ? -1 : 1)).map(([, g]) => g);
+        const before = this.#nft?.snatGroups?.[family];
+        snatGroups[family] = before !== undefined && sameGroups(before, now) ? before : now;
+      }
       held[family] = this.#eipSets.get(eipSetName(family))?.members ?? [];
     }
     this.#replanned.clear();
@@ -1053,8 +1073,10 @@ export class NodePlanner {
       classes,
       steerTo: [...steerTo].sort((a, b) => a - b),
       snat,
+      ...(Object.keys(snatGroups).length === 0 ? {} : { snatGroups }),
       held,
       noSnatBySets: this.#config.noSnatBySets,
+      ...(this.#config.snatPorts === undefined ? {} : { snatPorts: this.#config.snatPorts }),
     };
     const prev = this.#nft;
     this.#nft =
@@ -1063,6 +1085,7 @@ export class NodePlanner {
         (f) =>
           prev.classes[f] === next.classes[f] &&
           sameMembers(prev.snat[f] ?? [], next.snat[f] ?? []) &&
+          sameGroups(prev.snatGroups?.[f] ?? [], next.snatGroups?.[f] ?? []) &&
           sameMembers(prev.held[f] ?? [], next.held[f] ?? []),
       ) &&
       sameMembers(prev.steerTo.map(String), next.steerTo.map(String))
@@ -1161,6 +1184,47 @@ function sameSetNames(a: PolicyPart | undefined, b: PolicyPart): boolean {
     if ((x?.src === undefined) !== (y?.src === undefined)) return false;
   }
   return true;
+}
+
+function sameGroups(a: readonly (readonly string[])[], b: readonly (readonly string[])[]): boolean {
+  return a === b || (a.length === b.length && a.every((t, i) => sameMembers(t, b[i]!)));
+}
+
+/**
+ * The SNAT rules of one of a policy's rules (`variant`: its protocol and ports) on its gateway:
+ * one per egress IP of the family, the first n−1 taking every (n−i)-th new connection that
+ * reaches them (`-m statistic --mode nth --every n-i --packet 0`), the last the rest, so that
+ * new connections go round-robin over the addresses (measured against a random choice and the
+ * kernel's own per-address hash in docs/datapath.md: round-robin fills every address's ports
+ * first time). With `ports`, a rule without protocol becomes one per TCP, UDP and SCTP naming the
+ * ports, and one for the other protocols without them (iptables names ports only with a
+ * protocol).
+ */
+function snatRules(
+  variant: Pick<Rule, "protocol" | "dports">,
+  addresses: readonly string[],
+  family: Family,
+  ports: NodeConfig["snatPorts"],
+): Rule[] {
+  const protocols: Pick<Rule, "protocol" | "dports">[] =
+    ports === undefined || variant.protocol !== undefined
+      ? [variant]
+      : [{ protocol: "tcp" }, { protocol: "udp" }, { protocol: "sctp" }, {}];
+  const out: Rule[] = [];
+  for (const p of protocols) {
+    const range =
+      ports !== undefined && p.protocol !== undefined ? `:${ports.first}-${ports.last}` : "";
+    addresses.forEach((a, i) => {
+      const n = addresses.length - i;
+      out.push({
+        ...variant,
+        ...p,
+        ...(n > 1 ? { statistic: { every: n, packet: 0 } } : {}),
+        target: { kind: "SNAT", to: `${family === 6 && range !== "" ? `[${a}]` : a}${range}` },
+      });
+    });
+  }
+  return out;
 }
 
 function sameMembersRef<T>(a: readonly T[], b: readonly T[]): boolean {

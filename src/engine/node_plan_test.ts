@@ -121,7 +121,7 @@ describe("planNode() on seed 000's example", () => {
       inInterface: "sallyport",
     });
     assert.equal(t.verdict, "usual");
-    assert.equal(t.snat, "10.168.60.100");
+    assert.deepEqual(t.snat, ["10.168.60.100"]);
     assert.equal(
       t.connmark,
       0x27000000,
@@ -131,7 +131,7 @@ describe("planNode() on seed 000's example", () => {
 
   it("SNATs a selected pod on the gateway node itself", () => {
     const t = tracePacket(gatewayNode, { src: "172.29.2.9", dst: "10.6.105.150" });
-    assert.equal(t.snat, "10.168.60.100");
+    assert.deepEqual(t.snat, ["10.168.60.100"]);
   });
 
   it("sends replies back through the tunnel to the pod's node", () => {
@@ -259,7 +259,7 @@ describe("planNode() scenarios", () => {
       dport: 443,
       inInterface: "sallyport",
     });
-    assert.equal(v6gw.snat, "fd00:a::100");
+    assert.deepEqual(v6gw.snat, ["fd00:a::100"]);
     assert.equal(
       tracePacket(plan1, { src: "172.29.1.5", dst: "203.0.113.7", protocol: "tcp", dport: 80 })
         .verdict,
@@ -298,14 +298,12 @@ describe("planNode() scenarios", () => {
     });
     const plan2 = planFor(s, "node-2", { ipv4: "192.168.0.12" });
     assertGolden(join(GOLDEN, "overlap-node-2.golden"), renderPlan(plan2, OPTS));
-    assert.equal(
-      tracePacket(plan2, { src: "172.29.2.5", dst: "203.0.113.9" }).snat,
+    assert.deepEqual(tracePacket(plan2, { src: "172.29.2.5", dst: "203.0.113.9" }).snat, [
       "10.168.60.102",
-    );
-    assert.equal(
-      tracePacket(plan2, { src: "172.29.2.5", dst: "198.51.100.9" }).snat,
+    ]);
+    assert.deepEqual(tracePacket(plan2, { src: "172.29.2.5", dst: "198.51.100.9" }).snat, [
       "10.168.60.101",
-    );
+    ]);
   });
 });
 
@@ -326,4 +324,107 @@ describe("planNode() with no free routing table", () => {
     const t = tracePacket(plan, { src: "172.29.234.173", dst: "10.6.105.150" });
     assert.equal(t.verdict, "drop", "rather than leave with the pod's own address");
   });
+});
+
+describe("planNode() with several egress IPs per family", () => {
+  const s = snapshot({
+    nodes: [
+      node("node-1", { ipv4: "192.168.0.11", podCIDRs: ["172.29.1.0/24"] }),
+      node("node-2", {
+        ipv4: "192.168.0.12",
+        labels: { egress: "true" },
+        podCIDRs: ["172.29.2.0/24"],
+      }),
+    ],
+    pods: [
+      pod("team-a", "web-1", "node-1", ["172.29.1.5"], { app: "web" }),
+      pod("team-a", "web-2", "node-2", ["172.29.2.5"], { app: "web" }),
+      pod("team-a", "db-1", "node-1", ["172.29.1.6"], { app: "db" }),
+    ],
+    gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+    policies: [
+      // Three explicit addresses, HTTPS only: a rule per address, round-robin.
+      policy("team-a", "web", {
+        podSelector: { matchLabels: { app: "web" } },
+        destinationCIDRs: ["203.0.113.0/24"],
+        ports: [{ protocol: "TCP", port: 443 }],
+        egressIP: ["10.168.60.102", "10.168.60.100", "10.168.60.101"],
+      }),
+      // Two from the pool, every protocol.
+      policy(
+        "team-a",
+        "db",
+        {
+          podSelector: { matchLabels: { app: "db" } },
+          destinationCIDRs: ["198.51.100.0/24"],
+          egressIPCount: 2,
+        },
+        { created: "2026-01-02T00:00:00Z" },
+      ),
+    ],
+  });
+  const outcome = computeCluster(s);
+  const plan = (
+    name: string,
+    config: { datapath?: "iptables" | "nftables"; snatPorts?: { first: number; last: number } },
+  ) =>
+    planNode(
+      nodeViewFromOutcome(outcome, name, {
+        local: localFacts({ ipv4: name === "node-1" ? "192.168.0.11" : "192.168.0.12" }),
+        config,
+      }),
+    );
+
+  it("puts every address of a policy on its gateway node", () => {
+    const web = outcome.policies.get("EgressPolicy/team-a/web")!;
+    const db = outcome.policies.get("EgressPolicy/team-a/db")!;
+    assert.deepEqual(web.egressIPs, ["10.168.60.100", "10.168.60.101", "10.168.60.102"]);
+    assert.deepEqual(db.egressIPs, ["10.168.60.103", "10.168.60.104"]);
+    assert.equal(web.gatewayNode, "node-2");
+    const gw = plan("node-2", {});
+    assert.deepEqual(gw.eips.map((e) => e.address).sort(), [
+      "10.168.60.100",
+      "10.168.60.101",
+      "10.168.60.102",
+      "10.168.60.103",
+      "10.168.60.104",
+    ]);
+  });
+
+  for (const datapath of ["iptables", "nftables"] as const) {
+    const suffix = datapath === "nftables" ? "-nft" : "";
+    it(`spreads new connections round-robin over them (${datapath})`, () => {
+      const gw = plan("node-2", { datapath });
+      assertGolden(join(GOLDEN, `several-eips-node-2${suffix}.golden`), renderPlan(gw, OPTS));
+      const web = { src: "172.29.1.5", dst: "203.0.113.9", protocol: "tcp" as const, dport: 443 };
+      const fromTunnel = tracePacket(gw, { ...web, inInterface: "sallyport" });
+      assert.deepEqual(fromTunnel.snat, ["10.168.60.100", "10.168.60.101", "10.168.60.102"]);
+      assert.equal(fromTunnel.policy, "EgressPolicy/team-a/web");
+      const local = tracePacket(gw, { ...web, src: "172.29.2.5" });
+      assert.deepEqual(local.snat, ["10.168.60.100", "10.168.60.101", "10.168.60.102"]);
+      const db = tracePacket(gw, {
+        src: "172.29.1.6",
+        dst: "198.51.100.7",
+        protocol: "udp",
+        dport: 53,
+        inInterface: "sallyport",
+      });
+      assert.deepEqual(db.snat, ["10.168.60.103", "10.168.60.104"]);
+      // On the pods' node nothing changes: the traffic goes to the gateway.
+      const steered = tracePacket(plan("node-1", { datapath }), web);
+      assert.equal(steered.verdict, "tunnel");
+      assert.equal(steered.snat, undefined);
+    });
+
+    it(`names the source ports --snat-ports gives on every SNAT (${datapath})`, () => {
+      const gw = plan("node-2", { datapath, snatPorts: { first: 5000, last: 5009 } });
+      assertGolden(join(GOLDEN, `snat-ports-node-2${suffix}.golden`), renderPlan(gw, OPTS));
+      const icmp = tracePacket(gw, {
+        src: "172.29.1.6",
+        dst: "198.51.100.7",
+        inInterface: "sallyport",
+      });
+      assert.deepEqual(icmp.snat, ["10.168.60.103", "10.168.60.104"], "other protocols too");
+    });
+  }
 });

@@ -64,13 +64,18 @@ const arbPolicy: fc.Arbitrary<PolicyView> = fc
     ports: fc.constantFrom([], [{ protocol: "TCP" as const, port: 443 }]),
     gatewayNode: fc.option(fc.constantFrom(...NODES), { nil: undefined }),
     eip: fc.integer({ min: 0, max: 3 }),
+    // Several egress IPs of a family: 1-3 consecutive addresses.
+    count: fc.integer({ min: 1, max: 3 }),
     v6: fc.boolean(),
     floats: fc.boolean(),
     endpoints: fc.array(arbEndpoint, { maxLength: 6 }),
   })
   .map((r) => {
-    const snat: Partial<Record<Family, string>> = { 4: `10.168.60.10${r.eip}` };
-    if (r.v6) snat[6] = `fd00:a::10${r.eip}`;
+    const n = Array.from({ length: r.count }, (_, i) => r.eip + i);
+    const snat: Partial<Record<Family, readonly string[]>> = {
+      4: n.map((i) => `10.168.60.10${i}`),
+    };
+    if (r.v6) snat[6] = n.map((i) => `fd00:a::10${i}`);
     const unique = new Map(r.endpoints.map((e) => [e.pod, e]));
     return {
       key: `EgressPolicy/ns/${r.name}`,
@@ -81,7 +86,7 @@ const arbPolicy: fc.Arbitrary<PolicyView> = fc
       ports: r.ports,
       gatewayNode: r.gatewayNode,
       snat,
-      floating: r.floats ? Object.values(snat).sort() : [],
+      floating: r.floats ? Object.values(snat).flat().sort() : [],
       announceInterface: undefined,
       endpoints: [...unique.values()].sort((a, b) => (a.pod < b.pod ? -1 : 1)),
     };
@@ -213,9 +218,14 @@ function comparable(plan: NodePlan): unknown {
 }
 
 describe("NodePlanner", () => {
-  for (const datapath of ["iptables", "nftables"] as const)
-    it(`plans incrementally exactly what it plans from scratch, after any sequence of updates (${datapath})`, () => {
-      const config = { ...CONFIG, datapath };
+  for (const [datapath, snatPorts] of [
+    ["iptables", undefined],
+    ["nftables", undefined],
+    ["iptables", { first: 5000, last: 5009 }],
+    ["nftables", { first: 5000, last: 5009 }],
+  ] as const)
+    it(`plans incrementally exactly what it plans from scratch, after any sequence of updates (${datapath}${snatPorts === undefined ? "" : ", --snat-ports"})`, () => {
+      const config = { ...CONFIG, datapath, snatPorts };
       fc.assert(
         fc.property(fc.array(arbOp, { minLength: 1, maxLength: 25 }), (ops) => {
           const world = new World(config);
@@ -245,7 +255,7 @@ describe("NodePlanner", () => {
       excludedCIDRs: [],
       ports: [],
       gatewayNode: "node-2",
-      snat: { 4: "10.168.60.100" },
+      snat: { 4: ["10.168.60.100"] },
       floating: ["10.168.60.100"],
       endpoints: [{ pod: "ns/web", node: "node-1", ips: ["172.29.1.5"] }],
     };
@@ -279,7 +289,7 @@ describe("NodePlanner", () => {
         excludedCIDRs: [],
         ports: [],
         gatewayNode: "node-2",
-        snat: { 4: `10.168.60.10${i}` },
+        snat: { 4: [`10.168.60.10${i}`] },
         floating: [`10.168.60.10${i}`],
         endpoints: [{ pod: `ns/${name}-1`, node: "node-1", ips: [`172.29.1.${i + 1}`] }],
       }),

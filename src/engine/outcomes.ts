@@ -7,7 +7,7 @@
 import type { AnyPolicy, EgressGateway } from "../api/types.ts";
 import { FAMILIES, type Family, familyOfText, formatAddress, parseAddress } from "../lib/ip.ts";
 import { formatSelector } from "../lib/selector.ts";
-import { type Pool, poolSize } from "./allocation.ts";
+import { type Pool, poolSize, type Shortfall } from "./allocation.ts";
 import { sameStrings } from "./equality.ts";
 import type { PreparedPolicy } from "./policies.ts";
 import type { NodeIdentity } from "./snapshot.ts";
@@ -34,7 +34,7 @@ export interface PolicyOutcome {
   readonly gateway: string;
   readonly accepted: boolean;
   readonly gatewayNode?: string | undefined;
-  /** The source addresses the outside sees, one per family. */
+  /** The source addresses the outside sees: IPv4 first, each family in address order. */
   readonly egressIPs: readonly string[];
   readonly endpoints: readonly EndpointView[];
   readonly shadowedBy: readonly Shadow[];
@@ -113,8 +113,10 @@ export function rejectedOutcome(
 /** Everything an accepted policy's outcome is made of. */
 export interface AcceptedParts {
   readonly policy: PreparedPolicy;
-  /** Floating addresses: explicit or from the pool. */
+  /** Floating addresses: explicit or from the pool (IPv4 first, in address order). */
   readonly addresses: readonly string[];
+  /** Families of which the pool gave fewer addresses than spec.egressIPCount. */
+  readonly short?: readonly Shortfall[] | undefined;
   /** The gateway whose nodes the policy's unit is placed on. */
   readonly gateway: EgressGateway;
   readonly node: string | undefined;
@@ -132,36 +134,46 @@ export interface AcceptedParts {
 export function acceptedOutcome(x: AcceptedParts): PolicyOutcome {
   const p = x.policy;
   const node = x.node;
-  const snat: Partial<Record<Family, string>> = {};
+  const snat: Partial<Record<Family, readonly string[]>> = {};
   const floating: string[] = [];
   if (p.mode === "explicit" || p.mode === "pool") {
+    // Already in address order, IPv4 first.
     for (const a of x.addresses) {
-      snat[familyOfText(a)!] = a;
+      const f = familyOfText(a)!;
+      snat[f] = [...(snat[f] ?? []), a];
       floating.push(a);
     }
   } else if (node !== undefined && p.mode === "nodeIP") {
     for (const f of p.families) {
       const a = x.nodeAddresses?.[f];
-      if (a !== undefined) snat[f] = formatAddress(parseAddress(a));
+      if (a !== undefined) snat[f] = [formatAddress(parseAddress(a))];
     }
   } else if (node !== undefined && p.mode === "interface") {
     const list = x.interfaceAddresses ?? [];
     for (const f of p.families) {
       const a = list.find((y) => familyOfText(y) === f);
-      if (a !== undefined) snat[f] = formatAddress(parseAddress(a));
+      if (a !== undefined) snat[f] = [formatAddress(parseAddress(a))];
     }
   }
   floating.sort();
   const unserved = p.families.filter((f) => snat[f] === undefined);
+  const notes: string[] = [];
+  for (const s of x.short ?? []) {
+    if (s.got === 0) continue;
+    notes.push(
+      `${s.got} of ${s.wanted} IPv${s.family} egress IPs: the pool of EgressGateway ${p.gateway} is exhausted (${s.usage}); the next address freed there goes to this policy`,
+    );
+  }
+  if (p.mode === "nodeIP" && p.policy.spec.egressIPCount !== undefined)
+    notes.push(
+      `spec.egressIPCount has no effect: EgressGateway ${p.gateway} has no pool, so the gateway node's own address is used`,
+    );
+  if (unserved.length > 0 && (p.mode === "pool" || p.mode === "explicit"))
+    notes.push(
+      `IPv${unserved.join("/IPv")} traffic keeps its usual path: no egress IP of that family`,
+    );
   const conditions: EngineCondition[] = [
-    cond(
-      "Accepted",
-      "True",
-      "Accepted",
-      unserved.length > 0 && (p.mode === "pool" || p.mode === "explicit")
-        ? `Accepted; IPv${unserved.join("/IPv")} traffic keeps its usual path: no egress IP of that family`
-        : "Accepted",
-    ),
+    cond("Accepted", "True", "Accepted", ["Accepted", ...notes].join("; ")),
     node === undefined
       ? cond(
           "GatewayAssigned",
@@ -169,7 +181,12 @@ export function acceptedOutcome(x: AcceptedParts): PolicyOutcome {
           "NoReadyGatewayNode",
           `no node matching ${formatSelector(x.gateway.spec.nodeSelector)}${p.mode === "interface" ? ` with interface ${p.policy.spec.interface}` : ""} of EgressGateway ${x.gateway.metadata.name} has a live agent; matching traffic is dropped until one is ready`,
         )
-      : cond("GatewayAssigned", "True", "Assigned", `egress IP held by node ${node}`),
+      : cond(
+          "GatewayAssigned",
+          "True",
+          "Assigned",
+          `egress IP${floating.length > 1 ? "s" : ""} held by node ${node}`,
+        ),
   ];
 
   const endpoints = x.endpoints;
@@ -221,7 +238,7 @@ export function acceptedOutcome(x: AcceptedParts): PolicyOutcome {
     gateway: p.gateway,
     accepted: true,
     gatewayNode: node,
-    egressIPs: FAMILIES.flatMap((f) => (snat[f] === undefined ? [] : [snat[f]])),
+    egressIPs: FAMILIES.flatMap((f) => snat[f] ?? []),
     endpoints,
     shadowedBy: shadowedBy.slice(0, 16),
     conditions,

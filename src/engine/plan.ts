@@ -28,6 +28,7 @@ export type Target =
   | { readonly kind: "GOTO"; readonly chain: string }
   | { readonly kind: "MARK"; readonly value: number; readonly mask: number }
   | { readonly kind: "CONNMARK"; readonly value: number; readonly mask: number }
+  /** `to`: an address, with a port range `10.0.0.1:5000-5009`, `[fd00::1]:5000-5009`. */
   | { readonly kind: "SNAT"; readonly to: string }
   | { readonly kind: "TCPMSS" };
 
@@ -49,6 +50,8 @@ export interface Rule {
   readonly connmark?: MarkMatch;
   /** multiport --dports, e.g. "80,443:445". */
   readonly dports?: string;
+  /** `-m statistic --mode nth --every N --packet P`: every N-th packet that reaches the rule. */
+  readonly statistic?: { readonly every: number; readonly packet: number };
   readonly comment?: string;
   readonly target: Target;
 }
@@ -167,11 +170,23 @@ export interface NftPlan {
   readonly classes: Readonly<Partial<Record<Family, readonly TrafficClass[]>>>;
   /** Node ids of the gateway nodes this node steers to. */
   readonly steerTo: readonly number[];
-  /** Per family, the source addresses this node SNATs to; a packet carries its index in its mark. */
+  /**
+   * Per family, the source addresses this node SNATs to, sorted; a packet carries its index in its
+   * mark. The addresses of policies with several of a family are here one by one.
+   */
   readonly snat: Readonly<Partial<Record<Family, readonly string[]>>>;
+  /**
+   * Per family, the egress IPs of policies with several of that family (each in address order,
+   * the groups sorted): a group's chain picks one of its addresses round-robin. Absent: none.
+   */
+  readonly snatGroups?:
+    | Readonly<Partial<Record<Family, readonly (readonly string[])[]>>>
+    | undefined;
   /** Per family, the egress IPs this node holds (no service of the node answers on them). */
   readonly held: Readonly<Partial<Record<Family, readonly string[]>>>;
   readonly noSnatBySets: boolean;
+  /** Source ports the SNAT names for TCP, UDP and SCTP (NodeConfig.snatPorts). */
+  readonly snatPorts?: { readonly first: number; readonly last: number } | undefined;
 }
 
 /** A NodePlan as JSON (Maps become entry lists), for the CLI and for handing plans between processes. */

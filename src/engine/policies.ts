@@ -66,6 +66,8 @@ export interface ParsedPolicy extends PolicySelection, Ranked {
   readonly ports: readonly PortSpec[];
   /** spec.egressIP as written (for messages) and canonical. */
   readonly explicit: readonly { readonly text: string; readonly address: string }[];
+  /** Pool addresses wanted per family (spec.egressIPCount, default 1). */
+  readonly egressIPCount: number;
 }
 
 /** An admitted policy: it passed validation, its gateway exists and serves its namespace. */
@@ -112,6 +114,7 @@ export function parsePolicy(policy: AnyPolicy, key: string): ParsedPolicy | Engi
       text,
       address: formatAddress(parseAddress(text)),
     })),
+    egressIPCount: spec.egressIPCount ?? 1,
   };
 }
 

@@ -5,9 +5,14 @@
  * which address, dropped, or left to the usual path. Tests read as a packet's journey; the
  * `explain` command uses the same walk.
  *
+ * A policy with several egress IPs spreads new connections round-robin (iptables `-m statistic
+ * --mode nth`, nftables `numgen inc`): which one a connection gets depends on the connections
+ * before it, so the trace names every address it may leave with.
+ *
  * It knows only the rule shapes planNode emits; anything else is reported as an error.
  */
 import { cidrContainsAddress, type Family, parseAddress, parseCidr } from "../lib/ip.ts";
+import { snatAddresses } from "./classify.ts";
 import { hex } from "./marks.ts";
 import type { IpSetPlan, NodePlan, Rule, TableName } from "./plan.ts";
 
@@ -33,7 +38,11 @@ export interface Trace {
   /** For "tunnel": the routing table and next hop chosen. */
   readonly table?: number | undefined;
   readonly via?: string | undefined;
-  readonly snat?: string | undefined;
+  /**
+   * The source addresses a new connection may leave with: one, or a policy's several of this
+   * family (round-robin, in rule order). Undefined: not SNATed here.
+   */
+  readonly snat?: readonly string[] | undefined;
   /** The policy whose rule decided the packet's path (its key), if one did. */
   readonly policy?: string | undefined;
   readonly mark: number;
@@ -68,7 +77,7 @@ function portMatches(spec: string, port: number | undefined): boolean {
 interface State {
   mark: number;
   connmark: number;
-  snat: string | undefined;
+  snat: string[] | undefined;
   policy: string | undefined;
   steps: string[];
   errors: string[];
@@ -145,7 +154,9 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
           state.connmark = ((state.connmark & ~t.mask) | (t.value & t.mask)) >>> 0;
           break;
         case "SNAT":
-          state.snat = t.to;
+          state.snat = [...(state.snat ?? []), snatAddressOf(t.to)];
+          // Every n-th connection: the others go on to the policy's next address.
+          if (rule.statistic !== undefined) break;
           return "accept";
         case "TCPMSS":
           break;
@@ -216,6 +227,12 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
   return finish(route === undefined ? "usual" : "tunnel", route);
 }
 
+/** The address of a SNAT target: `10.0.0.1`, `10.0.0.1:5000-5009`, `[fd00::1]:5000-5009`. */
+function snatAddressOf(to: string): string {
+  if (to.startsWith("[")) return to.slice(1, to.indexOf("]"));
+  return to.split(":").length === 2 ? to.slice(0, to.indexOf(":")) : to;
+}
+
 function prefixOf(dst: string): number {
   return dst === "default" ? 0 : parseCidr(dst).prefix;
 }
@@ -250,7 +267,8 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
   const tunnel = plan.tunnel?.name ?? "sallyport";
   let mark = packet.mark ?? 0;
   let connmark = packet.connmark ?? 0;
-  let snat: string | undefined;
+  let snat: readonly string[] | undefined;
+  let candidates: readonly string[] | undefined;
   let policy: string | undefined;
   const steps: string[] = [];
   const setMark = (value: number) => {
@@ -311,7 +329,12 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
         connmark = ((connmark & 0x00ffffff) | 0x26000000) >>> 0;
         setMark((0x26000000 | (v.nodeID << 8)) >>> 0);
       } else {
-        const index = (nft.snat[family] ?? []).indexOf(v.eip);
+        // A group's chain sends the connection to one of its addresses' chains (round-robin):
+        // the trace follows the first and names them all.
+        candidates = snatAddresses(v);
+        if (candidates.length > 1)
+          steps.push(`nft/snat: round-robin over ${candidates.join(", ")}`);
+        const index = (nft.snat[family] ?? []).indexOf(candidates[0]!);
         if (iif === tunnel && ctstate === "NEW")
           connmark = ((connmark & 0x00ffffff) | 0x27000000) >>> 0;
         setMark((SNAT_PREFIX | ((index & 0x3f) << 8) | ((index >> 6) << 16)) >>> 0);
@@ -340,8 +363,9 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
   if ((mark & 0xfe000000) >>> 0 === 0x26000000) setMark(KEEP);
   if (ctstate === "NEW" && (mark & 0xff000000) >>> 0 === SNAT_PREFIX) {
     const index = ((mark >>> 8) & 0x3f) | (((mark >>> 16) & 0xff) << 6);
-    snat = nft.snat[family]?.[index];
-    steps.push(`nft/postrouting: SNAT to ${snat}`);
+    const address = nft.snat[family]?.[index];
+    snat = candidates ?? (address === undefined ? undefined : [address]);
+    steps.push(`nft/postrouting: SNAT to ${snat?.join(" or ")}`);
   }
   return done(route === undefined ? "usual" : "tunnel", route);
 }

@@ -38,8 +38,11 @@ export interface PolicyView {
   readonly ports: readonly PortSpec[];
   /** Node holding the egress IP; undefined when none is available (traffic is dropped). */
   readonly gatewayNode?: string | undefined;
-  /** Source address the gateway rewrites to, per family. A family without one is not handled. */
-  readonly snat: Readonly<Partial<Record<Family, string>>>;
+  /**
+   * Source addresses the gateway rewrites to, per family, in address order: new connections are
+   * spread over them (one, mostly). A family without any is not handled.
+   */
+  readonly snat: Readonly<Partial<Record<Family, readonly string[]>>>;
   /** Which of the snat addresses float between nodes (pool or explicit EIPs) and must be held. */
   readonly floating: readonly string[];
   /** Interface on which floating addresses are announced; default: the node's underlay device. */
@@ -65,6 +68,12 @@ export interface NodeConfig {
    * table, O(1) classification: src/engine/classify.ts). @default "iptables"
    */
   readonly datapath: "iptables" | "nftables";
+  /**
+   * Source ports the SNAT to egress IPs chooses from, for TCP, UDP and SCTP (`sallyport agent
+   * --snat-ports`): `--to-source EIP:first-last`, nftables `snat … : first-last`. Undefined (the
+   * default): no range is named, the kernel's choice (1024–65535).
+   */
+  readonly snatPorts?: { readonly first: number; readonly last: number } | undefined;
 }
 
 export const DEFAULT_NODE_CONFIG: NodeConfig = {
@@ -158,7 +167,8 @@ function computeRevision(policy: PolicyView): string {
       policy.excludedCIDRs,
       policy.ports.map((p) => [p.protocol ?? "TCP", p.port ?? 0, p.endPort ?? 0]),
       policy.gatewayNode ?? "",
-      [policy.snat[4] ?? "", policy.snat[6] ?? ""],
+      // (joined: a policy with one address per family hashes as before several were possible)
+      [policy.snat[4]?.join(",") ?? "", policy.snat[6]?.join(",") ?? ""],
       [...policy.floating].sort(),
       policy.announceInterface ?? "",
     ]),

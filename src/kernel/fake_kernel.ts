@@ -102,12 +102,18 @@ function familyName(family: Family): string {
 //   the COMMIT line: nft checks at commit, in input order); deleting a chain that is built-in,
 //   not empty or still referenced ("CHAIN_DEL failed (Device or resource busy)", exit 4); `-A`,
 //   `-I`, `-X`, `-F` on a missing chain, `-D` of a missing rule, `-I` past the end ("line N
-//   failed: …", exit 1); a chain name over 28 characters; input ending without COMMIT.
+//   failed: …", exit 1); a chain name over 28 characters; input ending without COMMIT;
+//   `-m statistic` (its nth mode only: bad or repeated options, --every without --packet and the
+//   reverse, no --mode being random mode, --packet ≥ --every, word for word) and SNAT ports
+//   without `-p tcp|udp|sctp` ("Need TCP, UDP, SCTP or DCCP with port specification"), ports out
+//   of range or reversed.
 // - save: tables in the fixed order nft-save prints them (mangle, security, raw, filter, nat),
 //   every built-in chain of an existing table, user chains sorted by name, rules as iptables-save
 //   canonicalises them: hex marks without leading zeros, a match mask of 0xffffffff omitted,
 //   --set-xmark always with its mask, conntrack states in kernel order, comments quoted by
-//   xtables_save_string (bare when only [A-Za-z0-9_-], else quoted with `"`, `\` and `'` escaped).
+//   xtables_save_string (bare when only [A-Za-z0-9_-], else quoted with `"`, `\` and `'` escaped),
+//   `-m statistic --mode nth --every N --packet P` in that order whatever the input's, SNAT
+//   `--to-source 10.0.0.1:5000-5009` (one port as `:5000`), `[fd00::1]:5000-5009`.
 //   `-t TABLE` of a table that does not exist prints its empty skeleton (backend detection).
 // Not modeled: the legacy backend (its save prints nothing, as on a host without legacy tables),
 // counters, matches and targets Sallyport does not emit (seeded rules keep them verbatim), the
@@ -229,6 +235,77 @@ function splitRestoreLine(line: string): string[] {
   }
   if (inWord) out.push(word);
   return out;
+}
+
+/** `-m statistic` as given (only `--mode nth` is modeled). */
+interface Statistic {
+  mode?: "nth";
+  every?: number;
+  packet?: number;
+}
+
+/**
+ * libxt_statistic's final checks, in iptables 1.8.9's order (the option framework's "also
+ * requires" first; no --mode is random mode), and the match as iptables-save prints it.
+ */
+function statisticWords(s: Statistic, errors: XtError, line: number): string[] {
+  if (s.every !== undefined && s.packet === undefined)
+    throw errors.parameter(line, 'statistic: option "--every" also requires "--packet".\n');
+  if (s.packet !== undefined && s.every === undefined)
+    throw errors.parameter(line, 'statistic: option "--packet" also requires "--every".\n');
+  if (s.mode === undefined)
+    throw errors.parameter(line, "--probability must be specified when using random mode");
+  if (s.every === undefined || s.packet === undefined)
+    throw errors.parameter(line, "--every and --packet must be specified when using nth mode");
+  if (s.packet > s.every - 1) throw errors.parameter(line, "the --packet p must be 0 <= p <= n-1");
+  return ["--mode", "nth", "--every", String(s.every), "--packet", String(s.packet)];
+}
+
+/**
+ * SNAT's `--to-source`: an address, with a port or port range (`10.0.0.1:5000-5009`,
+ * `[fd00::1]:5000-5009`), as libxt_NAT parses and iptables-save prints it. Address ranges are
+ * not modeled.
+ */
+function snatSource(
+  text: string,
+  family: Family,
+  errors: XtError,
+  line: number,
+): { text: string; ports?: readonly [number, number] } {
+  let address = text;
+  let ports: string | undefined;
+  if (family === 6 && text.startsWith("[")) {
+    const close = text.indexOf("]");
+    address = text.slice(1, close < 0 ? undefined : close);
+    const rest = close < 0 ? "" : text.slice(close + 1);
+    if (rest.startsWith(":")) ports = rest.slice(1);
+    else if (rest !== "") throw errors.parameter(line, `Bad IP address "${text}"`);
+  } else if (family === 4 && text.includes(":")) {
+    address = text.slice(0, text.indexOf(":"));
+    ports = text.slice(text.indexOf(":") + 1);
+  }
+  if (address.includes("-")) throw unmodeled(`SNAT to the address range ${text}`);
+  const a = tryParseAddress(address);
+  if (a === undefined || a.family !== family)
+    throw errors.parameter(line, `Bad IP address "${address}"`);
+  if (ports === undefined) return { text: formatAddress(a) };
+  const parts = ports.split("-");
+  if (parts.length > 2) throw unmodeled(`the SNAT ports ${ports}`);
+  const firstText = parts[0]!;
+  const lastText = parts[1] ?? firstText;
+  const port = (p: string) => {
+    const n = /^\d+$/.test(p) ? Number(p) : Number.NaN;
+    if (!(n >= 0 && n <= 65535)) throw errors.parameter(line, `Port \`${p}' not valid`);
+    return n;
+  };
+  const first = port(firstText);
+  const last = port(lastText);
+  if (last < first) throw errors.parameter(line, `Port range \`${lastText}' funky`);
+  const shown = first === last ? `${first}` : `${first}-${last}`;
+  return {
+    text: `${family === 6 ? `[${formatAddress(a)}]` : formatAddress(a)}:${shown}`,
+    ports: [first, last],
+  };
 }
 
 /** How one restore invocation reports its errors. */
@@ -607,6 +684,36 @@ class Xtables {
       } else if (w === "-m" || w === "--match") {
         const module = arg(w);
         const out: string[] = ["-m", module];
+        if (module === "statistic") {
+          // Its options take a value each: `--mode nth --every N --packet P`, in any order.
+          const statistic: Statistic = {};
+          while ((words[i] ?? "").startsWith("--") || words[i] === "!") {
+            if (words[i] === "!") throw unmodeled("the match -m statistic with !");
+            const name = words[i++]!;
+            const key = name.slice(2);
+            if (key !== "mode" && key !== "every" && key !== "packet")
+              throw unmodeled(`the match -m statistic ${name}`);
+            if (statistic[key] !== undefined)
+              throw errors.parameter(line, `statistic: option "${name}" can only be used once.\n`);
+            const text = arg(name);
+            if (key === "mode") {
+              if (text === "random") throw unmodeled("the match -m statistic --mode random");
+              if (text !== "nth") throw errors.parameter(line, `Bad mode "${text}"`);
+              statistic.mode = text;
+              continue;
+            }
+            const min = key === "every" ? 1 : 0;
+            const n = /^\d+$/.test(text) ? Number(text) : Number.NaN;
+            if (!(n >= min && n <= 0xffffffff))
+              throw errors.parameter(
+                line,
+                `statistic: bad value for option "${name}", or out of range (${min}-4294967295).\n`,
+              );
+            statistic[key] = n;
+          }
+          matches.push(...out, ...statisticWords(statistic, errors, line));
+          continue;
+        }
         const opts = options();
         if (opts.length === 0) throw unmodeled(`-m ${module} without options`);
         const conntrack: string[][] = [[], []];
@@ -738,12 +845,12 @@ class Xtables {
         } else if (name === "SNAT") {
           only("--to-source");
           const text = arg("--to-source");
-          const a = tryParseAddress(text);
-          if (a === undefined || a.family !== ctx.family)
-            throw errors.parameter(line, `Bad IP address "${text}"`);
+          const to = snatSource(text, ctx.family, errors, line);
+          if (to.ports !== undefined && !["tcp", "udp", "sctp"].includes(protocol ?? ""))
+            throw errors.parameter(line, "Need TCP, UDP, SCTP or DCCP with port specification");
           // The nat targets' checkentry: only valid in the nat table.
           if (ctx.table !== "nat") invalid = true;
-          targetWords = ["-j", "SNAT", "--to-source", formatAddress(a)];
+          targetWords = ["-j", "SNAT", "--to-source", to.text];
         } else if (name === "TCPMSS") {
           only("--clamp-mss-to-pmtu");
           // xt_check_target() wants -p tcp and tcpmss_tg4_check() the FORWARD, OUTPUT or
@@ -2444,9 +2551,16 @@ class Net {
 // - iptables-nft's tables (the model above) are listed by `nft list tables`, before ours rather
 //   than in creation order; nft commands on them, and `list|flush ruleset` while they exist, are
 //   not modeled.
+// - In rules, beyond selectors, operators and verdicts: `numgen inc|random mod N [offset M]` with an
+//   anonymous verdict map of numbers (`vmap { 0 : goto a, 1 : goto b }`: its chains are the
+//   rule's, checked and counted as a goto's, the kernel's errors located at the element's key; a
+//   key that is not a number, a value that is no verdict, `mod 0` (ERANGE) refused as nft does),
+//   anonymous sets of protocols after `meta l4proto` or `ip protocol`, and nat ports
+//   (`snat ip to … : 5000-5009`), refused without a transport protocol match before them
+//   (`meta l4proto`, a protocol set, `tcp`/`udp` headers), out of range or reversed, word for word.
 // Not modeled (exit 2, "FakeKernel does not model …"): other families, set types and options
 // (timeout, size, policy, typeof, dynamic), single-field interval sets (rbtree and its auto-merge),
-// hostnames and service names in elements, anonymous sets and maps in rules, `insert`, `replace`,
+// hostnames and service names in elements, other anonymous sets and maps in rules, `insert`, `replace`,
 // `create`, `delete rule … handle`, `list` of single chains or sets. Rules are checked against the
 // vocabulary of the statements Sallyport renders and kube-proxy uses (selectors, operators, values,
 // nat, mangling, verdicts, counter, comment), not against nft's grammar; they are kept and printed
@@ -2554,6 +2668,7 @@ const ERRNO = {
   EBUSY: "Device or resource busy",
   EOPNOTSUPP: "Operation not supported",
   EINVAL: "Invalid argument",
+  ERANGE: "Numerical result out of range",
 } as const;
 
 interface NftToken {
@@ -2909,6 +3024,8 @@ interface ParsedNftRule {
   readonly nat: boolean;
   /** nft's own refusals (a comment too long, snat without family in an inet table). */
   readonly errors: readonly NftFailure[];
+  /** Where the kernel refuses an expression's value (`numgen … mod 0`: ERANGE). */
+  readonly outOfRange?: NftSpan | undefined;
 }
 
 function isNumberWord(text: string): boolean {
@@ -2950,14 +3067,56 @@ function parseNftRule(
     | { types: (NftKeyType | null)[]; from: NftToken; to: NftToken; open: boolean }
     | undefined;
   let natStatement: { token: NftToken; type: NftKeyType } | undefined;
+  /** A transport protocol is known (nft's protocol context): a nat statement may name ports. */
+  let transport = false;
+  /** The `numgen` expression just parsed (only an anonymous vmap may follow it). */
+  let numgen: { from: NftToken; to: NftToken } | undefined;
+  let outOfRange: NftSpan | undefined;
   const reject = (t: NftToken) => {
     if (!seeding) throw unmodeled(`the nft rule syntax "${t.text}" (in: ${source.trim()})`);
+  };
+  /** The tokens of the `{ … }` block opening at `at`, and the index of its `}`. */
+  const block = (at: number): { items: NftToken[][]; end: number } => {
+    const items: NftToken[][] = [[]];
+    let j = at + 1;
+    for (; j < tokens.length && tokens[j]!.text !== "}"; j++) {
+      const x = tokens[j]!;
+      if (x.text === "{") throw unmodeled(`nested braces in an nft rule (in: ${source.trim()})`);
+      if (x.kind === "punct" && x.text === ",") items.push([]);
+      else items[items.length - 1]!.push(x);
+    }
+    if (j >= tokens.length) throw unmodeled(`an unterminated "{" in an nft rule`);
+    return { items, end: j };
   };
   for (let i = 0; i < tokens.length; i++) {
     const t = tokens[i]!;
     const next = tokens[i + 1];
     if (t.kind === "string") {
       expr = undefined;
+      continue;
+    }
+    if (
+      t.kind === "punct" &&
+      t.text === "{" &&
+      expr !== undefined &&
+      !expr.open &&
+      expr.types.length === 1 &&
+      expr.types[0] === "inet_proto"
+    ) {
+      // An anonymous set of protocols (`meta l4proto { tcp, udp, sctp }`).
+      const { items, end } = block(i);
+      const empty = items.length === 1 && items[0]!.length === 0;
+      if (empty) errors.push(userError("syntax error, unexpected '}'", nftSpan(tokens[end]!)));
+      for (const item of empty ? [] : items) {
+        if (item.length !== 1) throw unmodeled(`this anonymous set (in: ${source.trim()})`);
+        const x = item[0]!;
+        const n = isNumberWord(x.text) ? Number(x.text) : PROTOCOL_NUMBERS.get(x.text);
+        if (n === undefined) errors.push(userError("Could not resolve protocol name", nftSpan(x)));
+        else if (n > 255) throw unmodeled(`the protocol number ${x.text}`);
+      }
+      transport = true;
+      expr = undefined;
+      i = end;
       continue;
     }
     if (t.kind === "punct") {
@@ -2985,9 +3144,102 @@ function parseNftRule(
         errors.push(userError("comment too long, 128 characters maximum allowed", nftSpan(next)));
       break;
     }
+    if (w === "numgen") {
+      // numgen inc|random mod N [offset M]: a 32-bit integer.
+      if (next?.text !== "inc" && next?.text !== "random") {
+        errors.push(
+          userError("syntax error, unexpected string, expecting random or inc", nftSpan(next ?? t)),
+        );
+        break;
+      }
+      const mod = tokens[i + 3];
+      if (tokens[i + 2]?.text !== "mod" || mod === undefined || !isNumberWord(mod.text))
+        throw unmodeled(`this numgen expression (in: ${source.trim()})`);
+      let last = mod;
+      i += 3;
+      if (tokens[i + 1]?.text === "offset") {
+        if (!isNumberWord(tokens[i + 2]?.text ?? ""))
+          throw unmodeled(`this numgen offset (in: ${source.trim()})`);
+        last = tokens[i + 2]!;
+        i += 2;
+      }
+      if (Number(mod.text) === 0) outOfRange = nftSpan(t, last);
+      numgen = { from: t, to: last };
+      expr = undefined;
+      continue;
+    }
+    if (w === "vmap" && next?.text === "{" && numgen !== undefined) {
+      // An anonymous verdict map keyed by the numgen value: `{ 0 : goto c, 1 : goto d }`.
+      const { items, end } = block(i + 1);
+      const keys = new Set<string>();
+      for (const item of items) {
+        const [key, colon, verdict, target] = item;
+        if (key === undefined || colon?.text !== ":" || verdict === undefined)
+          throw unmodeled(`this anonymous verdict map (in: ${source.trim()})`);
+        if (!isNumberWord(key.text)) {
+          errors.push(userError("Could not parse integer", nftSpan(key)));
+          continue;
+        }
+        if (keys.has(String(Number(key.text))))
+          throw unmodeled(`a key twice in an anonymous verdict map (nft merges them)`);
+        keys.add(String(Number(key.text)));
+        if (isNumberWord(verdict.text)) {
+          errors.push(userError("syntax error, unexpected number", nftSpan(verdict)));
+          continue;
+        }
+        if ((verdict.text === "goto" || verdict.text === "jump") && target !== undefined) {
+          if (item.length !== 4) throw unmodeled(`this anonymous verdict map element`);
+          // The kernel reports a missing or base chain at the element's key.
+          chains.push({ ...key, text: target.text });
+        } else if (!NFT_VERDICTS.has(verdict.text) || item.length !== 3) {
+          throw unmodeled(`this anonymous verdict map element (in: ${source.trim()})`);
+        }
+      }
+      numgen = undefined;
+      expr = undefined;
+      i = end;
+      continue;
+    }
+    if (w === ":" && natStatement !== undefined && next !== undefined) {
+      // The ports of a nat statement: `: 5000` or `: 5000-5009`.
+      const parts = next.text.split("-");
+      if (parts.length > 2 || !parts.every((p) => /^\d+$/.test(p)))
+        throw unmodeled(`the nat ports ${next.text}`);
+      let col = next.first;
+      const spans = parts.map((p) => {
+        const span = { line: next.line, first: col, last: col + p.length - 1 };
+        col += p.length + 1;
+        return span;
+      });
+      const bad = parts.findIndex((p) => Number(p) > 65535);
+      if (bad >= 0) errors.push(userError("Service out of range", spans[bad]));
+      else if (parts.length === 2 && Number(parts[1]) < Number(parts[0]))
+        errors.push(userError("Range has zero or negative size", nftSpan(next)));
+      else if (!transport)
+        errors.push(
+          userError(
+            "transport protocol mapping is only valid after transport protocol match",
+            nftSpan(next),
+            nftSpan(natStatement.token),
+          ),
+        );
+      i++;
+      continue;
+    }
     const fields = NFT_SELECTORS[w];
     if (fields !== undefined && next !== undefined && Object.hasOwn(fields, next.text)) {
       const type = fields[next.text]!;
+      // tcp and udp headers imply their protocol; `meta l4proto` and `ip protocol` set it when
+      // compared with a value (below, or an anonymous set).
+      if (w === "tcp" || w === "udp") transport = true;
+      if (
+        type === "inet_proto" &&
+        expr?.open !== true &&
+        tokens[i + 2] !== undefined &&
+        tokens[i + 2]!.kind === "word" &&
+        (PROTOCOL_NUMBERS.has(tokens[i + 2]!.text) || isNumberWord(tokens[i + 2]!.text))
+      )
+        transport = true;
       if (expr?.open === true) {
         expr.types.push(type);
         expr.to = next;
@@ -3096,7 +3348,7 @@ function parseNftRule(
   const last = tokens[end - 1];
   const text =
     last === undefined ? "" : source.slice(tokens[0]!.first - 1, last.last).replace(/\s+/g, " ");
-  return { text, comment, chains, refs, hooks, nat, errors };
+  return { text, comment, chains, refs, hooks, nat, errors, outOfRange };
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -3976,6 +4228,7 @@ class Nftables {
     const chain = table.chains.get(chainName.text);
     if (chain === undefined) throw kernelError("ENOENT", nftSpan(chainName));
     const handle = table.handles.next++;
+    if (rule.outOfRange !== undefined) throw kernelError("ERANGE", rule.outOfRange);
     for (const target of rule.chains) {
       const c = table.chains.get(target.text);
       if (c === undefined) throw kernelError("ENOENT", nftSpan(target));

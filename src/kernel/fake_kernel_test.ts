@@ -22,6 +22,7 @@ import { nodeViewFromOutcome } from "../engine/node_view.ts";
 import type { NodePlan } from "../engine/plan.ts";
 import type { Snapshot } from "../engine/snapshot.ts";
 import { gateway, node, pod, policy, snapshot } from "../engine/testing.ts";
+import type { NodeConfig } from "../engine/view.ts";
 import type { Family } from "../lib/ip.ts";
 import {
   parseFdb,
@@ -132,7 +133,13 @@ function datapathOn(runner: Runner): Datapath {
 }
 
 /** What the agent does: facts from the kernel, then the plan of node-`index`. */
-function planWith(index: number, state: KernelState, s: Snapshot, random = 0.5): NodePlan {
+function planWith(
+  index: number,
+  state: KernelState,
+  s: Snapshot,
+  random = 0.5,
+  config: Partial<NodeConfig> = {},
+): NodePlan {
   const outcome = computeCluster(s);
   const self = s.nodes.find((n) => n.name === `node-${index}`)!;
   const local = localFactsFrom(state, {
@@ -141,8 +148,11 @@ function planWith(index: number, state: KernelState, s: Snapshot, random = 0.5):
     rulePref: RULE_PREF,
     random: () => random,
   });
-  return planNode(nodeViewFromOutcome(outcome, `node-${index}`, { local }));
+  return planNode(nodeViewFromOutcome(outcome, `node-${index}`, { local, config }));
 }
+
+/** `sallyport agent --snat-ports` now and then. */
+const SNAT_PORTS = { first: 20000, last: 29999 };
 
 /** Lines of the fake's dump that are not Sallyport's. */
 function foreign(dump: string): string {
@@ -291,6 +301,26 @@ const SCENARIOS: Record<string, Snapshot> = {
         { created: "2026-06-01T00:00:00Z" },
       ),
     ],
+  }),
+  "several egress IPs per family": snapshot({
+    nodes: NODES.slice(0, 2),
+    pods: PODS,
+    gateways: [gateway("edge", { pool: POOL })],
+    policies: [
+      policy("team-a", "web", {
+        podSelector: { matchLabels: WEB },
+        destinationCIDRs: ["203.0.113.0/24", "2001:db8::/64"],
+        ports: [{ protocol: "TCP", port: 443 }],
+        egressIP: ["10.168.60.103", "10.168.60.104", "10.168.60.105", "fd00:a::103", "fd00:a::104"],
+      }),
+      policy(
+        "team-a",
+        "all",
+        { podSelector: { matchLabels: WEB }, egressIPCount: 2 },
+        { created: "2026-06-01T00:00:00Z" },
+      ),
+    ],
+    serviceCIDRs: ["10.96.0.0/16", "fd00:10:96::/112"],
   }),
 };
 
@@ -524,6 +554,79 @@ describe("FakeKernel: iptables-nft", () => {
     );
     assert.equal(unknown.code, 2);
     assert.match(unknown.stderr, /Unknown ICMPv6 type `foo'/);
+  });
+
+  it("spreads with -m statistic --mode nth and SNATs to port ranges as iptables 1.8.9 does: saved in canonical order, its refusals word for word", async () => {
+    const fake = new FakeKernel();
+    await ok(
+      fake,
+      IPT,
+      '*nat\n:X - [0:0]\n-A X -p tcp -m statistic --mode nth --packet 1 --every 3 -m comment --comment "c" -j SNAT --to-source 10.0.0.1:5000-5009\n-A X -p udp -j SNAT --to-source 10.0.0.1:5000-5000\n-A X -m statistic --every 2 --mode nth --packet 0 -j SNAT --to-source 10.0.0.2\nCOMMIT\n',
+    );
+    assert.match(
+      await ok(fake, ["iptables-nft-save", "-t", "nat"]),
+      /^-A X -p tcp -m statistic --mode nth --every 3 --packet 1 -m comment --comment c -j SNAT --to-source 10\.0\.0\.1:5000-5009\n-A X -p udp -j SNAT --to-source 10\.0\.0\.1:5000\n-A X -m statistic --mode nth --every 2 --packet 0 -j SNAT --to-source 10\.0\.0\.2$/m,
+    );
+    await ok(
+      fake,
+      IP6T,
+      "*nat\n:X - [0:0]\n-A X -p sctp -m statistic --mode nth --every 2 --packet 0 -j SNAT --to-source [fd00::1]:5000-5009\nCOMMIT\n",
+    );
+    assert.match(
+      await ok(fake, ["ip6tables-nft-save", "-t", "nat"]),
+      /^-A X -p sctp -m statistic --mode nth --every 2 --packet 0 -j SNAT --to-source \[fd00::1\]:5000-5009$/m,
+    );
+    const refused: [string, string][] = [
+      [
+        "-m statistic --mode nth --every 0 --packet 0 -j ACCEPT",
+        'statistic: bad value for option "--every", or out of range (1-4294967295).\n',
+      ],
+      [
+        "-m statistic --mode nth --every 2 --packet x -j ACCEPT",
+        'statistic: bad value for option "--packet", or out of range (0-4294967295).\n',
+      ],
+      [
+        "-m statistic --mode nth --every 2 --packet 2 -j ACCEPT",
+        "the --packet p must be 0 <= p <= n-1",
+      ],
+      [
+        "-m statistic --mode nth --every 2 -j ACCEPT",
+        'statistic: option "--every" also requires "--packet".\n',
+      ],
+      [
+        "-m statistic --mode nth --packet 0 -j ACCEPT",
+        'statistic: option "--packet" also requires "--every".\n',
+      ],
+      ["-m statistic --mode foo -j ACCEPT", 'Bad mode "foo"'],
+      [
+        "-m statistic --every 2 --packet 0 -j ACCEPT",
+        "--probability must be specified when using random mode",
+      ],
+      [
+        "-m statistic --mode nth -j ACCEPT",
+        "--every and --packet must be specified when using nth mode",
+      ],
+      [
+        "-m statistic --mode nth --every 3 --packet 1 --mode nth -j ACCEPT",
+        'statistic: option "--mode" can only be used once.\n',
+      ],
+      [
+        "-j SNAT --to-source 10.0.0.1:5000-5009",
+        "Need TCP, UDP, SCTP or DCCP with port specification",
+      ],
+      ["-p tcp -j SNAT --to-source 10.0.0.1:5009-5000", "Port range `5000' funky"],
+      ["-p tcp -j SNAT --to-source 10.0.0.1:5000-70000", "Port `70000' not valid"],
+      ["-p tcp -j SNAT --to-source 10.0.0.300:5000", 'Bad IP address "10.0.0.300"'],
+    ];
+    for (const [rule, message] of refused) {
+      const r = await run(fake, IPT, `*nat\n:X - [0:0]\n-A X ${rule}\nCOMMIT\n`);
+      assert.equal(r.code, 2, rule);
+      assert.equal(
+        r.stderr,
+        `iptables-nft-restore v1.8.9 (nf_tables): ${message}\nError occurred at line: 3\nTry \`iptables-nft-restore -h' or 'iptables-nft-restore --help' for more information.\n`,
+        rule,
+      );
+    }
   });
 
   it("says so, with a non-zero exit, for everything it does not model", async () => {
@@ -1789,6 +1892,98 @@ describe("FakeKernel: nft", () => {
     assert.match(r.stderr, /^FakeKernel does not model the nft rule syntax "log"/);
   });
 
+  it("spreads over chains with numgen and an anonymous verdict map, matches protocol sets, and SNATs to ports only after a protocol match, as nft 1.0.6 does", async () => {
+    const fake = new FakeKernel();
+    await ok(
+      fake,
+      NFT,
+      [
+        "add table inet t",
+        "add map inet t snat4 { type mark : ipv4_addr; }",
+        "add chain inet t a",
+        "add chain inet t b",
+        "add chain inet t post { type nat hook postrouting priority 90; policy accept; }",
+        "add chain inet t pre { type filter hook prerouting priority -150; policy accept; }",
+        "",
+      ].join("\n"),
+    );
+    const refused: [string, string][] = [
+      [
+        "add rule inet t a numgen inc mod 2 vmap { 0 : goto b, 1 : goto nope }",
+        "/dev/stdin:1:55-55: Error: Could not process rule: No such file or directory\nadd rule inet t a numgen inc mod 2 vmap { 0 : goto b, 1 : goto nope }\n                                                      ^\n",
+      ],
+      [
+        "add rule inet t a numgen inc mod 2 vmap { 0 : goto post, 1 : goto b }",
+        "/dev/stdin:1:43-43: Error: Could not process rule: Operation not supported\nadd rule inet t a numgen inc mod 2 vmap { 0 : goto post, 1 : goto b }\n                                          ^\n",
+      ],
+      [
+        "add rule inet t a numgen inc mod 2 vmap { x : goto a, 1 : goto b }",
+        "/dev/stdin:1:43-43: Error: Could not parse integer\nadd rule inet t a numgen inc mod 2 vmap { x : goto a, 1 : goto b }\n                                          ^\n",
+      ],
+      [
+        "add rule inet t a numgen inc mod 0 vmap { 0 : goto b }",
+        "/dev/stdin:1:19-34: Error: Could not process rule: Numerical result out of range\nadd rule inet t a numgen inc mod 0 vmap { 0 : goto b }\n                  ^^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t a numgen inc mod 2 vmap { 0 : goto b, 1 : 5 }",
+        "/dev/stdin:1:59-59: Error: syntax error, unexpected number\nadd rule inet t a numgen inc mod 2 vmap { 0 : goto b, 1 : 5 }\n                                                          ^\n",
+      ],
+      [
+        "add rule inet t a numgen foo mod 2 vmap { 0 : goto b }",
+        "/dev/stdin:1:26-28: Error: syntax error, unexpected string, expecting random or inc\nadd rule inet t a numgen foo mod 2 vmap { 0 : goto b }\n                         ^^^\n",
+      ],
+      [
+        "add rule inet t post meta l4proto { tcp, bogus } snat ip to meta mark & 0xffffff00 map @snat4 : 5000-5009",
+        "/dev/stdin:1:42-46: Error: Could not resolve protocol name\nadd rule inet t post meta l4proto { tcp, bogus } snat ip to meta mark & 0xffffff00 map @snat4 : 5000-5009\n                                         ^^^^^\n",
+      ],
+      [
+        "add rule inet t post meta l4proto { } snat ip to meta mark & 0xffffff00 map @snat4 : 5000",
+        "/dev/stdin:1:37-37: Error: syntax error, unexpected '}'\nadd rule inet t post meta l4proto { } snat ip to meta mark & 0xffffff00 map @snat4 : 5000\n                                    ^\n",
+      ],
+      [
+        "add rule inet t post meta l4proto { tcp, udp } snat ip to meta mark & 0xffffff00 map @snat4 : 5009-5000",
+        "/dev/stdin:1:95-103: Error: Range has zero or negative size\nadd rule inet t post meta l4proto { tcp, udp } snat ip to meta mark & 0xffffff00 map @snat4 : 5009-5000\n                                                                                              ^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t post meta l4proto { tcp, udp } snat ip to meta mark & 0xffffff00 map @snat4 : 5000-70000",
+        "/dev/stdin:1:100-104: Error: Service out of range\nadd rule inet t post meta l4proto { tcp, udp } snat ip to meta mark & 0xffffff00 map @snat4 : 5000-70000\n                                                                                                   ^^^^^\n",
+      ],
+      [
+        "add rule inet t post meta nfproto ipv4 meta mark & 0xff000000 == 0x28000000 snat ip to meta mark & 0xffffff00 map @snat4 : 5000-5009",
+        "/dev/stdin:1:124-132: Error: transport protocol mapping is only valid after transport protocol match\nadd rule inet t post meta nfproto ipv4 meta mark & 0xff000000 == 0x28000000 snat ip to meta mark & 0xffffff00 map @snat4 : 5000-5009\n                                                                            ~~~~                                           ^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t pre meta l4proto { tcp, udp, sctp } snat ip to meta mark & 0xffffff00 map @snat4 : 5000-5009",
+        "/dev/stdin:1:1-109: Error: Could not process rule: Operation not supported\nadd rule inet t pre meta l4proto { tcp, udp, sctp } snat ip to meta mark & 0xffffff00 map @snat4 : 5000-5009\n^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+      ],
+    ];
+    for (const [rule, stderr] of refused) {
+      const r = await run(fake, NFT, `${rule}\n`);
+      assert.equal(r.code, 1, rule);
+      assert.equal(r.stderr, stderr, rule);
+    }
+    await ok(
+      fake,
+      NFT,
+      [
+        'add rule inet t a numgen inc mod 2 vmap { 0 : goto b, 1 : goto b } comment "rr #x"',
+        "add rule inet t post meta nfproto ipv4 meta mark & 0xff000000 == 0x28000000 meta l4proto { tcp, udp, sctp } snat ip to meta mark & 0xffffff00 map @snat4 : 5000-5009",
+        "add rule inet t post meta l4proto tcp snat ip to meta mark & 0xffffff00 map @snat4 : 5000",
+        "add rule inet t post tcp dport 80 snat ip to meta mark & 0xffffff00 map @snat4 : 5000-5001",
+        "",
+      ].join("\n"),
+    );
+    // The chains an anonymous verdict map goes to are in use, as those of a goto.
+    const busy = await run(fake, NFT, "delete chain inet t b\n");
+    assert.equal(
+      busy.stderr,
+      "/dev/stdin:1:21-21: Error: Could not process rule: Device or resource busy\ndelete chain inet t b\n                    ^\n",
+    );
+    // ...and a base chain reaching snat through one is checked like any other path.
+    const reached = await run(fake, NFT, "add rule inet t pre ip saddr 10.0.0.1 goto a\n");
+    assert.equal(reached.code, 0, "a and b hold nothing a prerouting chain may not run");
+  });
+
   it("says so, with a non-zero exit, for everything it does not model", async () => {
     const inTable = (lines: string) => `add table inet t\nadd chain inet t c\n${lines}\n`;
     for (const [argv, stdin] of [
@@ -2025,8 +2220,20 @@ const POLICY_DESTINATIONS = [
 const policyArb = fc.record({
   app: fc.constantFrom("web", "db"),
   destinations: fc.subarray(POLICY_DESTINATIONS),
-  /** An address from the pool, the pool's lowest free address, or the gateway node's own. */
-  egress: fc.constantFrom("10.168.60.101", "10.168.60.102", "fd00:a::101", "pool", "nodeIP"),
+  /**
+   * An address from the pool, several, the pool's lowest free address(es), or the gateway node's
+   * own.
+   */
+  egress: fc.constantFrom(
+    "10.168.60.101",
+    "10.168.60.102",
+    "fd00:a::101",
+    "10.168.60.102,10.168.60.103",
+    "10.168.60.104,10.168.60.105,fd00:a::104,fd00:a::105",
+    "pool",
+    "pool2",
+    "nodeIP",
+  ),
   excluded: fc.subarray(["203.0.113.128/25", "192.0.2.0/24"]),
   priority: fc.option(fc.integer({ min: 0, max: 100 }), { nil: undefined }),
   ports: fc.option(
@@ -2050,6 +2257,7 @@ const snapshotArb = fc.record({
     maxLength: 8,
   }),
   policies: fc.array(policyArb, { maxLength: 3 }),
+  snatPorts: fc.boolean(),
 });
 
 type RandomCluster = typeof snapshotArb extends fc.Arbitrary<infer T> ? T : never;
@@ -2087,7 +2295,10 @@ function randomSnapshot(r: RandomCluster): Snapshot {
         destinationCIDRs: p.destinations,
         excludedCIDRs: p.excluded,
         ...(p.egress === "nodeIP" ? { useNodeIP: true } : {}),
-        ...(p.egress === "pool" || p.egress === "nodeIP" ? {} : { egressIP: [p.egress] }),
+        ...(p.egress === "pool2" ? { egressIPCount: 2 } : {}),
+        ...(p.egress.startsWith("pool") || p.egress === "nodeIP"
+          ? {}
+          : { egressIP: p.egress.split(",") }),
         ...(p.priority === undefined ? {} : { priority: p.priority }),
         ...(p.ports === undefined ? {} : { ports: p.ports }),
       }),
@@ -2111,7 +2322,9 @@ describe("Datapath between random plans (property)", () => {
           const dp = datapathOn(fake);
           let plan: NodePlan | undefined;
           for (const [r, partial, random] of steps) {
-            plan = planWith(index, await dp.read(), randomSnapshot(r), random);
+            plan = planWith(index, await dp.read(), randomSnapshot(r), random, {
+              snatPorts: r.snatPorts ? SNAT_PORTS : undefined,
+            });
             await dp.sync(plan, { partial });
             await assertHolds(dp, plan);
             assert.equal(foreign(fake.dump()), foreign(seeded));
@@ -2240,7 +2453,13 @@ function nftDatapathOn(runner: Runner): Promise<Datapath> {
 }
 
 /** What the agent does with `datapath: "nftables"`: facts from the kernel, then the plan. */
-function nftPlanWith(index: number, state: KernelState, s: Snapshot, random = 0.5): NodePlan {
+function nftPlanWith(
+  index: number,
+  state: KernelState,
+  s: Snapshot,
+  random = 0.5,
+  config: Partial<NodeConfig> = {},
+): NodePlan {
   const outcome = computeCluster(s);
   const self = s.nodes.find((n) => n.name === `node-${index}`)!;
   const local = localFactsFrom(state, {
@@ -2250,7 +2469,10 @@ function nftPlanWith(index: number, state: KernelState, s: Snapshot, random = 0.
     random: () => random,
   });
   return planNode(
-    nodeViewFromOutcome(outcome, `node-${index}`, { local, config: { datapath: "nftables" } }),
+    nodeViewFromOutcome(outcome, `node-${index}`, {
+      local,
+      config: { ...config, datapath: "nftables" },
+    }),
   );
 }
 
@@ -2527,7 +2749,9 @@ describe("Datapath on nftables between random plans (property)", () => {
           const dp = await nftDatapathOn(fake);
           let plan: NodePlan | undefined;
           for (const [r, partial, random] of steps) {
-            plan = nftPlanWith(index, await dp.read(), randomSnapshot(r), random);
+            plan = nftPlanWith(index, await dp.read(), randomSnapshot(r), random, {
+              snatPorts: r.snatPorts ? SNAT_PORTS : undefined,
+            });
             await dp.sync(plan, { partial });
             await assertHoldsNft(fake, dp, plan);
             assert.equal(foreign(fake.dump()), foreign(seeded));

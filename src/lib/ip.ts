@@ -280,6 +280,19 @@ export function compareCidrs(a: Cidr, b: Cidr): number {
   return a.prefix - b.prefix;
 }
 
+/**
+ * Sorts and de-duplicates address texts into canonical form: IPv4 first, each family in address
+ * order (10.0.0.9 before 10.0.0.10).
+ */
+export function normalizeAddressList(texts: Iterable<string>): string[] {
+  const seen = new Map<string, Address>();
+  for (const text of texts) {
+    const a = parseAddress(text);
+    seen.set(formatAddress(a), a);
+  }
+  return [...seen.values()].sort(compareAddresses).map(formatAddress);
+}
+
 /** Sorts and de-duplicates CIDR texts into canonical form. */
 export function normalizeCidrList(texts: Iterable<string>): string[] {
   const seen = new Map<string, Cidr>();

@@ -95,6 +95,17 @@ export function ruleArgs(rule: Rule): string[] {
     );
   }
   if (rule.dports !== undefined) args.push("-m", "multiport", "--dports", rule.dports);
+  if (rule.statistic !== undefined)
+    args.push(
+      "-m",
+      "statistic",
+      "--mode",
+      "nth",
+      "--every",
+      String(rule.statistic.every),
+      "--packet",
+      String(rule.statistic.packet),
+    );
   if (rule.comment !== undefined) args.push("-m", "comment", "--comment", quote(rule.comment));
   args.push(...targetArgs(rule.target));
   return args;
@@ -191,7 +202,15 @@ export function parseRuleArgs(words: readonly string[]): Rule {
         if (d !== "ORIGINAL" && d !== "REPLY") throw new UnknownRuleError(`ctdir ${d}`);
         rule.ctdir = d;
       } else if (module === "multiport" && opt === "--dports") rule.dports = next();
-      else if (module === "comment" && opt === "--comment") rule.comment = next();
+      else if (module === "statistic" && opt === "--mode" && !invert) {
+        if (next() !== "nth" || next() !== "--every") throw new UnknownRuleError("statistic mode");
+        const every = Number(next());
+        if (next() !== "--packet") throw new UnknownRuleError("statistic packet");
+        const packet = Number(next());
+        if (!Number.isInteger(every) || !Number.isInteger(packet))
+          throw new UnknownRuleError("statistic numbers");
+        rule.statistic = { every, packet };
+      } else if (module === "comment" && opt === "--comment") rule.comment = next();
       else throw new UnknownRuleError(`match -m ${module} ${opt}`);
     } else if (w === "-j" || w === "-g") {
       const t = next();

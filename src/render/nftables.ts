@@ -15,6 +15,10 @@
  *       table, rewrites it: nftables runs every base chain of a hook, and only the first NAT
  *       binding counts); SNAT mark → the egress IP its index names (`map @snat4`).
  *
+ * A policy with several egress IPs of a family SNATs through the chain of its group,
+ * `snat4-<i>-<j>…` (the indexes of its addresses): `numgen inc mod N vmap { 0 : goto snat4-<i>,
+ * … }` sends each new connection to the next address's chain, round-robin.
+ *
  * Every rule carries a comment ending in `#<id>`, an id derived from the rule's text, so that
  * reading the table back tells which rules are there without parsing nftables' rewritten forms.
  * Sets and maps are compared element by element; classes are compared by identity when the
@@ -135,6 +139,25 @@ function snatChainName(family: Family, index: number): string {
   return `snat${family}-${index}`;
 }
 
+/** The chain of a group of egress IPs: their indexes in `snat`, e.g. `snat4-0-3`. */
+function groupChainName(family: Family, group: readonly string[], snat: readonly string[]): string {
+  return `snat${family}-${group
+    .map((a) => {
+      const i = snat.indexOf(a);
+      if (i < 0)
+        throw new RangeError(
+          `Cannot name the SNAT group ${group.join(",")}: ${a} is no SNAT address`,
+        );
+      return i;
+    })
+    .join("-")}`;
+}
+
+/** `: 5000-5009`, the source ports every SNAT to an egress IP names (TCP, UDP and SCTP). */
+function portsText(ports: NftPlan["snatPorts"]): string {
+  return ports === undefined ? "" : ` : ${ports.first}-${ports.last}`;
+}
+
 const masked = (mask: number, value: number) => `meta mark & ${hex(mask)} == ${hex(value)}`;
 const ctMasked = (mask: number, value: number) => `ct mark & ${hex(mask)} == ${hex(value)}`;
 const setMark = (value: number) =>
@@ -197,6 +220,18 @@ export function desiredTable(
           { text: `${setMark(snatMark(i))} accept` },
         ],
       });
+    for (const group of nft.snatGroups?.[family] ?? []) {
+      const targets = group.map((a, k) => `${k} : goto ${snatChainName(family, snat.indexOf(a))}`);
+      chains.push({
+        name: groupChainName(family, group, snat),
+        rules: [
+          {
+            text: `numgen inc mod ${group.length} vmap { ${targets.join(", ")} }`,
+            comment: `new connections round-robin over ${group.length} egress IPs`,
+          },
+        ],
+      });
+    }
     for (const c of nft.classes[family] ?? []) {
       classes.set(c.name, c);
       sets.push(classMapDef(c));
@@ -280,6 +315,12 @@ export function desiredTable(
       text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${masked(PREFIX_MASK, KEEP_MARK)} snat ${IP[family]} to ${IP[family]} saddr`,
       comment: "no SNAT for steered traffic: an identity binding keeps other NAT chains off it",
     });
+    // nft names ports only after a transport protocol match; other protocols (ICMP) below.
+    if (nft.snatPorts !== undefined)
+      postrouting.push({
+        text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${masked(PREFIX_MASK, SNAT_PREFIX)} meta l4proto { tcp, udp, sctp } snat ${IP[family]} to meta mark & ${hex(MARK_WRITE_MASK)} map @snat${family}${portsText(nft.snatPorts)}`,
+        comment: "SNAT to the egress IP the mark names, from the source ports --snat-ports names",
+      });
     postrouting.push({
       text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${masked(PREFIX_MASK, SNAT_PREFIX)} snat ${IP[family]} to meta mark & ${hex(MARK_WRITE_MASK)} map @snat${family}`,
       comment: "SNAT to the egress IP the mark names",
@@ -343,6 +384,8 @@ export function entryValue(e: ClassEntry, family: Family, snat: readonly string[
   const v = e.verdict;
   if (v.kind === "drop") return "drop";
   if (v.kind === "steer") return `goto ${steerChainName(v.nodeID)}`;
+  if (v.eips !== undefined && v.eips.length > 1)
+    return `goto ${groupChainName(family, v.eips, snat)}`;
   return `goto ${snatChainName(family, snat.indexOf(v.eip))}`;
 }
 
