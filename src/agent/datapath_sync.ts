@@ -53,6 +53,10 @@ export class DatapathSync {
   lastPlanMs = 0;
   /** Time the first event of the last sync waited for it to start. */
   lastWaitMs = 0;
+  /** Triggers so far, and how many of them the kernel holds (-1: no sync succeeded yet). */
+  #requested = 0;
+  #appliedUpTo = -1;
+  #waiters: { readonly generation: number; readonly resolve: () => void }[] = [];
 
   constructor(options: DatapathSyncOptions) {
     this.#o = options;
@@ -80,10 +84,26 @@ export class DatapathSync {
   stop(): void {
     this.#loop.stop();
   }
-  /** Something the plan depends on changed. */
-  trigger(): void {
+  /**
+   * Something the plan depends on changed. Returns the change's generation: `applied(g)`
+   * resolves once a sync that started after it succeeded.
+   */
+  trigger(): number {
     this.#pendingSince ??= this.#o.clock.now();
     this.#loop.trigger();
+    return ++this.#requested;
+  }
+  /** The generation of the last trigger (0 before any). */
+  get requested(): number {
+    return this.#requested;
+  }
+  /**
+   * Resolves once the kernel holds every change up to `generation` (and, for 0, once the first
+   * sync succeeded). A failed sync resolves nothing: the retry does.
+   */
+  applied(generation: number): Promise<void> {
+    if (this.#appliedUpTo >= generation) return Promise.resolve();
+    return new Promise((resolve) => this.#waiters.push({ generation, resolve }));
   }
   idle(): Promise<void> {
     return this.#loop.idle();
@@ -104,6 +124,8 @@ export class DatapathSync {
   }
 
   async #sync(full: boolean): Promise<void> {
+    // The plan below takes every change triggered so far.
+    const generation = this.#requested;
     const since = this.#pendingSince;
     this.#pendingSince = undefined;
     this.lastWaitMs = since === undefined ? 0 : this.#o.clock.now() - since;
@@ -117,6 +139,7 @@ export class DatapathSync {
       if (!full && plan === this.#applied) {
         // Nothing this node carries changed: no kernel work.
         this.#observe(since);
+        this.#held(generation);
         return;
       }
       const report = await this.#o.datapath.sync(
@@ -154,6 +177,7 @@ export class DatapathSync {
       this.#applied = plan;
       this.#lastReport = report;
       this.#observe(since);
+      this.#held(generation);
       this.#o.onSynced?.(plan, report);
     } catch (e) {
       m.syncs.inc({ kind, result: "error" });
@@ -161,6 +185,14 @@ export class DatapathSync {
       if (since !== undefined) this.#pendingSince = Math.min(since, this.#pendingSince ?? since);
       throw e;
     }
+  }
+
+  #held(generation: number): void {
+    this.#appliedUpTo = Math.max(this.#appliedUpTo, generation);
+    if (this.#waiters.length === 0) return;
+    const done = this.#waiters.filter((w) => w.generation <= this.#appliedUpTo);
+    this.#waiters = this.#waiters.filter((w) => w.generation > this.#appliedUpTo);
+    for (const w of done) w.resolve();
   }
 
   #observe(since: number | undefined): void {

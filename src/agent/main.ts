@@ -12,6 +12,7 @@ import type { Family } from "../lib/ip.ts";
 import { createLogger } from "../lib/log.ts";
 import { datapathMetrics, gaugeOf, Registry, trafficMetrics } from "../lib/metrics.ts";
 import { Agent } from "./agent.ts";
+import { CniServer } from "./cni_server.ts";
 import { nftPolicyOf, syncedPlanOf, TrafficCollector } from "./traffic.ts";
 import { WorkerTrafficReader } from "./traffic_worker.ts";
 
@@ -41,6 +42,8 @@ export interface AgentFlags {
   /** Source ports the SNAT rules name (TCP, UDP, SCTP); undefined: none, the kernel's choice. */
   snatPorts?: PortRange | undefined;
   topDestinations: number;
+  /** Serve sallyport-cni on this Unix socket (src/agent/cni_server.ts); undefined: no socket. */
+  cniSocket?: string | undefined;
 }
 
 export async function runAgent(flags: AgentFlags): Promise<void> {
@@ -149,6 +152,12 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
   });
   await agent.start();
   log.info("agent started");
+  // After the caches are filled: an ADD is answered from a complete view of the policies.
+  const cni =
+    flags.cniSocket === undefined || flags.cniSocket === ""
+      ? undefined
+      : new CniServer({ socket: flags.cniSocket, agent, log });
+  await cni?.start();
   // traffic: what the last agent reported stays until measured otherwise
   traffic?.adopt(agent.egressNodes.get(flags.node)?.status?.snatSaturation ?? []);
   traffic?.start();
@@ -157,6 +166,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
   // a planned restart (a rolling update): ask the controller to hold this node meanwhile.
   const shutdown = async () => {
     traffic?.stop();
+    await cni?.stop();
     await agent.stop({ restartHoldMs: flags.restartHoldMs });
     process.exit(0);
   };

@@ -191,6 +191,23 @@ export class AgentState {
   /** policy key → slice names */
   readonly #policySlices = new Map<string, Set<string>>();
   readonly #localPods = new Map<string, PodInfo>();
+  /** This node's pods as the watch shows them; `#localPods` holds them with CNI's addresses. */
+  readonly #watchedPods = new Map<string, PodInfo>();
+  /**
+   * Addresses the CNI plugin reported at ADD (src/agent/cni_server.ts), by pod: they win over
+   * the Pod's status, which has none yet at ADD and may still name an older sandbox's after.
+   */
+  readonly #cniAddresses = new Map<
+    string,
+    { readonly containerId: string; readonly ips: readonly string[] }
+  >();
+  /**
+   * Pods of this node whose network CNI DEL removed: no address of theirs stays in a set, not
+   * even from a slice the controller has not rewritten yet, since IPAM may give it to a new pod.
+   */
+  readonly #released = new Set<string>();
+  /** pod key → the slices naming it as an endpoint of this node */
+  readonly #localSliceRefs = new Map<string, Set<string>>();
   /** policy key → keys of this node's pods it selects */
   readonly #selected = new Map<string, Set<string>>();
   readonly #namespaceLabels = new Map<string, Labels>();
@@ -258,6 +275,7 @@ export class AgentState {
     }
     this.#slices.set(name, { policy: slice.policy, endpoints });
     getOrInsert(this.#policySlices, slice.policy, () => new Set()).add(name);
+    this.#indexLocalEndpoints(name, before?.endpoints ?? [], endpoints);
     this.#refreshView(slice.policy);
   }
 
@@ -266,21 +284,117 @@ export class AgentState {
     if (before === undefined) return;
     this.#slices.delete(name);
     this.#policySlices.get(before.policy)?.delete(name);
+    this.#indexLocalEndpoints(name, before.endpoints, []);
     this.#refreshView(before.policy);
+  }
+
+  #indexLocalEndpoints(
+    slice: string,
+    before: readonly EndpointView[],
+    after: readonly EndpointView[],
+  ): void {
+    for (const e of before) {
+      if (e.node !== this.node) continue;
+      const refs = this.#localSliceRefs.get(e.pod);
+      refs?.delete(slice);
+      if (refs?.size === 0) {
+        this.#localSliceRefs.delete(e.pod);
+        this.#forgetReleased(e.pod);
+      }
+    }
+    for (const e of after)
+      if (e.node === this.node)
+        getOrInsert(this.#localSliceRefs, e.pod, () => new Set()).add(slice);
+  }
+
+  /** A released pod is forgotten once neither its Pod object nor a slice names it. */
+  #forgetReleased(key: string): void {
+    if (!this.#watchedPods.has(key) && !this.#localSliceRefs.has(key)) this.#released.delete(key);
   }
 
   /** A pod of this node (the agent's node-scoped watch): steered before its slice arrives. */
   setLocalPod(pod: PodInfo): void {
     const key = podKey(pod);
+    this.#watchedPods.set(key, pod);
+    this.#applyLocalPod(key);
+  }
+
+  deleteLocalPod(key: string): void {
+    this.#watchedPods.delete(key);
+    this.#cniAddresses.delete(key);
+    this.#forgetReleased(key);
+    if (!this.#localPods.delete(key)) return;
+    this.#reselect(key, undefined, false);
+  }
+
+  /**
+   * CNI ADD on this node: the pod's network exists with these addresses. They count at once,
+   * before the Pod's status names them. Returns false when the watch has not shown the Pod yet
+   * (the addresses are kept for when it does).
+   */
+  attachPodNetwork(key: string, containerId: string, ips: readonly string[]): boolean {
+    this.#cniAddresses.set(key, { containerId, ips: [...ips] });
+    if (this.#released.delete(key)) this.#refreshSlicePolicies(key);
+    this.#applyLocalPod(key);
+    return this.#watchedPods.has(key);
+  }
+
+  /**
+   * CNI DEL on this node: the pod's addresses leave every set now, whatever the Pod's status
+   * and the slices still say. A DEL for another sandbox of the pod than the one ADD reported
+   * last changes nothing (returns false).
+   */
+  detachPodNetwork(key: string, containerId: string): boolean {
+    const current = this.#cniAddresses.get(key);
+    if (current !== undefined && current.containerId !== containerId) return false;
+    this.#cniAddresses.delete(key);
+    if (!this.#released.has(key)) {
+      this.#released.add(key);
+      this.#refreshSlicePolicies(key);
+    }
+    this.#applyLocalPod(key);
+    this.#forgetReleased(key);
+    return true;
+  }
+
+  /** Whether the node's pod watch has shown this pod. */
+  hasLocalPod(key: string): boolean {
+    return this.#watchedPods.has(key);
+  }
+
+  /** The addresses this node's sets hold for one of its pods ([] when none). */
+  localPodAddresses(key: string): readonly string[] {
+    return this.#localPods.get(key)?.ips ?? [];
+  }
+
+  /** The policies whose sets on this node hold the pod (by its own node's knowledge). */
+  selecting(key: string): string[] {
+    const out: string[] = [];
+    for (const [policy, pods] of this.#selected)
+      if (pods.has(key) && this.#views.has(policy)) out.push(policy);
+    return out.sort();
+  }
+
+  #applyLocalPod(key: string): void {
+    const watched = this.#watchedPods.get(key);
+    if (watched === undefined) return;
+    const cni = this.#cniAddresses.get(key);
+    const pod: PodInfo = this.#released.has(key)
+      ? { ...watched, ips: [] }
+      : cni !== undefined
+        ? { ...watched, ips: cni.ips }
+        : watched;
     const before = this.#localPods.get(key);
     if (before !== undefined && samePod(before, pod)) return;
     this.#localPods.set(key, pod);
     this.#reselect(key, pod, before !== undefined && !deepEqual(before.ips, pod.ips));
   }
 
-  deleteLocalPod(key: string): void {
-    if (!this.#localPods.delete(key)) return;
-    this.#reselect(key, undefined, false);
+  #refreshSlicePolicies(key: string): void {
+    for (const slice of this.#localSliceRefs.get(key) ?? []) {
+      const policy = this.#slices.get(slice)?.policy;
+      if (policy !== undefined) this.#refreshView(policy);
+    }
   }
 
   setNamespace(name: string, labels: Labels): void {
@@ -441,6 +555,7 @@ export class AgentState {
     // whatever order the events came in.
     for (const name of [...(this.#policySlices.get(key) ?? [])].sort()) {
       for (const e of this.#slices.get(name)?.endpoints ?? []) {
+        if (e.node === this.node && this.#released.has(e.pod)) continue;
         if (!byPod.has(e.pod)) byPod.set(e.pod, e);
       }
     }
@@ -449,7 +564,9 @@ export class AgentState {
       const pod = this.#localPods.get(podName);
       if (pod === undefined) continue;
       const e = byPod.get(podName);
-      if (e === undefined || e.node !== this.node) byPod.set(podName, localEndpoint(pod));
+      // What CNI reported for a pod of this node is newer than any slice (a new sandbox).
+      if (e === undefined || e.node !== this.node || this.#cniAddresses.has(podName))
+        byPod.set(podName, localEndpoint(pod));
     }
     const endpoints = [...byPod.values()].sort((a, b) =>
       a.pod < b.pod ? -1 : a.pod > b.pod ? 1 : 0,

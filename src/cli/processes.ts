@@ -214,6 +214,10 @@ export function processCommands(program: Command): void {
           "destinations named per egress IP in the SNAT metrics; the rest are one 'other' series",
           int,
           10,
+        )
+        .option(
+          "--cni-socket <path>",
+          "serve the chained CNI plugin sallyport-cni on this Unix socket (e.g. /run/sallyport/cni.sock); default: none",
         ),
     ),
   ).action(async (f) => {
