@@ -50,7 +50,7 @@ interface Unit {
   /** The unit's addresses sorted and joined, or its policy's key when it has none. */
   readonly key: string;
   /** Oldest first. */
-  readonly members: readonly Member[];
+  readonly members: Member[];
   readonly gateway: string;
   readonly iface: string | undefined;
   node: string | undefined;
@@ -114,6 +114,8 @@ export class Placement {
   readonly #onNode = new Map<string, Set<Unit>>();
   readonly #load = new Map<string, number>();
   readonly #dirty = new Set<Unit>();
+  /** Members that joined a placed unit in place: place() reports them. */
+  readonly #joined = new Set<string>();
   readonly #changedGateways = new Set<string>();
 
   // --- inputs
@@ -199,6 +201,8 @@ export class Placement {
         : member !== undefined && sameMember(current, member)
     )
       return;
+    if (current === undefined && member !== undefined && this.#join(member)) return;
+    if (current !== undefined && member === undefined && this.#leave(current)) return;
     // Every policy whose unit may split or merge: the old unit's, and those sharing an address.
     const affected = new Set<string>();
     const drop = (k: string) => {
@@ -232,6 +236,63 @@ export class Placement {
     }
     affected.delete(member === undefined ? key : "");
     for (const k of affected) if (!this.#unitOf.has(k)) this.#buildUnit(k);
+  }
+
+  /**
+   * A new member whose addresses all belong to one unit already, and which is not older than that
+   * unit's oldest member, joins it without rebuilding it: the unit's key, gateway, interface and
+   * node stay what they are. A thousand policies naming one address cost a thousand binary
+   * searches instead of a thousand rebuilds of a growing unit (measured: 5.8 s of the controller's
+   * 9.8 s while 1,000 such policies were created).
+   */
+  #join(member: Member): boolean {
+    if (!member.shared || member.addresses.length === 0) return false;
+    let unit: Unit | undefined;
+    for (const a of member.addresses) {
+      // Policies sharing an address are in one unit: the first one names it.
+      const first = this.#sharing.get(a)?.values().next().value;
+      const u = first === undefined ? undefined : this.#unitOf.get(first);
+      if (u === undefined || (unit !== undefined && u !== unit)) return false;
+      unit = u;
+    }
+    const members = unit!.members;
+    if (byAge(member, members[0]!) < 0) return false;
+    let lo = 1;
+    let hi = members.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (byAge(members[mid]!, member) < 0) lo = mid + 1;
+      else hi = mid;
+    }
+    members.splice(lo, 0, member);
+    this.#members.set(member.key, member);
+    for (const a of member.addresses) this.#sharing.get(a)!.add(member.key);
+    this.#unitOf.set(member.key, unit!);
+    this.#joined.add(member.key);
+    return true;
+  }
+
+  /**
+   * A member that is not its unit's oldest leaves a unit whose members all share one address: the
+   * rest stays one unit, where it is.
+   */
+  #leave(current: Member): boolean {
+    const unit = this.#unitOf.get(current.key);
+    if (
+      unit === undefined ||
+      !current.shared ||
+      current.addresses.length !== 1 ||
+      unit.key !== current.addresses[0] ||
+      unit.members[0] === current
+    )
+      return false;
+    unit.members.splice(unit.members.indexOf(current), 1);
+    this.#members.delete(current.key);
+    const set = this.#sharing.get(unit.key)!;
+    set.delete(current.key);
+    this.#unitOf.delete(current.key);
+    this.#joined.delete(current.key);
+    return true;
   }
 
   #buildUnit(start: string): void {
@@ -359,7 +420,8 @@ export class Placement {
    * @returns the policies of the units placed (their node may be the same as before)
    */
   place(lastNode: (key: string) => string | undefined): Set<string> {
-    const placed = new Set<string>();
+    const placed = new Set<string>(this.#joined);
+    this.#joined.clear();
     if (this.#dirty.size === 0) return placed;
     const units = [...this.#dirty];
     this.#dirty.clear();

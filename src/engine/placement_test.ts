@@ -101,6 +101,34 @@ describe("Placement", () => {
     assert.deepEqual([...placed].sort(), ["x", "z"], "both halves are placed again");
   });
 
+  it("policies joining and leaving a shared address's unit move nothing and report only themselves", () => {
+    const p = setup();
+    const shared = (key: string, day: number) =>
+      member(key, day, { addresses: ["10.9.0.1"], shared: true });
+    p.setMember("p1", member("p1", 1));
+    p.setMember("s0", shared("s0", 2));
+    p.place(nowhere);
+    const node = p.nodeOf("s0");
+    const last = (k: string) => p.nodeOf(k);
+    for (const [i, day] of [3, 5, 4, 3].entries()) {
+      p.setMember(`s${i + 1}`, shared(`s${i + 1}`, day));
+      assert.deepEqual([...p.place(last)], [`s${i + 1}`], "only the newcomer is placed");
+      assert.equal(p.nodeOf(`s${i + 1}`), node);
+    }
+    p.setMember("s2", undefined);
+    assert.deepEqual([...p.place(last)], [], "a member leaving moves nobody");
+    assert.equal(p.nodeOf("s2"), undefined);
+    assert.deepEqual([...p.placedOn(node!)].sort(), ["s0", "s1", "s3", "s4"]);
+    // The oldest leaving hands the unit to the next oldest, on the same node.
+    p.setMember("s0", undefined);
+    assert.deepEqual([...p.place(last)].sort(), ["s1", "s3", "s4"]);
+    assert.deepEqual([...p.placedOn(node!)].sort(), ["s1", "s3", "s4"]);
+    // An older newcomer is the unit's oldest: the unit is built again.
+    p.setMember("s5", shared("s5", 2));
+    assert.deepEqual([...p.place(last)].sort(), ["s1", "s3", "s4", "s5"]);
+    assert.equal(p.nodeOf("s5"), node);
+  });
+
   it("places interface units only on nodes that report the interface", () => {
     const p = setup();
     p.setMember("i", member("i", 1, { iface: "eth1", addresses: [] }));
