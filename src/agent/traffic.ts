@@ -162,8 +162,9 @@ function snatTargets(
 ): Map<string, PortRange> {
   const out = new Map<string, PortRange>();
   for (const c of counters) {
-    if ((c.kind !== "snat" && c.kind !== "snat_new") || c.egressIP === undefined) continue;
-    if (!out.has(c.egressIP) || c.ports !== undefined) out.set(c.egressIP, c.ports ?? fallback);
+    if (c.kind !== "snat" && c.kind !== "snat_new") continue;
+    for (const ip of c.egressIP === undefined ? (c.egressIPs ?? []) : [c.egressIP])
+      if (!out.has(ip) || c.ports !== undefined) out.set(ip, c.ports ?? fallback);
   }
   return out;
 }

@@ -296,7 +296,26 @@ export function topRows(
   const rate = (n: number) => n / seconds;
   return [...rows.values()]
     .map((r) => {
-      const e = byEgress.get(r.egressIP);
+      // A policy with several egress IPs of a family labels its policy counters with all of
+      // them ("a,b"); its connections and port use are those of each address.
+      const parts = r.egressIP
+        .split(",")
+        .map((ip) => byEgress.get(ip))
+        .filter((x) => x !== undefined);
+      const e =
+        parts.length <= 1
+          ? parts[0]
+          : {
+              connections: parts.reduce((n, p) => n + p.connections, 0),
+              gateways: new Set(parts.flatMap((p) => [...p.gateways])),
+              top: parts
+                .map((p) => p.top)
+                .filter((t) => t !== undefined)
+                .reduce<{ destination: string; saturation: number } | undefined>(
+                  (a, t) => (a === undefined || t.saturation > a.saturation ? t : a),
+                  undefined,
+                ),
+            };
       const row: TopRow = {
         policy: r.policy,
         egressIP: r.egressIP,

@@ -148,6 +148,32 @@ describe("topRows() and formatTop()", () => {
     );
   });
 
+  it("gives a policy with several egress IPs the connections and highest port use of them all", async () => {
+    const gateway = new Agent();
+    const web = "EgressPolicy/team-a/web";
+    const both = "192.0.2.1,192.0.2.2";
+    const destination = (connections: number) => ({
+      destination: "203.0.113.7",
+      port: 443,
+      protocol: "tcp",
+      connections,
+      ports: connections,
+      saturation: connections / 20,
+    });
+    gateway.traffic = [steered(web, both, 0)];
+    const first = [await gateway.scrape("node-2")];
+    gateway.traffic = [steered(web, both, 100)];
+    gateway.egress = [
+      { egressIP: "192.0.2.1", top: [destination(20)] },
+      { egressIP: "192.0.2.2", top: [destination(15)] },
+    ];
+    const rows = topRows(first, [await gateway.scrape("node-2")], 1);
+    assert.deepEqual(
+      rows.map((r) => [r.egressIP, r.gateways, r.connections, r.top]),
+      [[both, ["node-2"], 35, { destination: "203.0.113.7:443/tcp", saturation: 1 }]],
+    );
+  });
+
   it("gives no rate for a series that appeared or went down between the scrapes", async () => {
     const a = new Agent();
     const first = [await a.scrape("node-1")];

@@ -77,6 +77,11 @@ export interface RuleCounter {
   readonly bytes: number;
   /** snat and snat_new: the address the rule rewrites sources to. */
   readonly egressIP?: string;
+  /**
+   * nftables, snat_new of a policy with several egress IPs of the family: the addresses its
+   * verdict's group chain (`goto snat4-0-1`) spreads new connections over.
+   */
+  readonly egressIPs?: readonly string[];
   /** snat and snat_new: the source ports the rule names, if it names any. */
   readonly ports?: PortRange;
   /** nftables: the class map element this counter belongs to. */
@@ -186,6 +191,8 @@ type Json = Record<string, unknown>;
 const CLASS_MAP = /^c([46])-/;
 const STEER_VERDICT = /^goto to-[0-9a-f]{4}$/;
 const SNAT_VERDICT = /^goto snat([46])-(\d+)$/;
+/** A policy with several egress IPs: a chain that picks one of the addresses' chains. */
+const SNAT_GROUP_VERDICT = /^goto snat([46])((?:-\d+){2,})$/;
 
 /** A class map element's verdict as src/render/nftables.ts writes it (`entryValue`). */
 function verdictText(v: unknown): string | undefined {
@@ -269,6 +276,14 @@ export function parseNftClassCounters(output: string, families: readonly Family[
             kind: "snat_new",
             ...(egressIP === undefined ? {} : { egressIP }),
           });
+        } else if (SNAT_GROUP_VERDICT.test(verdict)) {
+          const [, f, indexes] = SNAT_GROUP_VERDICT.exec(verdict)!;
+          const egressIPs = indexes!
+            .slice(1)
+            .split("-")
+            .map((n) => snat.get(`${f} ${snatMark(Number(n))}`))
+            .filter((a) => a !== undefined);
+          out.push({ ...base, kind: "snat_new", egressIPs });
         } else if (STEER_VERDICT.test(verdict)) {
           out.push({ ...base, kind: "steered" });
         } else if (verdict === "drop") {

@@ -219,6 +219,46 @@ describe("parseNftClassCounters()", () => {
     );
   });
 
+  it("names every egress IP of a policy with several: the addresses its group chain picks from", () => {
+    const doc = (map: object) => JSON.stringify({ nftables: [{ map }] });
+    const text = [
+      doc({
+        family: "inet",
+        name: "snat4",
+        table: "sallyport",
+        type: "mark",
+        map: "ipv4_addr",
+        elem: [
+          [0x28000000, "10.2.0.100"],
+          [0x28000100, "10.2.0.101"],
+          [0x28000200, "10.2.0.102"],
+        ],
+      }),
+      doc({
+        family: "inet",
+        name: "c4-y",
+        table: "sallyport",
+        type: ["ipv4_addr", "inet_proto", "inet_service"],
+        map: "verdict",
+        elem: [
+          [
+            {
+              elem: {
+                val: { concat: ["10.0.0.1", "tcp", 80] },
+                counter: { packets: 40, bytes: 2400 },
+              },
+            },
+            { goto: { target: "snat4-0-2" } },
+          ],
+        ],
+      }),
+    ].join("\n");
+    assert.deepEqual(
+      parseNftClassCounters(text, [4]).map((c) => [c.kind, c.egressIP, c.egressIPs, c.packets]),
+      [["snat_new", undefined, ["10.2.0.100", "10.2.0.102"], 40]],
+    );
+  });
+
   it("skips other tables, maps without counters, and verdicts it does not count", () => {
     const doc = (map: object) => JSON.stringify({ nftables: [{ map }] });
     const elem = (verdict: object, port = 80) => [
