@@ -6,6 +6,7 @@
  * plugins built from test/cni-bin/go.mod. What libcni does, in the few lines the sandbox needs.
  */
 import { execFileSync } from "node:child_process";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
 import type { Runner } from "../kernel/runner.ts";
 import type { Family } from "../lib/ip.ts";
@@ -92,7 +93,7 @@ export const LOOPBACK: NetworkConfList = {
 export interface CniRuntime {
   /** Runs in the namespace that owns the pod network (the node's). */
   readonly runner: Runner;
-  /** CNI_PATH: where the plugin binaries are. */
+  /** CNI_PATH: where the plugin binaries are, directories separated by ":" (first match wins). */
   readonly cniPath: string;
 }
 
@@ -103,6 +104,25 @@ export interface PodAttachment {
   readonly netns: string;
   /** CNI_IFNAME @default "eth0" */
   readonly ifname?: string;
+  /** The pod, as kubelet's runtimes pass it in CNI_ARGS (K8S_POD_NAMESPACE, K8S_POD_NAME). */
+  readonly pod?: { readonly namespace: string; readonly name: string };
+}
+
+/** CNI_ARGS as containerd and CRI-O set them for a Kubernetes pod. */
+export function k8sCniArgs(pod: PodAttachment): string | undefined {
+  if (pod.pod === undefined) return undefined;
+  return [
+    "IgnoreUnknown=1",
+    `K8S_POD_NAMESPACE=${pod.pod.namespace}`,
+    `K8S_POD_NAME=${pod.pod.name}`,
+    `K8S_POD_INFRA_CONTAINER_ID=${pod.containerId}`,
+  ].join(";");
+}
+
+/** A plugin's binary: the first directory of CNI_PATH that holds it (libcni's FindInPath). */
+function pluginBinary(cniPath: string, type: string): string {
+  const dirs = cniPath.split(":").filter(Boolean);
+  return join(dirs.find((d) => existsSync(join(d, type))) ?? dirs[0] ?? ".", type);
 }
 
 /** A plugin failed; the message is the plugin's own (CNI spec error codes). */
@@ -131,7 +151,9 @@ async function invoke(
     `CNI_IFNAME=${pod.ifname ?? "eth0"}`,
     `CNI_PATH=${rt.cniPath}`,
   ];
-  const r = await rt.runner.run(["env", ...env, join(rt.cniPath, plugin.type)], {
+  const args = k8sCniArgs(pod);
+  if (args !== undefined) env.push(`CNI_ARGS=${args}`);
+  const r = await rt.runner.run(["env", ...env, pluginBinary(rt.cniPath, plugin.type)], {
     stdin: JSON.stringify(conf),
   });
   if (r.code !== 0) {

@@ -38,6 +38,8 @@ export function agentContainerArgv(options: {
   readonly netns: string;
   readonly kubeconfig: string;
   readonly args: readonly string[];
+  /** More `--volume` mounts, "host:container". */
+  readonly volumes?: readonly string[];
 }): string[] {
   return [
     "podman",
@@ -51,6 +53,7 @@ export function agentContainerArgv(options: {
     ...podmanRunOptions(),
     "--volume",
     `${options.kubeconfig}:${KUBECONFIG_IN_CONTAINER}:ro`,
+    ...(options.volumes ?? []).flatMap((v) => ["--volume", v]),
     options.image,
     "agent",
     "--kubeconfig",

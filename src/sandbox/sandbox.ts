@@ -16,10 +16,20 @@
  * `down` after a crash, finds it again. Nothing is configured in the root namespace.
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
 import { KINDS, type KindName } from "../api/types.ts";
+import { httpTransport } from "../cni/plugin.ts";
+import { CNI_PATHS } from "../cni/protocol.ts";
 import { mustRun } from "../kernel/runner.ts";
 import { applyManifests } from "../kube/apply.ts";
 import {
@@ -63,6 +73,7 @@ import {
 
 const CLI = join(REPO, "src", "cli", "main.ts");
 const ECHO = join(REPO, "src", "sandbox", "echo.ts");
+const CNI_PLUGIN = join(REPO, "src", "cni", "main.ts");
 export const CONTROL_PLANE_ADDRESS = { 4: "192.168.77.2", 6: "fd00:77::2" } as const;
 export const SERVICE_CIDR = { 4: "10.96.0.0/16", 6: "fd00:96::/112" } as const;
 /** The port of the echo server a pod runs when it is added with `echo: true`. */
@@ -90,6 +101,11 @@ export interface SandboxOptions {
   readonly proxyMode?: ProxyMode;
   /** Plugins appended to every node's CNI configuration list (a chained plugin). */
   readonly chainedPlugins?: readonly PluginConf[];
+  /**
+   * sallyport-cni last in every node's configuration list, each node's agent serving it
+   * (`--cni-socket`): a pod is in its policies' sets before CNI ADD returns. @default true
+   */
+  readonly sallyportCni?: boolean;
 }
 
 export interface PodOptions {
@@ -159,6 +175,7 @@ interface SandboxState {
   agentImage?: string;
   proxyMode: ProxyMode;
   chainedPlugins?: PluginConf[];
+  sallyportCni?: boolean;
 }
 
 export function sandboxDir(prefix: string): string {
@@ -185,8 +202,34 @@ export class Sandbox {
       families: state.families,
       podNetwork: "cni",
       cniDir: join(dir, "cni"),
-      chainedPlugins: state.chainedPlugins ?? [],
+      chainedPlugins: (i) => [
+        ...(state.chainedPlugins ?? []),
+        ...(state.sallyportCni === true ? [this.#sallyportPlugin(i)] : []),
+      ],
+      ...(state.sallyportCni === true ? { extraCniPath: join(dir, "cni", "bin") } : {}),
     });
+  }
+
+  /** Where node `i`'s agent serves sallyport-cni (a directory of its own: podman mounts it). */
+  cniSocketDir(i: number): string {
+    return join(this.dir, "run", `node-${i}`);
+  }
+
+  #sallyportPlugin(i: number): PluginConf {
+    return {
+      type: "sallyport-cni",
+      socket: join(this.cniSocketDir(i), "cni.sock"),
+      timeoutMs: 10_000,
+    };
+  }
+
+  /** The plugin's executable: what an installer copies to /opt/cni/bin, here node on src/cni/. */
+  #installSallyportCni(): void {
+    const bin = join(this.dir, "cni", "bin");
+    mkdirSync(bin, { recursive: true });
+    const file = join(bin, "sallyport-cni");
+    writeFileSync(file, `#!/bin/sh\nexec '${process.execPath}' '${CNI_PLUGIN}' "$@"\n`);
+    chmodSync(file, 0o755);
   }
 
   get prefix(): string {
@@ -262,9 +305,11 @@ export class Sandbox {
       ...(options.chainedPlugins === undefined
         ? {}
         : { chainedPlugins: [...options.chainedPlugins] }),
+      sallyportCni: options.sallyportCni ?? true,
     };
     const sb = new Sandbox(dir, state);
     try {
+      if (state.sallyportCni === true) sb.#installSallyportCni();
       log(`network: ${state.nodes} nodes, an external host, IPv${families.join("+IPv")}`);
       await sb.#topology.up();
       await sb.#controlPlaneNamespace();
@@ -300,6 +345,8 @@ export class Sandbox {
       log("agents");
       for (let i = 1; i <= state.nodes; i++) sb.startAgent(i);
       sb.#save();
+      // As kubelet waits for the network plugin to be ready before it starts pods.
+      for (let i = 1; i <= state.nodes; i++) await sb.waitCniReady(i);
       return sb;
     } catch (e) {
       await sb.destroy();
@@ -471,7 +518,10 @@ export class Sandbox {
       ...this.#state.agentArgs,
     ];
     const image = this.#state.agentImage;
+    const cni = this.#state.sallyportCni === true;
+    if (cni) mkdirSync(this.cniSocketDir(i), { recursive: true, mode: 0o700 });
     if (image === undefined) {
+      if (cni) args.push("--cni-socket", join(this.cniSocketDir(i), "cni.sock"));
       this.#spawn(`agent-${i}`, this.nodeNs(i), [
         process.execPath,
         CLI,
@@ -484,11 +534,39 @@ export class Sandbox {
     }
     const name = this.#agentContainer(i);
     removeContainers([name]);
+    // In the container the socket is where the chart puts it: /run/sallyport from the host.
+    if (cni) args.push("--cni-socket", "/run/sallyport/cni.sock");
     this.#spawn(
       `agent-${i}`,
       undefined,
-      agentContainerArgv({ name, image, netns: this.nodeNs(i), kubeconfig, args }),
+      agentContainerArgv({
+        name,
+        image,
+        netns: this.nodeNs(i),
+        kubeconfig,
+        args,
+        ...(cni ? { volumes: [`${this.cniSocketDir(i)}:/run/sallyport`] } : {}),
+      }),
     );
+  }
+
+  /**
+   * Resolves when node `i`'s agent answers sallyport-cni (its first datapath sync is done):
+   * until then CNI ADD on the node fails closed. At once when the plugin is not installed.
+   */
+  async waitCniReady(i: number, timeoutMs = 60_000): Promise<void> {
+    if (this.#state.sallyportCni !== true) return;
+    const socket = join(this.cniSocketDir(i), "cni.sock");
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const r = await httpTransport(socket, CNI_PATHS.status, {}, 2000).catch(() => undefined);
+      if (r?.status === 200) return;
+      if (Date.now() > deadline)
+        throw new Error(
+          `The agent of ${this.nodeName(i)} does not answer sallyport-cni at ${socket} after ${timeoutMs} ms; see its log ${join(this.dir, `agent-${i}.log`)}`,
+        );
+      await new Promise((r) => setTimeout(r, 100));
+    }
   }
 
   #agentContainer(i: number): string {
@@ -718,6 +796,19 @@ export class Sandbox {
     this.#state.pods = this.#state.pods.filter((p) => p !== pod);
     this.#save();
     await this.#deletePodObject(pod.name, pod.namespace, 0);
+    return pod;
+  }
+
+  /**
+   * What a runtime does when a pod's sandbox goes while its Pod object stays (it dies, or the
+   * kubelet tears it down before the API server has removed the object): the container stops,
+   * CNI DEL, the namespace goes. The object keeps its status addresses until `deletePod`.
+   */
+  async removePodNetwork(name: string): Promise<SandboxPod> {
+    const pod = this.pod(name);
+    if (this.#state.pids[this.#podProcess(pod)] !== undefined)
+      await this.#kill(this.#podProcess(pod), "SIGKILL");
+    await this.#topology.deletePod({ ...pod, name: `${pod.namespace}/${pod.name}` });
     return pod;
   }
 

@@ -75,8 +75,10 @@ export interface TopologyOptions {
    * @default a directory under the system's temporary directory, removed by `Topology.down()`
    */
   readonly cniDir?: string;
-  /** Plugins appended to every node's configuration list (a chained plugin). */
-  readonly chainedPlugins?: readonly PluginConf[];
+  /** Plugins appended to every node's configuration list (a chained plugin), or per node. */
+  readonly chainedPlugins?: readonly PluginConf[] | ((node: number) => readonly PluginConf[]);
+  /** More plugin directories, searched after the reference plugins' (CNI_PATH). */
+  readonly extraCniPath?: string;
 }
 
 export interface PodHandle {
@@ -86,6 +88,12 @@ export interface PodHandle {
   readonly ips: Readonly<Partial<Record<Family, string>>>;
   /** CNI_CONTAINERID and the ADD result, which DEL is given again ("cni" pod network). */
   readonly cni?: { readonly containerId: string; readonly result: CniResult };
+}
+
+/** A pod named "namespace/name" is a Kubernetes pod to the CNI plugins (CNI_ARGS). */
+function k8sPod(name: string): { pod?: { namespace: string; name: string } } {
+  const slash = name.indexOf("/");
+  return slash < 0 ? {} : { pod: { namespace: name.slice(0, slash), name: name.slice(slash + 1) } };
 }
 
 function defaultCniDir(prefix: string): string {
@@ -103,7 +111,8 @@ export class Topology {
   readonly nodeCount: number;
   readonly podNetwork: "cni" | "static";
   readonly cniDir: string;
-  readonly #chained: readonly PluginConf[];
+  readonly #chained: (node: number) => readonly PluginConf[];
+  readonly #extraCniPath: string | undefined;
   readonly #root = new ExecRunner();
   readonly #pods = new Map<string, PodHandle>();
   #podSeq = new Map<number, number>();
@@ -115,7 +124,9 @@ export class Topology {
     this.nodeCount = options.nodes;
     this.podNetwork = options.podNetwork ?? "static";
     this.cniDir = options.cniDir ?? defaultCniDir(options.prefix);
-    this.#chained = options.chainedPlugins ?? [];
+    const chained = options.chainedPlugins ?? [];
+    this.#chained = typeof chained === "function" ? chained : () => chained;
+    this.#extraCniPath = options.extraCniPath;
   }
 
   /** Node `i`'s CNI configuration list: what a CNI's installer writes to /etc/cni/net.d. */
@@ -123,12 +134,15 @@ export class Topology {
     return nodeConfList({
       podCIDRs: Object.fromEntries(this.families.map((f) => [f, podCIDR(i, f)])),
       ipamDataDir: join(this.cniDir, `node-${i}`, "ipam"),
-      chained: this.#chained,
+      chained: this.#chained(i),
     });
   }
 
   #cni(node: number): CniRuntime {
-    this.#cniPath ??= cniBinaries();
+    this.#cniPath ??= [
+      cniBinaries(),
+      ...(this.#extraCniPath === undefined ? [] : [this.#extraCniPath]),
+    ].join(":");
     return { runner: nsRunner(this.nodeNs(node)), cniPath: this.#cniPath };
   }
 
@@ -393,7 +407,7 @@ export class Topology {
   async #addCniPod(name: string, node: number, netns: string): Promise<PodHandle> {
     await this.#ip(["netns", "add", netns]);
     const containerId = `${netns}-${Date.now().toString(36)}`;
-    const attachment = { containerId, netns: `/run/netns/${netns}` };
+    const attachment = { containerId, netns: `/run/netns/${netns}`, ...k8sPod(name) };
     const rt = this.#cni(node);
     try {
       await cniAdd(rt, LOOPBACK, attachment);
@@ -421,7 +435,11 @@ export class Topology {
   async deletePod(pod: PodHandle): Promise<void> {
     this.#pods.delete(pod.name);
     if (pod.cni !== undefined) {
-      const attachment = { containerId: pod.cni.containerId, netns: `/run/netns/${pod.netns}` };
+      const attachment = {
+        containerId: pod.cni.containerId,
+        netns: `/run/netns/${pod.netns}`,
+        ...k8sPod(pod.name),
+      };
       const rt = this.#cni(pod.node);
       await cniDel(rt, this.confList(pod.node), attachment, pod.cni.result);
       await cniDel(rt, LOOPBACK, attachment, undefined);
