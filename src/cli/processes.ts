@@ -232,5 +232,78 @@ export function processCommands(program: Command): void {
     });
   });
 
+  cniCommands(program);
   sandboxCommands(program);
+}
+
+/** `cni install|uninstall`: the agent DaemonSet's init container (src/cni/install.ts). */
+function cniCommands(program: Command): void {
+  const cni = program
+    .command("cni")
+    .description("install or remove the chained CNI plugin sallyport-cni on this node");
+  const dirs = (c: Command) =>
+    c
+      .option("--bin-dir <dir>", "the host's CNI plugin directory, as mounted", "/host/opt/cni/bin")
+      .option(
+        "--conf-dir <dir>",
+        "the host's CNI configuration directory, as mounted",
+        "/host/etc/cni/net.d",
+      );
+  dirs(
+    cni
+      .command("install")
+      .description(
+        "copy node and the plugin to the host and append sallyport-cni to the configuration list the runtime uses",
+      ),
+  )
+    .option(
+      "--lib-dir <dir>",
+      "where node and the plugin's bundle go, as mounted",
+      "/host/opt/sallyport/cni",
+    )
+    .option("--host-lib-dir <dir>", "--lib-dir as the host sees it", "/opt/sallyport/cni")
+    .option(
+      "--bundle <file>",
+      "the plugin's bundle (default: sallyport-cni.mjs beside this program)",
+    )
+    .option("--socket <path>", "the agent's socket, as the host sees it", "/run/sallyport/cni.sock")
+    .option("--timeout-ms <ms>", "how long ADD waits for the agent", int, 10000)
+    .option("--fail-open", "let pods start when the agent does not answer", false)
+    .option("--wait-ms <ms>", "wait this long for the primary CNI's configuration", int, 300000)
+    .action(async (f) => {
+      const { dirname, join } = await import("node:path");
+      const { installCni } = await import("../cni/install.ts");
+      const deadline = Date.now() + f.waitMs;
+      for (;;) {
+        try {
+          const r = installCni({
+            binDir: f.binDir,
+            confDir: f.confDir,
+            libDir: f.libDir,
+            hostLibDir: f.hostLibDir,
+            node: process.execPath,
+            bundle: f.bundle ?? join(dirname(process.argv[1] ?? "."), "sallyport-cni.mjs"),
+            socket: f.socket,
+            timeoutMs: f.timeoutMs,
+            failOpen: f.failOpen === true,
+          });
+          console.log(`sallyport-cni ${r.changed ? "installed in" : "already in"} ${r.confFile}`);
+          return;
+        } catch (e) {
+          if (!/no CNI configuration/.test((e as Error).message) || Date.now() > deadline) throw e;
+          await new Promise((r) => setTimeout(r, 2000));
+        }
+      }
+    });
+  dirs(
+    cni.command("uninstall").description("take sallyport-cni out of every configuration list"),
+  ).action(async (f) => {
+    const { uninstallCni } = await import("../cni/install.ts");
+    const changed = uninstallCni({ binDir: f.binDir, confDir: f.confDir });
+    console.log(
+      changed.length === 0
+        ? "sallyport-cni was in no configuration list"
+        : `sallyport-cni removed from ${changed.join(", ")}`,
+    );
+  });
 }

@@ -10,7 +10,7 @@ import { connect, type KubeFlags, kubeOptions } from "./kube.ts";
 import { validateCommand } from "./validate.ts";
 
 /** Commands that run Sallyport itself (processes.ts), loaded only when asked for. */
-export const PROCESS_COMMANDS = ["cleanup", "datapath", "controller", "agent", "sandbox"];
+export const PROCESS_COMMANDS = ["cleanup", "datapath", "controller", "agent", "sandbox", "cni"];
 
 export const int = (v: string): number => {
   const n = Number(v);
