@@ -229,8 +229,11 @@ export class Memberships {
     else this.#clusterPolicies.add(p);
     if (policy.nodeSelector !== undefined) this.#nodeSelecting.add(p);
     this.#dirty.add(key);
+    // Whether two policies conflict does not depend on the pod: asked once per other policy, not
+    // once per shared pod (1,000 policies over the same 30 pods: 30× fewer range intersections).
+    const conflicting = new Map<PreparedPolicy, boolean>();
     for (const list of this.#candidates(policy)) {
-      for (const entry of list) if (this.#selects(policy, entry)) this.#link(p, entry);
+      for (const entry of list) if (this.#selects(policy, entry)) this.#link(p, entry, conflicting);
     }
   }
 
@@ -307,20 +310,31 @@ export class Memberships {
     else this.#unlink(p, entry);
   }
 
-  #link(p: PolicyEntry, entry: PodEntry): void {
+  #link(p: PolicyEntry, entry: PodEntry, conflicting?: Map<PreparedPolicy, boolean>): void {
     const list = entry.policies;
     const policy = p.policy;
     p.pods.add(entry);
     p.endpoints = undefined;
     p.nodes = undefined;
     this.#dirty.add(policy.key);
-    let at = list.length;
+    // The list is in precedence order: the first policy that loses to this one is found by halving.
+    let lo = 0;
+    let hi = list.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (comparePrecedence(policy, list[mid]!) < 0) hi = mid;
+      else lo = mid + 1;
+    }
+    const at = lo;
     for (let i = 0; i < list.length; i++) {
       const other = list[i]!;
-      const first = comparePrecedence(policy, other) < 0;
-      if (first && at === list.length) at = i;
-      if (conflicts(policy, other)) {
-        if (first) this.#shadow(other.key, policy.key, 1);
+      let c = conflicting?.get(other);
+      if (c === undefined) {
+        c = conflicts(policy, other);
+        conflicting?.set(other, c);
+      }
+      if (c) {
+        if (i >= at) this.#shadow(other.key, policy.key, 1);
         else this.#shadow(policy.key, other.key, 1);
       }
     }
