@@ -13,6 +13,7 @@ const benches: Record<string, () => Promise<unknown>> = {
   agent: async () => (await import("./agent.ts")).run(),
   perpacket: async () => (await import("./perpacket.ts")).perpacket(),
   traffic: async () => (await import("./traffic.ts")).run(),
+  capacity: async () => (await import("./capacity.ts")).run(),
 };
 const run = name === undefined ? undefined : benches[name];
 if (run === undefined) {

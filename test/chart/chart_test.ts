@@ -152,6 +152,7 @@ describe("the Helm chart", () => {
       "--vxlan-port=4789",
       "--underlay-device=eth1",
       "--exempt-by-sets",
+      "--snat-ports=20000-29999",
       "--metrics-port=9191",
       "--lease-duration-ms=4000",
     ])
