@@ -18,7 +18,7 @@ export const PLAIN_SET = ["webhook.certificate.source=certManager"] as const;
 
 const FILES: Record<string, { readonly templates: readonly string[]; readonly header: string }> = {
   "rbac.yaml": {
-    templates: ["serviceaccounts.yaml", "rbac.yaml"],
+    templates: ["serviceaccounts.yaml", "rbac.yaml", "node-authorization.yaml"],
     header: `# Sallyport's namespace, service accounts and RBAC (least privilege per component). Apply:
 #   kubectl apply -f deploy/crds/ -f deploy/rbac.yaml -f deploy/sallyport.yaml
 # and, with cert-manager installed, deploy/webhook.yaml for the admission webhook.`,

@@ -111,6 +111,18 @@ export const MANIFEST_KINDS: Readonly<Record<string, Resource>> = {
     plural: "poddisruptionbudgets",
     namespaced: true,
   },
+  ValidatingAdmissionPolicy: {
+    group: "admissionregistration.k8s.io",
+    version: "v1",
+    plural: "validatingadmissionpolicies",
+    namespaced: false,
+  },
+  ValidatingAdmissionPolicyBinding: {
+    group: "admissionregistration.k8s.io",
+    version: "v1",
+    plural: "validatingadmissionpolicybindings",
+    namespaced: false,
+  },
   ValidatingWebhookConfiguration: {
     group: "admissionregistration.k8s.io",
     version: "v1",

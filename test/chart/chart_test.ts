@@ -94,10 +94,12 @@ describe("the Helm chart", () => {
       "Service/sallyport-webhook",
       "ServiceAccount/sallyport-agent",
       "ServiceAccount/sallyport-controller",
+      "ValidatingAdmissionPolicy/sallyport-agent-own-node",
+      "ValidatingAdmissionPolicyBinding/sallyport-agent-own-node",
       "ValidatingWebhookConfiguration/sallyport.dev",
     ]);
     for (const o of defaults)
-      if (!o.kind.startsWith("Cluster") && o.kind !== "ValidatingWebhookConfiguration")
+      if (!o.kind.startsWith("Cluster") && !o.kind.startsWith("Validating"))
         assert.equal(o.metadata.namespace, "sallyport-system", `${o.kind}/${o.metadata.name}`);
   });
 
