@@ -56,6 +56,8 @@ async function sandbox(name: string): Promise<Sandbox> {
     nodes: 3,
     families: [4],
     dir: mkdtempSync(join(tmpdir(), "sallyport-bench-")),
+    // SALLYPORT_BENCH_CNI=0: without sallyport-cni, for comparison.
+    sallyportCni: process.env.SALLYPORT_BENCH_CNI !== "0",
   });
 }
 
@@ -186,8 +188,15 @@ export async function newPod(trials = Number(process.env.SALLYPORT_BENCH_PODS ??
       );
     }
     const all = [...times, ...onGateway];
+    // The agents' own share of ADD: from the plugin's request to the kernel holding the sets.
+    const agentAdds: number[] = [];
+    for (let i = 1; i <= 3; i++)
+      for (const line of sb.log(`agent-${i}`).split("\n"))
+        if (line.includes("CNI ADD: the kernel holds"))
+          agentAdds.push((JSON.parse(line) as { ms: number }).ms);
     return {
       bench: "new-pod",
+      sallyportCni: process.env.SALLYPORT_BENCH_CNI !== "0",
       trials,
       p50Ms: percentile(all, 50),
       p99Ms: percentile(all, 99),
@@ -197,6 +206,8 @@ export async function newPod(trials = Number(process.env.SALLYPORT_BENCH_PODS ??
       gatewayNodeP99Ms: percentile(onGateway, 99),
       addP50Ms: percentile(adds, 50),
       addP99Ms: percentile(adds, 99),
+      agentAddP50Ms: percentile(agentAdds, 50),
+      agentAddP99Ms: percentile(agentAdds, 99),
       leaks,
     };
   } finally {

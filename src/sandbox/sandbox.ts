@@ -15,7 +15,7 @@
  * State (processes, pods) is kept in a directory so that every `sallyport sandbox` command, and
  * `down` after a crash, finds it again. Nothing is configured in the root namespace.
  */
-import { type ChildProcess, spawn, spawnSync } from "node:child_process";
+import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process";
 import {
   chmodSync,
   existsSync,
@@ -73,7 +73,6 @@ import {
 
 const CLI = join(REPO, "src", "cli", "main.ts");
 const ECHO = join(REPO, "src", "sandbox", "echo.ts");
-const CNI_PLUGIN = join(REPO, "src", "cni", "main.ts");
 export const CONTROL_PLANE_ADDRESS = { 4: "192.168.77.2", 6: "fd00:77::2" } as const;
 export const SERVICE_CIDR = { 4: "10.96.0.0/16", 6: "fd00:96::/112" } as const;
 /** The port of the echo server a pod runs when it is added with `echo: true`. */
@@ -223,12 +222,21 @@ export class Sandbox {
     };
   }
 
-  /** The plugin's executable: what an installer copies to /opt/cni/bin, here node on src/cni/. */
+  /**
+   * The plugin's executable, as `sallyport cni install` makes it on a host: a script that execs
+   * node on the plugin's bundle (bundled from src/cni/ here: node starts it in about half the
+   * time of the .ts files, 80 against 180 ms on a busy 2-core machine).
+   */
   #installSallyportCni(): void {
     const bin = join(this.dir, "cni", "bin");
     mkdirSync(bin, { recursive: true });
+    const bundle = join(bin, "sallyport-cni.mjs");
+    // A process of its own: esbuild must not end up in the CLI's own bundle.
+    execFileSync(process.execPath, [join(REPO, "scripts", "build.ts"), "--cni-plugin", bundle], {
+      stdio: ["ignore", "ignore", "inherit"],
+    });
     const file = join(bin, "sallyport-cni");
-    writeFileSync(file, `#!/bin/sh\nexec '${process.execPath}' '${CNI_PLUGIN}' "$@"\n`);
+    writeFileSync(file, `#!/bin/sh\nexec '${process.execPath}' '${bundle}' "$@"\n`);
     chmodSync(file, 0o755);
   }
 
