@@ -58,7 +58,7 @@ const container = (w: Workload) => w.spec.template.spec.containers[0]!;
 function flagsOf(command: string): Set<string> {
   const help = execFileSync(
     join(REPO, "node_modules", ".bin", "node"),
-    [join(REPO, "src", "cli", "main.ts"), command, "--help"],
+    [join(REPO, "src", "cli", "main.ts"), ...command.split(" "), "--help"],
     { encoding: "utf8" },
   );
   return new Set(help.match(/--[a-z][a-z0-9-]*/g) ?? []);
@@ -212,6 +212,49 @@ describe("the Helm chart", () => {
         }
       }
     }
+  });
+
+  it("agent.cni.mode: an init container installs sallyport-cni, or removes it; the agent serves it", () => {
+    type InitSpec = Omit<PodSpec, "volumes"> & {
+      initContainers?: (Container & { name: string; volumeMounts: { mountPath: string }[] })[];
+      volumes?: { name: string; hostPath: { path: string } }[];
+    };
+    const spec = (objs: Obj[]) => find<Workload>(objs, "DaemonSet").spec.template.spec as InitSpec;
+    assert.equal(spec(defaults).initContainers, undefined, "disabled by default");
+    assert.ok(
+      !container(find<Workload>(defaults, "DaemonSet")).args.some((a) => a.startsWith("--cni")),
+    );
+    const chained = spec(full);
+    const init = chained.initContainers?.[0];
+    assert.equal(init?.name, "install-cni");
+    assert.deepEqual(init?.args.slice(0, 2), ["cni", "install"]);
+    const known = flagsOf("cni install");
+    for (const arg of init?.args.slice(2) ?? []) {
+      const flag = /^--[a-z0-9-]+/.exec(arg)?.[0];
+      assert.ok(flag !== undefined && known.has(flag), `cni install: unknown flag in "${arg}"`);
+    }
+    assert.ok(init?.args.includes("--fail-open"));
+    assert.ok(init?.args.includes("--timeout-ms=5000"));
+    assert.ok(
+      container(find<Workload>(full, "DaemonSet")).args.includes(
+        "--cni-socket=/run/sallyport/cni.sock",
+      ),
+    );
+    const hostPaths = Object.fromEntries(
+      (chained.volumes ?? []).map((v) => [v.name, v.hostPath.path]),
+    );
+    assert.equal(hostPaths["cni-bin"], "/var/lib/rancher/k3s/data/current/bin");
+    assert.equal(hostPaths["cni-conf"], "/var/lib/rancher/k3s/agent/etc/cni/net.d");
+    assert.equal(hostPaths["cni-socket"], "/run/sallyport");
+    const removing = spec(objects(template({ set: ["agent.cni.mode=remove"] })));
+    assert.deepEqual(removing.initContainers?.[0]?.args, [
+      "cni",
+      "uninstall",
+      "--bin-dir=/host/cni/bin",
+      "--conf-dir=/host/cni/net.d",
+    ]);
+    assert.equal(removing.initContainers?.[0]?.name, "remove-cni");
+    assert.throws(() => template({ set: ["agent.cni.mode=sometimes"] }), /\/agent\/cni\/mode/);
   });
 
   it("its schema rejects unknown keys and bad values, with the path", () => {
