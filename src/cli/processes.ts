@@ -270,13 +270,20 @@ function cniCommands(program: Command): void {
     .option("--timeout-ms <ms>", "how long ADD waits for the agent", int, 10000)
     .option("--fail-open", "let pods start when the agent does not answer", false)
     .option("--wait-ms <ms>", "wait this long for the primary CNI's configuration", int, 300000)
+    .option(
+      "--watch-ms <ms>",
+      "then keep checking the configuration list this often and put the entry back when a primary CNI rewrote it; 0: exit",
+      int,
+      0,
+    )
+    .option("--entry-only", "only the configuration list: node and the plugin are in place", false)
     .action(async (f) => {
       const { dirname, join } = await import("node:path");
-      const { installCni } = await import("../cni/install.ts");
+      const { ensureEntry, installCni } = await import("../cni/install.ts");
       const deadline = Date.now() + f.waitMs;
       for (;;) {
         try {
-          const r = installCni({
+          const options = {
             binDir: f.binDir,
             confDir: f.confDir,
             libDir: f.libDir,
@@ -286,9 +293,20 @@ function cniCommands(program: Command): void {
             socket: f.socket,
             timeoutMs: f.timeoutMs,
             failOpen: f.failOpen === true,
-          });
+          };
+          const r = f.entryOnly === true ? ensureEntry(options) : installCni(options);
           console.log(`sallyport-cni ${r.changed ? "installed in" : "already in"} ${r.confFile}`);
-          return;
+          if (f.watchMs === 0) return;
+          for (;;) {
+            await new Promise((r) => setTimeout(r, f.watchMs));
+            try {
+              const again = ensureEntry(options);
+              if (again.changed)
+                console.log(`sallyport-cni was missing: put back in ${again.confFile}`);
+            } catch (e) {
+              console.error((e as Error).message);
+            }
+          }
         } catch (e) {
           if (!/no CNI configuration/.test((e as Error).message) || Date.now() > deadline) throw e;
           await new Promise((r) => setTimeout(r, 2000));

@@ -100,11 +100,19 @@ function readConf(file: string): ConfList {
 
 /** Installs the executable and our entry; see the top of this file. */
 export function installCni(o: InstallOptions): InstallReport {
-  const conf = activeConfFile(o.confDir);
-  if (conf === undefined)
-    throw new Error(
-      `Cannot install sallyport-cni: no CNI configuration in ${o.confDir} yet (the primary CNI writes one when it starts); will need to run again`,
-    );
+  if (activeConfFile(o.confDir) === undefined) throw noConfiguration(o.confDir);
+  installFiles(o);
+  return ensureEntry(o);
+}
+
+function noConfiguration(confDir: string): Error {
+  return new Error(
+    `Cannot install sallyport-cni: no CNI configuration in ${confDir} yet (the primary CNI writes one when it starts); will need to run again`,
+  );
+}
+
+/** node, the bundle and the executable script. */
+export function installFiles(o: InstallOptions): void {
   mkdirSync(o.libDir, { recursive: true });
   mkdirSync(o.binDir, { recursive: true });
   copyAtomically(o.node, join(o.libDir, "node"), 0o755);
@@ -115,6 +123,17 @@ export function installCni(o: InstallOptions): InstallReport {
     `#!/bin/sh\n# Installed by the Sallyport agent's init container (sallyport cni install).\nexec ${host}/node ${host}/sallyport-cni.mjs "$@"\n`,
     0o755,
   );
+}
+
+/**
+ * Our entry, last in the list the runtime uses; put back when a primary CNI rewrote the list
+ * without it (what `--watch-ms` repeats).
+ */
+export function ensureEntry(
+  o: Pick<InstallOptions, "confDir" | "socket" | "timeoutMs" | "failOpen">,
+): InstallReport {
+  const conf = activeConfFile(o.confDir);
+  if (conf === undefined) throw noConfiguration(o.confDir);
   const entry: Record<string, unknown> = {
     type: PLUGIN_TYPE,
     socket: o.socket ?? DEFAULT_CNI_SOCKET,

@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, it } from "node:test";
 import { bundle } from "../../scripts/build.ts";
-import { activeConfFile, installCni, uninstallCni } from "./install.ts";
+import { activeConfFile, ensureEntry, installCni, uninstallCni } from "./install.ts";
 
 const root = mkdtempSync(join(tmpdir(), "sallyport-cni-install-"));
 after(() => rmSync(root, { recursive: true, force: true }));
@@ -87,6 +87,19 @@ describe("sallyport cni install", () => {
       [],
       "no temporary file left",
     );
+  });
+
+  it("puts the entry back when the primary CNI rewrote its list without it (--watch-ms)", () => {
+    const h = host({ "10-calico.conflist": calico });
+    installCni(h.options);
+    writeFileSync(join(h.confDir, "10-calico.conflist"), JSON.stringify(calico));
+    const r = ensureEntry(h.options);
+    assert.equal(r.changed, true);
+    assert.deepEqual(
+      (JSON.parse(readFileSync(r.confFile, "utf8")) as typeof calico).plugins.map((p) => p.type),
+      ["calico", "portmap", "sallyport-cni"],
+    );
+    assert.equal(ensureEntry(h.options).changed, false);
   });
 
   it("makes a single plugin's .conf a list", () => {

@@ -240,6 +240,17 @@ describe("the Helm chart", () => {
         "--cni-socket=/run/sallyport/cni.sock",
       ),
     );
+    const watch = find<Workload>(full, "DaemonSet").spec.template.spec.containers[1];
+    assert.deepEqual(watch?.args.slice(0, 4), [
+      "cni",
+      "install",
+      "--entry-only",
+      "--watch-ms=5000",
+    ]);
+    for (const arg of watch?.args.slice(2) ?? []) {
+      const flag = /^--[a-z0-9-]+/.exec(arg)?.[0];
+      assert.ok(flag !== undefined && known.has(flag), `cni-watch: unknown flag in "${arg}"`);
+    }
     const hostPaths = Object.fromEntries(
       (chained.volumes ?? []).map((v) => [v.name, v.hostPath.path]),
     );
