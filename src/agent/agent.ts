@@ -188,6 +188,7 @@ export class Agent {
         return out;
       },
       onChange: () => this.sync.trigger(),
+      onHolding: () => void this.#renewEgressIPs(),
       refresh: () => {
         for (const r of this.#reflectors()) r.relist();
       },
@@ -213,6 +214,28 @@ export class Agent {
     if (this.#snatSaturation !== undefined && deepEqual(list, this.#snatSaturation)) return;
     this.#snatSaturation = list.map((s) => ({ ...s }));
     this.#requestReport();
+  }
+
+  // --- egress-IP leases in the kernel (issue 12): renewed only while the fence lets this node
+  // hold its egress IPs, so that a dead or frozen agent's node stops answering for them.
+  #renewal: Promise<void> | undefined;
+  #renewFailed = false;
+
+  #renewEgressIPs(seconds?: number): Promise<void> {
+    this.#renewal ??= (async () => {
+      try {
+        await this.#o.datapath.refreshEgressIPs(seconds);
+        this.#renewFailed = false;
+      } catch (e) {
+        // A device the running sync deletes fails its line; the next tick tries again.
+        if (!this.#renewFailed)
+          this.#o.log.warn({ err: (e as Error).message }, "cannot renew the egress IPs' leases");
+        this.#renewFailed = true;
+      } finally {
+        this.#renewal = undefined;
+      }
+    })();
+    return this.#renewal;
   }
 
   get leaseValid(): boolean {
@@ -244,7 +267,12 @@ export class Agent {
       options.restartHoldMs !== undefined &&
       this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true
     ) {
-      await this.#renewer.handOver(options.restartHoldMs);
+      const asked = this.#o.clock.now();
+      const held = await this.#renewer.handOver(options.restartHoldMs);
+      // The controller keeps this node's egress IPs for the hold: so does the kernel (at most).
+      const seconds = Math.floor((options.restartHoldMs - (this.#o.clock.now() - asked)) / 1000);
+      await this.#renewal;
+      if (held && !this.#fence.fenced && seconds >= 1) await this.#renewEgressIPs(seconds);
     } else {
       this.#renewer.stop();
     }

@@ -50,6 +50,11 @@ export interface FenceOptions {
   readonly peers: () => ReadonlyMap<string, string>;
   readonly onChange: (fenced: boolean) => void;
   /**
+   * Called on every tick on which this node is not fenced: it may go on answering for the
+   * egress IPs its last synced plan holds (the agent renews their leases in the kernel).
+   */
+  readonly onHolding?: () => void;
+  /**
    * After the lease recovers, our caches are stale (the watches were cut too) and may still say
    * we hold egress IPs the controller has moved meanwhile. `refresh` relists them; we stay fenced
    * until `freshSince(t)` says every cache was relisted after t.
@@ -156,5 +161,6 @@ export class Fence {
       );
       this.#o.onChange(fenced);
     }
+    if (!fenced) this.#o.onHolding?.();
   }
 }

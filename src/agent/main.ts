@@ -71,6 +71,8 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     backend: flags.iptablesBackend,
     rulePref: flags.rulePref,
     tunnelDevice: flags.tunnelDevice,
+    // Egress IPs lapse when the fence would drop them, even if this process is dead or frozen.
+    eipLeaseSeconds: Math.max(1, Math.floor(flags.lease.durationMs / 1000)),
   });
   log.info(
     { datapath: datapath.options.filter, iptables: datapath.options.iptables.backend },

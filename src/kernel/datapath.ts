@@ -23,6 +23,7 @@ import type { Family } from "../lib/ip.ts";
 import {
   type ActualRouting,
   diffRouting,
+  eipLeaseLines,
   type ParsedLink,
   parseFdb,
   parseLinks,
@@ -92,6 +93,11 @@ export interface DatapathOptions {
    * must then be made with `datapath: "nftables"`). @default "iptables"
    */
   readonly filter?: "iptables" | "nftables";
+  /**
+   * Egress-IP addresses are leased from the kernel for this many seconds (it deletes them when
+   * the lease ends) and renewed with `refreshEgressIPs()`; undefined: permanent addresses.
+   */
+  readonly eipLeaseSeconds?: number | undefined;
 }
 
 const EMPTY_PLAN = (node: string): NodePlan => ({
@@ -117,7 +123,7 @@ const EMPTY_PLAN = (node: string): NodePlan => ({
  * it is what the kernel holds (as far as we own it), so the next event-driven sync can diff
  * against it without re-reading 100,000 set members and routes.
  */
-export function stateOfPlan(plan: NodePlan): KernelState {
+export function stateOfPlan(plan: NodePlan, eipLeaseSeconds?: number): KernelState {
   const rules = {} as Record<Family, SavedState>;
   for (const family of [4, 6] as const) rules[family] = savedRules(plan.rules[family]);
   let ipsets = SAVED_SETS.get(plan.ipsets);
@@ -142,6 +148,7 @@ export function stateOfPlan(plan: NodePlan): KernelState {
     });
   }
   for (const e of plan.eips) {
+    const cidr = `${e.address}/${e.family === 4 ? 32 : 128}`;
     links.push({
       name: e.device,
       kind: "macvlan",
@@ -149,7 +156,8 @@ export function stateOfPlan(plan: NodePlan): KernelState {
       mtu: 0,
       mac: e.mac,
       up: true,
-      addresses: [`${e.address}/${e.family === 4 ? 32 : 128}`],
+      addresses: [cidr],
+      ...(eipLeaseSeconds === undefined ? {} : { leases: { [cidr]: eipLeaseSeconds } }),
       macvlanMode: "bridge",
     });
   }
@@ -233,6 +241,8 @@ export class Datapath {
   /** The nftables table the last successful sync left (nftables datapath). */
   #mirrorNft: NftDesired | undefined;
   #lastNft: NftDesired | undefined;
+  /** The egress IPs the last successful sync left in the kernel. */
+  #heldEips: NodePlan["eips"] = [];
 
   constructor(options: DatapathOptions) {
     this.#o = options;
@@ -324,15 +334,42 @@ export class Datapath {
     const mirrorNft = mirror === undefined ? undefined : this.#mirrorNft;
     this.#mirror = undefined;
     this.#mirrorNft = undefined;
+    // Until this sync succeeds, renew only the egress IPs both the old and the new plan hold.
+    const keep = new Set(plan.eips.map((e) => `${e.device} ${e.address}`));
+    this.#heldEips = this.#heldEips.filter((e) => keep.has(`${e.device} ${e.address}`));
     const report = await this.#apply(
       plan,
       mirror ?? options?.state ?? (await this.read()),
       mirror === undefined,
       mirrorNft,
     );
-    this.#mirror = stateOfPlan(plan);
+    this.#mirror = stateOfPlan(plan, this.#o.eipLeaseSeconds);
     this.#mirrorNft = this.#lastNft;
+    this.#heldEips = plan.eips;
     return report;
+  }
+
+  /**
+   * Renews the kernel's leases of the egress-IP addresses the last successful sync left (see
+   * `eipLeaseSeconds`), for `seconds` (default: the lease). Call it only while this node knows
+   * that it holds them: a node that stops calling it (dead, frozen, cut off) stops answering for
+   * them when the lease ends, without any process of its own. Runs beside a sync: a device the
+   * sync deletes meanwhile fails its own line only (`-force`), and an address the sync has not
+   * made yet is not in the list. Returns the number of addresses renewed.
+   */
+  async refreshEgressIPs(seconds?: number): Promise<number> {
+    const lease = seconds ?? this.#o.eipLeaseSeconds;
+    const eips = this.#heldEips;
+    if (lease === undefined || eips.length === 0) return 0;
+    const result = await this.#o.runner.run(["ip", "-force", "-batch", "-"], {
+      stdin: `${eipLeaseLines(eips, lease).join("\n")}\n`,
+    });
+    if (result.code !== 0)
+      throw new DatapathError(
+        "renew the egress IPs' leases",
+        new CommandError(["ip", "-force", "-batch", "-"], undefined, result),
+      );
+    return eips.length;
   }
 
   async #apply(
@@ -360,7 +397,11 @@ export class Datapath {
           : { payload: "", changes: 0, detail: [] };
       this.#lastNft = undefined;
     }
-    const routing = diffRouting(plan, actual.routing, { rulePref, tunnelDevice });
+    const routing = diffRouting(plan, actual.routing, {
+      rulePref,
+      tunnelDevice,
+      eipLeaseSeconds: this.#o.eipLeaseSeconds,
+    });
     const sets = this.#diffSets(plan, actual, full);
     const step = async (name: string, fn: () => Promise<unknown>) => {
       try {
@@ -482,6 +523,18 @@ export class Datapath {
    * Sysctls of devices this sync creates. arp_notify / ndisc_notify make the kernel announce an
    * egress IP when its device comes up; rp_filter=2 because replies to the egress IP arrive on
    * its device while the route back to their source goes through the node's uplink.
+   *
+   * The device's MAC is the same on every node that may hold the egress IP, so it must send
+   * nothing but answers for the egress IP: a frame from it on a node that does not hold the
+   * egress IP teaches the segment's switches to send the egress IP's traffic there. Hence
+   * arp_ignore=1 (the default 0 answers ARP for any of the node's addresses, the node's own
+   * address included, on every device); on an IPv4 egress IP's device no IPv6 at all, and on an
+   * IPv6 one addr_gen_mode=1 (no link-local address: it would be the same on every node, and
+   * its duplicate address detection would go out from the shared MAC whenever the link comes
+   * back) and forwarding=0 (a router's device joins ff02::2 and reports it again whenever its
+   * link comes back: in the sandbox the segment's bridge learned the shared MAC on a revived
+   * node's port within 100 ms of its link coming up, before its agent had started). Routing
+   * reads only `all`'s IPv6 forwarding, not a device's.
    */
   #deviceSysctls(plan: NodePlan, routing: RoutingDiff): SysctlPlan[] {
     const out: SysctlPlan[] = [];
@@ -490,11 +543,22 @@ export class Datapath {
       if (this.#o.families.includes(4)) {
         out.push(
           { path: `net/ipv4/conf/${e.device}/arp_notify`, value: "1" },
+          { path: `net/ipv4/conf/${e.device}/arp_ignore`, value: "1" },
           { path: `net/ipv4/conf/${e.device}/rp_filter`, value: "2" },
         );
       }
       if (this.#o.families.includes(6))
-        out.push({ path: `net/ipv6/conf/${e.device}/ndisc_notify`, value: "1" });
+        out.push(
+          ...(e.family === 6
+            ? [
+                { path: `net/ipv6/conf/${e.device}/ndisc_notify`, value: "1" },
+                { path: `net/ipv6/conf/${e.device}/addr_gen_mode`, value: "1" },
+                { path: `net/ipv6/conf/${e.device}/forwarding`, value: "0" },
+                // as a host's, it would take router advertisements and routes through itself
+                { path: `net/ipv6/conf/${e.device}/accept_ra`, value: "0" },
+              ]
+            : [{ path: `net/ipv6/conf/${e.device}/disable_ipv6`, value: "1" }]),
+        );
     }
     return out;
   }

@@ -1231,6 +1231,7 @@ const IPV4_CONF: Readonly<Record<string, string>> = {
   forwarding: "0",
   rp_filter: "0",
   arp_notify: "0",
+  arp_ignore: "0",
   accept_local: "0",
   proxy_arp: "0",
   send_redirects: "1",
@@ -1242,6 +1243,7 @@ const IPV6_CONF: Readonly<Record<string, string>> = {
   disable_ipv6: "0",
   accept_ra: "1",
   keep_addr_on_down: "0",
+  addr_gen_mode: "0",
 };
 
 class Sysctls {
@@ -1348,7 +1350,13 @@ class Sysctls {
 //   its neighbours (permanent ones too) and its IPv6 addresses (keep_addr_on_down=0); its IPv4
 //   addresses and VXLAN FDB entries stay. Deleting a device deletes its macvlan and VXLAN children.
 // - addresses: add of an existing one, del of a missing one, on a missing device; deleting an IPv4
-//   primary deletes its secondaries (promote_secondaries=0).
+//   primary deletes its secondaries (promote_secondaries=0). `valid_lft`/`preferred_lft` in
+//   seconds or `forever`: the kernel deletes an address when its valid lifetime ends (measured on
+//   Linux 6.18: 1.02-1.09 s after `valid_lft 1`, IPv4 and IPv6 alike, also while the link has no
+//   carrier; the fake deletes it at exactly the lifetime of its clock, `FakeKernel.advance()`);
+//   `replace` restarts it; `ip -json` prints the seconds left (4294967295 when permanent) and
+//   `dynamic`. `ip -force -batch` runs every line and fails at the end if one failed.
+// - conf/<dev>/addr_gen_mode=1: no link-local address (printed) on the device.
 // - routes: through a missing device, a down device ("Error: Nexthop device is not up."), a gateway
 //   that is a local address (onlink, IPv4) or not on a connected subnet of the device (no onlink:
 //   "Error: Nexthop has invalid gateway." / IPv6 "RTNETLINK answers: No route to host"); add of an
@@ -1372,6 +1380,10 @@ interface Addr {
   readonly value: bigint;
   readonly prefix: number;
   nodad: boolean;
+  /** Clock time (ms) at which the kernel deletes it; undefined: permanent. */
+  validUntil?: number | undefined;
+  /** The valid lifetime last set (seconds), for printing. */
+  validLft?: number | undefined;
 }
 
 interface Link {
@@ -1489,6 +1501,8 @@ class Net {
   fdb: FdbEntry[] = [];
   #nextIndex = 1;
   #seq = 0;
+  /** The fake's clock (ms), for address lifetimes. */
+  now = 0;
 
   constructor(sysctls: Sysctls) {
     this.#sysctls = sysctls;
@@ -1521,8 +1535,9 @@ class Net {
 
   // --- commands ---------------------------------------------------------------------------------
 
-  batch(family: Family | undefined, stdin: string): void {
+  batch(family: Family | undefined, stdin: string, force = false): void {
     const lines = stdin.split("\n");
+    let failed = "";
     for (let i = 0; i < lines.length; i++) {
       const words = splitWords(lines[i]!);
       if (words.length === 0 || words[0]!.startsWith("#")) continue;
@@ -1530,10 +1545,21 @@ class Net {
         this.command(family, words);
       } catch (e) {
         if (!(e instanceof IpError)) throw e;
-        if (e.exit !== undefined) throw new ToolFailure(e.exit, `${e.message}\n`);
-        throw new ToolFailure(1, `${e.message}\nCommand failed -:${i + 1}\n`);
+        if (e.exit !== undefined && !force) throw new ToolFailure(e.exit, `${e.message}\n`);
+        if (!force) throw new ToolFailure(1, `${e.message}\nCommand failed -:${i + 1}\n`);
+        failed += `${e.message}\nCommand failed -:${i + 1}\n`;
       }
     }
+    if (failed !== "") throw new ToolFailure(1, failed);
+  }
+
+  /** Advances the clock: addresses whose valid lifetime ended are deleted, as the kernel does. */
+  advance(ms: number): void {
+    this.now += ms;
+    for (const link of this.links.values())
+      link.addresses = link.addresses.filter(
+        (a) => a.validUntil === undefined || a.validUntil > this.now,
+      );
   }
 
   /** One `ip` command (as a batch line, or from the command line). */
@@ -1771,11 +1797,31 @@ class Net {
     const [text = ""] = words;
     let dev: string | undefined;
     let nodad = false;
+    let valid: number | undefined;
+    let preferred: number | undefined;
+    const lifetime = (w: string, v: string | undefined): number => {
+      if (v === "forever" || v === "infinity") return Number.POSITIVE_INFINITY;
+      if (v === undefined || !/^\d+$/.test(v))
+        throw new IpError(`Error: argument "${v ?? ""}" is wrong: ${w} value`);
+      return Number(v);
+    };
     for (let i = 1; i < words.length; i++) {
       if (words[i] === "dev") dev = words[++i];
       else if (words[i] === "nodad") nodad = true;
+      else if (words[i] === "valid_lft") valid = lifetime("valid_lft", words[++i]);
+      else if (words[i] === "preferred_lft") preferred = lifetime("preferred_lft", words[++i]);
       else throw ipUnmodeled(`ip address ${verb} … ${words[i]}`);
     }
+    if ((valid !== undefined || preferred !== undefined) && verb !== "add" && verb !== "replace")
+      throw ipUnmodeled(`lifetimes on ip address ${verb}`);
+    if ((preferred ?? valid ?? 0) > (valid ?? Number.POSITIVE_INFINITY))
+      throw kernelSays("Error: preferred_lft is greater than valid_lft.");
+    if (preferred !== undefined && preferred !== valid)
+      throw ipUnmodeled("a preferred lifetime other than the valid one");
+    const lease =
+      valid === undefined || valid === Number.POSITIVE_INFINITY
+        ? { validUntil: undefined, validLft: undefined }
+        : { validUntil: this.now + valid * 1000, validLft: valid };
     const cidr = tryParseCidr(text);
     if (cidr === undefined)
       throw new IpError(`Error: any valid prefix is expected rather than "${text}".`, { exit: 1 });
@@ -1804,6 +1850,8 @@ class Net {
               : "Error: ipv6: address already assigned.",
           );
         have.nodad = nodad;
+        // Without lifetimes a replace keeps the address's; with them it restarts them.
+        if (valid !== undefined) Object.assign(have, lease);
         return;
       }
       link.addresses.push({
@@ -1812,6 +1860,7 @@ class Net {
         value: a.value,
         prefix: cidr.prefix,
         nodad,
+        ...lease,
       });
       return;
     }
@@ -2162,7 +2211,8 @@ class Net {
     if (
       !link.up ||
       link.kind === "loopback" ||
-      this.#sysctls.device(6, link.name, "disable_ipv6") === "1"
+      this.#sysctls.device(6, link.name, "disable_ipv6") === "1" ||
+      this.#sysctls.device(6, link.name, "addr_gen_mode") === "1"
     )
       return undefined;
     return linkLocal(link.mac);
@@ -2184,6 +2234,12 @@ class Net {
         const secondaries = v4.filter((a) => this.#isSecondary(l, a));
         const v6 = l.addresses.filter((a) => a.family === 6).reverse();
         const life = { valid_life_time: 4294967295, preferred_life_time: 4294967295 };
+        // What is left of a lease, in whole seconds as the kernel counts its age.
+        const lifeOf = (a: Addr) => {
+          if (a.validUntil === undefined || a.validLft === undefined) return life;
+          const age = Math.floor((this.now - (a.validUntil - a.validLft * 1000)) / 1000);
+          return { valid_life_time: a.validLft - age, preferred_life_time: a.validLft - age };
+        };
         const addrInfo: Record<string, unknown>[] = [
           ...[...primaries, ...secondaries].map((a) => ({
             family: "inet",
@@ -2191,8 +2247,9 @@ class Net {
             prefixlen: a.prefix,
             scope: a.address.startsWith("127.") ? "host" : "global",
             ...(secondaries.includes(a) ? { secondary: true } : {}),
+            ...(a.validUntil === undefined ? {} : { dynamic: true }),
             label: l.name,
-            ...life,
+            ...lifeOf(a),
           })),
           ...v6.map((a) => ({
             family: "inet6",
@@ -2200,7 +2257,8 @@ class Net {
             prefixlen: a.prefix,
             scope: a.address === "::1" ? "host" : "global",
             ...(a.nodad ? { nodad: true } : {}),
-            ...life,
+            ...(a.validUntil === undefined ? {} : { dynamic: true }),
+            ...lifeOf(a),
           })),
         ];
         const ll = this.#linkLocal(l);
@@ -2469,7 +2527,9 @@ class Net {
           x.family - y.family ||
           (x.value < y.value ? -1 : x.value > y.value ? 1 : x.prefix - y.prefix),
       ))
-        out.push(`link ${l.name} addr ${a.address}/${a.prefix}${a.nodad ? " nodad" : ""}`);
+        out.push(
+          `link ${l.name} addr ${a.address}/${a.prefix}${a.nodad ? " nodad" : ""}${a.validUntil === undefined ? "" : ` valid_lft ${a.validLft}`}`,
+        );
     }
     for (const r of [...this.rules].sort((a, b) => a.family - b.family || a.pref - b.pref)) {
       const mark =
@@ -4591,6 +4651,11 @@ export class FakeKernel implements Runner {
       );
   }
 
+  /** Lets `ms` pass on the fake's clock: address lifetimes run out (see Net). */
+  advance(ms: number): void {
+    this.#net.advance(ms);
+  }
+
   /** The next command whose argv starts with `prefix` returns `result` and changes nothing. */
   failNext(
     prefix: readonly string[],
@@ -4670,15 +4735,17 @@ export class FakeKernel implements Runner {
   #ip(args: readonly string[], stdin: string): string {
     let family: Family | undefined;
     let json = false;
+    let force = false;
     let i = 0;
     for (; i < args.length; i++) {
       const a = args[i]!;
       if (a === "-4" || a === "-6") family = a === "-4" ? 4 : 6;
       else if (a === "-json" || a === "-j") json = true;
       else if (a === "-details" || a === "-d") continue;
+      else if (a === "-force") force = true;
       else if (a === "-batch") {
         if (args[i + 1] !== "-" || i + 2 !== args.length) throw unmodeled(`ip ${args.join(" ")}`);
-        this.#net.batch(family, stdin);
+        this.#net.batch(family, stdin, force);
         return "";
       } else break;
     }

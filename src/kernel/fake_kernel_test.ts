@@ -2206,6 +2206,144 @@ describe("Datapath on the fake kernel", () => {
   });
 });
 
+describe("Datapath on the fake kernel: egress IPs leased from the kernel (issue 12)", () => {
+  const leasing = (fake: FakeKernel) =>
+    new Datapath({
+      runner: fake,
+      iptables: new Iptables(fake, "nft"),
+      families: [4, 6],
+      rulePref: RULE_PREF,
+      tunnelDevice: TUNNEL,
+      eipLeaseSeconds: 1,
+    });
+  const eipLinks = async (dp: Datapath) =>
+    (await dp.read()).routing.links.filter((l) => l.name.startsWith("spe-"));
+
+  it("renewed while held, gone when the renewals stop (devices silent), made again and announced by the next sync", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = host(2);
+    const dp = leasing(fake);
+    const plan = planWith(2, await dp.read(), s);
+    assert.deepEqual(
+      plan.eips.map((e) => e.family).sort(),
+      [4, 6],
+      "node-2 holds an egress IP per family",
+    );
+    await dp.sync(plan);
+    for (const l of await eipLinks(dp))
+      assert.deepEqual(l.leases, { [l.addresses[0]!]: 1 }, `${l.name} holds a 1 s lease`);
+    const [v4, v6] = [4, 6].map((f) => plan.eips.find((e) => e.family === f)!.device);
+    const sysctl = async (key: string) => (await ok(fake, ["sysctl", key])).trim();
+    // The devices send nothing but answers for their egress IP (see Datapath's device sysctls).
+    assert.equal(
+      await sysctl(`net/ipv4/conf/${v4}/arp_ignore`),
+      `net.ipv4.conf.${v4}.arp_ignore = 1`,
+    );
+    assert.equal(
+      await sysctl(`net/ipv6/conf/${v4}/disable_ipv6`),
+      `net.ipv6.conf.${v4}.disable_ipv6 = 1`,
+    );
+    assert.equal(
+      await sysctl(`net/ipv6/conf/${v6}/addr_gen_mode`),
+      `net.ipv6.conf.${v6}.addr_gen_mode = 1`,
+    );
+    assert.equal(
+      await sysctl(`net/ipv6/conf/${v6}/forwarding`),
+      `net.ipv6.conf.${v6}.forwarding = 0`,
+    );
+    assert.ok(
+      !fake.dump().includes("fe80::"),
+      "no link-local address (the same on every node) on an egress-IP device",
+    );
+
+    // A full sync reads the leases back and leaves them alone: the lifetime left is no drift.
+    fake.advance(600);
+    assert.equal((await dp.sync(plan)).changes, 0);
+    // Renewed every 600 ms, the addresses outlive their 1 s lease many times over.
+    for (let i = 0; i < 5; i++) {
+      assert.equal(await dp.refreshEgressIPs(), 2);
+      fake.advance(600);
+    }
+    assert.deepEqual(
+      (await eipLinks(dp)).map((l) => l.addresses.length),
+      [1, 1],
+      "renewed: still held",
+    );
+    // No renewal (the agent dead, frozen or fenced): the kernel deletes the addresses.
+    fake.advance(1000);
+    assert.deepEqual(
+      (await eipLinks(dp)).map((l) => l.addresses.length),
+      [0, 0],
+      "the leases ended: nothing left to answer for",
+    );
+    // Still the plan (this node holds them): the next sync makes the devices again, down, then
+    // up, so that the kernel announces the addresses again.
+    const before = fake.calls.length;
+    assert.ok((await dp.sync(plan)).changes > 0);
+    const batch = fake.calls
+      .slice(before)
+      .filter((c) => c.argv.join(" ") === "ip -batch -")
+      .map((c) => c.stdin ?? "")
+      .join("");
+    for (const d of [v4, v6]) {
+      assert.match(batch, new RegExp(`link del ${d}\n`));
+      assert.match(
+        batch,
+        new RegExp(`addr replace \\S+ dev ${d}( nodad)? valid_lft 1 preferred_lft 1\n`),
+      );
+      assert.match(batch, new RegExp(`link set ${d} up\n`));
+    }
+    await assertHolds(dp, plan);
+  });
+
+  it("renews only what the last sync holds: after a sync that gives the egress IPs up, nothing", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = host(2);
+    const dp = leasing(fake);
+    const plan = planWith(2, await dp.read(), s);
+    await dp.sync(plan);
+    await dp.sync({ ...plan, eips: [] });
+    assert.deepEqual(await eipLinks(dp), [], "released");
+    const before = fake.calls.length;
+    assert.equal(await dp.refreshEgressIPs(), 0);
+    assert.equal(fake.calls.length, before, "and no command");
+  });
+
+  it("a sync that fails renews, meanwhile, only what both the old and the new plan hold", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = host(2);
+    const dp = leasing(fake);
+    const plan = planWith(2, await dp.read(), s);
+    await dp.sync(plan);
+    const v6Only = { ...plan, eips: plan.eips.filter((e) => e.family === 6) };
+    // The release of the IPv4 egress IP fails: its device is still there, but no longer ours.
+    fake.failNext(["ip", "-batch", "-"], { code: 2, stderr: "RTNETLINK answers: Busy\n" });
+    await assert.rejects(dp.sync(v6Only), DatapathError);
+    assert.equal((await eipLinks(dp)).length, 2);
+    assert.equal(await dp.refreshEgressIPs(), 1, "the IPv6 one alone");
+  });
+
+  it("a permanent egress-IP address (an agent of an earlier version) becomes a lease, and back", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = host(2);
+    const permanent = datapathOn(fake);
+    const plan = planWith(2, await permanent.read(), s);
+    await permanent.sync(plan);
+    for (const l of await eipLinks(permanent)) assert.equal(l.leases, undefined);
+    const dp = leasing(fake);
+    assert.equal((await dp.sync(plan)).changes, 2, "one addr replace per egress IP");
+    for (const l of await eipLinks(dp)) assert.deepEqual(l.leases, { [l.addresses[0]!]: 1 });
+    assert.equal((await dp.sync(plan)).changes, 0);
+    assert.equal((await permanent.sync(plan)).changes, 2);
+    fake.advance(5000);
+    assert.deepEqual(
+      (await eipLinks(dp)).map((l) => l.addresses.length),
+      [1, 1],
+      "permanent again",
+    );
+  });
+});
+
 // ------------------------------------------------------------------------------------------------
 // Random plans: every sync succeeds on a kernel that refuses a rule naming a missing set, a set
 // destroyed while in use, a route through a missing or down device; and the kernel holds the plan.

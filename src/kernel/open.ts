@@ -20,6 +20,8 @@ export interface OpenOptions {
   readonly rulePref?: number;
   /** @default "sallyport" */
   readonly tunnelDevice?: string;
+  /** Egress-IP addresses leased from the kernel (see DatapathOptions); default: permanent. */
+  readonly eipLeaseSeconds?: number;
 }
 
 export interface FilterChoice {
@@ -103,5 +105,6 @@ export async function openDatapath(options: OpenOptions = {}): Promise<Datapath>
     rulePref: options.rulePref ?? 5900,
     tunnelDevice: options.tunnelDevice ?? "sallyport",
     filter,
+    eipLeaseSeconds: options.eipLeaseSeconds,
   });
 }

@@ -108,8 +108,11 @@ export class NodeLeaseRenewer {
     return this.#stopped || !this.#attempted || this.#lastAttemptOk;
   }
 
-  /** A planned restart: one last renewal asking the controller to hold the node for `holdMs`. */
-  async handOver(holdMs: number): Promise<void> {
+  /**
+   * A planned restart: one last renewal asking the controller to hold the node for `holdMs`.
+   * Returns whether the API server took it.
+   */
+  async handOver(holdMs: number): Promise<boolean> {
     this.stop();
     try {
       await this.#o.client.mergePatch(
@@ -121,11 +124,13 @@ export class NodeLeaseRenewer {
         },
         { namespace: this.#o.namespace },
       );
+      return true;
     } catch (e) {
       this.#o.log.warn(
         { err: (e as Error).message },
         "cannot announce the restart on the node lease",
       );
+      return false;
     }
   }
 

@@ -93,8 +93,16 @@ interface JsonLink {
   address?: string;
   flags?: string[];
   linkinfo?: { info_kind?: string; info_data?: Record<string, unknown> };
-  addr_info?: { family: string; local: string; prefixlen: number }[];
+  addr_info?: {
+    family: string;
+    local: string;
+    prefixlen: number;
+    valid_life_time?: number;
+  }[];
 }
+
+/** What `ip -json address show` prints as the valid lifetime of a permanent address. */
+const FOREVER = 4294967295;
 
 export interface ParsedLink {
   readonly name: string;
@@ -104,6 +112,11 @@ export interface ParsedLink {
   readonly mac: string;
   readonly up: boolean;
   readonly addresses: readonly string[];
+  /**
+   * Addresses with a finite valid lifetime (a lease in the kernel: it deletes them when it ends),
+   * and the seconds left; the others are permanent.
+   */
+  readonly leases?: Readonly<Record<string, number>>;
   readonly vxlan?: {
     readonly vni: number;
     readonly port: number;
@@ -119,6 +132,14 @@ export function parseLinks(json: string): ParsedLink[] {
   return list.map((l) => {
     const data = l.linkinfo?.info_data ?? {};
     const kind = l.linkinfo?.info_kind;
+    const addrs = (l.addr_info ?? []).filter(
+      (a) => a.family === "inet" || (a.family === "inet6" && !a.local.startsWith("fe80:")),
+    );
+    const cidr = (a: { local: string; prefixlen: number }) =>
+      `${canonicalAddress(a.local)}/${a.prefixlen}`;
+    const leased = addrs.filter(
+      (a) => a.valid_life_time !== undefined && a.valid_life_time !== FOREVER,
+    );
     return {
       name: l.ifname,
       kind,
@@ -126,11 +147,10 @@ export function parseLinks(json: string): ParsedLink[] {
       mtu: l.mtu ?? 0,
       mac: (l.address ?? "").toLowerCase(),
       up: (l.flags ?? []).includes("UP"),
-      addresses: (l.addr_info ?? [])
-        .filter(
-          (a) => a.family === "inet" || (a.family === "inet6" && !a.local.startsWith("fe80:")),
-        )
-        .map((a) => `${canonicalAddress(a.local)}/${a.prefixlen}`),
+      addresses: addrs.map(cidr),
+      ...(leased.length === 0
+        ? {}
+        : { leases: Object.fromEntries(leased.map((a) => [cidr(a), a.valid_life_time!])) }),
       ...(kind === "vxlan"
         ? {
             vxlan: {
@@ -256,10 +276,38 @@ function onFamily(f: Family): "ip4" | "ip6" {
   return f === 4 ? "ip4" : "ip6";
 }
 
+export interface RoutingOptions {
+  readonly rulePref: number;
+  readonly tunnelDevice: string;
+  /**
+   * Egress-IP addresses get this valid and preferred lifetime (a lease in the kernel, which
+   * deletes the address when it ends) instead of a permanent one; the agent refreshes it while
+   * it knows that it holds the egress IP. Whole seconds, as the kernel counts them.
+   */
+  readonly eipLeaseSeconds?: number | undefined;
+}
+
+function eipCidr(e: EipPlan): string {
+  return `${canonicalAddress(e.address)}/${e.family === 4 ? 32 : 128}`;
+}
+
+function eipAddressLine(e: EipPlan, lease: number | "forever" | undefined): string {
+  const lifetime = lease === undefined ? "" : ` valid_lft ${lease} preferred_lft ${lease}`;
+  return `addr replace ${eipCidr(e)} dev ${e.device}${e.family === 6 ? " nodad" : ""}${lifetime}`;
+}
+
+/**
+ * `ip -force -batch` lines that renew the leases of egress-IP addresses on their devices (a
+ * device deleted meanwhile fails its line alone).
+ */
+export function eipLeaseLines(eips: readonly EipPlan[], seconds: number): string[] {
+  return eips.map((e) => eipAddressLine(e, seconds));
+}
+
 export function diffRouting(
   desired: RoutingPlan,
   actual: ActualRouting,
-  options: { rulePref: number; tunnelDevice: string },
+  options: RoutingOptions,
 ): RoutingDiff {
   const d: RoutingDiff = {
     releaseEips: [],
@@ -319,25 +367,32 @@ export function diffRouting(
 
   // Egress-IP devices.
   const wantEips = new Map(desired.eips.map((e) => [e.device, e]));
+  const lease = options.eipLeaseSeconds;
   for (const e of desired.eips) {
     const have = linkByName.get(e.device);
-    const cidr = `${canonicalAddress(e.address)}/${e.family === 4 ? 32 : 128}`;
+    const cidr = eipCidr(e);
+    // A device whose address is gone (its lease in the kernel ended, or someone deleted it) is
+    // made again, so that it is announced again when it comes up.
     const wrong =
       have !== undefined &&
-      (have.kind !== "macvlan" || have.parent !== e.parent || have.mac !== e.mac);
+      (have.kind !== "macvlan" ||
+        have.parent !== e.parent ||
+        have.mac !== e.mac ||
+        !have.addresses.includes(cidr));
     if (have === undefined || wrong) {
       if (wrong) d.eips.push(`link del ${e.device}`);
       d.eips.push(
         `link add ${e.device} link ${e.parent} address ${e.mac} type macvlan mode bridge`,
-        `addr replace ${cidr} dev ${e.device}${e.family === 6 ? " nodad" : ""}`,
+        eipAddressLine(e, lease),
       );
       d.newDevices.push(e.device);
       d.eipsUp.push(`link set ${e.device} up`);
       continue;
     }
-    if (!have.addresses.includes(cidr)) {
-      d.eips.push(`addr replace ${cidr} dev ${e.device}${e.family === 6 ? " nodad" : ""}`);
-    }
+    // Leased or permanent as the options say; a lease's time left is the refresh's business
+    // (Datapath.refreshEgressIPs), not drift.
+    const leased = have.leases?.[cidr] !== undefined;
+    if (leased !== (lease !== undefined)) d.eips.push(eipAddressLine(e, lease ?? "forever"));
     for (const a of have.addresses) if (a !== cidr) d.eips.push(`addr del ${a} dev ${e.device}`);
     if (!have.up) d.eipsUp.push(`link set ${e.device} up`);
   }
@@ -426,10 +481,7 @@ export function diffRouting(
 }
 
 /** Everything a fresh node needs, as batch text (golden files). */
-export function renderRouting(
-  desired: RoutingPlan,
-  options: { rulePref: number; tunnelDevice: string },
-): string {
+export function renderRouting(desired: RoutingPlan, options: RoutingOptions): string {
   const d = diffRouting(
     desired,
     { rules: [], routes: [], links: [], neighbors: [], fdb: [] },

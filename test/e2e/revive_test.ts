@@ -1,0 +1,180 @@
+/**
+ * Issue 12, item 5: a gateway node that comes back never answers for an egress IP it no longer
+ * holds. The holder is cut off (its uplink down, its agent killed), its egress IPs move to the
+ * other gateway node, then it comes back (link first, its agent a moment later, as
+ * `sallyport sandbox revive-node` does). Before the fix it answered ARP for about 4 s, the
+ * segment's bridge learned the egress IP's MAC on its port and the pod's requests failed.
+ *
+ * Watched from outside, all along: ARP requests broadcast five times a second from the external
+ * host (an answer is attributed by the answering node's uplink MAC, which answers too while the
+ * node holds the address), the external host re-resolving the IPv6 egress IP four times a second
+ * (its neighbour entry flushed, then a ping), and the segment bridge's forwarding table: which
+ * port each egress IP's MAC (the same on every node) was last seen on. A frame from the revived
+ * node with that MAC, an ARP or NDP answer or anything else, moves it to the revived node's port.
+ *
+ * Nodes: node-1 (the pod), node-2 and node-3 (egress=true). Address plan: src/sandbox/topology.ts.
+ */
+import assert from "node:assert/strict";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { mustRun } from "../../src/kernel/runner.ts";
+import { ours } from "../../src/kube/client.ts";
+import type { Family } from "../../src/lib/ip.ts";
+import { FailoverProbe } from "../../src/sandbox/probe.ts";
+import { Sandbox } from "../../src/sandbox/sandbox.ts";
+import { EXTERNAL, nsRunner } from "../../src/sandbox/topology.ts";
+import { AnswerWatch } from "../support/arp_watch.ts";
+import { eventually, type Status, type WithStatus } from "../support/kube.ts";
+import { NEEDS_ROOT, stopAll, uniquePrefix } from "../support/lab.ts";
+import { TMP_PREFIX } from "../support/leaks.ts";
+
+const EIP = { 4: "192.168.77.100", 6: "fd00:77::100" } as const;
+const target = (f: Family) => (f === 4 ? `${EXTERNAL[4]}:8080` : `[${EXTERNAL[6]}]:8080`);
+
+describe("a gateway node that comes back (dual stack)", { skip: NEEDS_ROOT }, () => {
+  let sb: Sandbox;
+  const status = async (): Promise<Status | undefined> =>
+    (await sb.admin().get<WithStatus>(ours("EgressPolicy"), "web", "default")).status;
+
+  before(async () => {
+    sb = await Sandbox.up({
+      prefix: uniquePrefix("rv"),
+      nodes: 3,
+      families: [4, 6],
+      dir: mkdtempSync(join(tmpdir(), `${TMP_PREFIX}sandbox-`)),
+    });
+    await sb.addPod("web-1", { node: 1, labels: { app: "web" } });
+    await sb.apply(`apiVersion: sallyport.dev/v1alpha1
+kind: EgressGateway
+metadata: {name: edge}
+spec:
+  nodeSelector: {matchLabels: {egress: "true"}}
+  pool: ["192.168.77.100-192.168.77.120", "fd00:77::100-fd00:77::120"]
+---
+apiVersion: sallyport.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: web, namespace: default}
+spec:
+  gateway: edge
+  podSelector: {matchLabels: {app: web}}
+  destinationCIDRs: ["${EXTERNAL[4]}/32", "${EXTERNAL[6]}/128"]
+  egressIP: ["${EIP[4]}", "${EIP[6]}"]
+`);
+  });
+
+  after(async () => {
+    await stopAll();
+    await sb?.destroy();
+  });
+
+  it("never answers ARP or NDP for the egress IPs it lost, and the pod's requests never fail", async () => {
+    const s = await eventually(
+      status,
+      (x) => x?.programmed === "2/2" && x.gatewayNode !== undefined,
+    );
+    const holder = Number(s!.gatewayNode!.split("-")[1]);
+    const other = holder === 2 ? 3 : 2;
+    const node = (i: number) => nsRunner(sb.nodeNs(i));
+    const macs: Record<string, string> = {};
+    const ports: Record<string, string> = {};
+    for (const i of [1, 2, 3]) {
+      macs[(await mustRun(node(i), ["cat", "/sys/class/net/eth0/address"])).trim()] = `node-${i}`;
+      ports[`vn${i}`] = `node-${i}`;
+    }
+    /** Per family, the MAC of the device holding the egress IP on node `i`, if any. */
+    const eipMacs = async (i: number) => {
+      const links = JSON.parse(await mustRun(node(i), ["ip", "-json", "addr", "show"])) as {
+        address: string;
+        addr_info: { local: string }[];
+      }[];
+      const of = (f: Family) =>
+        links.find((l) => l.addr_info.some((a) => a.local === EIP[f]))?.address;
+      return { 4: of(4), 6: of(6) };
+    };
+    const held = await eventually(
+      () => eipMacs(holder),
+      (m) => m[4] !== undefined && m[6] !== undefined,
+    );
+    assert.ok(held[4] !== undefined && held[6] !== undefined, `node-${holder} holds both`);
+    const watch = new AnswerWatch({
+      externalNs: sb.externalNs,
+      bridgeNs: `${sb.prefix}-br`,
+      address: EIP[4],
+      macs,
+      ports,
+      egressMacs: [held[4]!, held[6]!],
+    });
+    const probes = ([4, 6] as const).map(
+      (f) => new FailoverProbe(sb.pod("web-1").netns, target(f), EIP[f], 50),
+    );
+    await Promise.all(probes.map((p) => p.start()));
+    await watch.start();
+    // The external host asks for the IPv6 egress IP by multicast again and again.
+    let asking = true;
+    let stopping: Promise<unknown> | undefined;
+    // Once (FailoverProbe.stop() waits for an exit that has happened already if called twice).
+    const stopWatching = () =>
+      (stopping ??= (async () => {
+        asking = false;
+        await ndp;
+        await watch.stop();
+        await Promise.all(probes.map((p) => p.stop()));
+      })());
+    const ext = nsRunner(sb.externalNs);
+    const ndp = (async () => {
+      while (asking) {
+        await ext.run(["ip", "-6", "neigh", "flush", "to", EIP[6], "dev", "eth0"]);
+        await ext.run(["ping", "-6", "-c", "1", "-W", "0.2", EIP[6]]);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    })();
+    try {
+      await sb.killNode(holder);
+      await eventually(status, (x) => x?.gatewayNode === `node-${other}`, 20_000);
+      const moved = await eventually(
+        () => eipMacs(other),
+        (m) => m[4] !== undefined && m[6] !== undefined,
+      );
+      assert.deepEqual(moved, held, "the egress IPs' MACs are the same on the new holder");
+      // Traffic is back through the new holder before the old one returns.
+      for (const [i, f] of ([4, 6] as const).entries())
+        await eventually(
+          async () => probes[i]!.lines.slice(-5),
+          (last) => last.length === 5 && last.every((l) => l.saw === EIP[f]),
+          20_000,
+        );
+      await new Promise((r) => setTimeout(r, 1000));
+      const revivedAt = Date.now();
+      await sb.reviveNode(holder);
+      // Its agent starts, finds that it holds nothing and removes the stale devices.
+      await eventually(
+        () => eipMacs(holder),
+        (m) => m[4] === undefined && m[6] === undefined,
+        30_000,
+      );
+      await new Promise((r) => setTimeout(r, 3000));
+      await stopWatching();
+
+      const arp = watch.after(revivedAt, `node-${holder}`);
+      assert.deepEqual(arp, [], `node-${holder} answered for an egress IP it no longer holds`);
+      assert.ok(
+        watch.after(revivedAt, `node-${other}`).some((x) => x.via === "arp"),
+        `while node-${other} kept answering`,
+      );
+      for (const [i, f] of ([4, 6] as const).entries()) {
+        const p = probes[i]!;
+        const after = p.lines.filter((l) => l.t > revivedAt);
+        assert.ok(after.length >= 50, `IPv${f}: probed all along (${after.length} requests)`);
+        assert.deepEqual(
+          after.filter((l) => l.saw !== EIP[f]),
+          [],
+          `IPv${f}: every request after the revival was answered, from the egress IP`,
+        );
+      }
+    } finally {
+      await stopWatching();
+    }
+  });
+});
