@@ -14,6 +14,8 @@ export const CHAIN_NO_SNAT = "SALLYPORT-NO-SNAT";
 export const CHAIN_SNAT_EIP = "SALLYPORT-SNAT-EIP";
 export const CHAIN_GATEWAY = "SALLYPORT-GATEWAY";
 export const CHAIN_REPLY = "SALLYPORT-REPLY";
+/** filter INPUT: tunnel packets from any host that is no peer node are dropped (and counted). */
+export const CHAIN_TUNNEL_IN = "SALLYPORT-TUNNEL-IN";
 
 /** Chain that marks toward one gateway node: SALLYPORT-TO-0001 (node id in hex). */
 export function steerChain(nodeID: number): string {
@@ -37,6 +39,11 @@ export function ignoreSetName(family: Family): string {
 
 export function eipSetName(family: Family): string {
   return `${IPSET_PREFIX}eip${family}`;
+}
+
+/** The underlay addresses of this node's peers: the only sources its tunnel accepts. */
+export function peersSetName(family: Family): string {
+  return `${IPSET_PREFIX}peers${family}`;
 }
 
 /** True for names of sets Sallyport owns (including swap temporaries). */

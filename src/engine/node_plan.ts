@@ -59,10 +59,12 @@ import {
   CHAIN_REPLY,
   CHAIN_RESET_MARK,
   CHAIN_SNAT_EIP,
+  CHAIN_TUNNEL_IN,
   eipDeviceName,
   eipMac,
   eipSetName,
   ignoreSetName,
+  peersSetName,
   policySetName,
   steerChain,
 } from "./names.ts";
@@ -81,6 +83,7 @@ import type {
   SetMatch,
   SysctlPlan,
   TableName,
+  TunnelPeers,
   TunnelPlan,
 } from "./plan.ts";
 import { comparePrecedence } from "./precedence.ts";
@@ -412,6 +415,10 @@ export class NodePlanner {
   #eips: readonly EipPlan[] = [];
   #eipSets = new Map<string, IpSetPlan>();
   #ignoreSets = new Map<string, IpSetPlan>();
+  /** Per family, the peers' underlay addresses (host CIDRs, sorted): the tunnel's only sources. */
+  #peerUnderlays: Record<Family, readonly string[]> = { 4: [], 6: [] };
+  #peerSets = new Map<string, IpSetPlan>();
+  #tunnelPeers: TunnelPeers | undefined;
   #setList: IpSetPlan[] = [];
   // The nftables classification, per family.
   readonly #classTables = new Map<Family, ClassTable>();
@@ -462,6 +469,22 @@ export class NodePlanner {
       if (a === b || peerSig(a) === peerSig(b)) continue;
       if (name === this.#node) this.#staticDirty = true;
       for (const key of this.#readers.get(name) ?? []) this.#dirty.add(key);
+    }
+    // The tunnel accepts packets from these addresses only: one set per family, made again
+    // only when a peer's underlay address comes, goes or changes.
+    const underlays: Record<Family, string[]> = { 4: [], 6: [] };
+    for (const peer of peers.values()) {
+      if (peer.name === this.#node || peer.underlay === undefined) continue;
+      const a = parseAddress(peer.underlay);
+      underlays[a.family].push(hostCidr(a));
+    }
+    for (const family of FAMILIES) {
+      const now = underlays[family].sort();
+      if (sameMembers(now, this.#peerUnderlays[family])) continue;
+      this.#peerUnderlays = { ...this.#peerUnderlays, [family]: now };
+      this.#peerSets.delete(peersSetName(family));
+      this.#tunnelPeers = undefined;
+      this.#setsDirty = true;
     }
   }
 
@@ -719,6 +742,17 @@ export class NodePlanner {
     fb.hook("filter", "OUTPUT", CHAIN_KEEP_MARK, "sallyport: accept steered traffic");
     fb.hook("nat", "POSTROUTING", CHAIN_NO_SNAT, "sallyport: no snat for steered traffic");
     fb.hook("nat", "POSTROUTING", CHAIN_SNAT_EIP, "sallyport: snat to egress IPs");
+    fb.hook("filter", "INPUT", CHAIN_TUNNEL_IN, "sallyport: tunnel packets from peer nodes only");
+    // Before the VXLAN socket decapsulates it (it reads what INPUT lets through): a host that is
+    // no peer node could otherwise send any inner packet, a selected pod's source included,
+    // into this node's tunnel and out with an egress IP.
+    fb.chain("filter", CHAIN_TUNNEL_IN).push({
+      protocol: "udp",
+      sets: [{ name: peersSetName(family), dir: "src", invert: true }],
+      dports: String(config.port),
+      comment: "sallyport: tunnel packets from a host that is no peer node",
+      target: { kind: "DROP" },
+    });
 
     const markRequest = fb.chain("mangle", CHAIN_MARK_REQUEST);
     // Neighbour discovery is not a connection (conntrack calls it INVALID): a unicast
@@ -1069,7 +1103,14 @@ export class NodePlanner {
     this.#replanned.clear();
     this.#ignoreChanged = false;
     this.#rankOrder = this.#order;
+    this.#tunnelPeers ??= {
+      port: this.#config.port,
+      peers: Object.fromEntries(
+        families.map((f) => [f, this.#peerUnderlays[f].map((c) => c.split("/")[0]!)]),
+      ),
+    };
     const next: NftPlan = {
+      tunnelPeers: this.#tunnelPeers,
       classes,
       steerTo: [...steerTo].sort((a, b) => a - b),
       snat,
@@ -1081,6 +1122,7 @@ export class NodePlanner {
     const prev = this.#nft;
     this.#nft =
       prev !== undefined &&
+      prev.tunnelPeers === next.tunnelPeers &&
       families.every(
         (f) =>
           prev.classes[f] === next.classes[f] &&
@@ -1091,6 +1133,18 @@ export class NodePlanner {
       sameMembers(prev.steerTo.map(String), next.steerTo.map(String))
         ? prev
         : next;
+  }
+
+  /** The peers' underlay addresses of one family, made once per list. */
+  #peerSet(family: Family): IpSetPlan {
+    const name = peersSetName(family);
+    let set = this.#peerSets.get(name);
+    if (set === undefined) {
+      set = { name, family, members: this.#peerUnderlays[family], nomatch: [] };
+      this.#peerSets.set(name, set);
+      this.#changedSets.push(set);
+    }
+    return set;
   }
 
   /** The ignore set of one family, made once per list of ignore CIDRs. */
@@ -1116,7 +1170,10 @@ export class NodePlanner {
    */
   #planSets(): void {
     const prev = this.#setList;
-    for (const family of this.#config.families) this.#ignoreSet(family);
+    for (const family of this.#config.families) {
+      this.#ignoreSet(family);
+      this.#peerSet(family);
+    }
     if (!this.#setNamesDirty && prev.length > 0 && this.#setIndex.size === prev.length) {
       let list: IpSetPlan[] | undefined;
       let complete = true;
@@ -1141,6 +1198,7 @@ export class NodePlanner {
     const byName = new Map<string, IpSetPlan>();
     for (const family of this.#config.families) {
       byName.set(ignoreSetName(family), this.#ignoreSet(family));
+      byName.set(peersSetName(family), this.#peerSet(family));
       const eip = this.#eipSets.get(eipSetName(family));
       if (eip !== undefined) byName.set(eip.name, eip);
     }

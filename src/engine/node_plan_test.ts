@@ -15,7 +15,8 @@ import { gateway, localFacts, node, pod, policy, snapshot } from "./testing.ts";
 import { tracePacket } from "./trace.ts";
 
 const GOLDEN = join(import.meta.dirname, "testdata");
-const OPTS = { rulePref: 5900, tunnelDevice: "sallyport" };
+/** As the agent renders with its default lease timing (egress IPs leased for 1 s). */
+const OPTS = { rulePref: 5900, tunnelDevice: "sallyport", eipLeaseSeconds: 1 };
 
 function planFor(s: Snapshot, name: string, underlay: { ipv4?: string; ipv6?: string }) {
   const outcome = computeCluster(s);

@@ -275,6 +275,58 @@ describe("NodePlanner", () => {
     assert.equal(planner.plan(), before, "the same view content in a new object");
   });
 
+  for (const datapath of ["iptables", "nftables"] as const)
+    it(`keeps the tunnel's peer set per family as peers come and go, and nothing else (${datapath})`, () => {
+      const config: NodeConfig = { ...CONFIG, datapath };
+      const planner = new NodePlanner("node-2", config);
+      planner.setLocal(localFacts({ ipv4: "192.168.0.12" }));
+      let peers = new Map(NODES.map((n) => [n, peer(n)]));
+      planner.setPeers(peers);
+      const peersOf = (plan: NodePlan, family: Family) =>
+        datapath === "iptables"
+          ? plan.ipsets.find((s) => s.name === `sallyport-peers${family}`)?.members
+          : plan.nft?.tunnelPeers?.peers[family]?.map((a) => `${a}/${family === 4 ? 32 : 128}`);
+      const before = planner.plan();
+      assert.deepEqual(
+        peersOf(before, 4),
+        ["192.168.0.11/32", "192.168.0.13/32", "192.168.0.14/32"],
+        "every other node's underlay address, not its own",
+      );
+      assert.deepEqual(peersOf(before, 6), []);
+      peers = new Map(peers).set("node-5", peer("node-5"));
+      planner.setPeers(peers);
+      const joined = planner.plan();
+      assert.deepEqual(peersOf(joined, 4), [
+        "192.168.0.11/32",
+        "192.168.0.13/32",
+        "192.168.0.14/32",
+        "192.168.0.15/32",
+      ]);
+      assert.equal(joined.rules, before.rules, "no rule changes: the rule names the set");
+      if (datapath === "iptables") {
+        const changed = joined.ipsets.filter((s, i) => s !== before.ipsets[i]).map((s) => s.name);
+        assert.deepEqual(changed, ["sallyport-peers4"]);
+      } else assert.equal(joined.nft?.classes[4], before.nft?.classes[4]);
+      peers = new Map(peers);
+      peers.delete("node-1");
+      planner.setPeers(peers);
+      assert.deepEqual(
+        peersOf(planner.plan(), 4),
+        ["192.168.0.13/32", "192.168.0.14/32", "192.168.0.15/32"],
+        "a node that leaves the cluster is refused",
+      );
+      // A peer whose identity changes but not its underlay address changes nothing here.
+      const now = planner.plan();
+      planner.setPeers(new Map(peers).set("node-4", peer("node-4", { id: 9 })));
+      const same = planner.plan();
+      if (datapath === "iptables")
+        assert.equal(
+          same.ipsets.find((s) => s.name === "sallyport-peers4"),
+          now.ipsets.find((s) => s.name === "sallyport-peers4"),
+        );
+      else assert.equal(same.nft?.tunnelPeers, now.nft?.tunnelPeers);
+    });
+
   it("keeps unchanged sets and chains by identity when one pod is added", () => {
     const world = new World();
     const planner = new NodePlanner("node-2", CONFIG);

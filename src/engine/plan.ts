@@ -140,6 +140,12 @@ export interface EipPlan {
   readonly family: Family;
 }
 
+export interface TunnelPeers {
+  readonly port: number;
+  /** Per family, canonical addresses, sorted. */
+  readonly peers: Readonly<Partial<Record<Family, readonly string[]>>>;
+}
+
 export interface SysctlPlan {
   readonly path: string;
   readonly value: string;
@@ -166,6 +172,11 @@ export interface NodePlan {
 
 /** What the nftables datapath holds besides routing, tunnel and egress-IP devices. */
 export interface NftPlan {
+  /**
+   * The tunnel's UDP port and, per family, the peer nodes' underlay addresses: the only sources
+   * it accepts (sets `peers4`, `peers6`). Absent in plans made before it existed.
+   */
+  readonly tunnelPeers?: TunnelPeers | undefined;
   /** Per family, the classes of sources and their disjoint entries, sorted by name. */
   readonly classes: Readonly<Partial<Record<Family, readonly TrafficClass[]>>>;
   /** Node ids of the gateway nodes this node steers to. */

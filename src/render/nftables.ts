@@ -79,7 +79,7 @@ export interface NftChainDef {
   readonly name: string;
   readonly base?: {
     readonly type: "filter" | "nat";
-    readonly hook: "prerouting" | "forward" | "postrouting";
+    readonly hook: "prerouting" | "input" | "forward" | "postrouting";
     /** Numeric priority (mangle = -150, srcnat = 100). */
     readonly priority: number;
   };
@@ -296,6 +296,30 @@ export function desiredTable(
     base: { type: "filter", hook: "prerouting", priority: MANGLE },
     rules: prerouting,
   });
+  // Tunnel packets only from the peer nodes' underlay addresses, before the VXLAN socket
+  // decapsulates them (it reads what the input hook lets through): a host that is no peer node
+  // could otherwise send any inner packet, a selected pod's source included, into this node's
+  // tunnel and out with an egress IP. Counted: `nft list chain inet sallyport input`.
+  const tunnelPeers = nft.tunnelPeers;
+  if (tunnelPeers !== undefined) {
+    const input: NftRule[] = [];
+    for (const family of families) {
+      sets.push({ name: `peers${family}`, key: ADDR[family], interval: false, counter: false });
+      elements.set(
+        `peers${family}`,
+        elementsOfList("peers", tunnelPeers.peers[family] ?? [], (a) => [a, ""]),
+      );
+      input.push({
+        text: `udp dport ${tunnelPeers.port} ${IP[family]} saddr != @peers${family} counter drop`,
+        comment: "tunnel packets from a host that is no peer node",
+      });
+    }
+    chains.push({
+      name: "input",
+      base: { type: "filter", hook: "input", priority: MANGLE },
+      rules: input,
+    });
+  }
   chains.push({
     name: "forward",
     base: { type: "filter", hook: "forward", priority: MANGLE },
@@ -497,7 +521,7 @@ export function parseNftTable(json: string): NftActual | undefined {
           : {
               base: {
                 type: c.type as "filter" | "nat",
-                hook: c.hook as "prerouting" | "forward" | "postrouting",
+                hook: c.hook as "prerouting" | "input" | "forward" | "postrouting",
                 priority: c.prio as number,
               },
             }),

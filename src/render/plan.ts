@@ -4,15 +4,12 @@
  */
 
 import type { NodePlan } from "../engine/plan.ts";
-import { renderRouting } from "./iproute.ts";
+import { type RoutingOptions, renderRouting } from "./iproute.ts";
 import { renderIpsets } from "./ipset.ts";
 import { renderRules } from "./iptables.ts";
 import { desiredTable, renderNftTable } from "./nftables.ts";
 
-export function renderPlan(
-  plan: NodePlan,
-  options: { rulePref: number; tunnelDevice: string },
-): string {
+export function renderPlan(plan: NodePlan, options: RoutingOptions): string {
   const parts: string[] = [`# node ${plan.node}`];
   if (plan.nft !== undefined) {
     const families = ([4, 6] as const).filter((f) => plan.rules[f] !== undefined);
