@@ -143,4 +143,48 @@ describe("diffRouting()", () => {
     assert.deepEqual(fresh.newDevices, ["spe-abc"]);
     assert.deepEqual(fresh.eipsUp, ["link set spe-abc up"]);
   });
+
+  it("leases egress-IP addresses from the kernel, reads the leases back and leaves them alone", () => {
+    const leased = { ...OPTS, eipLeaseSeconds: 1 };
+    const fresh = diffRouting(
+      desired,
+      { ...actual(), links: actual().links.filter((l) => l.name !== "spe-abc") },
+      leased,
+    );
+    assert.ok(
+      fresh.eips.includes("addr replace 10.168.60.100/32 dev spe-abc valid_lft 1 preferred_lft 1"),
+    );
+    // As `ip -json address show` prints an address with a lease: the seconds left.
+    const withLease = parseLinks(
+      LINKS.replace(
+        '"local":"10.168.60.100","prefixlen":32}',
+        '"local":"10.168.60.100","prefixlen":32,"dynamic":true,"valid_life_time":1,"preferred_life_time":1}',
+      ),
+    );
+    assert.deepEqual(withLease[1]!.leases, { "10.168.60.100/32": 1 });
+    const running = { ...actual(), links: withLease };
+    const diff = diffRouting(desired, running, leased);
+    assert.deepEqual([...diff.eips, ...diff.eipsUp, ...diff.releaseEips], [], "a lease running");
+    // A permanent address becomes a lease (an agent of an earlier version), and back.
+    assert.deepEqual(diffRouting(desired, actual(), leased).eips, [
+      "addr replace 10.168.60.100/32 dev spe-abc valid_lft 1 preferred_lft 1",
+    ]);
+    assert.deepEqual(diffRouting(desired, running, OPTS).eips, [
+      "addr replace 10.168.60.100/32 dev spe-abc valid_lft forever preferred_lft forever",
+    ]);
+  });
+
+  it("makes an egress-IP device whose address is gone again, so that it is announced again", () => {
+    const expired = parseLinks(
+      LINKS.replace('{"family":"inet","local":"10.168.60.100","prefixlen":32}', ""),
+    );
+    assert.deepEqual(expired[1]!.addresses, []);
+    const diff = diffRouting(desired, { ...actual(), links: expired }, OPTS);
+    assert.deepEqual(diff.eips.slice(0, 2), [
+      "link del spe-abc",
+      "link add spe-abc link eth0 address 02:aa:bb:cc:dd:ee type macvlan mode bridge",
+    ]);
+    assert.deepEqual(diff.newDevices, ["spe-abc"]);
+    assert.deepEqual(diff.eipsUp, ["link set spe-abc up"]);
+  });
 });
