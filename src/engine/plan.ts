@@ -149,6 +149,8 @@ export interface TunnelPeers {
 export interface SysctlPlan {
   readonly path: string;
   readonly value: string;
+  /** Written only where the key exists (e.g. IPv6 keys on a kernel without IPv6). */
+  readonly optional?: boolean;
 }
 
 export interface NodePlan {

@@ -547,17 +547,21 @@ export class Datapath {
           { path: `net/ipv4/conf/${e.device}/rp_filter`, value: "2" },
         );
       }
-      if (this.#o.families.includes(6))
+      if (e.family === 4)
+        // Also on a node without IPv6 egress: its kernel may well have IPv6 (a link-local address
+        // and its duplicate address detection from the shared MAC); one without has no key.
+        out.push({
+          path: `net/ipv6/conf/${e.device}/disable_ipv6`,
+          value: "1",
+          ...(this.#o.families.includes(6) ? {} : { optional: true }),
+        });
+      else
         out.push(
-          ...(e.family === 6
-            ? [
-                { path: `net/ipv6/conf/${e.device}/ndisc_notify`, value: "1" },
-                { path: `net/ipv6/conf/${e.device}/addr_gen_mode`, value: "1" },
-                { path: `net/ipv6/conf/${e.device}/forwarding`, value: "0" },
-                // as a host's, it would take router advertisements and routes through itself
-                { path: `net/ipv6/conf/${e.device}/accept_ra`, value: "0" },
-              ]
-            : [{ path: `net/ipv6/conf/${e.device}/disable_ipv6`, value: "1" }]),
+          { path: `net/ipv6/conf/${e.device}/ndisc_notify`, value: "1" },
+          { path: `net/ipv6/conf/${e.device}/addr_gen_mode`, value: "1" },
+          { path: `net/ipv6/conf/${e.device}/forwarding`, value: "0" },
+          // as a host's, it would take router advertisements and routes through itself
+          { path: `net/ipv6/conf/${e.device}/accept_ra`, value: "0" },
         );
     }
     return out;
@@ -576,7 +580,10 @@ export class Datapath {
       const at = line.indexOf(" = ");
       if (at > 0) current.set(line.slice(0, at).replaceAll(".", "/"), line.slice(at + 3).trim());
     }
-    const todo = list.filter((s) => current.get(s.path.replaceAll(".", "/")) !== s.value);
+    const todo = list.filter((s) => {
+      const now = current.get(s.path.replaceAll(".", "/"));
+      return now !== s.value && (now !== undefined || s.optional !== true);
+    });
     if (todo.length === 0) return 0;
     await step("write sysctls", () =>
       mustRun(runner, ["sysctl", "-q", "-w", ...todo.map((s) => `${s.path}=${s.value}`)]),

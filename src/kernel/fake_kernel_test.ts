@@ -2296,6 +2296,26 @@ describe("Datapath on the fake kernel: egress IPs leased from the kernel (issue 
     await assertHolds(dp, plan);
   });
 
+  it("an IPv4 egress IP's device has no IPv6, also on a node that plans IPv4 only", async () => {
+    const s = SCENARIOS["one policy, explicit egress IP (seed 000/003)"]!;
+    const fake = host(2);
+    const dp = new Datapath({
+      runner: fake,
+      iptables: new Iptables(fake, "nft"),
+      families: [4],
+      rulePref: RULE_PREF,
+      tunnelDevice: TUNNEL,
+      eipLeaseSeconds: 1,
+    });
+    const plan = planWith(2, await dp.read(), s, 0.5, { families: [4] });
+    await dp.sync(plan);
+    const device = plan.eips[0]!.device;
+    assert.equal(
+      (await ok(fake, ["sysctl", `net/ipv6/conf/${device}/disable_ipv6`])).trim(),
+      `net.ipv6.conf.${device}.disable_ipv6 = 1`,
+    );
+  });
+
   it("renews only what the last sync holds: after a sync that gives the egress IPs up, nothing", async () => {
     const s = SCENARIOS["dual stack with ports"]!;
     const fake = host(2);
