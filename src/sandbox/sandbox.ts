@@ -515,8 +515,11 @@ export class Sandbox {
     }
   }
 
-  /** Starts (or restarts) the agent of node `i` inside its namespace. */
-  startAgent(i: number): void {
+  /**
+   * Starts (or restarts) the agent of node `i` inside its namespace; `extraArgs` follow the
+   * sandbox's agent flags for this start only (e.g. a switch turned on for one node).
+   */
+  startAgent(i: number, extraArgs: readonly string[] = []): void {
     const kubeconfig = this.#controlPlane().kubeconfig(`sallyport-agent-${i}`);
     const args = [
       "--node",
@@ -524,6 +527,7 @@ export class Sandbox {
       "--families",
       this.families.join(","),
       ...this.#state.agentArgs,
+      ...extraArgs,
     ];
     const image = this.#state.agentImage;
     const cni = this.#state.sallyportCni === true;
