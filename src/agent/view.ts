@@ -72,6 +72,7 @@ interface PolicyHeader {
   readonly snat: Readonly<Partial<Record<Family, readonly string[]>>>;
   readonly floating: readonly string[];
   readonly announceInterface: string | undefined;
+  readonly standbyNodes: readonly string[];
   /** The policy's selectors for this node's pods; undefined when it has a nodeSelector. */
   readonly selection: PolicySelection | undefined;
   readonly selectionSpec: unknown;
@@ -114,6 +115,7 @@ function headerOf(p: AnyPolicy, gateway: EgressGateway | undefined): PolicyHeade
     snat,
     floating: floats ? Object.values(snat).flat().sort() : [],
     announceInterface: gateway?.spec.interface,
+    standbyNodes: p.status?.standbyNodes ?? [],
     // The agent does not read Node objects, so it cannot evaluate a nodeSelector: such policies
     // wait for the controller's endpoint slices.
     selection:
@@ -503,8 +505,14 @@ export class AgentState {
     const selectionChanged =
       before === undefined || !deepEqual(before.selectionSpec, header.selectionSpec);
     if (before !== undefined && !selectionChanged && sameViewFields(before, header)) {
-      // Only fields the datapath does not read (status counters, conditions, the revision).
-      this.#headers.set(key, { ...before, revision: header.revision });
+      // Only fields the datapath does not read (status counters, conditions, the revision, the
+      // standby list).
+      this.#headers.set(key, {
+        ...before,
+        revision: header.revision,
+        standbyNodes: header.standbyNodes,
+      });
+      if (!deepEqual(before.standbyNodes, header.standbyNodes)) this.#refreshView(key);
       return;
     }
     this.#headers.set(key, header);
@@ -583,8 +591,14 @@ export class AgentState {
       floating: header.floating,
       announceInterface: header.announceInterface,
       endpoints,
+      standbyNodes: header.standbyNodes,
     };
-    if (before !== undefined && sameView(before, view)) return;
+    if (before !== undefined && sameView(before, view)) {
+      // The standby list alone: nothing this node programs reads it (nor the revision), so
+      // neither the planner nor the report is woken; view() has it.
+      if (!deepEqual(before.standbyNodes, view.standbyNodes)) this.#views.set(key, view);
+      return;
+    }
     this.#views.set(key, view);
     this.#dirty.add(key);
     this.#revisionsDirty = true;

@@ -3,7 +3,7 @@ import { describe, it } from "node:test";
 import type { AnyPolicy, EgressEndpointSlice } from "../api/types.ts";
 import type { PodInfo } from "../engine/snapshot.ts";
 import { DEFAULT_NODE_CONFIG } from "../engine/view.ts";
-import { buildAgentView } from "./view.ts";
+import { AgentState, buildAgentView } from "./view.ts";
 
 const status = {
   gatewayNode: "gw",
@@ -136,5 +136,25 @@ describe("buildAgentView() with this node's pods", () => {
       ],
     );
     assert.deepEqual(e.get("EgressPolicy/default/web"), []);
+  });
+});
+
+describe("AgentState: the standby list", () => {
+  it("keeps a policy's standby nodes in its view without waking the planner or the report", () => {
+    const state = new AgentState("n1");
+    const p = policy("web", { podSelector: { matchLabels: { app: "web" } } });
+    state.setLocalPod(pod("web-1", { app: "web" }));
+    state.setPolicy({ ...p, status: { ...status, revision: "r1", standbyNodes: ["gw2", "gw3"] } });
+    const key = "EgressPolicy/default/web";
+    assert.deepEqual(state.view(key)?.standbyNodes, ["gw2", "gw3"]);
+    assert.deepEqual([...state.takeChanges().policies], [key]);
+    state.programmed();
+    state.setPolicy({ ...p, status: { ...status, revision: "r1", standbyNodes: ["gw3"] } });
+    assert.deepEqual(state.view(key)?.standbyNodes, ["gw3"], "the view has the new list");
+    assert.equal(state.planDirty, false, "nothing to plan: no node programs the list");
+    assert.equal(state.reportDirty, false, "nothing to report: the revision does not count it");
+    state.setPolicy({ ...p, status: { ...status, revision: "r1" } });
+    assert.deepEqual(state.view(key)?.standbyNodes, [], "none published");
+    assert.equal(state.planDirty, false);
   });
 });

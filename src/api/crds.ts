@@ -89,6 +89,7 @@ const policyColumns: PrinterColumn[] = [
   { name: "Ready", type: "string", jsonPath: READY },
   { name: "Reason", type: "string", jsonPath: REASON, priority: 1 },
   { name: "Priority", type: "integer", jsonPath: ".spec.priority", priority: 1 },
+  { name: "Standby", type: "string", jsonPath: ".status.standbyNodes", priority: 1 },
   AGE,
 ];
 

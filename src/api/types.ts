@@ -402,6 +402,13 @@ export const EgressPolicyStatusSchema = Type.Object(
   {
     observedGeneration: Type.Optional(Type.Integer({ minimum: 0 })),
     gatewayNode: Type.Optional(Type.String()),
+    standbyNodes: Type.Optional(
+      Type.Array(Type.String(), {
+        maxItems: 16,
+        description:
+          "The nodes that take the egress IPs over, in this order, when gatewayNode is lost: the first of them still live gets them. Published in advance; empty when no other node qualifies",
+      }),
+    ),
     egressIPs: Type.Optional(
       Type.Array(Type.String(), {
         maxItems: 2 * MAX_EGRESS_IPS_PER_FAMILY,

@@ -61,6 +61,9 @@ export interface Explanation {
     readonly key: string;
     readonly ready?: Condition | undefined;
     readonly programmed?: string | undefined;
+    /** The policy's gateway node, and who takes over from it, in order. */
+    readonly gatewayNode?: string | undefined;
+    readonly standbyNodes?: readonly string[] | undefined;
   };
   readonly hops: readonly Hop[];
   /** Nodes on the path whose agent does not report the policy's current revision. */
@@ -191,6 +194,8 @@ export function explainPacket(inputs: ExplainInputs): Explanation {
             key,
             ready: policy?.status?.conditions?.find((c) => c.type === "Ready"),
             programmed: policy?.status?.programmed,
+            gatewayNode: policy?.status?.gatewayNode,
+            standbyNodes: policy?.status?.standbyNodes,
           },
         }),
     hops,
@@ -209,6 +214,13 @@ export function formatExplanation(e: Explanation): string {
     lines.push(
       `  ${e.policy.key}: Ready=${r?.status ?? "?"}${r === undefined ? "" : ` (${r.reason}: ${r.message})`}, programmed ${e.policy.programmed ?? "?"}`,
     );
+    const standby = e.policy.standbyNodes ?? [];
+    if (e.policy.gatewayNode !== undefined)
+      lines.push(
+        standby.length === 0
+          ? `  if ${e.policy.gatewayNode} is lost: no other node of its gateway qualifies to take over`
+          : `  if ${e.policy.gatewayNode} is lost: the first live of ${standby.join(", ")} takes over (status.standbyNodes)`,
+      );
   }
   if (e.notProgrammedOn.length > 0)
     lines.push(

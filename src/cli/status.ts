@@ -91,6 +91,7 @@ export async function clusterStatus(
         gateway: p.spec?.gateway as string | undefined,
         "egress-ips": ((p.status?.egressIPs as string[] | undefined) ?? []).join(","),
         node: p.status?.gatewayNode as string | undefined,
+        standby: ((p.status?.standbyNodes as string[] | undefined) ?? []).join(","),
         pods: p.status?.matchedPods as number | undefined,
         programmed: p.status?.programmed as string | undefined,
         ready: readyText(p),
@@ -175,6 +176,14 @@ export async function objectStatus(
       "Egress IPs",
       ips === "" ? "(none)" : `${ips}${s.gatewayNode === undefined ? "" : ` on ${s.gatewayNode}`}`,
     );
+    const standby = (s.standbyNodes as string[] | undefined) ?? [];
+    if (s.gatewayNode !== undefined)
+      field(
+        "Standby",
+        standby.length === 0
+          ? "(none: no other node of the gateway qualifies)"
+          : `${standby.join(", ")} (the first live one takes over if ${s.gatewayNode} is lost)`,
+      );
     field("Pods", s.matchedPods);
     field("Programmed", s.programmed);
     field("Priority", o.spec?.priority ?? 0);

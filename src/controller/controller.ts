@@ -32,6 +32,7 @@ import {
   policyKey,
 } from "../api/types.ts";
 import { ClusterEngine, type ClusterOutcome, type PolicyOutcome } from "../engine/cluster.ts";
+import { onlyStandbyDiffers } from "../engine/outcomes.ts";
 import type { ClusterConfig, NodeIdentity, PreviousPolicy, Snapshot } from "../engine/snapshot.ts";
 import { podKey } from "../engine/snapshot.ts";
 import {
@@ -100,6 +101,13 @@ interface ServiceCIDRObject extends KubeObject {
 const CLUSTER_INFO = "default";
 /** How long the statuses wait for more agents' reports after one arrives. */
 const REPORTS_SETTLE_MS = 250;
+/**
+ * How long a policy whose standby list alone changed waits for its status write. A gateway node
+ * lost or back changes the lists of a large share of the policies (those that list it); their
+ * writes queue behind those of the policies that moved, which agents wait for, and a node that
+ * flaps within this time costs one write instead of two.
+ */
+const STANDBY_SETTLE_MS = 1000;
 
 const selectors = new WeakMap<EgressGateway, CompiledSelector>();
 /** A gateway's node selector, compiled once per object. */
@@ -444,7 +452,12 @@ export class Controller {
     this.#outcome = outcome;
     const add = (key: string) => this.#enqueue(key);
     for (const [key, p] of outcome.policies) {
-      if (previous?.policies.get(key) === p) continue;
+      const before = previous?.policies.get(key);
+      if (before === p) continue;
+      if (before !== undefined && onlyStandbyDiffers(before, p)) {
+        this.#queue?.addAfter(`policy:${key}`, STANDBY_SETTLE_MS);
+        continue;
+      }
       add(`policy:${key}`);
       add(`slices:${key}`);
     }

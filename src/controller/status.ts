@@ -180,6 +180,7 @@ export function policyStatus(
     conditions: mergeConditions(current?.conditions, wanted, outcome.generation, now),
   };
   if (outcome.gatewayNode !== undefined) status.gatewayNode = outcome.gatewayNode;
+  if (outcome.standbyNodes.length > 0) status.standbyNodes = [...outcome.standbyNodes];
   if (outcome.egressIPs.length > 0) status.egressIPs = [...outcome.egressIPs];
   if (outcome.revision !== undefined) status.revision = outcome.revision;
   if (outcome.shadowedBy.length > 0) status.shadowedBy = outcome.shadowedBy.map((s) => ({ ...s }));

@@ -57,6 +57,7 @@ import {
   rejectedOutcome,
   sameGatewayOutcome,
   samePolicyOutcome,
+  withStandby,
 } from "./outcomes.ts";
 import { Placement } from "./placement.ts";
 import {
@@ -158,6 +159,8 @@ export class ClusterEngine {
   readonly #dirtyPolicies = new Set<string>();
   readonly #toActivate = new Set<string>();
   readonly #dirtyOutcomes = new Set<string>();
+  /** Policies whose standby list alone changed: their outcome is copied, not rebuilt. */
+  readonly #standbyOutcomes = new Set<string>();
   readonly #dirtyGateways = new Set<string>();
 
   constructor(snapshot: Snapshot) {
@@ -459,6 +462,7 @@ export class ClusterEngine {
     this.#toActivate.clear();
     for (const key of this.#placement.place((k) => this.#previous(k)?.gatewayNode))
       this.#dirtyOutcomes.add(key);
+    for (const key of this.#placement.standbyChanged()) this.#standbyOutcomes.add(key);
     for (const name of this.#dirtyGatewayViews)
       for (const key of this.#placement.placedBy(name)) this.#dirtyOutcomes.add(key);
     this.#dirtyGatewayViews.clear();
@@ -655,7 +659,16 @@ export class ClusterEngine {
         }
       }
     }
+    for (const key of this.#standbyOutcomes) {
+      if (this.#dirtyOutcomes.has(key)) continue;
+      const before = this.#policyMap.get(key);
+      const standby = this.#placement.standbyOf(key);
+      if (before === undefined || !before.accepted || sameStrings(before.standbyNodes, standby))
+        continue;
+      changes.set(key, withStandby(before, standby));
+    }
     this.#dirtyOutcomes.clear();
+    this.#standbyOutcomes.clear();
     this.#policyMap = this.#policyMap.with(changes);
   }
 
@@ -679,6 +692,7 @@ export class ClusterEngine {
       short: allocation?.short,
       gateway: this.#gateways.get(this.#placement.gatewayOf(key)!)!.object,
       node,
+      standbyNodes: this.#placement.standbyOf(key),
       nodeAddresses: node === undefined ? undefined : this.#nodes.get(node)?.addresses,
       interfaceAddresses:
         node === undefined || admitted.mode !== "interface"

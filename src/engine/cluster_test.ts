@@ -14,6 +14,7 @@ import {
 import { policySetName } from "./names.ts";
 import { planNode } from "./node_plan.ts";
 import { nodeViewFromOutcome } from "./node_view.ts";
+import { onlyStandbyDiffers } from "./outcomes.ts";
 import {
   DEFAULT_CLUSTER_CONFIG,
   type NamespaceInfo,
@@ -719,6 +720,7 @@ describe("computeCluster() properties", () => {
                   ...s.nodes,
                   node("node-4", { ipv4: "192.168.0.14", labels: { egress: "true" } }),
                 ],
+                healthy: new Set([...s.healthy, "node-4"]),
               }
             : {}),
         };
@@ -728,6 +730,14 @@ describe("computeCluster() properties", () => {
           const q = second.policies.get(p.key)!;
           assert.deepEqual(q.egressIPs, p.egressIPs, `${p.key} keeps its egress IPs`);
           assert.equal(q.gatewayNode, p.gatewayNode, `${p.key} stays on its node`);
+          if (change !== 2)
+            assert.deepEqual(q.standbyNodes, p.standbyNodes, `${p.key} keeps its standby list`);
+          else {
+            // A new gateway node enters a list at its rank, and the others keep their order.
+            const others = q.standbyNodes.filter((n) => n !== "node-4");
+            assert.deepEqual(others, p.standbyNodes.slice(0, others.length), p.key);
+            assert.equal(q.revision, p.revision, `${p.key}: the same revision`);
+          }
         }
       }),
     );
@@ -1227,6 +1237,8 @@ function fullSummary(o: ClusterOutcome) {
       gateway: p.gateway,
       egressIPs: p.egressIPs,
       gatewayNode: p.gatewayNode,
+      standbyNodes: p.standbyNodes,
+      viewStandbyNodes: p.view?.standbyNodes,
       floating: p.view?.floating,
       snat: p.view?.snat,
       announceInterface: p.view?.announceInterface,
@@ -1370,15 +1382,37 @@ describe("ClusterEngine: incremental equals from scratch", () => {
       const q = after.policies.get(key)!;
       if (p.gatewayNode === victim) {
         assert.notEqual(q.gatewayNode, victim, `${key} leaves ${victim}`);
+        assert.equal(q.gatewayNode, p.standbyNodes[0], `${key} goes to its first standby`);
+        assert.ok(!onlyStandbyDiffers(p, q));
         assert.deepEqual(q.egressIPs, p.egressIPs, `${key} keeps its egress IP`);
+      } else if (p.standbyNodes.includes(victim)) {
+        // Only its standby list changes, and not its revision: no node programs anything again.
+        assert.deepEqual(
+          q.standbyNodes,
+          p.standbyNodes.filter((n) => n !== victim),
+        );
+        assert.deepEqual(
+          { ...q, standbyNodes: [], view: undefined },
+          {
+            ...p,
+            standbyNodes: [],
+            view: undefined,
+          },
+        );
+        assert.equal(q.revision, p.revision);
+        assert.equal(q.view?.endpoints, p.view?.endpoints, "the view is copied, not rebuilt");
+        assert.ok(onlyStandbyDiffers(p, q), "the controller can tell (it writes these later)");
       } else assert.equal(q, p, `${key}: the same outcome object`);
     }
     assert.equal(after.identities, before.identities, "identities untouched");
     assert.equal(after.peers, before.peers, "peers untouched");
     assert.equal(engine.setHealthy(new Set(s.healthy)), true);
     const back = engine.compute();
-    for (const [key, p] of after.policies)
-      assert.equal(back.policies.get(key), p, `${key} does not move back without failback`);
+    for (const [key, p] of after.policies) {
+      const q = back.policies.get(key)!;
+      assert.equal(q.gatewayNode, p.gatewayNode, `${key} does not move back without failback`);
+      assert.ok(q.standbyNodes.includes(victim), `${key} lists ${victim} as standby again`);
+    }
   });
 
   it("returns false and the same outcome for a policy update that changes only its status", () => {

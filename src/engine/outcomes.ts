@@ -11,7 +11,13 @@ import { type Pool, poolSize, type Shortfall } from "./allocation.ts";
 import { sameStrings } from "./equality.ts";
 import type { PreparedPolicy } from "./policies.ts";
 import type { NodeIdentity } from "./snapshot.ts";
-import { type EndpointView, type PeerView, type PolicyView, policyRevision } from "./view.ts";
+import {
+  type EndpointView,
+  type PeerView,
+  type PolicyView,
+  policyRevision,
+  withStandbyNodes,
+} from "./view.ts";
 
 export interface EngineCondition {
   readonly type: "Accepted" | "GatewayAssigned" | "Conflicted";
@@ -34,6 +40,8 @@ export interface PolicyOutcome {
   readonly gateway: string;
   readonly accepted: boolean;
   readonly gatewayNode?: string | undefined;
+  /** The nodes that take over when gatewayNode is lost, in order (PolicyView.standbyNodes). */
+  readonly standbyNodes: readonly string[];
   /** The source addresses the outside sees: IPv4 first, each family in address order. */
   readonly egressIPs: readonly string[];
   readonly endpoints: readonly EndpointView[];
@@ -102,6 +110,7 @@ export function rejectedOutcome(
     generation: policy.metadata.generation ?? 0,
     gateway: policy.spec.gateway,
     accepted: false,
+    standbyNodes: [],
     egressIPs: [],
     endpoints: [],
     shadowedBy: [],
@@ -120,6 +129,8 @@ export interface AcceptedParts {
   /** The gateway whose nodes the policy's unit is placed on. */
   readonly gateway: EgressGateway;
   readonly node: string | undefined;
+  /** The nodes that take over from `node`, in order. */
+  readonly standbyNodes: readonly string[];
   /** The gateway node's InternalIPs (nodeIP mode). */
   readonly nodeAddresses: Readonly<Partial<Record<Family, string>>> | undefined;
   /** Addresses of the policy's interface on the gateway node (interface mode). */
@@ -225,6 +236,7 @@ export function acceptedOutcome(x: AcceptedParts): PolicyOutcome {
     floating,
     announceInterface: x.gateway.spec.interface,
     endpoints,
+    standbyNodes: x.standbyNodes,
   };
   let targetNodes = x.endpointNodes;
   if (node !== undefined && !targetNodes.includes(node))
@@ -238,6 +250,7 @@ export function acceptedOutcome(x: AcceptedParts): PolicyOutcome {
     gateway: p.gateway,
     accepted: true,
     gatewayNode: node,
+    standbyNodes: x.standbyNodes,
     egressIPs: FAMILIES.flatMap((f) => snat[f] ?? []),
     endpoints,
     shadowedBy: shadowedBy.slice(0, 16),
@@ -246,6 +259,36 @@ export function acceptedOutcome(x: AcceptedParts): PolicyOutcome {
     revision: policyRevision(view),
     targetNodes,
   };
+}
+
+/**
+ * An accepted outcome whose standby list alone changed (a node joined or left elsewhere in its
+ * rendezvous order): the same outcome and revision, no rebuild.
+ */
+export function withStandby(
+  outcome: PolicyOutcome,
+  standbyNodes: readonly string[],
+): PolicyOutcome {
+  return {
+    ...outcome,
+    standbyNodes,
+    view: outcome.view === undefined ? undefined : withStandbyNodes(outcome.view, standbyNodes),
+  };
+}
+
+/**
+ * Whether `b` is `a` with another standby list only (what `withStandby` makes): every other field
+ * is the very same value. False when unsure.
+ */
+export function onlyStandbyDiffers(a: PolicyOutcome, b: PolicyOutcome): boolean {
+  const differ = <T extends object>(x: T, y: T, skip: string) => {
+    const keys = Object.keys(y) as (keyof T)[];
+    if (keys.length !== Object.keys(x).length) return true;
+    return keys.some((k) => k !== skip && k !== "view" && x[k] !== y[k]);
+  };
+  if (differ(a, b, "standbyNodes")) return false;
+  if (a.view === b.view) return true;
+  return a.view !== undefined && b.view !== undefined && !differ(a.view, b.view, "standbyNodes");
 }
 
 function sameConditions(a: readonly EngineCondition[], b: readonly EngineCondition[]): boolean {
@@ -275,6 +318,7 @@ export function samePolicyOutcome(a: PolicyOutcome, b: PolicyOutcome): boolean {
     a.gateway === b.gateway &&
     a.accepted === b.accepted &&
     a.gatewayNode === b.gatewayNode &&
+    sameStrings(a.standbyNodes, b.standbyNodes) &&
     a.revision === b.revision &&
     (a.view === undefined) === (b.view === undefined) &&
     a.endpoints.length === b.endpoints.length &&

@@ -15,6 +15,7 @@ function accepted(key: string, node: string | undefined, floating: string[]): Po
     gateway: "edge",
     accepted: true,
     gatewayNode: node,
+    standbyNodes: [],
     egressIPs: floating,
     endpoints: [],
     shadowedBy: [],

@@ -6,17 +6,34 @@
  * identity), and for `interface` policies only those that report that interface.
  *
  *  - Without failback a unit stays on its node while that node remains a candidate (the node the
- *    oldest member had in the last outcome); a unit without one goes to the least loaded
- *    candidate (fewest units), units in key order, ties to the first node by name.
- *  - With `failback: true` a unit goes to its rendezvous winner (highest hash of unit key and
- *    node), so it returns to its preferred node when that node recovers.
+ *    oldest member had in the last outcome); a unit none of whose members had a node (a new
+ *    one) goes to the least loaded candidate (fewest units), units in key order, ties to the
+ *    first node by name; a unit whose node was lost goes to its rendezvous winner (below).
+ *  - With `failback: true` a unit goes to its rendezvous winner (highest `rendezvousScore` of
+ *    unit key and node), so it returns to its preferred node when that node recovers.
+ *
+ * Every unit has a *rendezvous order*: its candidates by descending `rendezvousScore`, ties by
+ * name. Its **standby nodes** are the first `STANDBY_NODES` of that order without its holder:
+ * the nodes that take over, in this order, when the holder is lost. The controller publishes them
+ * in each policy's status so that an agent can decide a takeover locally; the controller decides
+ * the same way:
+ *
+ *  - A unit whose node stopped being a candidate (lease lost, label or interface gone) goes to
+ *    its rendezvous winner among the candidates left: the first live node of the standby list it
+ *    had, whatever its failback setting. Only a unit that had no node at all (new, or no
+ *    candidate until now) is placed by load.
+ *
+ * The lists are short so that a node joining or leaving changes few of them (rendezvous hashing:
+ * a node enters or leaves the lists where it ranks among the first STANDBY_NODES + 1, a share of
+ * about (STANDBY_NODES + 1) / candidates) and spreads standby duty evenly over the nodes.
  *
  * Units placed without choice (sticky or rendezvous) count before any unit is placed by load, so
  * the load a newcomer sees is the real one whatever the key order.
  *
  * `Placement` does this incrementally: inputs mark the units they concern (a node lost: the units
- * on it; a node gained: the gateway's unplaced units and the failback units it now wins), and
- * `place()` places only those.
+ * on it, and those listing it as standby; a node gained: the gateway's unplaced units, the
+ * failback units it now wins and the units whose standby list it enters), and `place()` places
+ * only those and recomputes only their lists.
  */
 
 import { getOrInsert } from "../lib/maps.ts";
@@ -56,6 +73,12 @@ interface Unit {
   node: string | undefined;
   /** Rendezvous score of `node` (failback units). */
   score: number;
+  /** fnv1a state after `${key}|`: scores cost the node's name only. */
+  readonly seed: number;
+  /** The first STANDBY_NODES candidates of the rendezvous order without `node`. */
+  standby: readonly string[];
+  /** Score of standby's last entry. */
+  standbyFloor: number;
 }
 
 interface Candidates {
@@ -74,14 +97,59 @@ interface Gateway {
 }
 
 const NONE: ReadonlySet<string> = new Set();
+const NO_NODES: readonly string[] = [];
+
+/**
+ * How many standby nodes a unit lists: two cover the holder and its first standby dying
+ * together; beyond that the controller still places the unit (by lease), only later.
+ */
+export const STANDBY_NODES = 2;
+
+/** Scratch space of `#updateStandby` (one computation at a time). */
+const TOP: string[] = new Array<string>(STANDBY_NODES).fill("");
+const TOP_SCORES: number[] = new Array<number>(STANDBY_NODES).fill(0);
 
 export function fnv1a(text: string): number {
-  let h = 0x811c9dc5;
+  return fnv1aFrom(0x811c9dc5, text);
+}
+
+/** FNV-1a continued from the state `h` after a prefix: fnv1aFrom(fnv1a(a), b) === fnv1a(a + b). */
+function fnv1aFrom(h: number, text: string): number {
   for (let i = 0; i < text.length; i++) {
     h ^= text.charCodeAt(i);
     h = Math.imul(h, 0x01000193);
   }
   return h >>> 0;
+}
+
+/**
+ * MurmurHash3's finalizer. FNV-1a alone mixes the last characters poorly: node names differing
+ * in their last digit ranked the nodes in only 32 of the 40,320 orders of 8 nodes, and 97 % of
+ * the units whose winner was node-0 had node-1 second (so one node took over nearly all of a
+ * dead node's units). Mixed, every order occurs and each node is second about equally often.
+ */
+function fmix32(h: number): number {
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  h ^= h >>> 16;
+  return h >>> 0;
+}
+
+/** The rendezvous score of a unit on a node: higher ranks first. */
+export function rendezvousScore(unitKey: string, node: string): number {
+  return fmix32(fnv1a(`${unitKey}|${node}`));
+}
+
+/** rendezvousScore(unit.key, node), from the unit's seed: it costs the node's name only. */
+function scoreOf(unit: Unit, node: string): number {
+  return fmix32(fnv1aFrom(unit.seed, node));
+}
+
+/** Whether (score a, node a) ranks before (score b, node b) in a rendezvous order. */
+function ranksBefore(sa: number, a: string, sb: number, b: string): boolean {
+  return sa > sb || (sa === sb && a < b);
 }
 
 function byAge(a: Member, b: Member): number {
@@ -114,6 +182,10 @@ export class Placement {
   readonly #onNode = new Map<string, Set<Unit>>();
   readonly #load = new Map<string, number>();
   readonly #dirty = new Set<Unit>();
+  /** Units whose standby list must be recomputed (placed units always are). */
+  readonly #standbyDirty = new Set<Unit>();
+  /** Units whose standby list the last place() changed. */
+  readonly #standbyChanged = new Set<Unit>();
   /** Members that joined a placed unit in place: place() reports them. */
   readonly #joined = new Set<string>();
   readonly #changedGateways = new Set<string>();
@@ -328,6 +400,9 @@ export class Placement {
       iface: oldest.iface,
       node: undefined,
       score: -1,
+      seed: fnv1aFrom(0x811c9dc5, `${key}|`),
+      standby: NO_NODES,
+      standbyFloor: -1,
     };
     for (const m of members) this.#unitOf.set(m.key, unit);
     getOrInsert(this.#byGateway, unit.gateway, () => new Set()).add(unit);
@@ -337,6 +412,7 @@ export class Placement {
   #removeUnit(unit: Unit): void {
     this.#unplace(unit);
     this.#dirty.delete(unit);
+    this.#standbyDirty.delete(unit);
     const set = this.#byGateway.get(unit.gateway);
     set?.delete(unit);
     if (set?.size === 0) this.#byGateway.delete(unit.gateway);
@@ -378,6 +454,11 @@ export class Placement {
       for (const u of this.#onNode.get(node) ?? []) {
         if (u.gateway === name && (iface === undefined || u.iface === iface)) this.#dirty.add(u);
       }
+      // A scan of short lists costs less than keeping an index of them (measured).
+      for (const u of this.#byGateway.get(name) ?? []) {
+        if (u.standby.includes(node) && (iface === undefined || u.iface === iface))
+          this.#standbyDirty.add(u);
+      }
       return;
     }
     const interfaces = this.#interfaces.get(node) ?? NONE;
@@ -386,12 +467,57 @@ export class Placement {
         iface !== undefined ? u.iface !== iface : u.iface !== undefined && !interfaces.has(u.iface)
       )
         continue;
-      if (u.node === undefined) this.#dirty.add(u);
-      else if (gw.spec.failback) {
-        const score = fnv1a(`${u.key}|${node}`);
-        if (score > u.score || (score === u.score && node < u.node)) this.#dirty.add(u);
+      if (u.node === undefined) {
+        this.#dirty.add(u);
+        continue;
+      }
+      const score = scoreOf(u, node);
+      if (gw.spec.failback && ranksBefore(score, node, u.score, u.node)) this.#dirty.add(u);
+      else if (
+        u.standby.length < STANDBY_NODES ||
+        ranksBefore(score, node, u.standbyFloor, u.standby[u.standby.length - 1]!)
+      )
+        this.#standbyDirty.add(u);
+    }
+  }
+
+  /**
+   * Recomputes a placed unit's standby list: the first STANDBY_NODES of its candidates by
+   * rendezvous order, its holder left out. @returns whether the list changed
+   */
+  #updateStandby(unit: Unit): boolean {
+    // The first STANDBY_NODES by insertion into scratch arrays: candidates come in name order, so
+    // a tie keeps the earlier name first. A list is allocated only when it changed.
+    const top = TOP;
+    const scores = TOP_SCORES;
+    let count = 0;
+    if (unit.node !== undefined) {
+      for (const n of this.#candidates(unit.gateway, unit.iface).list) {
+        if (n === unit.node) continue;
+        const s = scoreOf(unit, n);
+        let i = count;
+        while (i > 0 && s > scores[i - 1]!) i--;
+        if (i >= STANDBY_NODES) continue;
+        for (let j = Math.min(count, STANDBY_NODES - 1); j > i; j--) {
+          top[j] = top[j - 1]!;
+          scores[j] = scores[j - 1]!;
+        }
+        top[i] = n;
+        scores[i] = s;
+        if (count < STANDBY_NODES) count++;
       }
     }
+    const floor = count === 0 ? -1 : scores[count - 1]!;
+    const before = unit.standby;
+    let same = before.length === count;
+    for (let i = 0; same && i < count; i++) same = before[i] === top[i];
+    if (same) {
+      unit.standbyFloor = floor;
+      return false;
+    }
+    unit.standby = count === 0 ? NO_NODES : top.slice(0, count);
+    unit.standbyFloor = floor;
+    return true;
   }
 
   #candidates(gateway: string, iface: string | undefined): Candidates {
@@ -417,12 +543,14 @@ export class Placement {
   /**
    * Places the units whose inputs changed.
    * @param lastNode the node each policy had in the last outcome
-   * @returns the policies of the units placed (their node may be the same as before)
+   * @returns the policies of the units placed (their node may be the same as before; their
+   *   standby list is recomputed too)
    */
   place(lastNode: (key: string) => string | undefined): Set<string> {
     const placed = new Set<string>(this.#joined);
     this.#joined.clear();
-    if (this.#dirty.size === 0) return placed;
+    this.#standbyChanged.clear();
+    if (this.#dirty.size === 0 && this.#standbyDirty.size === 0) return placed;
     const units = [...this.#dirty];
     this.#dirty.clear();
     for (const u of units) this.#unplace(u);
@@ -430,29 +558,38 @@ export class Placement {
     for (const u of units) {
       for (const m of u.members) placed.add(m.key);
       const c = this.#candidates(u.gateway, u.iface);
-      if (this.#gateways.get(u.gateway)?.spec.failback === true) {
-        let best: string | undefined;
-        let score = -1;
-        for (const n of c.list) {
-          const s = fnv1a(`${u.key}|${n}`);
-          if (s > score) {
-            score = s;
-            best = n;
+      let previous: string | undefined;
+      let hadNode = false;
+      if (this.#gateways.get(u.gateway)?.spec.failback !== true) {
+        for (const m of u.members) {
+          const n = lastNode(m.key);
+          if (n === undefined) continue;
+          hadNode = true;
+          if (c.set.has(n)) {
+            previous = n;
+            break;
           }
         }
-        this.#put(u, best, score);
-        continue;
-      }
-      let previous: string | undefined;
-      for (const m of u.members) {
-        const n = lastNode(m.key);
-        if (n !== undefined && c.set.has(n)) {
-          previous = n;
-          break;
+        if (previous !== undefined) {
+          this.#put(u, previous, -1);
+          continue;
+        }
+        if (!hadNode) {
+          byLoad.push(u);
+          continue;
         }
       }
-      if (previous !== undefined) this.#put(u, previous, -1);
-      else byLoad.push(u);
+      // Failback, or its node was lost: the rendezvous winner, the first of its standby order.
+      let best: string | undefined;
+      let score = -1;
+      for (const n of c.list) {
+        const s = scoreOf(u, n);
+        if (s > score) {
+          score = s;
+          best = n;
+        }
+      }
+      this.#put(u, best, score);
     }
     byLoad.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
     for (const u of byLoad) {
@@ -467,13 +604,35 @@ export class Placement {
       }
       this.#put(u, chosen, -1);
     }
+    for (const u of units) {
+      this.#standbyDirty.delete(u);
+      this.#updateStandby(u);
+    }
+    for (const u of this.#standbyDirty) if (this.#updateStandby(u)) this.#standbyChanged.add(u);
+    this.#standbyDirty.clear();
     return placed;
+  }
+
+  /**
+   * Policies whose standby list the last `place()` changed without placing their unit: for them
+   * only that list differs from their last outcome. (Those it placed it returned.)
+   */
+  *standbyChanged(): Iterable<string> {
+    for (const u of this.#standbyChanged) for (const m of u.members) yield m.key;
   }
 
   // --- results
 
   nodeOf(key: string): string | undefined {
     return this.#unitOf.get(key)?.node;
+  }
+
+  /**
+   * The nodes that take over the policy's unit, in order, when its node is lost: the next
+   * candidates of its rendezvous order (at most STANDBY_NODES).
+   */
+  standbyOf(key: string): readonly string[] {
+    return this.#unitOf.get(key)?.standby ?? NO_NODES;
   }
 
   /** The gateway whose nodes the policy's unit is placed on (its oldest member's). */

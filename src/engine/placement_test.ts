@@ -2,7 +2,13 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import fc from "fast-check";
-import { type GatewayNodes, type Member, Placement } from "./placement.ts";
+import {
+  type GatewayNodes,
+  type Member,
+  Placement,
+  rendezvousScore,
+  STANDBY_NODES,
+} from "./placement.ts";
 
 const EDGE: GatewayNodes = { nodeSelector: { matchLabels: { egress: "true" } }, failback: false };
 const gw = { egress: "true" };
@@ -31,6 +37,14 @@ function setup(failback = false): Placement {
 }
 
 const nowhere = () => undefined;
+
+/** Nodes by descending rendezvous score, ties by name: a unit's rendezvous order. */
+function rendezvous(unitKey: string, nodes: Iterable<string>): string[] {
+  return [...nodes].sort((a, b) => {
+    const d = rendezvousScore(unitKey, b) - rendezvousScore(unitKey, a);
+    return d !== 0 ? d : a < b ? -1 : 1;
+  });
+}
 
 describe("Placement", () => {
   it("spreads units over the least loaded candidates, in unit key order", () => {
@@ -142,6 +156,110 @@ describe("Placement", () => {
     assert.equal(p.nodeOf("i"), undefined);
   });
 
+  it("lists the next nodes of each unit's rendezvous order, without its holder, as standby", () => {
+    const p = new Placement();
+    p.setGateway("edge", EDGE);
+    const nodes = ["a", "b", "c", "d", "e", "f"];
+    for (const n of nodes) {
+      p.setNode(n, gw);
+      p.setUsable(n, true);
+    }
+    for (let i = 1; i <= 9; i++) p.setMember(`p${i}`, member(`p${i}`, i));
+    p.place(nowhere);
+    for (let i = 1; i <= 9; i++) {
+      const holder = p.nodeOf(`p${i}`)!;
+      const order = rendezvous(`10.0.0.${i}`, nodes).filter((n) => n !== holder);
+      assert.deepEqual(p.standbyOf(`p${i}`), order.slice(0, STANDBY_NODES), `p${i}`);
+    }
+    assert.deepEqual(p.standbyOf("nobody"), []);
+  });
+
+  it("moves the unit of a lost node to its first live standby, not to the least loaded node", () => {
+    const p = new Placement();
+    p.setGateway("edge", EDGE);
+    const nodes = ["a", "b", "c", "d", "e"];
+    for (const n of nodes) {
+      p.setNode(n, gw);
+      p.setUsable(n, true);
+    }
+    for (let i = 1; i <= 9; i++) p.setMember(`p${i}`, member(`p${i}`, i));
+    p.place(nowhere);
+    for (let i = 1; i <= 9; i++) {
+      const key = `p${i}`;
+      const q = new Placement();
+      q.setGateway("edge", EDGE);
+      for (const n of nodes) {
+        q.setNode(n, gw);
+        q.setUsable(n, true);
+      }
+      for (let j = 1; j <= 9; j++) q.setMember(`p${j}`, member(`p${j}`, j));
+      q.place(nowhere);
+      const [holder, published] = [q.nodeOf(key)!, q.standbyOf(key)];
+      const snapshot = () => {
+        const nodeOf = new Map(
+          [1, 2, 3, 4, 5, 6, 7, 8, 9].map((j) => [`p${j}`, q.nodeOf(`p${j}`)]),
+        );
+        return (k: string) => nodeOf.get(k);
+      };
+      let last = snapshot();
+      q.setUsable(holder, false);
+      q.place(last);
+      assert.equal(q.nodeOf(key), published[0], `${key} goes to its first standby`);
+      assert.ok(!q.standbyOf(key).includes(published[0]!), "the new holder is no standby");
+      // The new holder dies too before anything else changes: the next one of the list.
+      last = snapshot();
+      q.setUsable(published[0]!, false);
+      q.place(last);
+      assert.equal(q.nodeOf(key), published[1], `${key} then goes to its second standby`);
+    }
+  });
+
+  it("changes a standby list only where a joining or leaving node ranks, and spreads standby duty", () => {
+    const p = new Placement();
+    p.setGateway("edge", EDGE);
+    const nodes = Array.from({ length: 8 }, (_, i) => `node-${i}`);
+    for (const n of nodes) {
+      p.setNode(n, gw);
+      p.setUsable(n, true);
+    }
+    const keys = Array.from({ length: 400 }, (_, i) => `k${i}`);
+    for (const k of keys)
+      p.setMember(k, member(k, 1, { addresses: [`10.1.${k.length}.${k}`], shared: false }));
+    p.place(nowhere);
+    const firstStandby = new Map<string, number>();
+    for (const k of keys) {
+      const s = p.standbyOf(k);
+      firstStandby.set(s[0]!, (firstStandby.get(s[0]!) ?? 0) + 1);
+    }
+    // 400 lists over 8 nodes: each node is the first standby of about 50.
+    for (const n of nodes) assert.ok((firstStandby.get(n) ?? 0) >= 25, `${n} is a first standby`);
+    const before = new Map(keys.map((k) => [k, [...p.standbyOf(k)]]));
+    const nodeOf = new Map(keys.map((k) => [k, p.nodeOf(k)]));
+    const last = (k: string) => nodeOf.get(k);
+    p.setNode("node-8", gw);
+    p.setUsable("node-8", true);
+    assert.deepEqual([...p.place(last)], [], "a node joining places nothing (without failback)");
+    const changed = [...p.standbyChanged()];
+    for (const k of keys) {
+      const now = p.standbyOf(k);
+      if (!changed.includes(k)) {
+        assert.deepEqual(now, before.get(k), `${k}: only reported lists change`);
+        continue;
+      }
+      assert.ok(now.includes("node-8"), `${k}: a list changes only to take the new node in`);
+      assert.deepEqual(
+        now.filter((n) => n !== "node-8"),
+        before.get(k)!.slice(0, now.length - 1),
+        `${k}: the others keep their order`,
+      );
+    }
+    // About (STANDBY_NODES) / 8 of the lists take the new node in, not all of them.
+    assert.ok(changed.length > 0 && changed.length < keys.length / 2, `${changed.length} changed`);
+    p.setUsable("node-8", false);
+    p.place(last);
+    for (const k of keys) assert.deepEqual(p.standbyOf(k), before.get(k), `${k}: back as it was`);
+  });
+
   it("places incrementally where a fresh placement from the previous result places", () => {
     const NODES = ["a", "b", "c", "d"];
     const arbStep = fc.oneof(
@@ -178,6 +296,7 @@ describe("Placement", () => {
         ]);
         for (const [name, spec] of gateways) p.setGateway(name, spec);
         let last = new Map<string, string | undefined>();
+        let lastStandby = new Map<string, readonly string[]>();
         for (const step of steps) {
           for (const s of step) {
             if (s.t === "member") {
@@ -211,7 +330,7 @@ describe("Placement", () => {
             }
           }
           const previous = last;
-          p.place((k) => previous.get(k));
+          const placed = p.place((k) => previous.get(k));
           const fresh = new Placement();
           for (const [name, spec] of gateways) fresh.setGateway(name, spec);
           for (const [name, n] of nodes) {
@@ -221,8 +340,57 @@ describe("Placement", () => {
           }
           for (const [k, m] of members) fresh.setMember(k, m);
           fresh.place((k) => previous.get(k));
+          const previousStandby = lastStandby;
           last = new Map([...members.keys()].map((k) => [k, p.nodeOf(k)]));
-          for (const k of members.keys()) assert.equal(p.nodeOf(k), fresh.nodeOf(k), k);
+          lastStandby = new Map([...members.keys()].map((k) => [k, p.standbyOf(k)]));
+          const reported = new Set([...placed, ...p.standbyChanged()]);
+          for (const k of members.keys()) {
+            assert.equal(p.nodeOf(k), fresh.nodeOf(k), k);
+            assert.deepEqual(p.standbyOf(k), fresh.standbyOf(k), `${k}: standby`);
+          }
+          for (const [k, m] of members) {
+            // The unit's key, gateway and interface: its oldest member's (one address at most).
+            const unit = [...members.values()]
+              .filter((o) => o === m || (m.shared && o.shared && o.addresses[0] === m.addresses[0]))
+              .sort((a, b) =>
+                a.createdAt !== b.createdAt
+                  ? a.createdAt < b.createdAt
+                    ? -1
+                    : 1
+                  : a.key < b.key
+                    ? -1
+                    : 1,
+              )[0]!;
+            const spec = gateways.get(unit.gateway)!;
+            const label = Object.entries(spec.nodeSelector.matchLabels ?? {})[0]!;
+            const candidates = [...nodes]
+              .filter(
+                ([, n]) =>
+                  n.usable &&
+                  n.labels[label[0]] === label[1] &&
+                  (unit.iface === undefined || n.eth1),
+              )
+              .map(([name]) => name);
+            const order = rendezvous(unit.addresses[0] ?? unit.key, candidates);
+            const holder = p.nodeOf(k);
+            if (holder === undefined) assert.deepEqual(p.standbyOf(k), [], k);
+            else
+              assert.deepEqual(
+                p.standbyOf(k),
+                order.filter((n) => n !== holder).slice(0, STANDBY_NODES),
+                `${k}: the rendezvous order without the holder`,
+              );
+            const was = previous.get(k);
+            if (holder !== undefined && was !== undefined && !candidates.includes(was))
+              assert.equal(holder, order[0], `${k}: a lost holder's unit goes to the winner`);
+            if (
+              holder === was &&
+              holder !== undefined &&
+              !reported.has(k) &&
+              previousStandby.has(k)
+            )
+              assert.deepEqual(p.standbyOf(k), previousStandby.get(k), `${k}: reported`);
+          }
         }
       }),
     );

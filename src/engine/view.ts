@@ -48,6 +48,15 @@ export interface PolicyView {
   /** Interface on which floating addresses are announced; default: the node's underlay device. */
   readonly announceInterface?: string | undefined;
   readonly endpoints: readonly EndpointView[];
+  /**
+   * The nodes that take the egress IPs over, in this order, when `gatewayNode` is lost: the
+   * controller moves them to the first of these that is still live (src/engine/placement.ts),
+   * and publishes them in advance (status.standbyNodes) so that a node can decide the same
+   * without the API server. Not part of the revision: nothing a node programs depends on it, and
+   * a list that changes because a node joined or left must not make every target node program
+   * and report the policy again.
+   */
+  readonly standbyNodes?: readonly string[] | undefined;
 }
 
 export interface NodeConfig {
@@ -156,6 +165,14 @@ export function reportedRevision(
   return local === controllerRevision ? local : undefined;
 }
 
+/**
+ * The same view with another standby list: the same revision (it does not count there), which the
+ * outcome carries; `policyRevision` of the copy computes it again when asked.
+ */
+export function withStandbyNodes(policy: PolicyView, standbyNodes: readonly string[]): PolicyView {
+  return { ...policy, standbyNodes };
+}
+
 function computeRevision(policy: PolicyView): string {
   const h = createHash("sha256");
   h.update(
@@ -171,6 +188,7 @@ function computeRevision(policy: PolicyView): string {
       [policy.snat[4]?.join(",") ?? "", policy.snat[6]?.join(",") ?? ""],
       [...policy.floating].sort(),
       policy.announceInterface ?? "",
+      // Not standbyNodes: see PolicyView.
     ]),
   );
   h.update(endpointsDigest(policy.endpoints));

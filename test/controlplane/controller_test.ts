@@ -257,4 +257,37 @@ describe("controller on a real kube-apiserver", () => {
     const web = await waitStatus("web", (x) => x?.matchedPods === 3, 15_000);
     assert.equal(web?.matchedPods, 3);
   });
+
+  it("publishes a policy's standby nodes in advance, and moves a lost holder's egress IP to the first of them", async () => {
+    await createNode(admin, "node-4", {
+      addresses: ["192.168.77.14"],
+      podCIDRs: ["10.244.4.0/24"],
+      labels: { egress: "true" },
+    });
+    for (const [n, r] of renewNodeLeases(cp.client("agent"), ["node-4"], TIMING))
+      renewers.set(n, r);
+    // Three live gateway nodes: the holder and two standby nodes, in the order they take over.
+    const before = await waitStatus("web", (x) => x?.standbyNodes?.length === 2, 15_000);
+    const holder = before!.gatewayNode!;
+    const [first, second] = before!.standbyNodes!;
+    assert.ok(
+      holder !== first && holder !== second && first !== second,
+      `${holder}: ${first}, ${second}`,
+    );
+    renewers.get(holder)!.stop();
+    const moved = await waitStatus(
+      "web",
+      (x) => x?.gatewayNode !== undefined && x.gatewayNode !== holder,
+      10_000,
+    );
+    assert.equal(moved?.gatewayNode, first, "the first published standby takes over");
+    assert.deepEqual(moved?.egressIPs, before?.egressIPs, "same egress IP");
+    // The list follows (a second after the move): the dead holder is no standby.
+    const after = await waitStatus("web", (x) => x?.standbyNodes?.join() === second, 10_000);
+    assert.deepEqual(after?.standbyNodes, [second]);
+    renewers.get(holder)!.start({ create: true });
+    const back = await waitStatus("web", (x) => x?.standbyNodes?.length === 2, 10_000);
+    assert.equal(back?.gatewayNode, first, "no failback by default");
+    assert.ok(back?.standbyNodes?.includes(holder), "the node that came back is a standby again");
+  });
 });

@@ -115,6 +115,7 @@ export async function eventually<T>(
 export type Status = {
   egressIPs?: string[];
   gatewayNode?: string;
+  standbyNodes?: string[];
   matchedPods?: number;
   revision?: string;
   programmed?: string;
