@@ -14,6 +14,7 @@ const benches: Record<string, () => Promise<unknown>> = {
   perpacket: async () => (await import("./perpacket.ts")).perpacket(),
   traffic: async () => (await import("./traffic.ts")).run(),
   capacity: async () => (await import("./capacity.ts")).run(),
+  "first-connection": async () => (await import("./first_connection.ts")).firstConnection(),
 };
 const run = name === undefined ? undefined : benches[name];
 if (run === undefined) {
