@@ -169,7 +169,7 @@ for (const datapath of ["iptables", "nftables"] as const) {
     it(
       datapath === "iptables"
         ? "the same clearing in mangle POSTROUTING comes too late: SALLYPORT-KEEP-MARK accepted the packet first"
-        : "the same clearing in mangle POSTROUTING is in time: an accept in our table does not end iptables' mangle chain",
+        : "the same clearing in mangle POSTROUTING is in time: no chain of ours accepts the packet before it",
       async () => {
         const node = nsRunner(sb.nodeNs(1));
         await mustRun(node, clearMarks("-A", "POSTROUTING"));
