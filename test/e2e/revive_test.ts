@@ -1,9 +1,10 @@
 /**
  * Issue 12, item 5: a gateway node that comes back never answers for an egress IP it no longer
  * holds. The holder is cut off (its uplink down, its agent killed), its egress IPs move to the
- * other gateway node, then it comes back (link first, its agent a moment later, as
- * `sallyport sandbox revive-node` does). Before the fix it answered ARP for about 4 s, the
- * segment's bridge learned the egress IP's MAC on its port and the pod's requests failed.
+ * other gateway node, then it comes back: its link first and its agent 2 s later (as
+ * `sallyport sandbox revive-node` does, slowed down), or its agent first (unable to reach
+ * anything) and its link 3 s later. Before the fix it answered ARP for about 4 s, the segment's
+ * bridge learned the egress IP's MAC on its port and the pod's requests failed.
  *
  * Watched from outside, all along: ARP requests broadcast five times a second from the external
  * host (an answer is attributed by the answering node's uplink MAC, which answers too while the
@@ -69,112 +70,134 @@ spec:
     await sb?.destroy();
   });
 
-  it("never answers ARP or NDP for the egress IPs it lost, and the pod's requests never fail", async () => {
-    const s = await eventually(
-      status,
-      (x) => x?.programmed === "2/2" && x.gatewayNode !== undefined,
-    );
-    const holder = Number(s!.gatewayNode!.split("-")[1]);
-    const other = holder === 2 ? 3 : 2;
-    const node = (i: number) => nsRunner(sb.nodeNs(i));
-    const macs: Record<string, string> = {};
-    const ports: Record<string, string> = {};
-    for (const i of [1, 2, 3]) {
-      macs[(await mustRun(node(i), ["cat", "/sys/class/net/eth0/address"])).trim()] = `node-${i}`;
-      ports[`vn${i}`] = `node-${i}`;
-    }
-    /** Per family, the MAC of the device holding the egress IP on node `i`, if any. */
-    const eipMacs = async (i: number) => {
-      const links = JSON.parse(await mustRun(node(i), ["ip", "-json", "addr", "show"])) as {
-        address: string;
-        addr_info: { local: string }[];
-      }[];
-      const of = (f: Family) =>
-        links.find((l) => l.addr_info.some((a) => a.local === EIP[f]))?.address;
-      return { 4: of(4), 6: of(6) };
-    };
-    const held = await eventually(
-      () => eipMacs(holder),
-      (m) => m[4] !== undefined && m[6] !== undefined,
-    );
-    assert.ok(held[4] !== undefined && held[6] !== undefined, `node-${holder} holds both`);
-    const watch = new AnswerWatch({
-      externalNs: sb.externalNs,
-      bridgeNs: `${sb.prefix}-br`,
-      address: EIP[4],
-      macs,
-      ports,
-      egressMacs: [held[4]!, held[6]!],
-    });
-    const probes = ([4, 6] as const).map(
-      (f) => new FailoverProbe(sb.pod("web-1").netns, target(f), EIP[f], 50),
-    );
-    await Promise.all(probes.map((p) => p.start()));
-    await watch.start();
-    // The external host asks for the IPv6 egress IP by multicast again and again.
-    let asking = true;
-    let stopping: Promise<unknown> | undefined;
-    // Once (FailoverProbe.stop() waits for an exit that has happened already if called twice).
-    const stopWatching = () =>
-      (stopping ??= (async () => {
-        asking = false;
-        await ndp;
-        await watch.stop();
-        await Promise.all(probes.map((p) => p.stop()));
-      })());
-    const ext = nsRunner(sb.externalNs);
-    const ndp = (async () => {
-      while (asking) {
-        await ext.run(["ip", "-6", "neigh", "flush", "to", EIP[6], "dev", "eth0"]);
-        await ext.run(["ping", "-6", "-c", "1", "-W", "0.2", EIP[6]]);
-        await new Promise((r) => setTimeout(r, 250));
+  /** The two orders a node comes back in: its link first, or its agent first (link still down). */
+  const orders = {
+    "its link, then its agent 2 s later": async (i: number) => {
+      await mustRun(nsRunner(`${sb.prefix}-br`), ["ip", "link", "set", `vn${i}`, "up"]);
+      await new Promise((r) => setTimeout(r, 2000));
+      sb.startAgent(i);
+    },
+    "its agent, then its link 3 s later": async (i: number) => {
+      sb.startAgent(i);
+      await new Promise((r) => setTimeout(r, 3000));
+      await mustRun(nsRunner(`${sb.prefix}-br`), ["ip", "link", "set", `vn${i}`, "up"]);
+    },
+  };
+
+  for (const [order, comeBack] of Object.entries(orders))
+    it(`coming back (${order}) it never answers ARP or NDP for the egress IPs it lost, and the pod's requests never fail`, async () => {
+      const s = await eventually(
+        status,
+        (x) => x?.programmed === "2/2" && x.gatewayNode !== undefined,
+      );
+      const holder = Number(s!.gatewayNode!.split("-")[1]);
+      const other = holder === 2 ? 3 : 2;
+      const node = (i: number) => nsRunner(sb.nodeNs(i));
+      const macs: Record<string, string> = {};
+      const ports: Record<string, string> = {};
+      for (const i of [1, 2, 3]) {
+        macs[(await mustRun(node(i), ["cat", "/sys/class/net/eth0/address"])).trim()] = `node-${i}`;
+        ports[`vn${i}`] = `node-${i}`;
       }
-    })();
-    try {
-      await sb.killNode(holder);
-      await eventually(status, (x) => x?.gatewayNode === `node-${other}`, 20_000);
-      const moved = await eventually(
-        () => eipMacs(other),
+      /** Per family, the MAC of the device holding the egress IP on node `i`, if any. */
+      const eipMacs = async (i: number) => {
+        const links = JSON.parse(await mustRun(node(i), ["ip", "-json", "addr", "show"])) as {
+          address: string;
+          addr_info: { local: string }[];
+        }[];
+        const of = (f: Family) =>
+          links.find((l) => l.addr_info.some((a) => a.local === EIP[f]))?.address;
+        return { 4: of(4), 6: of(6) };
+      };
+      /** Devices with these MACs on node `i` (a stale one has lost its address, not its MAC). */
+      const devicesWith = async (i: number, list: readonly string[]) =>
+        (
+          JSON.parse(await mustRun(node(i), ["ip", "-json", "link", "show"])) as {
+            address: string;
+          }[]
+        ).filter((l) => list.includes(l.address));
+      const held = await eventually(
+        () => eipMacs(holder),
         (m) => m[4] !== undefined && m[6] !== undefined,
       );
-      assert.deepEqual(moved, held, "the egress IPs' MACs are the same on the new holder");
-      // Traffic is back through the new holder before the old one returns.
-      for (const [i, f] of ([4, 6] as const).entries())
+      assert.ok(held[4] !== undefined && held[6] !== undefined, `node-${holder} holds both`);
+      const watch = new AnswerWatch({
+        externalNs: sb.externalNs,
+        bridgeNs: `${sb.prefix}-br`,
+        address: EIP[4],
+        macs,
+        ports,
+        egressMacs: [held[4]!, held[6]!],
+      });
+      const probes = ([4, 6] as const).map(
+        (f) => new FailoverProbe(sb.pod("web-1").netns, target(f), EIP[f], 50),
+      );
+      await Promise.all(probes.map((p) => p.start()));
+      await watch.start();
+      // The external host asks for the IPv6 egress IP by multicast again and again.
+      let asking = true;
+      let stopping: Promise<unknown> | undefined;
+      // Once (FailoverProbe.stop() waits for an exit that has happened already if called twice).
+      const stopWatching = () =>
+        (stopping ??= (async () => {
+          asking = false;
+          await ndp;
+          await watch.stop();
+          await Promise.all(probes.map((p) => p.stop()));
+        })());
+      const ext = nsRunner(sb.externalNs);
+      const ndp = (async () => {
+        while (asking) {
+          await ext.run(["ip", "-6", "neigh", "flush", "to", EIP[6], "dev", "eth0"]);
+          await ext.run(["ping", "-6", "-c", "1", "-W", "0.2", EIP[6]]);
+          await new Promise((r) => setTimeout(r, 250));
+        }
+      })();
+      try {
+        await sb.killNode(holder);
+        await eventually(status, (x) => x?.gatewayNode === `node-${other}`, 20_000);
+        const moved = await eventually(
+          () => eipMacs(other),
+          (m) => m[4] !== undefined && m[6] !== undefined,
+        );
+        assert.deepEqual(moved, held, "the egress IPs' MACs are the same on the new holder");
+        // Traffic is back through the new holder before the old one returns.
+        for (const [i, f] of ([4, 6] as const).entries())
+          await eventually(
+            async () => probes[i]!.lines.slice(-5),
+            (last) => last.length === 5 && last.every((l) => l.saw === EIP[f]),
+            20_000,
+          );
+        await new Promise((r) => setTimeout(r, 1000));
+        const revivedAt = Date.now();
+        await comeBack(holder);
+        // Its agent starts, finds that it holds nothing and removes the stale devices.
         await eventually(
-          async () => probes[i]!.lines.slice(-5),
-          (last) => last.length === 5 && last.every((l) => l.saw === EIP[f]),
-          20_000,
+          () => devicesWith(holder, [held[4]!, held[6]!]),
+          (d) => d.length === 0,
+          30_000,
         );
-      await new Promise((r) => setTimeout(r, 1000));
-      const revivedAt = Date.now();
-      await sb.reviveNode(holder);
-      // Its agent starts, finds that it holds nothing and removes the stale devices.
-      await eventually(
-        () => eipMacs(holder),
-        (m) => m[4] === undefined && m[6] === undefined,
-        30_000,
-      );
-      await new Promise((r) => setTimeout(r, 3000));
-      await stopWatching();
+        await new Promise((r) => setTimeout(r, 3000));
+        await stopWatching();
 
-      const arp = watch.after(revivedAt, `node-${holder}`);
-      assert.deepEqual(arp, [], `node-${holder} answered for an egress IP it no longer holds`);
-      assert.ok(
-        watch.after(revivedAt, `node-${other}`).some((x) => x.via === "arp"),
-        `while node-${other} kept answering`,
-      );
-      for (const [i, f] of ([4, 6] as const).entries()) {
-        const p = probes[i]!;
-        const after = p.lines.filter((l) => l.t > revivedAt);
-        assert.ok(after.length >= 50, `IPv${f}: probed all along (${after.length} requests)`);
-        assert.deepEqual(
-          after.filter((l) => l.saw !== EIP[f]),
-          [],
-          `IPv${f}: every request after the revival was answered, from the egress IP`,
+        const arp = watch.after(revivedAt, `node-${holder}`);
+        assert.deepEqual(arp, [], `node-${holder} answered for an egress IP it no longer holds`);
+        assert.ok(
+          watch.after(revivedAt, `node-${other}`).some((x) => x.via === "arp"),
+          `while node-${other} kept answering`,
         );
+        for (const [i, f] of ([4, 6] as const).entries()) {
+          const p = probes[i]!;
+          const after = p.lines.filter((l) => l.t > revivedAt);
+          assert.ok(after.length >= 50, `IPv${f}: probed all along (${after.length} requests)`);
+          assert.deepEqual(
+            after.filter((l) => l.saw !== EIP[f]),
+            [],
+            `IPv${f}: every request after the revival was answered, from the egress IP`,
+          );
+        }
+      } finally {
+        await stopWatching();
       }
-    } finally {
-      await stopWatching();
-    }
-  });
+    });
 });
