@@ -327,7 +327,7 @@ export class Agent {
       else this.#planner.setPolicy(view);
     }
     // Fenced: keep every rule (SNAT included) but stop holding the egress IPs.
-    this.#planner.setHoldEgressIPs(!this.#fence.fenced);
+    this.#planner.setHoldEgressIPs(this.#fence.holding());
     return this.#planner.plan();
   }
 

@@ -110,6 +110,16 @@ export class Fence {
     tick();
   }
 
+  /**
+   * Whether this node may hold its egress IPs now, evaluated now rather than at the last tick:
+   * an agent that was frozen (or starved) for longer than the lease must not act on the verdict
+   * it reached before, e.g. put back an egress IP whose lease in the kernel ended meanwhile.
+   */
+  holding(): boolean {
+    this.#evaluate();
+    return !this.#fenced;
+  }
+
   stop(): void {
     this.#timer?.cancel();
     this.#socket4?.close();

@@ -562,6 +562,13 @@ export class Datapath {
           { path: `net/ipv6/conf/${e.device}/forwarding`, value: "0" },
           // as a host's, it would take router advertisements and routes through itself
           { path: `net/ipv6/conf/${e.device}/accept_ra`, value: "0" },
+          // The kernel reports leaving the address's solicited-node group when the lease ends,
+          // and repeats the report after up to 1 s: on a node whose agent froze, that repeat
+          // came after another node had taken the egress IP over (seen in the sandbox: the
+          // bridge learned the shared MAC on the frozen node's port). 10 ms: every report goes
+          // out before anyone can take over.
+          { path: `net/ipv6/conf/${e.device}/mldv1_unsolicited_report_interval`, value: "10" },
+          { path: `net/ipv6/conf/${e.device}/mldv2_unsolicited_report_interval`, value: "10" },
         );
     }
     return out;

@@ -1244,6 +1244,8 @@ const IPV6_CONF: Readonly<Record<string, string>> = {
   accept_ra: "1",
   keep_addr_on_down: "0",
   addr_gen_mode: "0",
+  mldv1_unsolicited_report_interval: "10000",
+  mldv2_unsolicited_report_interval: "1000",
 };
 
 class Sysctls {

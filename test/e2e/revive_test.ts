@@ -16,11 +16,11 @@
  * Nodes: node-1 (the pod), node-2 and node-3 (egress=true). Address plan: src/sandbox/topology.ts.
  */
 import assert from "node:assert/strict";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { mustRun } from "../../src/kernel/runner.ts";
+import { ExecRunner, mustRun } from "../../src/kernel/runner.ts";
 import { ours } from "../../src/kube/client.ts";
 import type { Family } from "../../src/lib/ip.ts";
 import { FailoverProbe } from "../../src/sandbox/probe.ts";
@@ -70,22 +70,61 @@ spec:
     await sb?.destroy();
   });
 
-  /** The two orders a node comes back in: its link first, or its agent first (link still down). */
-  const orders = {
-    "its link, then its agent 2 s later": async (i: number) => {
-      await mustRun(nsRunner(`${sb.prefix}-br`), ["ip", "link", "set", `vn${i}`, "up"]);
-      await new Promise((r) => setTimeout(r, 2000));
-      sb.startAgent(i);
+  /** The agent process of node `i` (`ip netns exec` execs it: its own pid in the namespace). */
+  const agentPid = async (i: number): Promise<number> => {
+    const pids = (
+      await mustRun(new ExecRunner(), ["ip", "netns", "pids", sb.nodeNs(i)]).catch(() => "")
+    )
+      .split("\n")
+      .filter(Boolean)
+      .map(Number);
+    const pid = pids.find((p) => {
+      try {
+        return / agent /.test(readFileSync(`/proc/${p}/cmdline`, "utf8").replaceAll("\0", " "));
+      } catch {
+        return false;
+      }
+    });
+    if (pid === undefined) throw new Error(`no agent process in ${sb.nodeNs(i)}`);
+    return pid;
+  };
+  const link = (i: number, state: "up" | "down") =>
+    mustRun(nsRunner(`${sb.prefix}-br`), ["ip", "link", "set", `vn${i}`, state]);
+  let frozen: number | undefined;
+
+  /** How the holder goes, and how it comes back. */
+  const scenarios = {
+    "cut off, back with its link, then its agent 2 s later": {
+      cut: (i: number) => sb.killNode(i),
+      comeBack: async (i: number) => {
+        await link(i, "up");
+        await new Promise((r) => setTimeout(r, 2000));
+        sb.startAgent(i);
+      },
     },
-    "its agent, then its link 3 s later": async (i: number) => {
-      sb.startAgent(i);
-      await new Promise((r) => setTimeout(r, 3000));
-      await mustRun(nsRunner(`${sb.prefix}-br`), ["ip", "link", "set", `vn${i}`, "up"]);
+    "cut off, back with its agent, then its link 3 s later": {
+      cut: (i: number) => sb.killNode(i),
+      comeBack: async (i: number) => {
+        sb.startAgent(i);
+        await new Promise((r) => setTimeout(r, 3000));
+        await link(i, "up");
+      },
+    },
+    // Its link stays up: only the lease in the kernel silences it, before the other node starts.
+    "its agent frozen (SIGSTOP), then thawed": {
+      cut: async (i: number) => {
+        frozen = await agentPid(i);
+        process.kill(frozen, "SIGSTOP");
+      },
+      comeBack: async () => {
+        process.kill(frozen!, "SIGCONT");
+        frozen = undefined;
+      },
     },
   };
 
-  for (const [order, comeBack] of Object.entries(orders))
-    it(`coming back (${order}) it never answers ARP or NDP for the egress IPs it lost, and the pod's requests never fail`, async () => {
+  for (const [scenario, { cut, comeBack }] of Object.entries(scenarios))
+    it(`a holder ${scenario}: it never answers ARP or NDP for the egress IPs it lost, and the pod's requests never fail`, async () => {
       const s = await eventually(
         status,
         (x) => x?.programmed === "2/2" && x.gatewayNode !== undefined,
@@ -153,8 +192,9 @@ spec:
           await new Promise((r) => setTimeout(r, 250));
         }
       })();
+      const cutAt = Date.now();
       try {
-        await sb.killNode(holder);
+        await cut(holder);
         await eventually(status, (x) => x?.gatewayNode === `node-${other}`, 20_000);
         const moved = await eventually(
           () => eipMacs(other),
@@ -196,7 +236,15 @@ spec:
             `IPv${f}: every request after the revival was answered, from the egress IP`,
           );
         }
+        // Never two at once: once the other node answered, the old holder never did again.
+        const firstOther = watch.after(cutAt, `node-${other}`)[0]?.t ?? Date.now();
+        assert.deepEqual(
+          watch.after(firstOther, `node-${holder}`),
+          [],
+          `node-${holder} answered after node-${other} had started`,
+        );
       } finally {
+        if (frozen !== undefined) process.kill(frozen, "SIGCONT");
         await stopWatching();
       }
     });
