@@ -167,10 +167,13 @@ export function reportedRevision(
 
 /**
  * The same view with another standby list: the same revision (it does not count there), which the
- * outcome carries; `policyRevision` of the copy computes it again when asked.
+ * copy inherits instead of hashing it again.
  */
 export function withStandbyNodes(policy: PolicyView, standbyNodes: readonly string[]): PolicyView {
-  return { ...policy, standbyNodes };
+  const copy = { ...policy, standbyNodes };
+  const revision = revisions.get(policy);
+  if (revision !== undefined) revisions.set(copy, revision);
+  return copy;
 }
 
 function computeRevision(policy: PolicyView): string {
