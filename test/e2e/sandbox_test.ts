@@ -368,6 +368,16 @@ for (const datapath of ["iptables", "nftables"] as const)
         (await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4])).saw,
         EIP[4],
       );
+      // Right after a full sync of node-1: the next one, which repairs the drift, is a period
+      // (3 s) away, not possibly between the flush and the probe.
+      const fullSyncs = async () =>
+        Number(
+          /sallyport_datapath_syncs_total\{kind="full",result="ok"\} (\d+)/.exec(
+            await mustRun(nsRunner(sb.nodeNs(1)), ["curl", "-s", "http://127.0.0.1:9091/metrics"]),
+          )?.[1] ?? 0,
+        );
+      const synced = await fullSyncs();
+      await eventually(fullSyncs, (n) => n > synced, 10_000, 20);
       await flushSteering(1);
       assert.equal(await saw("web-1", 4), nodeAddress(1, 4), "the drift broke it");
       const r = await probeUntil(sb.pod("web-1").netns, target(4), (x) => x.saw === EIP[4], 15_000);
