@@ -23,6 +23,7 @@ import { mustRun } from "../src/kernel/runner.ts";
 import { ours } from "../src/kube/client.ts";
 import { Sandbox } from "../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../src/sandbox/topology.ts";
+import { EDGE_GATEWAY_YAML } from "../test/fixtures/manifests.ts";
 import { connectMany } from "../test/support/capacity.ts";
 
 const PORTS = Number(process.env.PORTS ?? 500);
@@ -30,13 +31,7 @@ const FIRST_PORT = 30000;
 const IN_FLIGHT = 100;
 const MORE = ["192.168.77.202", "192.168.77.203"] as const;
 
-const MANIFESTS = `apiVersion: sallyport.dev/v1alpha1
-kind: EgressGateway
-metadata: {name: edge}
-spec:
-  nodeSelector: {matchLabels: {egress: "true"}}
-  pool: ["192.168.77.100-192.168.77.120"]
----
+const MANIFESTS = `${EDGE_GATEWAY_YAML}---
 apiVersion: sallyport.dev/v1alpha1
 kind: EgressPolicy
 metadata: {name: double, namespace: default}

@@ -30,18 +30,11 @@ import type { EgressEndpointSlice } from "../src/api/types.ts";
 import { ours } from "../src/kube/client.ts";
 import { Sandbox, type SandboxPod } from "../src/sandbox/sandbox.ts";
 import { EXTERNAL, nodeAddress } from "../src/sandbox/topology.ts";
+import { EDGE_GATEWAY_YAML } from "../test/fixtures/manifests.ts";
 
 const EIP = "192.168.77.100";
 const TARGET = `${EXTERNAL[4]}:8080`;
 const CLIENT = join(import.meta.dirname, "first_connection_client.ts");
-
-const GATEWAY = `apiVersion: sallyport.dev/v1alpha1
-kind: EgressGateway
-metadata: {name: edge}
-spec:
-  nodeSelector: {matchLabels: {egress: "true"}}
-  pool: ["192.168.77.100-192.168.77.120"]
-`;
 
 function policy(trial: string): string {
   return `apiVersion: sallyport.dev/v1alpha1
@@ -178,7 +171,7 @@ export async function firstConnection(trials = Number(process.env.SALLYPORT_BENC
     const pods: SandboxPod[] = [];
     for (let i = 0; i < trials; i++)
       pods.push(await sb.addPod(`fc-${i}`, { node: 1, labels: { trial: String(i) } }));
-    await sb.apply(GATEWAY);
+    await sb.apply(EDGE_GATEWAY_YAML);
     await sb.apply(policy("none"));
     const ready = await until(
       () =>

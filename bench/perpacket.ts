@@ -17,6 +17,7 @@ import { mustRun } from "../src/kernel/runner.ts";
 import { ours } from "../src/kube/client.ts";
 import { Sandbox } from "../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../src/sandbox/topology.ts";
+import { EDGE_GATEWAY_YAML } from "../test/fixtures/manifests.ts";
 import { probeUntil, startIn, stopAll } from "../test/support/lab.ts";
 
 const EIP = "192.168.77.100";
@@ -113,13 +114,7 @@ export async function perpacket(): Promise<Record<string, unknown>> {
       await sb.addPod("perf", { node: 1, labels: { app: "perf" } });
       await sb.addPod("plain", { node: 1, labels: { app: "none" } });
       startIn(sb.externalNs, ["iperf3", "-s"]);
-      await sb.apply(`apiVersion: sallyport.dev/v1alpha1
-kind: EgressGateway
-metadata: {name: edge}
-spec:
-  nodeSelector: {matchLabels: {egress: "true"}}
-  pool: ["192.168.77.100-192.168.77.120"]
-`);
+      await sb.apply(EDGE_GATEWAY_YAML);
       const admin = sb.admin();
       await admin.create(ours("EgressPolicy"), policyObject("measured", 0, `${EXTERNAL[4]}/32`));
       const seen = await probeUntil(

@@ -21,17 +21,10 @@ import { ours } from "../src/kube/client.ts";
 import { FailoverProbe } from "../src/sandbox/probe.ts";
 import { Sandbox, type SandboxPod } from "../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../src/sandbox/topology.ts";
+import { EDGE_GATEWAY_YAML } from "../test/fixtures/manifests.ts";
 
 const EIP = "192.168.77.100";
 const TARGET = `${EXTERNAL[4]}:8080`;
-
-const GATEWAY = `apiVersion: sallyport.dev/v1alpha1
-kind: EgressGateway
-metadata: {name: edge}
-spec:
-  nodeSelector: {matchLabels: {egress: "true"}}
-  pool: ["192.168.77.100-192.168.77.120"]
-`;
 
 function policy(name: string, app: string): string {
   return `apiVersion: sallyport.dev/v1alpha1
@@ -94,7 +87,7 @@ export async function failover(trials = 12) {
   const sb = await sandbox("fo");
   try {
     const pod = await sb.addPod("client", { node: 1, labels: { app: "web" } });
-    await sb.apply(GATEWAY + "---\n" + policy("web", "web"));
+    await sb.apply(EDGE_GATEWAY_YAML + "---\n" + policy("web", "web"));
     await until(
       () => status(sb, "web"),
       (s) => s?.conditions?.find((c) => c.type === "Ready")?.status === "True",
@@ -152,7 +145,7 @@ export async function newPod(trials = Number(process.env.SALLYPORT_BENCH_PODS ??
   const senders: ChildProcess[] = [];
   try {
     await sb.addPod("seed", { node: 1, labels: { app: "web" } });
-    await sb.apply(GATEWAY + "---\n" + policy("web", "web"));
+    await sb.apply(EDGE_GATEWAY_YAML + "---\n" + policy("web", "web"));
     await until(
       () => status(sb, "web"),
       (s) => s?.conditions?.find((c) => c.type === "Ready")?.status === "True",
@@ -220,7 +213,7 @@ export async function policyBench(pods = 100) {
   const sb = await sandbox("po");
   const senders: ChildProcess[] = [];
   try {
-    await sb.apply(GATEWAY);
+    await sb.apply(EDGE_GATEWAY_YAML);
     const all: SandboxPod[] = [];
     for (let i = 0; i < pods; i++) {
       const pod = await sb.addPod(`p-${i}`, { node: 1 + (i % 3), labels: { app: "fleet" } });

@@ -21,6 +21,7 @@ import { type KubeObject, ours } from "../../src/kube/client.ts";
 import { REPO } from "../../src/sandbox/controlplane.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL } from "../../src/sandbox/topology.ts";
+import { EDGE_GATEWAY_YAML } from "../fixtures/manifests.ts";
 import { connectMany, type HeldConnections } from "../support/capacity.ts";
 import { condition, eventually, type WithStatus } from "../support/kube.ts";
 import { NEEDS_ROOT, uniquePrefix } from "../support/lab.ts";
@@ -33,13 +34,7 @@ const DESTINATION = { host: EXTERNAL[4], port: 8080 } as const;
 /** Long enough for the SYN retransmissions at 1 and 3 s (a port taken by a concurrent SYN). */
 const CONNECT_TIMEOUT_MS = 5_000;
 
-const MANIFESTS = `apiVersion: sallyport.dev/v1alpha1
-kind: EgressGateway
-metadata: {name: edge}
-spec:
-  nodeSelector: {matchLabels: {egress: "true"}}
-  pool: ["192.168.77.100-192.168.77.120"]
----
+const MANIFESTS = `${EDGE_GATEWAY_YAML}---
 apiVersion: sallyport.dev/v1alpha1
 kind: EgressPolicy
 metadata: {name: single, namespace: default}

@@ -22,6 +22,7 @@ import { mustRun } from "../../src/kernel/runner.ts";
 import { ours } from "../../src/kube/client.ts";
 import { Sandbox, type SandboxPod } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL, nodeAddress, nsRunner } from "../../src/sandbox/topology.ts";
+import { EDGE_GATEWAY_YAML } from "../fixtures/manifests.ts";
 import { condition, eventually, type WithStatus } from "../support/kube.ts";
 import { NEEDS_ROOT, uniquePrefix } from "../support/lab.ts";
 import { TMP_PREFIX } from "../support/leaks.ts";
@@ -29,13 +30,7 @@ import { TMP_PREFIX } from "../support/leaks.ts";
 const EIP = "192.168.77.100";
 const NODE_1 = nodeAddress(1, 4);
 
-const MANIFESTS = `apiVersion: sallyport.dev/v1alpha1
-kind: EgressGateway
-metadata: {name: edge}
-spec:
-  nodeSelector: {matchLabels: {egress: "true"}}
-  pool: ["192.168.77.100-192.168.77.120"]
----
+const MANIFESTS = `${EDGE_GATEWAY_YAML}---
 apiVersion: sallyport.dev/v1alpha1
 kind: EgressPolicy
 metadata: {name: web, namespace: default}

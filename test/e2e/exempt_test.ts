@@ -32,6 +32,7 @@ import { after, before, describe, it } from "node:test";
 import { mustRun } from "../../src/kernel/runner.ts";
 import { Sandbox, type SandboxService } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL, nodeAddress, nsRunner, podCIDR } from "../../src/sandbox/topology.ts";
+import { EDGE_GATEWAY_YAML } from "../fixtures/manifests.ts";
 import { NEEDS_ROOT, probe, probeUntil, uniquePrefix } from "../support/lab.ts";
 import { TMP_PREFIX } from "../support/leaks.ts";
 
@@ -40,13 +41,7 @@ const TARGET = `${EXTERNAL[4]}:8080`;
 const NODE_1 = nodeAddress(1, 4);
 const CLEAR_COMMENT = "test: a CNI that clears packet marks";
 
-const MANIFESTS = `apiVersion: sallyport.dev/v1alpha1
-kind: EgressGateway
-metadata: {name: edge}
-spec:
-  nodeSelector: {matchLabels: {egress: "true"}}
-  pool: ["192.168.77.100-192.168.77.120"]
----
+const MANIFESTS = `${EDGE_GATEWAY_YAML}---
 apiVersion: sallyport.dev/v1alpha1
 kind: EgressPolicy
 metadata: {name: client, namespace: default}

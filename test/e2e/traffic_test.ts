@@ -17,6 +17,7 @@ import { ours } from "../../src/kube/client.ts";
 import { REPO } from "../../src/sandbox/controlplane.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL } from "../../src/sandbox/topology.ts";
+import { EDGE_GATEWAY_YAML } from "../fixtures/manifests.ts";
 import { condition, eventually, type WithStatus } from "../support/kube.ts";
 import { TEST_PREFIX, TMP_PREFIX } from "../support/leaks.ts";
 import { clientArgv, clientReady, NEEDS_ROOT, type TrafficPlan } from "../support/snat_lab.ts";
@@ -24,13 +25,7 @@ import { clientArgv, clientReady, NEEDS_ROOT, type TrafficPlan } from "../suppor
 const EIP = "192.168.77.100";
 const POLICY = "EgressPolicy/default/bot";
 
-const MANIFESTS = `apiVersion: sallyport.dev/v1alpha1
-kind: EgressGateway
-metadata: {name: edge}
-spec:
-  nodeSelector: {matchLabels: {egress: "true"}}
-  pool: ["192.168.77.100-192.168.77.120"]
----
+const MANIFESTS = `${EDGE_GATEWAY_YAML}---
 apiVersion: sallyport.dev/v1alpha1
 kind: EgressPolicy
 metadata: {name: bot, namespace: default}
