@@ -339,6 +339,13 @@ export function desiredTable(
       text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${masked(PREFIX_MASK, KEEP_MARK)} snat ${IP[family]} to ${IP[family]} saddr`,
       comment: "no SNAT for steered traffic: an identity binding keeps other NAT chains off it",
     });
+    // --exempt-by-sets: for a CNI or firewall that clears packet marks before NAT, the same
+    // binding by the connection's steer mark, which no packet-mark rewrite touches.
+    if (nft.noSnatBySets)
+      postrouting.push({
+        text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${ctMasked(PREFIX_MASK, STEER_PREFIX)} snat ${IP[family]} to ${IP[family]} saddr`,
+        comment: "no SNAT for steered connections whose packet mark was cleared",
+      });
     // nft names ports only after a transport protocol match; other protocols (ICMP) below.
     if (nft.snatPorts !== undefined)
       postrouting.push({

@@ -211,36 +211,37 @@ for (const datapath of ["iptables", "nftables"] as const) {
       if (dropped !== undefined) assert.ok(dropped > 0, "the gateway dropped them");
     });
 
-    it(
-      "with `sallyport agent --exempt-by-sets`, the selected pod leaves with the egress IP again",
-      datapath === "nftables"
-        ? { todo: "the nftables datapath ignores --exempt-by-sets (docs/datapath.md, Limits)" }
-        : {},
-      async () => {
-        await sb.stopAgent(1);
-        sb.startAgent(1, ["--exempt-by-sets"]);
-        const r = await probeUntil(
-          sb.pod("client").netns,
-          TARGET,
-          (x) => x.saw === EIP,
-          datapath === "iptables" ? 20_000 : 5_000,
-        );
-        console.log(`${datapath}, with --exempt-by-sets: the server saw ${r.saw ?? r.error}`);
-        assert.equal(r.saw, EIP, r.error);
-        const node = nsRunner(sb.nodeNs(1));
+    it("with `sallyport agent --exempt-by-sets`, the selected pod leaves with the egress IP again", async () => {
+      await sb.stopAgent(1);
+      sb.startAgent(1, ["--exempt-by-sets"]);
+      const r = await probeUntil(sb.pod("client").netns, TARGET, (x) => x.saw === EIP, 20_000);
+      console.log(`${datapath}, with --exempt-by-sets: the server saw ${r.saw ?? r.error}`);
+      assert.equal(r.saw, EIP, r.error);
+      const node = nsRunner(sb.nodeNs(1));
+      if (datapath === "iptables") {
         const nat = await mustRun(node, ["iptables-save", "-t", "nat"]);
         assert.match(
           nat,
           /-A SALLYPORT-NO-SNAT -m set --match-set sallyport-src4-\S+ src -m set --match-set sallyport-dst4-\S+ dst .*-j ACCEPT/,
         );
-        const mangle = await mustRun(node, ["iptables-save", "-t", "mangle"]);
-        assert.match(
-          mangle,
-          new RegExp(`-A FORWARD -s ${podCIDR(1, 4)} .*${CLEAR_COMMENT}`),
-          "the foreign rule is still there",
-        );
-      },
-    );
+      } else {
+        const chain = await mustRun(node, [
+          "nft",
+          "list",
+          "chain",
+          "inet",
+          "sallyport",
+          "postrouting",
+        ]);
+        assert.match(chain, /ct mark 0x26000000\/8 snat ip to ip saddr/);
+      }
+      const mangle = await mustRun(node, ["iptables-save", "-t", "mangle"]);
+      assert.match(
+        mangle,
+        new RegExp(`-A FORWARD -s ${podCIDR(1, 4)} .*${CLEAR_COMMENT}`),
+        "the foreign rule is still there",
+      );
+    });
 
     it("unselected pods and pod-to-Service traffic are unaffected", async () => {
       assert.equal(
