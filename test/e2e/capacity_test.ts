@@ -11,20 +11,18 @@
  *   double  egressIPCount: 2, from the pool 192.168.77.100-192.168.77.120
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { parseMetrics, SandboxSource, type Scrape } from "../../src/cli/top.ts";
 import { type KubeObject, ours } from "../../src/kube/client.ts";
-import { REPO } from "../../src/sandbox/controlplane.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL } from "../../src/sandbox/topology.ts";
 import { EDGE_GATEWAY_YAML } from "../fixtures/manifests.ts";
 import { connectMany, type HeldConnections } from "../support/capacity.ts";
 import { condition, eventually, type WithStatus } from "../support/kube.ts";
-import { NEEDS_ROOT, uniquePrefix } from "../support/lab.ts";
+import { NEEDS_ROOT, topOfSandbox, uniquePrefix } from "../support/lab.ts";
 import { TMP_PREFIX } from "../support/leaks.ts";
 
 const PORTS = { first: 20000, last: 20019 } as const;
@@ -255,20 +253,7 @@ for (const datapath of ["iptables", "nftables"] as const)
     });
 
     it("sallyport top --sandbox shows the connections and 100% port use per policy", async () => {
-      const r = await new Promise<{ code: number | null; stdout: string; stderr: string }>(
-        (resolve) => {
-          const child = spawn(
-            process.execPath,
-            [join(REPO, "src", "cli", "main.ts"), "top", "--sandbox", sb.prefix, "--interval", "1"],
-            { env: { ...process.env, SALLYPORT_CACHE: cache } },
-          );
-          let stdout = "";
-          let stderr = "";
-          child.stdout.on("data", (d) => (stdout += d));
-          child.stderr.on("data", (d) => (stderr += d));
-          child.on("close", (code) => resolve({ code, stdout, stderr }));
-        },
-      );
+      const r = await topOfSandbox(sb.prefix, cache);
       assert.equal(r.code, 0, r.stderr);
       const rows = (policy: string) =>
         r.stdout

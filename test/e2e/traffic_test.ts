@@ -14,11 +14,11 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { parseMetrics, SandboxSource, type Scrape } from "../../src/cli/top.ts";
 import { ours } from "../../src/kube/client.ts";
-import { REPO } from "../../src/sandbox/controlplane.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL } from "../../src/sandbox/topology.ts";
 import { EDGE_GATEWAY_YAML } from "../fixtures/manifests.ts";
 import { condition, eventually, type WithStatus } from "../support/kube.ts";
+import { topOfSandbox } from "../support/lab.ts";
 import { TEST_PREFIX, TMP_PREFIX } from "../support/leaks.ts";
 import { clientArgv, clientReady, NEEDS_ROOT, type TrafficPlan } from "../support/snat_lab.ts";
 
@@ -158,20 +158,7 @@ describe("traffic metrics against traffic sent, in the sandbox", { skip: NEEDS_R
   });
 
   it("sallyport top --sandbox prints the same per policy and egress IP", async () => {
-    const r = await new Promise<{ code: number | null; stdout: string; stderr: string }>(
-      (resolve) => {
-        const child = spawn(
-          process.execPath,
-          [join(REPO, "src", "cli", "main.ts"), "top", "--sandbox", sb.prefix, "--interval", "1"],
-          { env: { ...process.env, SALLYPORT_CACHE: cache } },
-        );
-        let stdout = "";
-        let stderr = "";
-        child.stdout.on("data", (d) => (stdout += d));
-        child.stderr.on("data", (d) => (stderr += d));
-        child.on("close", (code) => resolve({ code, stdout, stderr }));
-      },
-    );
+    const r = await topOfSandbox(sb.prefix, cache);
     assert.equal(r.code, 0, r.stderr);
     const row = r.stdout.split("\n").find((l) => l.startsWith("egp/default/bot "));
     assert.ok(row, r.stdout);

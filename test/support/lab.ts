@@ -66,6 +66,10 @@ export function waitForLine(
         }
       }
     });
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`exited (${code}) before a matching line: ${buf}`));
+    });
   });
 }
 
@@ -183,4 +187,23 @@ export async function hostState(netns: string): Promise<HostState> {
     links: (await run(["ip", "-o", "link", "show"])).replace(/ qlen \d+/g, ""),
     nft: nativeTables(await run(["nft", "list", "ruleset"])),
   };
+}
+
+/** `sallyport top --sandbox PREFIX --interval 1`, run to its end: exit code and output. */
+export function topOfSandbox(
+  prefix: string,
+  cache: string,
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(
+      process.execPath,
+      [join(REPO, "src", "cli", "main.ts"), "top", "--sandbox", prefix, "--interval", "1"],
+      { env: { ...process.env, SALLYPORT_CACHE: cache } },
+    );
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d) => (stdout += d));
+    child.stderr.on("data", (d) => (stderr += d));
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+  });
 }

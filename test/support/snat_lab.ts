@@ -18,6 +18,7 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { ExecRunner, mustRun, type Runner } from "../../src/kernel/runner.ts";
+import { waitForLine } from "./lab.ts";
 import { TEST_PREFIX } from "./leaks.ts";
 
 let counter = 0;
@@ -259,7 +260,7 @@ export class SnatLab {
     await mustRun(g, ["iptables-restore", "--noflush"], { stdin: rules(4) });
     await mustRun(g, ["ip6tables-restore", "--noflush"], { stdin: rules(6) });
     const server = this.#start(this.server, [process.execPath, "-e", SERVER_JS]);
-    await lineOf(server, (l) => l === "listening");
+    await waitForLine(server, (l) => l === "listening", 15_000);
   }
 
   /** Opens what `plan` says from the client; resolves once every TCP connection echoed. */
@@ -323,34 +324,7 @@ export function clientArgv(plan: TrafficPlan): string[] {
 
 /** Resolves when the client has every connection open and every datagram sent. */
 export async function clientReady(child: ChildProcess): Promise<void> {
-  const line = await lineOf(child, (l) => l.startsWith("{"));
+  const line = await waitForLine(child, (l) => l.startsWith("{"), 15_000);
   const m = JSON.parse(line) as { error?: string };
   if (m.error !== undefined) throw new Error(`Cannot connect from the client: ${m.error}`);
-}
-
-function lineOf(
-  child: ChildProcess,
-  match: (line: string) => boolean,
-  timeoutMs = 15_000,
-): Promise<string> {
-  return new Promise((resolve, reject) => {
-    let buf = "";
-    const timer = setTimeout(
-      () => reject(new Error(`no matching output within ${timeoutMs} ms: ${buf}`)),
-      timeoutMs,
-    );
-    child.stdout!.on("data", (d: Buffer) => {
-      buf += d.toString();
-      for (const line of buf.split("\n"))
-        if (match(line)) {
-          clearTimeout(timer);
-          resolve(line);
-          return;
-        }
-    });
-    child.once("exit", (code) => {
-      clearTimeout(timer);
-      reject(new Error(`exited (${code}) before a matching line: ${buf}`));
-    });
-  });
 }
