@@ -708,6 +708,7 @@ export class NodePlanner {
         parent: local.underlay.device,
         mtu: local.underlay.mtu - VXLAN_OVERHEAD[outer],
         mac: self.mac,
+        gbp: true,
         addresses: FAMILIES.filter(
           (f) => config.families.includes(f) && self.tunnel[f] !== undefined,
         ).map((f) => hostCidr(parseAddress(self.tunnel[f]!))),
@@ -1307,6 +1308,7 @@ function sameTunnel(a: TunnelPlan, b: TunnelPlan): boolean {
     a.parent === b.parent &&
     a.mtu === b.mtu &&
     a.mac === b.mac &&
+    a.gbp === b.gbp &&
     sameMembers(a.addresses, b.addresses)
   );
 }

@@ -116,6 +116,12 @@ export interface TunnelPlan {
   readonly mac: string;
   /** "100.127.0.2/32", "fd5a:5a11::2/128". */
   readonly addresses: readonly string[];
+  /**
+   * VXLAN Group Based Policy (`ip link add … type vxlan … gbp`): the low 16 bits of a packet's
+   * mark travel in the VXLAN header and become the mark of the decapsulated packet. Sallyport
+   * carries a steered connection's tunnel class in them (docs/datapath.md).
+   */
+  readonly gbp: boolean;
 }
 
 export interface NeighborPlan {
