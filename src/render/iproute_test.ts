@@ -38,6 +38,7 @@ const desired: RoutingPlan = {
     port: 7799,
     local: "192.0.2.1",
     parent: "eth0",
+    gbp: true,
     mtu: 1450,
     mac: "02:53:50:00:00:01",
     addresses: ["100.127.0.2/32"],
