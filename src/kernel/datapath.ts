@@ -144,7 +144,7 @@ export function stateOfPlan(plan: NodePlan, eipLeaseSeconds?: number): KernelSta
       mac: t.mac,
       up: true,
       addresses: t.addresses,
-      vxlan: { vni: t.vni, port: t.port, local: t.local, learning: false },
+      vxlan: { vni: t.vni, port: t.port, local: t.local, learning: false, gbp: t.gbp },
     });
   }
   for (const e of plan.eips) {

@@ -1346,7 +1346,11 @@ class Sysctls {
 //   that line, as the real one does: a neighbour the kernel refuses (exit 2), an address of the
 //   wrong family (exit 1), a VXLAN lower device that does not exist (exit 255).
 // - links: `link add` of an existing name ("RTNETLINK answers: File exists"), of a name over 15
-//   characters, of a second VXLAN with the same VNI and port, on a missing parent; VXLAN MTU at
+//   characters, of a second VXLAN with the same VNI, port, family and `gbp`, on a missing parent;
+//   `gbp` twice (exit 255); `link set … type vxlan gbp` ("Error: vxlan: cannot change GBP flag.",
+//   whatever the device has); `link set … up` of a VXLAN while an up one on the same port and
+//   family differs in `gbp` (they cannot share the UDP socket: "RTNETLINK answers: Address already
+//   in use"); `ip -json -details` prints `"gbp":true` only when set. VXLAN MTU at
 //   most the parent's minus 50 (IPv4 underlay) or 70 (IPv6), macvlan at most the parent's
 //   ("RTNETLINK answers: Invalid argument"). A device going down loses its routes (all tables),
 //   its neighbours (permanent ones too) and its IPv6 addresses (keep_addr_on_down=0); its IPv4
@@ -1402,6 +1406,7 @@ interface Link {
     readonly port: number;
     readonly local: string;
     readonly learning: boolean;
+    readonly gbp: boolean;
   };
   readonly macvlanMode?: string;
 }
@@ -1454,6 +1459,7 @@ class IpError {
 const ipUnmodeled = (what: string) => new IpError(unmodeled(what).stderr.trimEnd(), { exit: 2 });
 const kernelSays = (message: string) => new IpError(message, { kernel: true });
 const noDevice = (name: string) => new IpError(`Cannot find device "${name}"`);
+const vxlanFamily = (x: { readonly local: string }): Family => (x.local.includes(":") ? 6 : 4);
 
 const TABLE_NAMES: Readonly<Record<string, number>> = { local: 255, main: 254, default: 253 };
 
@@ -1616,6 +1622,10 @@ class Net {
     let up: boolean | undefined;
     for (let i = 0; i < args.length; i++) {
       const w = args[i]!;
+      if (w === "type") {
+        this.#changeLink(link, args.slice(i + 1));
+        break;
+      }
       if (w === "up" || w === "down") up = w === "up";
       else if (w === "address") {
         mac = parseMac(args[++i] ?? "");
@@ -1638,11 +1648,44 @@ class Net {
         if (child.parent === link.name && child.kind === "macvlan" && child.mtu > mtu)
           child.mtu = mtu;
     }
-    if (up === true) link.up = true;
+    if (up === true && !link.up) {
+      // vxlan_open() → vxlan_sock_add(): devices share the UDP socket of a port and family only
+      // when their receive flags (gbp) agree; another socket on that port cannot be bound.
+      const x = link.vxlan;
+      if (
+        x !== undefined &&
+        [...this.links.values()].some(
+          (o) =>
+            o.up &&
+            o.vxlan?.port === x.port &&
+            vxlanFamily(o.vxlan) === vxlanFamily(x) &&
+            o.vxlan.gbp !== x.gbp,
+        )
+      )
+        throw kernelSays("RTNETLINK answers: Address already in use");
+      link.up = true;
+    }
     if (up === false && link.up) {
       link.up = false;
       this.#wentDown(link);
     }
+  }
+
+  /**
+   * `ip link set DEV type KIND …`: the driver's changelink, before anything else of the line.
+   * Only what the kernel refuses of VXLAN is modeled: vxlan_nl2flag() refuses any change of
+   * the GBP flag, even to the value the device has.
+   */
+  #changeLink(link: Link, words: readonly string[]): void {
+    const [kind, ...options] = words;
+    if (kind !== "vxlan" || link.kind !== "vxlan")
+      throw ipUnmodeled(`ip link set … type ${kind ?? "(none)"} on a ${link.kind} device`);
+    if (options.filter((w) => w === "gbp").length > 1)
+      throw new IpError(`Error: either "gbp" is duplicate, or "gbp" is a garbage.`, { exit: 255 });
+    const other = options.find((w) => w !== "gbp");
+    if (other !== undefined) throw ipUnmodeled(`ip link set … type vxlan ${other}`);
+    if (options.length > 0) throw kernelSays("Error: vxlan: cannot change GBP flag.");
+    throw ipUnmodeled("ip link set … type vxlan without options");
   }
 
   #maxMtu(link: Link): number {
@@ -1685,6 +1728,7 @@ class Net {
       let local: string | undefined;
       let dev: string | undefined;
       let learning = true;
+      let gbp = false;
       for (let j = 0; j < kindArgs.length; j++) {
         const w = kindArgs[j]!;
         const v = kindArgs[j + 1] ?? "";
@@ -1698,7 +1742,14 @@ class Net {
           // vxlan_parse_opt() exits the whole tool when the lower device is missing.
           if (!this.links.has(dev)) throw new IpError(`Cannot find device "${dev}"`, { exit: 255 });
         } else if (w === "nolearning" || w === "learning") learning = w === "learning";
-        else throw ipUnmodeled(`the vxlan option ${w}`);
+        else if (w === "gbp") {
+          // check_duparg(): the tool exits at once.
+          if (gbp)
+            throw new IpError(`Error: either "gbp" is duplicate, or "gbp" is a garbage.`, {
+              exit: 255,
+            });
+          gbp = true;
+        } else throw ipUnmodeled(`the vxlan option ${w}`);
       }
       if (vni === undefined || local === undefined || dev === undefined)
         throw ipUnmodeled("a vxlan device without id, local and dev");
@@ -1709,7 +1760,7 @@ class Net {
         parent: dev,
         mtu: lower.mtu - (local.includes(":") ? 70 : 50),
         mac: mac ?? this.#randomMac(name),
-        vxlan: { vni, port, local, learning },
+        vxlan: { vni, port, local, learning, gbp },
       };
     } else if (kind === "macvlan") {
       if (parent === undefined) throw ipUnmodeled("a macvlan device without link");
@@ -1749,7 +1800,13 @@ class Net {
     const x = link.vxlan;
     if (
       x !== undefined &&
-      [...this.links.values()].some((o) => o.vxlan?.vni === x.vni && o.vxlan.port === x.port)
+      [...this.links.values()].some(
+        (o) =>
+          o.vxlan?.vni === x.vni &&
+          o.vxlan.port === x.port &&
+          vxlanFamily(o.vxlan) === vxlanFamily(x) &&
+          o.vxlan.gbp === x.gbp,
+      )
     )
       throw kernelSays("Error: A VXLAN device with the specified VNI already exists.");
     const created = this.#newLink(link);
@@ -2284,6 +2341,7 @@ class Net {
               udp_csum: true,
               udp_zero_csum6_tx: false,
               udp_zero_csum6_rx: false,
+              ...(x.gbp ? { gbp: true } : {}),
             },
           };
         } else if (l.kind === "macvlan") {
@@ -2519,7 +2577,7 @@ class Net {
     for (const l of [...this.links.values()].sort((a, b) => (a.name < b.name ? -1 : 1))) {
       const kind =
         l.kind === "vxlan"
-          ? `vxlan id ${l.vxlan!.vni} dstport ${l.vxlan!.port} local ${l.vxlan!.local} dev ${l.parent}${l.vxlan!.learning ? "" : " nolearning"}`
+          ? `vxlan id ${l.vxlan!.vni} dstport ${l.vxlan!.port} local ${l.vxlan!.local} dev ${l.parent}${l.vxlan!.learning ? "" : " nolearning"}${l.vxlan!.gbp ? " gbp" : ""}`
           : l.kind === "macvlan"
             ? `macvlan mode ${l.macvlanMode} link ${l.parent}`
             : l.kind;

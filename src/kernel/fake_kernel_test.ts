@@ -861,6 +861,81 @@ describe("FakeKernel: ip and bridge", () => {
     await ok(fake, ["ip", "-batch", "-"], "link set sallyport mtu 1450\n");
   });
 
+  it("models VXLAN gbp as measured on Linux 6.18: printed only when set, fixed at creation, a port's socket shared only by equal flags", async () => {
+    const fake = host(1);
+    await ok(
+      fake,
+      ["ip", "-batch", "-"],
+      [
+        "link add vx type vxlan id 7799 dstport 7799 local 192.168.0.11 dev eth0 nolearning",
+        "link add vg type vxlan id 7798 dstport 7799 local 192.168.0.11 dev eth0 nolearning gbp",
+        "",
+      ].join("\n"),
+    );
+    const infoData = async (dev: string) => {
+      const links = JSON.parse(await ok(fake, ["ip", "-json", "-details", "address", "show"]));
+      return links.find((l: { ifname: string }) => l.ifname === dev).linkinfo.info_data;
+    };
+    // As `ip -d -j link show` printed them (iproute2 6.1.0): gbp last, and only when set.
+    assert.deepEqual(Object.keys(await infoData("vx")).slice(-2), [
+      "udp_zero_csum6_tx",
+      "udp_zero_csum6_rx",
+    ]);
+    assert.equal((await infoData("vx")).gbp, undefined);
+    assert.deepEqual(Object.entries(await infoData("vg")).slice(-2), [
+      ["udp_zero_csum6_rx", false],
+      ["gbp", true],
+    ]);
+    assert.match(
+      fake.dump(),
+      /^link vg vxlan id 7798 dstport 7799 local 192.168.0.11 dev eth0 nolearning gbp /m,
+    );
+    const cases: [string, number, string][] = [
+      ["ip link set dev vx type vxlan gbp", 2, "Error: vxlan: cannot change GBP flag.\n"],
+      ["ip link set dev vg type vxlan gbp", 2, "Error: vxlan: cannot change GBP flag.\n"],
+      [
+        "ip link add vx4 type vxlan id 7797 dstport 7799 local 192.168.0.11 dev eth0 gbp gbp",
+        255,
+        'Error: either "gbp" is duplicate, or "gbp" is a garbage.\n',
+      ],
+      [
+        "ip link add vx3 type vxlan id 7799 dstport 7799 local 192.168.0.11 dev eth0 nolearning",
+        2,
+        "Error: A VXLAN device with the specified VNI already exists.\n",
+      ],
+    ];
+    for (const [line, code, stderr] of cases) {
+      const r = await run(fake, line.split(" "));
+      assert.deepEqual([r.code, r.stderr], [code, stderr], line);
+    }
+    assert.equal((await infoData("vx")).gbp, undefined, "unchanged");
+    // The VNI is taken only for devices of the same flags and family.
+    await ok(
+      fake,
+      "ip link add vx2 type vxlan id 7799 dstport 7799 local 192.168.0.11 dev eth0 nolearning gbp".split(
+        " ",
+      ),
+    );
+    await ok(
+      fake,
+      "ip link add vx6 type vxlan id 7799 dstport 7799 local fd00:192:168::11 dev eth0 nolearning".split(
+        " ",
+      ),
+    );
+    // Up, a device binds its port's UDP socket of its family and flags.
+    await ok(fake, ["ip", "link", "set", "vx", "up"]);
+    await ok(fake, ["ip", "link", "set", "vx6", "up"]);
+    for (const dev of ["vx2", "vg"]) {
+      const r = await run(fake, ["ip", "link", "set", dev, "up"]);
+      assert.deepEqual([r.code, r.stderr], [2, "RTNETLINK answers: Address already in use\n"], dev);
+    }
+    await ok(fake, ["ip", "link", "set", "vx", "down"]);
+    await ok(fake, ["ip", "link", "set", "vg", "up"]);
+    await ok(fake, ["ip", "link", "set", "vx2", "up"]);
+    const r = await run(fake, ["ip", "link", "set", "vx", "up"]);
+    assert.deepEqual([r.code, r.stderr], [2, "RTNETLINK answers: Address already in use\n"]);
+  });
+
   it("takes routes, neighbours and IPv6 addresses away from a device that goes down, and keeps the FDB", async () => {
     const fake = host(1);
     await ok(
@@ -2146,23 +2221,11 @@ describe("Datapath on the fake kernel", () => {
   it("a sync the kernel refuses (a foreign VXLAN holds our VNI) fails with the kernel's message and recovers", async () => {
     const s = SCENARIOS["one policy, explicit egress IP (seed 000/003)"]!;
     const fake = host(1);
-    fake.seed([
-      "ip",
-      "link",
-      "add",
-      "flannel.1",
-      "type",
-      "vxlan",
-      "id",
-      "7799",
-      "dstport",
-      "7799",
-      "local",
-      "192.168.0.11",
-      "dev",
-      "eth0",
-      "nolearning",
-    ]);
+    fake.seed(
+      "ip link add flannel.1 type vxlan id 7799 dstport 7799 local 192.168.0.11 dev eth0 nolearning gbp".split(
+        " ",
+      ),
+    );
     const dp = datapathOn(fake);
     const plan = planWith(1, await dp.read(), s);
     await assert.rejects(
@@ -2170,6 +2233,54 @@ describe("Datapath on the fake kernel", () => {
       /^DatapathError: Cannot set up the tunnel: .*A VXLAN device with the specified VNI already exists/,
     );
     fake.seed(["ip", "link", "del", "flannel.1"]);
+    await dp.sync(plan);
+    await assertHolds(dp, plan);
+  });
+
+  it("a tunnel without gbp (an agent of an earlier version) is made again with it; then a sync writes nothing", async () => {
+    const s = SCENARIOS["one policy, explicit egress IP (seed 000/003)"]!;
+    const fake = host(1);
+    const dp = datapathOn(fake);
+    const plan = planWith(1, await dp.read(), s);
+    assert.equal(plan.tunnel?.gbp, true);
+    const before: NodePlan = { ...plan, tunnel: { ...plan.tunnel!, gbp: false } };
+    await dp.sync(before);
+    await assertHolds(dp, before);
+    const tunnelOf = async () => (await dp.read()).routing.links.find((l) => l.name === TUNNEL)!;
+    assert.equal((await tunnelOf()).vxlan?.gbp, false);
+    fake.calls.length = 0;
+    const upgraded = planWith(1, await dp.read(), s);
+    assert.ok((await dp.sync(upgraded)).changes > 0);
+    assert.match(
+      fake.calls.find((c) => c.argv.join(" ") === "ip -batch -")?.stdin ?? "",
+      /^link del sallyport\nlink add sallyport type vxlan id \d+ dstport \d+ local 192\.168\.0\.11 dev eth0 nolearning gbp$/m,
+    );
+    assert.equal((await tunnelOf()).vxlan?.gbp, true);
+    await assertHolds(
+      dp,
+      upgraded,
+      "routes, neighbours and FDB entries are back on the new device",
+    );
+    fake.calls.length = 0;
+    assert.equal((await dp.sync(planWith(1, await dp.read(), s))).changes, 0);
+    assert.deepEqual(writes(fake), []);
+  });
+
+  it("a foreign VXLAN up on the tunnel's port without gbp: the tunnel cannot come up, with the kernel's message; it recovers", async () => {
+    const s = SCENARIOS["one policy, explicit egress IP (seed 000/003)"]!;
+    const fake = host(1);
+    fake.seed(
+      "ip link add vx0 type vxlan id 7000 dstport 7799 local 192.168.0.11 dev eth0".split(" "),
+    );
+    fake.seed(["ip", "link", "set", "vx0", "up"]);
+    const dp = datapathOn(fake);
+    const plan = planWith(1, await dp.read(), s);
+    assert.equal(plan.tunnel?.port, 7799);
+    await assert.rejects(
+      dp.sync(plan),
+      /^DatapathError: Cannot bring the tunnel up: .*RTNETLINK answers: Address already in use/,
+    );
+    fake.seed(["ip", "link", "del", "vx0"]);
     await dp.sync(plan);
     await assertHolds(dp, plan);
   });

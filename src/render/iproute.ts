@@ -122,6 +122,8 @@ export interface ParsedLink {
     readonly port: number;
     readonly local: string | undefined;
     readonly learning: boolean;
+    /** Group Based Policy: `gbp` at creation; the kernel refuses to change it afterwards. */
+    readonly gbp: boolean;
   };
   readonly macvlanMode?: string | undefined;
 }
@@ -163,6 +165,8 @@ export function parseLinks(json: string): ParsedLink[] {
                     ? canonicalAddress(data.local6)
                     : undefined,
               learning: data.learning === true,
+              // Printed only when set.
+              gbp: data.gbp === true,
             },
           }
         : {}),
@@ -332,6 +336,8 @@ export function diffRouting(
   // A new or recreated tunnel device has lost every route, neighbour and FDB entry on it.
   let tunnelFresh = haveTun === undefined;
   if (tun !== undefined) {
+    // The kernel changes none of these on an existing device ("Error: vxlan: cannot change GBP
+    // flag.", "Cannot change port."): a device that differs is deleted and made again.
     const recreate =
       haveTun !== undefined &&
       (haveTun.kind !== "vxlan" ||
@@ -339,11 +345,12 @@ export function diffRouting(
         haveTun.vxlan?.port !== tun.port ||
         haveTun.vxlan?.local !== canonicalAddress(tun.local) ||
         haveTun.vxlan?.learning !== false ||
+        haveTun.vxlan?.gbp !== tun.gbp ||
         haveTun.parent !== tun.parent);
     if (haveTun === undefined || recreate) {
       if (recreate) d.tunnel.push(`link del ${tun.name}`);
       d.tunnel.push(
-        `link add ${tun.name} type vxlan id ${tun.vni} dstport ${tun.port} local ${tun.local} dev ${tun.parent} nolearning`,
+        `link add ${tun.name} type vxlan id ${tun.vni} dstport ${tun.port} local ${tun.local} dev ${tun.parent} nolearning${tun.gbp ? " gbp" : ""}`,
       );
       d.newDevices.push(tun.name);
     }

@@ -15,7 +15,7 @@ import {
 // Captured from iproute2 6.1.0 in a network namespace holding a planned gateway node.
 const RULES = `[{"priority":0,"src":"all","table":"local"},{"priority":5900,"src":"all","fwmark":"0x26000200","fwmask":"0xffffff00","table":"3001"},{"priority":6000,"src":"all","fwmark":"0x1","table":"200"},{"priority":32766,"src":"all","table":"main"},{"priority":32767,"src":"all","table":"default"}]`;
 const ROUTES = `[{"dst":"default","gateway":"100.127.0.3","dev":"sallyport","table":"3001","flags":["onlink"]},{"dst":"10.244.1.5","gateway":"100.127.0.3","dev":"sallyport","table":"3002","flags":["onlink"]},{"dst":"192.0.2.0/24","dev":"eth0","protocol":"kernel","scope":"link","prefsrc":"192.0.2.1","flags":[]},{"dst":"10.0.0.0/8","dev":"eth0","table":"3050","flags":[]}]`;
-const LINKS = `[{"ifindex":4,"ifname":"sallyport","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1450,"address":"02:53:50:00:00:01","linkinfo":{"info_kind":"vxlan","info_data":{"id":7799,"local":"192.0.2.1","link":"eth0","port":7799,"learning":false}},"addr_info":[{"family":"inet","local":"100.127.0.2","prefixlen":32},{"family":"inet6","local":"fe80::1","prefixlen":64}]},{"ifindex":5,"link":"eth0","ifname":"spe-abc","flags":["BROADCAST","MULTICAST","UP"],"mtu":1500,"address":"02:aa:bb:cc:dd:ee","linkinfo":{"info_kind":"macvlan","info_data":{"mode":"bridge"}},"addr_info":[{"family":"inet","local":"10.168.60.100","prefixlen":32}]}]`;
+const LINKS = `[{"ifindex":4,"ifname":"sallyport","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1450,"address":"02:53:50:00:00:01","linkinfo":{"info_kind":"vxlan","info_data":{"id":7799,"local":"192.0.2.1","link":"eth0","port":7799,"learning":false,"gbp":true}},"addr_info":[{"family":"inet","local":"100.127.0.2","prefixlen":32},{"family":"inet6","local":"fe80::1","prefixlen":64}]},{"ifindex":5,"link":"eth0","ifname":"spe-abc","flags":["BROADCAST","MULTICAST","UP"],"mtu":1500,"address":"02:aa:bb:cc:dd:ee","linkinfo":{"info_kind":"macvlan","info_data":{"mode":"bridge"}},"addr_info":[{"family":"inet","local":"10.168.60.100","prefixlen":32}]}]`;
 const NEIGH = `[{"dst":"100.127.0.3","lladdr":"02:53:50:00:00:02","state":["PERMANENT"]},{"dst":"fd5a:11::3","lladdr":"02:53:50:00:00:02","state":["PERMANENT"]},{"dst":"100.127.0.9","lladdr":"02:53:50:00:00:09","state":["STALE"]}]`;
 const FDB = `[{"mac":"02:53:50:00:00:02","dst":"192.0.2.2","flags":["self"],"state":"permanent"},{"mac":"00:00:00:00:00:00","dst":"192.0.2.9","flags":["self"],"state":"permanent"}]`;
 
@@ -82,7 +82,13 @@ describe("ip -json parsers", () => {
       port: 7799,
       local: "192.0.2.1",
       learning: false,
+      gbp: true,
     });
+    assert.equal(
+      parseLinks(LINKS.replace(',"gbp":true', ""))[0]!.vxlan?.gbp,
+      false,
+      "iproute2 prints gbp only when the device has it",
+    );
     assert.deepEqual(
       a.links[0]!.addresses,
       ["100.127.0.2/32"],
@@ -124,13 +130,41 @@ describe("diffRouting()", () => {
     assert.equal(d.tunnel[0], "link del sallyport");
     assert.match(
       d.tunnel[1]!,
-      /^link add sallyport type vxlan id 42 dstport 7799 local 192\.0\.2\.1 dev eth0 nolearning$/,
+      /^link add sallyport type vxlan id 42 dstport 7799 local 192\.0\.2\.1 dev eth0 nolearning gbp$/,
     );
     assert.deepEqual(d.tunnelUp, ["link set sallyport up"]);
     assert.ok(
       d.ip4.some((l) => l.startsWith("route replace default")),
       "routes through a new device are re-added",
     );
+  });
+
+  it("recreates a tunnel without gbp (made by an earlier version) with it, and one with it when the plan has none", () => {
+    const before = parseLinks(LINKS.replace(',"gbp":true', ""));
+    const d = diffRouting(desired, { ...actual(), links: before }, OPTS);
+    assert.deepEqual(d.tunnel, [
+      "link del sallyport",
+      "link add sallyport type vxlan id 7799 dstport 7799 local 192.0.2.1 dev eth0 nolearning gbp",
+      "link set sallyport address 02:53:50:00:00:01 mtu 1450",
+      "addr replace 100.127.0.2/32 dev sallyport",
+    ]);
+    assert.deepEqual(d.newDevices, ["sallyport"]);
+    assert.deepEqual(d.tunnelUp, ["link set sallyport up"]);
+    assert.ok(
+      d.ip4.some((l) => l.startsWith("neigh replace 100.127.0.3")) &&
+        d.bridge.some((l) => l.startsWith("fdb replace 02:53:50:00:00:02")),
+      "neighbours and FDB entries of the new device are written again",
+    );
+    const off = diffRouting(
+      { ...desired, tunnel: { ...desired.tunnel!, gbp: false } },
+      actual(),
+      OPTS,
+    );
+    assert.deepEqual(off.tunnel.slice(0, 2), [
+      "link del sallyport",
+      "link add sallyport type vxlan id 7799 dstport 7799 local 192.0.2.1 dev eth0 nolearning",
+    ]);
+    assert.equal(diffRouting(desired, actual(), OPTS).changes, 0, "a device with gbp stays");
   });
 
   it("gives up an egress IP by deleting its device, and announces a new one by bringing it up", () => {

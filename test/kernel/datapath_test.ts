@@ -286,6 +286,21 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
     });
   }
 
+  it("makes a tunnel device without gbp (an agent of an earlier version) again with it, and traffic flows again", async () => {
+    const n1 = nsRunner(topo.nodeNs(1));
+    const plan = await planFor(1);
+    const gbp = async () =>
+      JSON.parse(await mustRun(n1, ["ip", "-d", "-j", "link", "show", plan.tunnel!.name]))[0]
+        .linkinfo.info_data.gbp === true;
+    assert.equal(await gbp(), true, "the planned device has gbp");
+    await datapaths.get(1)!.sync({ ...plan, tunnel: { ...plan.tunnel!, gbp: false } });
+    assert.equal(await gbp(), false, "as an earlier version made it");
+    assert.ok((await syncNode(1)) > 0);
+    assert.equal(await gbp(), true, "made again with gbp");
+    assert.equal(await syncNode(1), 0, "and then holds the plan again");
+    assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4);
+  });
+
   it("a new agent process adopts the state without changing it, and an established TCP connection survives", async () => {
     const summary = stream(topo.pod("web-1").netns, ext4, 3);
     await new Promise((r) => setTimeout(r, 800));
