@@ -10,7 +10,13 @@
  *    after the change succeeded, i.e. the kernel holds the sets. When the node's pod watch
  *    lags behind the API the ADD waits up to `podWaitMs` for the Pod to appear.
  *  - DEL: the pod's addresses leave the sets (even those a slice not yet rewritten names)
- *    before the answer, so that IPAM can give them to another pod safely.
+ *    before the answer, so that IPAM can give them to another pod safely. Then, still before
+ *    the answer, the connection tracking entries of those addresses go (`conntrack -D`, original
+ *    source or destination): otherwise a new pod with the address that sends from a source port
+ *    of an old entry takes over the old pod's connection and its NAT binding (a steered one has
+ *    none on the source node), and leaves with its raw pod address. Calico's Felix does the same.
+ *    A failure of conntrack is logged and DEL still succeeds (DEL is best effort). A repeated
+ *    DEL (runtimes may repeat it) leaves alone an address that a later ADD gave another pod.
  *  - CHECK: whether the sets hold the pod with these addresses. STATUS: whether the agent has
  *    programmed its kernel once.
  */
@@ -19,6 +25,8 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { dirname } from "node:path";
 import type { AgentErrorReply, PodNetworkReply, PodNetworkRequest } from "../cni/protocol.ts";
 import { CNI_PATHS } from "../cni/protocol.ts";
+import { deleteConnectionsOf } from "../kernel/conntrack.ts";
+import type { Runner } from "../kernel/runner.ts";
 import { type Clock, realClock } from "../lib/clock.ts";
 import { formatAddress, tryParseAddress } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
@@ -37,6 +45,8 @@ export interface PodNetworkAgent {
 export interface CniServerOptions {
   readonly socket: string;
   readonly agent: PodNetworkAgent;
+  /** Runs `conntrack` at DEL (the datapath's runner). */
+  readonly runner: Runner;
   readonly log: Logger;
   readonly clock?: Clock;
   /** ADD: how long to wait for the Pod to appear in the node's pod watch. @default 5000 */
@@ -61,6 +71,8 @@ export class CniServer {
   #server: Server | undefined;
   /** Requests served, by command, for tests and metrics. */
   readonly served = { add: 0, del: 0, check: 0, status: 0 };
+  /** The pod the last ADD served gave each address to (until that pod's DEL). */
+  readonly #owners = new Map<string, string>();
 
   constructor(options: CniServerOptions) {
     this.#o = options;
@@ -136,6 +148,7 @@ export class CniServer {
     const started = performance.now();
     const { state } = this.#o.agent;
     const key = `${r.namespace}/${r.name}`;
+    for (const ip of r.ips) this.#owners.set(ip, key);
     if (!state.attachPodNetwork(key, r.containerId, r.ips)) await this.#podAppears(key);
     await this.#kernel(this.#changed(), `pod ${key}'s sets`);
     const policies = state.selecting(key);
@@ -150,19 +163,43 @@ export class CniServer {
     this.served.del++;
     const started = performance.now();
     const key = `${r.namespace}/${r.name}`;
-    if (!this.#o.agent.state.detachPodNetwork(key, r.containerId)) {
+    const { state } = this.#o.agent;
+    // What the sets held (a Pod's status, or an ADD before a restart of the agent) and what the
+    // plugin says: until IPAM releases them after this DEL, no other pod has these addresses.
+    const ips = [...new Set([...state.localPodAddresses(key), ...r.ips])].filter(
+      (ip) => (this.#owners.get(ip) ?? key) === key,
+    );
+    if (!state.detachPodNetwork(key, r.containerId)) {
       this.#o.log.info(
         { pod: key, containerId: r.containerId },
         "CNI DEL of a sandbox the pod no longer has: nothing to remove",
       );
       return { policies: [] };
     }
+    for (const ip of ips) this.#owners.delete(ip);
     await this.#kernel(this.#changed(), `the removal of pod ${key}'s addresses`);
+    const connections = await this.#forgetConnections(key, ips);
     this.#o.log.info(
-      { pod: key, ips: r.ips, ms: Math.round(performance.now() - started) },
-      "CNI DEL: the pod's addresses left this node's sets",
+      { pod: key, ips, connections, ms: Math.round(performance.now() - started) },
+      "CNI DEL: the pod's addresses left this node's sets and its connection tracking",
     );
     return { policies: [] };
+  }
+
+  /** Deletes the addresses' conntrack entries; how many went (failures are logged, not thrown). */
+  async #forgetConnections(key: string, ips: readonly string[]): Promise<number> {
+    const counts = await Promise.all(
+      ips.map((ip) =>
+        deleteConnectionsOf(this.#o.runner, ip).catch((e: unknown) => {
+          this.#o.log.warn(
+            { pod: key, ip, err: (e as Error).message ?? String(e) },
+            "CNI DEL: cannot delete the connection tracking entries of a pod address; a new pod that gets it may take over its old connections until they time out",
+          );
+          return 0;
+        }),
+      ),
+    );
+    return counts.reduce((a, b) => a + b, 0);
   }
 
   #check(r: PodNetworkRequest): PodNetworkReply {

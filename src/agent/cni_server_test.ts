@@ -2,11 +2,13 @@ import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Writable } from "node:stream";
 import { after, before, beforeEach, describe, it } from "node:test";
 import type { AnyPolicy, EgressEndpointSlice } from "../api/types.ts";
 import { runPlugin } from "../cni/plugin.ts";
 import type { PodInfo } from "../engine/snapshot.ts";
-import { silentLogger } from "../lib/log.ts";
+import type { Runner, RunResult } from "../kernel/runner.ts";
+import { createLogger } from "../lib/log.ts";
 import { CniServer, type PodNetworkAgent } from "./cni_server.ts";
 import { AgentState } from "./view.ts";
 
@@ -138,12 +140,30 @@ describe("AgentState: pod networks from CNI", () => {
   });
 });
 
+/** The kernel's tools as the server runs them: conntrack -D, recorded; by default none matched. */
+class RecordingRunner implements Runner {
+  readonly calls: { argv: string; setsUpdated: boolean }[] = [];
+  answer: (argv: readonly string[]) => Promise<RunResult> = async () => ({
+    code: 1,
+    stdout: "",
+    stderr: "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n",
+  });
+  /** Whether the kernel holds every change so far, at the time of a call. */
+  setsUpdated: () => boolean = () => true;
+  run(argv: readonly string[]): Promise<RunResult> {
+    this.calls.push({ argv: argv.join(" "), setsUpdated: this.setsUpdated() });
+    return this.answer(argv);
+  }
+}
+
 describe("CniServer with sallyport-cni", () => {
   let dir: string;
   let socket: string;
   let state: AgentState;
   let sync: FakeSync;
   let server: CniServer;
+  let runner: RecordingRunner;
+  let logged: Record<string, unknown>[];
 
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), "sallyport-cni-test-"));
@@ -158,7 +178,20 @@ describe("CniServer with sallyport-cni", () => {
     sync = new FakeSync(state);
     sync.hold();
     const agent: PodNetworkAgent = { state, sync };
-    server = new CniServer({ socket, agent, log: silentLogger, podWaitMs: 300, kernelWaitMs: 500 });
+    runner = new RecordingRunner();
+    const held = sync;
+    runner.setsUpdated = () => held.appliedUpTo >= held.requested && !state.planDirty;
+    logged = [];
+    const log = createLogger("agent", {
+      level: "warn",
+      destination: new Writable({
+        write(chunk, _encoding, done) {
+          logged.push(JSON.parse(String(chunk)));
+          done();
+        },
+      }),
+    });
+    server = new CniServer({ socket, agent, runner, log, podWaitMs: 300, kernelWaitMs: 500 });
     await server.start();
   });
   after(async () => server?.stop());
@@ -266,6 +299,94 @@ describe("CniServer with sallyport-cni", () => {
     assert.equal((JSON.parse(again.stdout) as { code: number }).code, 101);
     // DEL is idempotent.
     assert.equal((await runPlugin({ env: env("DEL"), stdin: conf() })).exitCode, 0);
+  });
+
+  it("DEL deletes the conntrack entries of each of the pod's addresses, once the sets no longer hold them", async () => {
+    state.setLocalPod(pendingPod("a", { app: "web" }));
+    // The sets hold both families; the plugin's prevResult names the IPv4 address only.
+    state.attachPodNetwork("default/a", "c-a", ["10.244.1.9", "fd00:244:1::9"]);
+    state.takeChanges();
+    sync.hold();
+    const del = runPlugin({ env: env("DEL"), stdin: conf() });
+    await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(endpoints(state), []);
+    assert.equal(runner.calls.length, 0, "nothing deleted while the sets still hold the addresses");
+    sync.hold();
+    assert.equal((await del).exitCode, 0);
+    assert.deepEqual(runner.calls.map((c) => c.argv).sort(), [
+      "conntrack -D -f ipv4 -d 10.244.1.9",
+      "conntrack -D -f ipv4 -s 10.244.1.9",
+      "conntrack -D -f ipv6 -d fd00:244:1::9",
+      "conntrack -D -f ipv6 -s fd00:244:1::9",
+    ]);
+    assert.ok(runner.calls.every((c) => c.setsUpdated));
+    assert.deepEqual(logged, [], "none deleted (conntrack exits 1) is no failure");
+    // A DEL of an older sandbox of a pod touches none of the addresses its new one has.
+    state.setLocalPod(pendingPod("b", { app: "web" }));
+    state.attachPodNetwork("default/b", "new", ["10.244.1.10"]);
+    runner.calls.length = 0;
+    assert.equal((await runPlugin({ env: env("DEL", "b"), stdin: conf() })).exitCode, 0);
+    assert.equal(runner.calls.length, 0);
+  });
+
+  it("a repeated DEL leaves alone the connections of an address a later ADD gave another pod", async () => {
+    state.setLocalPod(pendingPod("a", { app: "web" }));
+    state.attachPodNetwork("default/a", "c-a", ["10.244.1.9"]);
+    state.takeChanges();
+    sync.hold();
+    const del = runPlugin({ env: env("DEL"), stdin: conf() });
+    await new Promise((r) => setTimeout(r, 50));
+    sync.hold();
+    assert.equal((await del).exitCode, 0);
+    assert.equal(runner.calls.length, 2);
+    // IPAM gives 10.244.1.9 to pod b.
+    state.setLocalPod(pendingPod("b", { app: "web" }));
+    state.takeChanges();
+    const add = runPlugin({ env: env("ADD", "b"), stdin: conf() });
+    while (sync.requested === sync.appliedUpTo) await new Promise((r) => setTimeout(r, 5));
+    sync.hold();
+    assert.equal((await add).exitCode, 0);
+    assert.deepEqual(endpoints(state), ["default/b=10.244.1.9"]);
+    // The runtime repeats pod a's DEL, with the result cached at its ADD.
+    runner.calls.length = 0;
+    const again = runPlugin({ env: env("DEL"), stdin: conf() });
+    await new Promise((r) => setTimeout(r, 50));
+    sync.hold();
+    assert.equal((await again).exitCode, 0);
+    assert.equal(runner.calls.length, 0, "pod b's connections stay");
+    assert.deepEqual(endpoints(state), ["default/b=10.244.1.9"]);
+  });
+
+  it("DEL succeeds when conntrack fails, and logs the pod, the address and the error", async () => {
+    state.setLocalPod(pendingPod("a", { app: "web" }));
+    state.attachPodNetwork("default/a", "c-a", ["10.244.1.9", "fd00:244:1::9"]);
+    state.takeChanges();
+    sync.hold();
+    runner.answer = async (argv) => {
+      if (argv.includes("ipv4")) throw new Error("Cannot run conntrack: spawn conntrack ENOENT");
+      return {
+        code: 1,
+        stdout: "",
+        stderr: "conntrack v1.4.7 (conntrack-tools): Operation failed: Operation not permitted\n",
+      };
+    };
+    const del = runPlugin({ env: env("DEL"), stdin: conf() });
+    await new Promise((r) => setTimeout(r, 50));
+    sync.hold();
+    const out = await del;
+    assert.equal(out.exitCode, 0, out.stdout);
+    assert.equal(server.served.del, 1);
+    const warnings = logged
+      .map((l) => [l.pod, l.ip, l.err])
+      .sort((x, y) => String(x[1]).localeCompare(String(y[1])));
+    assert.deepEqual(warnings, [
+      ["default/a", "10.244.1.9", "Cannot run conntrack: spawn conntrack ENOENT"],
+      [
+        "default/a",
+        "fd00:244:1::9",
+        "Cannot run conntrack -D -f ipv6 -s fd00:244:1::9: exit 1: conntrack v1.4.7 (conntrack-tools): Operation failed: Operation not permitted",
+      ],
+    ]);
   });
 
   it("STATUS succeeds once the agent has synced its kernel", async () => {

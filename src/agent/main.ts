@@ -158,7 +158,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
   const cni =
     flags.cniSocket === undefined || flags.cniSocket === ""
       ? undefined
-      : new CniServer({ socket: flags.cniSocket, agent, log });
+      : new CniServer({ socket: flags.cniSocket, agent, runner: datapath.options.runner, log });
   await cni?.start();
   // traffic: what the last agent reported stays until measured otherwise
   traffic?.adopt(agent.egressNodes.get(flags.node)?.status?.snatSaturation ?? []);

@@ -18,7 +18,7 @@
  * A table of 100,000 connections is ~15 MB of text and 0.2–0.6 s of parsing (bench/traffic.ts):
  * the agent reads it in a worker thread (src/agent/traffic_worker.ts), never on its event loop.
  */
-import type { Runner, RunResult } from "./runner.ts";
+import { CommandError, type Runner, type RunResult } from "./runner.ts";
 
 export interface PortRange {
   readonly first: number;
@@ -288,4 +288,25 @@ export function summarizeSnat(
     });
   }
   return out.sort((a, b) => (a.egressIP < b.egressIP ? -1 : a.egressIP > b.egressIP ? 1 : 0));
+}
+
+/**
+ * Deletes the connections whose original source or original destination is `address`:
+ * `conntrack -D -f ipv4|ipv6 -s ADDRESS`, then the same with `-d` (conntrack ANDs its filters, so
+ * one command cannot say "or"). conntrack exits 1 with "0 flow entries have been deleted." when
+ * nothing matched: that is no failure. Returns how many entries went; throws a CommandError with
+ * conntrack's own message otherwise.
+ */
+export async function deleteConnectionsOf(runner: Runner, address: string): Promise<number> {
+  const family = address.includes(":") ? "ipv6" : "ipv4";
+  let deleted = 0;
+  for (const flag of ["-s", "-d"]) {
+    const argv = ["conntrack", "-D", "-f", family, flag, address];
+    const result = await runner.run(argv, { timeoutMs: 10_000 });
+    const count = /(\d+) flow entries have been deleted/.exec(result.stderr)?.[1];
+    if (result.code !== 0 && !(result.code === 1 && count === "0"))
+      throw new CommandError(argv, undefined, result);
+    deleted += Number(count ?? 0);
+  }
+  return deleted;
 }

@@ -13,6 +13,7 @@ import { join } from "node:path";
 import { describe, it } from "node:test";
 import fc from "fast-check";
 import {
+  deleteConnectionsOf,
   KERNEL_SNAT_PORTS,
   listSnatConnections,
   parseConntrack,
@@ -213,6 +214,50 @@ describe("listSnatConnections()", () => {
         runner(1, "", "conntrack v1.4.7 (conntrack-tools): Operation failed: not supported\n"),
       ),
       /Cannot list SNATed connections with conntrack -L -o extended -n: exit 1: .*Operation failed.*; install conntrack-tools and load nf_conntrack_netlink/,
+    );
+  });
+});
+
+describe("deleteConnectionsOf()", () => {
+  // As conntrack-tools 1.4.7 answers (measured in a network namespace).
+  const said = (n: number) =>
+    `conntrack v1.4.7 (conntrack-tools): ${n} flow entries have been deleted.\n`;
+
+  it("deletes by original source, then original destination, in the address's family; none deleted is no failure", async () => {
+    const calls: string[] = [];
+    const answers = [
+      { code: 0, stdout: "udp 17 …\n", stderr: said(2) },
+      { code: 1, stdout: "", stderr: said(0) },
+      { code: 1, stdout: "", stderr: said(0) },
+      { code: 0, stdout: "", stderr: said(1) },
+    ];
+    const runner: Runner = {
+      run: async (argv) => {
+        calls.push(argv.join(" "));
+        return answers.shift()!;
+      },
+    };
+    assert.equal(await deleteConnectionsOf(runner, "10.244.1.9"), 2);
+    assert.equal(await deleteConnectionsOf(runner, "fd00:244:1::9"), 1);
+    assert.deepEqual(calls, [
+      "conntrack -D -f ipv4 -s 10.244.1.9",
+      "conntrack -D -f ipv4 -d 10.244.1.9",
+      "conntrack -D -f ipv6 -s fd00:244:1::9",
+      "conntrack -D -f ipv6 -d fd00:244:1::9",
+    ]);
+  });
+
+  it("throws with conntrack's message when it fails", async () => {
+    const runner: Runner = {
+      run: async () => ({
+        code: 1,
+        stdout: "",
+        stderr: "conntrack v1.4.7 (conntrack-tools): Operation failed: Operation not permitted\n",
+      }),
+    };
+    await assert.rejects(
+      deleteConnectionsOf(runner, "10.244.1.9"),
+      /^CommandError: Cannot run conntrack -D -f ipv4 -s 10\.244\.1\.9: exit 1: .*Operation not permitted/,
     );
   });
 });
