@@ -20,6 +20,7 @@ import type {
 } from "../api/types.ts";
 import { policyKey } from "../api/types.ts";
 import { type PodInfo, type PolicySelection, podKey, selectsPod } from "../engine/snapshot.ts";
+import { isTunnelClass } from "../engine/tunnel_classes.ts";
 import type {
   EndpointView,
   LocalFacts,
@@ -73,6 +74,7 @@ interface PolicyHeader {
   readonly floating: readonly string[];
   readonly announceInterface: string | undefined;
   readonly standbyNodes: readonly string[];
+  readonly tunnelClass: number | undefined;
   /** The policy's selectors for this node's pods; undefined when it has a nodeSelector. */
   readonly selection: PolicySelection | undefined;
   readonly selectionSpec: unknown;
@@ -116,6 +118,7 @@ function headerOf(p: AnyPolicy, gateway: EgressGateway | undefined): PolicyHeade
     floating: floats ? Object.values(snat).flat().sort() : [],
     announceInterface: gateway?.spec.interface,
     standbyNodes: p.status?.standbyNodes ?? [],
+    tunnelClass: isTunnelClass(p.status?.tunnelClass) ? p.status.tunnelClass : undefined,
     // The agent does not read Node objects, so it cannot evaluate a nodeSelector: such policies
     // wait for the controller's endpoint slices.
     selection:
@@ -142,6 +145,7 @@ function sameViewFields(a: PolicyHeader, b: PolicyHeader): boolean {
     a.priority === b.priority &&
     a.createdAt === b.createdAt &&
     a.gatewayNode === b.gatewayNode &&
+    a.tunnelClass === b.tunnelClass &&
     a.announceInterface === b.announceInterface &&
     deepEqual(a.destinationCIDRs, b.destinationCIDRs) &&
     deepEqual(a.excludedCIDRs, b.excludedCIDRs) &&
@@ -592,6 +596,7 @@ export class AgentState {
       announceInterface: header.announceInterface,
       endpoints,
       standbyNodes: header.standbyNodes,
+      ...(header.tunnelClass === undefined ? {} : { tunnelClass: header.tunnelClass }),
     };
     if (before !== undefined && sameView(before, view)) {
       // The standby list alone: nothing this node programs reads it (nor the revision), so
@@ -610,6 +615,7 @@ function sameView(a: PolicyView, b: PolicyView): boolean {
     a.priority === b.priority &&
     a.createdAt === b.createdAt &&
     a.gatewayNode === b.gatewayNode &&
+    a.tunnelClass === b.tunnelClass &&
     a.announceInterface === b.announceInterface &&
     deepEqual(a.destinationCIDRs, b.destinationCIDRs) &&
     deepEqual(a.excludedCIDRs, b.excludedCIDRs) &&

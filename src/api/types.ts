@@ -416,6 +416,14 @@ export const EgressPolicyStatusSchema = Type.Object(
           "Every egress IP of the policy, IPv4 first, each family in address order: new connections leave with one of their family",
       }),
     ),
+    tunnelClass: Type.Optional(
+      Type.Integer({
+        minimum: 1,
+        maximum: 16383,
+        description:
+          "Number the steering nodes carry in the VXLAN header of this policy's packets, unique in the cluster: the gateway node SNATs them from the first packet, before it has heard of the pod. Absent when all are taken",
+      }),
+    ),
     matchedPods: Type.Optional(Type.Integer({ minimum: 0 })),
     programmedNodes: Type.Optional(Type.Integer({ minimum: 0 })),
     targetNodes: Type.Optional(Type.Integer({ minimum: 0 })),

@@ -56,7 +56,11 @@ export function reportOf(node: EgressNode): NodeReport {
 
 export function previousOf(status: EgressPolicyStatus | undefined): PreviousPolicy | undefined {
   if (status === undefined) return undefined;
-  return { egressIPs: status.egressIPs ?? [], gatewayNode: status.gatewayNode };
+  return {
+    egressIPs: status.egressIPs ?? [],
+    gatewayNode: status.gatewayNode,
+    tunnelClass: status.tunnelClass,
+  };
 }
 
 /** The EgressNode spec the controller publishes for a node: its identity and addresses. */

@@ -181,6 +181,7 @@ export function policyStatus(
   };
   if (outcome.gatewayNode !== undefined) status.gatewayNode = outcome.gatewayNode;
   if (outcome.standbyNodes.length > 0) status.standbyNodes = [...outcome.standbyNodes];
+  if (outcome.tunnelClass !== undefined) status.tunnelClass = outcome.tunnelClass;
   if (outcome.egressIPs.length > 0) status.egressIPs = [...outcome.egressIPs];
   if (outcome.revision !== undefined) status.revision = outcome.revision;
   if (outcome.shadowedBy.length > 0) status.shadowedBy = outcome.shadowedBy.map((s) => ({ ...s }));

@@ -43,7 +43,8 @@ export interface L4Box {
 }
 
 export type ClassVerdict =
-  | { readonly kind: "steer"; readonly nodeID: number }
+  /** Steer to the gateway node `nodeID`, naming the policy's tunnel class (when it has one). */
+  | { readonly kind: "steer"; readonly nodeID: number; readonly tunnelClass?: number | undefined }
   /**
    * SNAT here to the egress IP `eip`; when the policy has several of this family, `eips` holds
    * them all, in address order (`eip` is the first), and new connections go round-robin over them.
@@ -490,7 +491,8 @@ function sameStrings(a: readonly string[], b: readonly string[]): boolean {
 
 function sameVerdict(a: ClassVerdict, b: ClassVerdict): boolean {
   if (a.kind !== b.kind) return false;
-  if (a.kind === "steer") return a.nodeID === (b as typeof a).nodeID;
+  if (a.kind === "steer")
+    return a.nodeID === (b as typeof a).nodeID && a.tunnelClass === (b as typeof a).tunnelClass;
   if (a.kind === "snat") return sameStrings(snatAddresses(a), snatAddresses(b as typeof a));
   return true;
 }

@@ -80,6 +80,7 @@ import type {
   PreviousPolicy,
   Snapshot,
 } from "./snapshot.ts";
+import { type ClassRequest, TunnelClasses } from "./tunnel_classes.ts";
 import type { PeerView } from "./view.ts";
 
 export type {
@@ -158,6 +159,9 @@ export class ClusterEngine {
   readonly #dirtyGatewaySpecs = new Set<string>();
   readonly #dirtyPolicies = new Set<string>();
   readonly #toActivate = new Set<string>();
+  #classes = new TunnelClasses();
+  /** Accepted policies without a tunnel class, gathered while activating. */
+  readonly #classRequests: ClassRequest[] = [];
   readonly #dirtyOutcomes = new Set<string>();
   /** Policies whose standby list alone changed: their outcome is copied, not rebuilt. */
   readonly #standbyOutcomes = new Set<string>();
@@ -460,6 +464,8 @@ export class ClusterEngine {
     }
     for (const key of this.#toActivate) this.#activate(key);
     this.#toActivate.clear();
+    for (const key of this.#classes.assign(this.#classRequests)) this.#dirtyOutcomes.add(key);
+    this.#classRequests.length = 0;
     for (const key of this.#placement.place((k) => this.#previous(k)?.gatewayNode))
       this.#dirtyOutcomes.add(key);
     for (const key of this.#placement.standbyChanged()) this.#standbyOutcomes.add(key);
@@ -510,6 +516,7 @@ export class ClusterEngine {
     this.#identities = new NodeIdentities(this.#config.tunnelCIDRs, this.#families);
     this.#allocator = new AddressAllocator();
     this.#placement = new Placement();
+    this.#classes = new TunnelClasses();
     this.#members.clearPolicies();
     this.#admitted.clear();
     for (const map of [this.#nodes, this.#identityMap, this.#errorMap, this.#peerMap])
@@ -620,6 +627,15 @@ export class ClusterEngine {
     const p = isPrepared(admitted) ? admitted : undefined;
     const allocation = p !== undefined && needsAddresses(p) ? this.#allocator.get(key) : undefined;
     const active = p !== undefined && (allocation === undefined || allocation.ok) ? p : undefined;
+    if (active === undefined) {
+      if (this.#classes.release(key)) this.#dirtyOutcomes.add(key);
+    } else if (this.#classes.get(key) === undefined) {
+      this.#classRequests.push({
+        key,
+        createdAt: active.createdAt,
+        wanted: this.#previous(key)?.tunnelClass,
+      });
+    }
     this.#members.setPolicy(key, active);
     this.#placement.setMember(
       key,
@@ -693,6 +709,7 @@ export class ClusterEngine {
       gateway: this.#gateways.get(this.#placement.gatewayOf(key)!)!.object,
       node,
       standbyNodes: this.#placement.standbyOf(key),
+      tunnelClass: this.#classes.get(key),
       nodeAddresses: node === undefined ? undefined : this.#nodes.get(node)?.addresses,
       interfaceAddresses:
         node === undefined || admitted.mode !== "interface"

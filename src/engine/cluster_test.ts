@@ -50,7 +50,7 @@ function previousOf(outcome: ClusterOutcome): Map<string, PreviousPolicy> {
   return new Map(
     [...outcome.policies.values()].map((p) => [
       p.key,
-      { egressIPs: p.egressIPs, gatewayNode: p.gatewayNode },
+      { egressIPs: p.egressIPs, gatewayNode: p.gatewayNode, tunnelClass: p.tunnelClass },
     ]),
   );
 }

@@ -24,6 +24,17 @@ export const REPLY_PREFIX = 0x27000000;
 /** Matches both STEER_PREFIX and REPLY_PREFIX. */
 export const STEERED_MATCH_MASK = 0xfe000000;
 export const KEEP_MARK = 0x12000000;
+/**
+ * Matches the keep mark whatever its low 16 bits: on its way into the tunnel a steered packet
+ * carries its connection's tunnel class there (TUNNEL_CLASS_MASK), for the VXLAN header.
+ */
+export const KEEP_MATCH_MASK = 0xffff0000;
+/**
+ * The tunnel class (src/engine/tunnel_classes.ts): in the connection mark of a steered connection
+ * on its source node, in the packet mark as it enters the tunnel (VXLAN GBP carries these 16 bits),
+ * and in the mark of the decapsulated packet on the gateway.
+ */
+export const TUNNEL_CLASS_MASK = 0x0000ffff;
 export const MAX_NODE_ID = 0xffff;
 
 export function nodeMark(nodeID: number): number {

@@ -17,9 +17,13 @@ export const CHAIN_REPLY = "SALLYPORT-REPLY";
 /** filter INPUT: tunnel packets from any host that is no peer node are dropped (and counted). */
 export const CHAIN_TUNNEL_IN = "SALLYPORT-TUNNEL-IN";
 
-/** Chain that marks toward one gateway node: SALLYPORT-TO-0001 (node id in hex). */
-export function steerChain(nodeID: number): string {
-  return `SALLYPORT-TO-${nodeID.toString(16).padStart(4, "0")}`;
+/**
+ * Chain that marks toward one gateway node: SALLYPORT-TO-0001 (node id in hex); with a policy's
+ * tunnel class, SALLYPORT-TO-0001-0005 (class in hex).
+ */
+export function steerChain(nodeID: number, tunnelClass?: number): string {
+  const node = `SALLYPORT-TO-${nodeID.toString(16).padStart(4, "0")}`;
+  return tunnelClass === undefined ? node : `${node}-${tunnelClass.toString(16).padStart(4, "0")}`;
 }
 
 export const IPSET_PREFIX = "sallyport-";

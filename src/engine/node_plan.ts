@@ -44,12 +44,14 @@ import {
 import { type Host, hostsOfFamily, sortedHosts } from "./hosts.ts";
 import {
   KEEP_MARK,
+  KEEP_MATCH_MASK,
   MARK_WRITE_MASK,
   nodeMark,
   PREFIX_MASK,
   REPLY_PREFIX,
   STEER_PREFIX,
   STEERED_MATCH_MASK,
+  TUNNEL_CLASS_MASK,
 } from "./marks.ts";
 import {
   CHAIN_GATEWAY,
@@ -81,8 +83,10 @@ import type {
   RoutePlan,
   Rule,
   SetMatch,
+  SteerTarget,
   SysctlPlan,
   TableName,
+  TunnelClassSnat,
   TunnelPeers,
   TunnelPlan,
 } from "./plan.ts";
@@ -352,7 +356,7 @@ function policyPart(
       for (const r of d.replies) replies.push(`${family}>${r.dst}>${peerSig(r.peer)}`);
     }
   }
-  if (families.size > 0) sig.push(JSON.stringify(view.ports));
+  if (families.size > 0) sig.push(JSON.stringify(view.ports), String(view.tunnelClass ?? ""));
   const holds = view.gatewayNode === node;
   // The peers its decisions read, whether or not they are reachable now: one that appears or
   // changes must replan this policy.
@@ -466,7 +470,11 @@ export class NodePlanner {
     for (const name of names) {
       const a = before.get(name);
       const b = peers.get(name);
-      if (a === b || peerSig(a) === peerSig(b)) continue;
+      if (a === b) continue;
+      // Pod CIDRs feed the reply table of a gateway with tunnel classes.
+      if (!sameMembers(a?.podCIDRs ?? [], b?.podCIDRs ?? [])) this.#routesDirty = true;
+      if (peerSig(a) === peerSig(b)) continue;
+      this.#routesDirty = true;
       if (name === this.#node) this.#staticDirty = true;
       for (const key of this.#readers.get(name) ?? []) this.#dirty.add(key);
     }
@@ -594,7 +602,8 @@ export class NodePlanner {
         for (const fp of part.families.values()) {
           const d = fp.decision;
           if (d.kind === "steer") keys.add(`node/${d.gateway.name}`);
-          if (d.kind === "gateway" && d.replies.length > 0) keys.add(REPLY_TABLE_KEY);
+          if (d.kind === "gateway" && (d.replies.length > 0 || part.view.tunnelClass !== undefined))
+            keys.add(REPLY_TABLE_KEY);
         }
       }
       const choiceKey = [...keys].sort().join(",");
@@ -812,14 +821,36 @@ export class NodePlanner {
         target: { kind: "MARK", value: KEEP_MARK, mask: MARK_WRITE_MASK },
       },
     );
-    const keep: Rule = { mark: mark(KEEP_MARK, MARK_WRITE_MASK), target: { kind: "ACCEPT" } };
-    fb.chain("mangle", CHAIN_KEEP_MARK).push(keep);
+    const keep: Rule = { mark: mark(KEEP_MARK, KEEP_MATCH_MASK), target: { kind: "ACCEPT" } };
+    fb.chain("mangle", CHAIN_KEEP_MARK).push(
+      {
+        outInterface: tunnel,
+        mark: mark(KEEP_MARK, KEEP_MATCH_MASK),
+        connmark: mark(0, TUNNEL_CLASS_MASK, true),
+        comment: "sallyport: tunnel class of the connection into the VXLAN header",
+        target: { kind: "RESTORE_MARK", nfmask: TUNNEL_CLASS_MASK, ctmask: TUNNEL_CLASS_MASK },
+      },
+      keep,
+    );
     fb.chain("filter", CHAIN_KEEP_MARK).push(keep);
-    fb.chain("filter", CHAIN_FORWARD).push(keep, {
-      inInterface: tunnel,
-      comment: "sallyport: traffic from the tunnel",
-      target: { kind: "ACCEPT" },
-    });
+    fb.chain("filter", CHAIN_FORWARD).push(
+      {
+        // Only a node writes into the tunnel (and the tunnel class in its header): a pod's
+        // packet to a peer's tunnel port, which the CNI would masquerade to this node's own
+        // address and the peer's tunnel filter would take for ours, goes no further.
+        protocol: "udp",
+        sets: [{ name: peersSetName(family), dir: "dst" }],
+        dports: String(config.port),
+        comment: "sallyport: no pod sends into the tunnel",
+        target: { kind: "DROP" },
+      },
+      keep,
+      {
+        inInterface: tunnel,
+        comment: "sallyport: traffic from the tunnel",
+        target: { kind: "ACCEPT" },
+      },
+    );
     const noSnat = fb.chain("nat", CHAIN_NO_SNAT);
     noSnat.push(keep);
     const snat = fb.chain("nat", CHAIN_SNAT_EIP);
@@ -848,15 +879,26 @@ export class NodePlanner {
         action = { kind: "GOTO", chain: CHAIN_GATEWAY };
       } else if (decision.kind === "steer" && tables.has(`node/${decision.gateway.name}`)) {
         const gateway = decision.gateway;
-        const chain = fb.chain("mangle", steerChain(gateway.nodeID));
+        const name = steerChain(gateway.nodeID, policy.tunnelClass);
+        const chain = fb.chain("mangle", name);
         if (chain.length === 0) {
+          // The connection mark carries the policy's tunnel class too (when it has one), which
+          // SALLYPORT-KEEP-MARK puts into the packet as it enters the tunnel.
+          const tunnelClass = policy.tunnelClass ?? 0;
           chain.push(
-            { target: { kind: "CONNMARK", value: STEER_PREFIX, mask: PREFIX_MASK } },
+            {
+              target: {
+                kind: "CONNMARK",
+                value: (STEER_PREFIX | tunnelClass) >>> 0,
+                mask:
+                  (PREFIX_MASK | (policy.tunnelClass === undefined ? 0 : TUNNEL_CLASS_MASK)) >>> 0,
+              },
+            },
             { target: { kind: "MARK", value: nodeMark(gateway.nodeID), mask: MARK_WRITE_MASK } },
             { target: { kind: "ACCEPT" } },
           );
         }
-        action = { kind: "GOTO", chain: steerChain(gateway.nodeID) };
+        action = { kind: "GOTO", chain: name };
       } else {
         // No node holds this policy's egress IP, it cannot be reached, or no routing table is
         // free for it: fail closed rather than let the traffic out with another address.
@@ -884,6 +926,31 @@ export class NodePlanner {
             snat.push({ ...rule, sets, comment: policy.key });
       }
     }
+    // A pod this gateway has not heard of yet (a new pod, or one a changed policy just started
+    // selecting): its steering node named the policy's tunnel class in the VXLAN header, which
+    // only a peer node can write (the tunnel takes packets from peers only, and no pod can send
+    // into it: SALLYPORT-FORWARD). SNAT it from the first packet rather than drop it until the
+    // controller's endpoint slice arrives. Only for the policies this node holds egress IPs of.
+    for (const key of this.#order) {
+      const part = this.#parts.get(key);
+      const d = part?.families.get(family)?.decision;
+      const tunnelClass = part?.view.tunnelClass;
+      const snatTo = part?.view.snat[family] ?? [];
+      if (d?.kind !== "gateway" || tunnelClass === undefined || snatTo.length === 0) continue;
+      markRequest.push({
+        inInterface: tunnel,
+        mark: mark(tunnelClass, TUNNEL_CLASS_MASK),
+        comment: part!.view.key,
+        target: { kind: "GOTO", chain: CHAIN_GATEWAY },
+      });
+      for (const rule of snatRules({}, snatTo, family, config.snatPorts))
+        snat.push({
+          ...rule,
+          mark: mark(tunnelClass, TUNNEL_CLASS_MASK),
+          connmark: mark(REPLY_PREFIX, PREFIX_MASK),
+          comment: part!.view.key,
+        });
+    }
     markRequest.push({
       inInterface: tunnel,
       comment: "sallyport: tunnel traffic no policy here claims",
@@ -900,6 +967,7 @@ export class NodePlanner {
     const replyTargets = new Map<string, PeerView>();
     const replyRoutes: { family: Family; dst: string; peer: PeerView }[] = [];
     const replyTable = tables.get(REPLY_TABLE_KEY);
+    const classFamilies = new Set<Family>();
     for (const family of families) {
       for (const key of this.#order) {
         const d = this.#parts.get(key)?.families.get(family)?.decision;
@@ -911,6 +979,20 @@ export class NodePlanner {
             replyTargets.set(r.peer.name, r.peer);
             replyRoutes.push({ family, dst: r.dst, peer: r.peer });
           }
+          if (this.#parts.get(key)!.view.tunnelClass !== undefined) classFamilies.add(family);
+        }
+      }
+    }
+    // Tunnel classes let pods this node has not heard of yet through (see #familyRules): their
+    // replies need a way back too, so every peer's pod CIDRs are in the reply table.
+    for (const family of classFamilies) {
+      for (const peer of this.#peers.values()) {
+        if (peer.name === this.#node || peer.underlay === undefined) continue;
+        if (peer.tunnel[family] === undefined) continue;
+        for (const dst of peer.podCIDRs ?? []) {
+          if (familyOfText(dst) !== family) continue;
+          replyTargets.set(peer.name, peer);
+          replyRoutes.push({ family, dst: formatCidr(parseCidr(dst)), peer });
         }
       }
     }
@@ -1031,7 +1113,8 @@ export class NodePlanner {
     const snat: Partial<Record<Family, readonly string[]>> = {};
     const snatGroups: Partial<Record<Family, readonly (readonly string[])[]>> = {};
     const held: Partial<Record<Family, readonly string[]>> = {};
-    const steerTo = new Set<number>();
+    const steerTo = new Map<string, SteerTarget>();
+    const tunnelClasses: Partial<Record<Family, readonly TunnelClassSnat[]>> = {};
     for (const family of families) {
       const table = getOrInsert(this.#classTables, family, () => new ClassTable(family));
       if (this.#ignoreChanged) {
@@ -1057,10 +1140,16 @@ export class NodePlanner {
           d.kind === "gateway"
             ? { kind: "snat", eip: eips[0]!, ...(eips.length > 1 ? { eips } : {}) }
             : d.kind === "steer" && tables.has(`node/${d.gateway.name}`)
-              ? { kind: "steer", nodeID: d.gateway.nodeID }
+              ? {
+                  kind: "steer",
+                  nodeID: d.gateway.nodeID,
+                  ...(part.view.tunnelClass === undefined
+                    ? {}
+                    : { tunnelClass: part.view.tunnelClass }),
+                }
               : { kind: "drop" };
         const v = part.view;
-        const sig = `${v.destinationCIDRs.join(",")}|${v.excludedCIDRs.join(",")}|${JSON.stringify(v.ports)}|${verdict.kind}:${verdict.kind === "steer" ? verdict.nodeID : verdict.kind === "snat" ? snatAddresses(verdict).join(",") : ""}`;
+        const sig = `${v.destinationCIDRs.join(",")}|${v.excludedCIDRs.join(",")}|${JSON.stringify(v.ports)}|${verdict.kind}:${verdict.kind === "steer" ? `${verdict.nodeID}/${verdict.tunnelClass ?? ""}` : verdict.kind === "snat" ? snatAddresses(verdict).join(",") : ""}`;
         const memo = `${family}/${key}`;
         let cached = this.#classPolicies.get(memo);
         if (cached?.sig !== sig) {
@@ -1081,13 +1170,38 @@ export class NodePlanner {
       classes[family] = table.classes();
       const addresses = new Set<string>();
       const groups = new Map<string, readonly string[]>();
+      const addSnat = (eips: readonly string[]) => {
+        for (const a of eips) addresses.add(a);
+        if (eips.length > 1) groups.set(eips.join(","), eips);
+      };
       for (const c of classes[family]!) {
         for (const e of c.entries) {
-          if (e.verdict.kind === "snat") {
-            for (const a of snatAddresses(e.verdict)) addresses.add(a);
-            if (e.verdict.eips !== undefined) groups.set(e.verdict.eips.join(","), e.verdict.eips);
-          } else if (e.verdict.kind === "steer") steerTo.add(e.verdict.nodeID);
+          if (e.verdict.kind === "snat") addSnat(snatAddresses(e.verdict));
+          else if (e.verdict.kind === "steer") {
+            const { nodeID, tunnelClass } = e.verdict;
+            steerTo.set(`${nodeID}/${tunnelClass ?? 0}`, {
+              nodeID,
+              ...(tunnelClass === undefined ? {} : { tunnelClass }),
+            });
+          }
         }
+      }
+      // The gateway side of tunnel classes (see #familyRules): every policy held here.
+      const classSnat: TunnelClassSnat[] = [];
+      for (const key of this.#order) {
+        const part = this.#parts.get(key);
+        const tunnelClass = part?.view.tunnelClass;
+        const eips = part?.view.snat[family] ?? [];
+        if (part?.families.get(family)?.decision.kind !== "gateway") continue;
+        if (tunnelClass === undefined || eips.length === 0) continue;
+        classSnat.push({ tunnelClass, policy: key, eips });
+        addSnat(eips);
+      }
+      if (classSnat.length > 0) {
+        classSnat.sort((a, b) => a.tunnelClass - b.tunnelClass);
+        const before = this.#nft?.tunnelClasses?.[family];
+        tunnelClasses[family] =
+          before !== undefined && sameTunnelClasses(before, classSnat) ? before : classSnat;
       }
       // Unchanged lists keep their identity: the datapath compares them by reference.
       const snatNow = [...addresses].sort();
@@ -1113,7 +1227,10 @@ export class NodePlanner {
     const next: NftPlan = {
       tunnelPeers: this.#tunnelPeers,
       classes,
-      steerTo: [...steerTo].sort((a, b) => a - b),
+      steerTo: [...steerTo.values()].sort(
+        (a, b) => a.nodeID - b.nodeID || (a.tunnelClass ?? 0) - (b.tunnelClass ?? 0),
+      ),
+      ...(Object.keys(tunnelClasses).length === 0 ? {} : { tunnelClasses }),
       snat,
       ...(Object.keys(snatGroups).length === 0 ? {} : { snatGroups }),
       held,
@@ -1129,9 +1246,10 @@ export class NodePlanner {
           prev.classes[f] === next.classes[f] &&
           sameMembers(prev.snat[f] ?? [], next.snat[f] ?? []) &&
           sameGroups(prev.snatGroups?.[f] ?? [], next.snatGroups?.[f] ?? []) &&
-          sameMembers(prev.held[f] ?? [], next.held[f] ?? []),
+          sameMembers(prev.held[f] ?? [], next.held[f] ?? []) &&
+          prev.tunnelClasses?.[f] === next.tunnelClasses?.[f],
       ) &&
-      sameMembers(prev.steerTo.map(String), next.steerTo.map(String))
+      sameMembers(prev.steerTo.map(steerKey), next.steerTo.map(steerKey))
         ? prev
         : next;
   }
@@ -1297,6 +1415,22 @@ function sameTables(a: TableChoice, b: TableChoice): boolean {
   if (a.tables.size !== b.tables.size || a.errors.length !== b.errors.length) return false;
   for (const [k, v] of a.tables) if (b.tables.get(k) !== v) return false;
   return a.errors.every((e, i) => e === b.errors[i]);
+}
+
+function steerKey(t: SteerTarget): string {
+  return `${t.nodeID}/${t.tunnelClass ?? 0}`;
+}
+
+function sameTunnelClasses(a: readonly TunnelClassSnat[], b: readonly TunnelClassSnat[]): boolean {
+  return (
+    a.length === b.length &&
+    a.every(
+      (x, i) =>
+        x.tunnelClass === b[i]!.tunnelClass &&
+        x.policy === b[i]!.policy &&
+        sameMembers(x.eips, b[i]!.eips),
+    )
+  );
 }
 
 function sameTunnel(a: TunnelPlan, b: TunnelPlan): boolean {

@@ -52,6 +52,15 @@ const seed = snapshot({
 describe("planNode() on seed 000's example", () => {
   const nonGateway = planFor(seed, "node-1", { ipv4: "192.168.0.11" });
   const gatewayNode = planFor(seed, "node-2", { ipv4: "192.168.0.12" });
+  const nftOf = (name: string, ipv4: string) =>
+    planNode(
+      nodeViewFromOutcome(computeCluster(seed), name, {
+        local: localFacts({ ipv4 }),
+        config: { datapath: "nftables" },
+      }),
+    );
+  const nftGateway = nftOf("node-2", "192.168.0.12");
+  const nftNonGateway = nftOf("node-1", "192.168.0.11");
 
   it("renders what the kernel of each node receives", () => {
     assertGolden(join(GOLDEN, "seed-node-1.golden"), renderPlan(nonGateway, OPTS));
@@ -59,21 +68,8 @@ describe("planNode() on seed 000's example", () => {
   });
 
   it("renders the same with nftables: one table, classes instead of a rule per policy", () => {
-    const nft = (name: string, ipv4: string) =>
-      planNode(
-        nodeViewFromOutcome(computeCluster(seed), name, {
-          local: localFacts({ ipv4 }),
-          config: { datapath: "nftables" },
-        }),
-      );
-    assertGolden(
-      join(GOLDEN, "seed-node-1-nft.golden"),
-      renderPlan(nft("node-1", "192.168.0.11"), OPTS),
-    );
-    assertGolden(
-      join(GOLDEN, "seed-node-2-nft.golden"),
-      renderPlan(nft("node-2", "192.168.0.12"), OPTS),
-    );
+    assertGolden(join(GOLDEN, "seed-node-1-nft.golden"), renderPlan(nftNonGateway, OPTS));
+    assertGolden(join(GOLDEN, "seed-node-2-nft.golden"), renderPlan(nftGateway, OPTS));
   });
 
   it("steers the selected pod's traffic on the non-gateway node into the tunnel to node-2", () => {
@@ -85,7 +81,12 @@ describe("planNode() on seed 000's example", () => {
     });
     assert.equal(t.verdict, "tunnel");
     assert.equal(t.via, "100.127.0.2", "node-2 has node id 1: tunnel address base + 1 + 1");
-    assert.equal(t.mark, 0x12000000, "the node mark is reset to the keep mark in mangle FORWARD");
+    assert.equal(
+      t.mark,
+      0x12000001,
+      "the node mark is reset to the keep mark in mangle FORWARD, the policy's tunnel class (1) is added as it enters the tunnel",
+    );
+    assert.equal(t.connmark, 0x26000001, "the connection remembers steering and the tunnel class");
     assert.equal(t.snat, undefined, "no SNAT before the tunnel");
     assert.ok(
       t.steps.some((s) => s.startsWith("nat/SALLYPORT-NO-SNAT")),
@@ -172,6 +173,42 @@ describe("planNode() on seed 000's example", () => {
       inInterface: "sallyport",
     });
     assert.equal(t.verdict, "drop");
+  });
+
+  it("SNATs a pod it has not heard of yet when its node names the policy's tunnel class", () => {
+    for (const plan of [gatewayNode, nftGateway]) {
+      const packet = { src: "172.29.234.174", dst: "10.6.105.150", inInterface: "sallyport" };
+      const t = tracePacket(plan, { ...packet, mark: 1 });
+      assert.deepEqual(
+        t.snat,
+        ["10.168.60.100"],
+        "leaves with the egress IP from the first packet",
+      );
+      assert.equal(t.policy, "EgressPolicy/default/egress-sample");
+      assert.equal(t.connmark >>> 24, 0x27, "its replies go back through the tunnel");
+      assert.equal(
+        tracePacket(plan, { ...packet, mark: 2 }).verdict,
+        "drop",
+        "a class not held here",
+      );
+      assert.equal(
+        tracePacket(plan, { ...packet, inInterface: "veth-pod", mark: 1 }).snat,
+        undefined,
+        "a mark from anywhere but the tunnel is no tunnel class",
+      );
+    }
+  });
+
+  it("drops a pod's packet to a peer's tunnel port: no pod writes into the tunnel", () => {
+    for (const plan of [nonGateway, nftNonGateway]) {
+      const t = tracePacket(plan, {
+        src: "172.29.234.173",
+        dst: "192.168.0.12",
+        protocol: "udp",
+        dport: 7799,
+      });
+      assert.equal(t.verdict, "drop");
+    }
   });
 });
 

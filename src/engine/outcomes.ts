@@ -42,6 +42,8 @@ export interface PolicyOutcome {
   readonly gatewayNode?: string | undefined;
   /** The nodes that take over when gatewayNode is lost, in order (PolicyView.standbyNodes). */
   readonly standbyNodes: readonly string[];
+  /** Accepted policies: PolicyView.tunnelClass. */
+  readonly tunnelClass?: number | undefined;
   /** The source addresses the outside sees: IPv4 first, each family in address order. */
   readonly egressIPs: readonly string[];
   readonly endpoints: readonly EndpointView[];
@@ -131,6 +133,7 @@ export interface AcceptedParts {
   readonly node: string | undefined;
   /** The nodes that take over from `node`, in order. */
   readonly standbyNodes: readonly string[];
+  readonly tunnelClass: number | undefined;
   /** The gateway node's InternalIPs (nodeIP mode). */
   readonly nodeAddresses: Readonly<Partial<Record<Family, string>>> | undefined;
   /** Addresses of the policy's interface on the gateway node (interface mode). */
@@ -237,6 +240,7 @@ export function acceptedOutcome(x: AcceptedParts): PolicyOutcome {
     announceInterface: x.gateway.spec.interface,
     endpoints,
     standbyNodes: x.standbyNodes,
+    ...(x.tunnelClass === undefined ? {} : { tunnelClass: x.tunnelClass }),
   };
   let targetNodes = x.endpointNodes;
   if (node !== undefined && !targetNodes.includes(node))
@@ -251,6 +255,7 @@ export function acceptedOutcome(x: AcceptedParts): PolicyOutcome {
     accepted: true,
     gatewayNode: node,
     standbyNodes: x.standbyNodes,
+    ...(x.tunnelClass === undefined ? {} : { tunnelClass: x.tunnelClass }),
     egressIPs: FAMILIES.flatMap((f) => snat[f] ?? []),
     endpoints,
     shadowedBy: shadowedBy.slice(0, 16),

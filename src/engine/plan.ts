@@ -28,6 +28,11 @@ export type Target =
   | { readonly kind: "GOTO"; readonly chain: string }
   | { readonly kind: "MARK"; readonly value: number; readonly mask: number }
   | { readonly kind: "CONNMARK"; readonly value: number; readonly mask: number }
+  /**
+   * `-j CONNMARK --restore-mark --nfmask N --ctmask C`: mark = (mark & ~N) ^ (connmark & C), as
+   * xt_connmark computes it.
+   */
+  | { readonly kind: "RESTORE_MARK"; readonly nfmask: number; readonly ctmask: number }
   /** `to`: an address, with a port range `10.0.0.1:5000-5009`, `[fd00::1]:5000-5009`. */
   | { readonly kind: "SNAT"; readonly to: string }
   | { readonly kind: "TCPMSS" };
@@ -38,6 +43,7 @@ export type Target =
  */
 export interface Rule {
   readonly inInterface?: string;
+  readonly outInterface?: string;
   readonly protocol?: "tcp" | "udp" | "sctp" | "ipv6-icmp";
   /** With protocol ipv6-icmp: neighbour solicitation (135) or advertisement (136). */
   readonly icmpv6Type?: 135 | 136;
@@ -179,6 +185,19 @@ export interface NodePlan {
 }
 
 /** What the nftables datapath holds besides routing, tunnel and egress-IP devices. */
+export interface SteerTarget {
+  readonly nodeID: number;
+  readonly tunnelClass?: number | undefined;
+}
+
+export interface TunnelClassSnat {
+  readonly tunnelClass: number;
+  /** The policy's key (for explain). */
+  readonly policy: string;
+  /** In address order; several: round-robin. */
+  readonly eips: readonly string[];
+}
+
 export interface NftPlan {
   /**
    * The tunnel's UDP port and, per family, the peer nodes' underlay addresses: the only sources
@@ -187,8 +206,16 @@ export interface NftPlan {
   readonly tunnelPeers?: TunnelPeers | undefined;
   /** Per family, the classes of sources and their disjoint entries, sorted by name. */
   readonly classes: Readonly<Partial<Record<Family, readonly TrafficClass[]>>>;
-  /** Node ids of the gateway nodes this node steers to. */
-  readonly steerTo: readonly number[];
+  /** The steer chains: per gateway node this node steers to, and tunnel class (when any). */
+  readonly steerTo: readonly SteerTarget[];
+  /**
+   * Per family, the tunnel classes of the policies this node holds egress IPs of, and their
+   * egress IPs (also in `snat`, and in `snatGroups` when several): a packet from the tunnel
+   * carrying one is SNATed even when its source is in no class yet.
+   */
+  readonly tunnelClasses?:
+    | Readonly<Partial<Record<Family, readonly TunnelClassSnat[]>>>
+    | undefined;
   /**
    * Per family, the source addresses this node SNATs to, sorted; a packet carries its index in its
    * mark. The addresses of policies with several of a family are here one by one.

@@ -46,6 +46,7 @@ export interface NodeIdentity {
 export interface PreviousPolicy {
   readonly egressIPs: readonly string[];
   readonly gatewayNode?: string | undefined;
+  readonly tunnelClass?: number | undefined;
 }
 
 export interface ClusterConfig {

@@ -105,8 +105,11 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
   const ctdir = packet.ctdir ?? "ORIGINAL";
   const iif = packet.inInterface ?? "veth-pod";
 
+  /** The interface a packet leaves by: the tunnel when our routing took it, else the uplink. */
+  let oif = "uplink";
   const matches = (rule: Rule): boolean => {
     if (rule.inInterface !== undefined && rule.inInterface !== iif) return false;
+    if (rule.outInterface !== undefined && rule.outInterface !== oif) return false;
     if (rule.protocol !== undefined && rule.protocol !== packet.protocol) return false;
     if (rule.tcpSyn === true && packet.syn !== true) return false;
     if (rule.mark !== undefined) {
@@ -152,6 +155,9 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
           break;
         case "CONNMARK":
           state.connmark = ((state.connmark & ~t.mask) | (t.value & t.mask)) >>> 0;
+          break;
+        case "RESTORE_MARK":
+          state.mark = ((state.mark & ~t.nfmask) ^ (state.connmark & t.ctmask)) >>> 0;
           break;
         case "SNAT":
           state.snat = [...(state.snat ?? []), snatAddressOf(t.to)];
@@ -220,6 +226,7 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
   }
 
   // FORWARD (mangle, filter), POSTROUTING (mangle, nat)
+  if (route !== undefined) oif = plan.tunnel?.name ?? "sallyport";
   if (runHook("mangle", "FORWARD") === "drop") return finish("drop");
   if (runHook("filter", "FORWARD") === "drop") return finish("drop");
   runHook("mangle", "POSTROUTING");
@@ -274,6 +281,16 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
   const setMark = (value: number) => {
     mark = ((mark & 0xff) | value) >>> 0;
   };
+  /** A group's chain sends the connection to one of its addresses' chains (round-robin): the
+   * trace follows the first and names them all. */
+  const snatHere = (eips: readonly string[]) => {
+    candidates = eips;
+    if (eips.length > 1) steps.push(`nft/snat: round-robin over ${eips.join(", ")}`);
+    const index = (nft.snat[family] ?? []).indexOf(eips[0]!);
+    if (iif === tunnel && ctstate === "NEW")
+      connmark = ((connmark & 0x00ffffff) | 0x27000000) >>> 0;
+    setMark((SNAT_PREFIX | ((index & 0x3f) << 8) | ((index >> 6) << 16)) >>> 0);
+  };
   const done = (verdict: Verdict, route?: { table: number; via: string }): Trace => ({
     verdict,
     table: route?.table,
@@ -326,22 +343,27 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
       const v = entry.verdict;
       if (v.kind === "drop") return done("drop");
       if (v.kind === "steer") {
-        connmark = ((connmark & 0x00ffffff) | 0x26000000) >>> 0;
+        connmark =
+          v.tunnelClass === undefined
+            ? ((connmark & 0x00ffffff) | 0x26000000) >>> 0
+            : ((connmark & 0x00ff0000) | 0x26000000 | v.tunnelClass) >>> 0;
         setMark((0x26000000 | (v.nodeID << 8)) >>> 0);
-      } else {
-        // A group's chain sends the connection to one of its addresses' chains (round-robin):
-        // the trace follows the first and names them all.
-        candidates = snatAddresses(v);
-        if (candidates.length > 1)
-          steps.push(`nft/snat: round-robin over ${candidates.join(", ")}`);
-        const index = (nft.snat[family] ?? []).indexOf(candidates[0]!);
-        if (iif === tunnel && ctstate === "NEW")
-          connmark = ((connmark & 0x00ffffff) | 0x27000000) >>> 0;
-        setMark((SNAT_PREFIX | ((index & 0x3f) << 8) | ((index >> 6) << 16)) >>> 0);
+      } else snatHere(snatAddresses(v));
+    } else {
+      const byClass =
+        iif === tunnel
+          ? nft.tunnelClasses?.[family]?.find((c) => c.tunnelClass === (mark & 0xffff))
+          : undefined;
+      if (byClass !== undefined) {
+        steps.push(
+          `nft/prerouting: a pod not classified yet: tunnel class ${byClass.tunnelClass} (${byClass.policy})`,
+        );
+        policy = byClass.policy;
+        snatHere(byClass.eips);
+      } else if (iif === tunnel) {
+        steps.push("nft/prerouting: tunnel traffic no policy here claims → drop");
+        return done("drop");
       }
-    } else if (iif === tunnel) {
-      steps.push("nft/prerouting: tunnel traffic no policy here claims → drop");
-      return done("drop");
     }
   }
 
@@ -359,8 +381,23 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
       break;
     }
   }
-  // forward: steered → keep; postrouting: keep → no SNAT, SNAT mark → the egress IP
+  // forward: no pod sends into the tunnel; steered → keep; postrouting: the tunnel class into the
+  // VXLAN header, keep → no SNAT, SNAT mark → the egress IP
+  const peers = nft.tunnelPeers;
+  if (
+    peers !== undefined &&
+    packet.protocol === "udp" &&
+    packet.dport === peers.port &&
+    (peers.peers[family] ?? []).includes(packet.dst)
+  ) {
+    steps.push("nft/forward: no pod sends into the tunnel → drop");
+    return done("drop");
+  }
   if ((mark & 0xfe000000) >>> 0 === 0x26000000) setMark(KEEP);
+  if (route !== undefined && (mark & 0xffff0000) >>> 0 === KEEP && (connmark & 0xffff) !== 0) {
+    mark = ((connmark & 0xffff) | KEEP) >>> 0;
+    steps.push(`nft/tunnel-out: tunnel class ${connmark & 0xffff} into the VXLAN header`);
+  }
   if (ctstate === "NEW" && (mark & 0xff000000) >>> 0 === SNAT_PREFIX) {
     const index = ((mark >>> 8) & 0x3f) | (((mark >>> 16) & 0xff) << 6);
     const address = nft.snat[family]?.[index];

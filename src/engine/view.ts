@@ -57,6 +57,12 @@ export interface PolicyView {
    * and report the policy again.
    */
   readonly standbyNodes?: readonly string[] | undefined;
+  /**
+   * The policy's tunnel class (src/engine/tunnel_classes.ts): steering nodes carry it in the
+   * VXLAN header, and the gateway SNATs packets carrying it even from pods it does not know yet.
+   * Undefined: none (all 16,383 taken, or a status written before classes existed).
+   */
+  readonly tunnelClass?: number | undefined;
 }
 
 export interface NodeConfig {
@@ -191,7 +197,8 @@ function computeRevision(policy: PolicyView): string {
     [policy.snat[4]?.join(",") ?? "", policy.snat[6]?.join(",") ?? ""],
     [...policy.floating].sort(),
     policy.announceInterface ?? "",
-    // Not standbyNodes: see PolicyView.
+    // Not standbyNodes: see PolicyView. A policy without a tunnel class hashes as before.
+    ...(policy.tunnelClass === undefined ? [] : [policy.tunnelClass]),
   ]);
   return hash("sha256", fields + endpointsDigest(policy.endpoints), "hex").slice(0, 16);
 }

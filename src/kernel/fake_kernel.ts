@@ -673,7 +673,18 @@ class Xtables {
             line,
             `interface name \`${name}' must be shorter than IFNAMSIZ (15)`,
           );
-        iface = [...bang(invert), "-i", name];
+        iface = [...iface, ...bang(invert), "-i", name];
+      } else if (w === "-o" || w === "--out-interface") {
+        const name = arg(w);
+        if (name.length > 15)
+          throw errors.parameter(
+            line,
+            `interface name \`${name}' must be shorter than IFNAMSIZ (15)`,
+          );
+        const builtin = ctx.chains.get(ctx.chain)?.builtin === true ? ctx.chain : undefined;
+        if (builtin === "PREROUTING" || builtin === "INPUT")
+          throw errors.parameter(line, `Can't use -o with ${builtin}`);
+        iface = [...iface, ...bang(invert), "-o", name];
       } else if (w === "-p" || w === "--protocol") {
         let p = arg(w).toLowerCase();
         if (p === "icmpv6" || p === "58") p = "ipv6-icmp";
@@ -838,6 +849,34 @@ class Xtables {
         } else if (name === "ACCEPT" || name === "DROP" || name === "RETURN") {
           only(undefined);
           targetWords = ["-j", name];
+        } else if (name === "CONNMARK" && opts[0]?.name === "--restore-mark") {
+          // `--restore-mark --nfmask N --ctmask C`, saved in that order (masks in hex).
+          const masks = new Map<string, string>();
+          // options() stopped at the value of the option after --restore-mark.
+          let option = opts[1]?.name;
+          while (option !== undefined) {
+            if (
+              (option !== "--nfmask" && option !== "--ctmask") ||
+              masks.has(option) ||
+              opts.length > 2
+            )
+              throw unmodeled(`the target CONNMARK --restore-mark with ${option}`);
+            masks.set(option, hex(mark(option, arg(option))[0]));
+            option = words[i]?.startsWith("--") ? words[i++] : undefined;
+          }
+          if (masks.size !== 2)
+            throw unmodeled(
+              "the target CONNMARK --restore-mark without both --nfmask and --ctmask",
+            );
+          targetWords = [
+            "-j",
+            "CONNMARK",
+            "--restore-mark",
+            "--nfmask",
+            masks.get("--nfmask")!,
+            "--ctmask",
+            masks.get("--ctmask")!,
+          ];
         } else if (name === "MARK" || name === "CONNMARK") {
           only("--set-xmark");
           const [v, m] = mark("--set-xmark", arg("--set-xmark"));

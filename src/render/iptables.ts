@@ -7,7 +7,6 @@
  * the shapes Sallyport emits and throws on anything else, which is how a rule in one of our
  * chains that we did not write is recognized (and replaced).
  */
-import { hex } from "../engine/marks.ts";
 import { CHAIN_PREFIX } from "../engine/names.ts";
 import {
   CTSTATE_ORDER,
@@ -24,8 +23,13 @@ import { getOrInsert } from "../lib/maps.ts";
 
 export const TABLES: readonly TableName[] = ["filter", "nat", "mangle"];
 
+/** iptables-save prints marks in hex without leading zeros: 0x26000000/0xff000000, 0x0/0xffff. */
+function markHex(value: number): string {
+  return `0x${(value >>> 0).toString(16)}`;
+}
+
 function markText(m: { value: number; mask: number }): string {
-  return `${hex(m.value)}/${hex(m.mask)}`;
+  return `${markHex(m.value)}/${markHex(m.mask)}`;
 }
 
 /** iptables-save always quotes comments (xtables_save_string), escaping `"` and `\\`. */
@@ -47,6 +51,16 @@ export function targetArgs(target: Target): string[] {
       return ["-j", "MARK", "--set-xmark", markText(target)];
     case "CONNMARK":
       return ["-j", "CONNMARK", "--set-xmark", markText(target)];
+    case "RESTORE_MARK":
+      return [
+        "-j",
+        "CONNMARK",
+        "--restore-mark",
+        "--nfmask",
+        markHex(target.nfmask),
+        "--ctmask",
+        markHex(target.ctmask),
+      ];
     case "SNAT":
       return ["-j", "SNAT", "--to-source", target.to];
     case "TCPMSS":
@@ -70,6 +84,7 @@ export function ruleText(rule: Rule): string {
 export function ruleArgs(rule: Rule): string[] {
   const args: string[] = [];
   if (rule.inInterface !== undefined) args.push("-i", rule.inInterface);
+  if (rule.outInterface !== undefined) args.push("-o", rule.outInterface);
   if (rule.protocol !== undefined) args.push("-p", rule.protocol);
   if (rule.icmpv6Type !== undefined)
     args.push("-m", "icmp6", "--icmpv6-type", String(rule.icmpv6Type));
@@ -168,6 +183,7 @@ export function parseRuleArgs(words: readonly string[]): Rule {
   while (i < words.length) {
     const w = next();
     if (w === "-i") rule.inInterface = next();
+    else if (w === "-o") rule.outInterface = next();
     else if (w === "-p") {
       const p = next();
       if (p !== "tcp" && p !== "udp" && p !== "sctp" && p !== "ipv6-icmp")
@@ -216,7 +232,16 @@ export function parseRuleArgs(words: readonly string[]): Rule {
       const t = next();
       if (w === "-g") target = { kind: "GOTO", chain: t };
       else if (t === "ACCEPT" || t === "DROP" || t === "RETURN") target = { kind: t };
-      else if (t === "MARK" || t === "CONNMARK") {
+      else if (t === "CONNMARK" && words[i] === "--restore-mark") {
+        next();
+        if (next() !== "--nfmask") throw new UnknownRuleError("CONNMARK --restore-mark option");
+        const nfmask = Number(next());
+        if (next() !== "--ctmask") throw new UnknownRuleError("CONNMARK --restore-mark option");
+        const ctmask = Number(next());
+        if (!Number.isInteger(nfmask) || !Number.isInteger(ctmask))
+          throw new UnknownRuleError("CONNMARK --restore-mark masks");
+        target = { kind: "RESTORE_MARK", nfmask, ctmask };
+      } else if (t === "MARK" || t === "CONNMARK") {
         if (next() !== "--set-xmark") throw new UnknownRuleError(`${t} option`);
         const m = parseMark(next(), false);
         target = { kind: t, value: m.value, mask: m.mask };

@@ -28,12 +28,14 @@ import type { ClassEntry, TrafficClass } from "../engine/classify.ts";
 import {
   hex,
   KEEP_MARK,
+  KEEP_MATCH_MASK,
   MARK_WRITE_MASK,
   nodeMark,
   PREFIX_MASK,
   REPLY_PREFIX,
   STEER_PREFIX,
   STEERED_MATCH_MASK,
+  TUNNEL_CLASS_MASK,
 } from "../engine/marks.ts";
 import type { NftPlan, NodePlan } from "../engine/plan.ts";
 import { hashName } from "../lib/hash.ts";
@@ -131,8 +133,9 @@ function srcMap(family: Family): string {
   return `src${family}`;
 }
 
-export function steerChainName(nodeID: number): string {
-  return `to-${nodeID.toString(16).padStart(4, "0")}`;
+export function steerChainName(nodeID: number, tunnelClass?: number): string {
+  const node = `to-${nodeID.toString(16).padStart(4, "0")}`;
+  return tunnelClass === undefined ? node : `${node}-${tunnelClass.toString(16).padStart(4, "0")}`;
 }
 
 function snatChainName(family: Family, index: number): string {
@@ -246,10 +249,16 @@ export function desiredTable(
       });
     }
   }
-  for (const id of nft.steerTo) {
+  for (const { nodeID, tunnelClass } of nft.steerTo) {
+    // With a tunnel class, the connection mark carries it too; tunnel-out puts it into the
+    // packet as it enters the tunnel.
+    const ct =
+      tunnelClass === undefined
+        ? setCtPrefix(STEER_PREFIX)
+        : `ct mark set ct mark & ${hex(~(PREFIX_MASK | TUNNEL_CLASS_MASK) >>> 0)} | ${hex((STEER_PREFIX | tunnelClass) >>> 0)}`;
     chains.push({
-      name: steerChainName(id),
-      rules: [{ text: `${setCtPrefix(STEER_PREFIX)} ${setMark(nodeMark(id))} accept` }],
+      name: steerChainName(nodeID, tunnelClass),
+      rules: [{ text: `${ct} ${setMark(nodeMark(nodeID))} accept` }],
     });
   }
   chains.push({
@@ -287,6 +296,29 @@ export function desiredTable(
       text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} ${IP[family]} saddr vmap @${srcMap(family)}`,
       comment: "classify: the source's policies, then its destination and port",
     });
+  // A pod this gateway has not heard of yet: the tunnel class its steering node wrote into the
+  // VXLAN header (only peers can, see input and forward) names the policy, and its egress IPs.
+  for (const family of families) {
+    const name = `tclass${family}`;
+    sets.push({ name, key: "mark", value: "verdict", interval: false, counter: false });
+    const snat = nft.snat[family] ?? [];
+    // (Not cached by list like the static sets: the values name indexes into `snat`.)
+    elements.set(
+      name,
+      new Map(
+        (nft.tunnelClasses?.[family] ?? []).map((c) => [
+          hex(c.tunnelClass),
+          c.eips.length > 1
+            ? `goto ${groupChainName(family, c.eips, snat)}`
+            : `goto ${snatChainName(family, snat.indexOf(c.eips[0]!))}`,
+        ]),
+      ),
+    );
+    prerouting.push({
+      text: `meta nfproto ${family === 4 ? "ipv4" : "ipv6"} iifname "${tunnel}" meta mark & ${hex(TUNNEL_CLASS_MASK)} vmap @${name}`,
+      comment: "a pod not classified yet: the tunnel class its node names",
+    });
+  }
   prerouting.push({
     text: `iifname "${tunnel}" drop`,
     comment: "tunnel traffic no policy here claims",
@@ -324,6 +356,14 @@ export function desiredTable(
     name: "forward",
     base: { type: "filter", hook: "forward", priority: MANGLE },
     rules: [
+      // Only a node writes into the tunnel (and the tunnel class in its header): a pod's packet
+      // to a peer's tunnel port, which the CNI would masquerade to this node's address, stops.
+      ...(tunnelPeers === undefined
+        ? []
+        : families.map((family) => ({
+            text: `udp dport ${tunnelPeers.port} ${IP[family]} daddr @peers${family} drop`,
+            comment: "no pod sends into the tunnel",
+          }))),
       {
         text: `${masked(STEERED_MATCH_MASK, STEER_PREFIX)} tcp flags syn / syn,rst tcp option maxseg size set rt mtu`,
         comment: "fit the tunnel MTU",
@@ -331,6 +371,16 @@ export function desiredTable(
       { text: `${masked(STEERED_MATCH_MASK, STEER_PREFIX)} ${setMark(KEEP_MARK)}` },
       { text: `${masked(PREFIX_MASK, KEEP_MARK)} accept`, comment: "steered traffic" },
       { text: `iifname "${tunnel}" accept`, comment: "traffic from the tunnel" },
+    ],
+  });
+  chains.push({
+    name: "tunnel-out",
+    base: { type: "filter", hook: "postrouting", priority: MANGLE },
+    rules: [
+      {
+        text: `oifname "${tunnel}" ${masked(KEEP_MATCH_MASK, KEEP_MARK)} ${ctMasked(TUNNEL_CLASS_MASK, 0).replace("==", "!=")} meta mark set ct mark & ${hex(TUNNEL_CLASS_MASK)} | ${hex(KEEP_MARK)}`,
+        comment: "tunnel class of the connection into the VXLAN header",
+      },
     ],
   });
   const postrouting: NftRule[] = [];
@@ -414,7 +464,7 @@ export function entryKey(e: ClassEntry): string {
 export function entryValue(e: ClassEntry, family: Family, snat: readonly string[]): string {
   const v = e.verdict;
   if (v.kind === "drop") return "drop";
-  if (v.kind === "steer") return `goto ${steerChainName(v.nodeID)}`;
+  if (v.kind === "steer") return `goto ${steerChainName(v.nodeID, v.tunnelClass)}`;
   if (v.eips !== undefined && v.eips.length > 1)
     return `goto ${groupChainName(family, v.eips, snat)}`;
   return `goto ${snatChainName(family, snat.indexOf(v.eip))}`;

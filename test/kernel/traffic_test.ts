@@ -100,7 +100,7 @@ function labPlan(options: { readonly billingNode: number }): NodePlan {
   return {
     nft: {
       classes: { 4: [classOf(4)], 6: [classOf(6)] },
-      steerTo: [options.billingNode],
+      steerTo: [{ nodeID: options.billingNode }],
       snat: { 4: [EIP[4], NARROW_EIP], 6: [EIP[6]] },
       held: { 4: [host(EIP[4]), host(NARROW_EIP)], 6: [host(EIP[6])] },
       noSnatBySets: false,
