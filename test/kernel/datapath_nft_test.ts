@@ -46,6 +46,19 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
     await lab.down();
   });
 
+  it("a pod the gateway has not heard of yet leaves with the egress IP from its first connection: its node names the policy's tunnel class", async () => {
+    assert.deepEqual(
+      await lab.unheardPod(),
+      { 4: EIP4, 6: EIP6 },
+      "node-2 holds no set naming the pod, yet SNATs it by its tunnel class",
+    );
+    assert.deepEqual(
+      await lab.unheardPod({ shiftClasses: true }),
+      { 4: undefined, 6: undefined },
+      "a tunnel class the gateway holds no policy of is dropped, never SNATed to some egress IP",
+    );
+  });
+
   it("holds the plan exactly: a second sync changes nothing", async () => {
     for (const i of [1, 2]) assert.equal(await lab.syncNode(i), 0, `node-${i}`);
   });
@@ -171,7 +184,7 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
       const table = await mustRun(r, ["nft", "list", "table", "inet", "sallyport"]);
       const names: Record<string, string> = {
         $CLASS: /map (c4-\w+) \{/.exec(table)?.[1] ?? "",
-        $STEER: /chain (to-\w+) \{/.exec(table)?.[1] ?? "",
+        $STEER: /chain (to-[\w-]+) \{/.exec(table)?.[1] ?? "",
       };
       await mustRun(
         r,

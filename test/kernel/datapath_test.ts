@@ -110,6 +110,19 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
     assert.equal((await probe(topo.pod("web-2").netns, ext6)).saw, EIP6);
   });
 
+  it("a pod the gateway has not heard of yet leaves with the egress IP from its first connection: its node names the policy's tunnel class", async () => {
+    assert.deepEqual(
+      await lab.unheardPod(),
+      { 4: EIP4, 6: EIP6 },
+      "node-2 holds no set naming the pod, yet SNATs it by its tunnel class",
+    );
+    assert.deepEqual(
+      await lab.unheardPod({ shiftClasses: true }),
+      { 4: undefined, 6: undefined },
+      "a tunnel class the gateway holds no policy of is dropped, never SNATed to some egress IP",
+    );
+  });
+
   it("a pod the policy does not select is seen with its node's address", async () => {
     assert.equal((await probe(topo.pod("other").netns, ext4)).saw, nodeAddress(1, 4));
     assert.equal((await probe(topo.pod("other").netns, ext6)).saw, nodeAddress(1, 6));
@@ -138,7 +151,7 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
   it("the seed's reset-mark match never matches, so the egress IP is lost; our prefix match is why it works", async () => {
     const n1 = nsRunner(topo.nodeNs(1));
     const save = await mustRun(n1, ["iptables-save", "-t", "mangle"]);
-    const mark = /-A SALLYPORT-TO-\w+ -j MARK --set-xmark (0x[0-9a-f]+)\/0xffffff00/.exec(
+    const mark = /-A SALLYPORT-TO-[\w-]+ -j MARK --set-xmark (0x[0-9a-f]+)\/0xffffff00/.exec(
       save,
     )?.[1];
     assert.ok(mark, "node-1 steers toward the gateway with its NODE_MARK");

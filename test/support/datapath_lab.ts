@@ -28,7 +28,7 @@ import {
   podCIDR,
   Topology,
 } from "../../src/sandbox/topology.ts";
-import { type HostState, hostState, startEcho, uniquePrefix } from "./lab.ts";
+import { type HostState, hostState, probe, startEcho, uniquePrefix } from "./lab.ts";
 
 export const EIP4 = "192.168.77.100";
 export const EIP6 = "fd00:77::100";
@@ -140,6 +140,53 @@ export class DatapathLab {
         config: { datapath: this.filter },
       }),
     );
+  }
+
+  /**
+   * The lab's snapshot where the policy also selects `other` (on node-1): what node-1 sees the
+   * moment the pod is labelled, before the gateway hears of it. With `shiftClasses`, an older
+   * policy that selects nothing takes tunnel class 1, so `web` gets another class than the
+   * lab's snapshot gives it.
+   */
+  otherSelected(options: { shiftClasses?: boolean } = {}): Snapshot {
+    const s = this.snap;
+    return {
+      ...s,
+      pods: s.pods.map((p) => (p.name === "other" ? { ...p, labels: { app: "web" } } : p)),
+      policies: options.shiftClasses
+        ? [
+            ...s.policies,
+            policy(
+              "default",
+              "older",
+              { podSelector: { matchLabels: { app: "none" } }, destinationCIDRs: ["192.0.2.0/24"] },
+              { created: "2025-01-01T00:00:00Z" },
+            ),
+          ]
+        : s.policies,
+    };
+  }
+
+  /**
+   * A pod the gateway has not heard of yet: node-1 steers `other` (the policy has just started
+   * selecting it) while node-2 keeps the plan in which it is selected by nothing.
+   * @returns the source addresses the external server saw (undefined: no answer) per family
+   */
+  async unheardPod(options: { shiftClasses?: boolean } = {}): Promise<{
+    4: string | undefined;
+    6: string | undefined;
+  }> {
+    const other = this.topo.pod("other").netns;
+    await this.datapaths.get(1)!.sync(await this.planFor(1, this.otherSelected(options)));
+    try {
+      const seen = async (target: string) => {
+        const r = await probe(other, target, { timeoutMs: 1500 });
+        return r.ok ? r.saw : undefined;
+      };
+      return { 4: await seen(ext4), 6: await seen(ext6) };
+    } finally {
+      await this.syncNode(1);
+    }
   }
 
   async planFor(index: number, s: Snapshot = this.snap): Promise<NodePlan> {
