@@ -397,6 +397,9 @@ export class Agent {
       interfaces,
       programmed: this.#programmed,
       repairs: this.sync.repairs,
+      // Reported once a sync made the tunnel (with VXLAN GBP): from then on peers may name
+      // policies in what they steer here.
+      tunnelClasses: true,
       ...snatSaturationOf(this.#snatSaturation ?? current?.snatSaturation),
       conditions: [
         {

@@ -57,6 +57,7 @@ export function peerOf(n: EgressNode): PeerView {
       n.status?.underlay?.ipv6 ??
       n.spec.addresses?.ipv6,
     podCIDRs: n.spec.podCIDRs ?? [],
+    ...(n.status?.tunnelClasses === true ? { tunnelClasses: true } : {}),
   };
 }
 

@@ -536,6 +536,12 @@ export const EgressNodeSchema = kindObject(
       ),
       lastSync: Type.Optional(Type.String()),
       repairs: Type.Optional(Type.Integer({ minimum: 0 })),
+      tunnelClasses: Type.Optional(
+        Type.Boolean({
+          description:
+            "This node's tunnel takes tunnel classes (VXLAN Group Based Policy): its peers name policies in the packets they steer to it. Absent: an agent of an earlier version, whose tunnel drops such packets",
+        }),
+      ),
       snatSaturation: Type.Optional(
         Type.Array(SnatSaturationSchema, {
           maxItems: 16,

@@ -51,6 +51,7 @@ export function reportOf(node: EgressNode): NodeReport {
         ? undefined
         : { ipv4: node.status.underlay.ipv4, ipv6: node.status.underlay.ipv6 },
     interfaces: new Map((node.status?.interfaces ?? []).map((i) => [i.name, i.addresses])),
+    ...(node.status?.tunnelClasses === true ? { tunnelClasses: true } : {}),
   };
 }
 

@@ -105,6 +105,7 @@ export function sameReport(a: NodeReport | undefined, b: NodeReport | undefined)
   if (a === b) return true;
   if (a === undefined || b === undefined) return false;
   if (a.underlay?.ipv4 !== b.underlay?.ipv4 || a.underlay?.ipv6 !== b.underlay?.ipv6) return false;
+  if ((a.tunnelClasses === true) !== (b.tunnelClasses === true)) return false;
   if (a.interfaces.size !== b.interfaces.size) return false;
   for (const [name, list] of a.interfaces) {
     const other = b.interfaces.get(name);

@@ -295,7 +295,7 @@ interface PolicyPart {
 
 function peerSig(p: PeerView | undefined): string {
   if (p === undefined) return "-";
-  return `${p.name}|${p.nodeID}|${p.mac}|${p.tunnel[4] ?? ""}|${p.tunnel[6] ?? ""}|${p.underlay ?? ""}`;
+  return `${p.name}|${p.nodeID}|${p.mac}|${p.tunnel[4] ?? ""}|${p.tunnel[6] ?? ""}|${p.underlay ?? ""}|${p.tunnelClasses === true}`;
 }
 
 function sameMembers(a: readonly string[], b: readonly string[]): boolean {
@@ -879,19 +879,19 @@ export class NodePlanner {
         action = { kind: "GOTO", chain: CHAIN_GATEWAY };
       } else if (decision.kind === "steer" && tables.has(`node/${decision.gateway.name}`)) {
         const gateway = decision.gateway;
-        const name = steerChain(gateway.nodeID, policy.tunnelClass);
+        const tunnelClass = classToward(policy, gateway);
+        const name = steerChain(gateway.nodeID, tunnelClass);
         const chain = fb.chain("mangle", name);
         if (chain.length === 0) {
-          // The connection mark carries the policy's tunnel class too (when it has one), which
-          // SALLYPORT-KEEP-MARK puts into the packet as it enters the tunnel.
-          const tunnelClass = policy.tunnelClass ?? 0;
+          // The connection mark carries the policy's tunnel class too (when it has one and the
+          // gateway's tunnel takes them), which SALLYPORT-KEEP-MARK puts into the packet as it
+          // enters the tunnel.
           chain.push(
             {
               target: {
                 kind: "CONNMARK",
-                value: (STEER_PREFIX | tunnelClass) >>> 0,
-                mask:
-                  (PREFIX_MASK | (policy.tunnelClass === undefined ? 0 : TUNNEL_CLASS_MASK)) >>> 0,
+                value: (STEER_PREFIX | (tunnelClass ?? 0)) >>> 0,
+                mask: (PREFIX_MASK | (tunnelClass === undefined ? 0 : TUNNEL_CLASS_MASK)) >>> 0,
               },
             },
             { target: { kind: "MARK", value: nodeMark(gateway.nodeID), mask: MARK_WRITE_MASK } },
@@ -1143,7 +1143,7 @@ export class NodePlanner {
               ? {
                   kind: "steer",
                   nodeID: d.gateway.nodeID,
-                  ...(part.view.tunnelClass === undefined
+                  ...(classToward(part.view, d.gateway) === undefined
                     ? {}
                     : { tunnelClass: part.view.tunnelClass }),
                 }
@@ -1415,6 +1415,11 @@ function sameTables(a: TableChoice, b: TableChoice): boolean {
   if (a.tables.size !== b.tables.size || a.errors.length !== b.errors.length) return false;
   for (const [k, v] of a.tables) if (b.tables.get(k) !== v) return false;
   return a.errors.every((e, i) => e === b.errors[i]);
+}
+
+/** The tunnel class a node names in the packets of `policy` it steers to `gateway`, if any. */
+function classToward(policy: PolicyView, gateway: PeerView): number | undefined {
+  return gateway.tunnelClasses === true ? policy.tunnelClass : undefined;
 }
 
 function steerKey(t: SteerTarget): string {

@@ -199,6 +199,31 @@ describe("planNode() on seed 000's example", () => {
     }
   });
 
+  it("names no tunnel class toward a gateway whose agent has not reported taking them (a rolling upgrade)", () => {
+    const old = {
+      ...seed,
+      reports: new Map([...seed.reports].map(([n, r]) => [n, { ...r, tunnelClasses: false }])),
+    };
+    const packet = {
+      src: "172.29.234.173",
+      dst: "10.6.105.150",
+      protocol: "tcp" as const,
+      dport: 80,
+    };
+    for (const datapath of ["iptables", "nftables"] as const) {
+      const plan = planNode(
+        nodeViewFromOutcome(computeCluster(old), "node-1", {
+          local: localFacts({ ipv4: "192.168.0.11" }),
+          config: { datapath },
+        }),
+      );
+      const t = tracePacket(plan, packet);
+      assert.equal(t.verdict, "tunnel", datapath);
+      assert.equal(t.mark, 0x12000000, `${datapath}: no class in the VXLAN header`);
+      assert.equal(t.connmark, 0x26000000, datapath);
+    }
+  });
+
   it("drops a pod's packet to a peer's tunnel port: no pod writes into the tunnel", () => {
     for (const plan of [nonGateway, nftNonGateway]) {
       const t = tracePacket(plan, {

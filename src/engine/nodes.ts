@@ -168,6 +168,7 @@ export function peerOf(
     underlay:
       report?.underlay?.ipv4 ?? node?.addresses[4] ?? report?.underlay?.ipv6 ?? node?.addresses[6],
     podCIDRs: normalizeCidrList(node?.podCIDRs ?? []),
+    ...(report?.tunnelClasses === true ? { tunnelClasses: true } : {}),
   };
 }
 
@@ -179,6 +180,7 @@ export function samePeer(a: PeerView, b: PeerView): boolean {
     a.tunnel[4] === b.tunnel[4] &&
     a.tunnel[6] === b.tunnel[6] &&
     a.underlay === b.underlay &&
+    a.tunnelClasses === b.tunnelClasses &&
     sameStrings(a.podCIDRs ?? [], b.podCIDRs ?? [])
   );
 }

@@ -35,6 +35,8 @@ export interface NodeReport {
     | { readonly ipv4?: string | undefined; readonly ipv6?: string | undefined }
     | undefined;
   readonly interfaces: ReadonlyMap<string, readonly string[]>;
+  /** Its tunnel takes tunnel classes (EgressNode status.tunnelClasses). */
+  readonly tunnelClasses?: boolean | undefined;
 }
 
 export interface NodeIdentity {

@@ -109,7 +109,10 @@ export function snapshot(parts: Partial<Snapshot> & { nodes: NodeInfo[] }): Snap
     serviceCIDRs: [],
     extraCIDRs: [],
     healthy: new Set(parts.nodes.map((n) => n.name)),
-    reports: new Map(),
+    // Agents of this version: their tunnels take tunnel classes.
+    reports: new Map(
+      parts.nodes.map((n) => [n.name, { interfaces: new Map(), tunnelClasses: true }]),
+    ),
     previousNodes: new Map(),
     previousPolicies: new Map(),
     config: DEFAULT_CLUSTER_CONFIG,

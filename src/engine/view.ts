@@ -20,6 +20,12 @@ export interface PeerView {
   readonly underlay?: string | undefined;
   /** The node's pod CIDRs (node.spec.podCIDRs): replies to its pods need one route per CIDR. */
   readonly podCIDRs?: readonly string[] | undefined;
+  /**
+   * Its tunnel takes tunnel classes (its agent reported so): only then does a node name policies
+   * in the packets it steers there. An agent of an earlier version has a tunnel without VXLAN
+   * GBP, which drops them (a rolling upgrade must not cut steered traffic off).
+   */
+  readonly tunnelClasses?: true | undefined;
 }
 
 export interface EndpointView {

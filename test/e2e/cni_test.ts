@@ -8,7 +8,10 @@
  *  - CNI DEL takes the pod's address out of the sets before IPAM hands it out again: a pod that
  *    is not selected and gets the address at once never leaves with the old policy's egress IP,
  *    although the old Pod object (Running, with that address) and the controller's slice still
- *    name it.
+ *    name it;
+ *  - a running pod that a policy starts selecting leaves with the egress IP at once, even while
+ *    no controller writes the slice that would tell the gateway: the steering node names the
+ *    policy's tunnel class in the VXLAN header, and the gateway SNATs by it.
  *
  * Nodes: node-1 (workloads), node-2 and node-3 (egress=true). IPv4, kube-proxy in iptables mode.
  */
@@ -179,6 +182,42 @@ describe("sallyport-cni: pods steered from their first packet", { skip: NEEDS_RO
     );
     await sb.deletePod("old");
     await sb.deletePod("reuse");
+  });
+
+  it("with the controller down, a running pod a policy starts selecting leaves with the egress IP at once: its node names the policy's tunnel class, which the gateway SNATs", async () => {
+    const pod = await sb.addPod("late", { node: 1, labels: { app: "other" } });
+    send(pod);
+    await eventually(
+      async () => seenFrom("late"),
+      (s) => s.includes(NODE_1),
+      15_000,
+    );
+    // No controller: no endpoint slice will ever tell the gateway about the pod.
+    await sb.stopController();
+    try {
+      await sb.labelPod("late", { app: "web" });
+      await eventually(
+        async () => seenFrom("late"),
+        (s) => s.includes(EIP),
+        15_000,
+      );
+      for (const gateway of [2, 3])
+        assert.doesNotMatch(
+          await kernelSets(gateway),
+          new RegExp(`(^|[^\\d.])${pod.ips[4]!.replaceAll(".", "\\.")}(?![\\d])`, "m"),
+          `node-${gateway} holds no set naming the pod: the tunnel class let it through`,
+        );
+      const srcs = seenFrom("late");
+      const steered = srcs.indexOf(EIP);
+      assert.deepEqual(
+        [...new Set(srcs.slice(steered))],
+        [EIP],
+        "from its first datagram through the gateway on, every one left with the egress IP",
+      );
+    } finally {
+      await sb.startController();
+    }
+    await sb.deletePod("late");
   });
 
   it("CNI DEL leaves nothing of the pod in the sets", async () => {
