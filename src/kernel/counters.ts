@@ -9,7 +9,7 @@
  *
  * What the iptables rules can count (docs/datapath.md; testdata/traffic/ holds real output):
  *
- *   steered   mangle SALLYPORT-MARK-REQUEST, the policy's rule `-g SALLYPORT-TO-<node>` on a
+ *   steered   mangle SALLYPORT-MARK-REQUEST, the policy's rule `-g SALLYPORT-TO-<node>[-<class>]` on a
  *             node that sends the policy's traffic to its gateway: every packet of the original
  *             direction (a steered connection keeps its connmark, so its later packets come
  *             back to the policy's rule), counted on the pod's node.
@@ -27,7 +27,7 @@
  * prerouting chain looks a packet up there unless it is a reply or an established connection we
  * never steered; testdata/traffic/nft-*.json holds real output):
  *
- *   steered   an element `goto to-<node>`: every packet of the original direction (a steered
+ *   steered   an element `goto to-<node>[-<class>]`: every packet of the original direction (a steered
  *             connection's connmark brings each of its packets back to the lookup), as above.
  *   snat_new  an element `goto snat4-<n>` / `snat6-<n>` (SNAT here to the n-th address of map
  *             `snat4`/`snat6`): the packets of a connection while conntrack calls it new, that
@@ -94,7 +94,7 @@ export interface CounterSource {
 
 const COUNTED = /^\[(\d+):(\d+)\] -A (\S+) (.*)$/;
 const COMMENT = /(?:^| )-m comment --comment (?:"((?:[^"\\]|\\.)*)"|(\S+))/;
-const STEER = / -g SALLYPORT-TO-[0-9a-f]{4}$/;
+const STEER = / -g SALLYPORT-TO-[0-9a-f]{4}(-[0-9a-f]{4})?$/;
 const SNAT = / -j SNAT --to-source (\S+)/;
 
 /** `10.0.0.1`, `10.0.0.1:1024-2047`, `fd00::1`, `[fd00::1]:1024-2047`. */
@@ -189,7 +189,7 @@ export class IptablesCounters implements CounterSource {
 type Json = Record<string, unknown>;
 
 const CLASS_MAP = /^c([46])-/;
-const STEER_VERDICT = /^goto to-[0-9a-f]{4}$/;
+const STEER_VERDICT = /^goto to-[0-9a-f]{4}(-[0-9a-f]{4})?$/;
 const SNAT_VERDICT = /^goto snat([46])-(\d+)$/;
 /** A policy with several egress IPs: a chain that picks one of the addresses' chains. */
 const SNAT_GROUP_VERDICT = /^goto snat([46])((?:-\d+){2,})$/;

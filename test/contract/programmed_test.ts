@@ -165,6 +165,8 @@ function published(s: Snapshot) {
     kind: "EgressNode",
     metadata: { name },
     spec: egressNodeSpec(id, s.nodes.find((n) => n.name === name)!, name !== "node-1"),
+    // What the node's agent reported, as the controller read it (the snapshot's reports).
+    ...(s.reports.get(name)?.tunnelClasses === true ? { status: { tunnelClasses: true } } : {}),
   }));
   const clusterInfo = {
     apiVersion: API_VERSION as typeof API_VERSION,
