@@ -52,6 +52,14 @@ export interface AgentOptions {
   readonly leaseTiming?: LeaseTiming;
   /** UDP port for gateway heartbeats. @default 7800 */
   readonly fencePort?: number;
+  /**
+   * Least time between two EgressNode status writes: while policies keep changing, the reports of
+   * what the kernel holds (one entry per policy this node carries) are coalesced into one write
+   * per interval; a report after a quiet interval is written at once. Each write of a node's
+   * status costs the API server a decode, validation and fan-out of the whole object (measured:
+   * half of its CPU while 1,000 policies were created). @default 1000
+   */
+  readonly reportIntervalMs?: number;
   readonly underlayDevice?: string | undefined;
 }
 
@@ -88,6 +96,8 @@ export class Agent {
   #reportAgain = false;
   /** The last status written, and the cached object's version then (its watch event is due). */
   #written: { readonly version: string | undefined; readonly status: NodeStatus } | undefined;
+  /** When the last status write was sent (clock ms). */
+  #writtenAt: number | undefined;
   /** Plans made for events (not the periodic full syncs), for tests and benchmarks: an event this node carries nothing of makes none. */
   plans = 0;
   /** Time the last watch event took to handle (its sync, if any, runs afterwards). */
@@ -422,6 +432,12 @@ export class Agent {
     this.#reporting = true;
     try {
       do {
+        // Coalesce: requests that come while we wait are served by the write after it.
+        const wait =
+          this.#writtenAt === undefined
+            ? 0
+            : this.#writtenAt + (this.#o.reportIntervalMs ?? 1000) - this.#o.clock.now();
+        if (wait > 0) await new Promise<void>((r) => this.#o.clock.after(wait, r));
         this.#reportAgain = false;
         const current = this.egressNodes.get(this.#o.node);
         if (current === undefined) return;
@@ -435,6 +451,7 @@ export class Agent {
         const patch = mergePatch(held, desired);
         if (patch === undefined) continue;
         try {
+          this.#writtenAt = this.#o.clock.now();
           await this.#o.client.mergePatch(
             ours("EgressNode"),
             this.#o.node,

@@ -225,7 +225,7 @@ describe("diffRules()", () => {
       comment: `EgressPolicy/default/p${i}`,
       target: { kind: "SNAT", to: "10.168.60.100" },
     });
-    const chain = (ids: number[]) => ({
+    const chain = (ids: number[]): FamilyRules => ({
       chains: new Map([["nat", new Map([["SALLYPORT-SNAT-EIP", ids.map(rule)]])]]),
       hooks: [],
     });
