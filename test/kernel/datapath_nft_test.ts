@@ -20,6 +20,7 @@ import {
   EXCLUDED6,
   ext4,
   ext6,
+  itSteersPodsTheGatewayHasNotHeardOf,
 } from "../support/datapath_lab.ts";
 import { hostState, NEEDS_ROOT, probe, REPO, startIn, stopAll, stream } from "../support/lab.ts";
 import { TMP_PREFIX } from "../support/leaks.ts";
@@ -46,18 +47,7 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
     await lab.down();
   });
 
-  it("a pod the gateway has not heard of yet leaves with the egress IP from its first connection: its node names the policy's tunnel class", async () => {
-    assert.deepEqual(
-      await lab.unheardPod(),
-      { 4: EIP4, 6: EIP6 },
-      "node-2 holds no set naming the pod, yet SNATs it by its tunnel class",
-    );
-    assert.deepEqual(
-      await lab.unheardPod({ shiftClasses: true }),
-      { 4: undefined, 6: undefined },
-      "a tunnel class the gateway holds no policy of is dropped, never SNATed to some egress IP",
-    );
-  });
+  itSteersPodsTheGatewayHasNotHeardOf(lab);
 
   it("holds the plan exactly: a second sync changes nothing", async () => {
     for (const i of [1, 2]) assert.equal(await lab.syncNode(i), 0, `node-${i}`);

@@ -33,6 +33,7 @@ import {
   EXCLUDED6,
   ext4,
   ext6,
+  itSteersPodsTheGatewayHasNotHeardOf,
 } from "../support/datapath_lab.ts";
 import {
   hostState,
@@ -110,18 +111,7 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
     assert.equal((await probe(topo.pod("web-2").netns, ext6)).saw, EIP6);
   });
 
-  it("a pod the gateway has not heard of yet leaves with the egress IP from its first connection: its node names the policy's tunnel class", async () => {
-    assert.deepEqual(
-      await lab.unheardPod(),
-      { 4: EIP4, 6: EIP6 },
-      "node-2 holds no set naming the pod, yet SNATs it by its tunnel class",
-    );
-    assert.deepEqual(
-      await lab.unheardPod({ shiftClasses: true }),
-      { 4: undefined, 6: undefined },
-      "a tunnel class the gateway holds no policy of is dropped, never SNATed to some egress IP",
-    );
-  });
+  itSteersPodsTheGatewayHasNotHeardOf(lab);
 
   it("a pod the policy does not select is seen with its node's address", async () => {
     assert.equal((await probe(topo.pod("other").netns, ext4)).saw, nodeAddress(1, 4));

@@ -9,6 +9,8 @@
  * Foreign state on node-2 the agent must never touch: an ipset, a route in table 100 and its
  * ip rule, and (for nftables) another table with a chain and a set.
  */
+import assert from "node:assert/strict";
+import { it } from "node:test";
 import { computeCluster } from "../../src/engine/cluster.ts";
 import { planNode } from "../../src/engine/node_plan.ts";
 import { nodeViewFromOutcome } from "../../src/engine/node_view.ts";
@@ -241,4 +243,23 @@ export class DatapathLab {
   async down(): Promise<void> {
     await Topology.down(this.prefix);
   }
+}
+
+/**
+ * The test both packet filters share: a pod the gateway has not heard of yet leaves with the
+ * egress IP from its first connection, because its node names the policy's tunnel class.
+ */
+export function itSteersPodsTheGatewayHasNotHeardOf(lab: DatapathLab): void {
+  it("a pod the gateway has not heard of yet leaves with the egress IP from its first connection: its node names the policy's tunnel class", async () => {
+    assert.deepEqual(
+      await lab.unheardPod(),
+      { 4: EIP4, 6: EIP6 },
+      "node-2 holds no set naming the pod, yet SNATs it by its tunnel class",
+    );
+    assert.deepEqual(
+      await lab.unheardPod({ shiftClasses: true }),
+      { 4: undefined, 6: undefined },
+      "a tunnel class the gateway holds no policy of is dropped, never SNATed to some egress IP",
+    );
+  });
 }
