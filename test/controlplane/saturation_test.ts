@@ -7,19 +7,20 @@
  * Nodes: node-1 (workloads, no agent), node-2 and node-3 (egress=true). Policies "web" (to
  * 203.0.113.0/24) and "other" (to 198.51.100.0/24) share the egress IP 192.168.77.100.
  */
+
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 import { Agent } from "../../src/agent/agent.ts";
 import { API_VERSION, type EgressNode } from "../../src/api/types.ts";
 import { Controller } from "../../src/controller/controller.ts";
 import { DEFAULT_NODE_CONFIG } from "../../src/engine/view.ts";
-import { FakeKernel } from "../../src/kernel/fake_kernel.ts";
 import { openDatapath } from "../../src/kernel/open.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
 import { realClock } from "../../src/lib/clock.ts";
 import { silentLogger } from "../../src/lib/log.ts";
 import { datapathMetrics, Registry } from "../../src/lib/metrics.ts";
 import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
+import { fakeNodeHost } from "../../src/testing/fake_host.ts";
 import {
   apiWrites,
   condition,
@@ -40,20 +41,6 @@ const SATURATED = {
   protocol: "tcp",
   percent: 85,
 };
-
-function fakeHost(index: number): FakeKernel {
-  const fake = new FakeKernel();
-  fake.seed(
-    ["ip", "-batch", "-"],
-    [
-      "link add eth0 type dummy",
-      "link set eth0 up",
-      `addr add 192.168.77.1${index}/24 dev eth0`,
-      "",
-    ].join("\n"),
-  );
-  return fake;
-}
 
 describe("SNAT port saturation: agent report → policy condition and Event", () => {
   let cp: ControlPlane;
@@ -127,7 +114,11 @@ describe("SNAT port saturation: agent report → policy condition and Event", ()
         client: cp.client("agent"),
         node,
         namespace: SALLYPORT_NAMESPACE,
-        datapath: await openDatapath({ runner: fakeHost(i + 2), families: [4], backend: "nft" }),
+        datapath: await openDatapath({
+          runner: fakeNodeHost(`192.168.77.1${i + 2}`),
+          families: [4],
+          backend: "nft",
+        }),
         config: { ...DEFAULT_NODE_CONFIG, families: [4] },
         clock: realClock,
         log: silentLogger,

@@ -11,19 +11,21 @@
  * The five-minute test runs beside the rest of the suite (scripts/test.ts starts it in its own
  * process): it only waits.
  */
+
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 import { Agent } from "../../src/agent/agent.ts";
 import { API_VERSION } from "../../src/api/types.ts";
 import { Controller } from "../../src/controller/controller.ts";
 import { DEFAULT_NODE_CONFIG } from "../../src/engine/view.ts";
-import { FakeKernel, isWriteCommand } from "../../src/kernel/fake_kernel.ts";
+import { type FakeKernel, isWriteCommand } from "../../src/kernel/fake_kernel.ts";
 import { openDatapath } from "../../src/kernel/open.ts";
 import { CORE, type KubeClient, ours } from "../../src/kube/client.ts";
 import { realClock } from "../../src/lib/clock.ts";
 import { silentLogger } from "../../src/lib/log.ts";
 import { datapathMetrics, Registry } from "../../src/lib/metrics.ts";
 import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
+import { fakeNodeHost } from "../../src/testing/fake_host.ts";
 import {
   apiWrites,
   condition,
@@ -39,20 +41,6 @@ const NS = "team-a";
 const NODES = ["node-1", "node-2", "node-3"];
 const STEADY_MS = Number(process.env.SALLYPORT_STEADY_MS ?? 300_000);
 const PERIOD_MS = 1000;
-
-function fakeHost(index: number): FakeKernel {
-  const fake = new FakeKernel();
-  fake.seed(
-    ["ip", "-batch", "-"],
-    [
-      "link add eth0 type dummy",
-      "link set eth0 up",
-      `addr add 192.168.77.1${index}/24 dev eth0`,
-      "",
-    ].join("\n"),
-  );
-  return fake;
-}
 
 const RESOURCES = [
   "egresspolicies",
@@ -151,7 +139,7 @@ describe("a steady cluster: controller and agents on a real kube-apiserver", () 
     });
     void controller.start();
     for (const [i, node] of NODES.entries()) {
-      const kernel = fakeHost(i + 1);
+      const kernel = fakeNodeHost(`192.168.77.1${i + 1}`);
       const agent = new Agent({
         client: cp.client("agent"),
         node,
