@@ -7,9 +7,15 @@
  * one run; plus two references on the same machine in the same run: a pod no policy selects (its
  * usual, masqueraded path) and node-1 itself (node to node, no pod, no tunnel).
  *
+ * Each figure is taken once the machine is quiet again (`settle`): right after the policies are in
+ * the kernel the controller still writes their programmed statuses and the agents their reports,
+ * and on a 2-core machine that work takes the CPU the forwarding needs, which is not what a
+ * packet costs. `settledMs` says how long that took; `settled: false` that it never got quiet
+ * (another load on the machine) and the figure was taken anyway.
+ *
  *   PERPACKET_COUNTS=1,1000,10000  PERPACKET_SECONDS=5  PERPACKET_FILTERS=iptables,nftables
  */
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { API_VERSION } from "../src/api/types.ts";
@@ -49,6 +55,37 @@ async function iperf(netns: string, udp: boolean): Promise<number> {
     return (s.packets - s.lost_packets) / s.seconds / 1000;
   }
   return j.end.sum_received!.bits_per_second / 1e9;
+}
+
+/** Busy CPU time of the whole machine (jiffies) and all of it, from /proc/stat. */
+function cpuTimes(): { busy: number; total: number } {
+  const f = readFileSync("/proc/stat", "utf8")
+    .split("\n")[0]!
+    .trim()
+    .split(/\s+/)
+    .slice(1)
+    .map(Number);
+  const idle = f[3]! + f[4]!;
+  const total = f.reduce((a, b) => a + b, 0);
+  return { busy: total - idle, total };
+}
+
+/**
+ * Waits until the machine is quiet: two consecutive seconds under 10 % busy, at most `limitMs`.
+ */
+async function settle(limitMs = 180_000): Promise<{ settled: boolean; settledMs: number }> {
+  const started = performance.now();
+  let quiet = 0;
+  let last = cpuTimes();
+  while (performance.now() - started < limitMs) {
+    await new Promise((r) => setTimeout(r, 1000));
+    const now = cpuTimes();
+    const busy = (now.busy - last.busy) / Math.max(1, now.total - last.total);
+    last = now;
+    quiet = busy < 0.1 ? quiet + 1 : 0;
+    if (quiet >= 2) return { settled: true, settledMs: Math.round(performance.now() - started) };
+  }
+  return { settled: false, settledMs: Math.round(performance.now() - started) };
 }
 
 async function measure(netns: string): Promise<Figures> {
@@ -127,6 +164,7 @@ export async function perpacket(): Promise<Record<string, unknown>> {
         throw new Error(
           `Cannot measure: the pod's traffic does not leave with ${EIP} (${seen.saw})`,
         );
+      await settle();
       const references = {
         nodeToNode: await measure(sb.nodeNs(1)),
         unselectedPod: await measure(sb.pod("plain").netns),
@@ -150,8 +188,9 @@ export async function perpacket(): Promise<Record<string, unknown>> {
           if (held < want) await new Promise((r) => setTimeout(r, 1000));
         }
         const programMs = Math.round(performance.now() - started);
+        const quiet = await settle();
         const figures = await measure(sb.pod("perf").netns);
-        rows[String(count)] = { ...figures, programmedInFront: held, programMs };
+        rows[String(count)] = { ...figures, programmedInFront: held, programMs, ...quiet };
         console.error(`${filter} ${count}: ${JSON.stringify(rows[String(count)])}`);
       }
       const base = rows["1"] as Figures | undefined;
