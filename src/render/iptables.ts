@@ -364,17 +364,9 @@ export function diffRules(
       const haveLines = have.get(name)?.rules;
       if (options?.full !== true && haveLines !== undefined && sameLines(wantLines, haveLines))
         continue;
-      changedChains.push(`${table}/${name}`);
-      const edits =
-        options?.full === true || haveLines === undefined
-          ? undefined
-          : chainEdits(name, haveLines, wantLines);
-      if (edits !== undefined) {
-        lines.push(...edits);
-        continue;
-      }
       declare.push(`:${name} - [0:0]`);
       for (const l of wantLines) lines.push(`-A ${name} ${l}`);
+      changedChains.push(`${table}/${name}`);
     }
     // Hooks, per built-in chain.
     const hooks = desired.hooks.filter((h) => h.table === table);
@@ -412,39 +404,6 @@ export function diffRules(
     hookRepairs,
     deletedChains,
   };
-}
-
-/**
- * The rules that turn a chain holding `have` into one holding `want` in place: the lines both
- * start and end with stay, the ones between are deleted by number and the new ones inserted
- * there. A policy added, removed or edited in a chain of 1,000 rules is then one or two rule
- * operations instead of the chain flushed and all its rules added again (which iptables-nft
- * turns into a thousand rule additions in the kernel). Undefined when rewriting the chain is
- * simpler (most of it changes).
- */
-function chainEdits(
-  name: string,
-  have: readonly string[],
-  want: readonly string[],
-): string[] | undefined {
-  let prefix = 0;
-  const shortest = Math.min(have.length, want.length);
-  while (prefix < shortest && have[prefix] === want[prefix]) prefix++;
-  let suffix = 0;
-  while (
-    suffix < shortest - prefix &&
-    have[have.length - 1 - suffix] === want[want.length - 1 - suffix]
-  )
-    suffix++;
-  const deletes = have.length - prefix - suffix;
-  const inserts = want.slice(prefix, want.length - suffix);
-  if (deletes + inserts.length > Math.max(8, want.length / 4)) return undefined;
-  const out: string[] = [];
-  for (let i = 0; i < deletes; i++) out.push(`-D ${name} ${prefix + 1}`);
-  inserts.forEach((l, i) => {
-    out.push(suffix === 0 ? `-A ${name} ${l}` : `-I ${name} ${prefix + 1 + i} ${l}`);
-  });
-  return out;
 }
 
 function sameLines(a: readonly string[], b: readonly string[]): boolean {
