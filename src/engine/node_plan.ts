@@ -1179,10 +1179,9 @@ export class NodePlanner {
           if (e.verdict.kind === "snat") addSnat(snatAddresses(e.verdict));
           else if (e.verdict.kind === "steer") {
             const { nodeID, tunnelClass } = e.verdict;
-            steerTo.set(`${nodeID}/${tunnelClass ?? 0}`, {
-              nodeID,
-              ...(tunnelClass === undefined ? {} : { tunnelClass }),
-            });
+            const target: SteerTarget =
+              tunnelClass === undefined ? { nodeID } : { nodeID, tunnelClass };
+            steerTo.set(steerKey(target), target);
           }
         }
       }
