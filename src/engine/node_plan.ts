@@ -1149,7 +1149,13 @@ export class NodePlanner {
                 }
               : { kind: "drop" };
         const v = part.view;
-        const sig = `${v.destinationCIDRs.join(",")}|${v.excludedCIDRs.join(",")}|${JSON.stringify(v.ports)}|${verdict.kind}:${verdict.kind === "steer" ? `${verdict.nodeID}/${verdict.tunnelClass ?? ""}` : verdict.kind === "snat" ? snatAddresses(verdict).join(",") : ""}`;
+        const target =
+          verdict.kind === "steer"
+            ? steerKey(verdict)
+            : verdict.kind === "snat"
+              ? snatAddresses(verdict).join(",")
+              : "";
+        const sig = `${v.destinationCIDRs.join(",")}|${v.excludedCIDRs.join(",")}|${JSON.stringify(v.ports)}|${verdict.kind}:${target}`;
         const memo = `${family}/${key}`;
         let cached = this.#classPolicies.get(memo);
         if (cached?.sig !== sig) {
