@@ -24,9 +24,10 @@ import type {
 import { NodePlanner } from "../engine/node_plan.ts";
 import type { NodePlan } from "../engine/plan.ts";
 import { type PodObject, podInfo, podKey } from "../engine/snapshot.ts";
-import { type LocalFacts, type NodeConfig, policyTargets } from "../engine/view.ts";
+import { type LocalFacts, type NodeConfig, policyTargets, withGateway } from "../engine/view.ts";
 import type { Datapath, KernelState } from "../kernel/datapath.ts";
 import { localFactsFrom } from "../kernel/facts.ts";
+import type { NeighbourFence } from "../kernel/neighbour_fence.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../kube/client.ts";
 import { DEFAULT_LEASE_TIMING, type LeaseTiming, NodeLeaseRenewer } from "../kube/node_lease.ts";
 import { type ChangeType, objectKey, Reflector } from "../kube/reflector.ts";
@@ -35,7 +36,14 @@ import { deepEqual, mergePatch } from "../lib/equal.ts";
 import type { Logger } from "../lib/log.ts";
 import type { DatapathMetrics } from "../lib/metrics.ts";
 import { DatapathSync } from "./datapath_sync.ts";
-import { Fence } from "./fence.ts";
+import {
+  DEFAULT_LIVENESS_TIMING,
+  Liveness,
+  type LivenessTiming,
+  type Member,
+  type ProbeTransport,
+  udpTransport,
+} from "./liveness.ts";
 import { AgentState } from "./view.ts";
 
 export interface AgentOptions {
@@ -50,8 +58,16 @@ export interface AgentOptions {
   /** Time between full syncs (re-read the kernel, repair drift). @default 10000 */
   readonly periodMs?: number;
   readonly leaseTiming?: LeaseTiming;
-  /** UDP port for gateway heartbeats. @default 7800 */
-  readonly fencePort?: number;
+  /** Data-plane liveness (src/agent/liveness.ts). */
+  readonly liveness?: LivenessTiming;
+  /** UDP port for liveness probes. @default 7800 */
+  readonly probePort?: number;
+  /** Key the probes are authenticated with (a Secret); undefined: not authenticated. */
+  readonly probeKey?: Buffer | undefined;
+  /** Tests: another transport than UDP. */
+  readonly probeTransport?: ProbeTransport;
+  /** The kernel side of the fence: ARP/NDP answers for held egress IPs only (processes). */
+  readonly neighbourFence?: NeighbourFence | undefined;
   /**
    * Least time between two EgressNode status writes: while policies keep changing, the reports of
    * what the kernel holds (one entry per policy this node carries) are coalesced into one write
@@ -87,7 +103,12 @@ export class Agent {
   readonly state: AgentState;
   readonly #planner: NodePlanner;
   readonly #renewer: NodeLeaseRenewer;
-  readonly #fence: Fence;
+  readonly #liveness: Liveness;
+  /** Gateways the data plane judged down, as the planner has them. */
+  #down: ReadonlySet<string> = new Set();
+  /** Policies whose gateway this node moved on its own (to a standby), until the controller agrees. */
+  readonly #moved = new Set<string>();
+  #addressesRenewedAt = Number.NEGATIVE_INFINITY;
   #facts: LocalFacts | undefined;
   #links: KernelState["routing"]["links"] = [];
   #programmed: Record<string, string> = {};
@@ -177,28 +198,29 @@ export class Agent {
       log,
       timing,
     });
-    this.#fence = new Fence({
+    this.#liveness = new Liveness({
       node,
       clock,
       log,
-      port: options.fencePort ?? 7800,
-      periodMs: timing.renewMs,
-      durationMs: timing.durationMs,
+      transport: options.probeTransport ?? udpTransport(options.probePort ?? 7800, log),
+      key: options.probeKey,
+      timing: options.liveness ?? DEFAULT_LIVENESS_TIMING,
+      members: () => this.#members(),
       leaseValid: () => this.#renewer.valid,
       apiReachable: () => this.#renewer.apiReachable,
-      peers: () => {
-        const out = new Map<string, string>();
-        for (const n of this.egressNodes.items()) {
-          const name = n.metadata.name ?? "";
-          const address =
-            n.status?.underlay?.ipv4 ?? n.spec.addresses?.ipv4 ?? n.spec.addresses?.ipv6;
-          if (name !== node && n.spec.gatewayCapable === true && address !== undefined)
-            out.set(name, address);
-        }
-        return out;
-      },
       onChange: () => this.sync.trigger(),
-      onHolding: () => void this.#renewEgressIPs(),
+      onHolding: (forMs) => {
+        // The kernel answers ARP/NDP for what we hold until our support ends (a frozen agent's
+        // node falls silent by itself).
+        options.neighbourFence?.hold(options.datapath.heldEgressIPs(), forMs);
+        // The addresses' own leases (whole seconds) need no renewal every probe.
+        const now = clock.now();
+        if (now - this.#addressesRenewedAt >= 250) {
+          this.#addressesRenewedAt = now;
+          void this.#renewEgressIPs();
+        }
+      },
+      onRelease: () => options.neighbourFence?.release(),
       refresh: () => {
         for (const r of this.#reflectors()) r.relist();
       },
@@ -253,7 +275,29 @@ export class Agent {
   }
 
   get fenced(): boolean {
-    return this.#fence.fenced;
+    return this.#liveness.fenced;
+  }
+
+  /** Liveness probes dropped: not authentic, malformed or replayed. */
+  get probesRejected(): number {
+    return this.#liveness.rejected;
+  }
+
+  /** Gateways the data plane judges down (src/agent/liveness.ts). */
+  get down(): ReadonlySet<string> {
+    return this.#liveness.down;
+  }
+
+  /** Every node with an agent, where its probes go. */
+  #members(): Map<string, Member> {
+    const out = new Map<string, Member>();
+    for (const n of this.egressNodes.items()) {
+      const name = n.metadata.name ?? "";
+      const address = n.status?.underlay?.ipv4 ?? n.spec.addresses?.ipv4 ?? n.spec.addresses?.ipv6;
+      if (address !== undefined)
+        out.set(name, { name, gatewayCapable: n.spec.gatewayCapable === true, address });
+    }
+    return out;
   }
 
   async start(): Promise<void> {
@@ -262,7 +306,8 @@ export class Agent {
     this.#renewer.start();
     for (const r of this.#reflectors()) r.start();
     await Promise.all(this.#reflectors().map((r) => r.synced));
-    this.#fence.start();
+    await this.#o.neighbourFence?.install();
+    this.#liveness.start();
     this.sync.start();
   }
 
@@ -272,7 +317,8 @@ export class Agent {
    */
   async stop(options: { restartHoldMs?: number } = {}): Promise<void> {
     this.sync.stop();
-    this.#fence.stop();
+    this.#liveness.stop();
+    this.#o.neighbourFence?.close();
     if (
       options.restartHoldMs !== undefined &&
       this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true
@@ -282,7 +328,7 @@ export class Agent {
       // The controller keeps this node's egress IPs for the hold: so does the kernel (at most).
       const seconds = Math.floor((options.restartHoldMs - (this.#o.clock.now() - asked)) / 1000);
       await this.#renewal;
-      if (held && !this.#fence.fenced && seconds >= 1) await this.#renewEgressIPs(seconds);
+      if (held && !this.#liveness.fenced && seconds >= 1) await this.#renewEgressIPs(seconds);
     } else {
       this.#renewer.stop();
     }
@@ -331,17 +377,39 @@ export class Agent {
     if (kernel === undefined) this.plans++;
     if (changes.peers) this.#planner.setPeers(state.peers);
     if (changes.ignoreCIDRs) this.#planner.setIgnoreCIDRs(state.ignoreCIDRs);
-    for (const key of changes.policies) {
+    // Gateways judged down in the data plane: their policies go to their first standby that is
+    // not, on every node alike, before the controller says so (it will say the same).
+    const down = this.#liveness.down;
+    const downChanged = !sameSet(down, this.#down);
+    this.#down = down;
+    const keys = downChanged
+      ? new Set([...changes.policies, ...[...state.views()].map((v) => v.key)])
+      : changes.policies;
+    for (const key of keys) {
       const view = state.view(key);
-      if (view === undefined) this.#planner.deletePolicy(key);
-      else this.#planner.setPolicy(view);
+      if (view === undefined) {
+        this.#moved.delete(key);
+        this.#planner.deletePolicy(key);
+        continue;
+      }
+      const gateway = view.gatewayNode;
+      if (gateway !== undefined && down.has(gateway)) {
+        const standby = (view.standbyNodes ?? []).find((n) => !down.has(n));
+        this.#moved.add(key);
+        this.#planner.setPolicy(withGateway(view, standby));
+      } else {
+        this.#moved.delete(key);
+        this.#planner.setPolicy(view);
+      }
     }
     // Fenced: keep every rule (SNAT included) but stop holding the egress IPs.
-    this.#planner.setHoldEgressIPs(this.#fence.holding());
+    this.#planner.setHoldEgressIPs(this.#liveness.holding());
     return this.#planner.plan();
   }
 
   #synced(plan: NodePlan): void {
+    // What this sync made us hold answers ARP/NDP at once, not at the next probe.
+    this.#liveness.renew();
     this.#lastError = plan.errors.length > 0 ? plan.errors.join("; ") : undefined;
     this.#programmed = this.#reportedRevisions();
     this.#requestReport();
@@ -357,8 +425,10 @@ export class Agent {
    */
   #reportedRevisions(): Record<string, string> {
     const now = this.state.programmed();
+    // A policy moved here on our own is not what the controller published: not programmed.
+    for (const key of this.#moved) delete now[key];
     for (const [key, revision] of Object.entries(this.#programmed)) {
-      if (now[key] !== undefined) continue;
+      if (now[key] !== undefined || this.#moved.has(key)) continue;
       const view = this.state.view(key);
       if (view !== undefined && policyTargets(view).includes(this.#o.node)) now[key] = revision;
     }
@@ -406,6 +476,7 @@ export class Agent {
       },
       interfaces,
       programmed: this.#programmed,
+      ...(this.#down.size === 0 ? {} : { downNodes: [...this.#down].sort() }),
       repairs: this.sync.repairs,
       // Reported once a sync made the tunnel (with VXLAN GBP): from then on peers may name
       // policies in what they steer here.
@@ -470,4 +541,8 @@ export class Agent {
       this.#reporting = false;
     }
   }
+}
+
+function sameSet(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
+  return a.size === b.size && [...a].every((x) => b.has(x));
 }

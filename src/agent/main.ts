@@ -1,7 +1,9 @@
 /** `sallyport agent`: wires the agent, the kernel and its metrics into a process. */
 
+import { readFileSync } from "node:fs";
 import { DEFAULT_NODE_CONFIG } from "../engine/view.ts";
 import type { PortRange } from "../kernel/conntrack.ts";
+import { NeighbourFence, nftSession } from "../kernel/neighbour_fence.ts";
 import { detectFilter, openDatapath } from "../kernel/open.ts";
 import { SpawnerRunner } from "../kernel/spawner.ts";
 import { defaultKubeConfig, KubeClient } from "../kube/client.ts";
@@ -13,6 +15,7 @@ import { createLogger } from "../lib/log.ts";
 import { datapathMetrics, gaugeOf, Registry, trafficMetrics } from "../lib/metrics.ts";
 import { Agent } from "./agent.ts";
 import { CniServer } from "./cni_server.ts";
+import type { LivenessTiming } from "./liveness.ts";
 import { nftPolicyOf, syncedPlanOf, TrafficCollector } from "./traffic.ts";
 import { WorkerTrafficReader } from "./traffic_worker.ts";
 
@@ -31,7 +34,10 @@ export interface AgentFlags {
   tableCount: number;
   periodMs: number;
   lease: LeaseTiming;
-  fencePort: number;
+  liveness: LivenessTiming;
+  probePort: number;
+  /** File with the probes' key (a mounted Secret); undefined: unauthenticated. */
+  probeKeyFile?: string | undefined;
   underlayDevice?: string;
   metricsPort: number;
   noSnatBySets: boolean;
@@ -44,6 +50,16 @@ export interface AgentFlags {
   topDestinations: number;
   /** Serve sallyport-cni on this Unix socket (src/agent/cni_server.ts); undefined: no socket. */
   cniSocket?: string | undefined;
+}
+
+/** The probes' key: the file's bytes (a mounted Secret), at least 16 of them. */
+export function readProbeKey(file: string): Buffer {
+  const key = readFileSync(file);
+  if (key.length < 16)
+    throw new Error(
+      `--probe-key-file ${file}: the key has ${key.length} bytes; give at least 16 random bytes (the chart's Secret sallyport-probe-key has 32)`,
+    );
+  return key;
 }
 
 export async function runAgent(flags: AgentFlags): Promise<void> {
@@ -72,13 +88,22 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     rulePref: flags.rulePref,
     tunnelDevice: flags.tunnelDevice,
     // Egress IPs lapse when the fence would drop them, even if this process is dead or frozen.
-    eipLeaseSeconds: Math.max(1, Math.floor(flags.lease.durationMs / 1000)),
+    // (whole seconds: the neighbour fence below is the sub-second one).
+    eipLeaseSeconds: 1,
   });
   log.info(
     { datapath: datapath.options.filter, iptables: datapath.options.iptables.backend },
     "packet filter",
   );
   const registry = new Registry();
+  const fence: NeighbourFence = new NeighbourFence({
+    runner: datapath.options.runner,
+    session: nftSession([], (text) => {
+      log.warn({ err: text.trim().slice(0, 300) }, "neighbour fence: nft complained; reinstalling");
+      fence.repair();
+    }),
+    log,
+  });
   const agent = new Agent({
     client,
     node: flags.node,
@@ -101,14 +126,29 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     metrics: datapathMetrics(registry),
     periodMs: flags.periodMs,
     leaseTiming: flags.lease,
-    fencePort: flags.fencePort,
+    liveness: flags.liveness,
+    probePort: flags.probePort,
+    probeKey: flags.probeKeyFile === undefined ? undefined : readProbeKey(flags.probeKeyFile),
+    neighbourFence: fence,
     underlayDevice: flags.underlayDevice,
   });
   gaugeOf(
     registry,
     "sallyport_agent_fenced",
-    "1 while this gateway is cut off from the API server and does not answer for its egress IPs",
+    "1 while this node may not answer for egress IPs: no majority of the liveness voters hears it, a gateway judged it down, or its node lease expired while others reach the API server",
     () => [[{}, agent.fenced ? 1 : 0]],
+  );
+  gaugeOf(
+    registry,
+    "sallyport_liveness_down_nodes",
+    "gateway nodes this node judges down by its liveness probes",
+    () => [[{}, agent.down.size]],
+  );
+  gaugeOf(
+    registry,
+    "sallyport_liveness_probes_rejected",
+    "liveness probes dropped since the start: not authentic, malformed or replayed",
+    () => [[{}, agent.probesRejected]],
   );
   gaugeOf(
     registry,

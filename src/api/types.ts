@@ -542,6 +542,13 @@ export const EgressNodeSchema = kindObject(
             "This node's tunnel takes tunnel classes (VXLAN Group Based Policy): its peers name policies in the packets they steer to it. Absent: an agent of an earlier version, whose tunnel drops such packets",
         }),
       ),
+      downNodes: Type.Optional(
+        Type.Array(Type.String(), {
+          maxItems: 256,
+          description:
+            "Gateway nodes this node judges down by its liveness probes (a majority of the voters no longer hears them): their egress IPs went to their first standby on every node without waiting for the controller, which then moves them too. Absent: none",
+        }),
+      ),
       snatSaturation: Type.Optional(
         Type.Array(SnatSaturationSchema, {
           maxItems: 16,

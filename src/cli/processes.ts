@@ -4,6 +4,7 @@
  */
 import { readFileSync } from "node:fs";
 import { type Command, InvalidArgumentError, Option } from "commander";
+import { DEFAULT_LIVENESS_TIMING } from "../agent/liveness.ts";
 import { DEFAULT_LEASE_TIMING } from "../kube/node_lease.ts";
 import type { Family } from "../lib/ip.ts";
 import { int } from "./program.ts";
@@ -105,7 +106,18 @@ export function processCommands(program: Command): void {
   ).action(async (flags: KernelFlags) => {
     const datapath = await open(flags);
     const report = await datapath.cleanup("(cleanup)");
-    console.log(JSON.stringify({ removed: report.changes, detail: report.detail }));
+    // The liveness fence's tables (src/kernel/neighbour_fence.ts), outside the datapath's.
+    const { removeNeighbourFence } = await import("../kernel/neighbour_fence.ts");
+    const fence = await removeNeighbourFence(datapath.options.runner).then(
+      (removed) => removed,
+      () => false,
+    );
+    console.log(
+      JSON.stringify({
+        removed: report.changes + (fence ? 1 : 0),
+        detail: { ...report.detail, ...(fence ? { fenceTables: 2 } : {}) },
+      }),
+    );
   });
 
   const datapath = program.command("datapath").description("a node's datapath, by hand");
@@ -177,7 +189,29 @@ export function processCommands(program: Command): void {
         .option("--table-start <n>", "TABLE_NUM start s", int, 3000)
         .option("--table-count <n>", "TABLE_NUM count n", int, 100)
         .option("--period-ms <ms>", "full resync period (drift repair)", int, 10000)
-        .option("--fence-port <port>", "UDP port for gateway heartbeats", int, 7800)
+        .option("--probe-port <port>", "UDP port for the liveness probes", int, 7800)
+        .option(
+          "--probe-interval-ms <ms>",
+          "time between liveness probes",
+          int,
+          DEFAULT_LIVENESS_TIMING.intervalMs,
+        )
+        .option(
+          "--probe-multiplier <n>",
+          "probes missed before a node is not heard (detection time: interval × multiplier)",
+          int,
+          DEFAULT_LIVENESS_TIMING.multiplier,
+        )
+        .option(
+          "--probe-hold-down-ms <ms>",
+          "how long a gateway judged down must be heard again before it is live",
+          int,
+          DEFAULT_LIVENESS_TIMING.holdDownMs,
+        )
+        .option(
+          "--probe-key-file <file>",
+          "key the liveness probes are authenticated with (HMAC-SHA256; mount the Secret sallyport-probe-key); default: none, probes unauthenticated",
+        )
         .option(
           "--underlay-device <name>",
           "interface for node-to-node traffic (default: the one holding the node's address)",
@@ -226,6 +260,11 @@ export function processCommands(program: Command): void {
     await runAgent({
       ...f,
       lease: timing(f),
+      liveness: {
+        intervalMs: f.probeIntervalMs,
+        multiplier: f.probeMultiplier,
+        holdDownMs: f.probeHoldDownMs,
+      },
       noSnatBySets: f.exemptBySets === true,
       snatPortRange: parsePortRange(f.snatPortRange),
       snatPorts: f.snatPorts === undefined ? undefined : parsePortRange(f.snatPorts),

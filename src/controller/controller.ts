@@ -220,6 +220,14 @@ export class Controller {
       // Agents report within moments of each other: one status write for all their reports.
       for (const key of new Set([...Object.keys(now), ...Object.keys(before)]))
         if (now[key] !== before[key]) this.#queue?.addAfter(`policy:${key}`, REPORTS_SETTLE_MS);
+      // Gateways the data plane judged down (src/agent/liveness.ts): dead for placement now.
+      if (
+        !deepEqual(
+          type === "delete" ? undefined : n.status?.downNodes,
+          type === "add" ? undefined : old?.status?.downNodes,
+        )
+      )
+        this.#input(() => this.#engine!.setHealthy(this.#healthy()));
       // SNAT port saturation (src/agent/traffic.ts) concerns the policies this node holds.
       if (
         !deepEqual(
@@ -250,7 +258,7 @@ export class Controller {
       clock,
       log,
       ...(options.leaseTiming === undefined ? {} : { timing: options.leaseTiming }),
-      onChange: () => this.#input(() => this.#engine!.setHealthy(this.#leases.healthy())),
+      onChange: () => this.#input(() => this.#engine!.setHealthy(this.#healthy())),
     });
     this.#events = new EventRecorder({
       client,
@@ -428,7 +436,7 @@ export class Controller {
       gateways: [...this.gateways.items()],
       policies,
       ...this.#clusterCIDRs(),
-      healthy: this.#leases.healthy(),
+      healthy: this.#healthy(),
       reports: new Map(egressNodes.map((n) => [n.metadata.name ?? "", reportOf(n)])),
       previousNodes: new Map<string, NodeIdentity>(
         egressNodes.map((n) => [n.metadata.name ?? "", identityOf(n)]),
@@ -632,6 +640,23 @@ export class Controller {
     );
   }
 
+  /**
+   * Alive for placement: a valid node lease, and not judged down by the liveness probes of a
+   * gateway node whose own lease is valid (it reports them in its EgressNode status `downNodes`;
+   * the probes decide by a majority of the voters, src/agent/liveness.ts). The units of such a
+   * node go to their first live standby: the node the data plane already moved them to.
+   */
+  #healthy(): Set<string> {
+    const leases = this.#leases.healthy();
+    const down = new Set<string>();
+    for (const n of this.egressNodes.items()) {
+      const name = n.metadata.name ?? "";
+      if (n.spec.gatewayCapable !== true || !leases.has(name)) continue;
+      for (const d of n.status?.downNodes ?? []) if (d !== name) down.add(d);
+    }
+    return new Set([...leases].filter((n) => !down.has(n)));
+  }
+
   async #syncEgressNode(name: string): Promise<void> {
     const { client } = this.#o;
     const node = this.nodes.get(name);
@@ -768,7 +793,7 @@ export class Controller {
       now.gatewayNode !== undefined &&
       before.gatewayNode !== now.gatewayNode
     ) {
-      const alive = this.#leases.healthy().has(before.gatewayNode);
+      const alive = this.#healthy().has(before.gatewayNode);
       this.#o.metrics?.egressIPMoves.inc(
         { reason: alive ? "rebalance" : "node_not_alive" },
         now.egressIPs.length,

@@ -188,6 +188,14 @@ export function withStandbyNodes(policy: PolicyView, standbyNodes: readonly stri
   return copy;
 }
 
+/**
+ * The same view held by another node (or none): what every node programs when the data plane
+ * judged the holder down, before the controller moves the policy (src/agent/liveness.ts).
+ */
+export function withGateway(policy: PolicyView, gatewayNode: string | undefined): PolicyView {
+  return { ...policy, gatewayNode };
+}
+
 function computeRevision(policy: PolicyView): string {
   // One-shot hash of the two parts (the same digest as two updates of one hash object, at a third
   // of the cost: a lost gateway node rehashes every policy it held).

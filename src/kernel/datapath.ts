@@ -357,6 +357,11 @@ export class Datapath {
    * sync deletes meanwhile fails its own line only (`-force`), and an address the sync has not
    * made yet is not in the list. Returns the number of addresses renewed.
    */
+  /** The egress IPs the last sync made this node hold. */
+  heldEgressIPs(): string[] {
+    return this.#heldEips.map((e) => e.address);
+  }
+
   async refreshEgressIPs(seconds?: number): Promise<number> {
     const lease = seconds ?? this.#o.eipLeaseSeconds;
     const eips = this.#heldEips;

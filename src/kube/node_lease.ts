@@ -2,11 +2,16 @@
  * Gateway liveness through Leases in Sallyport's namespace, one per gateway-capable node
  * (`sallyport-node-<node>`).
  *
- * Timing (defaults; see docs/operations.md for the argument):
- *   agent renews every R = 250 ms; the lease lasts D = 1000 ms;
+ * The leases are the slow, API-side half of liveness: failover is decided among the nodes in the
+ * data plane (src/agent/liveness.ts), and a node the probes judge down is dead for the controller
+ * at once (its EgressNode status `downNodes`). The lease covers what the probes cannot decide:
+ * a cluster with fewer than three voters, and a gateway cut off from the API server alone.
+ *
+ * Timing (defaults, kubelet's pace; see docs/operations.md for the argument):
+ *   agent renews every R = 10 s; the lease lasts D = 40 s;
  *   the agent stops answering for its egress IPs when no renewal *started* in the last D
- *     succeeded (and the API server is still reachable for others, see src/agent/fence.ts);
- *   the controller declares the node dead when it has *seen* no renewal for D + G (G = 250 ms),
+ *     succeeded (and the API server is still reachable for others, see src/agent/liveness.ts);
+ *   the controller declares the node dead when it has *seen* no renewal for D + G (G = 10 s),
  *     counted only while its own watch was connected.
  * A renewal is seen after it started, so the controller's deadline is at least G later than the
  * agent's: the old gateway has stopped answering before anyone else is told to take over, as
@@ -39,7 +44,16 @@ export interface LeaseTiming {
   readonly graceMs: number;
 }
 
-export const DEFAULT_LEASE_TIMING: LeaseTiming = { renewMs: 250, durationMs: 1000, graceMs: 250 };
+/**
+ * Kubelet's pace (a node lease renewed every 10 s, lasting 40 s): failover is decided in the data
+ * plane (src/agent/liveness.ts); the lease only covers a cluster with fewer than three voters and
+ * a node cut off from the API server alone.
+ */
+export const DEFAULT_LEASE_TIMING: LeaseTiming = {
+  renewMs: 10_000,
+  durationMs: 40_000,
+  graceMs: 10_000,
+};
 
 /** The agent side: renew this node's lease; know whether the last renewals succeeded. */
 export class NodeLeaseRenewer {

@@ -16,6 +16,7 @@
  * `down` after a crash, finds it again. Nothing is configured in the root namespace.
  */
 import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import {
   chmodSync,
   existsSync,
@@ -532,7 +533,11 @@ export class Sandbox {
     const image = this.#state.agentImage;
     const cni = this.#state.sallyportCni === true;
     if (cni) mkdirSync(this.cniSocketDir(i), { recursive: true, mode: 0o700 });
+    // The liveness probes' key, as the chart's Secret sallyport-probe-key gives it to agents.
+    const key = join(this.dir, "probe.key");
+    if (!existsSync(key)) writeFileSync(key, randomBytes(32), { mode: 0o600 });
     if (image === undefined) {
+      args.push("--probe-key-file", key);
       if (cni) args.push("--cni-socket", join(this.cniSocketDir(i), "cni.sock"));
       this.#spawn(`agent-${i}`, this.nodeNs(i), [
         process.execPath,
@@ -547,6 +552,7 @@ export class Sandbox {
     const name = this.#agentContainer(i);
     removeContainers([name]);
     // In the container the socket is where the chart puts it: /run/sallyport from the host.
+    args.push("--probe-key-file", "/etc/sallyport/probe-key/key");
     if (cni) args.push("--cni-socket", "/run/sallyport/cni.sock");
     this.#spawn(
       `agent-${i}`,
@@ -557,7 +563,10 @@ export class Sandbox {
         netns: this.nodeNs(i),
         kubeconfig,
         args,
-        ...(cni ? { volumes: [`${this.cniSocketDir(i)}:/run/sallyport`] } : {}),
+        volumes: [
+          `${key}:/etc/sallyport/probe-key/key:ro`,
+          ...(cni ? [`${this.cniSocketDir(i)}:/run/sallyport`] : []),
+        ],
       }),
     );
   }

@@ -124,7 +124,7 @@ describe("SNAT port saturation: agent report → policy condition and Event", ()
         log: silentLogger,
         metrics: datapathMetrics(new Registry()),
         periodMs: 1000,
-        fencePort: 17_900 + i,
+        probePort: 17_900 + i,
       });
       agents.set(node, agent);
       void agent.start();

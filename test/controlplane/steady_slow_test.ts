@@ -151,7 +151,7 @@ describe("a steady cluster: controller and agents on a real kube-apiserver", () 
         metrics: datapathMetrics(new Registry()),
         periodMs: PERIOD_MS,
         // Heartbeats go nowhere here (the underlay addresses are the fake's); one port each.
-        fencePort: 17_800 + i,
+        probePort: 17_800 + i,
       });
       agents.set(node, { agent, kernel });
       void agent.start();
