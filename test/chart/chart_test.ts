@@ -3,7 +3,8 @@
  * lints clean, renders with its defaults and with every value set (ci/full-values.yaml), its
  * schema rejects what it should, the flags it passes are ones `sallyport` knows, and the plain
  * manifests under deploy/ are what it renders (scripts/gen-deploy.ts). The API server's verdict
- * on the rendered objects is in test/controlplane/deploy_test.ts.
+ * on the rendered objects is in test/controlplane/deploy_test.ts; what `lookup` keeps across
+ * `helm upgrade` (the generated secrets) in upgrade_test.ts.
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -30,6 +31,8 @@ interface Container {
   image: string;
   imagePullPolicy: string;
   args: string[];
+  ports?: { name: string; containerPort: number; protocol?: string }[];
+  volumeMounts?: { name: string; mountPath: string; readOnly?: boolean }[];
 }
 interface PodSpec {
   containers: Container[];
@@ -88,6 +91,7 @@ describe("the Helm chart", () => {
       "Role/sallyport-leases",
       "Role/sallyport-metrics-reader",
       "RoleBinding/sallyport-leases",
+      "Secret/sallyport-probe-key",
       "Secret/sallyport-webhook-tls",
       "Service/sallyport-agent-metrics",
       "Service/sallyport-controller-metrics",
@@ -116,7 +120,11 @@ describe("the Helm chart", () => {
   });
 
   it("generates a webhook certificate the API server can trust for the webhook's Service", () => {
-    const secret = find<Obj & { data: Record<string, string> }>(defaults, "Secret");
+    const secret = find<Obj & { data: Record<string, string> }>(
+      defaults,
+      "Secret",
+      "sallyport-webhook-tls",
+    );
     const pem = (k: string) => Buffer.from(secret.data[k]!, "base64").toString();
     const ca = new X509Certificate(pem("ca.crt"));
     const cert = new X509Certificate(pem("tls.crt"));
@@ -157,8 +165,17 @@ describe("the Helm chart", () => {
       "--snat-ports=20000-29999",
       "--metrics-port=9191",
       "--lease-duration-ms=4000",
+      "--probe-port=7900",
+      "--probe-interval-ms=100",
+      "--probe-multiplier=5",
+      "--probe-hold-down-ms=10000",
+      "--probe-key-file=/etc/sallyport/probe-key/key",
     ])
       assert.ok(container(agent).args.includes(arg), `agent ${arg}`);
+    assert.ok(
+      container(agent).ports?.some((p) => p.name === "probe" && p.containerPort === 7900),
+      "the probe port",
+    );
     for (const arg of [
       "--lease-duration-ms=4000",
       "--webhook-port=10443",
@@ -217,7 +234,7 @@ describe("the Helm chart", () => {
   it("agent.cni.mode: an init container installs sallyport-cni, or removes it; the agent serves it", () => {
     type InitSpec = Omit<PodSpec, "volumes"> & {
       initContainers?: (Container & { name: string; volumeMounts: { mountPath: string }[] })[];
-      volumes?: { name: string; hostPath: { path: string } }[];
+      volumes?: { name: string; hostPath?: { path: string } }[];
     };
     const spec = (objs: Obj[]) => find<Workload>(objs, "DaemonSet").spec.template.spec as InitSpec;
     assert.equal(spec(defaults).initContainers, undefined, "disabled by default");
@@ -252,7 +269,7 @@ describe("the Helm chart", () => {
       assert.ok(flag !== undefined && known.has(flag), `cni-watch: unknown flag in "${arg}"`);
     }
     const hostPaths = Object.fromEntries(
-      (chained.volumes ?? []).map((v) => [v.name, v.hostPath.path]),
+      (chained.volumes ?? []).map((v) => [v.name, v.hostPath?.path]),
     );
     assert.equal(hostPaths["cni-bin"], "/var/lib/rancher/k3s/data/current/bin");
     assert.equal(hostPaths["cni-conf"], "/var/lib/rancher/k3s/agent/etc/cni/net.d");
@@ -268,6 +285,76 @@ describe("the Helm chart", () => {
     assert.throws(() => template({ set: ["agent.cni.mode=sometimes"] }), /\/agent\/cni\/mode/);
   });
 
+  it("node leases at kubelet's pace by default, the same for the controller and the agents", () => {
+    for (const kind of ["Deployment", "DaemonSet"]) {
+      const args = container(find<Workload>(defaults, kind)).args;
+      for (const arg of [
+        "--lease-renew-ms=10000",
+        "--lease-duration-ms=40000",
+        "--lease-grace-ms=10000",
+      ])
+        assert.ok(args.includes(arg), `${kind} ${arg}`);
+    }
+  });
+
+  it("authenticates the agents' liveness probes with a key of its own, mounted read-only", () => {
+    const agent = find<Workload>(defaults, "DaemonSet");
+    const args = container(agent).args;
+    for (const arg of [
+      "--probe-port=7800",
+      "--probe-interval-ms=50",
+      "--probe-multiplier=4",
+      "--probe-hold-down-ms=5000",
+      "--probe-key-file=/etc/sallyport/probe-key/key",
+    ])
+      assert.ok(args.includes(arg), `agent ${arg}`);
+    assert.ok(!args.some((a) => a.startsWith("--fence-port")));
+    assert.deepEqual(
+      container(agent).ports?.find((p) => p.name === "probe"),
+      { name: "probe", containerPort: 7800, protocol: "UDP" },
+    );
+    assert.ok(!container(agent).ports?.some((p) => p.name === "fence"));
+    // The Secret, generated: 32 random bytes (the agent wants at least 16), new at every render
+    // without a cluster to read the earlier one back from (upgrade_test.ts: kept across upgrades).
+    type Secret = Obj & { type: string; data: Record<string, string> };
+    const keyOf = (objs: Obj[]) => {
+      const secret = find<Secret>(objs, "Secret", "sallyport-probe-key");
+      assert.equal(secret.metadata.namespace, "sallyport-system");
+      assert.equal(secret.type, "Opaque");
+      assert.deepEqual(Object.keys(secret.data), ["key"]);
+      return Buffer.from(secret.data.key!, "base64");
+    };
+    const key = keyOf(defaults);
+    assert.equal(key.length, 32);
+    assert.notDeepEqual(keyOf(objects(template())), key, "random");
+    // Mounted read-only where --probe-key-file points, readable by the agent (root) only.
+    const mount = container(agent).volumeMounts?.find((m) => m.name === "probe-key");
+    assert.deepEqual(mount, {
+      name: "probe-key",
+      mountPath: "/etc/sallyport/probe-key",
+      readOnly: true,
+    });
+    assert.deepEqual(
+      (agent.spec.template.spec.volumes as { name: string }[]).find((v) => v.name === "probe-key"),
+      { name: "probe-key", secret: { secretName: "sallyport-probe-key", defaultMode: 0o400 } },
+    );
+    // The kubelet mounts it: no role of the chart, the agent's included, grants Secrets.
+    for (const role of defaults.filter((o) => /^(Cluster)?Role$/.test(o.kind))) {
+      const rules = (role as Obj & { rules: { resources?: string[] }[] }).rules;
+      assert.ok(
+        !rules.some((r) => r.resources?.includes("secrets")),
+        `${role.kind}/${role.metadata.name}`,
+      );
+    }
+    // agent.probe.keySource external (ci/full-values.yaml): the same mount, no Secret rendered.
+    const fullAgent = find<Workload>(full, "DaemonSet");
+    assert.ok(!full.some((o) => o.kind === "Secret"));
+    assert.deepEqual(
+      container(fullAgent).volumeMounts?.find((m) => m.name === "probe-key"),
+      mount,
+    );
+  });
+
   it("its schema rejects unknown keys and bad values, with the path", () => {
     for (const [set, message] of [
       ["controler.replicas=3", /additional properties 'controler' not allowed/],
@@ -275,6 +362,11 @@ describe("the Helm chart", () => {
       ["webhook.certificate.source=vault", /\/webhook\/certificate\/source/],
       ["image.pullPolicy=Sometimes", /\/image\/pullPolicy/],
       ["leases.renewMs=0", /\/leases\/renewMs/],
+      ["agent.fencePort=7800", /additional properties 'fencePort' not allowed/],
+      ["agent.probe.interval=50", /additional properties 'interval' not allowed/],
+      ["agent.probe.port=70000", /\/agent\/probe\/port/],
+      ["agent.probe.multiplier=1", /\/agent\/probe\/multiplier/],
+      ["agent.probe.keySource=vault", /\/agent\/probe\/keySource/],
     ] as const) {
       assert.throws(() => template({ set: [set] }), message, set);
     }
