@@ -1,0 +1,870 @@
+import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
+import { describe, it } from "node:test";
+import fc from "fast-check";
+import { type Clock, FakeClock } from "../lib/clock.ts";
+import { silentLogger } from "../lib/log.ts";
+import {
+  confirmMs,
+  type DownState,
+  decodeProbe,
+  encodeProbe,
+  judge,
+  Liveness,
+  type LivenessTiming,
+  type Member,
+  type ProbeTransport,
+  type Report,
+  votersOf,
+} from "./liveness.ts";
+
+const TIMING: LivenessTiming = { intervalMs: 50, multiplier: 4, holdDownMs: 5000 };
+const I = TIMING.intervalMs;
+/** D: a node not heard for this long is not heard. */
+const D = I * TIMING.multiplier;
+/** How long m "down" votes must hold before a gateway is judged down. */
+const CONFIRM = confirmMs(TIMING);
+const KEY = Buffer.from("0123456789abcdef0123456789abcdef");
+const WALL0 = 1_700_000_000_000;
+
+function membersOf(gateways: string[], others: string[]): Map<string, Member> {
+  const all = [
+    ...gateways.map((name) => ({ name, gatewayCapable: true, address: name })),
+    ...others.map((name) => ({ name, gatewayCapable: false, address: name })),
+  ];
+  return new Map(all.map((m) => [m.name, m]));
+}
+
+/** node-1 is not gateway-capable; node-2 (the holder) and node-3 (its standby) are. */
+const THREE = membersOf(["node-2", "node-3"], ["node-1"]);
+
+describe("votersOf()", () => {
+  it("is every gateway-capable node and the first two others by name", () => {
+    const members = membersOf(["gw-b", "gw-a"], ["w-3", "w-1", "w-2"]);
+    assert.deepEqual(votersOf(members.values()), ["gw-a", "gw-b", "w-1", "w-2"]);
+  });
+
+  it("is the same list whatever order the members come in", () => {
+    const members = [...membersOf(["gw-b", "gw-a", "gw-c"], ["w-3", "w-1", "w-2", "w-0"]).values()];
+    const expected = ["gw-a", "gw-b", "gw-c", "w-0", "w-1"];
+    assert.deepEqual(votersOf(members), expected);
+    assert.deepEqual(votersOf([...members].reverse()), expected);
+  });
+
+  it("takes every other node when there are fewer than two", () => {
+    assert.deepEqual(votersOf(membersOf(["gw"], ["w"]).values()), ["gw", "w"]);
+    assert.deepEqual(votersOf(membersOf(["gw-2", "gw-1"], []).values()), ["gw-1", "gw-2"]);
+  });
+});
+
+describe("encodeProbe() / decodeProbe()", () => {
+  const probe = {
+    n: "node-2",
+    t: WALL0,
+    ok: true,
+    h: { "node-3": 12 },
+    u: ["node-3"],
+    d: ["node-4"],
+  };
+
+  it("round-trips a probe with a key", () => {
+    assert.deepEqual(decodeProbe(encodeProbe(probe, KEY), KEY), { v: 1, ...probe });
+    const restart = { ...probe, r: 10_000 };
+    assert.deepEqual(decodeProbe(encodeProbe(restart, KEY), KEY), { v: 1, ...restart });
+  });
+
+  it("rejects a probe with any byte flipped", () => {
+    const msg = encodeProbe(probe, KEY);
+    for (let i = 0; i < msg.length; i++) {
+      const bad = Buffer.from(msg);
+      bad[i] = bad[i]! ^ 0x01;
+      assert.equal(decodeProbe(bad, KEY), undefined, `byte ${i} flipped`);
+    }
+  });
+
+  it("rejects a probe signed with another key, or without its MAC", () => {
+    assert.equal(decodeProbe(encodeProbe(probe, Buffer.from("another key")), KEY), undefined);
+    assert.equal(decodeProbe(encodeProbe(probe, undefined), KEY), undefined);
+    const msg = encodeProbe(probe, KEY);
+    assert.equal(decodeProbe(msg.subarray(0, msg.length - 32), KEY), undefined);
+    assert.equal(decodeProbe(msg.subarray(0, 32), KEY), undefined);
+    assert.equal(decodeProbe(Buffer.alloc(0), KEY), undefined);
+  });
+
+  it("decodes plain JSON without a key", () => {
+    assert.deepEqual(decodeProbe(encodeProbe(probe, undefined), undefined), { v: 1, ...probe });
+  });
+
+  it("rejects malformed JSON and fields of the wrong type, signed or not", () => {
+    const sign = (body: Buffer) =>
+      Buffer.concat([body, createHmac("sha256", KEY).update(body).digest()]);
+    const good = Buffer.from(JSON.stringify({ v: 1, ...probe }));
+    assert.deepEqual(decodeProbe(sign(good), KEY), { v: 1, ...probe }, "signed as it should be");
+    const wrong: unknown[] = [
+      { v: 2 },
+      { v: undefined },
+      { n: 7 },
+      { t: "now" },
+      { ok: "yes" },
+      { h: null },
+      { h: [3] },
+      { h: { "node-3": "12" } },
+      { h: { "node-3": -1 } },
+      { d: "node-4" },
+      { d: [4] },
+      { d: undefined },
+      { u: [3] },
+      { u: undefined },
+      { r: -1 },
+      { r: "10" },
+    ].map((w) => ({ v: 1, ...probe, ...(w as object) }));
+    const bodies = [
+      ...[...wrong, null, [], 42, "probe"].map((w) => JSON.stringify(w)),
+      "{",
+      "",
+      "not json",
+      '{"v":1,"n":"node-2"',
+    ];
+    for (const text of bodies) {
+      const body = Buffer.from(text);
+      assert.equal(decodeProbe(body, undefined), undefined, `${text} without a key`);
+      assert.equal(decodeProbe(sign(body), KEY), undefined, `${text} signed`);
+    }
+  });
+});
+
+/** One node's side of judge(): the probes it received so far, and the state judge() keeps. */
+class Judge {
+  readonly reports = new Map<string, Report>();
+  readonly heardAt = new Map<string, number>();
+  readonly state = new Map<string, DownState>();
+  readonly self: string;
+  readonly members: ReadonlyMap<string, Member>;
+
+  constructor(self: string, members: ReadonlyMap<string, Member> = THREE) {
+    this.self = self;
+    this.members = members;
+  }
+
+  /**
+   * A probe of `from`, sent at `at`: the gateways it hears (ms since), those it holds down, and
+   * those it heard since it started (by default every gateway: its votes count).
+   */
+  probe(
+    from: string,
+    at: number,
+    hears: Record<string, number>,
+    options: { down?: string[]; ever?: string[] } = {},
+  ): void {
+    const gateways = [...this.members.values()].filter((m) => m.gatewayCapable);
+    this.heardAt.set(from, at);
+    this.reports.set(from, {
+      at,
+      hears: new Map(Object.entries(hears)),
+      ever: new Set(options.ever ?? gateways.map((m) => m.name)),
+      down: new Set(options.down ?? []),
+      apiOk: true,
+    });
+  }
+
+  at(now: number) {
+    return judge({
+      self: this.self,
+      now,
+      timing: TIMING,
+      members: this.members,
+      reports: this.reports,
+      heardAt: this.heardAt,
+      state: this.state,
+    });
+  }
+}
+
+describe("judge()", () => {
+  it("judges a gateway down once a majority of the voters said so for the confirmation time, not before", () => {
+    const j = new Judge("node-3");
+    j.probe("node-2", 0, { "node-3": 5 });
+    j.probe("node-1", 0, { "node-2": 3, "node-3": 4 });
+    for (let t = 0; t < D; t += 10) {
+      const v = j.at(t);
+      assert.deepEqual([...v.down], [], `at ${t}`);
+      assert.equal(v.nextCheck, D, `at ${t}: judge again when node-2's D runs out`);
+    }
+    // node-1 no longer hears node-2: one vote of the two needed while node-3 still hears it.
+    j.probe("node-1", D - 10, { "node-3": 4 });
+    assert.deepEqual([...j.at(D - 1).down], []);
+    // From D node-3 does not hear it either.
+    const first = j.at(D);
+    assert.deepEqual([...first.down], []);
+    assert.deepEqual([...first.hears.keys()], []);
+    assert.equal(first.nextCheck, D + CONFIRM, "judge again when it is confirmed");
+    const almost = j.at(D + CONFIRM - 1);
+    assert.deepEqual([...almost.down], []);
+    assert.equal(almost.nextCheck, D + CONFIRM);
+    const then = j.at(D + CONFIRM);
+    assert.deepEqual([...then.down], ["node-2"]);
+    assert.equal(then.nextCheck, undefined);
+  });
+
+  it("does not judge a gateway down on its own word, nor on a voter whose probe is stale", () => {
+    const j = new Judge("node-3");
+    j.probe("node-2", 0, { "node-3": 5 });
+    j.probe("node-1", 0, { "node-2": 3, "node-3": 4 });
+    // From D node-3 does not hear node-2, and node-1's last probe (listing it) is stale.
+    for (let t = D; t < 2000; t += 10) {
+      const v = j.at(t);
+      assert.deepEqual([...v.down], [], `at ${t}`);
+      assert.equal(v.nextCheck, undefined);
+    }
+    // node-1 hears node-2 again (node-3 alone does not): one vote of three.
+    for (let t = 2000; t < 3000; t += 10) {
+      j.probe("node-1", t, { "node-2": 3, "node-3": 4 });
+      assert.deepEqual([...j.at(t).down], [], `at ${t}`);
+    }
+  });
+
+  it("gives no vote against a gateway to a voter that never heard it since it started", () => {
+    const j = new Judge("node-3");
+    j.probe("node-2", 0, { "node-3": 5 });
+    j.probe("node-1", D - 10, { "node-3": 4 }, { ever: ["node-3"] });
+    for (let t = D; t < D + 100; t += 5) assert.deepEqual([...j.at(t).down], [], `at ${t}`);
+    j.probe("node-1", D + 100, { "node-3": 4 });
+    j.at(D + 100);
+    assert.deepEqual([...j.at(D + 100 + CONFIRM).down], ["node-2"], "once it has heard it");
+    // Nor does this node itself, when it never heard the gateway.
+    const fresh = new Judge("node-3");
+    fresh.probe("node-1", 0, { "node-3": 4 });
+    for (let t = 0; t < D; t += 5) assert.deepEqual([...fresh.at(t).down], [], `at ${t}`);
+  });
+
+  it("starts the confirmation over when the majority breaks", () => {
+    const j = new Judge("node-3");
+    j.probe("node-2", 0, { "node-3": 5 });
+    j.probe("node-1", D - 10, { "node-3": 4 });
+    assert.equal(j.at(D).nextCheck, D + CONFIRM);
+    // node-1 hears node-2 again before it is confirmed: no longer a majority.
+    j.probe("node-1", D + 10, { "node-2": 1, "node-3": 4 });
+    assert.equal(j.at(D + 10).nextCheck, undefined);
+    j.probe("node-1", D + 20, { "node-3": 4 });
+    assert.equal(j.at(D + 20).nextCheck, D + 20 + CONFIRM, "confirmed from the new majority on");
+    assert.deepEqual([...j.at(D + 20 + CONFIRM - 1).down], []);
+    assert.deepEqual([...j.at(D + 20 + CONFIRM).down], ["node-2"]);
+  });
+
+  it("gives the holder support until the voters listing it may stop hearing it", () => {
+    const j = new Judge("node-2");
+    assert.equal(j.at(0).supportedUntil, Number.NEGATIVE_INFINITY, "no probes: no support");
+    // node-1 heard node-2 30 ms before it sent its probe at 100; node-3 10 ms before 120.
+    j.probe("node-1", 100, { "node-2": 30, "node-3": 3 });
+    j.probe("node-3", 120, { "node-2": 10 });
+    const v = j.at(130);
+    assert.ok(v.decides);
+    // m = 2: itself and the other voter that hears it the longest, less half an interval.
+    assert.equal(v.supportedUntil, 120 - 10 + D - I / 2);
+    // A voter whose probe does not list it supports nothing.
+    j.probe("node-3", 140, {});
+    assert.equal(j.at(150).supportedUntil, 100 - 30 + D - I / 2);
+    j.probe("node-1", 160, { "node-3": 3 });
+    assert.equal(j.at(170).supportedUntil, Number.NEGATIVE_INFINITY);
+  });
+
+  it("takes no support from a voter that holds the node down, even hearing it", () => {
+    const j = new Judge("node-2");
+    j.probe("node-1", 100, { "node-2": 10, "node-3": 3 });
+    j.probe("node-3", 100, { "node-2": 10 }, { down: ["node-2"] });
+    const v = j.at(110);
+    assert.equal(v.supportedUntil, 100 - 10 + D - I / 2, "node-1's support only");
+    assert.equal(v.announcedDown, true);
+    // node-1 too relays that node-2 is down.
+    j.probe("node-1", 120, { "node-2": 10, "node-3": 3 }, { down: ["node-2"] });
+    assert.equal(j.at(130).supportedUntil, Number.NEGATIVE_INFINITY);
+  });
+
+  it("needs the (m − 1)-th longest support among the other voters, and only voters count", () => {
+    // Voters: node-2, node-3, node-4, node-1, node-5 (m = 3); node-6 is not one.
+    const members = membersOf(["node-2", "node-3", "node-4"], ["node-1", "node-5", "node-6"]);
+    assert.deepEqual(votersOf(members.values()), [
+      "node-2",
+      "node-3",
+      "node-4",
+      "node-1",
+      "node-5",
+    ]);
+    const j = new Judge("node-2", members);
+    j.probe("node-6", 100, { "node-2": 0 });
+    j.probe("node-5", 100, { "node-2": 50 });
+    assert.equal(j.at(100).supportedUntil, Number.NEGATIVE_INFINITY, "one voter of the two needed");
+    j.probe("node-3", 100, { "node-2": 20 });
+    assert.equal(j.at(100).supportedUntil, 100 - 50 + D - I / 2);
+    j.probe("node-1", 100, { "node-2": 10 });
+    j.probe("node-4", 100, { "node-2": 40 });
+    // Supports from 80, 90, 60 and 50 (+ D − I/2): the second longest.
+    assert.equal(j.at(100).supportedUntil, 100 - 20 + D - I / 2);
+  });
+
+  it("decides nothing with fewer than three voters", () => {
+    const j = new Judge("node-3", membersOf(["node-2", "node-3"], []));
+    j.probe("node-2", 0, {});
+    for (const t of [0, D, 10 * D]) {
+      const v = j.at(t);
+      assert.equal(v.decides, false);
+      assert.equal(v.supportedUntil, Number.POSITIVE_INFINITY);
+      assert.deepEqual([...v.down], []);
+      assert.equal(v.nextCheck, undefined);
+    }
+    assert.equal(j.state.size, 0);
+  });
+
+  it("keeps a gateway judged down until a majority hears it again for the hold-down", () => {
+    const j = new Judge("node-3");
+    j.probe("node-2", 0, { "node-3": 5 });
+    j.probe("node-1", D - 10, { "node-3": 4 });
+    j.at(D);
+    assert.deepEqual([...j.at(D + CONFIRM).down], ["node-2"]);
+    // node-2 is back: node-3 hears it, node-1 says it does (and node-2's own probe counts).
+    const back = D + 100;
+    let t = back;
+    for (; t < back + TIMING.holdDownMs; t += 10) {
+      j.probe("node-2", t, { "node-3": 1 });
+      j.probe("node-1", t, { "node-2": 1, "node-3": 1 });
+      const v = j.at(t);
+      assert.deepEqual([...v.down], ["node-2"], `at ${t}`);
+      assert.ok(v.nextCheck! <= back + TIMING.holdDownMs);
+    }
+    j.probe("node-2", t, { "node-3": 1 });
+    j.probe("node-1", t, { "node-2": 1, "node-3": 1 });
+    assert.deepEqual([...j.at(t).down], []);
+    assert.equal(j.state.size, 0);
+  });
+
+  it("starts the hold-down over when the majority hearing the gateway breaks", () => {
+    const j = new Judge("node-3");
+    j.probe("node-2", 0, { "node-3": 5 });
+    j.probe("node-1", D - 10, { "node-3": 4 });
+    j.at(D);
+    j.at(D + CONFIRM);
+    const back = 1000;
+    for (let t = back; t < back + 3000; t += 10) {
+      j.probe("node-2", t, { "node-3": 1 });
+      j.probe("node-1", t, { "node-2": 1, "node-3": 1 });
+      j.at(t);
+    }
+    // node-2 falls silent again (node-1, which still says it hears it, is no majority).
+    for (let t = back + 3000; t <= back + 3000 + D; t += 10) {
+      j.probe("node-1", t, { "node-2": 1, "node-3": 1 });
+      assert.deepEqual([...j.at(t).down], ["node-2"], `at ${t}`);
+    }
+    const again = back + 3000 + D + 10;
+    for (let t = again; t < again + TIMING.holdDownMs; t += 10) {
+      j.probe("node-2", t, { "node-3": 1 });
+      j.probe("node-1", t, { "node-2": 1, "node-3": 1 });
+      assert.deepEqual([...j.at(t).down], ["node-2"], `at ${t}`);
+    }
+    j.probe("node-2", again + TIMING.holdDownMs, { "node-3": 1 });
+    assert.deepEqual([...j.at(again + TIMING.holdDownMs).down], []);
+  });
+
+  it("makes a node that is not gateway-capable hold down what its fresh gateways announce", () => {
+    const j = new Judge("node-1");
+    j.probe("node-3", 100, {}, { down: ["node-2"] });
+    assert.deepEqual([...j.at(150).down], ["node-2"]);
+    // node-2 says nothing of itself, and node-1 judges nothing on its own.
+    j.probe("node-2", 150, { "node-3": 1 });
+    assert.deepEqual([...j.at(160).down], ["node-2"]);
+    // The announcement goes stale after D.
+    assert.deepEqual([...j.at(100 + D - 1).down], ["node-2"]);
+    assert.deepEqual([...j.at(100 + D).down], []);
+    assert.equal(j.state.size, 0);
+  });
+
+  it("tells a node that a fresh probe holds it down", () => {
+    const j = new Judge("node-2");
+    j.probe("node-1", 100, { "node-2": 1, "node-3": 1 });
+    j.probe("node-3", 100, { "node-2": 1 });
+    assert.equal(j.at(110).announcedDown, false);
+    j.probe("node-3", 120, {}, { down: ["node-2"] });
+    assert.equal(j.at(130).announcedDown, true);
+    assert.equal(j.at(120 + D).announcedDown, false, "not once the probe is stale");
+    j.probe("node-1", 400, { "node-3": 1 }, { down: ["node-2"] });
+    assert.equal(j.at(410).announcedDown, true, "relayed by a node that is no gateway");
+  });
+});
+
+/**
+ * An in-memory underlay between Liveness instances: per directed link a drop switch, a latency,
+ * and nodes that can be frozen (their timers and the probes they receive wait until they thaw,
+ * as a stopped process's do).
+ */
+class Network {
+  readonly clock = new FakeClock();
+  /** Directed links that drop everything, as "from>to". */
+  readonly cut = new Set<string>();
+  readonly #frozen = new Map<string, (() => void)[]>();
+  readonly #inboxes = new Map<string, (msg: Buffer) => void>();
+  /** Every probe sent, while `record` is on (to replay them). */
+  readonly sent: { from: string; to: string; at: number; msg: Buffer }[] = [];
+  record = true;
+  latency: () => number = () => 0;
+
+  transport(node: string): ProbeTransport {
+    return {
+      start: (onMessage) => this.#inboxes.set(node, onMessage),
+      send: (msg, to) => {
+        if (this.record) this.sent.push({ from: node, to, at: this.clock.now(), msg });
+        this.clock.after(this.latency(), () => {
+          if (!this.cut.has(`${node}>${to}`)) this.inject(to, msg);
+        });
+      },
+      stop: () => this.#inboxes.delete(node),
+    };
+  }
+
+  /** A datagram arrives at `to` (from anyone: a forger or a replayer too). */
+  inject(to: string, msg: Buffer): void {
+    this.#run(to, () => this.#inboxes.get(to)?.(msg));
+  }
+
+  /** The clock as `node` sees it: its timers wait while it is frozen. */
+  clockFor(node: string): Clock {
+    const clock = this.clock;
+    return {
+      now: () => clock.now(),
+      after: (ms, fn) => {
+        let cancelled = false;
+        const t = clock.after(ms, () => this.#run(node, () => cancelled || fn()));
+        return {
+          cancel: () => {
+            cancelled = true;
+            t.cancel();
+          },
+        };
+      },
+    };
+  }
+
+  #run(node: string, fn: () => void): void {
+    const queue = this.#frozen.get(node);
+    if (queue === undefined) fn();
+    else queue.push(fn);
+  }
+
+  freeze(node: string): void {
+    if (!this.#frozen.has(node)) this.#frozen.set(node, []);
+  }
+
+  thaw(node: string): void {
+    const queue = this.#frozen.get(node);
+    this.#frozen.delete(node);
+    for (const fn of queue ?? []) fn();
+  }
+
+  /** Nothing gets to or from `node`. */
+  isolate(node: string, names: Iterable<string>): void {
+    for (const n of names) {
+      if (n === node) continue;
+      this.cut.add(`${node}>${n}`);
+      this.cut.add(`${n}>${node}`);
+    }
+  }
+}
+
+interface Node {
+  readonly name: string;
+  readonly live: Liveness;
+  /** Until when the kernel fence answers for this node's egress IPs (onHolding; onRelease clears). */
+  fenceUntil: number | undefined;
+}
+
+/** A Liveness per member on `net`, started `stagger` ms apart (nodes do not tick in step). */
+async function startCluster(
+  net: Network,
+  members: ReadonlyMap<string, Member>,
+  options: { stagger?: number; syncMs?: number } = {},
+): Promise<Map<string, Node>> {
+  const nodes = new Map<string, Node>();
+  for (const name of members.keys()) {
+    const clock = net.clockFor(name);
+    const node: Node = {
+      name,
+      fenceUntil: undefined,
+      live: new Liveness({
+        node: name,
+        clock,
+        wallNow: () => WALL0 + clock.now(),
+        log: silentLogger,
+        transport: net.transport(name),
+        key: KEY,
+        timing: TIMING,
+        members: () => members,
+        leaseValid: () => true,
+        apiReachable: () => true,
+        // As the agent: sync the datapath with the down set, then say so in the probes.
+        onChange: () => {
+          clock.after(options.syncMs ?? 2, () => {
+            node.live.announce(node.live.down);
+            node.live.renew();
+          });
+        },
+        onHolding: (forMs) => {
+          node.fenceUntil = clock.now() + forMs;
+        },
+        onRelease: () => {
+          node.fenceUntil = undefined;
+        },
+        refresh: () => {},
+        freshSince: () => true,
+      }),
+    };
+    nodes.set(name, node);
+    node.live.start();
+    await net.clock.advance(options.stagger ?? 17);
+  }
+  return nodes;
+}
+
+function stopCluster(nodes: Map<string, Node>): void {
+  for (const n of nodes.values()) n.live.stop();
+}
+
+const downOf = (n: Node) => [...n.live.down].sort();
+
+/** The kernel fence answers for this node's egress IPs now. */
+const fenceOpen = (n: Node, now: number) => n.fenceUntil !== undefined && now < n.fenceUntil;
+
+function three(nodes: Map<string, Node>): [Node, Node, Node] {
+  return [nodes.get("node-1")!, nodes.get("node-2")!, nodes.get("node-3")!];
+}
+
+/** Cuts the holder node-2 off from everyone `after` ms after the start, and watches. */
+async function cutOffHolder(after: number): Promise<void> {
+  const net = new Network();
+  const nodes = await startCluster(net, THREE);
+  await net.clock.advance(after);
+  const [n1, n2, n3] = three(nodes);
+  assert.equal(n2.live.holding(), true);
+  const cutAt = net.clock.now();
+  const lastProbe = Math.max(...net.sent.filter((m) => m.from === "node-2").map((m) => m.at));
+  net.isolate("node-2", THREE.keys());
+  let releasedAt: number | undefined;
+  let downAt: number | undefined;
+  let relayedAt: number | undefined;
+  while (net.clock.now() < cutAt + 1000) {
+    await net.clock.advance(5);
+    const now = net.clock.now();
+    const holds = n2.live.holding();
+    if (!holds) releasedAt ??= now;
+    if (n3.live.down.has("node-2")) downAt ??= now;
+    if (n1.live.down.has("node-2")) relayedAt ??= now;
+    assert.ok(!(holds && n3.live.down.has("node-2")), `at ${now}: node-2 holds and is down`);
+    assert.ok(
+      !(fenceOpen(n2, now) && n3.live.down.has("node-2")),
+      `at ${now}: node-2's kernel fence answers and it is down`,
+    );
+  }
+  assert.ok(downAt !== undefined, "node-3 judges node-2 down");
+  const when = `${downAt - cutAt} ms after the cut, ${downAt - lastProbe} after its last probe`;
+  assert.ok(downAt - cutAt <= D + 2 * I, `down ${when}`);
+  assert.ok(downAt - lastProbe >= D + CONFIRM, `down ${when}`);
+  assert.ok(releasedAt !== undefined && releasedAt < downAt, "node-2 let go first");
+  assert.ok(relayedAt !== undefined && relayedAt - downAt <= I, "node-1 learns it within I");
+  assert.deepEqual(downOf(n1), ["node-2"]);
+  assert.deepEqual(downOf(n3), ["node-2"]);
+  assert.deepEqual(downOf(n2), [], "node-2 has no majority to judge anyone down");
+  assert.equal(n3.live.holding(), true, "node-3 still has its majority");
+  stopCluster(nodes);
+}
+
+describe("Liveness", () => {
+  it("makes the holder hold and judges nobody down when every link is up", async () => {
+    const net = new Network();
+    const nodes = await startCluster(net, THREE);
+    await net.clock.advance(4 * I);
+    const [, n2, n3] = three(nodes);
+    assert.equal(n2.live.holding(), true);
+    assert.equal(n3.live.holding(), true);
+    assert.ok(fenceOpen(n2, net.clock.now()), "the kernel fence answers for it");
+    for (const n of nodes.values()) assert.deepEqual(downOf(n), [], n.name);
+    for (let t = 0; t < 2000; t += 5) {
+      await net.clock.advance(5);
+      assert.equal(n2.live.holding(), true, `at ${net.clock.now()}`);
+      assert.ok(fenceOpen(n2, net.clock.now()));
+      for (const n of nodes.values()) assert.deepEqual(downOf(n), []);
+    }
+    const rejected = [...nodes.values()].reduce((sum, n) => sum + n.live.rejected, 0);
+    assert.equal(rejected, 0, "no probe is rejected");
+    stopCluster(nodes);
+  });
+
+  it("judges a holder cut off from everyone down within D + 2 intervals, after it let go", async () => {
+    // Whatever the cut's phase against the nodes' ticks.
+    for (let phase = 0; phase < I; phase += 7) await cutOffHolder(500 + phase);
+  });
+
+  it("drops forged, unauthenticated and replayed probes, and counts them", async () => {
+    const net = new Network();
+    const nodes = await startCluster(net, THREE);
+    await net.clock.advance(500);
+    const [, n2] = three(nodes);
+    assert.equal(n2.live.holding(), true);
+    const received = net.sent.filter((m) => m.from === "node-1" && m.to === "node-2");
+    // node-2 hears nobody any more (it still sends): no support.
+    net.cut.add("node-1>node-2");
+    net.cut.add("node-3>node-2");
+    await net.clock.advance(D);
+    assert.equal(n2.live.holding(), false);
+    const rejected = n2.live.rejected;
+    const wall = () => WALL0 + net.clock.now();
+    // node-1 hears node-2: what would give it back its support.
+    const claim = (t: number) => ({
+      n: "node-1",
+      t,
+      ok: true,
+      h: { "node-2": 0 },
+      u: ["node-2", "node-3"],
+      d: [],
+    });
+    net.inject("node-2", encodeProbe(claim(wall()), Buffer.from("not the key")));
+    net.inject("node-2", encodeProbe(claim(wall() + 1), undefined));
+    // An earlier probe, and the last one it received, again.
+    net.inject("node-2", received.at(-3)!.msg);
+    net.inject("node-2", received.at(-1)!.msg);
+    // Its own name, or a clock more than 2 s off.
+    net.inject("node-2", encodeProbe({ ...claim(wall() + 2), n: "node-2" }, KEY));
+    net.inject("node-2", encodeProbe(claim(wall() - 2001), KEY));
+    net.inject("node-2", encodeProbe(claim(wall() + 2001), KEY));
+    assert.equal(n2.live.rejected - rejected, 7);
+    assert.equal(n2.live.holding(), false, "none of them gave it support");
+    // The same claim, authentic and fresh, would have.
+    net.inject("node-2", encodeProbe(claim(wall()), KEY));
+    assert.equal(n2.live.rejected - rejected, 7);
+    assert.equal(n2.live.holding(), true);
+    stopCluster(nodes);
+  });
+
+  it("keeps a holder that comes back down for the hold-down, and its fence closed", async () => {
+    const net = new Network();
+    const nodes = await startCluster(net, THREE);
+    await net.clock.advance(500);
+    const [n1, n2, n3] = three(nodes);
+    net.isolate("node-2", THREE.keys());
+    await net.clock.advance(D + 2 * I);
+    assert.deepEqual(downOf(n3), ["node-2"]);
+    net.cut.clear();
+    const back = net.clock.now();
+    while (net.clock.now() < back + TIMING.holdDownMs) {
+      await net.clock.advance(5);
+      const now = net.clock.now();
+      assert.deepEqual(downOf(n3), ["node-2"], `at ${now}`);
+      assert.equal(n2.live.holding(), false, `at ${now}`);
+      assert.ok(!fenceOpen(n2, now), `at ${now}`);
+    }
+    // Live again once it has been heard for the hold-down (give the probes an interval or two).
+    await net.clock.advance(2 * I);
+    for (const n of [n1, n2, n3]) assert.deepEqual(downOf(n), [], n.name);
+    assert.equal(n2.live.holding(), true);
+    stopCluster(nodes);
+  });
+
+  it("keeps a holder judged down from answering when only a node that is no gateway hears it", async () => {
+    const net = new Network();
+    const nodes = await startCluster(net, THREE);
+    await net.clock.advance(500);
+    const [n1, n2, n3] = three(nodes);
+    net.isolate("node-2", THREE.keys());
+    await net.clock.advance(D + 2 * I);
+    assert.deepEqual(downOf(n3), ["node-2"]);
+    assert.equal(n3.live.holding(), true, "node-3 answers for node-2's egress IPs");
+    // node-1 and node-2 hear each other again; node-2 and node-3 still do not.
+    net.cut.delete("node-1>node-2");
+    net.cut.delete("node-2>node-1");
+    for (let t = 0; t < 1000; t += 5) {
+      await net.clock.advance(5);
+      const now = net.clock.now();
+      assert.deepEqual(downOf(n1), ["node-2"], `at ${now}`);
+      assert.ok(!fenceOpen(n2, now), `at ${now}: node-2 answers`);
+      assert.ok(fenceOpen(n3, now), `at ${now}: node-3 does not`);
+    }
+    stopCluster(nodes);
+  });
+
+  it("does not let a holder thawed after a freeze answer on the probes queued meanwhile", async () => {
+    const net = new Network();
+    const nodes = await startCluster(net, THREE);
+    await net.clock.advance(500);
+    const [, n2, n3] = three(nodes);
+    net.freeze("node-2");
+    // The probes sent to it in the first 100 ms (which still list it) wait in its socket.
+    await net.clock.advance(100);
+    net.cut.add("node-1>node-2");
+    net.cut.add("node-3>node-2");
+    await net.clock.advance(900);
+    assert.deepEqual(downOf(n3), ["node-2"]);
+    const thawed = net.clock.now();
+    net.thaw("node-2");
+    while (net.clock.now() < thawed + 500) {
+      const now = net.clock.now();
+      assert.ok(!fenceOpen(n2, now), `at ${now}: node-2 answers on stale probes`);
+      assert.equal(n2.live.holding(), false, `at ${now}`);
+      await net.clock.advance(5);
+    }
+    stopCluster(nodes);
+  });
+
+  // BUG (src/agent/liveness.ts): a standby counts a voter's "down" vote, and that voter's support
+  // of itself, for D after the voter's probe; meanwhile the voter may hear the holder again and
+  // support it. Here node-1 stops hearing node-2 (node-2 still holds on node-3's support), node-2
+  // is then cut off from node-3 for 100 ms, then node-3 is cut off from everyone while node-1 and
+  // node-2 hear each other again: node-3 judges node-2 down on node-1's last probe (sent before
+  // the cut, "not hearing node-2") and answers on that same probe's support, while node-2 answers
+  // on node-1's new probes. Both answer, for 10 to 70 ms, at every phase of the cut.
+  it.todo("does not let a standby take over on a voter's stale word while the holder is supported again", async () => {
+    for (let phase = 0; phase < I; phase += 7) {
+      const net = new Network();
+      const nodes = await startCluster(net, THREE);
+      await net.clock.advance(500);
+      const [, n2, n3] = three(nodes);
+      net.cut.add("node-1>node-2");
+      net.cut.add("node-2>node-1");
+      await net.clock.advance(400 + phase);
+      net.isolate("node-2", THREE.keys());
+      await net.clock.advance(100);
+      net.cut.clear();
+      net.isolate("node-3", THREE.keys());
+      for (let t = 0; t < 1000; t += 5) {
+        await net.clock.advance(5);
+        const now = net.clock.now();
+        const standby = n3.live.down.has("node-2") && fenceOpen(n3, now);
+        assert.ok(!(standby && fenceOpen(n2, now)), `phase ${phase}, at ${now}: both answer`);
+      }
+      stopCluster(nodes);
+    }
+  });
+});
+
+/** A small deterministic PRNG (mulberry32): the latencies of a run. */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const STEP = 5;
+const RUN_MS = 3000;
+
+const arbEpoch = fc.record({
+  ms: fc.integer({ min: STEP, max: 600 }),
+  /** Per directed link (up to 20 with 5 nodes): down when 0 (one in four). */
+  links: fc.array(fc.integer({ min: 0, max: 3 }), { minLength: 20, maxLength: 20 }),
+  /** Also cut every link of one node (an index into the members), or not. */
+  isolate: fc.option(fc.integer({ min: 0, max: 4 }), { nil: undefined }),
+  /** Freeze the holder's agent (one in five). */
+  freeze: fc.integer({ min: 0, max: 4 }).map((x) => x === 0),
+});
+
+const arbScenario = fc.record({
+  /** node-2 (the holder), node-3 and maybe node-4. */
+  gateways: fc.integer({ min: 2, max: 3 }),
+  /** node-1 and maybe one more. */
+  others: fc.integer({ min: 1, max: 2 }),
+  seed: fc.integer(),
+  stagger: fc.integer({ min: 0, max: I - 1 }),
+  epochs: fc.array(arbEpoch, { minLength: 1, maxLength: 12 }),
+});
+
+type Scenario = typeof arbScenario extends fc.Arbitrary<infer T> ? T : never;
+
+/**
+ * Runs a scenario (3 s in 5 ms steps after 300 ms with every link up); returns the first moment
+ * two nodes answer for the holder's egress IPs, if any. The holder node-2 answers while its
+ * kernel fence does (onHolding's deadline, even while its agent is frozen); standby S answers
+ * while its own fence does, once it holds node-2 and every standby before it down. Monotone: links
+ * only fail and a frozen holder stays frozen (nothing comes back).
+ */
+async function twoAnswer(sc: Scenario, monotone: boolean): Promise<string | undefined> {
+  const gateways = Array.from({ length: sc.gateways }, (_, i) => `node-${i + 2}`);
+  const others = [
+    "node-1",
+    ...Array.from({ length: sc.others - 1 }, (_, i) => `node-${sc.gateways + 2 + i}`),
+  ];
+  const members = membersOf(gateways, others);
+  const names = [...members.keys()];
+  const links = names.flatMap((a) => names.filter((b) => b !== a).map((b) => `${a}>${b}`));
+  const net = new Network();
+  net.record = false;
+  const random = prng(sc.seed);
+  net.latency = () => Math.floor(random() * 3);
+  const nodes = await startCluster(net, members, { stagger: sc.stagger });
+  await net.clock.advance(300);
+  const holder = nodes.get("node-2")!;
+  const standbys = gateways.slice(1).map((n) => nodes.get(n)!);
+  const end = net.clock.now() + RUN_MS;
+  try {
+    for (const e of sc.epochs) {
+      if (!monotone) net.cut.clear();
+      e.links.slice(0, links.length).forEach((x, i) => {
+        if (x === 0) net.cut.add(links[i]!);
+      });
+      if (e.isolate !== undefined) net.isolate(names[e.isolate % names.length]!, names);
+      if (e.freeze) net.freeze("node-2");
+      else if (!monotone) net.thaw("node-2");
+      for (let t = 0; t < e.ms && net.clock.now() < end; t += STEP) {
+        await net.clock.advance(STEP);
+        const now = net.clock.now();
+        const answering = fenceOpen(holder, now) ? ["node-2"] : [];
+        standbys.forEach((s, i) => {
+          const down = s.live.down;
+          const takesOver =
+            down.has("node-2") && standbys.slice(0, i).every((b) => down.has(b.name));
+          if (takesOver && fenceOpen(s, now)) answering.push(s.name);
+        });
+        if (answering.length > 1) return `at ${now}: ${answering.join(" and ")} answer`;
+      }
+    }
+    return undefined;
+  } finally {
+    net.thaw("node-2");
+    stopCluster(nodes);
+  }
+}
+
+describe("Liveness under partitions", () => {
+  it("never has two nodes answer for the holder's egress IPs as links fail and the holder freezes", async () => {
+    await fc.assert(
+      fc.asyncProperty(arbScenario, async (sc) => {
+        assert.equal(await twoAnswer(sc, true), undefined, JSON.stringify(sc));
+      }),
+      { numRuns: 100, endOnFailure: true },
+    );
+  });
+
+  // BUG (src/agent/liveness.ts), as above: with links that come back (or a holder that thaws),
+  // about one run in 150 has two nodes answer. The example is one found (3 nodes: node-1 is cut
+  // off, then node-2, then node-3, while node-1 and node-2 hear each other again).
+  it.todo("never has two nodes answer for the holder's egress IPs as partitions come and go", async () => {
+    const found: Scenario = {
+      gateways: 2,
+      others: 1,
+      seed: -1021886300,
+      stagger: 29,
+      epochs: [
+        { ms: 88, links: [0, 1, 2, 0, 1, 1], isolate: 2, freeze: false },
+        { ms: 43, links: [1, 3, 3, 0, 0, 1], isolate: 2, freeze: false },
+        { ms: 120, links: [1, 1, 2, 2, 2, 1], isolate: 3, freeze: false },
+        { ms: 516, links: [1, 3, 1, 0, 1, 0], isolate: 4, freeze: false },
+        { ms: 61, links: [1, 3, 2, 2, 0, 2], isolate: 4, freeze: true },
+        { ms: 257, links: [1, 0, 1, 3, 0, 2], isolate: 3, freeze: false },
+      ].map((e) => ({ ...e, links: [...e.links, ...Array<number>(14).fill(1)] })),
+    };
+    await fc.assert(
+      fc.asyncProperty(arbScenario, async (sc) => {
+        assert.equal(await twoAnswer(sc, false), undefined, JSON.stringify(sc));
+      }),
+      { numRuns: 50, endOnFailure: true, examples: [[found]] },
+    );
+  });
+});
