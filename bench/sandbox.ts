@@ -3,8 +3,9 @@
  *
  *   failover  the gateway node holding the egress IP is cut off (uplink down, agent killed) while
  *             a pod sends a TCP request every 20 ms; the gap is from the last request answered
- *             from the egress IP before the cut to the first one after it. The node is revived
- *             between trials, so successive trials alternate between the two gateway nodes.
+ *             from the egress IP before the cut to the first one after it; a long-lived TCP
+ *             connection and a UDP flow cross it too. The node is revived between trials, so
+ *             successive trials alternate between the two gateway nodes (see failover()).
  *   new-pod   pods created through CNI ADD join a selected set one by one; each sends UDP every
  *             20 ms from the moment ADD returns. Time from ADD returning to the first datagram
  *             the external server sees from the egress IP; leaks are datagrams of the new pods
@@ -18,23 +19,27 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { mustRun } from "../src/kernel/runner.ts";
 import { ours } from "../src/kube/client.ts";
-import { FailoverProbe } from "../src/sandbox/probe.ts";
+import type { Family } from "../src/lib/ip.ts";
+import { FailoverProbe, stream, udpStream } from "../src/sandbox/probe.ts";
 import { Sandbox, type SandboxPod } from "../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../src/sandbox/topology.ts";
 import { EDGE_GATEWAY_YAML } from "../test/fixtures/manifests.ts";
 
 const EIP = "192.168.77.100";
+const EIP6 = "fd00:77::100";
+const EIP_POOL = `pool: ["192.168.77.100-192.168.77.120"]`;
+const EIP6_POOL = `pool: ["fd00:77::100-fd00:77::120"]`;
 const TARGET = `${EXTERNAL[4]}:8080`;
 
-function policy(name: string, app: string): string {
+function policy(name: string, app: string, eip = EIP, family: Family = 4): string {
   return `apiVersion: sallyport.dev/v1alpha1
 kind: EgressPolicy
 metadata: {name: ${name}, namespace: default}
 spec:
   gateway: edge
   podSelector: {matchLabels: {app: ${app}}}
-  destinationCIDRs: ["${EXTERNAL[4]}/32"]
-  egressIP: ["${EIP}"]
+  destinationCIDRs: ["${EXTERNAL[family]}/${family === 4 ? 32 : 128}"]
+  egressIP: ["${eip}"]
 `;
 }
 
@@ -83,30 +88,89 @@ function sender(pod: SandboxPod): ChildProcess {
   return spawn("ip", ["netns", "exec", pod.netns, "bash", "-c", script], { stdio: "ignore" });
 }
 
-export async function failover(trials = 12) {
-  const sb = await sandbox("fo");
+interface FailoverOptions {
+  readonly trials: number;
+  readonly family: Family;
+  /** Kill the controller (the sandbox's only one, so its leader) at the same moment. */
+  readonly killLeader: boolean;
+  /** Policies held by the gateway nodes besides the measured one. */
+  readonly policies: number;
+}
+
+function failoverOptions(argv: readonly string[]): FailoverOptions {
+  const value = (flag: string) => {
+    const i = argv.indexOf(flag);
+    return i < 0 ? undefined : argv[i + 1];
+  };
+  return {
+    trials: Number(value("--trials") ?? 20),
+    family: argv.includes("--ipv6") ? 6 : 4,
+    killLeader: argv.includes("--kill-leader"),
+    policies: Number(value("--policies") ?? 0),
+  };
+}
+
+/**
+ * failover: per trial, three clients in a pod of node-1 through the egress IP while the holder is
+ * cut off (uplink down, agent killed): a new TCP request every 20 ms, each waiting 100 ms at most
+ * (`p50Ms`/`p99Ms`: last answer before the cut to the first after it), one long-lived TCP
+ * connection sending a line every 20 ms (`resets`: connections that broke) and one UDP flow
+ * sending a datagram every 20 ms (`udpLost`: datagrams never answered; `udpGap…`: the longest
+ * time between two answers). Flags: --ipv6, --kill-leader (the controller dies at the
+ * same moment), --policies N (N more policies held by the gateway nodes), --trials N.
+ */
+export async function failover(argv: readonly string[] = process.argv.slice(3)) {
+  const o = failoverOptions(argv);
+  const eip = o.family === 4 ? EIP : EIP6;
+  const target = o.family === 4 ? TARGET : `[${EXTERNAL[6]}]:8080`;
+  const sb = await Sandbox.up({
+    prefix: "spbfo",
+    nodes: 3,
+    families: [o.family],
+    dir: mkdtempSync(join(tmpdir(), "sallyport-bench-")),
+    sallyportCni: process.env.SALLYPORT_BENCH_CNI !== "0",
+  });
   try {
     const pod = await sb.addPod("client", { node: 1, labels: { app: "web" } });
-    await sb.apply(EDGE_GATEWAY_YAML + "---\n" + policy("web", "web"));
+    await sb.apply(
+      (o.family === 4 ? EDGE_GATEWAY_YAML : EDGE_GATEWAY_YAML.replace(EIP_POOL, EIP6_POOL)) +
+        "---\n" +
+        policy("web", "web", eip, o.family),
+    );
+    if (o.policies > 0) await manyPolicies(sb, o.policies, eip, o.family);
     await until(
       () => status(sb, "web"),
       (s) => s?.conditions?.find((c) => c.type === "Ready")?.status === "True",
-      30_000,
+      300_000,
     );
     const gaps: number[] = [];
-    for (let i = 0; i < trials; i++) {
+    const udpGaps: number[] = [];
+    let resets = 0;
+    let udpLost = 0;
+    for (let i = 0; i < o.trials; i++) {
       const holder = Number((await status(sb, "web"))!.gatewayNode!.split("-")[1]);
-      const probe = new FailoverProbe(pod.netns, TARGET, EIP);
+      // A request waits 100 ms for its answer: the gap is measured to ~120 ms (the UDP flow's
+      // gap to 20 ms).
+      const probe = new FailoverProbe(pod.netns, target, eip, 20, 100);
       await probe.start();
-      await new Promise((r) => setTimeout(r, 500));
+      const tcp = stream(pod.netns, target, 4, 20);
+      const udp = udpStream(pod.netns, target, 4, 20);
+      await new Promise((r) => setTimeout(r, 1000));
       const cut = Date.now();
-      await sb.killNode(holder);
+      await Promise.all([sb.killNode(holder), o.killLeader ? sb.stopController("SIGKILL") : 0]);
       const gap = await probe.gapAfter(cut, 30_000);
       await probe.stop();
+      const [t, u] = await Promise.all([tcp, udp]);
       if (gap === undefined) throw new Error(`trial ${i}: traffic did not come back`);
       gaps.push(gap);
-      console.error(`trial ${i + 1}: node-${holder} cut, gap ${gap} ms`);
+      if (t.reset || t.echoed === 0) resets++;
+      udpLost += u.lost;
+      udpGaps.push(u.maxGapMs);
+      console.error(
+        `trial ${i + 1}: node-${holder} cut, gap ${gap} ms, tcp ${t.reset ? "reset" : `${t.echoed}/${t.sent} echoed`}, udp lost ${u.lost}/${u.sent} (gap ${u.maxGapMs} ms)`,
+      );
       await sb.reviveNode(holder);
+      if (o.killLeader) await sb.startController();
       // Wait until the revived node is a live gateway candidate again.
       await until(
         () =>
@@ -117,20 +181,55 @@ export async function failover(trials = 12) {
               "edge",
             ),
         (g) => g?.status?.readyNodes === 2,
-        30_000,
+        60_000,
       );
       await new Promise((r) => setTimeout(r, 1000));
     }
     return {
       bench: "failover",
-      trials,
+      family: o.family,
+      killLeader: o.killLeader,
+      policies: o.policies + 1,
+      trials: o.trials,
       p50Ms: percentile(gaps, 50),
       p99Ms: percentile(gaps, 99),
       maxMs: Math.max(...gaps),
+      udpGapP50Ms: percentile(udpGaps, 50),
+      udpGapP99Ms: percentile(udpGaps, 99),
+      resets,
+      udpLost,
     };
   } finally {
     await sb.destroy();
   }
+}
+
+/** `count` more policies on the gateway, each selecting the client with its own destination. */
+async function manyPolicies(sb: Sandbox, count: number, eip: string, family: Family) {
+  const admin = sb.admin();
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: 16 }, async () => {
+      while (next < count) {
+        const i = next++;
+        await admin.create(ours("EgressPolicy"), {
+          apiVersion: "sallyport.dev/v1alpha1",
+          kind: "EgressPolicy",
+          metadata: { name: `many-${i}`, namespace: "default" },
+          spec: {
+            gateway: "edge",
+            podSelector: { matchLabels: { app: "web" } },
+            destinationCIDRs: [
+              family === 4
+                ? `10.${200 + (i >> 16)}.${(i >> 8) & 255}.${i & 255}/32`
+                : `fd00:200::${i.toString(16)}/128`,
+            ],
+            egressIP: [eip],
+          },
+        });
+      }
+    }),
+  );
 }
 
 /**

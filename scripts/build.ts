@@ -1,7 +1,8 @@
 /**
  * `npm run build`: bundles the `sallyport` command into one ESM file for shipping
- * (dist/sallyport.mjs, what the container image runs), the agent's traffic reader thread into
- * dist/traffic-worker.mjs and the chained CNI plugin into dist/sallyport-cni.mjs beside it. Development runs the .ts files directly.
+ * (dist/sallyport.mjs, what the container image runs), the agent's traffic reader and liveness
+ * threads into dist/traffic-worker.mjs and dist/liveness-worker.mjs, and the chained CNI plugin
+ * into dist/sallyport-cni.mjs beside it. Development runs the .ts files directly.
  *
  *   node scripts/build.ts [--outdir DIR]
  *   node scripts/build.ts --cni-plugin FILE     the chained CNI plugin alone (the sandbox's)
@@ -20,6 +21,10 @@ export async function bundle(outdir = join(REPO, "dist")): Promise<string> {
     // The agent's traffic reader runs in a worker thread, whose program must be a file of its own
     // next to the bundle (src/agent/traffic_worker.ts finds it there).
     bundleOne(join(REPO, "src", "agent", "traffic_worker.ts"), join(outdir, "traffic-worker.mjs")),
+    bundleOne(
+      join(REPO, "src", "agent", "liveness_worker.ts"),
+      join(outdir, "liveness-worker.mjs"),
+    ),
     // The chained CNI plugin: the agent's init container copies it to the host (src/cni/install.ts).
     bundleOne(join(REPO, "src", "cni", "main.ts"), join(outdir, "sallyport-cni.mjs")),
   ]);

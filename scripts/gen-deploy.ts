@@ -1,9 +1,11 @@
 /**
  * Writes the plain manifests deploy/rbac.yaml, deploy/sallyport.yaml and deploy/webhook.yaml by
  * rendering the Helm chart (charts/sallyport, the one source of truth) with `helm template` and
- * its default values, with two differences a plain `kubectl apply` needs:
+ * its default values, with three differences a plain `kubectl apply` needs:
  *   - the webhook's certificate comes from cert-manager: the chart's default generates a CA at
  *     every render (and keeps it across upgrades), which a file in git cannot do;
+ *   - the liveness probes' key (Secret sallyport-probe-key) is the user's to create
+ *     (agent.probe.keySource=external): a key in a file in git would be everyone's key;
  *   - the Namespace, which Helm creates itself (helm install --create-namespace).
  * deploy/grafana-dashboard.json is the chart's dashboards/sallyport.json.
  * The CRDs (deploy/crds/, the chart's crds/) come from scripts/gen-crds.ts.
@@ -14,7 +16,10 @@ import { join } from "node:path";
 import { CHART, RELEASE, REPO, template } from "./helm.ts";
 
 /** What the plain manifests set differently from the chart's defaults. */
-export const PLAIN_SET = ["webhook.certificate.source=certManager"] as const;
+export const PLAIN_SET = [
+  "webhook.certificate.source=certManager",
+  "agent.probe.keySource=external",
+] as const;
 
 const FILES: Record<string, { readonly templates: readonly string[]; readonly header: string }> = {
   "rbac.yaml": {
@@ -27,7 +32,8 @@ const FILES: Record<string, { readonly templates: readonly string[]; readonly he
     templates: ["controller.yaml", "agent.yaml", "metrics.yaml"],
     header: `# Sallyport's workloads: the controller Deployment (and its PodDisruptionBudget), the agent
 # DaemonSet, and the Services of their metrics. The image is what \`make image\` builds: push it to
-# your registry and change the image of both (docs/operations.md).`,
+# your registry and change the image of both (docs/operations.md). Create the Secret
+# sallyport-probe-key first, with a key of your own (see the DaemonSet).`,
   },
   "webhook.yaml": {
     templates: ["webhook.yaml"],

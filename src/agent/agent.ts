@@ -24,7 +24,13 @@ import type {
 import { NodePlanner } from "../engine/node_plan.ts";
 import type { NodePlan } from "../engine/plan.ts";
 import { type PodObject, podInfo, podKey } from "../engine/snapshot.ts";
-import { type LocalFacts, type NodeConfig, policyTargets, withGateway } from "../engine/view.ts";
+import {
+  type LocalFacts,
+  type NodeConfig,
+  type PolicyView,
+  policyTargets,
+  withGateway,
+} from "../engine/view.ts";
 import type { Datapath, KernelState } from "../kernel/datapath.ts";
 import { localFactsFrom } from "../kernel/facts.ts";
 import type { NeighbourFence } from "../kernel/neighbour_fence.ts";
@@ -44,6 +50,7 @@ import {
   type ProbeTransport,
   udpTransport,
 } from "./liveness.ts";
+import { type LivenessHandle, WorkerLiveness } from "./liveness_worker.ts";
 import { AgentState } from "./view.ts";
 
 export interface AgentOptions {
@@ -66,8 +73,13 @@ export interface AgentOptions {
   readonly probeKey?: Buffer | undefined;
   /** Tests: another transport than UDP. */
   readonly probeTransport?: ProbeTransport;
-  /** The kernel side of the fence: ARP/NDP answers for held egress IPs only (processes). */
+  /** The kernel side of the fence: ARP/NDP answers for held egress IPs only (in-thread liveness). */
   readonly neighbourFence?: NeighbourFence | undefined;
+  /**
+   * Liveness in a worker thread of its own (src/agent/liveness_worker.ts), which keeps the kernel
+   * fence itself; processes use it. Otherwise in this thread (tests, with `probeTransport`).
+   */
+  readonly livenessThread?: boolean;
   /**
    * Least time between two EgressNode status writes: while policies keep changing, the reports of
    * what the kernel holds (one entry per policy this node carries) are coalesced into one write
@@ -103,9 +115,13 @@ export class Agent {
   readonly state: AgentState;
   readonly #planner: NodePlanner;
   readonly #renewer: NodeLeaseRenewer;
-  readonly #liveness: Liveness;
+  readonly #liveness: LivenessHandle;
   /** Gateways the data plane judged down, as the planner has them. */
   #down: ReadonlySet<string> = new Set();
+  /** The down set of the last plan: announced once its sync is done. */
+  #plannedDown: ReadonlySet<string> = new Set();
+  #livenessVersion = -1;
+  #lastPlan: NodePlan | undefined;
   /** Policies whose gateway this node moved on its own (to a standby), until the controller agrees. */
   readonly #moved = new Set<string>();
   #addressesRenewedAt = Number.NEGATIVE_INFINITY;
@@ -198,34 +214,53 @@ export class Agent {
       log,
       timing,
     });
-    this.#liveness = new Liveness({
-      node,
-      clock,
-      log,
-      transport: options.probeTransport ?? udpTransport(options.probePort ?? 7800, log),
-      key: options.probeKey,
-      timing: options.liveness ?? DEFAULT_LIVENESS_TIMING,
-      members: () => this.#members(),
-      leaseValid: () => this.#renewer.valid,
-      apiReachable: () => this.#renewer.apiReachable,
-      onChange: () => this.sync.trigger(),
-      onHolding: (forMs) => {
-        // The kernel answers ARP/NDP for what we hold until our support ends (a frozen agent's
-        // node falls silent by itself).
-        options.neighbourFence?.hold(options.datapath.heldEgressIPs(), forMs);
-        // The addresses' own leases (whole seconds) need no renewal every probe.
-        const now = clock.now();
-        if (now - this.#addressesRenewedAt >= 250) {
-          this.#addressesRenewedAt = now;
-          void this.#renewEgressIPs();
-        }
-      },
-      onRelease: () => options.neighbourFence?.release(),
-      refresh: () => {
-        for (const r of this.#reflectors()) r.relist();
-      },
-      freshSince: (t) => this.#reflectors().every((r) => r.listedAt >= t),
-    });
+    const livenessTiming = options.liveness ?? DEFAULT_LIVENESS_TIMING;
+    const refresh = () => {
+      for (const r of this.#reflectors()) r.relist();
+    };
+    this.#liveness = options.livenessThread
+      ? new WorkerLiveness({
+          node,
+          port: options.probePort ?? 7800,
+          key: options.probeKey,
+          timing: livenessTiming,
+          clock,
+          log,
+          members: () => this.#members(),
+          leaseValid: () => this.#renewer.valid,
+          apiReachable: () => this.#renewer.apiReachable,
+          held: () => options.datapath.heldEgressIPs(),
+          listedAt: () => Math.min(...this.#reflectors().map((r) => r.listedAt)),
+          refresh,
+          onChange: () => this.sync.trigger(),
+          onHolding: () => void this.#renewEgressIPs(),
+        })
+      : new Liveness({
+          node,
+          clock,
+          log,
+          transport: options.probeTransport ?? udpTransport(options.probePort ?? 7800, log),
+          key: options.probeKey,
+          timing: livenessTiming,
+          members: () => this.#members(),
+          leaseValid: () => this.#renewer.valid,
+          apiReachable: () => this.#renewer.apiReachable,
+          onChange: () => this.sync.trigger(),
+          onHolding: (forMs) => {
+            // The kernel answers ARP/NDP for what we hold until our support ends (a frozen
+            // agent's node falls silent by itself).
+            options.neighbourFence?.hold(options.datapath.heldEgressIPs(), forMs);
+            // The addresses' own leases (whole seconds) need no renewal every probe.
+            const now = clock.now();
+            if (now - this.#addressesRenewedAt >= 250) {
+              this.#addressesRenewedAt = now;
+              void this.#renewEgressIPs();
+            }
+          },
+          onRelease: () => options.neighbourFence?.release(),
+          refresh,
+          freshSince: (t) => this.#reflectors().every((r) => r.listedAt >= t),
+        });
     this.sync = new DatapathSync({
       datapath: options.datapath,
       clock,
@@ -317,16 +352,17 @@ export class Agent {
    */
   async stop(options: { restartHoldMs?: number } = {}): Promise<void> {
     this.sync.stop();
-    this.#liveness.stop();
-    this.#o.neighbourFence?.close();
-    if (
+    const restart =
       options.restartHoldMs !== undefined &&
-      this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true
-    ) {
+      this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true;
+    if (restart) this.#liveness.handOver(options.restartHoldMs!);
+    else this.#liveness.stop();
+    this.#o.neighbourFence?.close();
+    if (restart) {
       const asked = this.#o.clock.now();
-      const held = await this.#renewer.handOver(options.restartHoldMs);
+      const held = await this.#renewer.handOver(options.restartHoldMs!);
       // The controller keeps this node's egress IPs for the hold: so does the kernel (at most).
-      const seconds = Math.floor((options.restartHoldMs - (this.#o.clock.now() - asked)) / 1000);
+      const seconds = Math.floor((options.restartHoldMs! - (this.#o.clock.now() - asked)) / 1000);
       await this.#renewal;
       if (held && !this.#liveness.fenced && seconds >= 1) await this.#renewEgressIPs(seconds);
     } else {
@@ -379,10 +415,11 @@ export class Agent {
     if (changes.ignoreCIDRs) this.#planner.setIgnoreCIDRs(state.ignoreCIDRs);
     // Gateways judged down in the data plane: their policies go to their first standby that is
     // not, on every node alike, before the controller says so (it will say the same).
-    const down = this.#liveness.down;
-    const downChanged = !sameSet(down, this.#down);
-    this.#down = down;
-    const keys = downChanged
+    const version = this.#liveness.version;
+    const livenessChanged = version !== this.#livenessVersion;
+    this.#livenessVersion = version;
+    this.#down = this.#liveness.down;
+    const keys = livenessChanged
       ? new Set([...changes.policies, ...[...state.views()].map((v) => v.key)])
       : changes.policies;
     for (const key of keys) {
@@ -392,22 +429,40 @@ export class Agent {
         this.#planner.deletePolicy(key);
         continue;
       }
-      const gateway = view.gatewayNode;
-      if (gateway !== undefined && down.has(gateway)) {
-        const standby = (view.standbyNodes ?? []).find((n) => !down.has(n));
-        this.#moved.add(key);
-        this.#planner.setPolicy(withGateway(view, standby));
-      } else {
-        this.#moved.delete(key);
-        this.#planner.setPolicy(view);
-      }
+      const effective = this.#effective(view);
+      if (effective === view) this.#moved.delete(key);
+      else this.#moved.add(key);
+      this.#planner.setPolicy(effective);
     }
+    this.#plannedDown = this.#down;
     // Fenced: keep every rule (SNAT included) but stop holding the egress IPs.
     this.#planner.setHoldEgressIPs(this.#liveness.holding());
-    return this.#planner.plan();
+    const plan = this.#planner.plan();
+    // The same plan as before: the kernel holds it already (no sync follows to announce it).
+    if (plan === this.#lastPlan) this.#liveness.announce(this.#plannedDown);
+    this.#lastPlan = plan;
+    return plan;
+  }
+
+  /**
+   * The view this node programs: the controller's, unless its gateway is judged down; then its
+   * first standby that is not, once that standby says its datapath holds it (or if it is us).
+   * Until then the dead gateway stays the target: its traffic is lost either way, and nothing
+   * reaches a standby before its SNAT rules do.
+   */
+  #effective(view: PolicyView): PolicyView {
+    const down = this.#down;
+    const gateway = view.gatewayNode;
+    if (gateway === undefined || !down.has(gateway)) return view;
+    const standby = (view.standbyNodes ?? []).find((n) => !down.has(n));
+    if (standby === undefined) return withGateway(view, undefined);
+    if (standby === this.#o.node || this.#liveness.announcedBy(standby).has(gateway))
+      return withGateway(view, standby);
+    return view;
   }
 
   #synced(plan: NodePlan): void {
+    this.#liveness.announce(this.#plannedDown);
     // What this sync made us hold answers ARP/NDP at once, not at the next probe.
     this.#liveness.renew();
     this.#lastError = plan.errors.length > 0 ? plan.errors.join("; ") : undefined;
@@ -541,8 +596,4 @@ export class Agent {
       this.#reporting = false;
     }
   }
-}
-
-function sameSet(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
-  return a.size === b.size && [...a].every((x) => b.has(x));
 }

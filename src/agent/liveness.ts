@@ -3,36 +3,49 @@
  * its egress IPs, decided by the nodes among themselves over the underlay, without the API server
  * (issue 12; docs/operations.md "Failover").
  *
- * Every agent sends an authenticated probe (HMAC-SHA256 with the key of a Secret) every
- * `intervalMs` to every gateway-capable node; gateway-capable nodes send theirs to every node. A
- * probe says which gateway nodes its sender hears (heard within D = intervalMs × multiplier),
- * which it judges down, and whether its last API call succeeded.
+ * Every agent sends an authenticated probe (HMAC-SHA256 with the key of a Secret, a timestamp
+ * against replays) every `intervalMs` to every gateway-capable node; gateway-capable nodes send
+ * theirs to every node. A probe says which gateway nodes its sender heard within D = intervalMs ×
+ * multiplier (its votes), which of them it supports and how long ago it last heard each, which
+ * gateways it judged down (at once) and which its datapath holds down, and whether its last API
+ * call succeeded.
  *
  * The rule (a majority of the voters, so that two sides of a partition never both decide):
  * - The **voters** are the gateway-capable nodes plus the first two other nodes by name (every
  *   node derives the same list from the EgressNodes it watches). m = ⌊voters / 2⌋ + 1.
- * - A gateway-capable node judges gateway G **down** when, for `intervalMs` without a break, at
- *   least m voters vote "down": itself when it does not hear G, and every voter whose fresh probe
- *   (within D) does not list G. A voter it has not heard from within D does not vote. G stays down
- *   until m voters hear it again for `holdDownMs` (the controller has moved its egress IPs by
- *   then; a node that flickers is not taken back and forth).
- * - Nodes that are not gateway-capable take the down set announced by the gateway nodes they hear.
- * - A node **holds** (answers for) its egress IPs only while m voters, itself included, listed it
- *   in a probe received within D − intervalMs, and no gateway it hears announces it down.
- * Why no two nodes hold one egress IP at once: a standby takes over only after m voters said
- * "down" for `intervalMs`; the holder counts a voter's support only until D − intervalMs after
- * that voter's last probe listing it, and a voter stops listing it before it votes "down". Any two
- * majorities share a voter, so by the time the standby acts the holder has lost the majority it
- * needs, `intervalMs` earlier (the margin, also for the holder's own release). A holder whose
- * agent is frozen cannot release anything: the kernel does it (src/kernel/neighbour_fence.ts,
- * entries that lapse D − intervalMs after the agent last renewed them).
+ * - A gateway-capable node judges gateway G **down** when, for half an interval without a break,
+ *   at least m voters vote "down": itself when it does not hear G, and every voter whose last
+ *   probe (younger than D) does not list G as heard. A voter that never heard G since it started
+ *   does not vote (as BFD: a session must have been up to go down), nor does one it has not heard
+ *   from within D. It says so in its next probe, sent at once. G stays down until m voters hear
+ *   it again for `holdDownMs` (the controller has moved its egress IPs by then; a node that
+ *   flickers is not taken back and forth).
+ * - Nodes that are not gateway-capable hold down what the gateways they hear announce.
+ * - A voter **supports** G while it hears G, nobody it hears holds G down (judged or announced),
+ *   and it has listed G without a break since 2 D after it last did not: a voter that changed its
+ *   mind is never counted both ways, its "down" vote (counted for D after it was sent) and its
+ *   support.
+ * - A node **holds** (answers for) its egress IPs until its support ends: each other voter whose
+ *   probe lists it as supported supports it until that voter's last hearing of it plus D
+ *   (counted from the probe's send time, minus half an interval); the support ends when fewer
+ *   than m − 1 of them are left. It releases at once when any node judges or holds it down.
+ * Why no two nodes answer for one egress IP at once: a standby takes over only after m voters
+ * voted "down" for half an interval. A voter votes "down" only once its D has run out since it
+ * last heard the holder, which is when the holder stops counting it, and it does not support the
+ * holder again while its vote may still be counted; any two majorities share a voter, so the
+ * holder's support (counted to half an interval less) has ended before the standby acts, with
+ * an interval to spare (half of it lets the kernel fence below lapse late, the standby's sync
+ * comes on top). The kernel enforces that end even for a holder whose agent is frozen or dead:
+ * its ARP/NDP answers are gated by set elements that lapse when the support does
+ * (src/kernel/neighbour_fence.ts). A holder that comes back is held down by the voters until the
+ * standby's hold-down has passed, so it cannot gather support meanwhile.
  * - Fewer than three voters: no majority can survive a death, so the data plane decides nothing
- *   (nobody is judged down here, and a node holds as long as the API-side rule lets it); liveness
+ *   (nobody is judged down, and a node holds as long as the API-side rule lets it); liveness
  *   falls back on the node leases (src/kube/node_lease.ts).
  *
- * The API-side rule stays on top (as before): a gateway whose node lease expired while some peer
- * still reaches the API server releases its egress IPs (the controller would move them). After
- * such a cut, it stays released until its caches were relisted.
+ * The API-side rule stays on top: a gateway whose node lease expired while some peer still
+ * reaches the API server releases its egress IPs (the controller would move them); after such a
+ * cut it stays released until its caches were relisted.
  */
 import { createHmac, timingSafeEqual } from "node:crypto";
 import { createSocket, type Socket } from "node:dgram";
@@ -64,6 +77,11 @@ export interface Member {
   readonly address: string;
 }
 
+/** How long m "down" votes must hold before a gateway is judged down: half an interval. */
+export function confirmMs(timing: LivenessTiming): number {
+  return timing.intervalMs / 2;
+}
+
 /** The voters: every gateway-capable node and the first EXTRA_VOTERS others by name. */
 export function votersOf(members: Iterable<Member>): string[] {
   const all = [...members].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
@@ -75,12 +93,22 @@ export function votersOf(members: Iterable<Member>): string[] {
   return [...gateways, ...others];
 }
 
-/** What the last authenticated probe of a node said, and when it arrived (clock ms). */
+/** What the last authenticated probe of a node said, and when it was sent (our clock, ms). */
 export interface Report {
   readonly at: number;
-  /** Gateways its sender hears, each with the time since it last heard it (ms, when it sent). */
+  /**
+   * Gateways its sender supports (hears, holds down nobody says is down, and has not just changed
+   * its mind about), each with the time since it last heard it (ms, when it sent).
+   */
   readonly hears: ReadonlyMap<string, number>;
+  /** Gateways its sender heard within D: its votes. */
+  readonly raw: ReadonlySet<string>;
+  /** Gateways its sender has heard at least once since it started (its vote counts for those). */
+  readonly ever: ReadonlySet<string>;
+  /** What its sender holds down: as its datapath has it (gateways: their verdicts, once synced). */
   readonly down: ReadonlySet<string>;
+  /** Gateways its sender judged down, said the moment it decided (gateways only). */
+  readonly judged: ReadonlySet<string>;
   readonly apiOk: boolean;
 }
 
@@ -102,6 +130,11 @@ export interface JudgeInput {
   readonly reports: ReadonlyMap<string, Report>;
   /** When this node last heard each node (clock ms). */
   readonly heardAt: ReadonlyMap<string, number>;
+  /**
+   * Per gateway this node has heard, the last time it did not list it (kept between calls): it
+   * lists a gateway again only 2 D after that, when no node still counts its "down" vote.
+   */
+  readonly unlistedAt: Map<string, number>;
   /** Per gateway, kept between calls (judge advances it). */
   readonly state: Map<string, DownState>;
 }
@@ -115,8 +148,10 @@ export interface DownState {
 }
 
 export interface Judgement {
-  /** Gateways this node hears, with the time since it last heard each (what its probes say). */
+  /** Gateways this node supports, with the time since it last heard each (its probes' `h`). */
   readonly hears: ReadonlyMap<string, number>;
+  /** Gateways this node heard within D (its probes' `a`: its votes). */
+  readonly raw: ReadonlySet<string>;
   /** Gateways judged down (by this node if gateway-capable, else as announced). */
   readonly down: ReadonlySet<string>;
   /**
@@ -134,27 +169,54 @@ export interface Judgement {
 
 /** The rule above, on the probes received so far. Pure but for `state`, which it advances. */
 export function judge(i: JudgeInput): Judgement {
-  const { self, now, timing, members, reports, heardAt, state } = i;
+  const { self, now, timing, members, reports, heardAt, unlistedAt, state } = i;
   const detect = timing.intervalMs * timing.multiplier;
   const fresh = (n: string) => {
     const r = reports.get(n);
     return r !== undefined && now - r.at < detect ? r : undefined;
   };
   const gateways = [...members.values()].filter((m) => m.gatewayCapable).map((m) => m.name);
+  // Held down by anyone (a verdict said at once, or a synced one): no support from us.
+  const heldDown = new Set<string>();
+  for (const n of reports.keys()) {
+    const r = fresh(n);
+    if (r === undefined) continue;
+    for (const g of r.judged) heldDown.add(g);
+    for (const g of r.down) heldDown.add(g);
+  }
+  for (const [g, s] of state) if (s.down) heldDown.add(g);
+  // What this node lists as heard (its probes' support and votes). A voter that changes its mind
+  // must not be counted both ways at once: once it stopped listing a gateway (its "down" vote
+  // counts at the others for D after it was sent), it lists it again only after 2 D.
   const hears = new Map<string, number>();
+  // Heard within D, whatever else: what this node votes (the votes decide who is down and who is
+  // back; only support is withheld above).
+  const raw = new Set<string>();
   for (const g of gateways) {
+    if (g === self) continue;
     const at = heardAt.get(g);
-    if (g !== self && at !== undefined && now - at < detect) hears.set(g, Math.round(now - at));
+    if (at === undefined) continue;
+    const heard = now - at < detect;
+    if (heard) raw.add(g);
+    // (Only a reason of its own restarts the wait, not the wait itself.)
+    if (!heard || heldDown.has(g)) unlistedAt.set(g, now);
+    const unlisted = unlistedAt.get(g);
+    if (heard && !heldDown.has(g) && (unlisted === undefined || now - unlisted >= 2 * detect))
+      hears.set(g, Math.round(now - at));
   }
   const voters = votersOf(members.values());
   const decides = voters.length >= 3;
   const m = Math.floor(voters.length / 2) + 1;
   const announcers = gateways.filter((g) => g !== self && fresh(g) !== undefined);
-  const announcedDown = announcers.some((g) => fresh(g)!.down.has(self));
+  const announcedDown = [...reports.keys()].some((n) => {
+    const r = fresh(n);
+    return r !== undefined && (r.down.has(self) || r.judged.has(self));
+  });
   if (!decides) {
     state.clear();
     return {
       hears,
+      raw,
       down: new Set(),
       supportedUntil: Number.POSITIVE_INFINITY,
       announcedDown: false,
@@ -175,15 +237,17 @@ export function judge(i: JudgeInput): Judgement {
       let upVotes = 0;
       let downVotes = 0;
       for (const v of voters) {
+        // As BFD: a voter that never heard g since it started does not vote (a node that just
+        // started, or was just cut off, has no say on who else is dead).
         if (v === self) {
-          if (hears.has(g)) upVotes++;
-          else downVotes++;
+          if (raw.has(g)) upVotes++;
+          else if (heardAt.has(g)) downVotes++;
           continue;
         }
         const r = fresh(v);
         if (r === undefined) continue;
-        if (v === g || r.hears.has(g)) upVotes++;
-        else downVotes++;
+        if (v === g || r.raw.has(g)) upVotes++;
+        else if (r.ever.has(g)) downVotes++;
       }
       const s = state.get(g) ?? { down: false };
       if (!s.down) {
@@ -191,8 +255,8 @@ export function judge(i: JudgeInput): Judgement {
         if (downVotes < m) s.suspectSince = undefined;
         else {
           s.suspectSince ??= now;
-          if (now - s.suspectSince >= timing.intervalMs) s.down = true;
-          else check(s.suspectSince + timing.intervalMs);
+          if (now - s.suspectSince >= confirmMs(timing)) s.down = true;
+          else check(s.suspectSince + confirmMs(timing));
         }
       } else if (upVotes >= m) {
         s.upSince ??= now;
@@ -210,19 +274,22 @@ export function judge(i: JudgeInput): Judgement {
     for (const g of announcers) for (const d of fresh(g)!.down) down.add(d);
   }
   // Support: each other voter hears this node until (at the earliest) it last heard it plus D.
-  // Estimated from the report's arrival, so the transit is taken off (half an interval).
+  // Counted from when the report was sent, less half an interval for the clocks' disagreement.
   const until: number[] = [];
   for (const v of voters) {
     if (v === self) continue;
     const r = reports.get(v);
     const age = r?.hears.get(self);
-    if (r !== undefined && age !== undefined)
+    // A voter that holds us down (judged or announced) does not support us, even hearing us.
+    if (r !== undefined && age !== undefined && !r.down.has(self))
       until.push(r.at - age + detect - timing.intervalMs / 2);
   }
   until.sort((a, b) => b - a);
   // Itself is one supporter; m − 1 others are needed.
   const supportedUntil = until[m - 2] ?? Number.NEGATIVE_INFINITY;
-  return { hears, down, supportedUntil, announcedDown, decides, nextCheck };
+  // A node we hear is lost the moment its D runs out: judge (and tell the others) then.
+  for (const [, age] of hears) check(now - age + detect);
+  return { hears, raw, down, supportedUntil, announcedDown, decides, nextCheck };
 }
 
 // --- the wire: JSON, then (with a key) 32 bytes of HMAC-SHA256 over it.
@@ -236,7 +303,15 @@ interface Wire {
   ok: boolean;
   /** Gateways heard → ms since. */
   h: Record<string, number>;
+  /** Gateways heard within D (votes). */
+  a: string[];
+  /** Gateways heard at least once since the sender started. */
+  u: string[];
   d: string[];
+  /** Gateways the sender judged down (its verdicts, before its datapath holds them). */
+  j: string[];
+  /** A planned restart: count the sender as heard for this long (ms). */
+  r?: number;
 }
 
 const MAC_BYTES = 32;
@@ -269,7 +344,11 @@ export function decodeProbe(msg: Buffer, key: Buffer | undefined): Wire | undefi
       w.h === null ||
       Array.isArray(w.h) ||
       !Object.values(w.h).every((a) => typeof a === "number" && a >= 0) ||
-      !strings(w.d)
+      !strings(w.d) ||
+      !strings(w.u) ||
+      !strings(w.a) ||
+      !strings(w.j) ||
+      (w.r !== undefined && (typeof w.r !== "number" || w.r < 0))
     )
       return undefined;
     return w as Wire;
@@ -346,10 +425,18 @@ export class Liveness {
   readonly #lastStamp = new Map<string, number>();
   readonly #state = new Map<string, DownState>();
   readonly #heardAt = new Map<string, number>();
+  readonly #unlistedAt = new Map<string, number>();
+  #evaluatedAt: number | undefined;
+  /** Nodes restarting their agent (a last probe said so): heard until then. */
+  readonly #restartUntil = new Map<string, number>();
   #timer: Timer | undefined;
   #checkTimer: Timer | undefined;
   #checkAt: number | undefined;
   #judgement: Judgement | undefined;
+  /** What our probes say we hold down: what our datapath has been synced with. */
+  #announced: ReadonlySet<string> = new Set();
+  /** Moves whenever something the planner reads changes (down set, announcements, holding). */
+  version = 0;
   #holding = false;
   #apiFenced = false;
   #recoveringSince: number | undefined;
@@ -368,8 +455,8 @@ export class Liveness {
     this.#o.transport.start((msg) => this.receive(msg));
     const tick = () => {
       try {
-        this.#send();
         this.#evaluate();
+        this.#send();
       } catch (e) {
         this.#o.log.error({ err: (e as Error).message }, "liveness tick failed");
       }
@@ -388,32 +475,71 @@ export class Liveness {
   receive(msg: Buffer): void {
     const w = decodeProbe(msg, this.#o.key);
     const wall = (this.#o.wallNow ?? Date.now)();
-    if (
-      w === undefined ||
-      w.n === this.#o.node ||
-      Math.abs(wall - w.t) > (this.#o.maxSkewMs ?? 2000) ||
-      w.t <= (this.#lastStamp.get(w.n) ?? Number.NEGATIVE_INFINITY)
-    ) {
+    const why =
+      w === undefined
+        ? "not authentic or malformed"
+        : w.n === this.#o.node
+          ? undefined
+          : Math.abs(wall - w.t) > (this.#o.maxSkewMs ?? 2000)
+            ? `its clock is ${Math.round(wall - w.t)} ms off ours`
+            : w.t <= (this.#lastStamp.get(w.n) ?? Number.NEGATIVE_INFINITY)
+              ? "replayed (not newer than the last one)"
+              : "";
+    if (w === undefined || why !== "") {
       this.rejected++;
+      if (why !== undefined && this.rejected % 1000 === 1)
+        this.#o.log.warn({ from: w?.n, why, rejected: this.rejected }, "liveness probe dropped");
       return;
     }
     this.#lastStamp.set(w.n, w.t);
-    const now = this.#o.clock.now();
+    // When it was sent, by our clock: its timestamp says how long it took to get here and be
+    // read, an event loop busy meanwhile included (the earlier of the two, should the clocks
+    // disagree). Support must never be counted from a late reading.
+    const now = this.#o.clock.now() - Math.max(0, wall - w.t);
     this.#heardAt.set(w.n, now);
+    if (w.r !== undefined) this.#restartUntil.set(w.n, now + Math.min(w.r, 60_000));
+    else this.#restartUntil.delete(w.n);
     const before = this.#reports.get(w.n);
     const hears = new Map(Object.entries(w.h));
-    this.#reports.set(w.n, { at: now, hears, down: new Set(w.d), apiOk: w.ok });
+    this.#reports.set(w.n, {
+      at: now,
+      hears,
+      ever: new Set(w.u),
+      raw: new Set(w.a),
+      down: new Set(w.d),
+      judged: new Set(w.j),
+      apiOk: w.ok,
+    });
     // What could change a decision at once: a voter that stopped hearing us or a gateway (a
     // vote), a new down set, a node heard again.
+    const announcing = before === undefined || !sameSet(before.down, new Set(w.d));
+    const judging = before === undefined || !sameSet(before.judged, new Set(w.j));
     if (
-      before === undefined ||
+      announcing ||
+      judging ||
+      // Our support: while holding, each report that lists us moves the kernel fence's deadline.
+      (this.#holding && hears.has(this.#o.node)) ||
       now - before.at >= this.#o.timing.intervalMs * this.#o.timing.multiplier ||
       before.hears.size !== hears.size ||
       [...hears.keys()].some((g) => !before.hears.has(g)) ||
-      before.down.size !== w.d.length ||
-      w.d.some((d) => !before.down.has(d))
+      !sameSet(before.raw, new Set(w.a))
     )
       this.#evaluate();
+    if (announcing && w.d.length + (before?.down.size ?? 0) > 0) {
+      this.version++;
+      this.#o.onChange();
+    }
+  }
+
+  /**
+   * A planned restart of this agent: one last probe asks every node to count this one as heard
+   * for `holdMs` (so a rolling update moves no egress IP; the kernel keeps forwarding), and the
+   * kernel fence is told to keep answering as long. Then stops.
+   */
+  handOver(holdMs: number): void {
+    if (this.#holding) this.#o.onHolding?.(holdMs);
+    this.#send(holdMs);
+    this.stop();
   }
 
   /** Judge now; while holding, renew (onHolding) at once: a sync made us hold new egress IPs. */
@@ -424,6 +550,24 @@ export class Liveness {
   /** Gateways judged down: their egress IPs go to their first standby that is not. */
   get down(): ReadonlySet<string> {
     return this.#judgement?.down ?? new Set();
+  }
+
+  /**
+   * Our datapath now holds `down` as down (a sync with it finished): say so in our probes at
+   * once. A steering node moves a policy to a standby only when that standby says so, so that
+   * nothing is steered to a node before it holds the egress IP (its SNAT rules included).
+   */
+  announce(down: ReadonlySet<string>): void {
+    if (sameSet(down, this.#announced)) return;
+    this.#announced = new Set(down);
+    this.#send();
+  }
+
+  /** What `node`'s last fresh probe says it holds down (its datapath is synced with it). */
+  announcedBy(node: string): ReadonlySet<string> {
+    const r = this.#reports.get(node);
+    const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
+    return r !== undefined && this.#o.clock.now() - r.at < detect ? r.down : EMPTY;
   }
 
   /** Fenced by either rule (the metric `sallyport_agent_fenced`). */
@@ -440,17 +584,29 @@ export class Liveness {
     return this.#holding;
   }
 
-  #send(): void {
+  #lastSent = 0;
+
+  /** Our probes' timestamps, strictly increasing (two probes in one ms would look replayed). */
+  #stamp(): number {
+    this.#lastSent = Math.max((this.#o.wallNow ?? Date.now)(), this.#lastSent + 1);
+    return this.#lastSent;
+  }
+
+  #send(restartHoldMs?: number): void {
     const members = this.#o.members();
     const self = members.get(this.#o.node);
     const j = this.#judgement;
     const msg = encodeProbe(
       {
         n: this.#o.node,
-        t: (this.#o.wallNow ?? Date.now)(),
+        t: this.#stamp(),
         ok: this.#o.apiReachable(),
         h: Object.fromEntries(j?.hears ?? []),
-        d: self?.gatewayCapable === true ? [...(j?.down ?? [])] : [],
+        a: [...(j?.raw ?? [])],
+        u: [...this.#heardAt.keys()].filter((n) => members.get(n)?.gatewayCapable === true),
+        d: [...this.#announced],
+        j: self?.gatewayCapable === true ? [...(j?.down ?? [])] : [],
+        ...(restartHoldMs === undefined ? {} : { r: restartHoldMs }),
       },
       this.#o.key,
     );
@@ -463,13 +619,37 @@ export class Liveness {
   #evaluate(): void {
     const now = this.#o.clock.now();
     const members = this.#o.members();
+    // Away for longer than D (the process was frozen, or this thread starved): what we knew is
+    // stale and nobody counts what we said before any more. Start over as a node that just
+    // started (as a BFD session that went down): no verdict of ours, no report of others, nobody
+    // heard. A verdict kept from before would knock out the node that took over meanwhile.
+    const detectMs = this.#o.timing.intervalMs * this.#o.timing.multiplier;
+    if (this.#evaluatedAt !== undefined && now - this.#evaluatedAt > detectMs) {
+      this.#o.log.warn(
+        { awayMs: Math.round(now - this.#evaluatedAt) },
+        "liveness was not evaluated for longer than the detection time: starting over",
+      );
+      this.#state.clear();
+      this.#reports.clear();
+      this.#heardAt.clear();
+      this.#unlistedAt.clear();
+      this.#announced = new Set();
+    }
+    this.#evaluatedAt = now;
+    // A node restarting its agent counts as heard until its hold ends.
+    let heardAt: ReadonlyMap<string, number> = this.#heardAt;
+    for (const [n, until] of this.#restartUntil) {
+      if (until <= now) this.#restartUntil.delete(n);
+      else heardAt = new Map([...heardAt, [n, now]]);
+    }
     const j = judge({
       self: this.#o.node,
       now,
       timing: this.#o.timing,
       members,
       reports: this.#reports,
-      heardAt: this.#heardAt,
+      heardAt,
+      unlistedAt: this.#unlistedAt,
       state: this.#state,
     });
     // The API-side rule, with the peers' word on whether they reach the API server.
@@ -499,9 +679,27 @@ export class Liveness {
       before.down.size !== j.down.size ||
       [...j.down].some((d) => !before.down.has(d));
     const holdingChanged = holding !== this.#holding;
+    // Lost or found a gateway: tell the others now, not at the next probe (their votes wait on it).
+    const hearsChanged =
+      before !== undefined &&
+      (before.hears.size !== j.hears.size ||
+        [...j.hears.keys()].some((g) => !before.hears.has(g)) ||
+        !sameSet(before.raw, j.raw));
     this.#judgement = j;
     this.#apiFenced = apiFenced;
     this.#holding = holding;
+    if (hearsChanged) {
+      this.#send();
+      this.#o.log.info(
+        {
+          hears: [...j.raw],
+          supports: [...j.hears.keys()],
+          lost: [...before.raw].filter((g) => !j.raw.has(g)),
+          found: [...j.raw].filter((g) => !before.raw.has(g)),
+        },
+        "the gateways this node hears or supports changed",
+      );
+    }
     if (holdingChanged && !holding) this.#o.onRelease?.();
     if (holdingChanged || (downChanged && before !== undefined)) {
       this.#o.log.warn(
@@ -519,9 +717,13 @@ export class Liveness {
             : "released the egress IPs: no majority of the voters hears this node, a gateway judged it down, or its node lease expired while others reach the API server"
           : "the gateways judged down changed",
       );
+      this.version++;
       this.#o.onChange();
     }
-    if (holding) this.#o.onHolding?.(Math.min(j.supportedUntil - now, detect));
+    // The kernel may answer half an interval past the support: a standby answers only after it
+    // confirmed the verdict for that long and synced its datapath.
+    if (holding)
+      this.#o.onHolding?.(Math.min(j.supportedUntil - now, detect) + confirmMs(this.#o.timing));
     // Judge again when the support ends or a pending decision matures, not at the next tick.
     const next = Math.min(
       j.nextCheck ?? Number.POSITIVE_INFINITY,
@@ -536,4 +738,10 @@ export class Liveness {
       });
     }
   }
+}
+
+const EMPTY: ReadonlySet<string> = new Set();
+
+function sameSet(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
+  return a.size === b.size && [...a].every((x) => b.has(x));
 }

@@ -3,7 +3,6 @@
 import { readFileSync } from "node:fs";
 import { DEFAULT_NODE_CONFIG } from "../engine/view.ts";
 import type { PortRange } from "../kernel/conntrack.ts";
-import { NeighbourFence, nftSession } from "../kernel/neighbour_fence.ts";
 import { detectFilter, openDatapath } from "../kernel/open.ts";
 import { SpawnerRunner } from "../kernel/spawner.ts";
 import { defaultKubeConfig, KubeClient } from "../kube/client.ts";
@@ -96,14 +95,6 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     "packet filter",
   );
   const registry = new Registry();
-  const fence: NeighbourFence = new NeighbourFence({
-    runner: datapath.options.runner,
-    session: nftSession([], (text) => {
-      log.warn({ err: text.trim().slice(0, 300) }, "neighbour fence: nft complained; reinstalling");
-      fence.repair();
-    }),
-    log,
-  });
   const agent = new Agent({
     client,
     node: flags.node,
@@ -129,7 +120,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     liveness: flags.liveness,
     probePort: flags.probePort,
     probeKey: flags.probeKeyFile === undefined ? undefined : readProbeKey(flags.probeKeyFile),
-    neighbourFence: fence,
+    livenessThread: true,
     underlayDevice: flags.underlayDevice,
   });
   gaugeOf(

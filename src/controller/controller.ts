@@ -220,14 +220,13 @@ export class Controller {
       // Agents report within moments of each other: one status write for all their reports.
       for (const key of new Set([...Object.keys(now), ...Object.keys(before)]))
         if (now[key] !== before[key]) this.#queue?.addAfter(`policy:${key}`, REPORTS_SETTLE_MS);
-      // Gateways the data plane judged down (src/agent/liveness.ts): dead for placement now.
-      if (
-        !deepEqual(
-          type === "delete" ? undefined : n.status?.downNodes,
-          type === "add" ? undefined : old?.status?.downNodes,
-        )
-      )
-        this.#input(() => this.#engine!.setHealthy(this.#healthy()));
+      // Gateways the data plane judged down (src/agent/liveness.ts): dead for placement now; a
+      // node reported down that writes its status again is back.
+      if (this.#reportedDown > 0 || (n.status?.downNodes ?? []).length > 0) {
+        const before = this.#lastHealthy;
+        const healthy = this.#healthy();
+        if (!sameMembers(healthy, before)) this.#input(() => this.#engine!.setHealthy(healthy));
+      }
       // SNAT port saturation (src/agent/traffic.ts) concerns the policies this node holds.
       if (
         !deepEqual(
@@ -643,18 +642,33 @@ export class Controller {
   /**
    * Alive for placement: a valid node lease, and not judged down by the liveness probes of a
    * gateway node whose own lease is valid (it reports them in its EgressNode status `downNodes`;
-   * the probes decide by a majority of the voters, src/agent/liveness.ts). The units of such a
-   * node go to their first live standby: the node the data plane already moved them to.
+   * the probes decide by a majority of the voters, src/agent/liveness.ts) in a report newer than
+   * the node's own last status. The units of such a node go to their first live standby: the
+   * node the data plane already moved them to.
    */
+  /** Nodes the data plane reported down, as of the last #healthy(). */
+  #reportedDown = 0;
+  #lastHealthy: ReadonlySet<string> = new Set();
+
   #healthy(): Set<string> {
     const leases = this.#leases.healthy();
     const down = new Set<string>();
+    const lastWord = (name: string) => {
+      const t = Date.parse(this.egressNodes.get(name)?.status?.lastSync ?? "");
+      return Number.isNaN(t) ? Number.NEGATIVE_INFINITY : t;
+    };
     for (const n of this.egressNodes.items()) {
       const name = n.metadata.name ?? "";
       if (n.spec.gatewayCapable !== true || !leases.has(name)) continue;
-      for (const d of n.status?.downNodes ?? []) if (d !== name) down.add(d);
+      // A node that wrote its own status after the report is back (the reporter's hold-down, or
+      // a reporter that died since and whose lease has not run out yet, says otherwise).
+      const reportedAt = lastWord(name);
+      for (const d of n.status?.downNodes ?? [])
+        if (d !== name && lastWord(d) <= reportedAt) down.add(d);
     }
-    return new Set([...leases].filter((n) => !down.has(n)));
+    this.#reportedDown = down.size;
+    this.#lastHealthy = new Set([...leases].filter((n) => !down.has(n)));
+    return new Set(this.#lastHealthy);
   }
 
   async #syncEgressNode(name: string): Promise<void> {
@@ -809,3 +823,7 @@ export class Controller {
 }
 
 export type { Family };
+
+function sameMembers(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
+  return a.size === b.size && [...a].every((x) => b.has(x));
+}

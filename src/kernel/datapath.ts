@@ -123,6 +123,12 @@ const EMPTY_PLAN = (node: string): NodePlan => ({
  * it is what the kernel holds (as far as we own it), so the next event-driven sync can diff
  * against it without re-reading 100,000 set members and routes.
  */
+/** An egress IP this node holds and the device that answers for it. */
+export interface HeldEgressIP {
+  readonly device: string;
+  readonly address: string;
+}
+
 export function stateOfPlan(plan: NodePlan, eipLeaseSeconds?: number): KernelState {
   const rules = {} as Record<Family, SavedState>;
   for (const family of [4, 6] as const) rules[family] = savedRules(plan.rules[family]);
@@ -357,9 +363,9 @@ export class Datapath {
    * sync deletes meanwhile fails its own line only (`-force`), and an address the sync has not
    * made yet is not in the list. Returns the number of addresses renewed.
    */
-  /** The egress IPs the last sync made this node hold. */
-  heldEgressIPs(): string[] {
-    return this.#heldEips.map((e) => e.address);
+  /** The egress IPs the last sync made this node hold, and their devices. */
+  heldEgressIPs(): HeldEgressIP[] {
+    return this.#heldEips.map((e) => ({ device: e.device, address: e.address }));
   }
 
   async refreshEgressIPs(seconds?: number): Promise<number> {

@@ -1,41 +1,55 @@
 /**
- * The kernel side of the liveness fence (src/agent/liveness.ts): a node answers ARP and NDP for
- * an egress IP only while its agent keeps saying, every probe interval, that it holds it.
+ * The kernel side of the liveness fence (src/agent/liveness.ts): a node speaks for an egress IP
+ * only while its agent keeps saying, every probe interval, that it holds it.
  *
  * Egress-IP addresses are leased in the kernel too (`valid_lft`), but in whole seconds, longer
- * than a sub-second takeover; an agent that is frozen or dead must stop answering before a
- * standby starts to. So the answers are gated by nftables sets whose elements time out (in ms):
+ * than a sub-second takeover; an agent that is frozen or dead must fall silent before a standby
+ * starts to answer. So nftables sets whose elements time out (in ms) gate it:
  *
- *   table arp sallyport-fence:   ARP requests arriving on an egress-IP device (`spe-*`) for an
- *                                address not in `held4` are dropped;
- *   table inet sallyport-fence:  so are IPv6 neighbour solicitations for a target not in `held6`.
+ *   `heldif`  the egress-IP devices (`spe-*`) it holds: nothing enters any other egress-IP device,
+ *             so nothing makes it answer (no ARP or NDP answer, no MLD report to a query, no RST
+ *             or ICMP from its address), and it sends no MLD message (the kernel sends one when
+ *             a lapsed address leaves its multicast group, with the egress IP's MAC, which would
+ *             move the segment's forwarding table to a frozen holder). What else such a device
+ *             sends unasked comes from the agent's own syncs (announcements when a device goes
+ *             up): not gated, the new holder's announcement must never wait for its fence;
+ *   `held4`   the IPv4 egress IPs it holds, and `eips4` every one it ever held here: an ARP request
+ *             for one that is no longer held is dropped on whatever interface it arrives (the
+ *             uplink answers ARP for any local address otherwise).
  *
- * The agent renews the elements with a timeout of D − interval every interval, through one `nft -i`
- * process kept open (a command per line, each its own transaction): spawning `nft` 20 times a
- * second would cost a core's tenth per node. The tables are separate from the datapath's so that
- * its full syncs never touch them; `sallyport cleanup` removes them.
+ * The agent renews the elements for as long as its support lasts every interval, through one
+ * `nft -i` process kept open (a command per line, each its own transaction): spawning `nft` 20
+ * times a second would cost a core's tenth per node. The tables are separate from the datapath's
+ * so that its full syncs never touch them; `sallyport cleanup` removes them.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { parseAddress } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
+import type { HeldEgressIP } from "./datapath.ts";
 import { mustRun, type Runner } from "./runner.ts";
 
 export const FENCE_TABLE = "sallyport-fence";
 
-export const FENCE_RULESET = `table arp ${FENCE_TABLE} {
-  set held4 { type ipv4_addr; flags timeout; }
-  chain input {
-    type filter hook input priority 0; policy accept;
-    iifname "spe-*" arp operation request arp daddr ip != @held4 counter drop
-  }
-}
-table inet ${FENCE_TABLE} {
-  set held6 { typeof @th,64,128; flags timeout; }
-  chain input {
-    type filter hook input priority -150; policy accept;
-    iifname "spe-*" icmpv6 type nd-neighbor-solicit @th,64,128 != @held6 counter drop
-  }
-}
+/**
+ * Creates the tables, sets and chains if missing and rewrites the two rules; the elements of a
+ * set that exists stay (a restarted agent's node keeps answering what the last one held, until
+ * those elements lapse).
+ */
+export const FENCE_RULESET = `add table arp ${FENCE_TABLE}
+add set arp ${FENCE_TABLE} heldif { type ifname; flags timeout; }
+add set arp ${FENCE_TABLE} held4 { type ipv4_addr; flags timeout; }
+add set arp ${FENCE_TABLE} eips4 { type ipv4_addr; }
+add chain arp ${FENCE_TABLE} input { type filter hook input priority 0; policy accept; }
+flush chain arp ${FENCE_TABLE} input
+add rule arp ${FENCE_TABLE} input iifname "spe-*" iifname != @heldif counter drop
+add rule arp ${FENCE_TABLE} input arp operation request arp daddr ip @eips4 arp daddr ip != @held4 counter drop
+add table inet ${FENCE_TABLE}
+add set inet ${FENCE_TABLE} heldif { type ifname; flags timeout; }
+add chain inet ${FENCE_TABLE} input { type filter hook input priority -150; policy accept; }
+flush chain inet ${FENCE_TABLE} input
+add rule inet ${FENCE_TABLE} input iifname "spe-*" iifname != @heldif counter drop
+add chain inet ${FENCE_TABLE} output { type filter hook output priority -150; policy accept; }
+flush chain inet ${FENCE_TABLE} output
+add rule inet ${FENCE_TABLE} output oifname "spe-*" oifname != @heldif icmpv6 type { mld-listener-report, mld-listener-done, mld2-listener-report } counter drop
 `;
 
 /** A long-lived `nft -i`: one command per line. */
@@ -70,11 +84,6 @@ export function nftSession(prefix: readonly string[], onError: (text: string) =>
   };
 }
 
-/** IPv6 address → the 128-bit integer `@th,64,128` compares with. */
-function hex128(address: string): string {
-  return `0x${parseAddress(address).value.toString(16).padStart(32, "0")}`;
-}
-
 export class NeighbourFence {
   readonly #runner: Runner;
   readonly #session: NftSession;
@@ -88,12 +97,12 @@ export class NeighbourFence {
     this.#log = options.log;
   }
 
-  /** (Re)creates both tables, empty: nothing is answered until `hold()`. */
+  /** Creates both tables if missing (see FENCE_RULESET); nothing new is answered until `hold()`. */
   install(): Promise<void> {
     this.#installing ??= (async () => {
       try {
         await mustRun(this.#runner, ["nft", "-f", "-"], {
-          stdin: `add table arp ${FENCE_TABLE}\ndelete table arp ${FENCE_TABLE}\nadd table inet ${FENCE_TABLE}\ndelete table inet ${FENCE_TABLE}\n${FENCE_RULESET}`,
+          stdin: FENCE_RULESET,
         });
         this.#installed = true;
       } catch (e) {
@@ -111,22 +120,27 @@ export class NeighbourFence {
     void this.install();
   }
 
-  /** Answer for these addresses for `timeoutMs` more. */
-  hold(addresses: readonly string[], timeoutMs: number): void {
-    if (!this.#installed) return;
+  /** Speak for these egress IPs (and through their devices) for `timeoutMs` more. */
+  hold(held: readonly HeldEgressIP[], timeoutMs: number): void {
+    if (!this.#installed || held.length === 0) return;
     const ms = Math.max(1, Math.round(timeoutMs));
-    const v4 = addresses.filter((a) => !a.includes(":")).map((a) => `${a} timeout ${ms}ms`);
-    const v6 = addresses.filter((a) => a.includes(":")).map((a) => `${hex128(a)} timeout ${ms}ms`);
-    if (v4.length > 0)
-      this.#session.write(`add element arp ${FENCE_TABLE} held4 { ${v4.join(", ")} }`);
-    if (v6.length > 0)
-      this.#session.write(`add element inet ${FENCE_TABLE} held6 { ${v6.join(", ")} }`);
+    const devices = [...new Set(held.map((h) => `"${h.device}" timeout ${ms}ms`))].join(", ");
+    this.#session.write(`add element arp ${FENCE_TABLE} heldif { ${devices} }`);
+    this.#session.write(`add element inet ${FENCE_TABLE} heldif { ${devices} }`);
+    const v4 = held.filter((h) => !h.address.includes(":")).map((h) => h.address);
+    if (v4.length > 0) {
+      this.#session.write(
+        `add element arp ${FENCE_TABLE} held4 { ${v4.map((a) => `${a} timeout ${ms}ms`).join(", ")} }`,
+      );
+      this.#session.write(`add element arp ${FENCE_TABLE} eips4 { ${v4.join(", ")} }`);
+    }
   }
 
   /** Stop answering for every egress IP now. */
   release(): void {
+    this.#session.write(`flush set arp ${FENCE_TABLE} heldif`);
     this.#session.write(`flush set arp ${FENCE_TABLE} held4`);
-    this.#session.write(`flush set inet ${FENCE_TABLE} held6`);
+    this.#session.write(`flush set inet ${FENCE_TABLE} heldif`);
   }
 
   close(): void {

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { printStatus } from "../cli/sandbox.ts";
 import { ExecRunner } from "../kernel/runner.ts";
 import { ours } from "../kube/client.ts";
-import { FailoverProbe, probeOnce } from "./probe.ts";
+import { FailoverProbe, probeOnce, stream } from "./probe.ts";
 import { Sandbox } from "./sandbox.ts";
 import { nodeAddress } from "./topology.ts";
 
@@ -69,10 +69,13 @@ export async function demo(prefix = "sp"): Promise<boolean> {
 
     const holder = ready.node;
     const holderIndex = Number((holder ?? "node-2").split("-")[1]);
-    say(`killing ${holder}, the node holding ${EIP}, while the pod sends a request every 20 ms`);
-    const probe = new FailoverProbe(pod.netns, target, EIP);
+    say(
+      `killing ${holder}, the node holding ${EIP}, while the pod sends a request every 20 ms and a line every 20 ms over one TCP connection opened before`,
+    );
+    const probe = new FailoverProbe(pod.netns, target, EIP, 20, 100);
     await probe.start();
-    await new Promise((r) => setTimeout(r, 600));
+    const connection = stream(pod.netns, target, 4, 20);
+    await new Promise((r) => setTimeout(r, 1000));
     const killedAt = Date.now();
     await sb.killNode(holderIndex);
     const gap = await probe.gapAfter(killedAt, 20_000);
@@ -84,6 +87,12 @@ export async function demo(prefix = "sp"): Promise<boolean> {
       gap === undefined
         ? "traffic did not come back"
         : `gap ${gap} ms; ${EIP} is now on ${moved.node}`,
+    );
+    const tcp = await connection;
+    step(
+      "the TCP connection opened before the failure goes on after it, from the egress IP",
+      !tcp.reset && tcp.echoed === tcp.sent && tcp.sources.every((a) => a === EIP),
+      `${tcp.echoed} of ${tcp.sent} lines echoed${tcp.reset ? ", then reset" : ", no reset"}; the server saw ${tcp.sources.join(", ")}`,
     );
     const last = await probeOnce(pod.netns, target);
     step(

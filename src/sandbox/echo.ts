@@ -7,9 +7,11 @@
  *       gets the source address back. Each connection is logged as a JSON line.
  *   echo.ts probe  --target HOST:PORT [--count N] [--interval MS] [--udp] [--timeout MS]
  *       N requests, one JSON line each: {"t":…,"ok":true,"saw":"192.168.77.100","ms":1.2}
- *   echo.ts stream --target HOST:PORT --seconds S [--interval MS]
+ *   echo.ts stream --target HOST:PORT --seconds S [--interval MS] [--udp]
  *       one TCP connection carrying a line every interval; prints one JSON summary with the
- *       number of lines echoed, the source addresses seen, and whether it was reset.
+ *       number of lines echoed, the source addresses seen, and whether it was reset. With
+ *       --udp: one UDP socket sending a datagram every interval; `lost` = sent − answered,
+ *       `maxGapMs` the longest time between two answers.
  */
 import { createSocket } from "node:dgram";
 import { appendFileSync } from "node:fs";
@@ -169,6 +171,41 @@ async function stream(target: string, seconds: number, interval: number): Promis
   console.log(JSON.stringify({ sent, echoed, reset, sources: [...seen] }));
 }
 
+async function udpStream(target: string, seconds: number, interval: number): Promise<void> {
+  const { host, port } = splitTarget(target);
+  const s = createSocket(host.includes(":") ? "udp6" : "udp4");
+  const seen = new Set<string>();
+  let sent = 0;
+  let answered = 0;
+  let last: number | undefined;
+  let maxGapMs = 0;
+  s.on("message", (m) => {
+    answered++;
+    seen.add(m.toString("utf8").trim());
+    const now = performance.now();
+    if (last !== undefined) maxGapMs = Math.max(maxGapMs, Math.round(now - last));
+    last = now;
+  });
+  s.on("error", () => {});
+  const deadline = Date.now() + seconds * 1000;
+  await new Promise<void>((resolve) => {
+    const tick = setInterval(() => {
+      if (Date.now() >= deadline) {
+        clearInterval(tick);
+        resolve();
+        return;
+      }
+      sent++;
+      s.send(`${sent}\n`, port, host);
+    }, interval);
+  });
+  await new Promise((r) => setTimeout(r, 500));
+  s.close();
+  console.log(
+    JSON.stringify({ sent, answered, lost: sent - answered, maxGapMs, sources: [...seen] }),
+  );
+}
+
 const { values, positionals } = parseArgs({
   allowPositionals: true,
   options: {
@@ -193,7 +230,11 @@ else if (mode === "probe" && values.target !== undefined) {
     Number(values.timeout),
   );
 } else if (mode === "stream" && values.target !== undefined) {
-  await stream(values.target, Number(values.seconds), Number(values.interval));
+  await (values.udp ? udpStream : stream)(
+    values.target,
+    Number(values.seconds),
+    Number(values.interval),
+  );
 } else {
   console.error("usage: echo.ts serve|probe|stream [--target HOST:PORT] …");
   process.exit(2);

@@ -42,13 +42,16 @@ export class FailoverProbe {
   readonly #target: string;
   readonly #want: string;
   readonly #intervalMs: number;
+  readonly #timeoutMs: number;
   #child: ChildProcess | undefined;
 
-  constructor(netns: string, target: string, want: string, intervalMs = 20) {
+  /** A request waits `timeoutMs` for its answer: the gap is measured to about that. */
+  constructor(netns: string, target: string, want: string, intervalMs = 20, timeoutMs = 200) {
     this.#netns = netns;
     this.#target = target;
     this.#want = want;
     this.#intervalMs = intervalMs;
+    this.#timeoutMs = timeoutMs;
   }
 
   async start(): Promise<void> {
@@ -68,7 +71,7 @@ export class FailoverProbe {
         "--interval",
         String(this.#intervalMs),
         "--timeout",
-        "200",
+        String(this.#timeoutMs),
       ],
       { stdio: ["ignore", "pipe", "ignore"] },
     );
@@ -127,4 +130,85 @@ export class FailoverProbe {
       c.kill("SIGKILL");
     });
   }
+}
+
+export interface StreamSummary {
+  readonly sent: number;
+  readonly echoed: number;
+  readonly reset: boolean;
+  readonly sources: readonly string[];
+}
+
+export interface UdpStreamSummary {
+  readonly sent: number;
+  readonly answered: number;
+  readonly lost: number;
+  /** The longest time between two answers. */
+  readonly maxGapMs: number;
+  readonly sources: readonly string[];
+}
+
+/**
+ * One TCP connection from a namespace carrying a line every `intervalMs` for `seconds` (echo.ts
+ * stream); resolves with its summary once it ended.
+ */
+export function stream(
+  netns: string,
+  target: string,
+  seconds: number,
+  intervalMs = 50,
+): Promise<StreamSummary> {
+  return streamOf(netns, target, seconds, intervalMs, []) as Promise<StreamSummary>;
+}
+
+/** The same with one UDP socket: a datagram every `intervalMs`, each answered by the server. */
+export function udpStream(
+  netns: string,
+  target: string,
+  seconds: number,
+  intervalMs = 50,
+): Promise<UdpStreamSummary> {
+  return streamOf(netns, target, seconds, intervalMs, ["--udp"]) as Promise<UdpStreamSummary>;
+}
+
+function streamOf(
+  netns: string,
+  target: string,
+  seconds: number,
+  intervalMs: number,
+  extra: readonly string[],
+): Promise<unknown> {
+  const argv = [
+    "netns",
+    "exec",
+    netns,
+    process.execPath,
+    ECHO,
+    "stream",
+    "--target",
+    target,
+    "--seconds",
+    String(seconds),
+    "--interval",
+    String(intervalMs),
+    ...extra,
+  ];
+  return new Promise((resolve, reject) => {
+    const child = spawn("ip", argv, { stdio: ["ignore", "pipe", "ignore"] });
+    let out = "";
+    const timer = setTimeout(() => child.kill("SIGKILL"), seconds * 1000 + 10_000);
+    child.stdout.on("data", (d: Buffer) => {
+      out += d.toString();
+    });
+    child.on("error", reject);
+    child.on("close", () => {
+      clearTimeout(timer);
+      const line = out
+        .split("\n")
+        .reverse()
+        .find((l) => l.startsWith("{"));
+      if (line === undefined) reject(new Error(`echo.ts stream in ${netns} printed no summary`));
+      else resolve(JSON.parse(line) as unknown);
+    });
+  });
 }

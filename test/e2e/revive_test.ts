@@ -21,7 +21,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { ExecRunner, mustRun } from "../../src/kernel/runner.ts";
-import { ours } from "../../src/kube/client.ts";
+import { CORE, ours } from "../../src/kube/client.ts";
 import type { Family } from "../../src/lib/ip.ts";
 import { FailoverProbe } from "../../src/sandbox/probe.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
@@ -248,4 +248,35 @@ spec:
         await stopWatching();
       }
     });
+
+  it("liveness costs the API server at most one node-lease write per gateway node per 10 s (kubelet's pace)", async () => {
+    // Failover is decided by the probes between nodes; the leases only back them up. Every
+    // renewal moves a lease's renewTime: polled each second for 31 s, every write is seen.
+    const renewals = new Map<string, Set<string>>();
+    const end = Date.now() + 31_000;
+    while (Date.now() < end) {
+      const { items } = await sb.admin().listAll<{
+        metadata: { name?: string; labels?: Record<string, string> };
+        spec?: { renewTime?: string };
+      }>(CORE.leases, {
+        namespace: "sallyport-system",
+        labelSelector: "sallyport.dev/node-lease=true",
+      });
+      for (const l of items) {
+        const node = l.metadata.labels?.["sallyport.dev/node"] ?? "";
+        const set = renewals.get(node) ?? new Set<string>();
+        set.add(l.spec?.renewTime ?? "");
+        renewals.set(node, set);
+      }
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    assert.deepEqual(
+      [...renewals.keys()].sort(),
+      ["node-2", "node-3"],
+      "the gateway nodes' leases",
+    );
+    // The first value seen was written before the window: 31 s hold at most 4 renewals.
+    for (const [node, times] of renewals)
+      assert.ok(times.size - 1 <= 4, `${node} renewed ${times.size - 1} times in 31 s`);
+  });
 });

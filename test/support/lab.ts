@@ -78,38 +78,12 @@ export function startEcho(netns: string, port = 8080): Promise<ChildProcess> {
   return waitForLine(child, (l) => l.includes('"listening"')).then(() => child);
 }
 
-export interface StreamSummary {
-  readonly sent: number;
-  readonly echoed: number;
-  readonly reset: boolean;
-  readonly sources: readonly string[];
-}
-
-/**
- * One TCP connection from a namespace carrying a line every `intervalMs` for `seconds`; resolves
- * with its summary (see echo.ts stream) once it ended.
- */
-export function stream(
-  netns: string,
-  target: string,
-  seconds: number,
-  intervalMs = 50,
-): Promise<StreamSummary> {
-  const child = startIn(netns, [
-    process.execPath,
-    ECHO,
-    "stream",
-    "--target",
-    target,
-    "--seconds",
-    String(seconds),
-    "--interval",
-    String(intervalMs),
-  ]);
-  return waitForLine(child, (l) => l.startsWith("{"), seconds * 1000 + 10_000).then(
-    (line) => JSON.parse(line) as StreamSummary,
-  );
-}
+export {
+  type StreamSummary,
+  stream,
+  type UdpStreamSummary,
+  udpStream,
+} from "../../src/sandbox/probe.ts";
 
 export type ProbeResult = ProbeLine;
 
