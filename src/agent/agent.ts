@@ -309,8 +309,11 @@ export class Agent {
     return this.#renewer.valid;
   }
 
+  /** A gateway-capable node that may not answer for egress IPs now (others are never fenced). */
   get fenced(): boolean {
-    return this.#liveness.fenced;
+    return (
+      this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true && this.#liveness.fenced
+    );
   }
 
   /** Liveness probes dropped: not authentic, malformed or replayed. */
@@ -343,6 +346,14 @@ export class Agent {
     await Promise.all(this.#reflectors().map((r) => r.synced));
     await this.#o.neighbourFence?.install();
     this.#liveness.start();
+    // The first sync decides what this node holds: not before liveness has heard its peers for
+    // a detection time (a restarted gateway is supported again at once, its peers counted it as
+    // heard through the restart; without this wait its first sync would drop its egress IPs).
+    if (this.#o.livenessThread === true) {
+      const t = this.#o.liveness ?? DEFAULT_LIVENESS_TIMING;
+      const wait = t.intervalMs * (t.multiplier + 1);
+      await new Promise<void>((r) => this.#o.clock.after(wait, r));
+    }
     this.sync.start();
   }
 
