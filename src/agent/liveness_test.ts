@@ -63,8 +63,10 @@ describe("encodeProbe() / decodeProbe()", () => {
     t: WALL0,
     ok: true,
     h: { "node-3": 12 },
-    u: ["node-3"],
-    d: ["node-4"],
+    a: ["node-3", "node-4"],
+    u: ["node-3", "node-4"],
+    d: ["node-5"],
+    j: ["node-4"],
   };
 
   it("round-trips a probe with a key", () => {
@@ -110,11 +112,18 @@ describe("encodeProbe() / decodeProbe()", () => {
       { h: [3] },
       { h: { "node-3": "12" } },
       { h: { "node-3": -1 } },
-      { d: "node-4" },
-      { d: [4] },
+      { a: "node-3" },
+      { a: [3] },
+      { a: undefined },
+      { d: "node-5" },
+      { d: [5] },
       { d: undefined },
       { u: [3] },
       { u: undefined },
+      { j: "node-4" },
+      { j: [4] },
+      { j: null },
+      { j: undefined },
       { r: -1 },
       { r: "10" },
     ].map((w) => ({ v: 1, ...probe, ...(w as object) }));
@@ -138,6 +147,7 @@ class Judge {
   readonly reports = new Map<string, Report>();
   readonly heardAt = new Map<string, number>();
   readonly state = new Map<string, DownState>();
+  readonly unlistedAt = new Map<string, number>();
   readonly self: string;
   readonly members: ReadonlyMap<string, Member>;
 
@@ -147,22 +157,26 @@ class Judge {
   }
 
   /**
-   * A probe of `from`, sent at `at`: the gateways it hears (ms since), those it holds down, and
-   * those it heard since it started (by default every gateway: its votes count).
+   * A probe of `from`, sent at `at`: the gateways it supports (ms since it heard them); those it
+   * heard within D, its votes (by default those it supports); those its datapath holds down;
+   * those it judged down; and those it heard since it started (by default every gateway: its
+   * votes count).
    */
   probe(
     from: string,
     at: number,
     hears: Record<string, number>,
-    options: { down?: string[]; ever?: string[] } = {},
+    options: { raw?: string[]; down?: string[]; judged?: string[]; ever?: string[] } = {},
   ): void {
     const gateways = [...this.members.values()].filter((m) => m.gatewayCapable);
     this.heardAt.set(from, at);
     this.reports.set(from, {
       at,
       hears: new Map(Object.entries(hears)),
+      raw: new Set(options.raw ?? Object.keys(hears)),
       ever: new Set(options.ever ?? gateways.map((m) => m.name)),
       down: new Set(options.down ?? []),
+      judged: new Set(options.judged ?? []),
       apiOk: true,
     });
   }
@@ -175,6 +189,7 @@ class Judge {
       members: this.members,
       reports: this.reports,
       heardAt: this.heardAt,
+      unlistedAt: this.unlistedAt,
       state: this.state,
     });
   }
@@ -237,6 +252,17 @@ describe("judge()", () => {
     for (let t = 0; t < D; t += 5) assert.deepEqual([...fresh.at(t).down], [], `at ${t}`);
   });
 
+  it("counts as votes the gateways a voter heard, not those it supports", () => {
+    const j = new Judge("node-3");
+    j.probe("node-2", 0, { "node-3": 5 });
+    // node-1 heard node-2 but does not support it (it just came back, or someone holds it down).
+    j.probe("node-1", D - 10, { "node-3": 4 }, { raw: ["node-2", "node-3"] });
+    for (let t = D; t < D + 100; t += 5) assert.deepEqual([...j.at(t).down], [], `at ${t}`);
+    j.probe("node-1", D + 100, { "node-3": 4 });
+    j.at(D + 100);
+    assert.deepEqual([...j.at(D + 100 + CONFIRM).down], ["node-2"], "once it no longer hears it");
+  });
+
   it("starts the confirmation over when the majority breaks", () => {
     const j = new Judge("node-3");
     j.probe("node-2", 0, { "node-3": 5 });
@@ -249,6 +275,61 @@ describe("judge()", () => {
     assert.equal(j.at(D + 20).nextCheck, D + 20 + CONFIRM, "confirmed from the new majority on");
     assert.deepEqual([...j.at(D + 20 + CONFIRM - 1).down], []);
     assert.deepEqual([...j.at(D + 20 + CONFIRM).down], ["node-2"]);
+  });
+
+  it("lists a gateway it hears again as supported only 2 D after it last did not", () => {
+    const j = new Judge("node-3");
+    j.probe("node-2", 0, { "node-3": 5 });
+    const first = j.at(0);
+    assert.deepEqual([...first.hears], [["node-2", 0]], "heard since it started: listed at once");
+    assert.deepEqual([...first.raw], ["node-2"]);
+    // node-2 falls silent: from D node-3 lists it no more (its last evaluation so at 490).
+    for (let t = 10; t < 500; t += 10) {
+      const v = j.at(t);
+      assert.equal(v.hears.has("node-2"), t < D, `at ${t}`);
+      assert.equal(v.raw.has("node-2"), t < D, `at ${t}`);
+    }
+    // Heard again from 500 on: a vote for it at once, its support 2 D after 490.
+    for (let t = 500; t < 490 + 2 * D; t += 10) {
+      j.probe("node-2", t, { "node-3": 5 });
+      const v = j.at(t);
+      assert.deepEqual([...v.raw], ["node-2"], `at ${t}`);
+      assert.deepEqual([...v.hears.keys()], [], `at ${t}`);
+    }
+    j.probe("node-2", 490 + 2 * D, { "node-3": 5 });
+    assert.deepEqual([...j.at(490 + 2 * D).hears], [["node-2", 0]]);
+    j.probe("node-2", 490 + 2 * D + 10, { "node-3": 5 });
+    assert.deepEqual([...j.at(490 + 2 * D + 17).hears], [["node-2", 7]], "ms since it heard it");
+  });
+
+  it("does not list a gateway that a fresh probe holds down, judged or announced, and waits 2 D after", () => {
+    const j = new Judge("node-1");
+    for (const [t, judged, down] of [
+      [0, [], []],
+      [100, ["node-2"], []],
+      [200, [], ["node-2"]],
+      [300, [], []],
+    ] as const) {
+      j.probe("node-2", t, { "node-3": 1 });
+      j.probe("node-3", t, { "node-2": 1 }, { judged: [...judged], down: [...down] });
+      const v = j.at(t);
+      assert.deepEqual([...v.raw].sort(), ["node-2", "node-3"], `at ${t}: heard`);
+      const listed = judged.length + down.length === 0 && t !== 300;
+      assert.deepEqual([...v.hears.keys()].sort(), listed ? ["node-2", "node-3"] : ["node-3"]);
+      // A node that is no gateway holds down only what a gateway's datapath holds down.
+      assert.deepEqual([...v.down], down, `at ${t}`);
+    }
+    // No longer held down since 300 (its last evaluation held down at 200): listed from 200 + 2 D.
+    for (let t = 310; t <= 200 + 2 * D; t += 10) {
+      j.probe("node-2", t, { "node-3": 1 });
+      j.probe("node-3", t, { "node-2": 1 });
+      assert.equal(j.at(t).hears.has("node-2"), t >= 200 + 2 * D, `at ${t}`);
+    }
+    // A stale probe holds nothing down.
+    j.probe("node-3", 700, { "node-2": 1 }, { judged: ["node-2"] });
+    j.probe("node-2", 700 + D, { "node-3": 1 });
+    assert.equal(j.at(700 + D - 1).hears.has("node-2"), false);
+    assert.deepEqual([...j.at(700 + D).raw].sort(), ["node-2"]);
   });
 
   it("gives the holder support until the voters listing it may stop hearing it", () => {
@@ -275,6 +356,11 @@ describe("judge()", () => {
     const v = j.at(110);
     assert.equal(v.supportedUntil, 100 - 10 + D - I / 2, "node-1's support only");
     assert.equal(v.announcedDown, true);
+    // A verdict not yet held by its datapath: node-3 no longer supports it, and says why.
+    j.probe("node-3", 110, {}, { raw: ["node-2"], judged: ["node-2"] });
+    const judged = j.at(115);
+    assert.equal(judged.supportedUntil, 100 - 10 + D - I / 2);
+    assert.equal(judged.announcedDown, true);
     // node-1 too relays that node-2 is down.
     j.probe("node-1", 120, { "node-2": 10, "node-3": 3 }, { down: ["node-2"] });
     assert.equal(j.at(130).supportedUntil, Number.NEGATIVE_INFINITY);
@@ -321,20 +407,36 @@ describe("judge()", () => {
     j.probe("node-1", D - 10, { "node-3": 4 });
     j.at(D);
     assert.deepEqual([...j.at(D + CONFIRM).down], ["node-2"]);
-    // node-2 is back: node-3 hears it, node-1 says it does (and node-2's own probe counts).
+    // node-2 is back: node-3 hears it, node-1 says it does (and node-2's own probe counts);
+    // neither supports it while it is held down.
     const back = D + 100;
+    const node1 = (t: number, down: string[]) =>
+      j.probe("node-1", t, { "node-3": 1 }, { raw: ["node-2", "node-3"], down });
     let t = back;
     for (; t < back + TIMING.holdDownMs; t += 10) {
       j.probe("node-2", t, { "node-3": 1 });
-      j.probe("node-1", t, { "node-2": 1, "node-3": 1 });
+      node1(t, ["node-2"]);
       const v = j.at(t);
       assert.deepEqual([...v.down], ["node-2"], `at ${t}`);
+      assert.deepEqual([...v.raw], ["node-2"], `at ${t}`);
+      assert.deepEqual([...v.hears.keys()], [], `at ${t}`);
       assert.ok(v.nextCheck! <= back + TIMING.holdDownMs);
     }
     j.probe("node-2", t, { "node-3": 1 });
-    j.probe("node-1", t, { "node-2": 1, "node-3": 1 });
-    assert.deepEqual([...j.at(t).down], []);
+    node1(t, ["node-2"]);
+    const upAt = t;
+    const up = j.at(upAt);
+    assert.deepEqual([...up.down], []);
     assert.equal(j.state.size, 0);
+    assert.deepEqual([...up.hears.keys()], [], "node-1 still announces it down");
+    // node-1 no longer does: supported 2 D after it was last held down.
+    for (t += 10; t < upAt + 2 * D; t += 10) {
+      j.probe("node-2", t, { "node-3": 1 });
+      node1(t, []);
+      assert.deepEqual([...j.at(t).hears.keys()], [], `at ${t}`);
+    }
+    j.probe("node-2", t, { "node-3": 1 });
+    assert.deepEqual([...j.at(t).hears.keys()], ["node-2"], `at ${t}`);
   });
 
   it("starts the hold-down over when the majority hearing the gateway breaks", () => {
@@ -385,6 +487,9 @@ describe("judge()", () => {
     j.probe("node-3", 120, {}, { down: ["node-2"] });
     assert.equal(j.at(130).announcedDown, true);
     assert.equal(j.at(120 + D).announcedDown, false, "not once the probe is stale");
+    j.probe("node-3", 300, {}, { judged: ["node-2"] });
+    assert.equal(j.at(310).announcedDown, true, "judged down, before its datapath holds it");
+    assert.equal(j.at(300 + D).announcedDown, false, "not once the probe is stale");
     j.probe("node-1", 400, { "node-3": 1 }, { down: ["node-2"] });
     assert.equal(j.at(410).announcedDown, true, "relayed by a node that is no gateway");
   });
@@ -419,9 +524,24 @@ class Network {
     };
   }
 
+  /**
+   * Per "from>to", when `to` last heard `from` (an authentic probe read by a running node), as
+   * Liveness counts it: when it was sent, by its timestamp.
+   */
+  readonly heard = new Map<string, number>();
+
   /** A datagram arrives at `to` (from anyone: a forger or a replayer too). */
   inject(to: string, msg: Buffer): void {
-    this.#run(to, () => this.#inboxes.get(to)?.(msg));
+    this.#run(to, () => {
+      const inbox = this.#inboxes.get(to);
+      const w = decodeProbe(msg, KEY);
+      if (inbox !== undefined && w !== undefined) {
+        const now = this.clock.now();
+        const at = now - Math.max(0, WALL0 + now - w.t);
+        this.heard.set(`${w.n}>${to}`, Math.max(at, this.heard.get(`${w.n}>${to}`) ?? at));
+      }
+      inbox?.(msg);
+    });
   }
 
   /** The clock as `node` sees it: its timers wait while it is frozen. */
@@ -468,25 +588,43 @@ class Network {
   }
 }
 
+/**
+ * How long a node's datapath sync takes after its down set changed (the agent's onChange: plan,
+ * program the kernel, then announce the down set in its probes). The real agent takes tens of
+ * ms; 10 ms is the least the safety model below grants a standby before it answers.
+ */
+const SYNC_MS = 10;
+
 interface Node {
   readonly name: string;
   readonly live: Liveness;
-  /** Until when the kernel fence answers for this node's egress IPs (onHolding; onRelease clears). */
+  /**
+   * Until when the kernel fence answers for this node's egress IPs: its last onHolding time plus
+   * that call's forMs (onRelease clears it).
+   */
   fenceUntil: number | undefined;
+  /** Since when (clock ms) each gateway has been in its down set without a break. */
+  readonly downSince: Map<string, number>;
 }
 
-/** A Liveness per member on `net`, started `stagger` ms apart (nodes do not tick in step). */
+/**
+ * A Liveness per member on `net`, started `stagger` ms apart (nodes do not tick in step).
+ * `watch` is called whenever a node's kernel fence is renewed and `syncMs` after a gateway
+ * joins a node's down set (the moments at which a node may start answering).
+ */
 async function startCluster(
   net: Network,
   members: ReadonlyMap<string, Member>,
-  options: { stagger?: number; syncMs?: number } = {},
+  options: { stagger?: number; syncMs?: number; watch?: () => void } = {},
 ): Promise<Map<string, Node>> {
+  const syncMs = options.syncMs ?? SYNC_MS;
   const nodes = new Map<string, Node>();
   for (const name of members.keys()) {
     const clock = net.clockFor(name);
     const node: Node = {
       name,
       fenceUntil: undefined,
+      downSince: new Map(),
       live: new Liveness({
         node: name,
         clock,
@@ -500,13 +638,21 @@ async function startCluster(
         apiReachable: () => true,
         // As the agent: sync the datapath with the down set, then say so in the probes.
         onChange: () => {
-          clock.after(options.syncMs ?? 2, () => {
+          const down = node.live.down;
+          for (const g of node.downSince.keys()) if (!down.has(g)) node.downSince.delete(g);
+          for (const g of down)
+            if (!node.downSince.has(g)) {
+              node.downSince.set(g, clock.now());
+              if (options.watch !== undefined) net.clock.after(syncMs, options.watch);
+            }
+          clock.after(syncMs, () => {
             node.live.announce(node.live.down);
             node.live.renew();
           });
         },
         onHolding: (forMs) => {
           node.fenceUntil = clock.now() + forMs;
+          options.watch?.();
         },
         onRelease: () => {
           node.fenceUntil = undefined;
@@ -546,21 +692,20 @@ async function cutOffHolder(after: number): Promise<void> {
   const lastProbe = Math.max(...net.sent.filter((m) => m.from === "node-2").map((m) => m.at));
   net.isolate("node-2", THREE.keys());
   let releasedAt: number | undefined;
-  let downAt: number | undefined;
-  let relayedAt: number | undefined;
   while (net.clock.now() < cutAt + 1000) {
     await net.clock.advance(5);
     const now = net.clock.now();
     const holds = n2.live.holding();
     if (!holds) releasedAt ??= now;
-    if (n3.live.down.has("node-2")) downAt ??= now;
-    if (n1.live.down.has("node-2")) relayedAt ??= now;
     assert.ok(!(holds && n3.live.down.has("node-2")), `at ${now}: node-2 holds and is down`);
     assert.ok(
       !(fenceOpen(n2, now) && n3.live.down.has("node-2")),
       `at ${now}: node-2's kernel fence answers and it is down`,
     );
   }
+  // When node-3 judged node-2 down, and node-1 (no gateway) learnt it.
+  const downAt = n3.downSince.get("node-2");
+  const relayedAt = n1.downSince.get("node-2");
   assert.ok(downAt !== undefined, "node-3 judges node-2 down");
   const when = `${downAt - cutAt} ms after the cut, ${downAt - lastProbe} after its last probe`;
   assert.ok(downAt - cutAt <= D + 2 * I, `down ${when}`);
@@ -572,6 +717,27 @@ async function cutOffHolder(after: number): Promise<void> {
   assert.deepEqual(downOf(n2), [], "node-2 has no majority to judge anyone down");
   assert.equal(n3.live.holding(), true, "node-3 still has its majority");
   stopCluster(nodes);
+}
+
+/**
+ * node-2 cut off from everyone; node-3's datapath syncs slowly (3 intervals). When node-3 judged
+ * node-2 down, and when its probes (to node-1) first said so as a verdict (j) and as held down (d).
+ */
+async function verdictOnTheWire() {
+  const net = new Network();
+  const nodes = await startCluster(net, THREE, { syncMs: 3 * I });
+  await net.clock.advance(500);
+  net.isolate("node-2", THREE.keys());
+  await net.clock.advance(D + 5 * I);
+  const verdict = nodes.get("node-3")!.downSince.get("node-2");
+  assert.ok(verdict !== undefined, "node-3 judges node-2 down");
+  const probes = net.sent
+    .filter((m) => m.from === "node-3" && m.to === "node-1")
+    .map((m) => ({ at: m.at, w: decodeProbe(m.msg, KEY)! }));
+  assert.ok(probes.filter((p) => p.at < verdict).every((p) => p.w.j.length === 0));
+  const judgedAt = probes.find((p) => p.w.j.includes("node-2"))?.at;
+  const heldAt = probes.find((p) => p.w.d.includes("node-2"))?.at;
+  return { net, nodes, verdict, judgedAt, heldAt };
 }
 
 describe("Liveness", () => {
@@ -620,8 +786,10 @@ describe("Liveness", () => {
       t,
       ok: true,
       h: { "node-2": 0 },
+      a: ["node-2", "node-3"],
       u: ["node-2", "node-3"],
       d: [],
+      j: [],
     });
     net.inject("node-2", encodeProbe(claim(wall()), Buffer.from("not the key")));
     net.inject("node-2", encodeProbe(claim(wall() + 1), undefined));
@@ -641,7 +809,7 @@ describe("Liveness", () => {
     stopCluster(nodes);
   });
 
-  it("keeps a holder that comes back down for the hold-down, and its fence closed", async () => {
+  it("keeps a holder that comes back down for the hold-down, and unsupported 2 D longer", async () => {
     const net = new Network();
     const nodes = await startCluster(net, THREE);
     await net.clock.advance(500);
@@ -658,10 +826,20 @@ describe("Liveness", () => {
       assert.equal(n2.live.holding(), false, `at ${now}`);
       assert.ok(!fenceOpen(n2, now), `at ${now}`);
     }
-    // Live again once it has been heard for the hold-down (give the probes an interval or two).
-    await net.clock.advance(2 * I);
-    for (const n of [n1, n2, n3]) assert.deepEqual(downOf(n), [], n.name);
+    // Live again once it has been heard for the hold-down (give the probes an interval or two);
+    // the voters list it as heard 2 D after they last held it down, not before.
+    const live = back + TIMING.holdDownMs + 2 * I;
+    while (net.clock.now() < live + 2 * D) {
+      await net.clock.advance(5);
+      const now = net.clock.now();
+      if (now >= live) for (const n of [n1, n2, n3]) assert.deepEqual(downOf(n), [], n.name);
+      if (now < back + TIMING.holdDownMs + 2 * D) {
+        assert.equal(n2.live.holding(), false, `at ${now}`);
+        assert.ok(!fenceOpen(n2, now), `at ${now}`);
+      }
+    }
     assert.equal(n2.live.holding(), true);
+    assert.ok(fenceOpen(n2, net.clock.now()));
     stopCluster(nodes);
   });
 
@@ -687,57 +865,173 @@ describe("Liveness", () => {
     stopCluster(nodes);
   });
 
-  it("does not let a holder thawed after a freeze answer on the probes queued meanwhile", async () => {
+  it("lets a frozen holder's kernel fence lapse half an interval before the verdict, and keeps it closed once thawed", async () => {
+    // Whatever the freeze's phase against the probes (the tightest: just after a voter's probe
+    // acknowledged the holder's last one).
+    for (let phase = 0; phase < I; phase += 3) {
+      const net = new Network();
+      const nodes = await startCluster(net, THREE);
+      await net.clock.advance(500 + phase);
+      const [, n2, n3] = three(nodes);
+      const frozen = net.clock.now();
+      net.freeze("node-2");
+      // The probes sent to it in the first 100 ms (which still list it) wait in its socket.
+      await net.clock.advance(100);
+      net.cut.add("node-1>node-2");
+      net.cut.add("node-3>node-2");
+      await net.clock.advance(900);
+      assert.deepEqual(downOf(n3), ["node-2"]);
+      // Its agent could not let go: its kernel fence lapsed by itself, at most D and half an
+      // interval after the agent froze, half an interval before node-3's verdict at the latest
+      // (node-3's sync comes on top).
+      const fence = n2.fenceUntil!;
+      const verdict = n3.downSince.get("node-2")!;
+      const when = `phase ${phase}: the fence lapsed ${fence - frozen} ms after the freeze, ${verdict - fence} ms before the verdict`;
+      assert.ok(fence <= frozen + D + CONFIRM, when);
+      assert.ok(fence + CONFIRM <= verdict, when);
+      const thawed = net.clock.now();
+      net.thaw("node-2");
+      while (net.clock.now() < thawed + 500) {
+        const now = net.clock.now();
+        assert.ok(!fenceOpen(n2, now), `phase ${phase}, at ${now}: node-2 answers on stale probes`);
+        assert.equal(n2.live.holding(), false, `phase ${phase}, at ${now}`);
+        await net.clock.advance(5);
+      }
+      stopCluster(nodes);
+    }
+  });
+
+  it("sends what it judges as it sends: a voter thawed after a freeze does not vouch for a holder it no longer hears", async () => {
     const net = new Network();
     const nodes = await startCluster(net, THREE);
     await net.clock.advance(500);
-    const [, n2, n3] = three(nodes);
-    net.freeze("node-2");
-    // The probes sent to it in the first 100 ms (which still list it) wait in its socket.
-    await net.clock.advance(100);
+    const [, n2] = three(nodes);
+    assert.equal(n2.live.holding(), true);
+    // node-3 freezes and hears node-2 no more; node-2 no longer hears node-1 (whose support
+    // lapses). node-1 still hears node-2: nobody judges it down.
+    net.freeze("node-3");
+    net.cut.add("node-2>node-3");
     net.cut.add("node-1>node-2");
-    net.cut.add("node-3>node-2");
-    await net.clock.advance(900);
-    assert.deepEqual(downOf(n3), ["node-2"]);
+    await net.clock.advance(300);
+    assert.equal(n2.live.holding(), false, "node-2 lost its support");
     const thawed = net.clock.now();
-    net.thaw("node-2");
+    net.thaw("node-3");
     while (net.clock.now() < thawed + 500) {
-      const now = net.clock.now();
-      assert.ok(!fenceOpen(n2, now), `at ${now}: node-2 answers on stale probes`);
-      assert.equal(n2.live.holding(), false, `at ${now}`);
       await net.clock.advance(5);
+      const now = net.clock.now();
+      assert.equal(n2.live.holding(), false, `at ${now}: node-2 holds on node-3's old word`);
+      assert.ok(!fenceOpen(n2, now), `at ${now}`);
+    }
+    // What node-3 said once thawed: nothing of node-2, which it last heard 300 ms before.
+    const said = net.sent
+      .filter((m) => m.from === "node-3" && m.at >= thawed)
+      .map((m) => decodeProbe(m.msg, KEY)!);
+    assert.ok(said.length > 0);
+    for (const w of said) {
+      assert.deepEqual(Object.keys(w.h), [], `at ${w.t - WALL0}: ${JSON.stringify(w.h)}`);
+      assert.deepEqual(w.a, [], `at ${w.t - WALL0}`);
     }
     stopCluster(nodes);
   });
 
-  // BUG (src/agent/liveness.ts): a standby counts a voter's "down" vote, and that voter's support
-  // of itself, for D after the voter's probe; meanwhile the voter may hear the holder again and
-  // support it. Here node-1 stops hearing node-2 (node-2 still holds on node-3's support), node-2
-  // is then cut off from node-3 for 100 ms, then node-3 is cut off from everyone while node-1 and
-  // node-2 hear each other again: node-3 judges node-2 down on node-1's last probe (sent before
-  // the cut, "not hearing node-2") and answers on that same probe's support, while node-2 answers
-  // on node-1's new probes. Both answer, for 10 to 70 ms, at every phase of the cut.
-  it.todo("does not let a standby take over on a voter's stale word while the holder is supported again", async () => {
+  it("says a verdict in its probes before its datapath holds it; a node that is no gateway never does", async () => {
+    const { net, nodes, verdict, judgedAt, heldAt } = await verdictOnTheWire();
+    assert.ok(judgedAt !== undefined && judgedAt - verdict <= I, "said within an interval");
+    assert.ok(heldAt !== undefined && heldAt >= verdict + 3 * I, "held down once synced");
+    assert.ok(judgedAt < heldAt);
+    // Only gateways say verdicts: node-1 relays what it holds down, never a verdict.
+    const fromNode1 = net.sent.filter((m) => m.from === "node-1");
+    assert.ok(fromNode1.length > 0);
+    for (const m of fromNode1) assert.deepEqual(decodeProbe(m.msg, KEY)!.j, []);
+    assert.deepEqual(downOf(nodes.get("node-1")!), ["node-2"]);
+    stopCluster(nodes);
+  });
+
+  // BUG (src/agent/liveness.ts): the module doc says of a verdict "It says so in its next probe,
+  // sent at once", but #evaluate sends at once only when what it hears changed, not when its
+  // down set did: the verdict leaves with the next tick or the announcement after the sync,
+  // whichever comes first (here 42 ms late, up to an interval). Harmless for safety (the holder's
+  // support has ended by then), but the holder and the voters learn of it that much later.
+  it.todo("says a verdict in a probe sent the moment it is reached", async () => {
+    const { nodes, verdict, judgedAt } = await verdictOnTheWire();
+    assert.equal(judgedAt, verdict);
+    stopCluster(nodes);
+  });
+
+  // BUG (src/agent/liveness.ts): a probe's `h` gives, per gateway, the time since its sender last
+  // heard it "when it sent", but announce() (and handOver()) send the ages of the last evaluation:
+  // here node-1 learns of node-2's verdict from node-3's probe at 785 (heard 0 ms before), syncs
+  // for 10 ms and announces at 795 still saying it heard node-3 0 ms before. Its receivers count
+  // the support it gives as many ms too long (as much as the time since the sender's last
+  // evaluation: its sync, up to an interval).
+  it.todo("says in each probe how long before sending it heard each gateway", async () => {
+    const net = new Network();
+    const nodes = await startCluster(net, THREE);
+    await net.clock.advance(500);
+    net.isolate("node-2", THREE.keys());
+    const heardBefore = new Map(net.heard);
+    for (let t = 0; t < 1000; t++) {
+      await net.clock.advance(1);
+      // What each sender last heard, as of the end of the previous ms.
+      for (const m of net.sent.filter((m) => m.at === net.clock.now() - 1)) {
+        const w = decodeProbe(m.msg, KEY)!;
+        for (const [g, age] of Object.entries(w.h)) {
+          const heard = heardBefore.get(`${g}>${m.from}`);
+          if (heard === undefined) continue;
+          assert.ok(
+            age >= m.at - heard,
+            `${m.from} at ${m.at}: heard ${g} ${age} ms before, not ${m.at - heard}`,
+          );
+        }
+      }
+      for (const [k, v] of net.heard) heardBefore.set(k, v);
+    }
+    stopCluster(nodes);
+  });
+
+  // Found by the property below with the supporters' old rule (a voter's "down" vote and its
+  // support were counted at once): node-1 stops hearing node-2 (node-2 still holds on node-3's
+  // support), node-2 is then cut off from node-3 for 100 ms, then node-3 is cut off from
+  // everyone while node-1 and node-2 hear each other again. node-3 judged node-2 down on
+  // node-1's last probe (sent before the cut, "not hearing node-2") while node-2 answered on
+  // node-1's new probes. node-1 now supports node-2 again only 2 D after it last did not.
+  it("does not let a standby take over on a voter's stale word while the holder is supported again", async () => {
+    let verdicts = 0;
     for (let phase = 0; phase < I; phase += 7) {
       const net = new Network();
-      const nodes = await startCluster(net, THREE);
+      let nodes: Map<string, Node> | undefined;
+      let both: string | undefined;
+      const watch = () => {
+        if (nodes === undefined || both !== undefined) return;
+        const now = net.clock.now();
+        const answering = whoAnswers(nodes.get("node-2")!, [nodes.get("node-3")!], now);
+        if (answering.length > 1) both = `phase ${phase}, at ${now}: both answer`;
+      };
+      nodes = await startCluster(net, THREE, { watch });
       await net.clock.advance(500);
-      const [, n2, n3] = three(nodes);
+      const [n1, n2, n3] = three(nodes);
       net.cut.add("node-1>node-2");
       net.cut.add("node-2>node-1");
       await net.clock.advance(400 + phase);
+      assert.equal(n2.live.holding(), true, `phase ${phase}: node-3's support is enough`);
       net.isolate("node-2", THREE.keys());
       await net.clock.advance(100);
       net.cut.clear();
       net.isolate("node-3", THREE.keys());
       for (let t = 0; t < 1000; t += 5) {
         await net.clock.advance(5);
-        const now = net.clock.now();
-        const standby = n3.live.down.has("node-2") && fenceOpen(n3, now);
-        assert.ok(!(standby && fenceOpen(n2, now)), `phase ${phase}, at ${now}: both answer`);
+        watch();
+        assert.equal(both, undefined);
       }
+      if (n3.downSince.has("node-2")) verdicts++;
+      // node-1 and node-2 hear each other: node-2 answers again, once node-1 has heard it for
+      // 2 D (and node-3, cut off, has let go of everything).
+      assert.ok(fenceOpen(n2, net.clock.now()), `phase ${phase}: node-2 answers again`);
+      assert.equal(n3.live.holding(), false, `phase ${phase}: node-3 is cut off`);
+      assert.deepEqual(downOf(n1), ["node-3"], `phase ${phase}: node-2 is live, node-3 is down`);
       stopCluster(nodes);
     }
+    assert.ok(verdicts > 0, "node-3 judged node-2 down at some phase (the scenario is not moot)");
   });
 });
 
@@ -779,13 +1073,36 @@ const arbScenario = fc.record({
 type Scenario = typeof arbScenario extends fc.Arbitrary<infer T> ? T : never;
 
 /**
- * Runs a scenario (3 s in 5 ms steps after 300 ms with every link up); returns the first moment
- * two nodes answer for the holder's egress IPs, if any. The holder node-2 answers while its
- * kernel fence does (onHolding's deadline, even while its agent is frozen); standby S answers
- * while its own fence does, once it holds node-2 and every standby before it down. Monotone: links
- * only fail and a frozen holder stays frozen (nothing comes back).
+ * Who answers for the holder node-2's egress IPs at `now`. node-2 answers while its kernel fence
+ * does (its last onHolding time + forMs, even while its agent is frozen; onRelease closes it).
+ * A standby answers while its own fence does, once it has held node-2 and every standby before
+ * it down for `syncMs` without a break: the agent's rule, a standby takes over the egress IPs
+ * only when the datapath sync that follows its verdict has programmed them (the model's sync
+ * delay; the real agent's takes tens of ms, the model grants 10 ms by default).
  */
-async function twoAnswer(sc: Scenario, monotone: boolean): Promise<string | undefined> {
+function whoAnswers(holder: Node, standbys: Node[], now: number, syncMs = SYNC_MS): string[] {
+  const answering = fenceOpen(holder, now) ? [holder.name] : [];
+  standbys.forEach((s, i) => {
+    const since = [holder, ...standbys.slice(0, i)].map((g) => s.downSince.get(g.name));
+    if (since.some((t) => t === undefined)) return;
+    if (now >= Math.max(...(since as number[])) + syncMs && fenceOpen(s, now))
+      answering.push(s.name);
+  });
+  return answering;
+}
+
+/**
+ * Runs a scenario (3 s in 5 ms steps after 300 ms with every link up); returns the first moment
+ * two nodes answer for the holder's egress IPs (whoAnswers), if any. Watched at every step and
+ * at every moment a node may start answering (a fence renewed, a sync done), so that no overlap
+ * falls between two steps. Monotone: links only fail and a frozen holder stays frozen (nothing
+ * comes back).
+ */
+async function twoAnswer(
+  sc: Scenario,
+  monotone: boolean,
+  syncMs = SYNC_MS,
+): Promise<string | undefined> {
   const gateways = Array.from({ length: sc.gateways }, (_, i) => `node-${i + 2}`);
   const others = [
     "node-1",
@@ -798,10 +1115,21 @@ async function twoAnswer(sc: Scenario, monotone: boolean): Promise<string | unde
   net.record = false;
   const random = prng(sc.seed);
   net.latency = () => Math.floor(random() * 3);
-  const nodes = await startCluster(net, members, { stagger: sc.stagger });
+  let found: string | undefined;
+  let nodes: Map<string, Node> | undefined;
+  const watch = () => {
+    if (nodes === undefined || found !== undefined) return;
+    const now = net.clock.now();
+    const answering = whoAnswers(
+      nodes.get("node-2")!,
+      gateways.slice(1).map((n) => nodes!.get(n)!),
+      now,
+      syncMs,
+    );
+    if (answering.length > 1) found = `at ${now}: ${answering.join(" and ")} answer`;
+  };
+  nodes = await startCluster(net, members, { stagger: sc.stagger, syncMs, watch });
   await net.clock.advance(300);
-  const holder = nodes.get("node-2")!;
-  const standbys = gateways.slice(1).map((n) => nodes.get(n)!);
   const end = net.clock.now() + RUN_MS;
   try {
     for (const e of sc.epochs) {
@@ -814,18 +1142,11 @@ async function twoAnswer(sc: Scenario, monotone: boolean): Promise<string | unde
       else if (!monotone) net.thaw("node-2");
       for (let t = 0; t < e.ms && net.clock.now() < end; t += STEP) {
         await net.clock.advance(STEP);
-        const now = net.clock.now();
-        const answering = fenceOpen(holder, now) ? ["node-2"] : [];
-        standbys.forEach((s, i) => {
-          const down = s.live.down;
-          const takesOver =
-            down.has("node-2") && standbys.slice(0, i).every((b) => down.has(b.name));
-          if (takesOver && fenceOpen(s, now)) answering.push(s.name);
-        });
-        if (answering.length > 1) return `at ${now}: ${answering.join(" and ")} answer`;
+        watch();
+        if (found !== undefined) return found;
       }
     }
-    return undefined;
+    return found;
   } finally {
     net.thaw("node-2");
     stopCluster(nodes);
@@ -842,10 +1163,9 @@ describe("Liveness under partitions", () => {
     );
   });
 
-  // BUG (src/agent/liveness.ts), as above: with links that come back (or a holder that thaws),
-  // about one run in 150 has two nodes answer. The example is one found (3 nodes: node-1 is cut
-  // off, then node-2, then node-3, while node-1 and node-2 hear each other again).
-  it.todo("never has two nodes answer for the holder's egress IPs as partitions come and go", async () => {
+  it("never has two nodes answer for the holder's egress IPs as partitions come and go", async () => {
+    // Found with the supporters' old rule (see "a voter's stale word" above): node-1 is cut off,
+    // then node-2, then node-3, while node-1 and node-2 hear each other again.
     const found: Scenario = {
       gateways: 2,
       others: 1,
@@ -864,7 +1184,7 @@ describe("Liveness under partitions", () => {
       fc.asyncProperty(arbScenario, async (sc) => {
         assert.equal(await twoAnswer(sc, false), undefined, JSON.stringify(sc));
       }),
-      { numRuns: 50, endOnFailure: true, examples: [[found]] },
+      { numRuns: 60, endOnFailure: true, examples: [[found]] },
     );
   });
 });
