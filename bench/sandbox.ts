@@ -171,7 +171,8 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
       );
       await sb.reviveNode(holder);
       if (o.killLeader) await sb.startController();
-      // Wait until the revived node is a live gateway candidate again.
+      // Wait until the revived node is a live gateway candidate again, for the controller and for
+      // the data plane (no node holds it down any more: its hold-down has passed).
       await until(
         () =>
           sb
@@ -181,6 +182,16 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
               "edge",
             ),
         (g) => g?.status?.readyNodes === 2,
+        60_000,
+      );
+      await until(
+        async () =>
+          (
+            await sb
+              .admin()
+              .listAll<{ metadata: object; status?: { downNodes?: string[] } }>(ours("EgressNode"))
+          ).items,
+        (nodes) => nodes?.every((n) => (n.status?.downNodes ?? []).length === 0) === true,
         60_000,
       );
       await new Promise((r) => setTimeout(r, 1000));

@@ -537,6 +537,7 @@ export class Liveness {
    * kernel fence is told to keep answering as long. Then stops.
    */
   handOver(holdMs: number): void {
+    this.#evaluate();
     if (this.#holding) this.#o.onHolding?.(holdMs);
     this.#send(holdMs);
     this.stop();
@@ -560,6 +561,8 @@ export class Liveness {
   announce(down: ReadonlySet<string>): void {
     if (sameSet(down, this.#announced)) return;
     this.#announced = new Set(down);
+    // Judged now, so that the ages it sends are today's.
+    this.#evaluate();
     this.#send();
   }
 
@@ -688,6 +691,8 @@ export class Liveness {
     this.#judgement = j;
     this.#apiFenced = apiFenced;
     this.#holding = holding;
+    // A new verdict goes out at once too (its `j`).
+    if (!hearsChanged && downChanged && before !== undefined) this.#send();
     if (hearsChanged) {
       this.#send();
       this.#o.log.info(
