@@ -947,23 +947,16 @@ describe("Liveness", () => {
     stopCluster(nodes);
   });
 
-  // BUG (src/agent/liveness.ts): the module doc says of a verdict "It says so in its next probe,
-  // sent at once", but #evaluate sends at once only when what it hears changed, not when its
-  // down set did: the verdict leaves with the next tick or the announcement after the sync,
-  // whichever comes first (here 42 ms late, up to an interval). Harmless for safety (the holder's
-  // support has ended by then), but the holder and the voters learn of it that much later.
+  // (Once a bug: the verdict left with the next tick or the announcement after the sync, up to an
+  // interval late.)
   it("says a verdict in a probe sent the moment it is reached", async () => {
     const { nodes, verdict, judgedAt } = await verdictOnTheWire();
     assert.equal(judgedAt, verdict);
     stopCluster(nodes);
   });
 
-  // BUG (src/agent/liveness.ts): a probe's `h` gives, per gateway, the time since its sender last
-  // heard it "when it sent", but announce() (and handOver()) send the ages of the last evaluation:
-  // here node-1 learns of node-2's verdict from node-3's probe at 785 (heard 0 ms before), syncs
-  // for 10 ms and announces at 795 still saying it heard node-3 0 ms before. Its receivers count
-  // the support it gives as many ms too long (as much as the time since the sender's last
-  // evaluation: its sync, up to an interval).
+  // (Once a bug: announce() sent the ages of the last evaluation, so its receivers counted the
+  // support it gives as much as an interval too long.)
   it("says in each probe how long before sending it heard each gateway", async () => {
     const net = new Network();
     const nodes = await startCluster(net, THREE);
