@@ -137,7 +137,7 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
         "---\n" +
         policy("web", "web", eip, o.family),
     );
-    if (o.policies > 0) await manyPolicies(sb, o.policies, eip, o.family);
+    if (o.policies > 0) await manyPolicies(sb, o.policies, "web", eip, o.family);
     await until(
       () => status(sb, "web"),
       (s) => s?.conditions?.find((c) => c.type === "Ready")?.status === "True",
@@ -215,8 +215,17 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
   }
 }
 
-/** `count` more policies on the gateway, each selecting the client with its own destination. */
-async function manyPolicies(sb: Sandbox, count: number, eip: string, family: Family) {
+/**
+ * `count` policies on the gateway `edge` (16 created at a time, as a deployment tool would), each
+ * selecting the pods labelled app=`app` with its own destination and the shared egress IP.
+ */
+async function manyPolicies(
+  sb: Sandbox,
+  count: number,
+  app: string,
+  eip: string,
+  family: Family = 4,
+): Promise<void> {
   const admin = sb.admin();
   let next = 0;
   await Promise.all(
@@ -229,7 +238,7 @@ async function manyPolicies(sb: Sandbox, count: number, eip: string, family: Fam
           metadata: { name: `many-${i}`, namespace: "default" },
           spec: {
             gateway: "edge",
-            podSelector: { matchLabels: { app: "web" } },
+            podSelector: { matchLabels: { app } },
             destinationCIDRs: [
               family === 4
                 ? `10.${200 + (i >> 16)}.${(i >> 8) & 255}.${i & 255}/32`
@@ -368,29 +377,9 @@ export async function policyBench(pods = 100) {
  * every node's kernel holds all of them (each node's packet filter lists their destinations).
  */
 async function thousandPolicies(sb: Sandbox, pods: readonly SandboxPod[]): Promise<number> {
-  const admin = sb.admin();
   const count = 1000;
   const t0 = Date.now();
-  const names = Array.from({ length: count }, (_, i) => i);
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: 16 }, async () => {
-      while (next < names.length) {
-        const i = names[next++]!;
-        await admin.create(ours("EgressPolicy"), {
-          apiVersion: "sallyport.dev/v1alpha1",
-          kind: "EgressPolicy",
-          metadata: { name: `many-${i}`, namespace: "default" },
-          spec: {
-            gateway: "edge",
-            podSelector: { matchLabels: { app: "fleet" } },
-            destinationCIDRs: [`10.${200 + (i >> 16)}.${(i >> 8) & 255}.${i & 255}/32`],
-            egressIP: [EIP],
-          },
-        });
-      }
-    }),
-  );
+  await manyPolicies(sb, count, "fleet", EIP);
   const nodes = [...new Set(pods.map((p) => p.node))];
   const held = async () => {
     let min = Number.POSITIVE_INFINITY;
