@@ -220,8 +220,7 @@ export class Controller {
       // Agents report within moments of each other: one status write for all their reports.
       for (const key of new Set([...Object.keys(now), ...Object.keys(before)]))
         if (now[key] !== before[key]) this.#queue?.addAfter(`policy:${key}`, REPORTS_SETTLE_MS);
-      // Gateways the data plane judged down (src/agent/liveness.ts): dead for placement now; a
-      // node reported down that writes its status again is back.
+      // Gateways the data plane judged down (src/agent/liveness.ts): dead for placement now.
       if (this.#reportedDown > 0 || (n.status?.downNodes ?? []).length > 0) {
         const before = this.#lastHealthy;
         const healthy = this.#healthy();
@@ -642,9 +641,9 @@ export class Controller {
   /**
    * Alive for placement: a valid node lease, and not judged down by the liveness probes of a
    * gateway node whose own lease is valid (it reports them in its EgressNode status `downNodes`;
-   * the probes decide by a majority of the voters, src/agent/liveness.ts) in a report newer than
-   * the node's own last status. The units of such a node go to their first live standby: the
-   * node the data plane already moved them to.
+   * the probes decide by a majority of the voters, src/agent/liveness.ts), unless that node
+   * reports the reporter down in a newer status. The units of such a node go to their first live
+   * standby: the node the data plane already moved them to.
    */
   /** Nodes the data plane reported down, as of the last #healthy(). */
   #reportedDown = 0;
@@ -660,11 +659,13 @@ export class Controller {
     for (const n of this.egressNodes.items()) {
       const name = n.metadata.name ?? "";
       if (n.spec.gatewayCapable !== true || !leases.has(name)) continue;
-      // A node that wrote its own status after the report is back (the reporter's hold-down, or
-      // a reporter that died since and whose lease has not run out yet, says otherwise).
+      // Two nodes that report each other: the newer report wins (a reporter that died since,
+      // its lease not run out yet, reported the other during its hold-down, before it came back).
       const reportedAt = lastWord(name);
-      for (const d of n.status?.downNodes ?? [])
-        if (d !== name && lastWord(d) <= reportedAt) down.add(d);
+      for (const d of n.status?.downNodes ?? []) {
+        const answer = this.egressNodes.get(d)?.status?.downNodes ?? [];
+        if (d !== name && !(answer.includes(name) && lastWord(d) > reportedAt)) down.add(d);
+      }
     }
     this.#reportedDown = down.size;
     this.#lastHealthy = new Set([...leases].filter((n) => !down.has(n)));

@@ -501,63 +501,85 @@ for (const datapath of ["iptables", "nftables"] as const)
       assert.equal(r.saw, EIP2[4]);
     });
 
-    it("split brain: a gateway cut off from the API server alone stops answering ARP when its lease expires, before another node starts", {
-      skip: agentOnly,
-    }, async () => {
-      const s = await ready("drift");
-      const holder = Number(s!.gatewayNode!.split("-")[1]);
-      const other = holder === 2 ? 3 : 2;
-      const macOf = async (i: number) =>
-        (await mustRun(nsRunner(sb.nodeNs(i)), ["cat", "/sys/class/net/eth0/address"])).trim();
-      const macs: Record<string, string> = {
-        [await macOf(holder)]: `node-${holder}`,
-        [await macOf(other)]: `node-${other}`,
-      };
-      // One ARP request at a time from the external host; each answer is attributed by the
-      // answering node's uplink MAC (the egress IP's own MAC is shared by design and says nothing).
-      const answers: string[] = [];
-      const stopAt = Date.now() + 12_000;
-      const arp = (async () => {
-        while (Date.now() < stopAt) {
-          const r = await nsRunner(sb.externalNs).run([
-            "arping",
-            "-I",
-            "eth0",
-            "-c",
-            "1",
-            "-w",
-            "1",
-            EIP[4],
-          ]);
-          for (const m of r.stdout.matchAll(/\[([0-9A-F:]+)\]/gi)) {
-            const who = macs[m[1]!.toLowerCase()];
-            if (who !== undefined) answers.push(who);
+    /**
+     * The two partitions the rule decides (docs/operations.md "Partitions"), each with no moment
+     * when two nodes answer ARP for the egress IP.
+     */
+    const partitions = {
+      // Its uplink and its peers stay reachable: it keeps its egress IPs until its node lease
+      // expires (4 s here), then releases them; the controller moves them.
+      "from the API server alone stops answering ARP when its lease expires": [
+        ["OUTPUT", "-d", "192.168.77.2", "-p", "tcp", "--dport", "6443", "-j", "DROP"],
+      ],
+      // The API server stays reachable: a majority of the voters no longer hears it, so it
+      // releases within the detection time and the other node takes over.
+      "from its peers alone (liveness probes dropped) stops answering ARP within the detection time":
+        [
+          ["INPUT", "-p", "udp", "--dport", "7800", "-j", "DROP"],
+          ["OUTPUT", "-p", "udp", "--dport", "7800", "-j", "DROP"],
+        ],
+    };
+    for (const [partition, rules] of Object.entries(partitions))
+      it(`split brain: a gateway cut off ${partition}, before another node starts`, {
+        skip: agentOnly,
+      }, async () => {
+        const s = await ready("drift");
+        const holder = Number(s!.gatewayNode!.split("-")[1]);
+        const other = holder === 2 ? 3 : 2;
+        const macOf = async (i: number) =>
+          (await mustRun(nsRunner(sb.nodeNs(i)), ["cat", "/sys/class/net/eth0/address"])).trim();
+        const macs: Record<string, string> = {
+          [await macOf(holder)]: `node-${holder}`,
+          [await macOf(other)]: `node-${other}`,
+        };
+        // One ARP request at a time from the external host; each answer is attributed by the
+        // answering node's uplink MAC (the egress IP's own MAC is shared by design and says nothing).
+        const answers: string[] = [];
+        const stopAt = Date.now() + 12_000;
+        const arp = (async () => {
+          while (Date.now() < stopAt) {
+            const r = await nsRunner(sb.externalNs).run([
+              "arping",
+              "-I",
+              "eth0",
+              "-c",
+              "1",
+              "-w",
+              "1",
+              EIP[4],
+            ]);
+            for (const m of r.stdout.matchAll(/\[([0-9A-F:]+)\]/gi)) {
+              const who = macs[m[1]!.toLowerCase()];
+              if (who !== undefined) answers.push(who);
+            }
           }
+        })();
+        await new Promise((r) => setTimeout(r, 1000));
+        for (const rule of rules)
+          await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-I", ...rule]);
+        try {
+          await arp;
+        } finally {
+          for (const rule of rules)
+            await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-D", ...rule]);
         }
-      })();
-      await new Promise((r) => setTimeout(r, 1000));
-      // Cut the holder's path to the API server only: its uplink and its peers stay reachable.
-      const rule = ["OUTPUT", "-d", "192.168.77.2", "-p", "tcp", "--dport", "6443", "-j", "DROP"];
-      await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-I", ...rule]);
-      await arp;
-      await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-D", ...rule]);
-      const firstOther = answers.indexOf(`node-${other}`);
-      assert.ok(
-        answers.indexOf(`node-${holder}`) === 0,
-        `the holder answered first: ${answers.join(" ")}`,
-      );
-      assert.ok(firstOther > 0, `then the other node took over: ${answers.join(" ")}`);
-      assert.ok(
-        !answers.slice(firstOther).includes(`node-${holder}`),
-        `the cut-off node never answered once the other had started: ${answers.join(" ")}`,
-      );
-      const s2 = await eventually(
-        () => status("drift"),
-        (x) => x?.gatewayNode === `node-${other}`,
-      );
-      assert.equal(s2?.gatewayNode, `node-${other}`);
-      assert.match(sb.log(`agent-${holder}`), /released the egress IPs/);
-    });
+        const firstOther = answers.indexOf(`node-${other}`);
+        assert.ok(
+          answers.indexOf(`node-${holder}`) === 0,
+          `the holder answered first: ${answers.join(" ")}`,
+        );
+        assert.ok(firstOther > 0, `then the other node took over: ${answers.join(" ")}`);
+        assert.ok(
+          !answers.slice(firstOther).includes(`node-${holder}`),
+          `the cut-off node never answered once the other had started: ${answers.join(" ")}`,
+        );
+        const s2 = await eventually(
+          () => status("drift"),
+          (x) => x?.gatewayNode === `node-${other}`,
+        );
+        assert.equal(s2?.gatewayNode, `node-${other}`);
+        assert.match(sb.log(`agent-${holder}`), /released the egress IPs/);
+      });
 
     it("a killed gateway node: traffic resumes from the same egress IP through the other gateway node", async () => {
       const s = await ready("drift");
