@@ -349,10 +349,9 @@ export class Agent {
     // The first sync decides what this node holds: not before liveness has heard its peers for
     // a detection time (a restarted gateway is supported again at once, its peers counted it as
     // heard through the restart; without this wait its first sync would drop its egress IPs).
-    if (this.#o.livenessThread === true) {
+    if (this.#liveness instanceof WorkerLiveness) {
       const t = this.#o.liveness ?? DEFAULT_LIVENESS_TIMING;
-      const wait = t.intervalMs * (t.multiplier + 1);
-      await new Promise<void>((r) => this.#o.clock.after(wait, r));
+      await this.#liveness.settled(t.intervalMs * (t.multiplier + 1));
     }
     this.sync.start();
   }

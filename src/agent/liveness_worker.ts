@@ -71,6 +71,8 @@ interface State {
   readonly type: "state";
   /** The worker's wall clock when it posted this. */
   readonly wall: number;
+  /** When its liveness started (wall clock). */
+  readonly startedWall: number;
   readonly holding: boolean;
   readonly down: readonly string[];
   readonly announced: Readonly<Record<string, readonly string[]>>;
@@ -221,6 +223,20 @@ export class WorkerLiveness implements LivenessHandle {
   }
 
   /**
+   * Resolves once the worker's liveness has run for `ms` (it heard its peers), or after 10 s:
+   * the agent's first sync waits for it (a thread takes a while to start on a busy node).
+   */
+  async settled(ms: number): Promise<void> {
+    const end = Date.now() + 10_000;
+    for (;;) {
+      this.#drain();
+      const s = this.#state;
+      if ((s !== undefined && Date.now() - s.startedWall >= ms) || Date.now() > end) return;
+      await new Promise<void>((r) => this.#o.clock.after(20, r));
+    }
+  }
+
+  /**
    * The worker's newest word, read now (not when this thread last had time for it); a word older
    * than the detection time means a thread that stopped: not holding.
    */
@@ -316,6 +332,7 @@ function serve(config: WorkerConfig): void {
       })
     : undefined;
   const states = config.states;
+  let startedWall = Number.POSITIVE_INFINITY;
   const post = () => {
     const announced: Record<string, readonly string[]> = {};
     for (const m of members.keys()) {
@@ -325,6 +342,7 @@ function serve(config: WorkerConfig): void {
     states.postMessage({
       type: "state",
       wall: Date.now(),
+      startedWall,
       holding: !liveness.fenced,
       down: [...liveness.down],
       announced,
@@ -363,6 +381,7 @@ function serve(config: WorkerConfig): void {
           started = true;
           void (async () => {
             await fence?.install();
+            startedWall = Date.now();
             liveness.start();
             heartbeat();
           })();

@@ -58,15 +58,6 @@ spec:
 ${spec}`;
 }
 
-const FAST_LEASES = [
-  "--lease-renew-ms",
-  "1000",
-  "--lease-duration-ms",
-  "4000",
-  "--lease-grace-ms",
-  "1000",
-];
-
 /** The same journeys on both packet filters (`sallyport agent --datapath`). */
 for (const datapath of ["iptables", "nftables"] as const)
   describe(`the sandbox, end to end (dual stack, ${datapath})`, { skip: NEEDS_ROOT }, () => {
@@ -104,10 +95,7 @@ for (const datapath of ["iptables", "nftables"] as const)
         nodes: 3,
         families: FAMILIES,
         dir: mkdtempSync(join(tmpdir(), `${TMP_PREFIX}sandbox-`)),
-        agentArgs: ["--period-ms", "3000", "--datapath", datapath, ...FAST_LEASES],
-        // The split-brain journey cuts a holder off from the API server alone: with kubelet's
-        // pace (40 s) it would take a minute; the rule is the same.
-        controllerArgs: FAST_LEASES,
+        agentArgs: ["--period-ms", "3000", "--datapath", datapath],
       });
       for (const [name, node, labels] of [
         ["web-1", 1, { app: "web" }],
@@ -507,19 +495,23 @@ for (const datapath of ["iptables", "nftables"] as const)
      */
     const partitions = {
       // Its uplink and its peers stay reachable: it keeps its egress IPs until its node lease
-      // expires (4 s here), then releases them; the controller moves them.
-      "from the API server alone stops answering ARP when its lease expires": [
-        ["OUTPUT", "-d", "192.168.77.2", "-p", "tcp", "--dport", "6443", "-j", "DROP"],
-      ],
+      // expires (40 s), then releases them; the controller moves them 10 s later.
+      "from the API server alone stops answering ARP when its lease expires": {
+        watchMs: 58_000,
+        rules: [["OUTPUT", "-d", "192.168.77.2", "-p", "tcp", "--dport", "6443", "-j", "DROP"]],
+      },
       // The API server stays reachable: a majority of the voters no longer hears it, so it
       // releases within the detection time and the other node takes over.
       "from its peers alone (liveness probes dropped) stops answering ARP within the detection time":
-        [
-          ["INPUT", "-p", "udp", "--dport", "7800", "-j", "DROP"],
-          ["OUTPUT", "-p", "udp", "--dport", "7800", "-j", "DROP"],
-        ],
+        {
+          watchMs: 12_000,
+          rules: [
+            ["INPUT", "-p", "udp", "--dport", "7800", "-j", "DROP"],
+            ["OUTPUT", "-p", "udp", "--dport", "7800", "-j", "DROP"],
+          ],
+        },
     };
-    for (const [partition, rules] of Object.entries(partitions))
+    for (const [partition, { watchMs, rules }] of Object.entries(partitions))
       it(`split brain: a gateway cut off ${partition}, before another node starts`, {
         skip: agentOnly,
       }, async () => {
@@ -535,7 +527,7 @@ for (const datapath of ["iptables", "nftables"] as const)
         // One ARP request at a time from the external host; each answer is attributed by the
         // answering node's uplink MAC (the egress IP's own MAC is shared by design and says nothing).
         const answers: string[] = [];
-        const stopAt = Date.now() + 12_000;
+        const stopAt = Date.now() + watchMs;
         const arp = (async () => {
           while (Date.now() < stopAt) {
             const r = await nsRunner(sb.externalNs).run([
