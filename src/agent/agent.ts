@@ -365,7 +365,7 @@ export class Agent {
     const restart =
       options.restartHoldMs !== undefined &&
       this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true;
-    if (restart) this.#liveness.handOver(options.restartHoldMs!);
+    if (restart) await this.#liveness.handOver(options.restartHoldMs!);
     else this.#liveness.stop();
     this.#o.neighbourFence?.close();
     if (restart) {

@@ -382,8 +382,12 @@ export function udpTransport(port: number, log: Logger): ProbeTransport {
       (address.includes(":") ? s6 : s4)?.send(msg, port, address, () => {});
     },
     stop() {
-      s4?.close();
-      s6?.close();
+      // A last probe may still be on its way out (a hand-over's): close once it has left.
+      const [a, b] = [s4, s6];
+      setTimeout(() => {
+        a?.close();
+        b?.close();
+      }, 100);
     },
   };
 }

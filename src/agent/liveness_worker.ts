@@ -89,7 +89,8 @@ type FromWorker =
 export interface LivenessHandle {
   start(): void;
   stop(): void;
-  handOver(holdMs: number): void;
+  /** Resolves once the last probe (and the kernel fence's extension) went out. */
+  handOver(holdMs: number): void | Promise<void>;
   holding(): boolean;
   readonly fenced: boolean;
   readonly down: ReadonlySet<string>;
@@ -196,29 +197,36 @@ export class WorkerLiveness implements LivenessHandle {
     this.#end(0);
   }
 
-  handOver(holdMs: number): void {
+  handOver(holdMs: number): Promise<void> {
     this.#push(this.#worker, true);
-    this.#end(holdMs);
+    return this.#end(holdMs);
   }
 
   /**
    * The worker closes its sockets and its nft session (which applies what it was sent, the
    * hand-over's long fence included), then says so; terminate() would cut the session off.
    */
-  #end(holdMs: number): void {
+  #end(holdMs: number): Promise<void> {
     this.#timer?.cancel();
     const worker = this.#worker;
     this.#worker = undefined;
     this.#states?.close();
     this.#states = undefined;
-    if (worker === undefined) return;
+    if (worker === undefined) return Promise.resolve();
     worker.postMessage({ type: "handOver", holdMs } satisfies ToWorker);
-    const done = setTimeout(() => void worker.terminate(), 1000);
-    worker.on("message", (m: FromWorker) => {
-      if (m.type === "stopped") {
-        clearTimeout(done);
+    // The process may exit right after: wait for the worker's word (its last probe is sent).
+    return new Promise<void>((resolve) => {
+      const done = setTimeout(() => {
         void worker.terminate();
-      }
+        resolve();
+      }, 1000);
+      worker.on("message", (m: FromWorker) => {
+        if (m.type === "stopped") {
+          clearTimeout(done);
+          void worker.terminate();
+          resolve();
+        }
+      });
     });
   }
 
@@ -397,7 +405,8 @@ function serve(config: WorkerConfig): void {
         if (m.holdMs > 0) liveness.handOver(m.holdMs);
         else liveness.stop();
         fence?.close();
-        port.postMessage({ type: "stopped" } satisfies FromWorker);
+        // After the sockets closed (their last probe out) and nft read its last lines.
+        setTimeout(() => port.postMessage({ type: "stopped" } satisfies FromWorker), 150);
         break;
     }
   });
