@@ -109,7 +109,6 @@ export interface Report {
   readonly down: ReadonlySet<string>;
   /** Gateways its sender judged down, said the moment it decided (gateways only). */
   readonly judged: ReadonlySet<string>;
-  readonly apiOk: boolean;
 }
 
 /** Cut off from the API server while others reach it (or cut off from everything). */
@@ -409,6 +408,14 @@ export interface LivenessOptions {
   /** API-side rule: is our node lease valid; did our last API call succeed. */
   readonly leaseValid: () => boolean;
   readonly apiReachable: () => boolean;
+  /**
+   * A peer counts as reaching the API server once its probes have said so for this long (half the
+   * controller's grace, src/kube/node_lease.ts): when the API server comes back after an outage
+   * for all, every lease has expired and the first peer to renew must not fence the others before
+   * they had their own chance (the controller waits a lease duration from its relist anyway).
+   * @default 5000
+   */
+  readonly apiSettleMs?: number | undefined;
   /** Holding or the down set changed. */
   readonly onChange: () => void;
   /**
@@ -433,6 +440,8 @@ export class Liveness {
   #evaluatedAt: number | undefined;
   /** Nodes restarting their agent (a last probe said so): heard until then. */
   readonly #restartUntil = new Map<string, number>();
+  /** Per peer, since when its probes have said without a break that it reaches the API server. */
+  readonly #apiOkSince = new Map<string, number>();
   #timer: Timer | undefined;
   #checkTimer: Timer | undefined;
   #checkAt: number | undefined;
@@ -504,6 +513,11 @@ export class Liveness {
     if (w.r !== undefined) this.#restartUntil.set(w.n, now + Math.min(w.r, 60_000));
     else this.#restartUntil.delete(w.n);
     const before = this.#reports.get(w.n);
+    const lapsed =
+      before === undefined ||
+      now - before.at >= this.#o.timing.intervalMs * this.#o.timing.multiplier;
+    if (!w.ok || lapsed) this.#apiOkSince.delete(w.n);
+    if (w.ok && !this.#apiOkSince.has(w.n)) this.#apiOkSince.set(w.n, now);
     const hears = new Map(Object.entries(w.h));
     this.#reports.set(w.n, {
       at: now,
@@ -512,7 +526,6 @@ export class Liveness {
       raw: new Set(w.a),
       down: new Set(w.d),
       judged: new Set(w.j),
-      apiOk: w.ok,
     });
     // What could change a decision at once: a voter that stopped hearing us or a gateway (a
     // vote), a new down set, a node heard again.
@@ -661,11 +674,15 @@ export class Liveness {
     });
     // The API-side rule, with the peers' word on whether they reach the API server.
     const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
+    const settle = this.#o.apiSettleMs ?? 5000;
     const heardOk = [...this.#reports.entries()]
       .filter(
         ([n, r]) => n !== this.#o.node && members.get(n)?.gatewayCapable && now - r.at < detect,
       )
-      .map(([, r]) => r.apiOk);
+      .map(([n]) => {
+        const since = this.#apiOkSince.get(n);
+        return since !== undefined && now - since >= settle;
+      });
     const peers = [...members.values()].filter(
       (m) => m.gatewayCapable && m.name !== this.#o.node,
     ).length;

@@ -177,7 +177,6 @@ class Judge {
       ever: new Set(options.ever ?? gateways.map((m) => m.name)),
       down: new Set(options.down ?? []),
       judged: new Set(options.judged ?? []),
-      apiOk: true,
     });
   }
 
@@ -615,7 +614,14 @@ interface Node {
 async function startCluster(
   net: Network,
   members: ReadonlyMap<string, Member>,
-  options: { stagger?: number; syncMs?: number; watch?: () => void } = {},
+  options: {
+    stagger?: number;
+    syncMs?: number;
+    watch?: () => void;
+    /** Per node, what its lease renewer says (default: valid and reachable). */
+    api?: ReadonlyMap<string, { leaseValid: boolean; reachable: boolean }>;
+    apiSettleMs?: number;
+  } = {},
 ): Promise<Map<string, Node>> {
   const syncMs = options.syncMs ?? SYNC_MS;
   const nodes = new Map<string, Node>();
@@ -634,8 +640,9 @@ async function startCluster(
         key: KEY,
         timing: TIMING,
         members: () => members,
-        leaseValid: () => true,
-        apiReachable: () => true,
+        leaseValid: () => options.api?.get(name)?.leaseValid ?? true,
+        apiReachable: () => options.api?.get(name)?.reachable ?? true,
+        apiSettleMs: options.apiSettleMs,
         // As the agent: sync the datapath with the down set, then say so in the probes.
         onChange: () => {
           const down = node.live.down;
@@ -764,6 +771,41 @@ describe("Liveness", () => {
   it("judges a holder cut off from everyone down within D + 2 intervals, after it let go", async () => {
     // Whatever the cut's phase against the nodes' ticks.
     for (let phase = 0; phase < I; phase += 7) await cutOffHolder(500 + phase);
+  });
+
+  it("releases a holder whose lease expired while a peer has reached the API server for the settle time, not before", async () => {
+    const net = new Network();
+    const api = new Map(
+      ["node-1", "node-2", "node-3"].map((n) => [n, { leaseValid: true, reachable: true }]),
+    );
+    const nodes = await startCluster(net, THREE, { api, apiSettleMs: 1000 });
+    await net.clock.advance(4 * I);
+    const [, n2] = three(nodes);
+    assert.equal(n2.live.holding(), true);
+    // The API server is down for all, long enough for every lease to expire: nobody is cut off.
+    for (const a of api.values()) a.reachable = false;
+    await net.clock.advance(500);
+    for (const a of api.values()) a.leaseValid = false;
+    await net.clock.advance(500);
+    assert.equal(n2.live.holding(), true, "an outage for all fences nobody");
+    // It comes back: node-3 renews first; node-2 has the settle time to renew too.
+    api.set("node-3", { leaseValid: true, reachable: true });
+    for (let t = 0; t < 900; t += 10) {
+      await net.clock.advance(10);
+      assert.equal(n2.live.holding(), true, `${t} ms after node-3 reached the API server again`);
+    }
+    // node-2 still cannot: cut off from the API server alone, it releases.
+    await net.clock.advance(100 + 2 * I);
+    assert.equal(
+      n2.live.holding(),
+      false,
+      "released once node-3 has reached it for the settle time",
+    );
+    // Renewing does not take it back at once: first its caches are relisted (freshSince: true here).
+    api.set("node-2", { leaseValid: true, reachable: true });
+    await net.clock.advance(2 * I);
+    assert.equal(n2.live.holding(), true, "holds again once its lease is valid");
+    stopCluster(nodes);
   });
 
   it("drops forged, unauthenticated and replayed probes, and counts them", async () => {

@@ -44,6 +44,7 @@ interface WorkerConfig {
   readonly port: number;
   readonly key: Uint8Array | undefined;
   readonly timing: LivenessTiming;
+  readonly apiSettleMs: number | undefined;
   /** Keep the kernel fence (processes); tests of the thread alone may not. */
   readonly fence: boolean;
   /** Where the worker posts its state; the agent reads it synchronously (receiveMessageOnPort). */
@@ -111,6 +112,8 @@ export interface WorkerLivenessOptions {
   readonly members: () => ReadonlyMap<string, Member>;
   readonly leaseValid: () => boolean;
   readonly apiReachable: () => boolean;
+  /** See LivenessOptions. */
+  readonly apiSettleMs?: number;
   /** The egress IPs the last sync holds. */
   readonly held: () => readonly HeldEgressIP[];
   /** Clock time since which every cache has been listed. */
@@ -152,6 +155,7 @@ export class WorkerLiveness implements LivenessHandle {
       port: this.#o.port,
       key: this.#o.key === undefined ? undefined : new Uint8Array(this.#o.key),
       timing: this.#o.timing,
+      apiSettleMs: this.#o.apiSettleMs,
       fence: true,
       states: port2,
     };
@@ -368,6 +372,7 @@ function serve(config: WorkerConfig): void {
     members: () => members,
     leaseValid: () => facts.leaseValid,
     apiReachable: () => facts.apiReachable,
+    apiSettleMs: config.apiSettleMs,
     onChange: () => {
       post();
       port.postMessage({ type: "changed" } satisfies FromWorker);

@@ -36,11 +36,11 @@ export function nodeLeaseName(node: string): string {
 }
 
 export interface LeaseTiming {
-  /** @default 250 */
+  /** Between renewals. */
   readonly renewMs: number;
-  /** @default 1000 */
+  /** A lease not renewed for this long has expired. */
   readonly durationMs: number;
-  /** @default 250 */
+  /** The controller moves a node's egress IPs this long after its lease expired. */
   readonly graceMs: number;
 }
 
@@ -163,8 +163,10 @@ export class NodeLeaseRenewer {
           CORE.leases,
           name,
           { ...clear, spec: { holderIdentity: node, renewTime: microTime() } },
-          // A black-holed API server must count as a failed attempt within about one period.
-          { namespace, timeoutMs: Math.max(300, timing.renewMs * 2) },
+          // A black-holed API server must count as a failed attempt within about one period
+          // (at most 5 s: a renewal in flight when the API server comes back must not keep this
+          // node from renewing for long, see LivenessOptions.apiSettleMs).
+          { namespace, timeoutMs: Math.max(300, Math.min(timing.renewMs * 2, 5000)) },
         );
         this.#holdSent = true;
       } catch (e) {
@@ -198,10 +200,10 @@ export class NodeLeaseRenewer {
     this.#attempted = true;
     if (!this.#stopped) {
       const spent = this.#o.clock.now() - started;
-      this.#timer = this.#o.clock.after(
-        Math.max(0, timing.renewMs - spent),
-        () => void this.#renew(),
-      );
+      // After a failure, try again within a second (a failed attempt writes nothing): when the
+      // API server comes back, this node renews before its peers' word fences it.
+      const next = this.#lastAttemptOk ? timing.renewMs : Math.min(timing.renewMs, 1000);
+      this.#timer = this.#o.clock.after(Math.max(0, next - spent), () => void this.#renew());
     }
   }
 }

@@ -52,6 +52,37 @@ describe("NodeLeaseRenewer", () => {
     r.stop();
   });
 
+  it("tries again within a second after a failure, at kubelet's pace while it succeeds", async () => {
+    const clock = new FakeClock();
+    const api = { up: true, patches: 0 };
+    const r = new NodeLeaseRenewer({
+      client: fakeClient(api),
+      namespace: "sallyport-system",
+      node: "n1",
+      clock,
+      log: silentLogger,
+      timing: { renewMs: 10_000, durationMs: 40_000, graceMs: 10_000 },
+    });
+    r.start({ create: true });
+    await clock.advance(30_000);
+    assert.equal(api.patches, 4, "every 10 s while it succeeds");
+    api.up = false;
+    await clock.advance(10_000);
+    const failing = api.patches;
+    await clock.advance(5000);
+    assert.ok(
+      api.patches - failing >= 5,
+      `every second while it fails (${api.patches - failing} in 5 s)`,
+    );
+    api.up = true;
+    await clock.advance(1000);
+    assert.equal(r.apiReachable, true, "renewed within a second of the API server's return");
+    const back = api.patches;
+    await clock.advance(9000);
+    assert.equal(api.patches, back, "then at kubelet's pace again");
+    r.stop();
+  });
+
   it("counts as valid and reachable while stopped (a node that holds no egress IP)", async () => {
     const clock = new FakeClock();
     const api = { up: false, patches: 0 };
