@@ -229,6 +229,7 @@ export class Agent {
           members: () => this.#members(),
           leaseValid: () => this.#renewer.valid,
           apiReachable: () => this.#renewer.apiReachable,
+          apiSettleMs: timing.graceMs / 2,
           held: () => options.datapath.heldEgressIPs(),
           listedAt: () => Math.min(...this.#reflectors().map((r) => r.listedAt)),
           refresh,
@@ -245,6 +246,7 @@ export class Agent {
           members: () => this.#members(),
           leaseValid: () => this.#renewer.valid,
           apiReachable: () => this.#renewer.apiReachable,
+          apiSettleMs: timing.graceMs / 2,
           onChange: () => this.sync.trigger(),
           onHolding: (forMs) => {
             // The kernel answers ARP/NDP for what we hold until our support ends (a frozen
@@ -365,6 +367,8 @@ export class Agent {
     const restart =
       options.restartHoldMs !== undefined &&
       this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true;
+    // Read before the liveness thread stops: its word goes stale within the detection time.
+    const holding = !this.#liveness.fenced;
     if (restart) await this.#liveness.handOver(options.restartHoldMs!);
     else this.#liveness.stop();
     this.#o.neighbourFence?.close();
@@ -374,7 +378,7 @@ export class Agent {
       // The controller keeps this node's egress IPs for the hold: so does the kernel (at most).
       const seconds = Math.floor((options.restartHoldMs! - (this.#o.clock.now() - asked)) / 1000);
       await this.#renewal;
-      if (held && !this.#liveness.fenced && seconds >= 1) await this.#renewEgressIPs(seconds);
+      if (held && holding && seconds >= 1) await this.#renewEgressIPs(seconds);
     } else {
       this.#renewer.stop();
     }
