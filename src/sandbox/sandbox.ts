@@ -19,6 +19,7 @@ import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_pr
 import { randomBytes } from "node:crypto";
 import {
   chmodSync,
+  cpSync,
   existsSync,
   mkdirSync,
   openSync,
@@ -965,6 +966,10 @@ export class Sandbox {
   async destroy(): Promise<void> {
     for (const name of Object.keys(this.#state.pids)) await this.#kill(name, "SIGKILL");
     if (existsSync(join(this.#state.cpDir, "controlplane.json"))) await this.#controlPlane().stop();
+    // A test or benchmark that failed leaves no sandbox behind, but its logs may be wanted.
+    const keep = process.env.SALLYPORT_KEEP_LOGS;
+    if (keep !== undefined && keep !== "")
+      cpSync(this.dir, join(keep, this.prefix), { recursive: true });
     await Sandbox.down(this.prefix, this.dir);
   }
 
