@@ -15,7 +15,7 @@
  *
  *   PERPACKET_COUNTS=1,1000,10000  PERPACKET_SECONDS=5  PERPACKET_FILTERS=iptables,nftables
  */
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { API_VERSION } from "../src/api/types.ts";
@@ -25,6 +25,7 @@ import { Sandbox } from "../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../src/sandbox/topology.ts";
 import { EDGE_GATEWAY_YAML } from "../test/fixtures/manifests.ts";
 import { probeUntil, startIn, stopAll } from "../test/support/lab.ts";
+import { settle } from "./quiet.ts";
 
 const EIP = "192.168.77.100";
 const COUNTS = (process.env.PERPACKET_COUNTS ?? "1,1000,10000").split(",").map(Number);
@@ -55,37 +56,6 @@ async function iperf(netns: string, udp: boolean): Promise<number> {
     return (s.packets - s.lost_packets) / s.seconds / 1000;
   }
   return j.end.sum_received!.bits_per_second / 1e9;
-}
-
-/** Busy CPU time of the whole machine (jiffies) and all of it, from /proc/stat. */
-function cpuTimes(): { busy: number; total: number } {
-  const f = readFileSync("/proc/stat", "utf8")
-    .split("\n")[0]!
-    .trim()
-    .split(/\s+/)
-    .slice(1)
-    .map(Number);
-  const idle = f[3]! + f[4]!;
-  const total = f.reduce((a, b) => a + b, 0);
-  return { busy: total - idle, total };
-}
-
-/**
- * Waits until the machine is quiet: two consecutive seconds under 10 % busy, at most `limitMs`.
- */
-async function settle(limitMs = 180_000): Promise<{ settled: boolean; settledMs: number }> {
-  const started = performance.now();
-  let quiet = 0;
-  let last = cpuTimes();
-  while (performance.now() - started < limitMs) {
-    await new Promise((r) => setTimeout(r, 1000));
-    const now = cpuTimes();
-    const busy = (now.busy - last.busy) / Math.max(1, now.total - last.total);
-    last = now;
-    quiet = busy < 0.1 ? quiet + 1 : 0;
-    if (quiet >= 2) return { settled: true, settledMs: Math.round(performance.now() - started) };
-  }
-  return { settled: false, settledMs: Math.round(performance.now() - started) };
 }
 
 async function measure(netns: string): Promise<Figures> {

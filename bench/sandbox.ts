@@ -24,6 +24,7 @@ import { FailoverProbe, stream, udpStream } from "../src/sandbox/probe.ts";
 import { Sandbox, type SandboxPod } from "../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../src/sandbox/topology.ts";
 import { EDGE_GATEWAY_YAML } from "../test/fixtures/manifests.ts";
+import { settle } from "./quiet.ts";
 
 const EIP = "192.168.77.100";
 const EIP6 = "fd00:77::100";
@@ -138,11 +139,25 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
         policy("web", "web", eip, o.family),
     );
     if (o.policies > 0) await manyPolicies(sb, o.policies, "web", eip, o.family);
-    await until(
-      () => status(sb, "web"),
-      (s) => s?.conditions?.find((c) => c.type === "Ready")?.status === "True",
-      300_000,
+    // Every policy programmed on every node it targets, then a quiet machine: a failover measured
+    // while the agents still program the policies that were just created measures that backlog.
+    const total = o.policies + 1;
+    const ready = await until(
+      async () =>
+        (
+          await sb.admin().listAll<{
+            metadata: object;
+            status?: { conditions?: { type: string; status: string }[] };
+          }>(ours("EgressPolicy"), { namespace: "default" })
+        ).items.filter(
+          (p) => p.status?.conditions?.find((c) => c.type === "Ready")?.status === "True",
+        ).length,
+      (n) => n >= total,
+      600_000,
     );
+    if (ready < total) throw new Error(`after 600 s only ${ready} of ${total} policies are Ready`);
+    const quiet = await settle();
+    console.error(`${total} policies Ready; quiet after ${quiet.settledMs} ms (${quiet.settled})`);
     const gaps: number[] = [];
     const udpGaps: number[] = [];
     let resets = 0;
@@ -194,7 +209,8 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
         (nodes) => nodes?.every((n) => (n.status?.downNodes ?? []).length === 0) === true,
         60_000,
       );
-      await new Promise((r) => setTimeout(r, 1000));
+      // and the revived node has programmed what it carries again
+      await settle(60_000);
     }
     return {
       bench: "failover",
