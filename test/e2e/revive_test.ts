@@ -23,7 +23,7 @@ import { after, before, describe, it } from "node:test";
 import { ExecRunner, mustRun } from "../../src/kernel/runner.ts";
 import { CORE, ours } from "../../src/kube/client.ts";
 import type { Family } from "../../src/lib/ip.ts";
-import { FailoverProbe } from "../../src/sandbox/probe.ts";
+import { FailoverProbe, stream, udpStream } from "../../src/sandbox/probe.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../../src/sandbox/topology.ts";
 import { AnswerWatch } from "../support/arp_watch.ts";
@@ -255,6 +255,65 @@ spec:
         await stopWatching();
       }
     });
+
+  it("failback: the egress IP goes to the other node and back to its preferred one, and a TCP connection and a UDP flow open all along keep working", async () => {
+    // The preferred node comes back with the conntrack entries of the connections it carried
+    // before it was cut off, stale since: it must not use them when the egress IP returns.
+    const EIPB = { 4: "192.168.77.130", 6: "fd00:77::130" } as const;
+    await sb.addPod("back-1", { node: 1, labels: { app: "back" } });
+    await sb.apply(`apiVersion: sallyport.dev/v1alpha1
+kind: EgressGateway
+metadata: {name: back}
+spec:
+  nodeSelector: {matchLabels: {egress: "true"}}
+  pool: ["192.168.77.130-192.168.77.139"]
+  failback: true
+---
+apiVersion: sallyport.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: back, namespace: default}
+spec:
+  gateway: back
+  podSelector: {matchLabels: {app: back}}
+  destinationCIDRs: ["${EXTERNAL[4]}/32"]
+  egressIP: ["${EIPB[4]}"]
+`);
+    const backStatus = async () =>
+      (await sb.admin().get<WithStatus>(ours("EgressPolicy"), "back", "default")).status;
+    const s = await eventually(
+      backStatus,
+      (x) => x?.programmed === "2/2" && x.gatewayNode !== undefined,
+      30_000,
+    );
+    // With failback the egress IP sits on its preferred node: where it returns.
+    const preferred = Number(s!.gatewayNode!.split("-")[1]);
+    const other = preferred === 2 ? 3 : 2;
+    const netns = sb.pod("back-1").netns;
+    const tcp = stream(netns, target(4), 40, 20);
+    const udp = udpStream(netns, target(4), 40, 20);
+    await new Promise((r) => setTimeout(r, 1000));
+    await sb.killNode(preferred);
+    await eventually(backStatus, (x) => x?.gatewayNode === `node-${other}`, 20_000);
+    await new Promise((r) => setTimeout(r, 2000));
+    await sb.reviveNode(preferred);
+    const back = await eventually(
+      backStatus,
+      (x) => x?.gatewayNode === `node-${preferred}` && x.programmed === "2/2",
+      30_000,
+    );
+    assert.equal(back?.gatewayNode, `node-${preferred}`, "back on its preferred node");
+    const [t, u] = await Promise.all([tcp, udp]);
+    assert.equal(t.reset, false, "the TCP connection was not reset");
+    assert.ok(t.sent > 1000, `it sent all along (${t.sent} lines)`);
+    assert.equal(t.echoed, t.sent, "every line came back");
+    assert.deepEqual(t.sources, [EIPB[4]], "always from the egress IP");
+    assert.ok(
+      u.sent > 1000 && u.lost < u.sent / 10,
+      `the UDP flow went on (${u.lost} of ${u.sent} lost)`,
+    );
+    assert.deepEqual(u.sources, [EIPB[4]]);
+    await sb.delete("EgressPolicy", "back", "default");
+  });
 
   it("liveness costs the API server at most one node-lease write per gateway node per 10 s (kubelet's pace)", async () => {
     // Failover is decided by the probes between nodes; the leases only back them up. Every
