@@ -293,14 +293,36 @@ export function summarizeSnat(
 /**
  * Deletes the connections whose original source or original destination is `address`:
  * `conntrack -D -f ipv4|ipv6 -s ADDRESS`, then the same with `-d` (conntrack ANDs its filters, so
- * one command cannot say "or"). conntrack exits 1 with "0 flow entries have been deleted." when
- * nothing matched: that is no failure. Returns how many entries went; throws a CommandError with
+ * one command cannot say "or"). Returns how many entries went; throws a CommandError with
  * conntrack's own message otherwise.
  */
-export async function deleteConnectionsOf(runner: Runner, address: string): Promise<number> {
+export function deleteConnectionsOf(runner: Runner, address: string): Promise<number> {
+  return deleteConnections(runner, address, ["-s", "-d"]);
+}
+
+/**
+ * Deletes the connections SNATed to `egressIP` (their replies go to it: `--reply-dst`). A node
+ * that takes an egress IP it held before (revived, or a failback) still tracks the connections it
+ * carried then, with their state of then: the connections that come back with the egress IP
+ * would be judged by it and stall. Without those entries the kernel picks each connection up
+ * again from its next packet, mapped to the same source port when that port is free.
+ */
+export function deleteConnectionsTo(runner: Runner, egressIP: string): Promise<number> {
+  return deleteConnections(runner, egressIP, ["--reply-dst"]);
+}
+
+/**
+ * One `conntrack -D` per filter (conntrack ANDs the filters of one command). conntrack exits 1
+ * with "0 flow entries have been deleted." when nothing matched: that is no failure.
+ */
+async function deleteConnections(
+  runner: Runner,
+  address: string,
+  filters: readonly string[],
+): Promise<number> {
   const family = address.includes(":") ? "ipv6" : "ipv4";
   let deleted = 0;
-  for (const flag of ["-s", "-d"]) {
+  for (const flag of filters) {
     const argv = ["conntrack", "-D", "-f", family, flag, address];
     const result = await runner.run(argv, { timeoutMs: 10_000 });
     const count = /(\d+) flow entries have been deleted/.exec(result.stderr)?.[1];

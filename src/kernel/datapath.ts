@@ -43,6 +43,7 @@ import {
   type NftDesired,
   parseNftTable,
 } from "../render/nftables.ts";
+import { deleteConnectionsTo } from "./conntrack.ts";
 import type { Iptables } from "./iptables.ts";
 import { CommandError, mustRun, type Runner } from "./runner.ts";
 
@@ -466,6 +467,10 @@ export class Datapath {
         ? Promise.resolve()
         : mustRun(runner, ["nft", "-f", "-"], { stdin: nft.payload }),
     );
+    // Connections tracked for an egress IP this node held before are stale (deleteConnectionsTo).
+    await step("forget the stale connections of the egress IPs taken", async () => {
+      for (const e of routing.newEips) await deleteConnectionsTo(runner, e.address);
+    });
     await step("create egress-IP devices", () => batch(["ip", "-batch", "-"], routing.eips));
     // Before they go up: arp_notify / ndisc_notify act at NETDEV_UP.
     sysctlChanges += await this.#sysctls(this.#deviceSysctls(plan, routing), step);

@@ -4822,10 +4822,18 @@ export class FakeKernel implements Runner {
         return this.#sysctls.run(args);
       case "nft":
         return this.#nft.run(args, stdin, seeding);
+      case "conntrack":
+        // No connections are tracked here: a delete finds none, and says so as conntrack does.
+        if (args[0] === "-D")
+          throw new ToolFailure(
+            1,
+            "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n",
+          );
+        throw unmodeled(`conntrack ${args.join(" ")}`);
       default:
         throw new ToolFailure(
           127,
-          `FakeKernel does not model the program ${tool}: it runs iptables, ipset, nft, ip, bridge and sysctl\n`,
+          `FakeKernel does not model the program ${tool}: it runs iptables, ipset, nft, ip, bridge, sysctl and conntrack -D\n`,
           true,
         );
     }

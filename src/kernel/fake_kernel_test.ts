@@ -2407,6 +2407,38 @@ describe("Datapath on the fake kernel: egress IPs leased from the kernel (issue 
     await assertHolds(dp, plan);
   });
 
+  it("forgets the connections it tracked for an egress IP before it takes it (again), and only then", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = host(2);
+    const dp = leasing(fake);
+    const plan = planWith(2, await dp.read(), s);
+    // The conntrack deletes and the device creations, in the order they ran.
+    const deletes = (from: number) =>
+      fake.calls
+        .slice(from)
+        .flatMap((c) =>
+          c.argv[0] === "conntrack"
+            ? [c.argv.join(" ")]
+            : [...(c.stdin ?? "").matchAll(/link add \S+/g)].map((m) => m[0]),
+        );
+    let from = fake.calls.length;
+    await dp.sync(plan);
+    const taken = deletes(from);
+    for (const e of plan.eips) {
+      const forget = `conntrack -D -f ipv${e.family} --reply-dst ${e.address}`;
+      assert.ok(taken.includes(forget), `${forget} in ${taken.join("; ")}`);
+      // Before its device exists: nothing of a connection that comes back meets the old state.
+      assert.ok(taken.indexOf(forget) < taken.indexOf(`link add ${e.device}`), taken.join("; "));
+    }
+    from = fake.calls.length;
+    await dp.sync(plan);
+    assert.deepEqual(
+      deletes(from).filter((c) => c.startsWith("conntrack")),
+      [],
+      "held already: its connections are today's",
+    );
+  });
+
   it("an IPv4 egress IP's device has no IPv6, also on a node that plans IPv4 only", async () => {
     const s = SCENARIOS["one policy, explicit egress IP (seed 000/003)"]!;
     const fake = host(2);

@@ -270,6 +270,8 @@ export interface RoutingDiff {
   readonly eipsUp: string[];
   /** Devices created by this diff: their sysctls must be written before they go up. */
   readonly newDevices: string[];
+  /** Egress IPs this diff gives the node (their devices made, or made again). */
+  readonly newEips: EipPlan[];
   readonly remove4: string[];
   readonly remove6: string[];
   readonly removeTunnel: string[];
@@ -323,6 +325,7 @@ export function diffRouting(
     eips: [],
     eipsUp: [],
     newDevices: [],
+    newEips: [],
     remove4: [],
     remove6: [],
     removeTunnel: [],
@@ -393,6 +396,7 @@ export function diffRouting(
         eipAddressLine(e, lease),
       );
       d.newDevices.push(e.device);
+      d.newEips.push(e);
       d.eipsUp.push(`link set ${e.device} up`);
       continue;
     }

