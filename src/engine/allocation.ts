@@ -317,18 +317,22 @@ export class AddressAllocator {
       );
     }
 
-    // 4. Addresses that came free let the policies waiting in those pools try again.
+    // 4. Addresses that came free let the policies waiting in those pools try again. Asked of
+    // each waiting policy's own pool, not of the gateway's cursor: while a gateway's pool is
+    // being edited its policies may carry the old pool and the new one, and the cursor serves
+    // whichever asked last (an address freed in the other pool was never offered).
     const taken = (a: string) => this.#claims.has(a) || this.#holder.has(a);
     for (const text of touched) {
       if (taken(text)) continue;
       const a = tryParseAddress(text)!;
-      for (const [id, cursor] of this.#cursors) {
-        if (!cursor.release(a)) continue;
-        for (const key of this.#waiting.get(id.slice(0, id.lastIndexOf("/"))) ?? []) {
+      for (const cursor of this.#cursors.values()) cursor.release(a);
+      for (const waiting of this.#waiting.values())
+        for (const key of waiting) {
+          const r = this.#requests.get(key);
+          if (r === undefined || !inPool(r.pool, a)) continue;
           remember(key);
           needAddresses.add(key);
         }
-      }
     }
 
     // 5. New addresses, oldest policy first.

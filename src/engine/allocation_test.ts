@@ -201,6 +201,27 @@ describe("AddressAllocator", () => {
     ]);
   });
 
+  it("gives a freed address to the policy waiting for it while another policy of its gateway carries another pool (the pool being edited)", () => {
+    // Found by the property below (seed -490873264).
+    const alloc = new AddressAllocator();
+    const edited = parseGatewayPool(["10.168.60.101", "fd00:a::100-fd00:a::103"]);
+    const run = () => alloc.run((k) => addressesOf(alloc.get(k)));
+    alloc.set("c", pooled("c", 1, { families: [4] }));
+    run();
+    alloc.set("a", pooled("a", 1, { families: [4], count: 3 }));
+    run();
+    const waiting = alloc.get("a");
+    assert.equal(waiting?.ok === true && waiting.short?.[0]?.got, 2, "a waits for a third");
+    alloc.set("e", pooled("e", 1, { families: [4], pool: edited }));
+    run();
+    alloc.set("c", undefined);
+    run();
+    assert.deepEqual(alloc.get("a"), {
+      ok: true,
+      addresses: ["10.168.60.100", "10.168.60.101", "10.168.60.102"],
+    });
+  });
+
   it("allocates incrementally what a fresh allocator allocates from the previous result", () => {
     const pools = [
       EDGE,
