@@ -24,6 +24,7 @@ import { FailoverProbe, stream, udpStream } from "../src/sandbox/probe.ts";
 import { Sandbox, type SandboxPod } from "../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../src/sandbox/topology.ts";
 import { EDGE_GATEWAY_YAML } from "../test/fixtures/manifests.ts";
+import { reportedDown } from "../test/support/kube.ts";
 import { settle } from "./quiet.ts";
 
 const EIP = "192.168.77.100";
@@ -206,13 +207,9 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
         60_000,
       );
       await until(
-        async () =>
-          (
-            await sb
-              .admin()
-              .listAll<{ metadata: object; status?: { downNodes?: string[] } }>(ours("EgressNode"))
-          ).items,
-        (nodes) => nodes?.every((n) => (n.status?.downNodes ?? []).length === 0) === true,
+        () => reportedDown(sb.admin()),
+        // (undefined: the API server did not answer)
+        (down) => down?.length === 0,
         60_000,
       );
       // and the revived node has programmed what it carries again

@@ -218,36 +218,31 @@ export class Agent {
     const refresh = () => {
       for (const r of this.#reflectors()) r.relist();
     };
+    // What both liveness runners are told alike.
+    const common = {
+      node,
+      clock,
+      log,
+      key: options.probeKey,
+      timing: livenessTiming,
+      members: () => this.#members(),
+      leaseValid: () => this.#renewer.valid,
+      apiReachable: () => this.#renewer.apiReachable,
+      apiSettleMs: timing.graceMs / 2,
+      refresh,
+      onChange: () => this.sync.trigger(),
+    };
     this.#liveness = options.livenessThread
       ? new WorkerLiveness({
-          node,
+          ...common,
           port: options.probePort ?? 7800,
-          key: options.probeKey,
-          timing: livenessTiming,
-          clock,
-          log,
-          members: () => this.#members(),
-          leaseValid: () => this.#renewer.valid,
-          apiReachable: () => this.#renewer.apiReachable,
-          apiSettleMs: timing.graceMs / 2,
           held: () => options.datapath.heldEgressIPs(),
           listedAt: () => Math.min(...this.#reflectors().map((r) => r.listedAt)),
-          refresh,
-          onChange: () => this.sync.trigger(),
           onHolding: () => void this.#renewEgressIPs(),
         })
       : new Liveness({
-          node,
-          clock,
-          log,
+          ...common,
           transport: options.probeTransport ?? udpTransport(options.probePort ?? 7800, log),
-          key: options.probeKey,
-          timing: livenessTiming,
-          members: () => this.#members(),
-          leaseValid: () => this.#renewer.valid,
-          apiReachable: () => this.#renewer.apiReachable,
-          apiSettleMs: timing.graceMs / 2,
-          onChange: () => this.sync.trigger(),
           onHolding: (forMs) => {
             // The kernel answers ARP/NDP for what we hold until our support ends (a frozen
             // agent's node falls silent by itself).
@@ -260,7 +255,6 @@ export class Agent {
             }
           },
           onRelease: () => options.neighbourFence?.release(),
-          refresh,
           freshSince: (t) => this.#reflectors().every((r) => r.listedAt >= t),
         });
     this.sync = new DatapathSync({

@@ -50,6 +50,7 @@
 import { createHmac, timingSafeEqual } from "node:crypto";
 import { createSocket, type Socket } from "node:dgram";
 import type { Clock, Timer } from "../lib/clock.ts";
+import { sameSet } from "../lib/equal.ts";
 import type { Logger } from "../lib/log.ts";
 
 export interface LivenessTiming {
@@ -767,7 +768,3 @@ export class Liveness {
 }
 
 const EMPTY: ReadonlySet<string> = new Set();
-
-function sameSet(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
-  return a.size === b.size && [...a].every((x) => b.has(x));
-}

@@ -688,6 +688,18 @@ function three(nodes: Map<string, Node>): [Node, Node, Node] {
   return [nodes.get("node-1")!, nodes.get("node-2")!, nodes.get("node-3")!];
 }
 
+/** The holder node-2 cut off from everyone until node-3 has judged it down. */
+async function holderJudgedDown() {
+  const net = new Network();
+  const nodes = await startCluster(net, THREE);
+  await net.clock.advance(500);
+  net.isolate("node-2", THREE.keys());
+  await net.clock.advance(D + 2 * I);
+  const [n1, n2, n3] = three(nodes);
+  assert.deepEqual(downOf(n3), ["node-2"]);
+  return { net, nodes, n1, n2, n3 };
+}
+
 /** Cuts the holder node-2 off from everyone `after` ms after the start, and watches. */
 async function cutOffHolder(after: number): Promise<void> {
   const net = new Network();
@@ -852,13 +864,7 @@ describe("Liveness", () => {
   });
 
   it("keeps a holder that comes back down for the hold-down, and unsupported 2 D longer", async () => {
-    const net = new Network();
-    const nodes = await startCluster(net, THREE);
-    await net.clock.advance(500);
-    const [n1, n2, n3] = three(nodes);
-    net.isolate("node-2", THREE.keys());
-    await net.clock.advance(D + 2 * I);
-    assert.deepEqual(downOf(n3), ["node-2"]);
+    const { net, nodes, n1, n2, n3 } = await holderJudgedDown();
     net.cut.clear();
     const back = net.clock.now();
     while (net.clock.now() < back + TIMING.holdDownMs) {
@@ -886,13 +892,7 @@ describe("Liveness", () => {
   });
 
   it("keeps a holder judged down from answering when only a node that is no gateway hears it", async () => {
-    const net = new Network();
-    const nodes = await startCluster(net, THREE);
-    await net.clock.advance(500);
-    const [n1, n2, n3] = three(nodes);
-    net.isolate("node-2", THREE.keys());
-    await net.clock.advance(D + 2 * I);
-    assert.deepEqual(downOf(n3), ["node-2"]);
+    const { net, nodes, n1, n2, n3 } = await holderJudgedDown();
     assert.equal(n3.live.holding(), true, "node-3 answers for node-2's egress IPs");
     // node-1 and node-2 hear each other again; node-2 and node-3 still do not.
     net.cut.delete("node-1>node-2");

@@ -50,7 +50,7 @@ import { type LeaseTiming, LeaseTracker } from "../kube/node_lease.ts";
 import { type ChangeType, Reflector } from "../kube/reflector.ts";
 import { runWorkers, WorkQueue } from "../kube/workqueue.ts";
 import type { Clock } from "../lib/clock.ts";
-import { deepEqual, mergePatch } from "../lib/equal.ts";
+import { deepEqual, mergePatch, sameSet } from "../lib/equal.ts";
 import type { Family } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
 import type { ControllerMetrics } from "../lib/metrics.ts";
@@ -224,7 +224,7 @@ export class Controller {
       if (this.#reportedDown > 0 || (n.status?.downNodes ?? []).length > 0) {
         const before = this.#lastHealthy;
         const healthy = this.#healthy();
-        if (!sameMembers(healthy, before)) this.#input(() => this.#engine!.setHealthy(healthy));
+        if (!sameSet(healthy, before)) this.#input(() => this.#engine!.setHealthy(healthy));
       }
       // SNAT port saturation (src/agent/traffic.ts) concerns the policies this node holds.
       if (
@@ -638,6 +638,10 @@ export class Controller {
     );
   }
 
+  /** Nodes the data plane reported down, as of the last #healthy(). */
+  #reportedDown = 0;
+  #lastHealthy: ReadonlySet<string> = new Set();
+
   /**
    * Alive for placement: a valid node lease, and not judged down by the liveness probes of a
    * gateway node whose own lease is valid (it reports them in its EgressNode status `downNodes`;
@@ -645,10 +649,6 @@ export class Controller {
    * reports the reporter down in a newer status. The units of such a node go to their first live
    * standby: the node the data plane already moved them to.
    */
-  /** Nodes the data plane reported down, as of the last #healthy(). */
-  #reportedDown = 0;
-  #lastHealthy: ReadonlySet<string> = new Set();
-
   #healthy(): Set<string> {
     const leases = this.#leases.healthy();
     const down = new Set<string>();
@@ -824,7 +824,3 @@ export class Controller {
 }
 
 export type { Family };
-
-function sameMembers(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
-  return a.size === b.size && [...a].every((x) => b.has(x));
-}

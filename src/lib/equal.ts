@@ -39,6 +39,11 @@ function put(object: JsonObject, key: string, value: unknown): void {
   else object[key] = value;
 }
 
+/** Whether two sets hold the same members. */
+export function sameSet<T>(a: ReadonlySet<T>, b: ReadonlySet<T>): boolean {
+  return a.size === b.size && [...a].every((x) => b.has(x));
+}
+
 /**
  * Whether `a` and `b` hold the same JSON, whatever the order of their keys. Walks both without
  * allocating (`for…in` instead of `Object.keys`), returning at the first difference.

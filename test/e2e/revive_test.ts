@@ -27,7 +27,7 @@ import { FailoverProbe, stream, udpStream } from "../../src/sandbox/probe.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
 import { EXTERNAL, nsRunner } from "../../src/sandbox/topology.ts";
 import { AnswerWatch } from "../support/arp_watch.ts";
-import { eventually, type Status, type WithStatus } from "../support/kube.ts";
+import { eventually, reportedDown, type Status, type WithStatus } from "../support/kube.ts";
 import { NEEDS_ROOT, stopAll, uniquePrefix } from "../support/lab.ts";
 import { TMP_PREFIX } from "../support/leaks.ts";
 
@@ -295,13 +295,8 @@ spec:
     // Nobody held down any more (a node revived by the test before is, for the hold-down): the
     // other node can take over at once.
     await eventually(
-      async () =>
-        (
-          await sb
-            .admin()
-            .listAll<{ metadata: object; status?: { downNodes?: string[] } }>(ours("EgressNode"))
-        ).items,
-      (nodes) => nodes.every((n) => (n.status?.downNodes ?? []).length === 0),
+      () => reportedDown(sb.admin()),
+      (down) => down.length === 0,
       30_000,
     );
     // With failback the egress IP sits on its preferred node: where it returns.

@@ -112,6 +112,14 @@ export async function eventually<T>(
   return last;
 }
 
+/** The nodes some gateway reports down (EgressNode `status.downNodes`), all reports together. */
+export async function reportedDown(client: KubeClient): Promise<string[]> {
+  const { items } = await client.listAll<KubeObject & { status?: { downNodes?: string[] } }>(
+    ours("EgressNode"),
+  );
+  return items.flatMap((n) => n.status?.downNodes ?? []);
+}
+
 export type Status = {
   egressIPs?: string[];
   gatewayNode?: string;
