@@ -361,8 +361,11 @@ export class Agent {
     const restart =
       options.restartHoldMs !== undefined &&
       this.egressNodes.get(this.#o.node)?.spec.gatewayCapable === true;
-    // Read before the liveness thread stops: its word goes stale within the detection time.
-    const holding = !this.#liveness.fenced;
+    // Read before the liveness thread stops, and whatever its age: on a busy node the thread's
+    // last word may be older than the detection time when SIGTERM comes, and the addresses'
+    // 1-s leases then lapsed before the next agent's first sync. (The kernel fence, renewed by
+    // the thread from its own judgement, still gates every answer.)
+    const holding = this.#liveness.lastSaidHolding();
     if (restart) await this.#liveness.handOver(options.restartHoldMs!);
     else this.#liveness.stop();
     this.#o.neighbourFence?.close();

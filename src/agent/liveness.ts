@@ -591,6 +591,11 @@ export class Liveness {
     return r !== undefined && this.#o.clock.now() - r.at < detect ? r.down : EMPTY;
   }
 
+  /** What the last evaluation said of holding (see LivenessHandle). */
+  lastSaidHolding(): boolean {
+    return this.#holding;
+  }
+
   /** Fenced by either rule (the metric `sallyport_agent_fenced`). */
   get fenced(): boolean {
     return !this.#holding;

@@ -93,6 +93,11 @@ export interface LivenessHandle {
   /** Resolves once the last probe (and the kernel fence's extension) went out. */
   handOver(holdMs: number): void | Promise<void>;
   holding(): boolean;
+  /**
+   * What liveness last said of holding, however long ago (a hand-over asks what the node held
+   * when it was told to stop; holding() takes an old word as "no").
+   */
+  lastSaidHolding(): boolean;
   readonly fenced: boolean;
   readonly down: ReadonlySet<string>;
   readonly version: number;
@@ -257,6 +262,11 @@ export class WorkerLiveness implements LivenessHandle {
     const s = this.#state;
     const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
     return s?.holding === true && Date.now() - s.wall < detect;
+  }
+
+  lastSaidHolding(): boolean {
+    this.#drain();
+    return this.#state?.holding === true;
   }
 
   get fenced(): boolean {
