@@ -18,9 +18,18 @@
  *             uplink answers ARP for any local address otherwise).
  *
  * The agent renews the elements for as long as its support lasts every interval, through one
- * `nft -i` process kept open (a command per line, each its own transaction): spawning `nft` 20
- * times a second would cost a core's tenth per node. The tables are separate from the datapath's
- * so that its full syncs never touch them; `sallyport cleanup` removes them.
+ * `nft -i` process kept open (a line per transaction): spawning `nft` 20 times a second would
+ * cost a core's tenth per node. The tables are separate from the datapath's so that its full
+ * syncs never touch them; `sallyport cleanup` removes them.
+ *
+ * Renewing an element that exists needs care: `add element` of one that is there changes
+ * nothing, its timeout included, so an element renewed that way lapses at its first deadline and
+ * stays away until the next renewal (seen in the sandbox: every ~225 ms the holder dropped what
+ * arrived for its egress IPs for up to an interval, and an IPv6 neighbour solicitation lost so
+ * cost the external host a second). Kernels that update an element's expiry when told so
+ * (`timeout T expires T`; this machine's 6.18 does, 6.1 did not) get that; on the others the
+ * element is added, deleted and added again with its timeout in one transaction, so that no
+ * packet ever sees it missing. Which one is found out when the fence is installed.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import type { Logger } from "../lib/log.ts";
@@ -84,17 +93,56 @@ export function nftSession(prefix: readonly string[], onError: (text: string) =>
   };
 }
 
+/** An interface name no device of ours has (`spe-` and 15 characters at most). */
+const PROBE_ELEMENT = '"spe-fenceprobe"';
+
+/**
+ * Whether this kernel moves an existing timeout element's expiry when it is added again with
+ * `expires` (see above). Tried on the fence's own set with an element no device has.
+ */
+export async function updatesExpiry(runner: Runner): Promise<boolean> {
+  const set = `inet ${FENCE_TABLE} heldif`;
+  try {
+    await mustRun(runner, ["nft", "-f", "-"], {
+      stdin: `add element ${set} { ${PROBE_ELEMENT} timeout 1h }\n`,
+    });
+    await mustRun(runner, ["nft", "-f", "-"], {
+      stdin: `add element ${set} { ${PROBE_ELEMENT} timeout 1m expires 1m }\n`,
+    });
+    const listed = JSON.parse(
+      await mustRun(runner, ["nft", "-j", "list", "set", ...set.split(" ")]),
+    ) as { nftables: { set?: { elem?: { elem?: { val?: string; timeout?: number } }[] } }[] };
+    const probe = listed.nftables
+      .flatMap((o) => o.set?.elem ?? [])
+      .find((e) => `"${e.elem?.val}"` === PROBE_ELEMENT);
+    return probe?.elem?.timeout === 60;
+  } finally {
+    await runner.run(["nft", "-f", "-"], {
+      stdin: `delete element ${set} { ${PROBE_ELEMENT} }\n`,
+    });
+  }
+}
+
 export class NeighbourFence {
   readonly #runner: Runner;
   readonly #session: NftSession;
   readonly #log: Logger;
   #installed = false;
   #installing: Promise<void> | undefined;
+  /** How elements are renewed (see above); found out at install unless given. */
+  #updatesExpiry: boolean | undefined;
 
-  constructor(options: { runner: Runner; session: NftSession; log: Logger }) {
+  constructor(options: {
+    runner: Runner;
+    session: NftSession;
+    log: Logger;
+    /** Skip finding out whether the kernel updates an element's expiry (tests of both ways). */
+    updatesExpiry?: boolean;
+  }) {
     this.#runner = options.runner;
     this.#session = options.session;
     this.#log = options.log;
+    this.#updatesExpiry = options.updatesExpiry;
   }
 
   /** Creates both tables if missing (see FENCE_RULESET); nothing new is answered until `hold()`. */
@@ -104,6 +152,15 @@ export class NeighbourFence {
         await mustRun(this.#runner, ["nft", "-f", "-"], {
           stdin: FENCE_RULESET,
         });
+        if (this.#updatesExpiry === undefined) {
+          this.#updatesExpiry = await updatesExpiry(this.#runner);
+          this.#log.info(
+            { updatesExpiry: this.#updatesExpiry },
+            this.#updatesExpiry
+              ? "neighbour fence: the kernel updates an element's expiry; renewing in place"
+              : "neighbour fence: the kernel does not update an element's expiry; renewing by delete and add in one transaction",
+          );
+        }
         this.#installed = true;
       } catch (e) {
         this.#log.warn({ err: (e as Error).message }, "cannot install the neighbour fence");
@@ -124,16 +181,25 @@ export class NeighbourFence {
   hold(held: readonly HeldEgressIP[], timeoutMs: number): void {
     if (!this.#installed || held.length === 0) return;
     const ms = Math.max(1, Math.round(timeoutMs));
-    const devices = [...new Set(held.map((h) => `"${h.device}" timeout ${ms}ms`))].join(", ");
-    this.#session.write(`add element arp ${FENCE_TABLE} heldif { ${devices} }`);
-    this.#session.write(`add element inet ${FENCE_TABLE} heldif { ${devices} }`);
+    const devices = [...new Set(held.map((h) => `"${h.device}"`))];
+    this.#renew(`arp ${FENCE_TABLE} heldif`, devices, ms);
+    this.#renew(`inet ${FENCE_TABLE} heldif`, devices, ms);
     const v4 = held.filter((h) => !h.address.includes(":")).map((h) => h.address);
     if (v4.length > 0) {
-      this.#session.write(
-        `add element arp ${FENCE_TABLE} held4 { ${v4.map((a) => `${a} timeout ${ms}ms`).join(", ")} }`,
-      );
+      this.#renew(`arp ${FENCE_TABLE} held4`, v4, ms);
       this.#session.write(`add element arp ${FENCE_TABLE} eips4 { ${v4.join(", ")} }`);
     }
+  }
+
+  /** One transaction that leaves `elements` in `set` with `ms` to live (see above). */
+  #renew(set: string, elements: readonly string[], ms: number): void {
+    const timed = (extra: string) => elements.map((e) => `${e} timeout ${ms}ms${extra}`).join(", ");
+    const plain = elements.join(", ");
+    this.#session.write(
+      this.#updatesExpiry === true
+        ? `add element ${set} { ${timed(` expires ${ms}ms`)} }`
+        : `add element ${set} { ${plain} }; delete element ${set} { ${plain} }; add element ${set} { ${timed("")} }`,
+    );
   }
 
   /** Stop answering for every egress IP now. */
