@@ -90,12 +90,16 @@ export function policy(
 export function clusterPolicy(
   name: string,
   spec: Partial<ClusterEgressPolicy["spec"]>,
-  meta: { created?: string } = {},
+  meta: { created?: string; generation?: number } = {},
 ): ClusterEgressPolicy {
   return {
     apiVersion: "sallyport.dev/v1alpha1",
     kind: "ClusterEgressPolicy",
-    metadata: { name, generation: 1, creationTimestamp: meta.created ?? "2026-01-01T00:00:00Z" },
+    metadata: {
+      name,
+      generation: meta.generation ?? 1,
+      creationTimestamp: meta.created ?? "2026-01-01T00:00:00Z",
+    },
     spec: { podSelector: {}, namespaceSelector: {}, gateway: "edge", ...spec },
   };
 }
