@@ -24,7 +24,7 @@
  *
  * Renewing an element that exists needs care: `add element` of one that is there changes
  * nothing, its timeout included, so an element renewed that way lapses at its first deadline and
- * stays away until the next renewal (seen in the sandbox: every ~225 ms the holder dropped what
+ * stays away until the next renewal (measured with nft on this kernel: every ~225 ms a holder dropped what
  * arrived for its egress IPs for up to an interval, and an IPv6 neighbour solicitation lost so
  * cost the external host a second). Kernels that update an element's expiry when told so
  * (`timeout T expires T`; this machine's 6.18 does, 6.1 did not) get that; on the others the
