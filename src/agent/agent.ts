@@ -124,6 +124,8 @@ export class Agent {
   #lastPlan: NodePlan | undefined;
   /** Policies whose gateway this node moved on its own (to a standby), until the controller agrees. */
   readonly #moved = new Set<string>();
+  /** Egress IPs given to this node that another node still answers for, and that node. */
+  #withheld: ReadonlyMap<string, string> = new Map();
   #addressesRenewedAt = Number.NEGATIVE_INFINITY;
   #facts: LocalFacts | undefined;
   #links: KernelState["routing"]["links"] = [];
@@ -255,6 +257,7 @@ export class Agent {
             }
           },
           onRelease: () => options.neighbourFence?.release(),
+          claims: () => options.datapath.heldEgressIPs().map((h) => h.address),
           freshSince: (t) => this.#reflectors().every((r) => r.listedAt >= t),
         });
     this.sync = new DatapathSync({
@@ -448,10 +451,48 @@ export class Agent {
     this.#plannedDown = this.#down;
     // Fenced: keep every rule (SNAT included) but stop holding the egress IPs.
     this.#planner.setHoldEgressIPs(this.#liveness.holding());
-    const plan = this.#planner.plan();
+    const plan = this.#withhold();
     // The same plan as before: the kernel holds it already (no sync follows to announce it).
     if (plan === this.#lastPlan) this.#liveness.announce(this.#plannedDown);
     this.#lastPlan = plan;
+    return plan;
+  }
+
+  /**
+   * Plans, holding none of the egress IPs given to this node that another node still answers
+   * for (its probes claim them; Liveness.claimedBy). In a planned move (a failback, a
+   * rebalance) the controller moves an egress IP and both datapaths sync, each at its own pace:
+   * the taker waits for the giver, so that never two nodes answer for it. Every rule (SNAT
+   * included) is made meanwhile; the address, its device and its announcement wait.
+   */
+  #withhold(): NodePlan {
+    const planner = this.#planner;
+    if (this.#withheld.size > 0) planner.setWithheldEgressIPs(new Set());
+    let plan = planner.plan();
+    const held = new Set(this.#o.datapath.heldEgressIPs().map((h) => h.address));
+    const waiting = new Map<string, string>();
+    for (const e of plan.eips) {
+      if (held.has(e.address)) continue;
+      const by = this.#liveness.claimedBy(e.address);
+      if (by !== undefined) waiting.set(e.address, by);
+    }
+    if (waiting.size > 0) {
+      planner.setWithheldEgressIPs(new Set(waiting.keys()));
+      plan = planner.plan();
+    }
+    for (const [address, by] of waiting)
+      if (!this.#withheld.has(address))
+        this.#o.log.info(
+          { egressIP: address, claimedBy: by },
+          "waiting for another node to stop answering for an egress IP given to this one",
+        );
+    for (const [address, by] of this.#withheld)
+      if (!waiting.has(address))
+        this.#o.log.info(
+          { egressIP: address, claimedBy: by },
+          "the other node let the egress IP go",
+        );
+    this.#withheld = waiting;
     return plan;
   }
 
@@ -493,6 +534,13 @@ export class Agent {
     const now = this.state.programmed();
     // A policy moved here on our own is not what the controller published: not programmed.
     for (const key of this.#moved) delete now[key];
+    // Nor one whose egress IP waits for another node to let it go.
+    if (this.#withheld.size > 0)
+      for (const key of Object.keys(now)) {
+        const view = this.state.view(key);
+        if (view?.gatewayNode === this.#o.node && view.floating.some((a) => this.#withheld.has(a)))
+          delete now[key];
+      }
     for (const [key, revision] of Object.entries(this.#programmed)) {
       if (now[key] !== undefined || this.#moved.has(key)) continue;
       const view = this.state.view(key);

@@ -110,6 +110,8 @@ export interface Report {
   readonly down: ReadonlySet<string>;
   /** Gateways its sender judged down, said the moment it decided (gateways only). */
   readonly judged: ReadonlySet<string>;
+  /** The egress IPs its sender answers for (a gateway's, in probes to gateways). */
+  readonly claims: ReadonlySet<string>;
 }
 
 /** Cut off from the API server while others reach it (or cut off from everything). */
@@ -312,6 +314,11 @@ interface Wire {
   j: string[];
   /** A planned restart: count the sender as heard for this long (ms). */
   r?: number;
+  /**
+   * The egress IPs the sender answers for now (its datapath holds them and liveness lets it):
+   * sent by gateway-capable nodes to gateway-capable nodes, the ones that may take them over.
+   */
+  e?: string[];
 }
 
 const MAC_BYTES = 32;
@@ -348,7 +355,8 @@ export function decodeProbe(msg: Buffer, key: Buffer | undefined): Wire | undefi
       !strings(w.u) ||
       !strings(w.a) ||
       !strings(w.j) ||
-      (w.r !== undefined && (typeof w.r !== "number" || w.r < 0))
+      (w.r !== undefined && (typeof w.r !== "number" || w.r < 0)) ||
+      (w.e !== undefined && !strings(w.e))
     )
       return undefined;
     return w as Wire;
@@ -426,6 +434,12 @@ export interface LivenessOptions {
   readonly onHolding?: (forMs: number) => void;
   /** Called at once when this node stops holding, before anything else (the kernel fence). */
   readonly onRelease?: () => void;
+  /**
+   * The egress IPs this node's datapath holds: said in its probes to the gateway-capable nodes
+   * while it holds, so that a node given one of them (a planned move) takes it only once this
+   * node has stopped answering for it (see claimedBy).
+   */
+  readonly claims?: () => readonly string[];
   /** See the API-side rule: relist the caches; stay released until they were relisted after t. */
   readonly refresh: () => void;
   readonly freshSince: (t: number) => boolean;
@@ -456,6 +470,11 @@ export class Liveness {
   #recoveringSince: number | undefined;
   /** Probes dropped: not authentic, malformed or replayed. */
   rejected = 0;
+  /** Peers whose fresh probes claim egress IPs; moves whenever what they claim changes. */
+  readonly #claimants = new Set<string>();
+  claimsVersion = 0;
+  /** What our last probes claimed (to send a new claim at once). */
+  #sentClaims = "";
 
   constructor(options: LivenessOptions) {
     this.#o = options;
@@ -520,6 +539,7 @@ export class Liveness {
     if (!w.ok || lapsed) this.#apiOkSince.delete(w.n);
     if (w.ok && !this.#apiOkSince.has(w.n)) this.#apiOkSince.set(w.n, now);
     const hears = new Map(Object.entries(w.h));
+    const claims = w.e === undefined || w.e.length === 0 ? EMPTY : new Set(w.e);
     this.#reports.set(w.n, {
       at: now,
       hears,
@@ -527,7 +547,10 @@ export class Liveness {
       raw: new Set(w.a),
       down: new Set(w.d),
       judged: new Set(w.j),
+      claims,
     });
+    if (!sameSet(before?.claims ?? EMPTY, claims) || (claims.size > 0 && !this.#claimants.has(w.n)))
+      this.#claimsChanged(w.n, claims.size > 0);
     // What could change a decision at once: a voter that stopped hearing us or a gateway (a
     // vote), a new down set, a node heard again.
     const announcing = before === undefined || !sameSet(before.down, new Set(w.d));
@@ -561,9 +584,14 @@ export class Liveness {
     this.stop();
   }
 
-  /** Judge now; while holding, renew (onHolding) at once: a sync made us hold new egress IPs. */
+  /**
+   * Judge now; while holding, renew (onHolding) at once: a sync made us hold new egress IPs. What
+   * we answer for changed (a sync let one go): say so at once, a node waits for it.
+   */
   renew(): void {
     this.#evaluate();
+    const claims = this.#holding ? (this.#o.claims?.() ?? []) : [];
+    if (claims.join(",") !== this.#sentClaims) this.#send();
   }
 
   /** Gateways judged down: their egress IPs go to their first standby that is not. */
@@ -589,6 +617,42 @@ export class Liveness {
     const r = this.#reports.get(node);
     const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
     return r !== undefined && this.#o.clock.now() - r.at < detect ? r.down : EMPTY;
+  }
+
+  /**
+   * The node whose fresh probe says it answers for `address`, if any but this one. A node given
+   * an egress IP that another still answers for (a failback or a rebalance: the controller moved
+   * it, and the two datapaths sync each at their own pace) waits until that node's probes stop
+   * claiming it: never two nodes answering for one egress IP. A dead holder's claim goes with
+   * its last probe, after D, before a failover can happen.
+   */
+  claimedBy(address: string): string | undefined {
+    const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
+    const now = this.#o.clock.now();
+    for (const n of this.#claimants) {
+      const r = this.#reports.get(n);
+      if (r !== undefined && now - r.at < detect && r.claims.has(address)) return n;
+    }
+    return undefined;
+  }
+
+  /** Every fresh claim of the other nodes, by node (the liveness thread posts it). */
+  claims(): Record<string, readonly string[]> {
+    const out: Record<string, readonly string[]> = {};
+    const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
+    const now = this.#o.clock.now();
+    for (const n of this.#claimants) {
+      const r = this.#reports.get(n);
+      if (r !== undefined && now - r.at < detect) out[n] = [...r.claims];
+    }
+    return out;
+  }
+
+  #claimsChanged(node: string, claiming: boolean): void {
+    if (claiming) this.#claimants.add(node);
+    else this.#claimants.delete(node);
+    this.claimsVersion++;
+    this.#o.onChange();
   }
 
   /** What the last evaluation said of holding (see LivenessHandle). */
@@ -621,24 +685,29 @@ export class Liveness {
   #send(restartHoldMs?: number): void {
     const members = this.#o.members();
     const self = members.get(this.#o.node);
+    const gateway = self?.gatewayCapable === true;
     const j = this.#judgement;
-    const msg = encodeProbe(
-      {
-        n: this.#o.node,
-        t: this.#stamp(),
-        ok: this.#o.apiReachable(),
-        h: Object.fromEntries(j?.hears ?? []),
-        a: [...(j?.raw ?? [])],
-        u: [...this.#heardAt.keys()].filter((n) => members.get(n)?.gatewayCapable === true),
-        d: [...this.#announced],
-        j: self?.gatewayCapable === true ? [...(j?.down ?? [])] : [],
-        ...(restartHoldMs === undefined ? {} : { r: restartHoldMs }),
-      },
-      this.#o.key,
-    );
+    const probe: Omit<Wire, "v"> = {
+      n: this.#o.node,
+      t: this.#stamp(),
+      ok: this.#o.apiReachable(),
+      h: Object.fromEntries(j?.hears ?? []),
+      a: [...(j?.raw ?? [])],
+      u: [...this.#heardAt.keys()].filter((n) => members.get(n)?.gatewayCapable === true),
+      d: [...this.#announced],
+      j: gateway ? [...(j?.down ?? [])] : [],
+      ...(restartHoldMs === undefined ? {} : { r: restartHoldMs }),
+    };
+    const claims = gateway && this.#holding ? (this.#o.claims?.() ?? []) : [];
+    this.#sentClaims = claims.join(",");
+    const msg = encodeProbe(probe, this.#o.key);
+    // The claims only to the nodes that may take an egress IP over (a gateway may hold hundreds).
+    const toGateways =
+      claims.length === 0 ? msg : encodeProbe({ ...probe, e: [...claims] }, this.#o.key);
     for (const m of members.values()) {
       if (m.name === this.#o.node) continue;
-      if (m.gatewayCapable || self?.gatewayCapable === true) this.#o.transport.send(msg, m.address);
+      if (m.gatewayCapable) this.#o.transport.send(toGateways, m.address);
+      else if (gateway) this.#o.transport.send(msg, m.address);
     }
   }
 
@@ -657,11 +726,20 @@ export class Liveness {
       );
       this.#state.clear();
       this.#reports.clear();
+      if (this.#claimants.size > 0) {
+        this.#claimants.clear();
+        this.claimsVersion++;
+      }
       this.#heardAt.clear();
       this.#unlistedAt.clear();
       this.#announced = new Set();
     }
     this.#evaluatedAt = now;
+    // A claim lasts as long as its probe is fresh.
+    for (const n of this.#claimants) {
+      const r = this.#reports.get(n);
+      if (r === undefined || now - r.at >= detectMs) this.#claimsChanged(n, false);
+    }
     // A node restarting its agent counts as heard until its hold ends.
     let heardAt: ReadonlyMap<string, number> = this.#heardAt;
     for (const [n, until] of this.#restartUntil) {

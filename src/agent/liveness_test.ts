@@ -73,6 +73,8 @@ describe("encodeProbe() / decodeProbe()", () => {
     assert.deepEqual(decodeProbe(encodeProbe(probe, KEY), KEY), { v: 1, ...probe });
     const restart = { ...probe, r: 10_000 };
     assert.deepEqual(decodeProbe(encodeProbe(restart, KEY), KEY), { v: 1, ...restart });
+    const claiming = { ...probe, e: ["192.168.77.100", "fd00:77::100"] };
+    assert.deepEqual(decodeProbe(encodeProbe(claiming, KEY), KEY), { v: 1, ...claiming });
   });
 
   it("rejects a probe with any byte flipped", () => {
@@ -126,6 +128,9 @@ describe("encodeProbe() / decodeProbe()", () => {
       { j: undefined },
       { r: -1 },
       { r: "10" },
+      { e: "10.0.0.1" },
+      { e: [1] },
+      { e: null },
     ].map((w) => ({ v: 1, ...probe, ...(w as object) }));
     const bodies = [
       ...[...wrong, null, [], 42, "probe"].map((w) => JSON.stringify(w)),
@@ -177,6 +182,7 @@ class Judge {
       ever: new Set(options.ever ?? gateways.map((m) => m.name)),
       down: new Set(options.down ?? []),
       judged: new Set(options.judged ?? []),
+      claims: new Set(),
     });
   }
 
@@ -621,6 +627,8 @@ async function startCluster(
     /** Per node, what its lease renewer says (default: valid and reachable). */
     api?: ReadonlyMap<string, { leaseValid: boolean; reachable: boolean }>;
     apiSettleMs?: number;
+    /** Per node, the egress IPs its datapath holds (default: none). */
+    claims?: ReadonlyMap<string, readonly string[]>;
   } = {},
 ): Promise<Map<string, Node>> {
   const syncMs = options.syncMs ?? SYNC_MS;
@@ -666,6 +674,7 @@ async function startCluster(
         },
         refresh: () => {},
         freshSince: () => true,
+        claims: () => options.claims?.get(name) ?? [],
       }),
     };
     nodes.set(name, node);
@@ -777,6 +786,39 @@ describe("Liveness", () => {
     }
     const rejected = [...nodes.values()].reduce((sum, n) => sum + n.live.rejected, 0);
     assert.equal(rejected, 0, "no probe is rejected");
+    stopCluster(nodes);
+  });
+
+  it("tells the gateways what a holder answers for, a change at once, and forgets it with its last fresh probe, before any verdict", async () => {
+    const net = new Network();
+    const claims = new Map<string, readonly string[]>([["node-2", ["192.168.77.100"]]]);
+    const nodes = await startCluster(net, THREE, { claims });
+    await net.clock.advance(4 * I);
+    const [n1, n2, n3] = three(nodes);
+    assert.equal(n3.live.claimedBy("192.168.77.100"), "node-2", "a gateway hears the claim");
+    assert.equal(n3.live.claimedBy("192.168.77.101"), undefined, "and only that one");
+    assert.equal(n2.live.claimedBy("192.168.77.100"), undefined, "not its own");
+    assert.equal(n1.live.claimedBy("192.168.77.100"), undefined, "no gateway: not sent to it");
+    // Its sync let the egress IP go: the next probe goes at once, not at the next tick.
+    await net.clock.advance(I / 2 + 3);
+    claims.set("node-2", []);
+    n2.live.renew();
+    await net.clock.advance(1);
+    assert.equal(n3.live.claimedBy("192.168.77.100"), undefined, "let go, said at once");
+    claims.set("node-2", ["192.168.77.100"]);
+    n2.live.renew();
+    await net.clock.advance(1);
+    assert.equal(n3.live.claimedBy("192.168.77.100"), "node-2");
+    // Cut off: the claim goes with its last fresh probe, no later than node-3's verdict.
+    await net.clock.advance(200);
+    net.isolate("node-2", THREE.keys());
+    for (let t = 0; t < D + 4 * I; t += 5) {
+      await net.clock.advance(5);
+      if (n3.live.down.has("node-2"))
+        assert.equal(n3.live.claimedBy("192.168.77.100"), undefined, `at ${net.clock.now()}`);
+    }
+    assert.deepEqual(downOf(n3), ["node-2"]);
+    assert.equal(n3.live.claimedBy("192.168.77.100"), undefined);
     stopCluster(nodes);
   });
 

@@ -79,6 +79,8 @@ interface State {
   readonly announced: Readonly<Record<string, readonly string[]>>;
   readonly version: number;
   readonly rejected: number;
+  /** The other nodes' fresh claims (Liveness.claims()), only when they changed. */
+  readonly claims?: Readonly<Record<string, readonly string[]>>;
 }
 type FromWorker =
   | { readonly type: "refresh" }
@@ -104,6 +106,8 @@ export interface LivenessHandle {
   readonly rejected: number;
   announce(down: ReadonlySet<string>): void;
   announcedBy(node: string): ReadonlySet<string>;
+  /** The node whose fresh probe says it answers for this egress IP, if any but this one. */
+  claimedBy(address: string): string | undefined;
   renew(): void;
 }
 
@@ -144,6 +148,7 @@ export class WorkerLiveness implements LivenessHandle {
   #state: State | undefined;
   #down: ReadonlySet<string> = EMPTY;
   #announced = new Map<string, ReadonlySet<string>>();
+  #claims = new Map<string, ReadonlySet<string>>();
   #timer: Timer | undefined;
   #lastFacts = "";
 
@@ -191,11 +196,21 @@ export class WorkerLiveness implements LivenessHandle {
     const port = this.#states;
     if (port === undefined) return;
     let latest: State | undefined;
-    for (let m = receiveMessageOnPort(port); m !== undefined; m = receiveMessageOnPort(port))
+    let claims: State["claims"];
+    for (let m = receiveMessageOnPort(port); m !== undefined; m = receiveMessageOnPort(port)) {
       latest = m.message as State;
+      claims = latest.claims ?? claims;
+    }
     if (latest === undefined) return;
     const before = this.#state;
     this.#state = latest;
+    if (claims !== undefined) {
+      this.#claims = new Map(Object.entries(claims).map(([n, c]) => [n, new Set(c)]));
+      if (before !== undefined && before.version === latest.version) {
+        this.#o.onChange();
+        return;
+      }
+    }
     if (before !== undefined && before.version === latest.version) return;
     this.#down = new Set(latest.down);
     this.#announced = new Map(Object.entries(latest.announced).map(([n, d]) => [n, new Set(d)]));
@@ -295,6 +310,12 @@ export class WorkerLiveness implements LivenessHandle {
     return this.#announced.get(node) ?? EMPTY;
   }
 
+  claimedBy(address: string): string | undefined {
+    this.#drain();
+    for (const [n, claims] of this.#claims) if (claims.has(address)) return n;
+    return undefined;
+  }
+
   /** A sync finished: its egress IPs go to the worker, which fences them at once. */
   renew(): void {
     this.#push(this.#worker, true);
@@ -355,6 +376,7 @@ function serve(config: WorkerConfig): void {
     : undefined;
   const states = config.states;
   let startedWall = Number.POSITIVE_INFINITY;
+  let claimsPosted = -1;
   const post = () => {
     const announced: Record<string, readonly string[]> = {};
     for (const m of members.keys()) {
@@ -370,7 +392,9 @@ function serve(config: WorkerConfig): void {
       announced,
       version: liveness.version,
       rejected: liveness.rejected,
+      ...(liveness.claimsVersion === claimsPosted ? {} : { claims: liveness.claims() }),
     } satisfies State);
+    claimsPosted = liveness.claimsVersion;
   };
   const liveness: Liveness = new Liveness({
     node: config.node,
@@ -388,6 +412,7 @@ function serve(config: WorkerConfig): void {
       port.postMessage({ type: "changed" } satisfies FromWorker);
     },
     onHolding: (forMs) => fence?.hold(facts.held, forMs),
+    claims: () => facts.held.map((h) => h.address),
     onRelease: () => fence?.release(),
     refresh: () => port.postMessage({ type: "refresh" } satisfies FromWorker),
     freshSince: (t) => facts.listedAtWall >= Date.now() - (clock.now() - t),

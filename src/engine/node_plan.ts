@@ -18,7 +18,9 @@
  * steers to another gateway must never be rewritten by a local SNAT rule of a lower-precedence
  * policy whose gateway happens to be this node.
  */
+
 import type { PortSpec } from "../api/types.ts";
+import { sameSet } from "../lib/equal.ts";
 import {
   type Cidr,
   cidrContainsAddress,
@@ -394,6 +396,7 @@ export class NodePlanner {
   #peers: ReadonlyMap<string, PeerView> = new Map();
   #ignore: readonly string[] = [];
   #holdEgressIPs = true;
+  #withheld: ReadonlySet<string> = new Set();
   readonly #views = new Map<string, PolicyView>();
   readonly #parts = new Map<string, PolicyPart>();
   readonly #dirty = new Set<string>();
@@ -528,6 +531,16 @@ export class NodePlanner {
   setHoldEgressIPs(hold: boolean): void {
     if (hold === this.#holdEgressIPs) return;
     this.#holdEgressIPs = hold;
+    this.#eipsDirty = true;
+  }
+
+  /**
+   * Egress IPs this node is given but must not hold yet (another node still answers for them):
+   * like a fenced gateway's, every rule stays and only these addresses are not held.
+   */
+  setWithheldEgressIPs(addresses: ReadonlySet<string>): void {
+    if (sameSet(addresses, this.#withheld)) return;
+    this.#withheld = addresses;
     this.#eipsDirty = true;
   }
 
@@ -1068,7 +1081,8 @@ export class NodePlanner {
       for (const view of this.#views.values()) {
         if (view.gatewayNode !== this.#node) continue;
         for (const address of view.floating)
-          if (familyOfText(address) === family) held.add(hostCidr(parseAddress(address)));
+          if (familyOfText(address) === family && !this.#withheld.has(address))
+            held.add(hostCidr(parseAddress(address)));
       }
       const name = eipSetName(family);
       const set: IpSetPlan = {
@@ -1085,6 +1099,7 @@ export class NodePlanner {
         if (part?.families.get(family)?.decision.kind !== "gateway") continue;
         for (const address of part.view.floating) {
           if (familyOfText(address) !== family || eips.has(address)) continue;
+          if (this.#withheld.has(address)) continue;
           eips.set(address, {
             device: eipDeviceName(address),
             parent: part.view.announceInterface ?? local.underlay.device,

@@ -88,6 +88,14 @@ spec:
     if (pid === undefined) throw new Error(`no agent process in ${sb.nodeNs(i)}`);
     return pid;
   };
+  /** Each node's uplink MAC → its name (an ARP answer from its uplink names the node). */
+  const uplinkMacs = async () => {
+    const macs: Record<string, string> = {};
+    for (const i of [1, 2, 3])
+      macs[(await mustRun(nsRunner(sb.nodeNs(i)), ["cat", "/sys/class/net/eth0/address"])).trim()] =
+        `node-${i}`;
+    return macs;
+  };
   const link = (i: number, state: "up" | "down") =>
     mustRun(nsRunner(`${sb.prefix}-br`), ["ip", "link", "set", `vn${i}`, state]);
   let frozen: number | undefined;
@@ -132,12 +140,8 @@ spec:
       const holder = Number(s!.gatewayNode!.split("-")[1]);
       const other = holder === 2 ? 3 : 2;
       const node = (i: number) => nsRunner(sb.nodeNs(i));
-      const macs: Record<string, string> = {};
-      const ports: Record<string, string> = {};
-      for (const i of [1, 2, 3]) {
-        macs[(await mustRun(node(i), ["cat", "/sys/class/net/eth0/address"])).trim()] = `node-${i}`;
-        ports[`vn${i}`] = `node-${i}`;
-      }
+      const macs = await uplinkMacs();
+      const ports = { vn1: "node-1", vn2: "node-2", vn3: "node-3" };
       /** Per family, the MAC of the device holding the egress IP on node `i`, if any. */
       const eipMacs = async (i: number) => {
         const links = JSON.parse(await mustRun(node(i), ["ip", "-json", "addr", "show"])) as {
@@ -273,7 +277,7 @@ spec:
       }
     });
 
-  it("failback: the egress IP goes to the other node and back to its preferred one, and a TCP connection and a UDP flow open all along keep working", async () => {
+  it("failback: the egress IP goes to the other node and back to its preferred one, never answered for by both, and a TCP connection and a UDP flow open all along keep working", async () => {
     // The preferred node comes back with the conntrack entries of the connections it carried
     // before it was cut off, stale since: it must not use them when the egress IP returns.
     const EIPB = { 4: "192.168.77.130", 6: "fd00:77::130" } as const;
@@ -313,19 +317,47 @@ spec:
     const preferred = Number(s!.gatewayNode!.split("-")[1]);
     const other = preferred === 2 ? 3 : 2;
     const netns = sb.pod("back-1").netns;
+    // Ten ARP requests a second: the planned move back must not let both nodes answer at once.
+    const watch = new AnswerWatch({
+      externalNs: sb.externalNs,
+      bridgeNs: `${sb.prefix}-br`,
+      address: EIPB[4],
+      macs: await uplinkMacs(),
+      senders: 10,
+    });
+    await watch.start();
     const tcp = stream(netns, target(4), 40, 20);
     const udp = udpStream(netns, target(4), 40, 20);
-    await new Promise((r) => setTimeout(r, 1000));
-    await sb.killNode(preferred);
-    await eventually(backStatus, (x) => x?.gatewayNode === `node-${other}`, 20_000);
-    await new Promise((r) => setTimeout(r, 2000));
-    await sb.reviveNode(preferred);
-    const back = await eventually(
-      backStatus,
-      (x) => x?.gatewayNode === `node-${preferred}` && x.programmed === "2/2",
-      30_000,
-    );
+    let back: Status | undefined;
+    let revivedAt = Number.POSITIVE_INFINITY;
+    try {
+      await new Promise((r) => setTimeout(r, 1000));
+      await sb.killNode(preferred);
+      await eventually(backStatus, (x) => x?.gatewayNode === `node-${other}`, 20_000);
+      await new Promise((r) => setTimeout(r, 2000));
+      revivedAt = Date.now();
+      await sb.reviveNode(preferred);
+      back = await eventually(
+        backStatus,
+        (x) => x?.gatewayNode === `node-${preferred}` && x.programmed === "2/2",
+        30_000,
+      );
+      await new Promise((r) => setTimeout(r, 1000));
+    } finally {
+      await watch.stop();
+    }
     assert.equal(back?.gatewayNode, `node-${preferred}`, "back on its preferred node");
+    const tookBack = watch.after(revivedAt, `node-${preferred}`)[0]?.t;
+    assert.ok(tookBack !== undefined, `node-${preferred} answers again`);
+    assert.ok(
+      watch.after(revivedAt, `node-${other}`).length > 0,
+      `node-${other} answered until then`,
+    );
+    assert.deepEqual(
+      watch.after(tookBack, `node-${other}`),
+      [],
+      `node-${other} answered after node-${preferred} had taken the egress IP back`,
+    );
     const [t, u] = await Promise.all([tcp, udp]);
     assert.equal(t.reset, false, "the TCP connection was not reset");
     assert.ok(t.sent > 1000, `it sent all along (${t.sent} lines)`);
