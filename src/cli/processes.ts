@@ -108,14 +108,12 @@ export function processCommands(program: Command): void {
     const report = await datapath.cleanup("(cleanup)");
     // The liveness fence's tables (src/kernel/neighbour_fence.ts), outside the datapath's.
     const { removeNeighbourFence } = await import("../kernel/neighbour_fence.ts");
-    const fence = await removeNeighbourFence(datapath.options.runner).then(
-      (removed) => removed,
-      () => false,
-    );
+    // A host without nft has no fence to remove.
+    const fence = await removeNeighbourFence(datapath.options.runner).catch(() => 0);
     console.log(
       JSON.stringify({
-        removed: report.changes + (fence ? 1 : 0),
-        detail: { ...report.detail, ...(fence ? { fenceTables: 2 } : {}) },
+        removed: report.changes + fence,
+        detail: { ...report.detail, ...(fence > 0 ? { fenceTables: fence } : {}) },
       }),
     );
   });

@@ -1332,25 +1332,7 @@ describe("ClusterEngine: incremental equals from scratch", () => {
           // Found by this property: a gateway deleted and made again, now with an interface,
           // between two computations.
           [
-            [
-              {
-                t: "policy",
-                spec: {
-                  scope: "team-a",
-                  name: "p1",
-                  gateway: "edge",
-                  app: "web",
-                  priority: 0,
-                  day: 1,
-                  dest: [],
-                  mode: "pool",
-                  nodeSelector: undefined,
-                  prodOnly: false,
-                  ports: [],
-                  invalid: 1,
-                },
-              },
-            ],
+            [{ t: "policy", spec: P1 }],
             [
               [
                 { t: "deleteGateway", name: "edge" },

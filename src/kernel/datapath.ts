@@ -356,6 +356,11 @@ export class Datapath {
     return report;
   }
 
+  /** The egress IPs the last sync made this node hold, and their devices. */
+  heldEgressIPs(): HeldEgressIP[] {
+    return this.#heldEips.map((e) => ({ device: e.device, address: e.address }));
+  }
+
   /**
    * Renews the kernel's leases of the egress-IP addresses the last successful sync left (see
    * `eipLeaseSeconds`), for `seconds` (default: the lease). Call it only while this node knows
@@ -364,11 +369,6 @@ export class Datapath {
    * sync deletes meanwhile fails its own line only (`-force`), and an address the sync has not
    * made yet is not in the list. Returns the number of addresses renewed.
    */
-  /** The egress IPs the last sync made this node hold, and their devices. */
-  heldEgressIPs(): HeldEgressIP[] {
-    return this.#heldEips.map((e) => ({ device: e.device, address: e.address }));
-  }
-
   async refreshEgressIPs(seconds?: number): Promise<number> {
     const lease = seconds ?? this.#o.eipLeaseSeconds;
     const eips = this.#heldEips;

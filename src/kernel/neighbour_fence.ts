@@ -236,16 +236,16 @@ export class NeighbourFence {
   }
 }
 
-/** For `sallyport cleanup`: removes the fence's tables; says whether there were any. */
-export async function removeNeighbourFence(runner: Runner): Promise<boolean> {
+/** For `sallyport cleanup`: removes the fence's tables; returns how many there were. */
+export async function removeNeighbourFence(runner: Runner): Promise<number> {
   const listed = await mustRun(runner, ["nft", "list", "tables"]);
   const ours = listed
     .split("\n")
     .map((l) => l.trim())
     .filter((l) => l === `table arp ${FENCE_TABLE}` || l === `table inet ${FENCE_TABLE}`);
-  if (ours.length === 0) return false;
+  if (ours.length === 0) return 0;
   await mustRun(runner, ["nft", "-f", "-"], {
     stdin: ours.map((t) => `delete ${t}\n`).join(""),
   });
-  return true;
+  return ours.length;
 }
