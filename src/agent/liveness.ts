@@ -602,11 +602,17 @@ export class Liveness {
   /**
    * Our datapath now holds `down` as down (a sync with it finished): say so in our probes at
    * once. A steering node moves a policy to a standby only when that standby says so, so that
-   * nothing is steered to a node before it holds the egress IP (its SNAT rules included).
+   * nothing is steered to a node before it holds the egress IP (its SNAT rules included). Only
+   * what liveness judges down as the sync ends is said: a sync planned before this thread
+   * started over (a frozen agent thawed) must not hold down a node that is live (seen in the
+   * sandbox: such a sync ended after the thaw and announced the node that had taken over as
+   * down; it released its egress IPs for 0.6 s).
    */
-  announce(down: ReadonlySet<string>): void {
+  announce(planned: ReadonlySet<string>): void {
+    const judged = this.down;
+    const down = new Set([...planned].filter((g) => judged.has(g)));
     if (sameSet(down, this.#announced)) return;
-    this.#announced = new Set(down);
+    this.#announced = down;
     // Judged now, so that the ages it sends are today's.
     this.#evaluate();
     this.#send();

@@ -917,19 +917,50 @@ describe("Liveness", () => {
       assert.ok(!fenceOpen(n2, now), `at ${now}`);
     }
     // Live again once it has been heard for the hold-down (give the probes an interval or two);
-    // the voters list it as heard 2 D after they last held it down, not before.
+    // the voters list it as heard 2 D after they last held it down (node-3's verdict ended),
+    // not before.
     const live = back + TIMING.holdDownMs + 2 * I;
+    let upAt: number | undefined;
     while (net.clock.now() < live + 2 * D) {
       await net.clock.advance(5);
       const now = net.clock.now();
+      if (upAt === undefined && downOf(n3).length === 0) upAt = now;
       if (now >= live) for (const n of [n1, n2, n3]) assert.deepEqual(downOf(n), [], n.name);
-      if (now < back + TIMING.holdDownMs + 2 * D) {
+      if (upAt === undefined || now < upAt + 2 * D - 5) {
         assert.equal(n2.live.holding(), false, `at ${now}`);
         assert.ok(!fenceOpen(n2, now), `at ${now}`);
       }
     }
+    assert.ok(
+      upAt !== undefined && upAt >= back + TIMING.holdDownMs,
+      "held down for the hold-down",
+    );
     assert.equal(n2.live.holding(), true);
     assert.ok(fenceOpen(n2, net.clock.now()));
+    stopCluster(nodes);
+  });
+
+  it("says held down only what it judges down now: a thawed node's late sync does not knock out a live holder", async () => {
+    const { net, nodes, n1, n2, n3 } = await holderJudgedDown();
+    net.cut.clear();
+    await net.clock.advance(500);
+    assert.deepEqual(downOf(n3), ["node-2"], "node-3 holds node-2 down for the hold-down");
+    // node-3 freezes meanwhile: its word goes stale, node-2 is supported again.
+    net.freeze("node-3");
+    await net.clock.advance(1000);
+    assert.equal(n2.live.holding(), true, "node-2 holds again");
+    net.thaw("node-3");
+    await net.clock.advance(I);
+    assert.deepEqual(downOf(n3), [], "the thawed node started over");
+    // Its agent's sync of before the freeze ends now and announces what it held down then.
+    n3.live.announce(new Set(["node-2"]));
+    const until = net.clock.now() + 1000;
+    while (net.clock.now() < until) {
+      await net.clock.advance(5);
+      const now = net.clock.now();
+      assert.equal(n2.live.holding(), true, `at ${now}: node-2 let go`);
+      assert.ok(!n1.live.down.has("node-2"), `at ${now}: node-1 holds node-2 down`);
+    }
     stopCluster(nodes);
   });
 
