@@ -486,8 +486,9 @@ export class Agent {
           { egressIP: address, claimedBy: by },
           "waiting for another node to stop answering for an egress IP given to this one",
         );
+    const taken = new Set(plan.eips.map((e) => e.address));
     for (const [address, by] of this.#withheld)
-      if (!waiting.has(address))
+      if (!waiting.has(address) && taken.has(address))
         this.#o.log.info(
           { egressIP: address, claimedBy: by },
           "the other node let the egress IP go",
