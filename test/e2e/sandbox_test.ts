@@ -450,10 +450,25 @@ for (const datapath of ["iptables", "nftables"] as const)
           (m) => /sallyport_datapath_syncs_total\{kind="full",result="ok"\} [2-9]/.test(m),
           20_000,
         );
-        assert.match(
-          metrics,
-          /sallyport_datapath_changes_total 0\n/,
-          "the restarted agent found the kernel already right",
+        // What the restarted agent changed, and what its liveness said, if anything: the cause
+        // of a failure here (it has been seen once in ~4 full runs, not reproduced alone).
+        const since = sb
+          .log(`agent-${index}`)
+          .split("\n")
+          .filter(Boolean)
+          .map((l) => {
+            try {
+              return JSON.parse(l) as { msg?: string };
+            } catch {
+              return {};
+            }
+          })
+          .filter((j) => /datapath updated|holding|released|judged|fence|waiting/.test(j.msg ?? ""))
+          .slice(-8);
+        assert.equal(
+          /sallyport_datapath_changes_total (\d+)/.exec(metrics)?.[1],
+          "0",
+          `the restarted agent found the kernel already right; its log: ${JSON.stringify(since)}`,
         );
       });
     }
