@@ -24,12 +24,12 @@
  *
  * Renewing an element that exists needs care: `add element` of one that is there changes
  * nothing, its timeout included, so an element renewed that way lapses at its first deadline and
- * stays away until the next renewal (measured with nft on this kernel: every ~225 ms a holder dropped what
- * arrived for its egress IPs for up to an interval, and an IPv6 neighbour solicitation lost so
- * cost the external host a second). Kernels that update an element's expiry when told so
- * (`timeout T expires T`; this machine's 6.18 does, 6.1 did not) get that; on the others the
- * element is added, deleted and added again with its timeout in one transaction, so that no
- * packet ever sees it missing. Which one is found out when the fence is installed.
+ * stays away until the next renewal (checked with nft on this kernel; so every ~225 ms a holder
+ * dropped what arrived for its egress IPs for up to an interval). Kernels that update an
+ * element's expiry when told so (`timeout T expires T`; this machine's 6.18 does, older ones
+ * may not) get that; on the others the element is added, deleted and added again with its
+ * timeout in one transaction, so that no packet ever sees it missing. Which one is found out
+ * when the fence is installed.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import type { Logger } from "../lib/log.ts";
