@@ -633,25 +633,23 @@ export class Liveness {
    * its last probe, after D, before a failover can happen.
    */
   claimedBy(address: string): string | undefined {
-    const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
-    const now = this.#o.clock.now();
-    for (const n of this.#claimants) {
-      const r = this.#reports.get(n);
-      if (r !== undefined && now - r.at < detect && r.claims.has(address)) return n;
-    }
+    for (const [n, claims] of this.#freshClaims()) if (claims.has(address)) return n;
     return undefined;
   }
 
   /** Every fresh claim of the other nodes, by node (the liveness thread posts it). */
   claims(): Record<string, readonly string[]> {
-    const out: Record<string, readonly string[]> = {};
+    return Object.fromEntries([...this.#freshClaims()].map(([n, c]) => [n, [...c]]));
+  }
+
+  /** The claims of the claimants whose last probe is younger than D. */
+  *#freshClaims(): Generator<[string, ReadonlySet<string>]> {
     const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
     const now = this.#o.clock.now();
     for (const n of this.#claimants) {
       const r = this.#reports.get(n);
-      if (r !== undefined && now - r.at < detect) out[n] = [...r.claims];
+      if (r !== undefined && now - r.at < detect) yield [n, r.claims];
     }
-    return out;
   }
 
   #claimsChanged(node: string, claiming: boolean): void {

@@ -204,14 +204,13 @@ export class WorkerLiveness implements LivenessHandle {
     if (latest === undefined) return;
     const before = this.#state;
     this.#state = latest;
-    if (claims !== undefined) {
+    if (claims !== undefined)
       this.#claims = new Map(Object.entries(claims).map(([n, c]) => [n, new Set(c)]));
-      if (before !== undefined && before.version === latest.version) {
-        this.#o.onChange();
-        return;
-      }
+    if (before !== undefined && before.version === latest.version) {
+      // Only the claims moved: the planner reads them (Agent#withhold).
+      if (claims !== undefined) this.#o.onChange();
+      return;
     }
-    if (before !== undefined && before.version === latest.version) return;
     this.#down = new Set(latest.down);
     this.#announced = new Map(Object.entries(latest.announced).map(([n, d]) => [n, new Set(d)]));
     if (before !== undefined || latest.version > 0) this.#o.onChange();

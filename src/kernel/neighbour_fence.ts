@@ -132,9 +132,8 @@ export class NeighbourFence {
   /** When what the last hold() renewed lapses (Date.now()); undefined once released. */
   #deadline: number | undefined;
   #lapseLoggedAt = Number.NEGATIVE_INFINITY;
-  /** Renewals that came after the deadline while holding, and the time the fence was down. */
-  lapses = 0;
-  lapsedMs = 0;
+  /** Renewals that came after the deadline while holding (said in the log). */
+  #lapses = 0;
   /** How elements are renewed (see above); found out at install unless given. */
   #updatesExpiry: boolean | undefined;
 
@@ -185,18 +184,21 @@ export class NeighbourFence {
 
   /** Speak for these egress IPs (and through their devices) for `timeoutMs` more. */
   hold(held: readonly HeldEgressIP[], timeoutMs: number): void {
-    if (!this.#installed || held.length === 0) return;
+    if (!this.#installed || held.length === 0) {
+      // Nothing held: nothing can lapse until something is.
+      this.#deadline = undefined;
+      return;
+    }
     const ms = Math.max(1, Math.round(timeoutMs));
     // Renewed after the last deadline while holding all along: the kernel stopped answering
     // meanwhile (this thread or its supporters' probes came late). Said, counted, not hidden.
     const now = Date.now();
     if (this.#deadline !== undefined && now > this.#deadline) {
-      this.lapses++;
-      this.lapsedMs += now - this.#deadline;
+      this.#lapses++;
       if (now - this.#lapseLoggedAt > 10_000) {
         this.#lapseLoggedAt = now;
         this.#log.warn(
-          { lapsedMs: now - this.#deadline, lapses: this.lapses },
+          { lapsedMs: now - this.#deadline, lapses: this.#lapses },
           "neighbour fence lapsed while holding: renewed after its deadline",
         );
       }
