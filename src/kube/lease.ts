@@ -49,6 +49,8 @@ export class LeaderElector {
   #timer: Timer | undefined;
   #stopped = true;
   #leading = false;
+  /** The attempt under way, which stop() waits for before releasing. */
+  #attempt: Promise<void> | undefined;
   /** The record as last seen and when we saw it change (monotonic ms). */
   #observed: { record: string; at: number } | undefined;
   #lastRenew = 0;
@@ -66,10 +68,15 @@ export class LeaderElector {
     void this.#tick();
   }
 
-  /** Stops; a leader releases the lease so that another replica takes over at once. */
+  /**
+   * Stops; a leader releases the lease so that another replica takes over at once. An attempt
+   * under way is waited for first: it could otherwise renew after the release, or make this
+   * replica leader again after it stopped.
+   */
   async stop(): Promise<void> {
     this.#stopped = true;
     this.#timer?.cancel();
+    await this.#attempt;
     if (this.#leading) {
       this.#leading = false;
       try {
@@ -91,11 +98,11 @@ export class LeaderElector {
 
   async #tick(): Promise<void> {
     if (this.#stopped) return;
-    try {
-      await this.#tryAcquireOrRenew();
-    } catch (e) {
+    this.#attempt = this.#tryAcquireOrRenew().catch((e: unknown) => {
       this.#o.log.debug({ err: (e as Error).message }, "leader election attempt failed");
-    }
+    });
+    await this.#attempt;
+    this.#attempt = undefined;
     if (this.#leading && this.#o.clock.now() - this.#lastRenew > this.#o.renewDeadlineMs) {
       this.#o.log.error(
         { lease: this.#o.name },
@@ -164,10 +171,11 @@ export class LeaderElector {
 
   #becameLeader(now: number): void {
     this.#lastRenew = now;
-    if (!this.#leading) {
-      this.#leading = true;
-      this.#o.log.info({ lease: this.#o.name, identity: this.#o.identity }, "became leader");
-      this.#o.onStartedLeading();
-    }
+    if (this.#leading) return;
+    this.#leading = true;
+    // Taken by the attempt stop() waits for: stop() releases it; nobody is told to lead.
+    if (this.#stopped) return;
+    this.#o.log.info({ lease: this.#o.name, identity: this.#o.identity }, "became leader");
+    this.#o.onStartedLeading();
   }
 }
