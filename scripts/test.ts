@@ -26,10 +26,35 @@ const slow = all.filter((f) => f.endsWith("_slow_test.ts"));
 const files = all.filter((f) => !slow.includes(f));
 const env = { ...process.env, SALLYPORT_TEST_PREFIX: TEST_PREFIX };
 
+/**
+ * A hung test (a promise nobody settles, a handle nobody closes) would otherwise hold the suite
+ * until CI gives up, with nothing said: past this limit the run is killed, with its files'
+ * processes, and the output so far shows which file was running.
+ */
+const limitMs = Number(process.env.TEST_LIMIT_MINUTES ?? "45") * 60_000;
+const children = new Set<number>();
+const watchdog = setTimeout(() => {
+  console.error(
+    `\nThe suite ran past ${limitMs / 60_000} minutes: killed (a test hangs; see above).`,
+  );
+  for (const pid of children) process.kill(-pid, "SIGKILL");
+  process.exit(1);
+}, limitMs);
+for (const signal of ["SIGINT", "SIGTERM"] as const)
+  process.on(signal, () => {
+    for (const pid of children) process.kill(-pid, signal);
+    process.exit(1);
+  });
+
 function run(args: string[], stdio: "inherit" | "ignore"): Promise<number> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ["--test", ...args], { stdio, env });
-    child.on("exit", (code) => resolve(code ?? 1));
+    // Its own process group, so that the watchdog reaches the files' processes too.
+    const child = spawn(process.execPath, ["--test", ...args], { stdio, env, detached: true });
+    if (child.pid !== undefined) children.add(child.pid);
+    child.on("exit", (code) => {
+      if (child.pid !== undefined) children.delete(child.pid);
+      resolve(code ?? 1);
+    });
   });
 }
 
@@ -45,6 +70,7 @@ const status = await run(
   "inherit",
 );
 const slowStatus = await waiting;
+clearTimeout(watchdog);
 if (slow.length > 0) {
   console.log(`\n--- tests that ran beside the others: ${slow.join(", ")}`);
   console.log(readFileSync(slowReport, "utf8"));
