@@ -40,6 +40,7 @@ export interface AgentFlags {
   underlayDevice?: string;
   metricsPort: number;
   noSnatBySets: boolean;
+  standbyDatapath: boolean;
   restartHoldMs: number;
   /** 0: no traffic figures (src/agent/traffic.ts). */
   trafficPeriodMs: number;
@@ -109,6 +110,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
       rulePref: flags.rulePref,
       tableRange: { start: flags.tableStart, count: flags.tableCount },
       noSnatBySets: flags.noSnatBySets,
+      standbyDatapath: flags.standbyDatapath,
       datapath: datapath.options.filter ?? "iptables",
       snatPorts: flags.snatPorts,
     },

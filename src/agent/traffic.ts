@@ -251,7 +251,8 @@ interface RuleState {
 interface SeriesState {
   readonly policy: string;
   readonly egressIP: string;
-  readonly kind: PolicyTraffic["kind"];
+  /** `held`: a rule whose packets the nat rules count here; tracked, never reported. */
+  readonly kind: PolicyTraffic["kind"] | "held";
   /** What rules of this series that no longer exist had counted. */
   retiredPackets: number;
   retiredBytes: number;
@@ -287,7 +288,7 @@ export interface TrafficCollectorOptions {
   readonly metrics?: TrafficReadMetrics;
 }
 
-function kindOf(kind: CounterKind): PolicyTraffic["kind"] {
+function kindOf(kind: CounterKind): SeriesState["kind"] {
   return kind === "snat_new" ? "connections" : kind;
 }
 
@@ -374,12 +375,11 @@ export class TrafficCollector {
       t.packets += r.basePackets + r.packets;
       t.bytes += r.baseBytes + r.bytes;
     }
-    return [...this.#series].map(([key, s]) => ({
-      policy: s.policy,
-      egressIP: s.egressIP,
-      kind: s.kind,
-      ...totals.get(key)!,
-    }));
+    const out: PolicyTraffic[] = [];
+    for (const [key, s] of this.#series)
+      if (s.kind !== "held")
+        out.push({ policy: s.policy, egressIP: s.egressIP, kind: s.kind, ...totals.get(key)! });
+    return out;
   }
 
   /** Per egress IP this node SNATs to: connections and ports by destination (last read). */

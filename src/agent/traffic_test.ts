@@ -123,6 +123,27 @@ describe("TrafficCollector counters", () => {
     assert.deepEqual(await packets(), []);
   });
 
+  it("counts a rule as steered only for what it steered, across its group moving here and away", async () => {
+    const reader = new ScriptedReader();
+    const { c, clock } = collector(reader);
+    const packets = async () => {
+      await clock.advance(2000);
+      return (await c.policyTraffic()).map((t) => `${t.kind} ${t.packets}`);
+    };
+    reader.counters = [steered(100)];
+    assert.deepEqual(await packets(), ["steered 100"]);
+    // This node took the egress IPs over: the same rule now goes to SNAT here (counted by the
+    // nat rules); nothing is steered, the series ends.
+    reader.counters = [{ ...steered(150), kind: "held" }];
+    assert.deepEqual(await packets(), []);
+    // They moved away again: a new series, counting only what the rule steers from now on (not
+    // the 50 packets of this node's own SNAT).
+    reader.counters = [steered(160)];
+    assert.deepEqual(await packets(), ["steered 0"]);
+    reader.counters = [steered(170)];
+    assert.deepEqual(await packets(), ["steered 10"]);
+  });
+
   it("adds up a policy's rules (one per protocol) and names the egress IP of each", async () => {
     const reader = new ScriptedReader();
     reader.counters = [

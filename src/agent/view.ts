@@ -510,8 +510,8 @@ export class AgentState {
     const selectionChanged =
       before === undefined || !deepEqual(before.selectionSpec, header.selectionSpec);
     if (before !== undefined && !selectionChanged && sameViewFields(before, header)) {
-      // Only fields the datapath does not read (status counters, conditions, the revision, the
-      // standby list).
+      // Only fields the datapath does not read (status counters, conditions, the revision), or
+      // the standby list (read by the planner, through the view refreshed below).
       this.#headers.set(key, {
         ...before,
         revision: header.revision,
@@ -600,9 +600,13 @@ export class AgentState {
       ...(header.tunnelClass === undefined ? {} : { tunnelClass: header.tunnelClass }),
     };
     if (before !== undefined && sameView(before, view)) {
-      // The standby list alone: nothing this node programs reads it (nor the revision), so
-      // neither the planner nor the report is woken; view() has it.
-      if (!deepEqual(before.standbyNodes, view.standbyNodes)) this.#views.set(key, view);
+      // The standby list alone: the planner reads it (the first standby carries the policy in
+      // advance, steering nodes keep a route toward it ready), the revision does not, so the
+      // report has nothing new to say.
+      if (!deepEqual(before.standbyNodes, view.standbyNodes)) {
+        this.#views.set(key, view);
+        this.#dirty.add(key);
+      }
       return;
     }
     this.#views.set(key, view);

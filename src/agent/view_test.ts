@@ -140,7 +140,7 @@ describe("buildAgentView() with this node's pods", () => {
 });
 
 describe("AgentState: the standby list", () => {
-  it("keeps a policy's standby nodes in its view without waking the planner or the report", () => {
+  it("keeps a policy's standby nodes in its view and wakes the planner (not the report) when they change", () => {
     const state = new AgentState("n1");
     const p = policy("web", { podSelector: { matchLabels: { app: "web" } } });
     state.setLocalPod(pod("web-1", { app: "web" }));
@@ -149,12 +149,15 @@ describe("AgentState: the standby list", () => {
     assert.deepEqual(state.view(key)?.standbyNodes, ["gw2", "gw3"]);
     assert.deepEqual([...state.takeChanges().policies], [key]);
     state.programmed();
+    // A node gained or lost: the first standby carries the policy in advance, so it plans again.
     state.setPolicy({ ...p, status: { ...status, revision: "r1", standbyNodes: ["gw3"] } });
     assert.deepEqual(state.view(key)?.standbyNodes, ["gw3"], "the view has the new list");
-    assert.equal(state.planDirty, false, "nothing to plan: no node programs the list");
+    assert.deepEqual([...state.takeChanges().policies], [key], "the planner is woken");
     assert.equal(state.reportDirty, false, "nothing to report: the revision does not count it");
+    state.setPolicy({ ...p, status: { ...status, revision: "r1", standbyNodes: ["gw3"] } });
+    assert.equal(state.planDirty, false, "the same list again: nothing");
     state.setPolicy({ ...p, status: { ...status, revision: "r1" } });
     assert.deepEqual(state.view(key)?.standbyNodes, [], "none published");
-    assert.equal(state.planDirty, false);
+    assert.equal(state.planDirty, true);
   });
 });

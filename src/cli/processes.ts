@@ -227,6 +227,11 @@ export function processCommands(program: Command): void {
           false,
         )
         .option(
+          "--standby-datapath",
+          "carry the datapath of the policies this node is first standby of in advance: a takeover rewrites one chain (see docs/operations.md for the cost)",
+          false,
+        )
+        .option(
           "--traffic-period-ms <ms>",
           "how often a gateway reads its SNATed connections (ports in use per destination); 0: no traffic figures",
           int,
@@ -264,6 +269,7 @@ export function processCommands(program: Command): void {
         holdDownMs: f.probeHoldDownMs,
       },
       noSnatBySets: f.exemptBySets === true,
+      standbyDatapath: f.standbyDatapath === true,
       snatPortRange: parsePortRange(f.snatPortRange),
       snatPorts: f.snatPorts === undefined ? undefined : parsePortRange(f.snatPorts),
     });

@@ -77,74 +77,85 @@ const PROBES = [
 ];
 
 describe("iptables and nftables plans", () => {
-  it("steer, SNAT, drop or leave alone every packet alike, on every node", () => {
+  it("steer, SNAT, drop or leave alone every packet alike, on every node (standbys carrying their policies or not)", () => {
     fc.assert(
-      fc.property(arbCluster, fc.constantFrom(...PROBES), fc.boolean(), (c, probe, fromTunnel) => {
-        const s = snapshot({
-          nodes: NODES,
-          namespaces: [{ name: "team-a", labels: { team: "a" } }],
-          pods: c.pods.map((p) =>
-            pod(
-              "team-a",
-              p.name,
-              `node-${p.node}`,
-              [
-                `172.29.${p.node}.${p.name.charCodeAt(0)}`,
-                `fd00:172:29:${p.node}::${p.name.charCodeAt(0).toString(16)}`,
-              ],
-              { app: p.app },
+      fc.property(
+        arbCluster,
+        fc.constantFrom(...PROBES),
+        fc.boolean(),
+        fc.boolean(),
+        (c, probe, fromTunnel, standbyDatapath) => {
+          const s = snapshot({
+            nodes: NODES,
+            namespaces: [{ name: "team-a", labels: { team: "a" } }],
+            pods: c.pods.map((p) =>
+              pod(
+                "team-a",
+                p.name,
+                `node-${p.node}`,
+                [
+                  `172.29.${p.node}.${p.name.charCodeAt(0)}`,
+                  `fd00:172:29:${p.node}::${p.name.charCodeAt(0).toString(16)}`,
+                ],
+                { app: p.app },
+              ),
             ),
-          ),
-          gateways: [
-            gateway("edge", { pool: ["10.168.60.100-10.168.60.105", "fd00:a::100-fd00:a::105"] }),
-          ],
-          policies: c.policies.map((p) => {
-            const spec = {
-              ...(p.app === undefined ? {} : { podSelector: { matchLabels: { app: p.app } } }),
-              priority: p.priority,
-              ...(p.dest.length > 0 ? { destinationCIDRs: p.dest } : {}),
-              ...(p.excluded.length > 0 ? { excludedCIDRs: p.excluded } : {}),
-              ports: p.ports,
-              ...(p.nodeIP ? { useNodeIP: true } : {}),
-            };
-            const meta = { created: `2026-01-0${p.day}T00:00:00Z` };
-            return p.cluster
-              ? clusterPolicy(
-                  p.name,
-                  { ...spec, namespaceSelector: { matchLabels: { team: "a" } } },
-                  meta,
-                )
-              : policy("team-a", p.name, spec, meta);
-          }),
-          serviceCIDRs: ["10.96.0.0/16"],
-          healthy: new Set(c.healthy),
-        });
-        const outcome = computeCluster(s);
-        for (const n of NODES) {
-          const local = localFacts({ ipv4: n.addresses[4], ipv6: n.addresses[6] });
-          const plan = (datapath: "iptables" | "nftables") =>
-            planNode(nodeViewFromOutcome(outcome, n.name, { local, config: { datapath } }));
-          const v6 = probe.dst.includes(":");
-          for (const p of s.pods) {
-            const packet = {
-              src: v6 ? p.ips[1]! : p.ips[0]!,
-              ...probe,
-              inInterface: fromTunnel ? "sallyport" : "veth-pod",
-            };
-            // A pod's own node sees its packets from the pod; others only through the tunnel.
-            if (!fromTunnel && p.nodeName !== n.name) continue;
-            const a = tracePacket(plan("iptables"), packet);
-            const b = tracePacket(plan("nftables"), packet);
-            // (Routing table numbers are drawn at random per plan: compare where packets go.)
-            const summary = (t: typeof a) => [t.verdict, t.via, t.snat ?? "-"];
-            assert.deepEqual(
-              summary(b),
-              summary(a),
-              `${n.name}: ${JSON.stringify(packet)}\nip: ${a.steps.join(" | ")}\nnft: ${b.steps.join(" | ")}`,
-            );
+            gateways: [
+              gateway("edge", { pool: ["10.168.60.100-10.168.60.105", "fd00:a::100-fd00:a::105"] }),
+            ],
+            policies: c.policies.map((p) => {
+              const spec = {
+                ...(p.app === undefined ? {} : { podSelector: { matchLabels: { app: p.app } } }),
+                priority: p.priority,
+                ...(p.dest.length > 0 ? { destinationCIDRs: p.dest } : {}),
+                ...(p.excluded.length > 0 ? { excludedCIDRs: p.excluded } : {}),
+                ports: p.ports,
+                ...(p.nodeIP ? { useNodeIP: true } : {}),
+              };
+              const meta = { created: `2026-01-0${p.day}T00:00:00Z` };
+              return p.cluster
+                ? clusterPolicy(
+                    p.name,
+                    { ...spec, namespaceSelector: { matchLabels: { team: "a" } } },
+                    meta,
+                  )
+                : policy("team-a", p.name, spec, meta);
+            }),
+            serviceCIDRs: ["10.96.0.0/16"],
+            healthy: new Set(c.healthy),
+          });
+          const outcome = computeCluster(s);
+          for (const n of NODES) {
+            const local = localFacts({ ipv4: n.addresses[4], ipv6: n.addresses[6] });
+            const plan = (datapath: "iptables" | "nftables") =>
+              planNode(
+                nodeViewFromOutcome(outcome, n.name, {
+                  local,
+                  config: { datapath, standbyDatapath },
+                }),
+              );
+            const v6 = probe.dst.includes(":");
+            for (const p of s.pods) {
+              const packet = {
+                src: v6 ? p.ips[1]! : p.ips[0]!,
+                ...probe,
+                inInterface: fromTunnel ? "sallyport" : "veth-pod",
+              };
+              // A pod's own node sees its packets from the pod; others only through the tunnel.
+              if (!fromTunnel && p.nodeName !== n.name) continue;
+              const a = tracePacket(plan("iptables"), packet);
+              const b = tracePacket(plan("nftables"), packet);
+              // (Routing table numbers are drawn at random per plan: compare where packets go.)
+              const summary = (t: typeof a) => [t.verdict, t.via, t.snat ?? "-"];
+              assert.deepEqual(
+                summary(b),
+                summary(a),
+                `${n.name}: ${JSON.stringify(packet)}\nip: ${a.steps.join(" | ")}\nnft: ${b.steps.join(" | ")}`,
+              );
+            }
           }
-        }
-      }),
+        },
+      ),
       { numRuns: 400 },
     );
   });

@@ -18,12 +18,21 @@ export const CHAIN_REPLY = "SALLYPORT-REPLY";
 export const CHAIN_TUNNEL_IN = "SALLYPORT-TUNNEL-IN";
 
 /**
- * Chain that marks toward one gateway node: SALLYPORT-TO-0001 (node id in hex); with a policy's
- * tunnel class, SALLYPORT-TO-0001-0005 (class in hex).
+ * The chain of a gateway group (the policies that always move together: those with the same
+ * egress IPs): SALLYPORT-G-<hash>. Its content says where the group's traffic goes now (this
+ * node's SNAT, a peer's tunnel, or nowhere), so that a failover rewrites this one chain on every
+ * node, not one rule per policy.
  */
-export function steerChain(nodeID: number, tunnelClass?: number): string {
-  const node = `SALLYPORT-TO-${nodeID.toString(16).padStart(4, "0")}`;
-  return tunnelClass === undefined ? node : `${node}-${tunnelClass.toString(16).padStart(4, "0")}`;
+export function groupChain(group: string): string {
+  return `SALLYPORT-G-${hashName(group, 10)}`;
+}
+
+/**
+ * The chain of a policy's tunnel class: it writes the class into the connection mark, then goes
+ * to the policy's group chain: SALLYPORT-C-0005 (class in hex).
+ */
+export function classChain(tunnelClass: number): string {
+  return `SALLYPORT-C-${tunnelClass.toString(16).padStart(4, "0")}`;
 }
 
 export const IPSET_PREFIX = "sallyport-";

@@ -64,13 +64,14 @@ import {
   CHAIN_RESET_MARK,
   CHAIN_SNAT_EIP,
   CHAIN_TUNNEL_IN,
+  classChain,
   eipDeviceName,
   eipMac,
   eipSetName,
+  groupChain,
   ignoreSetName,
   peersSetName,
   policySetName,
-  steerChain,
 } from "./names.ts";
 import type {
   EipPlan,
@@ -210,14 +211,22 @@ function replyDestination(host: Host, peer: PeerView): string {
   return covering === undefined ? host.cidr : formatCidr(covering);
 }
 
+type Reply = { dst: string; peer: PeerView };
+
+/**
+ * What a node does with a policy's traffic of one family. `replies` (where replies to its
+ * remote pods go back through the tunnel) on its gateway, and on its first standby, which
+ * carries them in advance (see policyPart).
+ */
 type Decision =
+  | { readonly kind: "gateway"; readonly sources: string[]; readonly replies: Reply[] }
   | {
-      readonly kind: "gateway";
+      readonly kind: "steer";
       readonly sources: string[];
-      readonly replies: { dst: string; peer: PeerView }[];
+      readonly gateway: PeerView;
+      readonly replies?: Reply[];
     }
-  | { readonly kind: "steer"; readonly sources: string[]; readonly gateway: PeerView }
-  | { readonly kind: "drop"; readonly sources: string[] };
+  | { readonly kind: "drop"; readonly sources: string[]; readonly replies?: Reply[] };
 
 /** What `node` does with `policy`'s traffic of one family; undefined: nothing at all. */
 function decide(
@@ -227,21 +236,24 @@ function decide(
   family: Family,
   families: readonly Family[],
   hasTunnel: boolean,
+  standby: boolean,
 ): Decision | undefined {
   if (!policyFamilies(policy, families).includes(family)) return undefined;
   if (policy.gatewayNode !== undefined && (policy.snat[family]?.length ?? 0) === 0)
     return undefined;
   const isGateway = policy.gatewayNode === node;
+  const everyPod = isGateway || standby;
   const sources: Host[] = [];
   for (const ep of policy.endpoints) {
-    if (isGateway || ep.node === node)
+    if (everyPod || ep.node === node)
       for (const h of hostsOfFamily(ep.ips, family)) sources.push(h);
   }
   const sorted = sortedHosts(sources);
-  if (isGateway) {
+  let replies: Reply[] | undefined;
+  if (everyPod) {
     // One per destination (a node's pod CIDR, mostly): a pod joining a node the policy already
     // has pods on changes no route.
-    const replies = new Map<string, PeerView>();
+    const byDst = new Map<string, PeerView>();
     for (const ep of policy.endpoints) {
       if (ep.node === node) continue;
       const peer = peers.get(ep.node);
@@ -249,18 +261,16 @@ function decide(
         continue;
       for (const h of hostsOfFamily(ep.ips, family)) {
         const dst = replyDestination(h, peer);
-        if (!replies.has(dst)) replies.set(dst, peer);
+        if (!byDst.has(dst)) byDst.set(dst, peer);
       }
     }
-    return {
-      kind: "gateway",
-      sources: sorted,
-      replies: [...replies]
-        .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
-        .map(([dst, peer]) => ({ dst, peer })),
-    };
+    replies = [...byDst]
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      .map(([dst, peer]) => ({ dst, peer }));
   }
+  if (isGateway) return { kind: "gateway", sources: sorted, replies: replies! };
   if (sorted.length === 0) return undefined;
+  const carried = replies === undefined ? {} : { replies };
   const gateway = policy.gatewayNode === undefined ? undefined : peers.get(policy.gatewayNode);
   if (
     !hasTunnel ||
@@ -268,9 +278,9 @@ function decide(
     gateway.underlay === undefined ||
     gateway.tunnel[family] === undefined
   ) {
-    return { kind: "drop", sources: sorted };
+    return { kind: "drop", sources: sorted, ...carried };
   }
-  return { kind: "steer", sources: sorted, gateway };
+  return { kind: "steer", sources: sorted, gateway, ...carried };
 }
 
 /** What one policy contributes to this node's datapath in one family. */
@@ -285,11 +295,17 @@ interface FamilyPart {
 interface PolicyPart {
   readonly view: PolicyView;
   readonly families: ReadonlyMap<Family, FamilyPart>;
+  /** Its gateway group (groupOf); iptables only: its rules go to the group's chain. */
+  readonly group: string;
+  /** This node is its first standby and carries its sets and SNAT rules in advance. */
+  readonly standby: boolean;
+  /** A peer that may take its egress IPs over, whose routing table this node keeps ready. */
+  readonly next?: string | undefined;
   /** Peers its decisions read (its gateway node, the nodes replies go back to). */
   readonly peers: ReadonlySet<string>;
   /** Everything its rules, routing tables and routes depend on, except set members. */
   readonly ruleSig: string;
-  /** Its reply destinations (gateway nodes only). */
+  /** Its reply destinations (its gateway and first standby), and the standby kept ready (next). */
   readonly replySig: string;
   /** The egress IPs it makes this node hold. */
   readonly eipSig: string;
@@ -330,10 +346,26 @@ function policyPart(
 ): PolicyPart {
   const families = new Map<Family, FamilyPart>();
   const used = new Set<string>();
-  const sig: string[] = [view.key, String(view.priority), view.createdAt];
-  const replies: string[] = [];
+  // The first standby carries the policy's sets and SNAT rules before it is needed, so that a
+  // takeover changes its group chain and egress IPs, not a rule per policy (iptables; the
+  // nftables classes carry its sources, and a takeover changes their verdicts). Not with SNAT
+  // exemptions by sets: they depend on the holder. (NodeConfig.standbyDatapath says why not
+  // by default.)
+  const standby =
+    config.standbyDatapath === true &&
+    !config.noSnatBySets &&
+    view.gatewayNode !== undefined &&
+    view.gatewayNode !== node &&
+    view.standbyNodes?.[0] === node;
+  const first = view.standbyNodes?.[0];
+  const next =
+    first !== undefined && first !== node && first !== view.gatewayNode ? first : undefined;
+  const group = groupOf(view);
+  const sig: string[] = [view.key, String(view.priority), view.createdAt, `${group}|${standby}`];
+  // (The standby's routing table is routing only.)
+  const replies: string[] = next === undefined ? [] : [`next>${next}`];
   for (const family of config.families) {
-    const d = decide(node, peers, view, family, config.families, hasTunnel);
+    const d = decide(node, peers, view, family, config.families, hasTunnel, standby);
     if (d === undefined) continue;
     let src: IpSetPlan | undefined;
     let dst: IpSetPlan | undefined;
@@ -352,21 +384,22 @@ function policyPart(
     }
     families.set(family, { decision: d, src, dst });
     sig.push(
-      `${family}:${d.kind}:${d.sources.length > 0}:${d.kind === "steer" ? peerSig(d.gateway) : ""}:${d.kind === "gateway" ? (view.snat[family]?.join(",") ?? "") : ""}`,
+      `${family}:${d.kind}:${d.sources.length > 0}:${d.kind === "steer" ? peerSig(d.gateway) : ""}:${d.kind === "gateway" || standby ? (view.snat[family]?.join(",") ?? "") : ""}`,
     );
-    if (d.kind === "gateway") {
-      for (const r of d.replies) replies.push(`${family}>${r.dst}>${peerSig(r.peer)}`);
-    }
+    for (const r of d.replies ?? []) replies.push(`${family}>${r.dst}>${peerSig(r.peer)}`);
   }
   if (families.size > 0) sig.push(JSON.stringify(view.ports), String(view.tunnelClass ?? ""));
   const holds = view.gatewayNode === node;
   // The peers its decisions read, whether or not they are reachable now: one that appears or
   // changes must replan this policy.
   if (view.gatewayNode !== undefined) used.add(view.gatewayNode);
-  if (holds) for (const ep of view.endpoints) if (ep.node !== node) used.add(ep.node);
+  if (holds || standby) for (const ep of view.endpoints) if (ep.node !== node) used.add(ep.node);
   return {
     view,
     families,
+    group,
+    standby,
+    next,
     peers: used,
     ruleSig: families.size === 0 ? "" : sig.join("\n"),
     replySig: replies.join("\n"),
@@ -378,6 +411,18 @@ function policyPart(
           .join(",")}`
       : "",
   };
+}
+
+/**
+ * The gateway group of a policy: the policies whose egress IPs are the same, which one node holds
+ * and which move together. A policy that SNATs to an address that does not float (a node's own)
+ * is a group of its own.
+ */
+function groupOf(view: PolicyView): string {
+  const snat = FAMILIES.flatMap((f) => view.snat[f] ?? []);
+  if (view.floating.length > 0 && snat.every((a) => view.floating.includes(a)))
+    return `eips:${[...view.floating].sort().join(",")}`;
+  return `policy:${view.key}`;
 }
 
 /**
@@ -608,14 +653,19 @@ export class NodePlanner {
       this.#orderDirty = false;
     }
 
-    // 2. Routing tables (TABLE_NUM): one per gateway peer steered to, one for replies.
+    // 2. Routing tables (TABLE_NUM): one per gateway peer steered to or that may take over,
+    // one for replies.
     if (this.#rulesDirty || this.#routesDirty || this.#staticDirty) {
       const keys = new Set<string>();
       for (const part of this.#parts.values()) {
         for (const fp of part.families.values()) {
           const d = fp.decision;
           if (d.kind === "steer") keys.add(`node/${d.gateway.name}`);
-          if (d.kind === "gateway" && (d.replies.length > 0 || part.view.tunnelClass !== undefined))
+          if (part.next !== undefined) keys.add(`node/${part.next}`);
+          if (
+            d.replies !== undefined &&
+            (d.replies.length > 0 || part.view.tunnelClass !== undefined)
+          )
             keys.add(REPLY_TABLE_KEY);
         }
       }
@@ -868,8 +918,17 @@ export class NodePlanner {
     noSnat.push(keep);
     const snat = fb.chain("nat", CHAIN_SNAT_EIP);
 
-    // --- policies, in precedence order: the first rule that matches a packet decides.
+    // --- policies, in precedence order: the first rule that matches a packet decides. Each
+    // goes to its group's chain (through its tunnel class's chain when it has one), which says
+    // where the group's traffic goes now: a takeover rewrites that chain, not the policies' rules.
     const tables = this.#choice.tables;
+    const groups = this.#groupTargets(family);
+    const groupChainOf = (part: PolicyPart): string => {
+      const name = groupChain(part.group);
+      const chain = fb.chain("mangle", name);
+      if (chain.length === 0) chain.push(...groupRules(groups.get(part.group), tunnel));
+      return name;
+    };
     for (const key of this.#order) {
       const part = this.#parts.get(key);
       const fp = part?.families.get(family);
@@ -886,40 +945,27 @@ export class NodePlanner {
       ];
       const matches = portRules(policy.ports);
       const variants = matches.length === 0 ? [{}] : matches;
-
-      let action: Rule["target"];
-      if (decision.kind === "gateway") {
-        action = { kind: "GOTO", chain: CHAIN_GATEWAY };
-      } else if (decision.kind === "steer" && tables.has(`node/${decision.gateway.name}`)) {
-        const gateway = decision.gateway;
-        const tunnelClass = classToward(policy, gateway);
-        const name = steerChain(gateway.nodeID, tunnelClass);
+      const group = groupChainOf(part);
+      let action: Rule["target"] = { kind: "GOTO", chain: group };
+      if (policy.tunnelClass !== undefined) {
+        // The connection mark carries the policy's tunnel class (the group chain clears it for
+        // a gateway whose tunnel takes none), which SALLYPORT-KEEP-MARK puts into the packet as
+        // it enters the tunnel.
+        const name = classChain(policy.tunnelClass);
         const chain = fb.chain("mangle", name);
-        if (chain.length === 0) {
-          // The connection mark carries the policy's tunnel class too (when it has one and the
-          // gateway's tunnel takes them), which SALLYPORT-KEEP-MARK puts into the packet as it
-          // enters the tunnel.
+        if (chain.length === 0)
           chain.push(
             {
-              target: {
-                kind: "CONNMARK",
-                value: (STEER_PREFIX | (tunnelClass ?? 0)) >>> 0,
-                mask: (PREFIX_MASK | (tunnelClass === undefined ? 0 : TUNNEL_CLASS_MASK)) >>> 0,
-              },
+              target: { kind: "CONNMARK", value: policy.tunnelClass, mask: TUNNEL_CLASS_MASK },
             },
-            { target: { kind: "MARK", value: nodeMark(gateway.nodeID), mask: MARK_WRITE_MASK } },
-            { target: { kind: "ACCEPT" } },
+            { target: { kind: "GOTO", chain: group } },
           );
-        }
         action = { kind: "GOTO", chain: name };
-      } else {
-        // No node holds this policy's egress IP, it cannot be reached, or no routing table is
-        // free for it: fail closed rather than let the traffic out with another address.
-        action = { kind: "DROP" };
       }
+      const steers = decision.kind === "steer" && tables.has(`node/${decision.gateway.name}`);
       for (const v of variants) {
         markRequest.push({ ...v, sets, comment: policy.key, target: action });
-        if (config.noSnatBySets && !isGateway && action.kind === "GOTO") {
+        if (config.noSnatBySets && steers) {
           noSnat.push({
             ...v,
             sets: sets.slice(0, 2),
@@ -934,7 +980,7 @@ export class NodePlanner {
             target: { kind: "RETURN" },
           });
         }
-        if (isGateway)
+        if (isGateway || part.standby)
           for (const rule of snatRules(v, snatTo, family, config.snatPorts))
             snat.push({ ...rule, sets, comment: policy.key });
       }
@@ -943,18 +989,20 @@ export class NodePlanner {
     // selecting): its steering node named the policy's tunnel class in the VXLAN header, which
     // only a peer node can write (the tunnel takes packets from peers only, and no pod can send
     // into it: SALLYPORT-FORWARD). SNAT it from the first packet rather than drop it until the
-    // controller's endpoint slice arrives. Only for the policies this node holds egress IPs of.
+    // controller's endpoint slice arrives. For the policies this node holds egress IPs of, and
+    // those it stands by for (their group chain drops tunnel traffic until this node holds them).
     for (const key of this.#order) {
       const part = this.#parts.get(key);
       const d = part?.families.get(family)?.decision;
       const tunnelClass = part?.view.tunnelClass;
       const snatTo = part?.view.snat[family] ?? [];
-      if (d?.kind !== "gateway" || tunnelClass === undefined || snatTo.length === 0) continue;
+      if (d === undefined || tunnelClass === undefined || snatTo.length === 0) continue;
+      if (d.kind !== "gateway" && !part!.standby) continue;
       markRequest.push({
         inInterface: tunnel,
         mark: mark(tunnelClass, TUNNEL_CLASS_MASK),
         comment: part!.view.key,
-        target: { kind: "GOTO", chain: CHAIN_GATEWAY },
+        target: { kind: "GOTO", chain: groupChainOf(part!) },
       });
       for (const rule of snatRules({}, snatTo, family, config.snatPorts))
         snat.push({
@@ -972,6 +1020,27 @@ export class NodePlanner {
     return fb.build();
   }
 
+  /**
+   * Where each gateway group's traffic of one family goes from this node: here when it holds
+   * the group's egress IPs (any of its policies says so), else to the gateway the first of its
+   * policies in precedence order steers to (all say the same but for a moment in a move).
+   */
+  #groupTargets(family: Family): Map<string, GroupTarget> {
+    const tables = this.#choice.tables;
+    const out = new Map<string, GroupTarget>();
+    for (const key of this.#order) {
+      const part = this.#parts.get(key)!;
+      const d = part.families.get(family)?.decision;
+      if (d === undefined || d.sources.length === 0) continue;
+      if (d.kind === "gateway") out.set(part.group, { kind: "gateway" });
+      else if (out.has(part.group)) continue;
+      else if (d.kind === "steer" && tables.has(`node/${d.gateway.name}`))
+        out.set(part.group, { kind: "steer", gateway: d.gateway });
+      else out.set(part.group, { kind: "drop" });
+    }
+    return out;
+  }
+
   /** Policy routing: one table per gateway peer (TABLE_NUM), one for replies. */
   #planRouting(): Pick<NodePlan, "ipRules" | "routes" | "neighbors" | "fdb"> {
     const { families, tunnelDevice: tunnel, rulePref } = this.#config;
@@ -987,7 +1056,12 @@ export class NodePlanner {
         if (d === undefined || d.sources.length === 0) continue;
         if (d.kind === "steer" && tables.has(`node/${d.gateway.name}`))
           steerTargets.set(d.gateway.name, d.gateway);
-        if (d.kind === "gateway" && replyTable !== undefined) {
+        // Ready before it takes over: its table, rule and route (see #familyRules).
+        const next = this.#parts.get(key)!.next;
+        const peer = next === undefined ? undefined : this.#peers.get(next);
+        if (peer?.underlay !== undefined && tables.has(`node/${peer.name}`))
+          steerTargets.set(peer.name, peer);
+        if (d.replies !== undefined && replyTable !== undefined) {
           for (const r of d.replies) {
             replyTargets.set(r.peer.name, r.peer);
             replyRoutes.push({ family, dst: r.dst, peer: r.peer });
@@ -1435,6 +1509,49 @@ function sameTables(a: TableChoice, b: TableChoice): boolean {
   if (a.tables.size !== b.tables.size || a.errors.length !== b.errors.length) return false;
   for (const [k, v] of a.tables) if (b.tables.get(k) !== v) return false;
   return a.errors.every((e, i) => e === b.errors[i]);
+}
+
+type GroupTarget =
+  | { readonly kind: "gateway" }
+  | { readonly kind: "steer"; readonly gateway: PeerView }
+  | { readonly kind: "drop" };
+
+/** The rules of a group chain (see #familyRules). */
+function groupRules(target: GroupTarget | undefined, tunnel: string): Rule[] {
+  if (target?.kind === "gateway")
+    return [
+      // The tunnel class is for steered connections only (their packets carry it into the
+      // tunnel): a connection SNATed here keeps none, nor do its replies.
+      { target: { kind: "CONNMARK", value: 0, mask: TUNNEL_CLASS_MASK } },
+      {
+        comment: "sallyport: this node holds the egress IPs",
+        target: { kind: "GOTO", chain: CHAIN_GATEWAY },
+      },
+    ];
+  if (target?.kind !== "steer")
+    // No node holds the egress IPs, it cannot be reached, or no routing table is free for it:
+    // fail closed rather than let the traffic out with another address.
+    return [{ comment: "sallyport: no gateway to steer to", target: { kind: "DROP" } }];
+  const gateway = target.gateway;
+  return [
+    {
+      // Another node holds the egress IPs: what came through the tunnel (a peer that thinks
+      // this node holds them) goes no further, and never back into the tunnel.
+      inInterface: tunnel,
+      comment: "sallyport: another node holds the egress IPs",
+      target: { kind: "DROP" },
+    },
+    {
+      // The steer prefix; the tunnel class stays for a gateway whose tunnel takes them.
+      target: {
+        kind: "CONNMARK",
+        value: STEER_PREFIX,
+        mask: (PREFIX_MASK | (gateway.tunnelClasses === true ? 0 : TUNNEL_CLASS_MASK)) >>> 0,
+      },
+    },
+    { target: { kind: "MARK", value: nodeMark(gateway.nodeID), mask: MARK_WRITE_MASK } },
+    { target: { kind: "ACCEPT" } },
+  ];
 }
 
 /** The tunnel class a node names in the packets of `policy` it steers to `gateway`, if any. */

@@ -8,11 +8,14 @@ import { describe, it } from "node:test";
 import { renderPlan } from "../render/plan.ts";
 import { assertGolden } from "../testing/golden.ts";
 import { computeCluster } from "./cluster.ts";
-import { planNode } from "./node_plan.ts";
+import { groupChain } from "./names.ts";
+import { NodePlanner, planNode } from "./node_plan.ts";
 import { nodeViewFromOutcome } from "./node_view.ts";
+import type { NodePlan } from "./plan.ts";
 import type { Snapshot } from "./snapshot.ts";
 import { gateway, localFacts, node, pod, policy, snapshot } from "./testing.ts";
 import { tracePacket } from "./trace.ts";
+import type { PolicyView } from "./view.ts";
 
 const GOLDEN = join(import.meta.dirname, "testdata");
 /** As the agent renders with its default lease timing (egress IPs leased for 1 s). */
@@ -490,4 +493,150 @@ describe("planNode() with several egress IPs per family", () => {
       assert.deepEqual(icmp.snat, ["10.168.60.103", "10.168.60.104"], "other protocols too");
     });
   }
+});
+
+describe("planNode() across a takeover (many policies on one egress IP)", () => {
+  // node-1 runs the pods; node-2 holds the egress IP, node-3 is its first standby.
+  const POLICIES = 50;
+  const cluster = snapshot({
+    nodes: [
+      node("node-1", { ipv4: "192.168.0.11", podCIDRs: ["172.29.1.0/24"] }),
+      node("node-2", {
+        ipv4: "192.168.0.12",
+        labels: { egress: "true" },
+        podCIDRs: ["172.29.2.0/24"],
+      }),
+      node("node-3", {
+        ipv4: "192.168.0.13",
+        labels: { egress: "true" },
+        podCIDRs: ["172.29.3.0/24"],
+      }),
+    ],
+    pods: [
+      ...Array.from({ length: POLICIES }, (_, i) =>
+        pod("default", `app-${i}`, "node-1", [`172.29.1.${10 + i}`], { app: `a${i}` }),
+      ),
+      pod("default", "on-standby", "node-3", ["172.29.3.9"], { app: "a0" }),
+    ],
+    gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+    policies: Array.from({ length: POLICIES }, (_, i) =>
+      policy("default", `p${i}`, {
+        podSelector: { matchLabels: { app: `a${i}` } },
+        destinationCIDRs: ["10.6.105.150/32"],
+        egressIP: ["10.168.60.100"],
+      }),
+    ),
+    serviceCIDRs: ["10.96.0.0/16"],
+  });
+  const outcome = computeCluster(cluster);
+  const planner = (name: string, ipv4: string, standbyDatapath = false) => {
+    const view = nodeViewFromOutcome(outcome, name, {
+      local: localFacts({ ipv4 }),
+      config: { standbyDatapath },
+    });
+    const p = new NodePlanner(name, view.config);
+    p.setLocal(view.local);
+    p.setPeers(view.peers);
+    p.setIgnoreCIDRs(view.ignoreCIDRs);
+    for (const v of view.policies) p.setPolicy(v);
+    return { p, views: view.policies };
+  };
+  /** What the agents do when node-2 is found dead: every policy of it to its first standby. */
+  const takeOver = (n: { p: NodePlanner; views: readonly PolicyView[] }) => {
+    for (const v of n.views) {
+      assert.equal(v.gatewayNode, "node-2");
+      assert.equal(v.standbyNodes?.[0], "node-3");
+      n.p.setPolicy({ ...v, gatewayNode: "node-3" });
+    }
+    return n.p.plan();
+  };
+  /** The chains whose rules differ between two plans, per family. */
+  const changedChains = (a: NodePlan, b: NodePlan) => {
+    const out: string[] = [];
+    for (const family of [4, 6] as const)
+      for (const table of ["filter", "nat", "mangle"] as const) {
+        const ca = a.rules[family]?.chains.get(table) ?? new Map();
+        const cb = b.rules[family]?.chains.get(table) ?? new Map();
+        for (const name of new Set([...ca.keys(), ...cb.keys()]))
+          if (JSON.stringify(ca.get(name)) !== JSON.stringify(cb.get(name)))
+            out.push(`${family} ${table} ${name}`);
+      }
+    return out;
+  };
+
+  it("a steering node rewrites one group chain and no set or policy rule; its route to the standby was ready", () => {
+    const n1 = planner("node-1", "192.168.0.11");
+    const before = n1.p.plan();
+    const ready = before.ipRules.map((r) => r.fwmark);
+    assert.equal(ready.length, 2, "a routing table toward the holder, and one toward its standby");
+    const after = takeOver(n1);
+    assert.deepEqual(changedChains(before, after), [
+      `4 mangle ${groupChain("eips:10.168.60.100")}`,
+    ]);
+    assert.equal(after.ipsets, before.ipsets, "the same sets");
+    // The standby's table was ready; only the lost holder's goes.
+    const has = (list: readonly object[], x: object) =>
+      list.some((y) => JSON.stringify(y) === JSON.stringify(x));
+    assert.ok(after.ipRules.every((r) => has(before.ipRules, r)));
+    assert.ok(after.routes.every((r) => has(before.routes, r)));
+    assert.equal(after.ipRules.length, 1);
+    const t = tracePacket(after, { src: "172.29.1.10", dst: "10.6.105.150" });
+    assert.equal(t.verdict, "tunnel");
+    assert.equal(t.via, "100.127.0.3", "to node-3 now");
+  });
+
+  it("the first standby carries nothing in advance by default: a takeover programs every policy", () => {
+    const n3 = planner("node-3", "192.168.0.13");
+    const before = n3.p.plan();
+    assert.equal(before.rules[4]?.chains.get("nat")?.get("SALLYPORT-SNAT-EIP")?.length ?? 0, 0);
+    const after = takeOver(n3);
+    assert.equal(
+      after.rules[4]?.chains.get("nat")?.get("SALLYPORT-SNAT-EIP")?.length,
+      2 * POLICIES,
+    );
+  });
+
+  it("with --standby-datapath the first standby carries the sets, SNAT rules and reply routes in advance; a takeover adds the egress IP", () => {
+    const n3 = planner("node-3", "192.168.0.13", true);
+    const before = n3.p.plan();
+    assert.deepEqual(before.eips, [], "it holds nothing yet");
+    // Its own pod goes to the holder, exempt from SNAT like any steered packet.
+    const own = tracePacket(before, { src: "172.29.3.9", dst: "10.6.105.150" });
+    assert.equal(own.verdict, "tunnel");
+    assert.equal(own.via, "100.127.0.2");
+    assert.equal(own.snat, undefined);
+    // A peer that still thinks it holds them: dropped, never sent back into the tunnel.
+    const stray = tracePacket(before, {
+      src: "172.29.1.10",
+      dst: "10.6.105.150",
+      inInterface: "sallyport",
+    });
+    assert.equal(stray.verdict, "drop");
+
+    const after = takeOver(n3);
+    assert.deepEqual(changedChains(before, after), [
+      `4 mangle ${groupChain("eips:10.168.60.100")}`,
+    ]);
+    assert.deepEqual(
+      after.ipsets.filter((s) => !s.name.includes("eip")),
+      before.ipsets.filter((s) => !s.name.includes("eip")),
+      "every pod of every policy was in its sets already",
+    );
+    assert.deepEqual(
+      after.routes,
+      before.routes.filter((r) => r.dst !== "default"),
+      "the reply routes were there (the route toward the lost holder goes)",
+    );
+    assert.deepEqual(
+      after.eips.map((e) => e.address),
+      ["10.168.60.100"],
+    );
+    const t = tracePacket(after, {
+      src: "172.29.1.10",
+      dst: "10.6.105.150",
+      inInterface: "sallyport",
+    });
+    assert.equal(t.verdict, "usual");
+    assert.deepEqual(t.snat, ["10.168.60.100"]);
+  });
 });

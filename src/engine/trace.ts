@@ -343,6 +343,10 @@ function traceNft(plan: NodePlan, packet: Packet): Trace {
       const v = entry.verdict;
       if (v.kind === "drop") return done("drop");
       if (v.kind === "steer") {
+        if (iif === tunnel) {
+          steps.push(`nft/to-${v.nodeID}: another node holds the egress IPs → drop`);
+          return done("drop");
+        }
         connmark =
           v.tunnelClass === undefined
             ? ((connmark & 0x00ffffff) | 0x26000000) >>> 0

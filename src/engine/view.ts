@@ -85,6 +85,14 @@ export interface NodeConfig {
   /** Exempt steered traffic from SNAT by its sets too (for CNIs like Weave that clear marks). */
   readonly noSnatBySets: boolean;
   /**
+   * The first standby of a policy carries its sets, SNAT rules and reply routes in advance, so
+   * that a takeover changes one chain (`sallyport agent --standby-datapath`). Off by default:
+   * measured at 1,000 policies, a revived standby programs them for minutes, one rewrite of the
+   * policy chains per batch of standby lists, and a second failover meanwhile took 28 s
+   * (BENCHMARKS.md, 2026-12-01 morning). @default false
+   */
+  readonly standbyDatapath?: boolean | undefined;
+  /**
    * Which packet filter carries the rules: iptables + ipset (a rule per policy) or nftables (one
    * table, O(1) classification: src/engine/classify.ts). @default "iptables"
    */

@@ -9,15 +9,19 @@
  *
  * What the iptables rules can count (docs/datapath.md; testdata/traffic/ holds real output):
  *
- *   steered   mangle SALLYPORT-MARK-REQUEST, the policy's rule `-g SALLYPORT-TO-<node>[-<class>]` on a
- *             node that sends the policy's traffic to its gateway: every packet of the original
- *             direction (a steered connection keeps its connmark, so its later packets come
- *             back to the policy's rule), counted on the pod's node.
+ *   steered   mangle SALLYPORT-MARK-REQUEST, the policy's rule (`-g SALLYPORT-C-<class>` or
+ *             `-g SALLYPORT-G-<group>`) on a node whose group chain sends the traffic to another
+ *             node (`-j MARK`): every packet of the original direction (a steered connection
+ *             keeps its connmark, so its later packets come back to the policy's rule), counted
+ *             on the pod's node. (Before group chains: `-g SALLYPORT-TO-<node>[-<class>]`.)
  *   snat_new  nat SALLYPORT-SNAT-EIP, the policy's rule `-j SNAT --to-source EIP` on the
  *             gateway: the kernel walks nat chains for the first packet of a connection only,
  *             so this counts new connections SNATed, not packets.
- *   dropped   the policy's rule `-j DROP` (no reachable gateway: it fails closed): every packet
- *             dropped.
+ *   dropped   the policy's rule whose group chain drops (no reachable gateway: it fails closed),
+ *             or `-j DROP` itself: every packet dropped.
+ *   held      the policy's rule whose group chain goes to SALLYPORT-GATEWAY (this node holds the
+ *             egress IPs): counted by the nat rules (snat_new) instead, so not reported; kept so
+ *             that a rule whose group moves to another node counts as steered from then on.
  *   snat      every packet SNATed. No iptables rule sees them all (established packets of a
  *             gateway's flows leave SALLYPORT-MARK-REQUEST before the policy's rule, and nat
  *             chains see first packets only); a backend with a counter on that path reports it.
@@ -46,7 +50,7 @@ import { NFT_TABLE, parseNftCounters, snatMark } from "../render/nftables.ts";
 import { type PortRange, parsePortRange } from "./conntrack.ts";
 import { CommandError, mustRun, type Runner } from "./runner.ts";
 
-export type CounterKind = "steered" | "snat" | "snat_new" | "dropped";
+export type CounterKind = "steered" | "snat" | "snat_new" | "dropped" | "held";
 
 /** An element of one of the nftables datapath's class maps, as the kernel holds it. */
 export interface NftElement {
@@ -95,7 +99,41 @@ export interface CounterSource {
 const COUNTED = /^\[(\d+):(\d+)\] -A (\S+) (.*)$/;
 const COMMENT = /(?:^| )-m comment --comment (?:"((?:[^"\\]|\\.)*)"|(\S+))/;
 const STEER = / -g SALLYPORT-TO-[0-9a-f]{4}(-[0-9a-f]{4})?$/;
+const GOTO = / -g (SALLYPORT-[CG]-\S+)$/;
 const SNAT = / -j SNAT --to-source (\S+)/;
+
+/**
+ * What each class and group chain in `save` does with a packet, found by following its gotos:
+ * steered (it marks toward a node), held (it goes to SALLYPORT-GATEWAY) or dropped.
+ */
+function groupKinds(save: string): Map<string, CounterKind> {
+  const bodies = new Map<string, string[]>();
+  for (const line of save.split("\n")) {
+    const m = COUNTED.exec(line);
+    if (m === null || !/^SALLYPORT-[CG]-/.test(m[3]!)) continue;
+    const body = bodies.get(m[3]!) ?? [];
+    body.push(m[4]!);
+    bodies.set(m[3]!, body);
+  }
+  const kinds = new Map<string, CounterKind>();
+  const kindOf = (chain: string, depth: number): CounterKind | undefined => {
+    const body = bodies.get(chain);
+    if (body === undefined || depth > 2) return undefined;
+    for (const text of body) {
+      const rule = ` ${text}`;
+      if (rule.includes(" -j MARK ")) return "steered";
+      if (rule.endsWith(" -g SALLYPORT-GATEWAY")) return "held";
+      const next = GOTO.exec(rule);
+      if (next !== null) return kindOf(next[1]!, depth + 1);
+    }
+    return "dropped";
+  };
+  for (const chain of bodies.keys()) {
+    const kind = kindOf(chain, 0);
+    if (kind !== undefined) kinds.set(chain, kind);
+  }
+  return kinds;
+}
 
 /** `10.0.0.1`, `10.0.0.1:1024-2047`, `fd00::1`, `[fd00::1]:1024-2047`. */
 function toSource(text: string): { address: string; ports?: PortRange } {
@@ -118,6 +156,7 @@ function toSource(text: string): { address: string; ports?: PortRange } {
  */
 export function parseIptablesCounters(save: string, family: Family): RuleCounter[] {
   const out: RuleCounter[] = [];
+  const groups = groupKinds(save);
   for (const line of save.split("\n")) {
     if (!line.startsWith("[")) continue;
     const m = COUNTED.exec(line);
@@ -147,6 +186,9 @@ export function parseIptablesCounters(save: string, family: Family): RuleCounter
       });
     } else if (STEER.test(rule)) {
       out.push({ ...counted, kind: "steered" });
+    } else if (GOTO.test(rule)) {
+      const kind = groups.get(GOTO.exec(rule)![1]!);
+      if (kind !== undefined) out.push({ ...counted, kind });
     } else if (rule.endsWith(" -j DROP")) {
       out.push({ ...counted, kind: "dropped" });
     }

@@ -84,6 +84,44 @@ describe("parseIptablesCounters()", () => {
     );
   });
 
+  it("reads what a policy's rule counts from its group chain: steered, held here, or dropped", () => {
+    const text = (steerGroup: string[]) =>
+      [
+        '[10:634] -A SALLYPORT-MARK-REQUEST -m comment --comment "EgressPolicy/a/classed" -g SALLYPORT-C-0001',
+        '[3:180] -A SALLYPORT-MARK-REQUEST -m comment --comment "EgressPolicy/a/plain" -g SALLYPORT-G-aaaaaaaaaa',
+        '[2:120] -A SALLYPORT-MARK-REQUEST -m comment --comment "EgressPolicy/a/none" -g SALLYPORT-G-bbbbbbbbbb',
+        ...steerGroup,
+        "[10:634] -A SALLYPORT-C-0001 -j CONNMARK --set-xmark 0x1/0xffff",
+        "[10:634] -A SALLYPORT-C-0001 -g SALLYPORT-G-aaaaaaaaaa",
+        '[2:120] -A SALLYPORT-G-bbbbbbbbbb -m comment --comment "sallyport: no gateway to steer to" -j DROP',
+      ].join("\n");
+    const steering = text([
+      '[0:0] -A SALLYPORT-G-aaaaaaaaaa -i sallyport -m comment --comment "sallyport: another node holds the egress IPs" -j DROP',
+      "[13:814] -A SALLYPORT-G-aaaaaaaaaa -j CONNMARK --set-xmark 0x26000000/0xff000000",
+      "[13:814] -A SALLYPORT-G-aaaaaaaaaa -j MARK --set-xmark 0x26000100/0xffffff00",
+      "[13:814] -A SALLYPORT-G-aaaaaaaaaa -j ACCEPT",
+    ]);
+    assert.deepEqual(summary(parseIptablesCounters(steering, 4)), [
+      "EgressPolicy/a/classed v4 steered 10:634",
+      "EgressPolicy/a/plain v4 steered 3:180",
+      "EgressPolicy/a/none v4 dropped 2:120",
+    ]);
+    // The same rules once this node took the egress IPs over: same identities, held here.
+    const held = text([
+      "[13:814] -A SALLYPORT-G-aaaaaaaaaa -j CONNMARK --set-xmark 0x0/0xffff",
+      '[13:814] -A SALLYPORT-G-aaaaaaaaaa -m comment --comment "sallyport: this node holds the egress IPs" -g SALLYPORT-GATEWAY',
+    ]);
+    assert.deepEqual(summary(parseIptablesCounters(held, 4)), [
+      "EgressPolicy/a/classed v4 held 10:634",
+      "EgressPolicy/a/plain v4 held 3:180",
+      "EgressPolicy/a/none v4 dropped 2:120",
+    ]);
+    assert.deepEqual(
+      parseIptablesCounters(held, 4).map((c) => c.id),
+      parseIptablesCounters(steering, 4).map((c) => c.id),
+    );
+  });
+
   it("skips the datapath's own rules, other chains and other writers' rules", () => {
     const counted = parseIptablesCounters(SAVE4, 4);
     assert.ok(counted.every((c) => !c.policy.startsWith("sallyport:")));

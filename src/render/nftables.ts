@@ -258,7 +258,12 @@ export function desiredTable(
         : `ct mark set ct mark & ${hex(~(PREFIX_MASK | TUNNEL_CLASS_MASK) >>> 0)} | ${hex((STEER_PREFIX | tunnelClass) >>> 0)}`;
     chains.push({
       name: steerChainName(nodeID, tunnelClass),
-      rules: [{ text: `${ct} ${setMark(nodeMark(nodeID))} accept` }],
+      rules: [
+        // What came through the tunnel (a peer that thinks this node holds the egress IPs)
+        // goes no further, and never back into the tunnel.
+        { text: `iifname "${tunnel}" drop`, comment: "another node holds the egress IPs" },
+        { text: `${ct} ${setMark(nodeMark(nodeID))} accept` },
+      ],
     });
   }
   chains.push({

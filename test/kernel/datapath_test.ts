@@ -141,7 +141,7 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
   it("the seed's reset-mark match never matches, so the egress IP is lost; our prefix match is why it works", async () => {
     const n1 = nsRunner(topo.nodeNs(1));
     const save = await mustRun(n1, ["iptables-save", "-t", "mangle"]);
-    const mark = /-A SALLYPORT-TO-[\w-]+ -j MARK --set-xmark (0x[0-9a-f]+)\/0xffffff00/.exec(
+    const mark = /-A SALLYPORT-G-[\w-]+ -j MARK --set-xmark (0x[0-9a-f]+)\/0xffffff00/.exec(
       save,
     )?.[1];
     assert.ok(mark, "node-1 steers toward the gateway with its NODE_MARK");
