@@ -658,10 +658,10 @@ export class NodePlanner {
     if (this.#rulesDirty || this.#routesDirty || this.#staticDirty) {
       const keys = new Set<string>();
       for (const part of this.#parts.values()) {
+        if (part.next !== undefined && part.families.size > 0) keys.add(`node/${part.next}`);
         for (const fp of part.families.values()) {
           const d = fp.decision;
           if (d.kind === "steer") keys.add(`node/${d.gateway.name}`);
-          if (part.next !== undefined) keys.add(`node/${part.next}`);
           if (
             d.replies !== undefined &&
             (d.replies.length > 0 || part.view.tunnelClass !== undefined)
@@ -1056,11 +1056,6 @@ export class NodePlanner {
         if (d === undefined || d.sources.length === 0) continue;
         if (d.kind === "steer" && tables.has(`node/${d.gateway.name}`))
           steerTargets.set(d.gateway.name, d.gateway);
-        // Ready before it takes over: its table, rule and route (see #familyRules).
-        const next = this.#parts.get(key)!.next;
-        const peer = next === undefined ? undefined : this.#peers.get(next);
-        if (peer?.underlay !== undefined && tables.has(`node/${peer.name}`))
-          steerTargets.set(peer.name, peer);
         if (d.replies !== undefined && replyTable !== undefined) {
           for (const r of d.replies) {
             replyTargets.set(r.peer.name, r.peer);
@@ -1082,6 +1077,12 @@ export class NodePlanner {
           replyRoutes.push({ family, dst: formatCidr(parseCidr(dst)), peer });
         }
       }
+    }
+    // The first standbys, ready before they take over: their tables, rules and routes.
+    for (const part of this.#parts.values()) {
+      const peer = part.next === undefined ? undefined : this.#peers.get(part.next);
+      if (peer?.underlay !== undefined && tables.has(`node/${peer.name}`))
+        steerTargets.set(peer.name, peer);
     }
     const ipRules: IpRulePlan[] = [];
     const routes: RoutePlan[] = [];

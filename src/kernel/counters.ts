@@ -103,12 +103,12 @@ const GOTO = / -g (SALLYPORT-[CG]-\S+)$/;
 const SNAT = / -j SNAT --to-source (\S+)/;
 
 /**
- * What each class and group chain in `save` does with a packet, found by following its gotos:
- * steered (it marks toward a node), held (it goes to SALLYPORT-GATEWAY) or dropped.
+ * What each class and group chain in the lines of a save does with a packet, found by following
+ * its gotos: steered (it marks toward a node), held (it goes to SALLYPORT-GATEWAY) or dropped.
  */
-function groupKinds(save: string): Map<string, CounterKind> {
+function groupKinds(lines: readonly string[]): Map<string, CounterKind> {
   const bodies = new Map<string, string[]>();
-  for (const line of save.split("\n")) {
+  for (const line of lines) {
     const m = COUNTED.exec(line);
     if (m === null || !/^SALLYPORT-[CG]-/.test(m[3]!)) continue;
     const body = bodies.get(m[3]!) ?? [];
@@ -156,8 +156,9 @@ function toSource(text: string): { address: string; ports?: PortRange } {
  */
 export function parseIptablesCounters(save: string, family: Family): RuleCounter[] {
   const out: RuleCounter[] = [];
-  const groups = groupKinds(save);
-  for (const line of save.split("\n")) {
+  const lines = save.split("\n");
+  const groups = groupKinds(lines);
+  for (const line of lines) {
     if (!line.startsWith("[")) continue;
     const m = COUNTED.exec(line);
     if (m === null) continue;
