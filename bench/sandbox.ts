@@ -74,6 +74,16 @@ async function status(sb: Sandbox, name: string) {
   ).status;
 }
 
+/** How many of the EgressPolicies in "default" list `node` as the first standby. */
+async function standbyCount(sb: Sandbox, node: string): Promise<number> {
+  const list = await sb
+    .admin()
+    .listAll<{ metadata: object; status?: { standbyNodes?: string[] } }>(ours("EgressPolicy"), {
+      namespace: "default",
+    });
+  return list.items.filter((p) => p.status?.standbyNodes?.[0] === node).length;
+}
+
 async function until<T>(get: () => Promise<T>, ok: (v: T) => boolean, ms: number): Promise<T> {
   const end = Date.now() + ms;
   for (;;) {
@@ -212,6 +222,20 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
         (down) => down?.length === 0,
         60_000,
       );
+      // Every policy lists the revived node as its standby again (the controller re-publishes
+      // the lists 1 s after the node is back, one status write per policy): the next trial's
+      // takeover is decided by those lists.
+      const revived = `node-${holder}`;
+      const since = Date.now();
+      const listed = await until(
+        () => standbyCount(sb, revived),
+        (n) => n === total,
+        180_000,
+      );
+      console.error(
+        `node-${holder} back: standby of ${listed ?? "?"}/${total} policies after ${Date.now() - since} ms`,
+      );
+      if (listed !== total) throw new Error(`trial ${i}: ${revived} is not every policy's standby`);
       // and the revived node has programmed what it carries again
       if (o.policies > 0) await settle(60_000);
       else await new Promise((r) => setTimeout(r, 1000));

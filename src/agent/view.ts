@@ -19,6 +19,7 @@ import type {
   EgressNode,
 } from "../api/types.ts";
 import { policyKey } from "../api/types.ts";
+import { sameStrings } from "../engine/equality.ts";
 import { type PodInfo, type PolicySelection, podKey, selectsPod } from "../engine/snapshot.ts";
 import { isTunnelClass } from "../engine/tunnel_classes.ts";
 import type {
@@ -75,12 +76,25 @@ interface PolicyHeader {
   readonly floating: readonly string[];
   readonly announceInterface: string | undefined;
   readonly standbyNodes: readonly string[];
+  readonly gatewayNodes: readonly string[];
   readonly tunnelClass: number | undefined;
   /** The policy's selectors for this node's pods; undefined when it has a nodeSelector. */
   readonly selection: PolicySelection | undefined;
   readonly selectionSpec: unknown;
   /** The revision the controller published in the policy's status. */
   readonly revision: string | undefined;
+}
+
+const nodeNames = new WeakMap<EgressGateway, readonly string[]>();
+/** The nodes a gateway's status lists (its selector's, ready or not), once per object. */
+function gatewayNodesOf(gateway: EgressGateway | undefined): readonly string[] {
+  if (gateway === undefined) return [];
+  let names = nodeNames.get(gateway);
+  if (names === undefined) {
+    names = (gateway.status?.nodes ?? []).map((n) => n.name).sort();
+    nodeNames.set(gateway, names);
+  }
+  return names;
 }
 
 function headerOf(p: AnyPolicy, gateway: EgressGateway | undefined): PolicyHeader {
@@ -119,6 +133,7 @@ function headerOf(p: AnyPolicy, gateway: EgressGateway | undefined): PolicyHeade
     floating: floats ? Object.values(snat).flat().sort() : [],
     announceInterface: gateway?.spec.interface,
     standbyNodes: p.status?.standbyNodes ?? [],
+    gatewayNodes: gatewayNodesOf(gateway),
     tunnelClass: isTunnelClass(p.status?.tunnelClass) ? p.status.tunnelClass : undefined,
     // The agent does not read Node objects, so it cannot evaluate a nodeSelector: such policies
     // wait for the controller's endpoint slices.
@@ -255,7 +270,8 @@ export class AgentState {
     if (
       before !== undefined &&
       before.spec.interface === gw.spec.interface &&
-      (before.spec.pool ?? []).length > 0 === (gw.spec.pool ?? []).length > 0
+      (before.spec.pool ?? []).length > 0 === (gw.spec.pool ?? []).length > 0 &&
+      sameStrings(gatewayNodesOf(before), gatewayNodesOf(gw))
     )
       return;
     for (const key of this.#byGateway.get(name) ?? []) this.#refreshHeader(key);
@@ -511,13 +527,19 @@ export class AgentState {
       before === undefined || !deepEqual(before.selectionSpec, header.selectionSpec);
     if (before !== undefined && !selectionChanged && sameViewFields(before, header)) {
       // Only fields the datapath does not read (status counters, conditions, the revision), or
-      // the standby list (read by the planner, through the view refreshed below).
+      // the standby list and the gateway's nodes (read by the planner, not by the revision,
+      // through the view refreshed below).
       this.#headers.set(key, {
         ...before,
         revision: header.revision,
         standbyNodes: header.standbyNodes,
+        gatewayNodes: header.gatewayNodes,
       });
-      if (!deepEqual(before.standbyNodes, header.standbyNodes)) this.#refreshView(key);
+      if (
+        !sameStrings(before.standbyNodes, header.standbyNodes) ||
+        !sameStrings(before.gatewayNodes, header.gatewayNodes)
+      )
+        this.#refreshView(key);
       return;
     }
     this.#headers.set(key, header);
@@ -597,13 +619,17 @@ export class AgentState {
       announceInterface: header.announceInterface,
       endpoints,
       standbyNodes: header.standbyNodes,
+      gatewayNodes: header.gatewayNodes,
       ...(header.tunnelClass === undefined ? {} : { tunnelClass: header.tunnelClass }),
     };
     if (before !== undefined && sameView(before, view)) {
-      // The standby list alone: the planner reads it (the first standby carries the policy in
-      // advance, steering nodes keep a route toward it ready), the revision does not, so the
-      // report has nothing new to say.
-      if (!deepEqual(before.standbyNodes, view.standbyNodes)) {
+      // The standby list or the gateway's nodes alone: the planner reads them (the gateway's
+      // nodes carry the policy in advance, steering nodes keep a route toward the first standby
+      // ready), the revision does not, so the report has nothing new to say.
+      if (
+        !sameStrings(before.standbyNodes ?? [], view.standbyNodes ?? []) ||
+        !sameStrings(before.gatewayNodes ?? [], view.gatewayNodes ?? [])
+      ) {
         this.#views.set(key, view);
         this.#dirty.add(key);
       }

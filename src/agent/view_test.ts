@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import type { AnyPolicy, EgressEndpointSlice } from "../api/types.ts";
+import type { AnyPolicy, EgressEndpointSlice, EgressGateway } from "../api/types.ts";
 import type { PodInfo } from "../engine/snapshot.ts";
 import { DEFAULT_NODE_CONFIG } from "../engine/view.ts";
 import { AgentState, buildAgentView } from "./view.ts";
@@ -149,7 +149,7 @@ describe("AgentState: the standby list", () => {
     assert.deepEqual(state.view(key)?.standbyNodes, ["gw2", "gw3"]);
     assert.deepEqual([...state.takeChanges().policies], [key]);
     state.programmed();
-    // A node gained or lost: the first standby carries the policy in advance, so it plans again.
+    // A node gained or lost: steering nodes keep a route toward the first standby, so they plan again.
     state.setPolicy({ ...p, status: { ...status, revision: "r1", standbyNodes: ["gw3"] } });
     assert.deepEqual(state.view(key)?.standbyNodes, ["gw3"], "the view has the new list");
     assert.deepEqual([...state.takeChanges().policies], [key], "the planner is woken");
@@ -159,5 +159,42 @@ describe("AgentState: the standby list", () => {
     state.setPolicy({ ...p, status: { ...status, revision: "r1" } });
     assert.deepEqual(state.view(key)?.standbyNodes, [], "none published");
     assert.equal(state.planDirty, true);
+  });
+});
+
+describe("AgentState: the gateway's nodes", () => {
+  const gateway = (nodes: string[], readyNodes = nodes.length): EgressGateway =>
+    ({
+      apiVersion: "sallyport.dev/v1alpha1",
+      kind: "EgressGateway",
+      metadata: { name: "edge" },
+      spec: { nodeSelector: { matchLabels: { egress: "true" } } },
+      status: {
+        readyNodes,
+        nodes: nodes.map((name, i) => ({
+          name,
+          ready: i < readyNodes,
+          egressIPs: [],
+          policies: 0,
+        })),
+      },
+    }) as unknown as EgressGateway;
+
+  it("gives every policy of a gateway the nodes its status lists, and wakes the planner (not the report) only when the names change", () => {
+    const state = new AgentState("n1");
+    state.setGateway(gateway(["gw3", "gw"]));
+    state.setPolicy({ ...policy("web", {}), status: { ...status, revision: "r1" } });
+    const key = "EgressPolicy/default/web";
+    assert.deepEqual(state.view(key)?.gatewayNodes, ["gw", "gw3"]);
+    state.takeChanges();
+    state.programmed();
+    // A node of the gateway dies: it stays in the list (ready or not), nothing to plan.
+    state.setGateway(gateway(["gw", "gw3"], 1));
+    assert.equal(state.planDirty, false);
+    // A node joins the gateway.
+    state.setGateway(gateway(["gw", "gw3", "n1"]));
+    assert.deepEqual(state.view(key)?.gatewayNodes, ["gw", "gw3", "n1"], "the view has it");
+    assert.deepEqual([...state.takeChanges().policies], [key], "the planner is woken");
+    assert.equal(state.reportDirty, false, "nothing to report: the revision does not count it");
   });
 });

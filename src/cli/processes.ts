@@ -227,9 +227,8 @@ export function processCommands(program: Command): void {
           false,
         )
         .option(
-          "--standby-datapath",
-          "carry the datapath of the policies this node is first standby of in advance: a takeover rewrites one chain (see docs/operations.md for the cost)",
-          false,
+          "--no-standby-datapath",
+          "do not carry the sets and SNAT rules of the policies whose gateway this node belongs to before it holds their egress IPs (a takeover then programs every policy it takes: see docs/operations.md)",
         )
         .option(
           "--traffic-period-ms <ms>",
@@ -269,7 +268,7 @@ export function processCommands(program: Command): void {
         holdDownMs: f.probeHoldDownMs,
       },
       noSnatBySets: f.exemptBySets === true,
-      standbyDatapath: f.standbyDatapath === true,
+      standbyDatapath: f.standbyDatapath !== false,
       snatPortRange: parsePortRange(f.snatPortRange),
       snatPorts: f.snatPorts === undefined ? undefined : parsePortRange(f.snatPorts),
     });

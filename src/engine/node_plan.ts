@@ -215,8 +215,8 @@ type Reply = { dst: string; peer: PeerView };
 
 /**
  * What a node does with a policy's traffic of one family. `replies` (where replies to its
- * remote pods go back through the tunnel) on its gateway, and on its first standby, which
- * carries them in advance (see policyPart).
+ * remote pods go back through the tunnel) on its gateway node, and on the other nodes of its
+ * gateway, which carry them in advance (see policyPart).
  */
 type Decision =
   | { readonly kind: "gateway"; readonly sources: string[]; readonly replies: Reply[] }
@@ -297,7 +297,7 @@ interface PolicyPart {
   readonly families: ReadonlyMap<Family, FamilyPart>;
   /** Its gateway group (groupOf); iptables only: its rules go to the group's chain. */
   readonly group: string;
-  /** This node is its first standby and carries its sets and SNAT rules in advance. */
+  /** This node may take its egress IPs over and carries its sets and SNAT rules in advance. */
   readonly standby: boolean;
   /** A peer that may take its egress IPs over, whose routing table this node keeps ready. */
   readonly next?: string | undefined;
@@ -305,7 +305,7 @@ interface PolicyPart {
   readonly peers: ReadonlySet<string>;
   /** Everything its rules, routing tables and routes depend on, except set members. */
   readonly ruleSig: string;
-  /** Its reply destinations (its gateway and first standby), and the standby kept ready (next). */
+  /** Its reply destinations (its gateway and the standbys), and the standby kept ready (next). */
   readonly replySig: string;
   /** The egress IPs it makes this node hold. */
   readonly eipSig: string;
@@ -346,21 +346,22 @@ function policyPart(
 ): PolicyPart {
   const families = new Map<Family, FamilyPart>();
   const used = new Set<string>();
-  // The first standby carries the policy's sets and SNAT rules before it is needed, so that a
-  // takeover changes its group chain and egress IPs, not a rule per policy (iptables; the
-  // nftables classes carry its sources, and a takeover changes their verdicts). Not with SNAT
-  // exemptions by sets: they depend on the holder. (NodeConfig.standbyDatapath says why not
-  // by default.)
+  const group = groupOf(view);
+  // Every other node of its gateway carries the policy's sets and SNAT rules before it is
+  // needed, so that a takeover changes its group chain and egress IPs, not a rule per policy
+  // (iptables; the nftables classes carry its sources, and a takeover changes their verdicts).
+  // Only for egress IPs that move (a node's own address does not), and not with SNAT exemptions
+  // by sets: they depend on the holder.
   const standby =
-    config.standbyDatapath === true &&
+    config.standbyDatapath !== false &&
     !config.noSnatBySets &&
     view.gatewayNode !== undefined &&
     view.gatewayNode !== node &&
-    view.standbyNodes?.[0] === node;
+    group.startsWith(EIPS_GROUP) &&
+    (view.gatewayNodes?.includes(node) ?? false);
   const first = view.standbyNodes?.[0];
   const next =
     first !== undefined && first !== node && first !== view.gatewayNode ? first : undefined;
-  const group = groupOf(view);
   const sig: string[] = [view.key, String(view.priority), view.createdAt, `${group}|${standby}`];
   // (The standby's routing table is routing only.)
   const replies: string[] = next === undefined ? [] : [`next>${next}`];
@@ -418,10 +419,12 @@ function policyPart(
  * and which move together. A policy that SNATs to an address that does not float (a node's own)
  * is a group of its own.
  */
+const EIPS_GROUP = "eips:";
+
 function groupOf(view: PolicyView): string {
   const snat = FAMILIES.flatMap((f) => view.snat[f] ?? []);
   if (view.floating.length > 0 && snat.every((a) => view.floating.includes(a)))
-    return `eips:${[...view.floating].sort().join(",")}`;
+    return `${EIPS_GROUP}${[...view.floating].sort().join(",")}`;
   return `policy:${view.key}`;
 }
 
@@ -1078,7 +1081,7 @@ export class NodePlanner {
         }
       }
     }
-    // The first standbys, ready before they take over: their tables, rules and routes.
+    // The first standbys, ready before they take over: the routing toward them.
     for (const part of this.#parts.values()) {
       const peer = part.next === undefined ? undefined : this.#peers.get(part.next);
       if (peer?.underlay !== undefined && tables.has(`node/${peer.name}`))

@@ -496,7 +496,8 @@ describe("planNode() with several egress IPs per family", () => {
 });
 
 describe("planNode() across a takeover (many policies on one egress IP)", () => {
-  // node-1 runs the pods; node-2 holds the egress IP, node-3 is its first standby.
+  // node-1 runs the pods; node-2 holds the egress IP, node-3 (the gateway's other node) is its
+  // first standby.
   const POLICIES = 50;
   const cluster = snapshot({
     nodes: [
@@ -529,7 +530,7 @@ describe("planNode() across a takeover (many policies on one egress IP)", () => 
     serviceCIDRs: ["10.96.0.0/16"],
   });
   const outcome = computeCluster(cluster);
-  const planner = (name: string, ipv4: string, standbyDatapath = false) => {
+  const planner = (name: string, ipv4: string, standbyDatapath = true) => {
     const view = nodeViewFromOutcome(outcome, name, {
       local: localFacts({ ipv4 }),
       config: { standbyDatapath },
@@ -585,8 +586,8 @@ describe("planNode() across a takeover (many policies on one egress IP)", () => 
     assert.equal(t.via, "100.127.0.3", "to node-3 now");
   });
 
-  it("the first standby carries nothing in advance by default: a takeover programs every policy", () => {
-    const n3 = planner("node-3", "192.168.0.13");
+  it("with --no-standby-datapath a node of the gateway carries nothing in advance: a takeover programs every policy", () => {
+    const n3 = planner("node-3", "192.168.0.13", false);
     const before = n3.p.plan();
     assert.equal(before.rules[4]?.chains.get("nat")?.get("SALLYPORT-SNAT-EIP")?.length ?? 0, 0);
     const after = takeOver(n3);
@@ -596,8 +597,20 @@ describe("planNode() across a takeover (many policies on one egress IP)", () => 
     );
   });
 
-  it("with --standby-datapath the first standby carries the sets, SNAT rules and reply routes in advance; a takeover adds the egress IP", () => {
-    const n3 = planner("node-3", "192.168.0.13", true);
+  it("what a node of the gateway carries in advance does not depend on the standby lists; a node outside the gateway carries no SNAT rule", () => {
+    const n3 = planner("node-3", "192.168.0.13");
+    const listed = n3.p.plan();
+    // node-3 dies and comes back: for a while no policy lists it as standby.
+    for (const v of n3.views) n3.p.setPolicy({ ...v, standbyNodes: [] });
+    const unlisted = n3.p.plan();
+    assert.deepEqual(changedChains(listed, unlisted), []);
+    assert.equal(unlisted.ipsets, listed.ipsets);
+    const n1 = planner("node-1", "192.168.0.11").p.plan();
+    assert.equal(n1.rules[4]?.chains.get("nat")?.get("SALLYPORT-SNAT-EIP")?.length ?? 0, 0);
+  });
+
+  it("a node of the gateway carries the sets, SNAT rules and reply routes in advance; a takeover rewrites one chain and adds the egress IP", () => {
+    const n3 = planner("node-3", "192.168.0.13");
     const before = n3.p.plan();
     assert.deepEqual(before.eips, [], "it holds nothing yet");
     // Its own pod goes to the holder, exempt from SNAT like any steered packet.

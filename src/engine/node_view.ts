@@ -17,8 +17,18 @@ export function nodeViewFromOutcome(
   node: string,
   options: { readonly local: LocalFacts; readonly config?: Partial<NodeConfig> },
 ): NodeView {
+  // Each policy with its gateway's nodes, as an agent reads them from the gateway's status.
+  const names = new Map<string, readonly string[]>();
   const policies: PolicyView[] = [];
-  for (const p of outcome.policies.values()) if (p.view !== undefined) policies.push(p.view);
+  for (const p of outcome.policies.values()) {
+    if (p.view === undefined) continue;
+    let gatewayNodes = names.get(p.gateway);
+    if (gatewayNodes === undefined) {
+      gatewayNodes = (outcome.gateways.get(p.gateway)?.nodes ?? []).map((n) => n.name).sort();
+      names.set(p.gateway, gatewayNodes);
+    }
+    policies.push({ ...p.view, gatewayNodes });
+  }
   return {
     node,
     peers: outcome.peers,

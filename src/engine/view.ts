@@ -64,6 +64,13 @@ export interface PolicyView {
    */
   readonly standbyNodes?: readonly string[] | undefined;
   /**
+   * The nodes of the policy's gateway (its EgressGateway's `status.nodes`, ready or not), any of
+   * which may take its egress IPs over one day: with the standby datapath (NodeConfig) they carry
+   * its sets and SNAT rules in advance. Not part of the revision, like `standbyNodes`; unlike
+   * those, a node that dies and comes back stays in this list, so a revival changes nothing here.
+   */
+  readonly gatewayNodes?: readonly string[] | undefined;
+  /**
    * The policy's tunnel class (src/engine/tunnel_classes.ts): steering nodes carry it in the
    * VXLAN header, and the gateway SNATs packets carrying it even from pods it does not know yet.
    * Undefined: none (all 16,383 taken, or a status written before classes existed).
@@ -85,11 +92,13 @@ export interface NodeConfig {
   /** Exempt steered traffic from SNAT by its sets too (for CNIs like Weave that clear marks). */
   readonly noSnatBySets: boolean;
   /**
-   * The first standby of a policy carries its sets, SNAT rules and reply routes in advance, so
-   * that a takeover changes one chain (`sallyport agent --standby-datapath`). Off by default:
-   * measured at 1,000 policies, a revived standby programs them for minutes, one rewrite of the
-   * policy chains per batch of standby lists, and a second failover meanwhile took 28 s
-   * (BENCHMARKS.md, 2026-12-01 morning). @default false
+   * Every node of a policy's gateway (PolicyView.gatewayNodes) carries its sets, SNAT rules and
+   * reply routes in advance, so that a takeover changes one chain per family and the egress IPs,
+   * not a rule per policy (`sallyport agent --no-standby-datapath` turns it off). Decided by the
+   * gateway's nodes, not by the published standby lists: those change for every policy when a
+   * node dies or comes back, and a standby that programmed its policies batch by batch as their
+   * lists were rewritten kept its agent busy for minutes at 1,000 policies (BENCHMARKS.md,
+   * 2026-12-01). @default true
    */
   readonly standbyDatapath?: boolean | undefined;
   /**
@@ -219,7 +228,7 @@ function computeRevision(policy: PolicyView): string {
     [policy.snat[4]?.join(",") ?? "", policy.snat[6]?.join(",") ?? ""],
     [...policy.floating].sort(),
     policy.announceInterface ?? "",
-    // Not standbyNodes: see PolicyView. A policy without a tunnel class hashes as before.
+    // Not standbyNodes nor gatewayNodes: see PolicyView. A policy without a tunnel class hashes as before.
     ...(policy.tunnelClass === undefined ? [] : [policy.tunnelClass]),
   ]);
   return hash("sha256", fields + endpointsDigest(policy.endpoints), "hex").slice(0, 16);
