@@ -120,6 +120,8 @@ export class Agent {
   #down: ReadonlySet<string> = new Set();
   /** The down set of the last plan: announced once its sync is done. */
   #plannedDown: ReadonlySet<string> = new Set();
+  /** The gateways whose policies the plan being synced carries in advance (preparedFor). */
+  #plannedPrepared: ReadonlySet<string> = new Set();
   #livenessVersion = -1;
   #lastPlan: NodePlan | undefined;
   /** Policies whose gateway this node moved on its own (to a standby), until the controller agrees. */
@@ -452,8 +454,9 @@ export class Agent {
     // Fenced: keep every rule (SNAT included) but stop holding the egress IPs.
     this.#planner.setHoldEgressIPs(this.#liveness.holding());
     const plan = this.#withhold();
+    this.#plannedPrepared = this.#planner.preparedFor();
     // The same plan as before: the kernel holds it already (no sync follows to announce it).
-    if (plan === this.#lastPlan) this.#liveness.announce(this.#plannedDown);
+    if (plan === this.#lastPlan) this.#liveness.announce(this.#plannedDown, this.#plannedPrepared);
     this.#lastPlan = plan;
     return plan;
   }
@@ -499,9 +502,11 @@ export class Agent {
 
   /**
    * The view this node programs: the controller's, unless its gateway is judged down; then its
-   * first standby that is not, once that standby says its datapath holds it (or if it is us).
-   * Until then the dead gateway stays the target: its traffic is lost either way, and nothing
-   * reaches a standby before its SNAT rules do.
+   * first standby that is not, once that standby says its datapath holds it (or if it is us), or
+   * as soon as that standby judged it down when it carries the dead gateway's policies in
+   * advance (takingOver: what arrives there before its own sync is dropped by its group chain).
+   * Otherwise the dead gateway stays the target until then: its traffic is lost either way, and
+   * nothing reaches a standby before its SNAT rules do.
    */
   #effective(view: PolicyView): PolicyView {
     const down = this.#down;
@@ -509,13 +514,17 @@ export class Agent {
     if (gateway === undefined || !down.has(gateway)) return view;
     const standby = (view.standbyNodes ?? []).find((n) => !down.has(n));
     if (standby === undefined) return withGateway(view, undefined);
-    if (standby === this.#o.node || this.#liveness.announcedBy(standby).has(gateway))
+    if (
+      standby === this.#o.node ||
+      this.#liveness.announcedBy(standby).has(gateway) ||
+      this.#liveness.takingBy(standby).has(gateway)
+    )
       return withGateway(view, standby);
     return view;
   }
 
   #synced(plan: NodePlan): void {
-    this.#liveness.announce(this.#plannedDown);
+    this.#liveness.announce(this.#plannedDown, this.#plannedPrepared);
     // What this sync made us hold answers ARP/NDP at once, not at the next probe.
     this.#liveness.renew();
     this.#lastError = plan.errors.length > 0 ? plan.errors.join("; ") : undefined;

@@ -112,6 +112,8 @@ export interface Report {
   readonly judged: ReadonlySet<string>;
   /** The egress IPs its sender answers for (a gateway's, in probes to gateways). */
   readonly claims: ReadonlySet<string>;
+  /** Gateways whose policies its sender's datapath carries in advance (see Liveness.announce). */
+  readonly prepared: ReadonlySet<string>;
 }
 
 /** Cut off from the API server while others reach it (or cut off from everything). */
@@ -273,7 +275,11 @@ export function judge(i: JudgeInput): Judgement {
       if (s.down) down.add(g);
     }
   } else {
-    for (const g of announcers) for (const d of fresh(g)!.down) down.add(d);
+    for (const g of announcers) {
+      const r = fresh(g)!;
+      for (const d of r.down) down.add(d);
+      for (const d of takingOver(r)) down.add(d);
+    }
   }
   // Support: each other voter hears this node until (at the earliest) it last heard it plus D.
   // Counted from when the report was sent, less half an interval for the clocks' disagreement.
@@ -292,6 +298,18 @@ export function judge(i: JudgeInput): Judgement {
   // A node we hear is lost the moment its D runs out: judge (and tell the others) then.
   for (const [, age] of hears) check(now - age + detect);
   return { hears, raw, down, supportedUntil, announcedDown, decides, nextCheck };
+}
+
+/**
+ * The gateways a report's sender is taking over now: those it judged down and whose policies its
+ * datapath carries in advance. What is steered to it before its own sync is dropped by its group
+ * chains, never sent on un-NATed, so a steering node need not wait for it to announce them.
+ */
+export function takingOver(r: Report): ReadonlySet<string> {
+  if (r.prepared.size === 0 || r.judged.size === 0) return EMPTY;
+  const out = new Set<string>();
+  for (const g of r.judged) if (r.prepared.has(g)) out.add(g);
+  return out;
 }
 
 // --- the wire: JSON, then (with a key) 32 bytes of HMAC-SHA256 over it.
@@ -319,6 +337,11 @@ interface Wire {
    * sent by gateway-capable nodes to gateway-capable nodes, the ones that may take them over.
    */
   e?: string[];
+  /**
+   * Gateways whose policies the sender's datapath carries in advance, every one it stands by
+   * for: a steering node may send it their traffic the moment it takes them over.
+   */
+  p?: string[];
 }
 
 const MAC_BYTES = 32;
@@ -356,7 +379,8 @@ export function decodeProbe(msg: Buffer, key: Buffer | undefined): Wire | undefi
       !strings(w.a) ||
       !strings(w.j) ||
       (w.r !== undefined && (typeof w.r !== "number" || w.r < 0)) ||
-      (w.e !== undefined && !strings(w.e))
+      (w.e !== undefined && !strings(w.e)) ||
+      (w.p !== undefined && !strings(w.p))
     )
       return undefined;
     return w as Wire;
@@ -463,6 +487,7 @@ export class Liveness {
   #judgement: Judgement | undefined;
   /** What our probes say we hold down: what our datapath has been synced with. */
   #announced: ReadonlySet<string> = new Set();
+  #prepared: ReadonlySet<string> = EMPTY;
   /** Moves whenever something the planner reads changes (down set, announcements, holding). */
   version = 0;
   #holding = false;
@@ -540,7 +565,7 @@ export class Liveness {
     if (w.ok && !this.#apiOkSince.has(w.n)) this.#apiOkSince.set(w.n, now);
     const hears = new Map(Object.entries(w.h));
     const claims = w.e === undefined || w.e.length === 0 ? EMPTY : new Set(w.e);
-    this.#reports.set(w.n, {
+    const report: Report = {
       at: now,
       hears,
       ever: new Set(w.u),
@@ -548,7 +573,9 @@ export class Liveness {
       down: new Set(w.d),
       judged: new Set(w.j),
       claims,
-    });
+      prepared: w.p === undefined || w.p.length === 0 ? EMPTY : new Set(w.p),
+    };
+    this.#reports.set(w.n, report);
     if (!sameSet(before?.claims ?? EMPTY, claims) || (claims.size > 0 && !this.#claimants.has(w.n)))
       this.#claimsChanged(w.n, claims.size > 0);
     // What could change a decision at once: a voter that stopped hearing us or a gateway (a
@@ -566,7 +593,9 @@ export class Liveness {
       !sameSet(before.raw, new Set(w.a))
     )
       this.#evaluate();
-    if (announcing && w.d.length + (before?.down.size ?? 0) > 0) {
+    // The planner reads what others announce and what they are taking over (Agent#effective).
+    const taking = !sameSet(before === undefined ? EMPTY : takingOver(before), takingOver(report));
+    if ((announcing && w.d.length + (before?.down.size ?? 0) > 0) || taking) {
       this.version++;
       this.#o.onChange();
     }
@@ -608,7 +637,10 @@ export class Liveness {
    * sandbox: such a sync ended after the thaw and announced the node that had taken over as
    * down; it released its egress IPs for 0.6 s).
    */
-  announce(planned: ReadonlySet<string>): void {
+  announce(planned: ReadonlySet<string>, prepared: ReadonlySet<string> = EMPTY): void {
+    // (What the datapath carries in advance goes with the next probe: it matters only when a
+    // gateway is lost, long after.)
+    this.#prepared = prepared;
     const judged = this.down;
     const down = new Set([...planned].filter((g) => judged.has(g)));
     if (sameSet(down, this.#announced)) return;
@@ -620,9 +652,21 @@ export class Liveness {
 
   /** What `node`'s last fresh probe says it holds down (its datapath is synced with it). */
   announcedBy(node: string): ReadonlySet<string> {
+    return this.#fresh(node)?.down ?? EMPTY;
+  }
+
+  /**
+   * The gateways `node`'s last fresh probe says it is taking over now (see takingOver).
+   */
+  takingBy(node: string): ReadonlySet<string> {
+    const r = this.#fresh(node);
+    return r === undefined ? EMPTY : takingOver(r);
+  }
+
+  #fresh(node: string): Report | undefined {
     const r = this.#reports.get(node);
     const detect = this.#o.timing.intervalMs * this.#o.timing.multiplier;
-    return r !== undefined && this.#o.clock.now() - r.at < detect ? r.down : EMPTY;
+    return r !== undefined && this.#o.clock.now() - r.at < detect ? r : undefined;
   }
 
   /**
@@ -700,6 +744,7 @@ export class Liveness {
       u: [...this.#heardAt.keys()].filter((n) => members.get(n)?.gatewayCapable === true),
       d: [...this.#announced],
       j: gateway ? [...(j?.down ?? [])] : [],
+      ...(gateway && this.#prepared.size > 0 ? { p: [...this.#prepared] } : {}),
       ...(restartHoldMs === undefined ? {} : { r: restartHoldMs }),
     };
     const claims = gateway && this.#holding ? (this.#o.claims?.() ?? []) : [];

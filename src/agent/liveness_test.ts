@@ -15,6 +15,7 @@ import {
   type Member,
   type ProbeTransport,
   type Report,
+  takingOver,
   votersOf,
 } from "./liveness.ts";
 
@@ -75,6 +76,10 @@ describe("encodeProbe() / decodeProbe()", () => {
     assert.deepEqual(decodeProbe(encodeProbe(restart, KEY), KEY), { v: 1, ...restart });
     const claiming = { ...probe, e: ["192.168.77.100", "fd00:77::100"] };
     assert.deepEqual(decodeProbe(encodeProbe(claiming, KEY), KEY), { v: 1, ...claiming });
+    const prepared = { ...probe, p: ["node-4"] };
+    assert.deepEqual(decodeProbe(encodeProbe(prepared, KEY), KEY), { v: 1, ...prepared });
+    const malformed = { ...probe, p: [4] } as unknown as typeof probe;
+    assert.equal(decodeProbe(encodeProbe(malformed, KEY), KEY), undefined);
   });
 
   it("rejects a probe with any byte flipped", () => {
@@ -171,7 +176,13 @@ class Judge {
     from: string,
     at: number,
     hears: Record<string, number>,
-    options: { raw?: string[]; down?: string[]; judged?: string[]; ever?: string[] } = {},
+    options: {
+      raw?: string[];
+      down?: string[];
+      judged?: string[];
+      ever?: string[];
+      prepared?: string[];
+    } = {},
   ): void {
     const gateways = [...this.members.values()].filter((m) => m.gatewayCapable);
     this.heardAt.set(from, at);
@@ -182,6 +193,7 @@ class Judge {
       ever: new Set(options.ever ?? gateways.map((m) => m.name)),
       down: new Set(options.down ?? []),
       judged: new Set(options.judged ?? []),
+      prepared: new Set(options.prepared ?? []),
       claims: new Set(),
     });
   }
@@ -482,6 +494,21 @@ describe("judge()", () => {
     assert.deepEqual([...j.at(100 + D - 1).down], ["node-2"]);
     assert.deepEqual([...j.at(100 + D).down], []);
     assert.equal(j.state.size, 0);
+  });
+
+  it("makes a node that is not gateway-capable hold down at once what a gateway judged and carries in advance, and the rest once announced", () => {
+    const j = new Judge("node-1");
+    // node-3 judged node-2 down; its datapath does not carry node-2's policies yet.
+    j.probe("node-3", 100, {}, { judged: ["node-2"] });
+    assert.deepEqual([...j.at(110).down], [], "waits for node-3's datapath");
+    // It does: node-3 is taking them over, what is steered there early is dropped, not leaked.
+    j.probe("node-3", 120, {}, { judged: ["node-2"], prepared: ["node-2"] });
+    assert.deepEqual([...j.at(130).down], ["node-2"]);
+    assert.deepEqual([...takingOver(j.reports.get("node-3")!)], ["node-2"]);
+    // Carrying it in advance says nothing by itself.
+    j.probe("node-3", 140, {}, { prepared: ["node-2"] });
+    assert.deepEqual([...j.at(150).down], []);
+    assert.deepEqual([...takingOver(j.reports.get("node-3")!)], []);
   });
 
   it("tells a node that a fresh probe holds it down", () => {

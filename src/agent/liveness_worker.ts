@@ -63,7 +63,11 @@ interface Facts {
 }
 type ToWorker =
   | Facts
-  | { readonly type: "announce"; readonly down: readonly string[] }
+  | {
+      readonly type: "announce";
+      readonly down: readonly string[];
+      readonly prepared: readonly string[];
+    }
   | { readonly type: "renew" }
   | { readonly type: "handOver"; readonly holdMs: number };
 
@@ -77,6 +81,8 @@ interface State {
   readonly holding: boolean;
   readonly down: readonly string[];
   readonly announced: Readonly<Record<string, readonly string[]>>;
+  /** What the other nodes are taking over now (Liveness.takingBy). */
+  readonly taking: Readonly<Record<string, readonly string[]>>;
   readonly version: number;
   readonly rejected: number;
   /** The other nodes' fresh claims (Liveness.claims()), only when they changed. */
@@ -104,8 +110,10 @@ export interface LivenessHandle {
   readonly down: ReadonlySet<string>;
   readonly version: number;
   readonly rejected: number;
-  announce(down: ReadonlySet<string>): void;
+  /** Our datapath holds `down` as down, and carries `prepared`'s policies in advance. */
+  announce(down: ReadonlySet<string>, prepared?: ReadonlySet<string>): void;
   announcedBy(node: string): ReadonlySet<string>;
+  takingBy(node: string): ReadonlySet<string>;
   /** The node whose fresh probe says it answers for this egress IP, if any but this one. */
   claimedBy(address: string): string | undefined;
   renew(): void;
@@ -148,6 +156,7 @@ export class WorkerLiveness implements LivenessHandle {
   #state: State | undefined;
   #down: ReadonlySet<string> = EMPTY;
   #announced = new Map<string, ReadonlySet<string>>();
+  #taking = new Map<string, ReadonlySet<string>>();
   #claims = new Map<string, ReadonlySet<string>>();
   #timer: Timer | undefined;
   #lastFacts = "";
@@ -213,6 +222,7 @@ export class WorkerLiveness implements LivenessHandle {
     }
     this.#down = new Set(latest.down);
     this.#announced = new Map(Object.entries(latest.announced).map(([n, d]) => [n, new Set(d)]));
+    this.#taking = new Map(Object.entries(latest.taking).map(([n, d]) => [n, new Set(d)]));
     if (before !== undefined || latest.version > 0) this.#o.onChange();
   }
 
@@ -301,12 +311,20 @@ export class WorkerLiveness implements LivenessHandle {
     return this.#state?.rejected ?? 0;
   }
 
-  announce(down: ReadonlySet<string>): void {
-    this.#worker?.postMessage({ type: "announce", down: [...down] } satisfies ToWorker);
+  announce(down: ReadonlySet<string>, prepared: ReadonlySet<string> = EMPTY): void {
+    this.#worker?.postMessage({
+      type: "announce",
+      down: [...down],
+      prepared: [...prepared],
+    } satisfies ToWorker);
   }
 
   announcedBy(node: string): ReadonlySet<string> {
     return this.#announced.get(node) ?? EMPTY;
+  }
+
+  takingBy(node: string): ReadonlySet<string> {
+    return this.#taking.get(node) ?? EMPTY;
   }
 
   claimedBy(address: string): string | undefined {
@@ -378,9 +396,12 @@ function serve(config: WorkerConfig): void {
   let claimsPosted = -1;
   const post = () => {
     const announced: Record<string, readonly string[]> = {};
+    const taking: Record<string, readonly string[]> = {};
     for (const m of members.keys()) {
       const d = liveness.announcedBy(m);
       if (d.size > 0) announced[m] = [...d];
+      const t = liveness.takingBy(m);
+      if (t.size > 0) taking[m] = [...t];
     }
     states.postMessage({
       type: "state",
@@ -389,6 +410,7 @@ function serve(config: WorkerConfig): void {
       holding: !liveness.fenced,
       down: [...liveness.down],
       announced,
+      taking,
       version: liveness.version,
       rejected: liveness.rejected,
       ...(liveness.claimsVersion === claimsPosted ? {} : { claims: liveness.claims() }),
@@ -435,7 +457,7 @@ function serve(config: WorkerConfig): void {
         }
         break;
       case "announce":
-        liveness.announce(new Set(m.down));
+        liveness.announce(new Set(m.down), new Set(m.prepared));
         break;
       case "renew":
         liveness.renew();

@@ -346,19 +346,12 @@ function policyPart(
 ): PolicyPart {
   const families = new Map<Family, FamilyPart>();
   const used = new Set<string>();
-  const group = groupOf(view);
-  // Every other node of its gateway carries the policy's sets and SNAT rules before it is
-  // needed, so that a takeover changes its group chain and egress IPs, not a rule per policy
-  // (iptables; the nftables classes carry its sources, and a takeover changes their verdicts).
-  // Only for egress IPs that move (a node's own address does not), and not with SNAT exemptions
-  // by sets: they depend on the holder.
-  const standby =
-    config.standbyDatapath !== false &&
-    !config.noSnatBySets &&
-    view.gatewayNode !== undefined &&
-    view.gatewayNode !== node &&
-    group.startsWith(EIPS_GROUP) &&
-    (view.gatewayNodes?.includes(node) ?? false);
+  // (What depends on the policy's key and addresses alone is taken from its last part.)
+  const group =
+    prev !== undefined && prev.view.snat === view.snat && prev.view.floating === view.floating
+      ? prev.group
+      : groupOf(view);
+  const standby = carriesInAdvance(view, node, config, group);
   const first = view.standbyNodes?.[0];
   const next =
     first !== undefined && first !== node && first !== view.gatewayNode ? first : undefined;
@@ -371,10 +364,10 @@ function policyPart(
     let src: IpSetPlan | undefined;
     let dst: IpSetPlan | undefined;
     if (d.sources.length > 0) {
-      const srcName = policySetName("src", family, view.key);
-      const dstName = policySetName("dst", family, view.key);
-      const destinations = view.destinationCIDRs.filter((c) => familyOfText(c) === family);
       const old = prev?.families.get(family);
+      const srcName = old?.src?.name ?? policySetName("src", family, view.key);
+      const dstName = old?.dst?.name ?? policySetName("dst", family, view.key);
+      const destinations = view.destinationCIDRs.filter((c) => familyOfText(c) === family);
       src = keepSet(old?.src, { name: srcName, family, members: d.sources, nomatch: [] });
       dst = keepSet(old?.dst, {
         name: dstName,
@@ -412,6 +405,29 @@ function policyPart(
           .join(",")}`
       : "",
   };
+}
+
+/**
+ * Whether `node` carries `view`'s sets and SNAT rules before it holds its egress IPs: every
+ * other node of its gateway does, so that a takeover changes its group chain and egress IPs, not
+ * a rule per policy (iptables; the nftables classes carry its sources, and a takeover changes
+ * their verdicts). Only for egress IPs that move (a node's own address does not), and not with
+ * SNAT exemptions by sets: they depend on the holder.
+ */
+export function carriesInAdvance(
+  view: PolicyView,
+  node: string,
+  config: NodeConfig,
+  group = groupOf(view),
+): boolean {
+  return (
+    config.standbyDatapath !== false &&
+    !config.noSnatBySets &&
+    view.gatewayNode !== undefined &&
+    view.gatewayNode !== node &&
+    group.startsWith(EIPS_GROUP) &&
+    (view.gatewayNodes?.includes(node) ?? false)
+  );
 }
 
 /**
@@ -467,6 +483,8 @@ export class NodePlanner {
   #tunnelErrors: string[] = [];
   #rules: Record<Family, FamilyRules> | undefined;
   #routing: Pick<NodePlan, "ipRules" | "routes" | "neighbors" | "fdb"> | undefined;
+  /** `#routing` as text, to compare a new one with. */
+  #routingText = "";
   #eips: readonly EipPlan[] = [];
   #eipSets = new Map<string, IpSetPlan>();
   #ignoreSets = new Map<string, IpSetPlan>();
@@ -480,6 +498,8 @@ export class NodePlanner {
   readonly #classPolicies = new Map<string, { sig: string; policy: ClassPolicy }>();
   /** Policies whose parts were replanned since the classes were last fed. */
   readonly #replanned = new Set<string>();
+  /** preparedFor()'s answer, until a part changes. */
+  #prepared: ReadonlySet<string> | undefined;
   #ignoreChanged = true;
   #rankOrder: readonly string[] = [];
   #nft: NftPlan | undefined;
@@ -592,6 +612,25 @@ export class NodePlanner {
     this.#eipsDirty = true;
   }
 
+  /**
+   * The gateway nodes whose policies the last plan carries in advance, every one that lists this
+   * node as a standby (carriesInAdvance): when this node takes one of them over, the traffic
+   * steered here before its own sync is dropped by its group chains, never sent on un-NATed, so
+   * the steering nodes need not wait for it (src/agent/liveness.ts, preparedBy).
+   */
+  preparedFor(): ReadonlySet<string> {
+    if (this.#prepared !== undefined) return this.#prepared;
+    const ready = new Map<string, boolean>();
+    for (const part of this.#parts.values()) {
+      const holder = part.view.gatewayNode;
+      if (holder === undefined || holder === this.#node) continue;
+      if (!(part.view.standbyNodes?.includes(this.#node) ?? false)) continue;
+      ready.set(holder, (ready.get(holder) ?? true) && part.standby);
+    }
+    this.#prepared = new Set([...ready].filter(([, yes]) => yes).map(([holder]) => holder));
+    return this.#prepared;
+  }
+
   plan(): NodePlan {
     const local = this.#local;
     if (local === undefined)
@@ -644,6 +683,7 @@ export class NodePlanner {
       }
       if (!sameSetNames(before, part)) this.#setNamesDirty = true;
     }
+    if (this.#dirty.size > 0) this.#prepared = undefined;
     this.#dirty.clear();
     if (this.#orderDirty || this.#rulesDirty) {
       // Only policies with a part here have rules here: the others' order does not matter.
@@ -700,14 +740,22 @@ export class NodePlanner {
       this.#rules ??= NO_RULES(families);
     } else if (this.#rulesDirty || this.#staticDirty || this.#rules === undefined) {
       const rules = {} as Record<Family, FamilyRules>;
-      for (const family of families) rules[family] = this.#familyRules(family);
-      if (this.#rules === undefined || rulesText(rules) !== rulesText(this.#rules))
-        this.#rules = rules;
+      let same = this.#rules !== undefined;
+      for (const family of families) {
+        const before = this.#rules?.[family];
+        const after = keepChains(before, this.#familyRules(family));
+        rules[family] = after;
+        same &&= after === before;
+      }
+      if (!same) this.#rules = rules;
     }
     if (this.#rulesDirty || this.#routesDirty || this.#staticDirty || this.#routing === undefined) {
       const routing = this.#planRouting();
-      if (this.#routing === undefined || JSON.stringify(routing) !== JSON.stringify(this.#routing))
+      const text = JSON.stringify(routing);
+      if (text !== this.#routingText) {
         this.#routing = routing;
+        this.#routingText = text;
+      }
     }
     if (this.#eipsDirty || this.#staticDirty) this.#planEips(local);
     if (nftables) this.#planClasses();
@@ -1446,9 +1494,44 @@ const NO_RULES = (families: readonly Family[]): Record<Family, FamilyRules> => {
   return rules;
 };
 
-/** Rules as comparable text: Maps become entry lists. */
-function rulesText(rules: Record<Family, FamilyRules>): string {
-  return JSON.stringify(rules, (_k, v: unknown) => (v instanceof Map ? [...v.entries()] : v));
+const chainTexts = new WeakMap<readonly Rule[], string>();
+/** A chain's rules as comparable text, once per chain object. */
+function chainText(rules: readonly Rule[]): string {
+  let text = chainTexts.get(rules);
+  if (text === undefined) {
+    text = JSON.stringify(rules);
+    chainTexts.set(rules, text);
+  }
+  return text;
+}
+
+/**
+ * `next` with each chain whose rules did not change replaced by the same chain of `prev`, and
+ * `prev` itself when nothing changed: a takeover that rewrites one chain of a thousand leaves the
+ * others as they were, and the datapath's diff skips them by reference.
+ */
+function keepChains(prev: FamilyRules | undefined, next: FamilyRules): FamilyRules {
+  if (prev === undefined) return next;
+  let same = prev.chains.size === next.chains.size && sameHooks(prev.hooks, next.hooks);
+  const chains = new Map<TableName, ReadonlyMap<string, readonly Rule[]>>();
+  for (const [table, tableChains] of next.chains) {
+    const before = prev.chains.get(table);
+    let sameTable = before !== undefined && before.size === tableChains.size;
+    const kept = new Map<string, readonly Rule[]>();
+    for (const [name, rules] of tableChains) {
+      const old = before?.get(name);
+      const keep = old !== undefined && chainText(old) === chainText(rules);
+      kept.set(name, keep ? old : rules);
+      sameTable &&= keep;
+    }
+    chains.set(table, sameTable ? before! : kept);
+    same &&= sameTable;
+  }
+  return same ? prev : { chains, hooks: next.hooks };
+}
+
+function sameHooks(a: readonly Hook[], b: readonly Hook[]): boolean {
+  return a.length === b.length && JSON.stringify(a) === JSON.stringify(b);
 }
 
 function sameSetNames(a: PolicyPart | undefined, b: PolicyPart): boolean {

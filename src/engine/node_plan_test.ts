@@ -575,6 +575,12 @@ describe("planNode() across a takeover (many policies on one egress IP)", () => 
       `4 mangle ${groupChain("eips:10.168.60.100")}`,
     ]);
     assert.equal(after.ipsets, before.ipsets, "the same sets");
+    const mangle = (plan: NodePlan) => plan.rules[4]!.chains.get("mangle")!;
+    assert.equal(
+      mangle(after).get("SALLYPORT-MARK-REQUEST"),
+      mangle(before).get("SALLYPORT-MARK-REQUEST"),
+      "an unchanged chain is the same object: the datapath's diff skips it unread",
+    );
     // The standby's table was ready; only the lost holder's goes.
     const has = (list: readonly object[], x: object) =>
       list.some((y) => JSON.stringify(y) === JSON.stringify(x));
@@ -595,6 +601,23 @@ describe("planNode() across a takeover (many policies on one egress IP)", () => 
       after.rules[4]?.chains.get("nat")?.get("SALLYPORT-SNAT-EIP")?.length,
       2 * POLICIES,
     );
+  });
+
+  it("says which holders' policies it carries in advance: all those it stands by for", () => {
+    const n3 = planner("node-3", "192.168.0.13");
+    n3.p.plan();
+    assert.deepEqual([...n3.p.preparedFor()], ["node-2"]);
+    const off = planner("node-3", "192.168.0.13", false);
+    off.p.plan();
+    assert.deepEqual([...off.p.preparedFor()], []);
+    // One policy it stands by for that it does not carry (its gateway's status does not list
+    // node-3 yet) makes it say nothing of node-2.
+    n3.p.setPolicy({ ...n3.views[0]!, gatewayNodes: ["node-2"] });
+    n3.p.plan();
+    assert.deepEqual([...n3.p.preparedFor()], []);
+    const n1 = planner("node-1", "192.168.0.11");
+    n1.p.plan();
+    assert.deepEqual([...n1.p.preparedFor()], [], "no node lists node-1 as standby");
   });
 
   it("what a node of the gateway carries in advance does not depend on the standby lists; a node outside the gateway carries no SNAT rule", () => {

@@ -331,8 +331,15 @@ export interface RestoreDiff {
   readonly deletedChains: readonly string[];
 }
 
+const chainLines = new WeakMap<readonly Rule[], string[]>();
+/** A chain's rules as restore lines, once per chain object (the planner keeps unchanged ones). */
 function desiredChainLines(rules: readonly Rule[]): string[] {
-  return rules.map(ruleText);
+  let lines = chainLines.get(rules);
+  if (lines === undefined) {
+    lines = rules.map(ruleText);
+    chainLines.set(rules, lines);
+  }
+  return lines;
 }
 
 /**

@@ -19,7 +19,7 @@ import {
 } from "../../src/api/types.ts";
 import { clusterInfoStatus, egressNodeSpec } from "../../src/controller/inputs.ts";
 import { planSlices } from "../../src/controller/slices.ts";
-import { policyStatus } from "../../src/controller/status.ts";
+import { gatewayStatus, policyStatus } from "../../src/controller/status.ts";
 import { computeCluster } from "../../src/engine/cluster.ts";
 import { nodeViewFromOutcome } from "../../src/engine/node_view.ts";
 import type { Snapshot } from "../../src/engine/snapshot.ts";
@@ -142,6 +142,10 @@ function published(s: Snapshot) {
       status: policyStatus(o, undefined, { programmedOn: () => [] }, now),
     } as AnyPolicy;
   });
+  const gateways = s.gateways.map((g) => {
+    const o = outcome.gateways.get(g.metadata.name ?? "");
+    return o === undefined ? g : { ...g, status: gatewayStatus(o, undefined, 1, now) };
+  });
   const slices: EgressEndpointSlice[] = [];
   for (const o of outcome.policies.values()) {
     if (!o.accepted) continue;
@@ -175,7 +179,7 @@ function published(s: Snapshot) {
     spec: {},
     status: clusterInfoStatus(s.nodes, s.serviceCIDRs, outcome.ignoreCIDRs),
   };
-  return { outcome, policies, slices, egressNodes, clusterInfo };
+  return { outcome, policies, gateways, slices, egressNodes, clusterInfo };
 }
 
 const byKey = (views: readonly PolicyView[]) =>
@@ -185,14 +189,14 @@ describe("the controller's and the agents' notion of programmed", () => {
   it("every agent reads back exactly the views the controller computed, so their revisions agree", () => {
     fc.assert(
       fc.property(arbCluster, (s) => {
-        const { outcome, policies, slices, egressNodes, clusterInfo } = published(s);
+        const { outcome, policies, gateways, slices, egressNodes, clusterInfo } = published(s);
         for (const n of NODES) {
           const local = localFacts({ ipv4: n.addresses[4], ipv6: n.addresses[6] });
           const controllerView = nodeViewFromOutcome(outcome, n.name, { local });
           const { view: agentView } = buildAgentView({
             node: n.name,
             policies,
-            gateways: s.gateways,
+            gateways,
             egressNodes,
             slices,
             clusterInfo,

@@ -20,7 +20,7 @@ import { Controller } from "../../src/controller/controller.ts";
 import { DEFAULT_NODE_CONFIG } from "../../src/engine/view.ts";
 import { type FakeKernel, isWriteCommand } from "../../src/kernel/fake_kernel.ts";
 import { openDatapath } from "../../src/kernel/open.ts";
-import { CORE, type KubeClient, ours } from "../../src/kube/client.ts";
+import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
 import { realClock } from "../../src/lib/clock.ts";
 import { silentLogger } from "../../src/lib/log.ts";
 import { datapathMetrics, Registry } from "../../src/lib/metrics.ts";
@@ -204,14 +204,24 @@ describe("a steady cluster: controller and agents on a real kube-apiserver", () 
     assert.equal(d.egressgateways, undefined);
     assert.equal(d.clusteregresspolicies, undefined);
     assert.equal(d.egressclusterinfos, undefined);
-    const gateway = s?.gatewayNode;
+    // The pod's node, the holder, and the gateway's other nodes (they carry the policy in
+    // advance): the pod joins the policy's set there, and no rule is rewritten.
+    const edge = await admin.get<KubeObject & { status?: { nodes?: { name: string }[] } }>(
+      ours("EgressGateway"),
+      "edge",
+    );
+    const gatewayNodes = (edge?.status?.nodes ?? []).map((n) => n.name);
+    assert.ok(gatewayNodes.includes(s?.gatewayNode ?? ""), "the holder is a node of the gateway");
     for (const [node, { kernel }] of agents) {
       const writes = kernel.calls
         .slice(kernelBefore.get(node))
         .filter((c) => isWriteCommand(c.argv));
-      if (node === "node-1" || node === gateway)
+      if (node === "node-1" || gatewayNodes.includes(node))
         assert.ok(writes.length > 0, `${node} programs the new pod`);
       else assert.deepEqual(writes, [], `${node} carries nothing of it: no kernel write`);
+      if (node !== "node-1")
+        for (const w of writes)
+          assert.deepEqual(w.argv, ["ipset", "restore", "-exist"], `${node}: a set, no rule`);
     }
   });
 
