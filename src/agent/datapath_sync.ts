@@ -167,7 +167,13 @@ export class DatapathSync {
         );
       } else if (report.changes > 0) {
         this.#o.log.info(
-          { changes: report.changes, detail: report.detail, ms: Math.round(report.durationMs) },
+          {
+            changes: report.changes,
+            detail: report.detail,
+            ms: Math.round(report.durationMs),
+            planMs: Math.round(this.lastPlanMs),
+            waitMs: Math.round(this.lastWaitMs),
+          },
           "datapath updated",
         );
       }
