@@ -235,7 +235,21 @@ export async function failover(argv: readonly string[] = process.argv.slice(3)) 
       console.error(
         `node-${holder} back: standby of ${listed ?? "?"}/${total} policies after ${Date.now() - since} ms`,
       );
-      if (listed !== total) throw new Error(`trial ${i}: ${revived} is not every policy's standby`);
+      if (listed !== total) {
+        // What the controller decided, and the reports it decided on.
+        const web = await status(sb, "web");
+        const egressNodes = await sb
+          .admin()
+          .listAll<{ metadata: { name?: string }; status?: { downNodes?: string[] } }>(
+            ours("EgressNode"),
+          );
+        const down = egressNodes.items.map(
+          (n) => `${n.metadata.name}: [${n.status?.downNodes?.join(",") ?? ""}]`,
+        );
+        throw new Error(
+          `trial ${i}: ${revived} is not every policy's standby (web: ${JSON.stringify(web)}; downNodes ${down.join("; ")})`,
+        );
+      }
       // and the revived node has programmed what it carries again
       if (o.policies > 0) await settle(60_000);
       else await new Promise((r) => setTimeout(r, 1000));

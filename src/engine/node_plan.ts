@@ -430,13 +430,13 @@ export function carriesInAdvance(
   );
 }
 
+const EIPS_GROUP = "eips:";
+
 /**
  * The gateway group of a policy: the policies whose egress IPs are the same, which one node holds
  * and which move together. A policy that SNATs to an address that does not float (a node's own)
  * is a group of its own.
  */
-const EIPS_GROUP = "eips:";
-
 function groupOf(view: PolicyView): string {
   const snat = FAMILIES.flatMap((f) => view.snat[f] ?? []);
   if (view.floating.length > 0 && snat.every((a) => view.floating.includes(a)))
@@ -616,7 +616,7 @@ export class NodePlanner {
    * The gateway nodes whose policies the last plan carries in advance, every one that lists this
    * node as a standby (carriesInAdvance): when this node takes one of them over, the traffic
    * steered here before its own sync is dropped by its group chains, never sent on un-NATed, so
-   * the steering nodes need not wait for it (src/agent/liveness.ts, preparedBy).
+   * the steering nodes need not wait for it (src/agent/liveness.ts, takingOver).
    */
   preparedFor(): ReadonlySet<string> {
     if (this.#prepared !== undefined) return this.#prepared;
