@@ -24,16 +24,8 @@ export const CHAIN_TUNNEL_IN = "SALLYPORT-TUNNEL-IN";
  * node, not one rule per policy.
  */
 export function groupChain(group: string): string {
-  let name = groupChains.get(group);
-  if (name === undefined) {
-    // (A bound, not an eviction policy: groups are few, and a cleared cache only costs hashes.)
-    if (groupChains.size >= 4096) groupChains.clear();
-    name = `SALLYPORT-G-${hashName(group, 10)}`;
-    groupChains.set(group, name);
-  }
-  return name;
+  return `SALLYPORT-G-${hashName(group, 10)}`;
 }
-const groupChains = new Map<string, string>();
 
 /**
  * The chain of a policy's tunnel class: it writes the class into the connection mark, then goes

@@ -297,6 +297,8 @@ interface PolicyPart {
   readonly families: ReadonlyMap<Family, FamilyPart>;
   /** Its gateway group (groupOf); iptables only: its rules go to the group's chain. */
   readonly group: string;
+  /** That group's chain (names.ts groupChain), named once per part. */
+  readonly groupChain: string;
   /** This node may take its egress IPs over and carries its sets and SNAT rules in advance. */
   readonly standby: boolean;
   /** A peer that may take its egress IPs over, whose routing table this node keeps ready. */
@@ -347,10 +349,10 @@ function policyPart(
   const families = new Map<Family, FamilyPart>();
   const used = new Set<string>();
   // (What depends on the policy's key and addresses alone is taken from its last part.)
-  const group =
-    prev !== undefined && prev.view.snat === view.snat && prev.view.floating === view.floating
-      ? prev.group
-      : groupOf(view);
+  const same =
+    prev !== undefined && prev.view.snat === view.snat && prev.view.floating === view.floating;
+  const group = same ? prev.group : groupOf(view);
+  const chain = same ? prev.groupChain : groupChain(group);
   const standby = carriesInAdvance(view, node, config, group);
   const first = view.standbyNodes?.[0];
   const next =
@@ -392,6 +394,7 @@ function policyPart(
     view,
     families,
     group,
+    groupChain: chain,
     standby,
     next,
     peers: used,
@@ -975,7 +978,7 @@ export class NodePlanner {
     const tables = this.#choice.tables;
     const groups = this.#groupTargets(family);
     const groupChainOf = (part: PolicyPart): string => {
-      const name = groupChain(part.group);
+      const name = part.groupChain;
       const chain = fb.chain("mangle", name);
       if (chain.length === 0) chain.push(...groupRules(groups.get(part.group), tunnel));
       return name;

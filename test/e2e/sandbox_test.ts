@@ -335,7 +335,11 @@ for (const datapath of ["iptables", "nftables"] as const)
               await mustRun(node, ["nft", "list", "ruleset"]),
             ].join("\n"),
           (text) =>
-            !text.includes(policySetName("src", 4, "EgressPolicy/default/web")) &&
+            // (every set of both: the gateway's other node carries them too, and a sync destroys
+            // a set after the rules that name it)
+            ["EgressPolicy/default/web", "EgressPolicy/default/everything"].every((key) =>
+              FAMILIES.every((f) => !text.includes(policySetName("src", f, key))),
+            ) &&
             // (an egress-IP device in `ip -o link`; the fence's rules name `spe-*` on purpose)
             !/\d+: spe-/.test(text) &&
             !text.includes("EgressPolicy/default/") &&
