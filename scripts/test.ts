@@ -61,12 +61,20 @@ function run(args: string[], stdio: "inherit" | "ignore"): Promise<number> {
 const before = leftovers();
 const reportDir = mkdtempSync(join(tmpdir(), "sallyport-test-report-"));
 const slowReport = join(reportDir, "slow.txt");
+const mainReport = join(reportDir, "main.txt");
 const waiting =
   slow.length === 0
     ? Promise.resolve(0)
     : run(["--test-reporter=spec", `--test-reporter-destination=${slowReport}`, ...slow], "ignore");
 const status = await run(
-  ["--test-reporter=spec", `--test-concurrency=${process.env.TEST_CONCURRENCY ?? "1"}`, ...files],
+  [
+    "--test-reporter=spec",
+    "--test-reporter-destination=stdout",
+    "--test-reporter=spec",
+    `--test-reporter-destination=${mainReport}`,
+    `--test-concurrency=${process.env.TEST_CONCURRENCY ?? "1"}`,
+    ...files,
+  ],
   "inherit",
 );
 const slowStatus = await waiting;
@@ -75,11 +83,14 @@ if (slow.length > 0) {
   console.log(`\n--- tests that ran beside the others: ${slow.join(", ")}`);
   console.log(readFileSync(slowReport, "utf8"));
 }
+// The failures again, last: CI shows the end of the output, and the slow file's report and the
+// leak check would otherwise push them out of it.
+const failures = readFileSync(mainReport, "utf8").split(/^.*failing tests:$/m)[1];
 rmSync(reportDir, { recursive: true, force: true });
 const after = leftovers().filter((l) => !before.includes(l));
-if (after.length > 0) {
+if (after.length > 0)
   console.error(`\nLeak check failed: the suite left these behind:\n  ${after.join("\n  ")}`);
-  process.exit(1);
-}
-console.log("leak check: no namespace, process or directory left behind");
-process.exit(status !== 0 ? status : slowStatus);
+else console.log("leak check: no namespace, process or directory left behind");
+if (status !== 0 && failures !== undefined)
+  console.log(`\n--- failing tests, again (their output is above):${failures}`);
+process.exit(after.length > 0 ? 1 : status !== 0 ? status : slowStatus);

@@ -373,7 +373,7 @@ export class Agent {
     const holding = this.#liveness.lastSaidHolding();
     if (restart) await this.#liveness.handOver(options.restartHoldMs!);
     else this.#liveness.stop();
-    this.#o.neighbourFence?.close();
+    await this.#o.neighbourFence?.close();
     if (restart) {
       const asked = this.#o.clock.now();
       const held = await this.#renewer.handOver(options.restartHoldMs!);

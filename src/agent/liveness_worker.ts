@@ -29,7 +29,7 @@ import {
   workerData,
 } from "node:worker_threads";
 import type { HeldEgressIP } from "../kernel/datapath.ts";
-import { NeighbourFence, nftSession } from "../kernel/neighbour_fence.ts";
+import { NeighbourFence } from "../kernel/neighbour_fence.ts";
 import { ExecRunner } from "../kernel/runner.ts";
 import type { Clock, Timer } from "../lib/clock.ts";
 import { realClock } from "../lib/clock.ts";
@@ -236,8 +236,8 @@ export class WorkerLiveness implements LivenessHandle {
   }
 
   /**
-   * The worker closes its sockets and its nft session (which applies what it was sent, the
-   * hand-over's long fence included), then says so; terminate() would cut the session off.
+   * The worker closes its sockets and waits for the kernel fence to take what it was last told
+   * (the hand-over's long fence included), then says so; terminate() would cut that off.
    */
   #end(holdMs: number): Promise<void> {
     this.#timer?.cancel();
@@ -378,19 +378,7 @@ function serve(config: WorkerConfig): void {
     held: [],
   };
   let members = new Map<string, Member>();
-  const fence = config.fence
-    ? new NeighbourFence({
-        runner: new ExecRunner(),
-        session: nftSession([], (text) => {
-          log.warn(
-            { err: text.trim().slice(0, 300) },
-            "neighbour fence: nft complained; reinstalling",
-          );
-          fence?.repair();
-        }),
-        log,
-      })
-    : undefined;
+  const fence = config.fence ? new NeighbourFence({ runner: new ExecRunner(), log }) : undefined;
   const states = config.states;
   let startedWall = Number.POSITIVE_INFINITY;
   let claimsPosted = -1;
@@ -465,9 +453,10 @@ function serve(config: WorkerConfig): void {
       case "handOver":
         if (m.holdMs > 0) liveness.handOver(m.holdMs);
         else liveness.stop();
-        fence?.close();
-        // After the sockets closed (their last probe out) and nft read its last lines.
-        setTimeout(() => port.postMessage({ type: "stopped" } satisfies FromWorker), 150);
+        // After the sockets closed (their last probe out) and the kernel took the last renewal.
+        void Promise.all([fence?.close(), new Promise((r) => setTimeout(r, 150))]).then(() =>
+          port.postMessage({ type: "stopped" } satisfies FromWorker),
+        );
         break;
     }
   });

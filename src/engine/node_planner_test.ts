@@ -69,6 +69,9 @@ const arbPolicy: fc.Arbitrary<PolicyView> = fc
     v6: fc.boolean(),
     floats: fc.boolean(),
     endpoints: fc.array(arbEndpoint, { maxLength: 6 }),
+    standbyNodes: fc.option(fc.subarray(NODES), { nil: undefined }),
+    gatewayNodes: fc.option(fc.subarray(NODES), { nil: undefined }),
+    tunnelClass: fc.option(fc.integer({ min: 1, max: 3 }), { nil: undefined }),
   })
   .map((r) => {
     const n = Array.from({ length: r.count }, (_, i) => r.eip + i);
@@ -89,6 +92,9 @@ const arbPolicy: fc.Arbitrary<PolicyView> = fc
       floating: r.floats ? Object.values(snat).flat().sort() : [],
       announceInterface: undefined,
       endpoints: [...unique.values()].sort((a, b) => (a.pod < b.pod ? -1 : 1)),
+      standbyNodes: r.standbyNodes?.filter((n) => n !== r.gatewayNode),
+      gatewayNodes: r.gatewayNodes,
+      tunnelClass: r.tunnelClass,
     };
   });
 
@@ -99,7 +105,8 @@ type Op =
   | { readonly op: "dropPeer"; readonly name: string }
   | { readonly op: "local"; readonly used: number[]; readonly device: string }
   | { readonly op: "ignore"; readonly cidrs: string[] }
-  | { readonly op: "hold"; readonly hold: boolean };
+  | { readonly op: "hold"; readonly hold: boolean }
+  | { readonly op: "withhold"; readonly addresses: string[] };
 
 const arbOp: fc.Arbitrary<Op> = fc.oneof(
   { weight: 6, arbitrary: arbPolicy.map((view) => ({ op: "policy" as const, view })) },
@@ -139,6 +146,12 @@ const arbOp: fc.Arbitrary<Op> = fc.oneof(
       .map((cidrs) => ({ op: "ignore" as const, cidrs })),
   },
   { weight: 1, arbitrary: fc.boolean().map((hold) => ({ op: "hold" as const, hold })) },
+  {
+    weight: 1,
+    arbitrary: fc
+      .subarray(["10.168.60.100", "10.168.60.101", "fd00:a::101"])
+      .map((addresses) => ({ op: "withhold" as const, addresses })),
+  },
 );
 
 const CONFIG: NodeConfig = {
@@ -153,6 +166,7 @@ class World {
   local: LocalFacts = localFacts({ ipv4: "192.168.0.11", ipv6: "fd00:192:168::11" });
   ignore: string[] = [];
   hold = true;
+  withheld = new Set<string>();
 
   apply(op: Op, planner: NodePlanner): void {
     switch (op.op) {
@@ -191,6 +205,10 @@ class World {
         this.hold = op.hold;
         planner.setHoldEgressIPs(op.hold);
         return;
+      case "withhold":
+        this.withheld = new Set(op.addresses);
+        planner.setWithheldEgressIPs(this.withheld);
+        return;
     }
   }
 
@@ -207,6 +225,7 @@ class World {
     for (const p of this.policies.values()) planner.setPolicy(p);
     planner.setIgnoreCIDRs(this.ignore);
     planner.setHoldEgressIPs(this.hold);
+    planner.setWithheldEgressIPs(this.withheld);
     return planner.plan();
   }
 }

@@ -17,10 +17,17 @@
  *             for one that is no longer held is dropped on whatever interface it arrives (the
  *             uplink answers ARP for any local address otherwise).
  *
- * The agent renews the elements for as long as its support lasts every interval, through one
- * `nft -i` process kept open (a line per transaction): spawning `nft` 20 times a second would
- * cost a core's tenth per node. The tables are separate from the datapath's so that its full
- * syncs never touch them; `sallyport cleanup` removes them.
+ * The agent renews the elements for as long as its support lasts. A renewal is one `nft -f -`
+ * transaction, spawned when it is due: when what the kernel holds has less than half of the
+ * asked time left, when it should end sooner, or when the held egress IPs changed (at most one
+ * in flight; what is asked meanwhile replaces what waits, and its time to live is counted when it
+ * is spawned). An earlier design kept one `nft -i` open and wrote it a line per renewal, ~40 a
+ * second: nft 1.0.6 spends ~10 ms of CPU on each line it reads interactively (a spawned `nft -f`
+ * of one line costs ~4 ms in all), so on a busy node its lines queued up and every renewal took
+ * effect later than decided: a frozen holder kept answering ARP for ~300 ms after its support
+ * ended, while the node that took over already answered (seen by test/e2e/revive_test.ts). The
+ * tables are separate from the datapath's so that its full syncs never touch them; `sallyport
+ * cleanup` removes them.
  *
  * Renewing an element that exists needs care: `add element` of one that is there changes
  * nothing, its timeout included, so an element renewed that way lapses at its first deadline and
@@ -31,7 +38,6 @@
  * timeout in one transaction, so that no packet ever sees it missing. Which one is found out
  * when the fence is installed.
  */
-import { type ChildProcess, spawn } from "node:child_process";
 import type { Logger } from "../lib/log.ts";
 import type { HeldEgressIP } from "./datapath.ts";
 import { mustRun, type Runner } from "./runner.ts";
@@ -60,38 +66,6 @@ add chain inet ${FENCE_TABLE} output { type filter hook output priority -150; po
 flush chain inet ${FENCE_TABLE} output
 add rule inet ${FENCE_TABLE} output oifname "spe-*" oifname != @heldif icmpv6 type { mld-listener-report, mld-listener-done, mld2-listener-report } counter drop
 `;
-
-/** A long-lived `nft -i`: one command per line. */
-export interface NftSession {
-  write(line: string): void;
-  close(): void;
-}
-
-/** The `nft -i` of this host, argv as an array, never a shell; `onError` gets its complaints. */
-export function nftSession(prefix: readonly string[], onError: (text: string) => void): NftSession {
-  let child: ChildProcess | undefined;
-  const open = () => {
-    const argv = [...prefix, "nft", "-i"];
-    const c = spawn(argv[0]!, argv.slice(1), { stdio: ["pipe", "ignore", "pipe"] });
-    c.stderr?.on("data", (b: Buffer) => onError(b.toString("utf8")));
-    c.on("error", (e) => onError(e.message));
-    c.on("close", () => {
-      if (child === c) child = undefined;
-    });
-    c.stdin?.on("error", () => {});
-    child = c;
-    return c;
-  };
-  return {
-    write(line) {
-      (child ?? open()).stdin?.write(`${line}\n`);
-    },
-    close() {
-      child?.stdin?.end();
-      child = undefined;
-    },
-  };
-}
 
 /** An interface name no device of ours has (`spe-` and 15 characters at most). */
 const PROBE_ELEMENT = '"spe-fenceprobe"';
@@ -123,29 +97,37 @@ export async function updatesExpiry(runner: Runner): Promise<boolean> {
   }
 }
 
+/** What the kernel is to be told next. */
+type Renewal =
+  | { readonly kind: "hold"; readonly held: readonly HeldEgressIP[]; readonly deadline: number }
+  | { readonly kind: "release" };
+
 export class NeighbourFence {
   readonly #runner: Runner;
-  readonly #session: NftSession;
   readonly #log: Logger;
   #installed = false;
   #installing: Promise<void> | undefined;
-  /** When what the last hold() renewed lapses (Date.now()); undefined once released. */
+  /** When what the last hold() asked for lapses (Date.now()); undefined once released. */
   #deadline: number | undefined;
+  /** When what the kernel was last told (or is being told) lapses, and for which egress IPs. */
+  #told: { readonly deadline: number; readonly key: string } | undefined;
+  #pending: Renewal | undefined;
+  #running: Promise<void> | undefined;
   #lapseLoggedAt = Number.NEGATIVE_INFINITY;
   /** Renewals that came after the deadline while holding (said in the log). */
   #lapses = 0;
   /** How elements are renewed (see above); found out at install unless given. */
   #updatesExpiry: boolean | undefined;
+  /** Transactions spawned (renewals and releases), for tests and the curious. */
+  transactions = 0;
 
   constructor(options: {
     runner: Runner;
-    session: NftSession;
     log: Logger;
     /** Skip finding out whether the kernel updates an element's expiry (tests of both ways). */
     updatesExpiry?: boolean;
   }) {
     this.#runner = options.runner;
-    this.#session = options.session;
     this.#log = options.log;
     this.#updatesExpiry = options.updatesExpiry;
   }
@@ -176,12 +158,6 @@ export class NeighbourFence {
     return this.#installing;
   }
 
-  /** The session reported an error (a table deleted behind our back): install again. */
-  repair(): void {
-    this.#installed = false;
-    void this.install();
-  }
-
   /** Speak for these egress IPs (and through their devices) for `timeoutMs` more. */
   hold(held: readonly HeldEgressIP[], timeoutMs: number): void {
     if (!this.#installed || held.length === 0) {
@@ -203,38 +179,89 @@ export class NeighbourFence {
         );
       }
     }
-    this.#deadline = now + ms;
-    const devices = [...new Set(held.map((h) => `"${h.device}"`))];
-    this.#renew(`arp ${FENCE_TABLE} heldif`, devices, ms);
-    this.#renew(`inet ${FENCE_TABLE} heldif`, devices, ms);
-    const v4 = held.filter((h) => !h.address.includes(":")).map((h) => h.address);
-    if (v4.length > 0) {
-      this.#renew(`arp ${FENCE_TABLE} held4`, v4, ms);
-      this.#session.write(`add element arp ${FENCE_TABLE} eips4 { ${v4.join(", ")} }`);
-    }
-  }
-
-  /** One transaction that leaves `elements` in `set` with `ms` to live (see above). */
-  #renew(set: string, elements: readonly string[], ms: number): void {
-    const timed = (extra: string) => elements.map((e) => `${e} timeout ${ms}ms${extra}`).join(", ");
-    const plain = elements.join(", ");
-    this.#session.write(
-      this.#updatesExpiry === true
-        ? `add element ${set} { ${timed(` expires ${ms}ms`)} }`
-        : `add element ${set} { ${plain} }; delete element ${set} { ${plain} }; add element ${set} { ${timed("")} }`,
-    );
+    const deadline = now + ms;
+    this.#deadline = deadline;
+    const key = held.map((h) => `${h.device} ${h.address}`).join(",");
+    const told = this.#told;
+    // Due: other egress IPs, an earlier end, or less than half of the time asked for left.
+    if (
+      told !== undefined &&
+      told.key === key &&
+      told.deadline <= deadline &&
+      told.deadline - now >= ms / 2
+    )
+      return;
+    this.#told = { deadline, key };
+    this.#pending = { kind: "hold", held, deadline };
+    this.#next();
   }
 
   /** Stop answering for every egress IP now. */
   release(): void {
     this.#deadline = undefined;
-    this.#session.write(`flush set arp ${FENCE_TABLE} heldif`);
-    this.#session.write(`flush set arp ${FENCE_TABLE} held4`);
-    this.#session.write(`flush set inet ${FENCE_TABLE} heldif`);
+    this.#told = undefined;
+    this.#pending = { kind: "release" };
+    this.#next();
   }
 
-  close(): void {
-    this.#session.close();
+  /** Resolves once the kernel has been told everything asked so far (a hand-over's long fence). */
+  async close(): Promise<void> {
+    while (this.#running !== undefined) await this.#running;
+  }
+
+  /** One transaction at a time; the newest request replaces the one waiting. */
+  #next(): void {
+    if (this.#running !== undefined || this.#pending === undefined) return;
+    const renewal = this.#pending;
+    this.#pending = undefined;
+    this.#running = this.#apply(renewal).finally(() => {
+      this.#running = undefined;
+      this.#next();
+    });
+  }
+
+  async #apply(renewal: Renewal): Promise<void> {
+    let payload: string;
+    if (renewal.kind === "release")
+      payload = `flush set arp ${FENCE_TABLE} heldif\nflush set arp ${FENCE_TABLE} held4\nflush set inet ${FENCE_TABLE} heldif\n`;
+    else {
+      // Counted now, not when asked: a renewal that waited must not reach past its deadline.
+      const ms = Math.round(renewal.deadline - Date.now());
+      if (ms < 1) return;
+      const devices = [...new Set(renewal.held.map((h) => `"${h.device}"`))];
+      const v4 = renewal.held.filter((h) => !h.address.includes(":")).map((h) => h.address);
+      payload = [
+        this.#renew(`arp ${FENCE_TABLE} heldif`, devices, ms),
+        this.#renew(`inet ${FENCE_TABLE} heldif`, devices, ms),
+        ...(v4.length === 0
+          ? []
+          : [
+              this.#renew(`arp ${FENCE_TABLE} held4`, v4, ms),
+              `add element arp ${FENCE_TABLE} eips4 { ${v4.join(", ")} }\n`,
+            ]),
+      ].join("");
+    }
+    this.transactions++;
+    const r = await this.#runner.run(["nft", "-f", "-"], { stdin: payload });
+    if (r.code !== 0) {
+      // A table deleted behind our back: install again; the next renewal fills it.
+      this.#log.warn(
+        { err: r.stderr.trim().slice(0, 300) },
+        "neighbour fence: nft refused a renewal; reinstalling",
+      );
+      this.#told = undefined;
+      this.#installed = false;
+      await this.install();
+    }
+  }
+
+  /** The commands that leave `elements` in `set` with `ms` to live (see above). */
+  #renew(set: string, elements: readonly string[], ms: number): string {
+    const timed = (extra: string) => elements.map((e) => `${e} timeout ${ms}ms${extra}`).join(", ");
+    const plain = elements.join(", ");
+    return this.#updatesExpiry === true
+      ? `add element ${set} { ${timed(` expires ${ms}ms`)} }\n`
+      : `add element ${set} { ${plain} }\ndelete element ${set} { ${plain} }\nadd element ${set} { ${timed("")} }\n`;
   }
 }
 

@@ -96,6 +96,34 @@ spec:
         `node-${i}`;
     return macs;
   };
+  /**
+   * What was seen and what the agents of `nodes` said about liveness and their datapaths from
+   * 1 s before `since`, in ms relative to it: the cause of a failure, printed with it.
+   */
+  const timeline = (since: number, nodes: number[], watch?: AnswerWatch) => {
+    const lines: [number, string][] = (watch?.sightings ?? [])
+      .filter((x) => x.t > since - 1000)
+      .map((x) => [x.t, `${x.via} ${x.who}`]);
+    for (const i of nodes)
+      for (const l of sb.log(`agent-${i}`).split("\n")) {
+        const j = (() => {
+          try {
+            return JSON.parse(l) as { time?: number; msg?: string };
+          } catch {
+            return {};
+          }
+        })();
+        if (
+          (j.time ?? 0) > since - 1000 &&
+          /fence|holding|releas|judged|datapath updated|over/.test(j.msg ?? "")
+        )
+          lines.push([j.time!, `node-${i}: ${l}`]);
+      }
+    return lines
+      .sort((a, b) => a[0] - b[0])
+      .map(([t, text]) => `${t - since} ${text}`)
+      .join("\n");
+  };
   const link = (i: number, state: "up" | "down") =>
     mustRun(nsRunner(`${sb.prefix}-br`), ["ip", "link", "set", `vn${i}`, state]);
   let frozen: number | undefined;
@@ -269,7 +297,7 @@ spec:
         assert.deepEqual(
           watch.after(firstOther, `node-${holder}`),
           [],
-          `node-${holder} answered after node-${other} had started`,
+          `node-${holder} answered after node-${other} had started:\n${timeline(cutAt, [holder, other], watch)}`,
         );
       } finally {
         if (frozen !== undefined) process.kill(frozen, "SIGCONT");
