@@ -107,9 +107,10 @@ export class NeighbourFence {
   readonly #log: Logger;
   #installed = false;
   #installing: Promise<void> | undefined;
-  /** When what the last hold() asked for lapses (Date.now()); undefined once released. */
-  #deadline: number | undefined;
-  /** When what the kernel was last told (or is being told) lapses, and for which egress IPs. */
+  /**
+   * When what the kernel was last told (or is being told) lapses (Date.now()), and for which
+   * egress IPs; undefined once released or when nothing is held.
+   */
   #told: { readonly deadline: number; readonly key: string } | undefined;
   #pending: Renewal | undefined;
   #running: Promise<void> | undefined;
@@ -162,27 +163,26 @@ export class NeighbourFence {
   hold(held: readonly HeldEgressIP[], timeoutMs: number): void {
     if (!this.#installed || held.length === 0) {
       // Nothing held: nothing can lapse until something is.
-      this.#deadline = undefined;
+      this.#told = undefined;
       return;
     }
     const ms = Math.max(1, Math.round(timeoutMs));
     // Renewed after the last deadline while holding all along: the kernel stopped answering
     // meanwhile (this thread or its supporters' probes came late). Said, counted, not hidden.
     const now = Date.now();
-    if (this.#deadline !== undefined && now > this.#deadline) {
+    const told = this.#told;
+    if (told !== undefined && now > told.deadline) {
       this.#lapses++;
       if (now - this.#lapseLoggedAt > 10_000) {
         this.#lapseLoggedAt = now;
         this.#log.warn(
-          { lapsedMs: now - this.#deadline, lapses: this.#lapses },
+          { lapsedMs: now - told.deadline, lapses: this.#lapses },
           "neighbour fence lapsed while holding: renewed after its deadline",
         );
       }
     }
     const deadline = now + ms;
-    this.#deadline = deadline;
     const key = held.map((h) => `${h.device} ${h.address}`).join(",");
-    const told = this.#told;
     // Due: other egress IPs, an earlier end, or less than half of the time asked for left.
     if (
       told !== undefined &&
@@ -198,7 +198,6 @@ export class NeighbourFence {
 
   /** Stop answering for every egress IP now. */
   release(): void {
-    this.#deadline = undefined;
     this.#told = undefined;
     this.#pending = { kind: "release" };
     this.#next();
