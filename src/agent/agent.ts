@@ -455,8 +455,12 @@ export class Agent {
     this.#planner.setHoldEgressIPs(this.#liveness.holding());
     const plan = this.#withhold();
     this.#plannedPrepared = this.#planner.preparedFor();
-    // The same plan as before: the kernel holds it already (no sync follows to announce it).
-    if (plan === this.#lastPlan) this.#liveness.announce(this.#plannedDown, this.#plannedPrepared);
+    // The same plan as before: the kernel holds it already (no sync follows to announce it, nor
+    // to report a changed verdict, which the controller places by: report it now).
+    if (plan === this.#lastPlan) {
+      this.#liveness.announce(this.#plannedDown, this.#plannedPrepared);
+      if (livenessChanged) this.#requestReport();
+    }
     this.#lastPlan = plan;
     return plan;
   }

@@ -19,7 +19,7 @@ import type {
   EgressNode,
 } from "../api/types.ts";
 import { policyKey } from "../api/types.ts";
-import { sameStrings } from "../engine/equality.ts";
+import { sameItems } from "../engine/equality.ts";
 import { type PodInfo, type PolicySelection, podKey, selectsPod } from "../engine/snapshot.ts";
 import { isTunnelClass } from "../engine/tunnel_classes.ts";
 import type {
@@ -271,7 +271,7 @@ export class AgentState {
       before !== undefined &&
       before.spec.interface === gw.spec.interface &&
       (before.spec.pool ?? []).length > 0 === (gw.spec.pool ?? []).length > 0 &&
-      sameStrings(gatewayNodesOf(before), gatewayNodesOf(gw))
+      sameItems(gatewayNodesOf(before), gatewayNodesOf(gw))
     )
       return;
     for (const key of this.#byGateway.get(name) ?? []) this.#refreshHeader(key);
@@ -536,8 +536,8 @@ export class AgentState {
         gatewayNodes: header.gatewayNodes,
       });
       if (
-        !sameStrings(before.standbyNodes, header.standbyNodes) ||
-        !sameStrings(before.gatewayNodes, header.gatewayNodes)
+        !sameItems(before.standbyNodes, header.standbyNodes) ||
+        !sameItems(before.gatewayNodes, header.gatewayNodes)
       )
         this.#refreshView(key);
       return;
@@ -627,8 +627,8 @@ export class AgentState {
       // nodes carry the policy in advance, steering nodes keep a route toward the first standby
       // ready), the revision does not, so the report has nothing new to say.
       if (
-        !sameStrings(before.standbyNodes ?? [], view.standbyNodes ?? []) ||
-        !sameStrings(before.gatewayNodes ?? [], view.gatewayNodes ?? [])
+        !sameItems(before.standbyNodes ?? [], view.standbyNodes ?? []) ||
+        !sameItems(before.gatewayNodes ?? [], view.gatewayNodes ?? [])
       ) {
         this.#views.set(key, view);
         this.#dirty.add(key);

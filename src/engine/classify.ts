@@ -34,6 +34,7 @@ import {
 } from "../lib/ip.ts";
 import { getOrInsert } from "../lib/maps.ts";
 import { RangeSet } from "../lib/rangeset.ts";
+import { sameItems } from "./equality.ts";
 import { compareHostCidrs } from "./hosts.ts";
 
 /** An inclusive (protocol, port) box: protocol 0–255, port 0–65535. */
@@ -439,7 +440,7 @@ export class ClassTable {
         family: this.#family,
         policies,
         sources:
-          before !== undefined && sameStrings(before.sources, sources) ? before.sources : sources,
+          before !== undefined && sameItems(before.sources, sources) ? before.sources : sources,
         entries:
           before !== undefined && sameEntries(before.entries, entries) ? before.entries : entries,
       };
@@ -485,15 +486,11 @@ function mergeSorted(a: readonly string[], b: readonly string[]): string[] {
   return out;
 }
 
-function sameStrings(a: readonly string[], b: readonly string[]): boolean {
-  return a.length === b.length && a.every((x, i) => x === b[i]);
-}
-
 function sameVerdict(a: ClassVerdict, b: ClassVerdict): boolean {
   if (a.kind !== b.kind) return false;
   if (a.kind === "steer")
     return a.nodeID === (b as typeof a).nodeID && a.tunnelClass === (b as typeof a).tunnelClass;
-  if (a.kind === "snat") return sameStrings(snatAddresses(a), snatAddresses(b as typeof a));
+  if (a.kind === "snat") return sameItems(snatAddresses(a), snatAddresses(b as typeof a));
   return true;
 }
 

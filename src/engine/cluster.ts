@@ -35,10 +35,10 @@ import { type Labels, sameLabels } from "../lib/selector.ts";
 import { AddressAllocator, type AddressRequest } from "./allocation.ts";
 import {
   sameGateway,
+  sameItems,
   sameNodeInfo,
   samePolicy,
   sameReport,
-  sameStrings,
   sameValue,
 } from "./equality.ts";
 import { FrozenMap } from "./frozen_map.ts";
@@ -272,8 +272,7 @@ export class ClusterEngine {
       this.#dirtyNodeAddresses.add(node.name);
       this.#dirtyCIDRs = true;
     }
-    if (before !== undefined && !sameStrings(before.podCIDRs, node.podCIDRs))
-      this.#dirtyCIDRs = true;
+    if (before !== undefined && !sameItems(before.podCIDRs, node.podCIDRs)) this.#dirtyCIDRs = true;
     this.#dirtyNodes.add(node.name);
     return true;
   }
@@ -328,7 +327,7 @@ export class ClusterEngine {
     readonly extraCIDRs: readonly string[];
   }): boolean {
     const { serviceCIDRs, extraCIDRs } = cidrs;
-    if (sameStrings(serviceCIDRs, this.#serviceCIDRs) && sameStrings(extraCIDRs, this.#extraCIDRs))
+    if (sameItems(serviceCIDRs, this.#serviceCIDRs) && sameItems(extraCIDRs, this.#extraCIDRs))
       return false;
     this.#serviceCIDRs = serviceCIDRs;
     this.#extraCIDRs = extraCIDRs;
@@ -578,7 +577,7 @@ export class ClusterEngine {
         this.#config,
         this.#families,
       );
-      if (!sameStrings(cidrs, this.#ignoreCIDRs)) this.#ignoreCIDRs = cidrs;
+      if (!sameItems(cidrs, this.#ignoreCIDRs)) this.#ignoreCIDRs = cidrs;
       this.#dirtyCIDRs = false;
     }
   }
@@ -679,7 +678,7 @@ export class ClusterEngine {
       if (this.#dirtyOutcomes.has(key)) continue;
       const before = this.#policyMap.get(key);
       const standby = this.#placement.standbyOf(key);
-      if (before === undefined || !before.accepted || sameStrings(before.standbyNodes, standby))
+      if (before === undefined || !before.accepted || sameItems(before.standbyNodes, standby))
         continue;
       changes.set(key, withStandby(before, standby));
     }

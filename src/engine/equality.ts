@@ -26,7 +26,9 @@ export function sameValue(a: unknown, b: unknown): boolean {
   return true;
 }
 
-export function sameStrings(a: readonly string[], b: readonly string[]): boolean {
+/** Whether two arrays hold the same items in the same order (each compared with ===). */
+export function sameItems<T>(a: readonly T[], b: readonly T[]): boolean {
+  if (a === b) return true;
   if (a.length !== b.length) return false;
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
   return true;
@@ -79,7 +81,7 @@ export function sameNodeInfo(a: NodeInfo, b: NodeInfo): boolean {
     a.name === b.name &&
     a.addresses[4] === b.addresses[4] &&
     a.addresses[6] === b.addresses[6] &&
-    sameStrings(a.podCIDRs, b.podCIDRs) &&
+    sameItems(a.podCIDRs, b.podCIDRs) &&
     sameLabels(a.labels, b.labels)
   );
 }
@@ -91,7 +93,7 @@ export function samePodInfo(a: PodInfo, b: PodInfo): boolean {
     a.nodeName === b.nodeName &&
     finished(a) === finished(b) &&
     a.hostNetwork === b.hostNetwork &&
-    sameStrings(a.ips, b.ips) &&
+    sameItems(a.ips, b.ips) &&
     sameLabels(a.labels, b.labels)
   );
 }
@@ -109,7 +111,7 @@ export function sameReport(a: NodeReport | undefined, b: NodeReport | undefined)
   if (a.interfaces.size !== b.interfaces.size) return false;
   for (const [name, list] of a.interfaces) {
     const other = b.interfaces.get(name);
-    if (other === undefined || !sameStrings(list, other)) return false;
+    if (other === undefined || !sameItems(list, other)) return false;
   }
   return true;
 }

@@ -43,6 +43,7 @@ import {
   snatAddresses,
   type TrafficClass,
 } from "./classify.ts";
+import { sameItems } from "./equality.ts";
 import { type Host, hostsOfFamily, sortedHosts } from "./hosts.ts";
 import {
   KEEP_MARK,
@@ -318,21 +319,14 @@ function peerSig(p: PeerView | undefined): string {
   return `${p.name}|${p.nodeID}|${p.mac}|${p.tunnel[4] ?? ""}|${p.tunnel[6] ?? ""}|${p.underlay ?? ""}|${p.tunnelClasses === true}`;
 }
 
-function sameMembers(a: readonly string[], b: readonly string[]): boolean {
-  if (a === b) return true;
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
-}
-
 /** `next`, or `prev` when it has the same content: unchanged sets keep their identity. */
 function keepSet(prev: IpSetPlan | undefined, next: IpSetPlan): IpSetPlan {
   if (
     prev !== undefined &&
     prev.name === next.name &&
     prev.family === next.family &&
-    sameMembers(prev.members, next.members) &&
-    sameMembers(prev.nomatch, next.nomatch)
+    sameItems(prev.members, next.members) &&
+    sameItems(prev.nomatch, next.nomatch)
   )
     return prev;
   return next;
@@ -546,7 +540,7 @@ export class NodePlanner {
       const b = peers.get(name);
       if (a === b) continue;
       // Pod CIDRs feed the reply table of a gateway with tunnel classes.
-      if (!sameMembers(a?.podCIDRs ?? [], b?.podCIDRs ?? [])) this.#routesDirty = true;
+      if (!sameItems(a?.podCIDRs ?? [], b?.podCIDRs ?? [])) this.#routesDirty = true;
       if (peerSig(a) === peerSig(b)) continue;
       this.#routesDirty = true;
       if (name === this.#node) this.#staticDirty = true;
@@ -562,7 +556,7 @@ export class NodePlanner {
     }
     for (const family of FAMILIES) {
       const now = underlays[family].sort();
-      if (sameMembers(now, this.#peerUnderlays[family])) continue;
+      if (sameItems(now, this.#peerUnderlays[family])) continue;
       this.#peerUnderlays = { ...this.#peerUnderlays, [family]: now };
       this.#peerSets.delete(peersSetName(family));
       this.#tunnelPeers = undefined;
@@ -591,7 +585,7 @@ export class NodePlanner {
 
   /** The cluster's own CIDRs (both families, canonical). */
   setIgnoreCIDRs(cidrs: readonly string[]): void {
-    if (sameMembers(cidrs, this.#ignore)) return;
+    if (sameItems(cidrs, this.#ignore)) return;
     this.#ignore = cidrs;
     this.#ignoreSets.clear();
     this.#setsDirty = true;
@@ -694,7 +688,7 @@ export class NodePlanner {
         .filter((v) => (this.#parts.get(v.key)?.families.size ?? 0) > 0)
         .sort(comparePrecedence)
         .map((v) => v.key);
-      if (!sameMembers(order, this.#order)) this.#rulesDirty = true;
+      if (!sameItems(order, this.#order)) this.#rulesDirty = true;
       this.#order = order;
       this.#orderDirty = false;
     }
@@ -783,22 +777,20 @@ export class NodePlanner {
     this.#setNamesDirty = false;
     if (
       prev !== undefined &&
-      sameMembersRef(prev.ipsets, this.#setList) &&
+      sameItems(prev.ipsets, this.#setList) &&
       prev.rules === this.#rules &&
       prev.ipRules === this.#routing!.ipRules &&
       prev.tunnel === this.#tunnel &&
       prev.eips === this.#eips &&
       prev.tables === this.#choice.tables &&
       prev.nft === this.#nft &&
-      sameMembers(prev.errors, errors)
+      sameItems(prev.errors, errors)
     )
       return prev;
     this.#plan = {
       node: this.#node,
       ipsets:
-        prev !== undefined && sameMembersRef(prev.ipsets, this.#setList)
-          ? prev.ipsets
-          : this.#setList,
+        prev !== undefined && sameItems(prev.ipsets, this.#setList) ? prev.ipsets : this.#setList,
       rules: this.#rules!,
       ...this.#routing!,
       tunnel: this.#tunnel,
@@ -1356,7 +1348,7 @@ export class NodePlanner {
       const snatNow = [...addresses].sort();
       const snatBefore = this.#nft?.snat[family];
       snat[family] =
-        snatBefore !== undefined && sameMembers(snatBefore, snatNow) ? snatBefore : snatNow;
+        snatBefore !== undefined && sameItems(snatBefore, snatNow) ? snatBefore : snatNow;
       if (groups.size > 0) {
         const now = [...groups].sort(([a], [b]) => (a < b ? -1 : 1)).map(([, g]) => g);
         const before = this.#nft?.snatGroups?.[family];
@@ -1393,12 +1385,12 @@ export class NodePlanner {
       families.every(
         (f) =>
           prev.classes[f] === next.classes[f] &&
-          sameMembers(prev.snat[f] ?? [], next.snat[f] ?? []) &&
+          sameItems(prev.snat[f] ?? [], next.snat[f] ?? []) &&
           sameGroups(prev.snatGroups?.[f] ?? [], next.snatGroups?.[f] ?? []) &&
-          sameMembers(prev.held[f] ?? [], next.held[f] ?? []) &&
+          sameItems(prev.held[f] ?? [], next.held[f] ?? []) &&
           prev.tunnelClasses?.[f] === next.tunnelClasses?.[f],
       ) &&
-      sameMembers(prev.steerTo.map(steerKey), next.steerTo.map(steerKey))
+      sameItems(prev.steerTo.map(steerKey), next.steerTo.map(steerKey))
         ? prev
         : next;
   }
@@ -1485,7 +1477,7 @@ export class NodePlanner {
       const before = prev[i];
       if (before !== undefined) list[i] = keepSet(before, list[i]!);
     }
-    this.#setList = sameMembersRef(prev, list) ? prev : list;
+    this.#setList = sameItems(prev, list) ? prev : list;
     this.#setIndex = new Map(this.#setList.map((set, i) => [set.name, i]));
     this.#changedSets = [];
   }
@@ -1548,7 +1540,7 @@ function sameSetNames(a: PolicyPart | undefined, b: PolicyPart): boolean {
 }
 
 function sameGroups(a: readonly (readonly string[])[], b: readonly (readonly string[])[]): boolean {
-  return a === b || (a.length === b.length && a.every((t, i) => sameMembers(t, b[i]!)));
+  return a === b || (a.length === b.length && a.every((t, i) => sameItems(t, b[i]!)));
 }
 
 /**
@@ -1586,13 +1578,6 @@ function snatRules(
     });
   }
   return out;
-}
-
-function sameMembersRef<T>(a: readonly T[], b: readonly T[]): boolean {
-  if (a === b) return true;
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
 }
 
 function sameTables(a: TableChoice, b: TableChoice): boolean {
@@ -1660,7 +1645,7 @@ function sameTunnelClasses(a: readonly TunnelClassSnat[], b: readonly TunnelClas
       (x, i) =>
         x.tunnelClass === b[i]!.tunnelClass &&
         x.policy === b[i]!.policy &&
-        sameMembers(x.eips, b[i]!.eips),
+        sameItems(x.eips, b[i]!.eips),
     )
   );
 }
@@ -1675,7 +1660,7 @@ function sameTunnel(a: TunnelPlan, b: TunnelPlan): boolean {
     a.mtu === b.mtu &&
     a.mac === b.mac &&
     a.gbp === b.gbp &&
-    sameMembers(a.addresses, b.addresses)
+    sameItems(a.addresses, b.addresses)
   );
 }
 

@@ -21,7 +21,7 @@ import {
   rangeToCidrs,
   tryParseCidr,
 } from "../lib/ip.ts";
-import { sameStrings } from "./equality.ts";
+import { sameItems } from "./equality.ts";
 import { MAX_NODE_ID, tunnelMac } from "./marks.ts";
 import type { ClusterConfig, NodeIdentity, NodeInfo, NodeReport } from "./snapshot.ts";
 import type { PeerView } from "./view.ts";
@@ -181,7 +181,7 @@ export function samePeer(a: PeerView, b: PeerView): boolean {
     a.tunnel[6] === b.tunnel[6] &&
     a.underlay === b.underlay &&
     a.tunnelClasses === b.tunnelClasses &&
-    sameStrings(a.podCIDRs ?? [], b.podCIDRs ?? [])
+    sameItems(a.podCIDRs ?? [], b.podCIDRs ?? [])
   );
 }
 

@@ -8,7 +8,7 @@ import type { AnyPolicy, EgressGateway } from "../api/types.ts";
 import { FAMILIES, type Family, familyOfText, formatAddress, parseAddress } from "../lib/ip.ts";
 import { formatSelector } from "../lib/selector.ts";
 import { type Pool, poolSize, type Shortfall } from "./allocation.ts";
-import { sameStrings } from "./equality.ts";
+import { sameItems } from "./equality.ts";
 import type { PreparedPolicy } from "./policies.ts";
 import type { NodeIdentity } from "./snapshot.ts";
 import {
@@ -323,12 +323,12 @@ export function samePolicyOutcome(a: PolicyOutcome, b: PolicyOutcome): boolean {
     a.gateway === b.gateway &&
     a.accepted === b.accepted &&
     a.gatewayNode === b.gatewayNode &&
-    sameStrings(a.standbyNodes, b.standbyNodes) &&
+    sameItems(a.standbyNodes, b.standbyNodes) &&
     a.revision === b.revision &&
     (a.view === undefined) === (b.view === undefined) &&
     a.endpoints.length === b.endpoints.length &&
-    sameStrings(a.egressIPs, b.egressIPs) &&
-    sameStrings(a.targetNodes, b.targetNodes) &&
+    sameItems(a.egressIPs, b.egressIPs) &&
+    sameItems(a.targetNodes, b.targetNodes) &&
     a.shadowedBy.length === b.shadowedBy.length &&
     a.shadowedBy.every(
       (s, i) => s.policy === b.shadowedBy[i]!.policy && s.pods === b.shadowedBy[i]!.pods,
@@ -347,7 +347,7 @@ export function gatewaySeesChange(
     a.accepted !== b.accepted ||
     a.gateway !== b.gateway ||
     a.gatewayNode !== b.gatewayNode ||
-    !sameStrings(a.view?.floating ?? [], b.view?.floating ?? [])
+    !sameItems(a.view?.floating ?? [], b.view?.floating ?? [])
   );
 }
 
@@ -449,7 +449,7 @@ export function sameGatewayOutcome(a: GatewayOutcome, b: GatewayOutcome): boolea
         n.name === m.name &&
         n.ready === m.ready &&
         n.policies === m.policies &&
-        sameStrings(n.egressIPs, m.egressIPs)
+        sameItems(n.egressIPs, m.egressIPs)
       );
     })
   );
