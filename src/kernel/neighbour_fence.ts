@@ -241,7 +241,10 @@ export class NeighbourFence {
       ].join("");
     }
     this.transactions++;
-    const r = await this.#runner.run(["nft", "-f", "-"], { stdin: payload });
+    // (A hung nft holds back the renewals after it: the fence lapses, the safe way.)
+    const r = await this.#runner
+      .run(["nft", "-f", "-"], { stdin: payload, timeoutMs: 5000 })
+      .catch((e: Error) => ({ code: 1, stdout: "", stderr: e.message }));
     if (r.code !== 0) {
       // A table deleted behind our back: install again; the next renewal fills it.
       this.#log.warn(
