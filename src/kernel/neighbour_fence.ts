@@ -119,8 +119,7 @@ export class NeighbourFence {
   #lapses = 0;
   /** How elements are renewed (see above); found out at install unless given. */
   #updatesExpiry: boolean | undefined;
-  /** Transactions spawned (renewals and releases), for tests and the curious. */
-  transactions = 0;
+  #transactions = 0;
 
   constructor(options: {
     runner: Runner;
@@ -131,6 +130,11 @@ export class NeighbourFence {
     this.#runner = options.runner;
     this.#log = options.log;
     this.#updatesExpiry = options.updatesExpiry;
+  }
+
+  /** Transactions spawned so far (renewals and releases). */
+  get transactions(): number {
+    return this.#transactions;
   }
 
   /** Creates both tables if missing (see FENCE_RULESET); nothing new is answered until `hold()`. */
@@ -240,7 +244,7 @@ export class NeighbourFence {
             ]),
       ].join("");
     }
-    this.transactions++;
+    this.#transactions++;
     // (A hung nft holds back the renewals after it: the fence lapses, the safe way.)
     const r = await this.#runner
       .run(["nft", "-f", "-"], { stdin: payload, timeoutMs: 5000 })

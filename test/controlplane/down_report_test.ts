@@ -11,19 +11,15 @@
 
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
-import { Agent } from "../../src/agent/agent.ts";
+import type { Agent } from "../../src/agent/agent.ts";
 import { encodeProbe, type ProbeTransport } from "../../src/agent/liveness.ts";
 import type { EgressNode } from "../../src/api/types.ts";
-import { Controller } from "../../src/controller/controller.ts";
-import { DEFAULT_NODE_CONFIG } from "../../src/engine/view.ts";
-import { openDatapath } from "../../src/kernel/open.ts";
+import type { Controller } from "../../src/controller/controller.ts";
 import { type KubeClient, ours } from "../../src/kube/client.ts";
-import { realClock } from "../../src/lib/clock.ts";
-import { silentLogger } from "../../src/lib/log.ts";
-import { datapathMetrics, Registry } from "../../src/lib/metrics.ts";
-import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
+import { ControlPlane } from "../../src/sandbox/controlplane.ts";
 import { fakeNodeHost } from "../../src/testing/fake_host.ts";
 import { createGateway, createNode, eventually } from "../support/kube.ts";
+import { fakeHostAgent, startController } from "../support/processes.ts";
 
 const INTERVAL_MS = 50;
 
@@ -62,16 +58,7 @@ describe("a gateway reports its verdicts on the other gateways at once", () => {
         ...(i > 0 ? { labels: { egress: "true" } } : {}),
       });
     await createGateway(admin, ["192.168.77.100-192.168.77.110"]);
-    controller = new Controller({
-      client: cp.client("controller"),
-      namespace: SALLYPORT_NAMESPACE,
-      identity: "down-report",
-      clock: realClock,
-      log: silentLogger,
-      cluster: { tunnelCIDRs: { 4: "100.127.0.0/16" }, extraIgnoreCIDRs: [] },
-      leaderElection: { leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 500 },
-    });
-    void controller.start();
+    controller = startController(cp, "down-report");
     const transport: ProbeTransport = {
       start: (onMessage) => {
         deliver = onMessage;
@@ -81,19 +68,7 @@ describe("a gateway reports its verdicts on the other gateways at once", () => {
         deliver = undefined;
       },
     };
-    agent = new Agent({
-      client: cp.client("agent"),
-      node: "node-2",
-      namespace: SALLYPORT_NAMESPACE,
-      datapath: await openDatapath({
-        runner: fakeNodeHost("192.168.77.12"),
-        families: [4],
-        backend: "nft",
-      }),
-      config: { ...DEFAULT_NODE_CONFIG, families: [4] },
-      clock: realClock,
-      log: silentLogger,
-      metrics: datapathMetrics(new Registry()),
+    agent = await fakeHostAgent(cp, "node-2", fakeNodeHost("192.168.77.12"), {
       // No full sync during the test: only the verdict itself can make the agent report.
       periodMs: 600_000,
       liveness: { intervalMs: INTERVAL_MS, multiplier: 4, holdDownMs: 500 },

@@ -10,16 +10,11 @@
 
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
-import { Agent } from "../../src/agent/agent.ts";
+import type { Agent } from "../../src/agent/agent.ts";
 import { API_VERSION, type EgressNode } from "../../src/api/types.ts";
-import { Controller } from "../../src/controller/controller.ts";
-import { DEFAULT_NODE_CONFIG } from "../../src/engine/view.ts";
-import { openDatapath } from "../../src/kernel/open.ts";
+import type { Controller } from "../../src/controller/controller.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
-import { realClock } from "../../src/lib/clock.ts";
-import { silentLogger } from "../../src/lib/log.ts";
-import { datapathMetrics, Registry } from "../../src/lib/metrics.ts";
-import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
+import { ControlPlane } from "../../src/sandbox/controlplane.ts";
 import { fakeNodeHost } from "../../src/testing/fake_host.ts";
 import {
   apiWrites,
@@ -31,6 +26,7 @@ import {
   eventually,
   type WithStatus,
 } from "../support/kube.ts";
+import { fakeHostAgent, startController } from "../support/processes.ts";
 
 const NS = "team-a";
 const EIP = "192.168.77.100";
@@ -97,32 +93,10 @@ describe("SNAT port saturation: agent report → policy condition and Event", ()
           egressIP: [EIP],
         },
       });
-    controller = new Controller({
-      client: cp.client("controller"),
-      namespace: SALLYPORT_NAMESPACE,
-      identity: "saturation",
-      clock: realClock,
-      log: silentLogger,
-      cluster: { tunnelCIDRs: { 4: "100.127.0.0/16" }, extraIgnoreCIDRs: [] },
-      leaderElection: { leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 500 },
-      // A full pass every second: the Event must still be recorded once.
-      periodMs: 1000,
-    });
-    void controller.start();
+    // A full pass every second: the Event must still be recorded once.
+    controller = startController(cp, "saturation", { periodMs: 1000 });
     for (const [i, node] of ["node-2", "node-3"].entries()) {
-      const agent = new Agent({
-        client: cp.client("agent"),
-        node,
-        namespace: SALLYPORT_NAMESPACE,
-        datapath: await openDatapath({
-          runner: fakeNodeHost(`192.168.77.1${i + 2}`),
-          families: [4],
-          backend: "nft",
-        }),
-        config: { ...DEFAULT_NODE_CONFIG, families: [4] },
-        clock: realClock,
-        log: silentLogger,
-        metrics: datapathMetrics(new Registry()),
+      const agent = await fakeHostAgent(cp, node, fakeNodeHost(`192.168.77.1${i + 2}`), {
         periodMs: 1000,
         probePort: 17_900 + i,
       });

@@ -14,17 +14,12 @@
 
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
-import { Agent } from "../../src/agent/agent.ts";
+import type { Agent } from "../../src/agent/agent.ts";
 import { API_VERSION } from "../../src/api/types.ts";
-import { Controller } from "../../src/controller/controller.ts";
-import { DEFAULT_NODE_CONFIG } from "../../src/engine/view.ts";
+import type { Controller } from "../../src/controller/controller.ts";
 import { type FakeKernel, isWriteCommand } from "../../src/kernel/fake_kernel.ts";
-import { openDatapath } from "../../src/kernel/open.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
-import { realClock } from "../../src/lib/clock.ts";
-import { silentLogger } from "../../src/lib/log.ts";
-import { datapathMetrics, Registry } from "../../src/lib/metrics.ts";
-import { ControlPlane, SALLYPORT_NAMESPACE } from "../../src/sandbox/controlplane.ts";
+import { ControlPlane } from "../../src/sandbox/controlplane.ts";
 import { fakeNodeHost } from "../../src/testing/fake_host.ts";
 import {
   apiWrites,
@@ -36,6 +31,7 @@ import {
   eventually,
   type WithStatus,
 } from "../support/kube.ts";
+import { fakeHostAgent, startController } from "../support/processes.ts";
 
 const NS = "team-a";
 const NODES = ["node-1", "node-2", "node-3"];
@@ -128,27 +124,10 @@ describe("a steady cluster: controller and agents on a real kube-apiserver", () 
         destinationCIDRs: ["198.51.100.0/24"],
       },
     });
-    controller = new Controller({
-      client: cp.client("controller"),
-      namespace: SALLYPORT_NAMESPACE,
-      identity: "steady",
-      clock: realClock,
-      log: silentLogger,
-      cluster: { tunnelCIDRs: { 4: "100.127.0.0/16" }, extraIgnoreCIDRs: [] },
-      leaderElection: { leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 500 },
-    });
-    void controller.start();
+    controller = startController(cp, "steady");
     for (const [i, node] of NODES.entries()) {
       const kernel = fakeNodeHost(`192.168.77.1${i + 1}`);
-      const agent = new Agent({
-        client: cp.client("agent"),
-        node,
-        namespace: SALLYPORT_NAMESPACE,
-        datapath: await openDatapath({ runner: kernel, families: [4], backend: "nft" }),
-        config: { ...DEFAULT_NODE_CONFIG, families: [4] },
-        clock: realClock,
-        log: silentLogger,
-        metrics: datapathMetrics(new Registry()),
+      const agent = await fakeHostAgent(cp, node, kernel, {
         periodMs: PERIOD_MS,
         // Heartbeats go nowhere here (the underlay addresses are the fake's); one port each.
         probePort: 17_800 + i,
