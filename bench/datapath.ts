@@ -7,7 +7,10 @@
  *   fromScratchMs   the first sync on an empty kernel
  *   podAddMs        one pod added to one policy: plan and partial sync
  *   policyAddMs     one policy of 100 pods added: plan and partial sync
- *   resyncMs        the periodic sync with nothing to change (re-reads the whole kernel)
+ *   resyncMs        the periodic sync with nothing to change (re-reads the kernel; nftables as the
+ *                   agent does between element listings: the table's structure, not its elements)
+ *   elementsResyncMs nftables: the periodic sync that also lists every element (the agent's
+ *                   --nft-elements-period-ms, once a minute)
  *   perMemberUs     fromScratchMs per member
  *   naivePerMemberUs one `ipset add` process per member, as upstream programs its sets, through
  *                   the same runner, on 2,000 members (iptables only)
@@ -126,7 +129,15 @@ async function measure(filter: PacketFilter) {
     await mustRun(r, ["ip", "addr", "add", "10.1.0.1/16", "dev", "eth0"]);
     await mustRun(r, ["ip", "link", "set", "eth0", "up"]);
     await mustRun(r, ["ip", "link", "set", "eth1", "up"]);
-    const d = await openDatapath({ runner, families: [4], datapath: filter });
+    // The agent's element listing period, on a clock of our own to make the listing due.
+    let now = 0;
+    const d = await openDatapath({
+      runner,
+      families: [4],
+      datapath: filter,
+      nftElementsEveryMs: 60_000,
+      clock: { now: () => now },
+    });
     const base = view(0, 0);
     const config = { ...base.config, datapath: filter };
     const planner = new NodePlanner(base.node, config);
@@ -168,6 +179,16 @@ async function measure(filter: PacketFilter) {
       if (resync.changes !== 0)
         throw new Error(`the no-change resync changed ${resync.changes} objects`);
     }
+    const elementResyncs: number[] = [];
+    if (filter === "nftables")
+      for (let i = 0; i < 3; i++) {
+        now += 60_000;
+        t = performance.now();
+        const resync = await d.sync(last);
+        elementResyncs.push(performance.now() - t);
+        if (resync.changes !== 0)
+          throw new Error(`the no-change resync changed ${resync.changes} objects`);
+      }
 
     // Upstream's way, through the same runner: one ipset process per member.
     let naivePerMemberUs: number | undefined;
@@ -187,6 +208,9 @@ async function measure(filter: PacketFilter) {
       podAddMs: Number(median(podAdds).toFixed(1)),
       policyAddMs: Number(median(policyAdds).toFixed(1)),
       resyncMs: Math.round(median(resyncs)),
+      ...(elementResyncs.length === 0
+        ? {}
+        : { elementsResyncMs: Math.round(median(elementResyncs)) }),
       perMemberUs: Number(((fromScratchMs * 1000) / total).toFixed(2)),
       ...(naivePerMemberUs === undefined
         ? {}

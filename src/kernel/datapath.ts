@@ -19,6 +19,7 @@
 
 import { isOwnedSet } from "../engine/names.ts";
 import type { FamilyRules, IpSetPlan, NodePlan, SysctlPlan } from "../engine/plan.ts";
+import { type Clock, realClock } from "../lib/clock.ts";
 import type { Family } from "../lib/ip.ts";
 import {
   type ActualRouting,
@@ -41,6 +42,7 @@ import {
   NFT_TABLE,
   type NftActual,
   type NftDesired,
+  NftElementsUnknownError,
   parseNftTable,
 } from "../render/nftables.ts";
 import { deleteConnectionsTo } from "./conntrack.ts";
@@ -99,6 +101,16 @@ export interface DatapathOptions {
    * the lease ends) and renewed with `refreshEgressIPs()`; undefined: permanent addresses.
    */
   readonly eipLeaseSeconds?: number | undefined;
+  /**
+   * nftables: how often a full read lists the elements of our sets and maps (`nft -j list
+   * table`, ~1.4 s for 100,000 with nft 1.0.6). Between, a read lists the table's declarations,
+   * chains and rules only (`nft -t -j list ruleset inet`, a few ms), so a deleted table, chain,
+   * rule or set is still repaired by the next full sync, and takes the elements to be what the
+   * last successful sync left. 0: every read lists them. @default 0
+   */
+  readonly nftElementsEveryMs?: number | undefined;
+  /** Times `nftElementsEveryMs`. @default realClock */
+  readonly clock?: Pick<Clock, "now"> | undefined;
 }
 
 const EMPTY_PLAN = (node: string): NodePlan => ({
@@ -248,6 +260,8 @@ export class Datapath {
   /** The nftables table the last successful sync left (nftables datapath). */
   #mirrorNft: NftDesired | undefined;
   #lastNft: NftDesired | undefined;
+  /** When the last read that listed the nftables elements was (`clock`). */
+  #nftElementsReadAt = Number.NEGATIVE_INFINITY;
   /** The egress IPs the last successful sync left in the kernel. */
   #heldEips: NodePlan["eips"] = [];
 
@@ -309,9 +323,20 @@ export class Datapath {
     };
   }
 
-  /** Our nftables table; undefined when there is none (or, with iptables, no nft at all). */
+  /**
+   * Our nftables table; undefined when there is none (or, with iptables, no nft at all). The
+   * elements are listed when due (`nftElementsEveryMs`) or when no sync left the table yet; the
+   * iptables datapath only looks for a table of ours left over, so never lists them.
+   */
   async #readNft(): Promise<NftActual | undefined> {
-    const argv = ["nft", "-j", "list", "table", "inet", NFT_TABLE];
+    const now = (this.#o.clock ?? realClock).now();
+    const elements =
+      this.#o.filter === "nftables" &&
+      (this.#mirrorNft === undefined ||
+        now - this.#nftElementsReadAt >= (this.#o.nftElementsEveryMs ?? 0));
+    const argv = elements
+      ? ["nft", "-j", "list", "table", "inet", NFT_TABLE]
+      : ["nft", "-t", "-j", "list", "ruleset", "inet"];
     let result: { code: number; stdout: string; stderr: string };
     try {
       result = await this.#o.runner.run(argv);
@@ -320,8 +345,15 @@ export class Datapath {
       if (this.#o.filter !== "nftables") return undefined;
       throw e;
     }
-    if (result.code === 0) return parseNftTable(result.stdout);
-    if (/No such file or directory/.test(result.stderr)) return undefined;
+    if (result.code === 0) {
+      if (elements) this.#nftElementsReadAt = now;
+      return parseNftTable(result.stdout, !elements);
+    }
+    if (/No such file or directory/.test(result.stderr)) {
+      // No table, no elements: as good as a listing of them.
+      if (elements) this.#nftElementsReadAt = now;
+      return undefined;
+    }
     if (this.#o.filter !== "nftables" && /not found|Operation not supported/.test(result.stderr))
       return undefined;
     throw new CommandError(argv, undefined, result);
@@ -338,18 +370,15 @@ export class Datapath {
     options?: { partial?: boolean; state?: KernelState },
   ): Promise<SyncReport> {
     const mirror = options?.partial === true ? this.#mirror : undefined;
-    const mirrorNft = mirror === undefined ? undefined : this.#mirrorNft;
-    this.#mirror = undefined;
-    this.#mirrorNft = undefined;
     // Until this sync succeeds, renew only the egress IPs both the old and the new plan hold.
     const keep = new Set(plan.eips.map((e) => `${e.device} ${e.address}`));
     this.#heldEips = this.#heldEips.filter((e) => keep.has(`${e.device} ${e.address}`));
-    const report = await this.#apply(
-      plan,
-      mirror ?? options?.state ?? (await this.read()),
-      mirror === undefined,
-      mirrorNft,
-    );
+    const actual = mirror ?? options?.state ?? (await this.read());
+    // A full read may have listed the table without its elements: they are what this left.
+    const lastNft = this.#mirrorNft;
+    this.#mirror = undefined;
+    this.#mirrorNft = undefined;
+    const report = await this.#apply(plan, actual, mirror === undefined, lastNft);
     this.#mirror = stateOfPlan(plan, this.#o.eipLeaseSeconds);
     this.#mirrorNft = this.#lastNft;
     this.#heldEips = plan.eips;
@@ -388,7 +417,7 @@ export class Datapath {
     plan: NodePlan,
     actual: KernelState,
     full: boolean,
-    mirrorNft: NftDesired | undefined,
+    lastNft: NftDesired | undefined,
   ): Promise<SyncReport> {
     const started = performance.now();
     const { runner, iptables, families, rulePref, tunnelDevice } = this.#o;
@@ -397,10 +426,16 @@ export class Datapath {
     // The empty plan (cleanup) has no table at all: the branch below removes it.
     if (this.#o.filter === "nftables" && plan.nft !== undefined) {
       const desired = desiredTable(plan, { families, tunnelDevice });
-      nft =
-        mirrorNft !== undefined && !full
-          ? diffNftPartial(desired, mirrorNft)
-          : diffNftFull(desired, actual.nft);
+      if (lastNft !== undefined && !full) nft = diffNftPartial(desired, lastNft);
+      else
+        try {
+          nft = diffNftFull(desired, actual.nft, lastNft);
+        } catch (e) {
+          if (!(e instanceof NftElementsUnknownError)) throw e;
+          // Read without its elements, a set the last sync did not leave: list them now.
+          this.#nftElementsReadAt = Number.NEGATIVE_INFINITY;
+          nft = diffNftFull(desired, await this.#readNft());
+        }
       this.#lastNft = desired;
     } else {
       nft =

@@ -2699,7 +2699,8 @@ class Net {
 //   deleted with its rules (and what they referenced); `add` of what is there with the same
 //   definition or value changes nothing; `delete set` deletes a map of that name and vice versa;
 //   handles count per table and are used up by refused batches too.
-// - Listings: `nft [-j] list table|tables|ruleset`. JSON as nft prints it: sets with `type` a string
+// - Listings: `nft [-j] [-t] list table|tables|ruleset [FAMILY]`; `-t` (terse) leaves the elements
+//   out. JSON as nft prints it: sets with `type` a string
 //   or a list, `map`, `flags`, `elem`, `stmt: [{"counter": null}]`; elements as values, `{"concat":
 //   […]}`, `{"prefix": …}` (any range that is one CIDR), `{"range": […]}`, protocol names from
 //   netbase's /etc/protocols, `{"elem": {"val", "counter"}}` in counter sets, verdict objects;
@@ -2709,7 +2710,7 @@ class Net {
 //   directory" and the command with carets.
 // - iptables-nft's tables (the model above) are listed by `nft list tables`, before ours rather
 //   than in creation order; nft commands on them, and `list|flush ruleset` while they exist, are
-//   not modeled.
+//   not modeled (`list ruleset inet` is: it does not list them).
 // - In rules, beyond selectors, operators and verdicts: `numgen inc|random mod N [offset M]` with an
 //   anonymous verdict map of numbers (`vmap { 0 : goto a, 1 : goto b }`: its chains are the
 //   rule's, checked and counted as a goto's, the kernel's errors located at the element's key; a
@@ -3775,10 +3776,12 @@ class Nftables {
   /** `nft ARGS…`: a transaction from stdin (`-f -`) or argv, or a listing. */
   run(args: readonly string[], stdin: string, seeding: boolean): string {
     let json = false;
+    let terse = false;
     let i = 0;
     for (; i < args.length; i++) {
       const a = args[i]!;
       if (a === "-j" || a === "--json") json = true;
+      else if (a === "-t" || a === "--terse") terse = true;
       else if (a === "-f" || a === "--file") {
         if (args[i + 1] !== "-" || i + 2 !== args.length)
           throw unmodeled(`nft ${args.join(" ")} (only -f - is modeled)`);
@@ -3788,7 +3791,7 @@ class Nftables {
       else break;
     }
     const rest = args.slice(i);
-    if (rest[0] === "list") return this.#list(rest, json);
+    if (rest[0] === "list") return this.#list(rest, json, terse);
     if (rest.length === 0) throw unmodeled("nft without a command (the interactive mode)");
     if (json) throw unmodeled("nft -j with a command other than list");
     const line = rest.join(" ");
@@ -4494,7 +4497,7 @@ class Nftables {
 
   // --- listings
 
-  #list(words: readonly string[], json: boolean): string {
+  #list(words: readonly string[], json: boolean, terse: boolean): string {
     const what = words.slice(1);
     if (what.length === 1 && what[0] === "tables") {
       const names = [...this.#xtables().map(([f, n]) => `${f} ${n}`), ...this.tableNames()];
@@ -4512,14 +4515,17 @@ class Nftables {
         })}\n`;
       return names.map((n) => `table ${n}\n`).join("");
     }
-    if (what.length === 1 && what[0] === "ruleset") {
-      if (this.#xtables().length > 0)
+    if (what[0] === "ruleset" && what.length <= 2) {
+      // `list ruleset FAMILY`: that family's tables only (iptables-nft's are ip, ip6, arp).
+      const family = what[1];
+      if (this.#xtables().some(([f]) => family === undefined || f === family))
         throw unmodeled(
           "nft list ruleset on a host with iptables-nft tables (they list as xt expressions)",
         );
+      const tables = this.#tables.filter((t) => family === undefined || t.family === family);
       if (json)
-        return `${nftJson({ nftables: [NFT_METAINFO, ...this.#tables.flatMap((t) => this.#tableJson(t))] })}\n`;
-      return this.#tables.map((t) => this.#tableText(t)).join("");
+        return `${nftJson({ nftables: [NFT_METAINFO, ...tables.flatMap((t) => this.#tableJson(t, terse))] })}\n`;
+      return tables.map((t) => this.#tableText(t, terse)).join("");
     }
     if (what[0] === "table" && what.length >= 2 && what.length <= 3) {
       const [family, name] = what.length === 3 ? [what[1]!, what[2]!] : ["ip", what[1]!];
@@ -4534,17 +4540,19 @@ class Nftables {
           `Error: ${ERRNO.ENOENT}\n${line}\n${" ".repeat(at - 1)}${"^".repeat(name.length)}\n`,
         );
       }
-      if (json) return `${nftJson({ nftables: [NFT_METAINFO, ...this.#tableJson(table)] })}\n`;
-      return this.#tableText(table);
+      if (json)
+        return `${nftJson({ nftables: [NFT_METAINFO, ...this.#tableJson(table, terse)] })}\n`;
+      return this.#tableText(table, terse);
     }
     throw unmodeled(`nft ${words.join(" ")}`);
   }
 
-  #tableJson(t: NftTable): unknown[] {
+  /** `terse` (`-t`): sets and maps without their elements. */
+  #tableJson(t: NftTable, terse = false): unknown[] {
     const { family, name: table } = t;
     const sets = [...t.sets.values()].map((s) => {
       const kind = s.value === undefined ? "set" : "map";
-      const elem = this.#ordered(s).map((e) => {
+      const elem = (terse ? [] : this.#ordered(s)).map((e) => {
         const val =
           e.key.length === 1
             ? fieldJson(e.key[0]!, s.key[0]!)
@@ -4629,14 +4637,14 @@ class Nftables {
     return `${key}${counter} : ${v}`;
   }
 
-  #tableText(t: NftTable): string {
+  #tableText(t: NftTable, terse = false): string {
     const blocks: string[] = [];
     for (const s of t.sets.values()) {
       const lines = [`\t${s.value === undefined ? "set" : "map"} ${s.name} {`];
       lines.push(`\t\ttype ${s.key.join(" . ")}${s.value === undefined ? "" : ` : ${s.value}`}`);
       if (s.interval) lines.push("\t\tflags interval");
       if (s.counter) lines.push("\t\tcounter");
-      const elements = this.#ordered(s);
+      const elements = terse ? [] : this.#ordered(s);
       if (elements.length > 0) {
         // expression.c calculate_delim(): per key type, a number of elements per line.
         const perLine =

@@ -23,6 +23,7 @@ import type { NodePlan } from "../engine/plan.ts";
 import type { Snapshot } from "../engine/snapshot.ts";
 import { gateway, node, pod, policy, snapshot } from "../engine/testing.ts";
 import type { NodeConfig } from "../engine/view.ts";
+import { FakeClock } from "../lib/clock.ts";
 import type { Family } from "../lib/ip.ts";
 import {
   parseFdb,
@@ -1407,7 +1408,7 @@ describe("FakeKernel: nft", () => {
     ]);
     const table = parseNftTable(JSON.stringify(listed))!;
     assert.deepEqual(
-      [...table.sets.get("c4-a")!.elements],
+      [...table.sets.get("c4-a")!.elements!],
       [
         ["100.128.0.0-172.29.0.255 . 0-5 . 0-65535", "goto snat4-0"],
         ["10.0.0.0/8 . 6 . 443", "drop"],
@@ -2801,7 +2802,7 @@ async function ourNames(fake: FakeKernel): Promise<Record<string, string>> {
   const table = parseNftTable(await ok(fake, ["nft", "-j", "list", "table", "inet", "sallyport"]))!;
   const classMap = [...table.sets.keys()].find((n) => /^c[46]-/.test(n)) ?? "";
   const verdict = [...table.chains.keys()].find((n) => /^(to-|snat[46]-)/.test(n)) ?? "";
-  const source = [...(table.sets.get("src4")?.elements.keys() ?? [])][0] ?? "";
+  const source = [...(table.sets.get("src4")?.elements?.keys() ?? [])][0] ?? "";
   return { $CLASS: classMap, $VERDICT: verdict, $SOURCE: `{ ${source} }` };
 }
 
@@ -2873,6 +2874,86 @@ describe("Datapath on the fake kernel: nftables", () => {
       assert.equal((await dp.sync(plan)).changes, 0, "and then holds the plan");
     });
   }
+
+  // The agent lists the elements once a minute (nft 1.0.6 takes ~1.4 s for 100,000); its
+  // other full syncs read the table's structure tersely.
+  const ofElements = new Set(["a deleted source element", "a flushed class map"]);
+  for (const [what, index, argv] of drifts) {
+    const when = ofElements.has(what)
+      ? "at the first full sync once the elements are due again"
+      : "with the next full sync, elements not listed";
+    it(`elements listed once a minute: repairs ${what} ${when}`, async () => {
+      const s = SCENARIOS["dual stack with ports"]!;
+      const fake = nftHost(index);
+      const clock = new FakeClock();
+      const dp = await openDatapath({
+        runner: fake,
+        datapath: "nftables",
+        backend: "nft",
+        nftElementsEveryMs: 60_000,
+        clock,
+      });
+      const plan = nftPlanWith(index, await dp.read(), s);
+      await dp.sync(plan);
+      const names = await ourNames(fake);
+      await ok(
+        fake,
+        argv.map((a) => names[a] ?? a),
+      );
+      await clock.advance(59_000);
+      fake.calls.length = 0;
+      const next = await dp.sync(plan);
+      const listings = fake.calls
+        .filter((c) => c.argv[0] === "nft" && c.argv.includes("list"))
+        .map((c) => c.argv.join(" "));
+      assert.deepEqual(listings, ["nft -t -j list ruleset inet"], "a terse read only");
+      if (ofElements.has(what)) {
+        assert.equal(next.changes, 0, "a terse read cannot see it");
+        await clock.advance(1000);
+        fake.calls.length = 0;
+        assert.ok((await dp.sync(plan)).changes > 0, "the read listing the elements found it");
+        assert.ok(fake.calls.some((c) => c.argv.join(" ") === "nft -j list table inet sallyport"));
+      } else {
+        assert.ok(next.changes > 0, "the terse read found the drift");
+      }
+      await assertHoldsNft(fake, dp, plan);
+      assert.equal((await dp.sync(plan)).changes, 0, "and then holds the plan");
+    });
+  }
+
+  it("elements listed once a minute: a read without them after a failed sync lists them", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = nftHost(1);
+    const clock = new FakeClock();
+    const dp = await openDatapath({
+      runner: fake,
+      datapath: "nftables",
+      backend: "nft",
+      nftElementsEveryMs: 60_000,
+      clock,
+    });
+    const plan = nftPlanWith(1, await dp.read(), s);
+    await dp.sync(plan);
+    // A chain and a class map flushed; nft refuses the sync that repairs the chain, so what the
+    // kernel holds is no longer known: the next read lists the elements and finds the map.
+    const names = await ourNames(fake);
+    await ok(fake, ["nft", "flush", "chain", "inet", "sallyport", "prerouting"]);
+    await ok(fake, ["nft", "flush", "map", "inet", "sallyport", names.$CLASS!]);
+    const state = await dp.read();
+    assert.ok(
+      [...(state.nft?.sets.values() ?? [])].every((x) => x.elements === undefined),
+      "read tersely",
+    );
+    fake.failNext(["nft", "-f", "-"], {
+      code: 1,
+      stderr: "Error: Could not process rule: Device or resource busy\n",
+    });
+    await assert.rejects(dp.sync(plan, { state }));
+    fake.calls.length = 0;
+    assert.ok((await dp.sync(plan)).changes > 0, "the table repaired");
+    assert.ok(fake.calls.some((c) => c.argv.join(" ") === "nft -j list table inet sallyport"));
+    await assertHoldsNft(fake, dp, plan);
+  });
 
   it("a new agent adopts the table without writing", async () => {
     const s = SCENARIOS["two overlapping policies"]!;

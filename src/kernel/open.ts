@@ -2,6 +2,7 @@
  * Builds the kernel adapters for this host: chooses the packet filter (iptables or nftables)
  * and the iptables backend once, up front.
  */
+import type { Clock } from "../lib/clock.ts";
 import type { Family } from "../lib/ip.ts";
 import { Datapath } from "./datapath.ts";
 import { type Backend, detectBackend, Iptables } from "./iptables.ts";
@@ -22,6 +23,9 @@ export interface OpenOptions {
   readonly tunnelDevice?: string;
   /** Egress-IP addresses leased from the kernel (see DatapathOptions); default: permanent. */
   readonly eipLeaseSeconds?: number;
+  /** How often a full read lists the nftables elements (see DatapathOptions); default: always. */
+  readonly nftElementsEveryMs?: number;
+  readonly clock?: Pick<Clock, "now">;
 }
 
 export interface FilterChoice {
@@ -106,5 +110,7 @@ export async function openDatapath(options: OpenOptions = {}): Promise<Datapath>
     tunnelDevice: options.tunnelDevice ?? "sallyport",
     filter,
     eipLeaseSeconds: options.eipLeaseSeconds,
+    nftElementsEveryMs: options.nftElementsEveryMs,
+    clock: options.clock,
   });
 }

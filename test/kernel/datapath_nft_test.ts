@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { planToJSON } from "../../src/engine/plan.ts";
+import { openDatapath } from "../../src/kernel/open.ts";
 import { mustRun } from "../../src/kernel/runner.ts";
 import { nodeAddress, nsRunner } from "../../src/sandbox/topology.ts";
 import {
@@ -186,6 +187,40 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
       assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4);
     });
   }
+
+  it("reads the table tersely between element listings (as the agent does): it holds the plan, a flushed chain is repaired, a flushed class map waits for the listing", async () => {
+    const r = nsRunner(topo.nodeNs(1));
+    let now = 0;
+    const dp = await openDatapath({
+      runner: r,
+      datapath: "nftables",
+      nftElementsEveryMs: 60_000,
+      clock: { now: () => now },
+    });
+    // As the agent's full sync: one read, planned from and synced against.
+    const fullSync = async () => {
+      const state = await dp.read();
+      return (await dp.sync(lab.planWith(1, state), { state })).changes;
+    };
+    assert.equal(await fullSync(), 0, "adopted: the first read lists all");
+    const state = await dp.read();
+    assert.ok(state.nft !== undefined && state.nft.sets.size > 0);
+    assert.ok(
+      [...state.nft.sets.values()].every((x) => x.elements === undefined),
+      "the next read is terse",
+    );
+    assert.equal((await dp.sync(lab.planWith(1, state), { state })).changes, 0);
+    const table = await mustRun(r, ["nft", "list", "table", "inet", "sallyport"]);
+    const classMap = /map (c4-\w+) \{/.exec(table)?.[1] ?? "";
+    await mustRun(r, ["nft", "flush", "chain", "inet", "sallyport", "prerouting"]);
+    await mustRun(r, ["nft", "flush", "map", "inet", "sallyport", classMap]);
+    assert.ok((await fullSync()) > 0, "the flushed chain");
+    assert.notEqual((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4, "the map is empty");
+    now += 60_000;
+    assert.ok((await fullSync()) > 0, "the listing found the map");
+    assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4);
+    assert.equal(await lab.syncNode(1), 0, "the lab's datapath sees the same table");
+  });
 
   for (const partial of [false, true])
     it(`a deleted policy takes its class and its steering chain with it in one transaction (${partial ? "partial" : "full"} sync)`, async () => {
