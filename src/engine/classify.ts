@@ -283,9 +283,25 @@ function compareEntries(a: ClassEntry, b: ClassEntry): number {
   );
 }
 
-/** The name of the class of `policies` (in precedence order): stable across restarts. */
-export function className(family: Family, policies: readonly string[]): string {
-  return `c${family}-${hashName(policies.join("\n"), 12)}`;
+/**
+ * The name of a class, from its anchor: the one of its sources that sorts first by
+ * `anchorOrder`. Every source is in one class of its family, so names are unique, and the same
+ * sources give the same name after a restart. A class keeps its name when policies come or go
+ * over the same sources (at scale the common change: a policy added for pods that other policies
+ * select already costs the nftables datapath its entries, not a new map of every entry and a new
+ * verdict for every source, as a name made of the policies did), and a source joining or leaving
+ * renames it only when it is, or beats, the anchor: one chance in the class's size, in whatever
+ * order IPAM hands out the addresses.
+ */
+export function className(family: Family, anchor: string): string {
+  return `c${family}-${hashName(`${family} ${anchor}`, 12)}`;
+}
+
+/** FNV-1a (32 bits) of a source: the order sources compete in to anchor their class. */
+function anchorHash(host: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < host.length; i++) h = Math.imul(h ^ host.charCodeAt(i), 0x01000193);
+  return h >>> 0;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -312,6 +328,10 @@ export class ClassTable {
   /** policy key → class keys it is part of */
   readonly #policyClasses = new Map<string, Set<string>>();
   readonly #built = new Map<string, TrafficClass>();
+  /** class key → the source that names it (see className) */
+  readonly #anchors = new Map<string, string>();
+  /** source host → anchorHash, kept while the host is in a class */
+  readonly #anchorHashes = new Map<string, number>();
   readonly #dirtyHosts = new Set<string>();
   readonly #dirtyClasses = new Set<string>();
   /** class key → hosts that joined it / left it since it was last built */
@@ -363,6 +383,13 @@ export class ClassTable {
     for (const c of this.#classHosts.keys()) this.#dirtyClasses.add(c);
   }
 
+  /** Whether source `a` anchors a class before source `b`. */
+  #beats(a: string, b: string): boolean {
+    const ha = getOrInsert(this.#anchorHashes, a, () => anchorHash(a));
+    const hb = getOrInsert(this.#anchorHashes, b, () => anchorHash(b));
+    return ha < hb || (ha === hb && a < b);
+  }
+
   #unlink(host: string, key: string): void {
     const set = this.#hostPolicies.get(host);
     set?.delete(key);
@@ -391,6 +418,7 @@ export class ClassTable {
       }
       if (key === "") {
         this.#hostClass.delete(h);
+        this.#anchorHashes.delete(h);
         continue;
       }
       this.#hostClass.set(h, key);
@@ -410,6 +438,7 @@ export class ClassTable {
         this.#classHosts.delete(key);
         this.#left.delete(key);
         this.#joined.delete(key);
+        this.#anchors.delete(key);
         for (const p of key.split("\n")) this.#policyClasses.get(p)?.delete(key);
         if (before !== undefined) {
           this.#built.delete(key);
@@ -430,13 +459,19 @@ export class ClassTable {
       const sources = mergeSorted(kept, joined);
       this.#left.delete(key);
       this.#joined.delete(key);
+      // The anchor: kept unless it left (then every source competes again), else the best of it
+      // and the sources that joined.
+      let anchor = this.#anchors.get(key);
+      for (const h of anchor === undefined || !hosts.has(anchor) ? sources : joined)
+        if (anchor === undefined || !hosts.has(anchor) || this.#beats(h, anchor)) anchor = h;
       const entries = classEntries(
         policies.map((p) => this.#members.get(p)!.policy),
         this.#family,
         this.#ignore,
       );
+      this.#anchors.set(key, anchor!);
       const built: TrafficClass = {
-        name: className(this.#family, policies),
+        name: className(this.#family, anchor!),
         family: this.#family,
         policies,
         sources:
@@ -446,6 +481,7 @@ export class ClassTable {
       };
       if (
         before === undefined ||
+        before.name !== built.name ||
         before.sources !== built.sources ||
         before.entries !== built.entries
       ) {

@@ -253,8 +253,64 @@ describe("ClassTable", () => {
       after.find((c) => c.name === ca!.name),
       ca,
     );
-    const nb = after.find((c) => c.name === cb!.name)!;
+    const nb = after.find((c) => c.policies[0] === "b")!;
     assert.deepEqual(nb.sources, ["172.29.1.3/32", "172.29.1.4/32"]);
     assert.equal(nb.entries, cb!.entries, "its entries did not change");
+  });
+
+  const drop = (key: string, destination: string): ClassPolicy => ({
+    key,
+    destinations: [destination],
+    excluded: [],
+    ports: [],
+    verdict: { kind: "drop" },
+  });
+  const hosts = (from: number, count: number) =>
+    Array.from({ length: count }, (_, i) => `10.9.${(from + i) >> 8}.${(from + i) & 255}/32`);
+
+  it("keeps a class's name when policies come or go over the same sources (only its entries change)", () => {
+    const table = new ClassTable(4);
+    const pods = hosts(0, 50);
+    const rank = new Map<string, number>();
+    const names = new Set<string>();
+    for (let i = 0; i < 20; i++) {
+      rank.set(`p${i}`, i);
+      table.setOrder(rank);
+      table.set(`p${i}`, drop(`p${i}`, `203.0.113.${i}/32`), pods);
+      const [only, ...more] = table.classes();
+      assert.equal(more.length, 0);
+      assert.equal(only!.policies.length, i + 1);
+      assert.equal(only!.entries.length, i + 1);
+      names.add(only!.name);
+    }
+    assert.equal(names.size, 1, "one name all along");
+  });
+
+  it("renames a class seldom while its pods churn in address order (a rolling update), and never gives two classes one name", () => {
+    const table = new ClassTable(4);
+    table.setOrder(
+      new Map([
+        ["a", 0],
+        ["b", 1],
+      ]),
+    );
+    let pods = hosts(0, 100);
+    table.set("a", drop("a", "203.0.113.0/24"), pods);
+    table.set("b", drop("b", "198.51.100.0/24"), hosts(1000, 100));
+    let name = table.classes().find((c) => c.policies[0] === "a")!.name;
+    let renames = 0;
+    for (let i = 100; i < 1100; i++) {
+      // The oldest pod goes, a new one comes with the next address.
+      pods = [...pods.slice(1), ...hosts(i, 1)];
+      table.set("a", drop("a", "203.0.113.0/24"), pods);
+      const classes = table.classes();
+      assert.equal(new Set(classes.map((c) => c.name)).size, classes.length, "unique names");
+      const now = classes.find((c) => c.policies[0] === "a")!.name;
+      if (now !== name) renames++;
+      name = now;
+    }
+    // One chance in the class's size per change that the pod leaving or coming anchors it:
+    // about 2 × 1,000 / 100 = 20 (a name made of the lowest address: 1,000).
+    assert.ok(renames > 0 && renames < 60, `${renames} renames in 1,000 changes`);
   });
 });

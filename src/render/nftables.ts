@@ -19,7 +19,7 @@
  * `snat4-<i>-<j>…` (the indexes of its addresses): `numgen inc mod N vmap { 0 : goto snat4-<i>,
  * … }` sends each new connection to the next address's chain, round-robin.
  *
- * Every rule carries a comment ending in `#<id>`, an id derived from the rule's text, so that
+ * Every rule carries a comment ending in `#<id>`, an id derived from the rule's text and comment, so that
  * reading the table back tells which rules are there without parsing nftables' rewritten forms.
  * Sets and maps are compared element by element; classes are compared by identity when the
  * previous plan is known (partial syncs), so a pod added is one element.
@@ -112,8 +112,9 @@ export interface NftDesired {
   readonly classes: ReadonlyMap<string, TrafficClass>;
 }
 
+/** From the rule and its comment: a comment that no longer says what the rule is for is drift. */
 export function ruleId(rule: NftRule): string {
-  return hashName(rule.text, 10);
+  return hashName(rule.comment === undefined ? rule.text : `${rule.text}\n${rule.comment}`, 10);
 }
 
 /** nft refuses comments over 128 bytes; a policy's key may be longer (names up to 253). */
@@ -964,7 +965,8 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
       writeChain(t, c, false);
     } else if (
       o !== c &&
-      (o.rules.length !== c.rules.length || o.rules.some((r, i) => r.text !== c.rules[i]!.text))
+      (o.rules.length !== c.rules.length ||
+        o.rules.some((r, i) => r.text !== c.rules[i]!.text || r.comment !== c.rules[i]!.comment))
     ) {
       writeChain(t, c, true);
     }

@@ -88,10 +88,7 @@ function labPlan(options: { readonly billingNode: number }): NodePlan {
     6: ["fd01::2/128"],
   };
   const classOf = (family: Family): TrafficClass => ({
-    name: className(
-      family,
-      policies[family].map((p) => p.key),
-    ),
+    name: className(family, sources[family][0]!),
     family,
     policies: policies[family].map((p) => p.key),
     sources: sources[family],
