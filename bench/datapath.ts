@@ -10,7 +10,7 @@
  *   resyncMs        the periodic sync with nothing to change (re-reads the kernel; nftables as the
  *                   agent does between element listings: the table's structure, not its elements)
  *   elementsResyncMs nftables: the periodic sync that also lists every element (the agent's
- *                   --nft-elements-period-ms, once a minute)
+ *                   --set-elements-period-ms, once a minute)
  *   perMemberUs     fromScratchMs per member
  *   naivePerMemberUs one `ipset add` process per member, as upstream programs its sets, through
  *                   the same runner, on 2,000 members (iptables only)
@@ -135,7 +135,7 @@ async function measure(filter: PacketFilter) {
       runner,
       families: [4],
       datapath: filter,
-      nftElementsEveryMs: 60_000,
+      setElementsEveryMs: 60_000,
       clock: { now: () => now },
     });
     const base = view(0, 0);

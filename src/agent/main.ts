@@ -32,7 +32,7 @@ export interface AgentFlags {
   tableStart: number;
   tableCount: number;
   periodMs: number;
-  nftElementsPeriodMs: number;
+  setElementsPeriodMs: number;
   lease: LeaseTiming;
   liveness: LivenessTiming;
   probePort: number;
@@ -91,7 +91,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     // Egress IPs lapse when the fence would drop them, even if this process is dead or frozen.
     // (whole seconds: the neighbour fence below is the sub-second one).
     eipLeaseSeconds: 1,
-    nftElementsEveryMs: flags.nftElementsPeriodMs,
+    setElementsEveryMs: flags.setElementsPeriodMs,
   });
   log.info(
     { datapath: datapath.options.filter, iptables: datapath.options.iptables.backend },

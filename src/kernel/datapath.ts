@@ -33,7 +33,7 @@ import {
   parseRules,
   type RoutingDiff,
 } from "../render/iproute.ts";
-import { diffIpsets, parseIpsetSave, type SavedSet } from "../render/ipset.ts";
+import { diffIpsets, parseIpsetSave, parseIpsetTerse, type SavedSet } from "../render/ipset.ts";
 import { diffRules, parseSave, ruleText, type SavedState, TABLES } from "../render/iptables.ts";
 import {
   desiredTable,
@@ -108,8 +108,8 @@ export interface DatapathOptions {
    * rule or set is still repaired by the next full sync, and takes the elements to be what the
    * last successful sync left. 0: every read lists them. @default 0
    */
-  readonly nftElementsEveryMs?: number | undefined;
-  /** Times `nftElementsEveryMs`. @default realClock */
+  readonly setElementsEveryMs?: number | undefined;
+  /** Times `setElementsEveryMs`. @default realClock */
   readonly clock?: Pick<Clock, "now"> | undefined;
 }
 
@@ -261,7 +261,7 @@ export class Datapath {
   #mirrorNft: NftDesired | undefined;
   #lastNft: NftDesired | undefined;
   /** When the last read that listed the nftables elements was (`clock`). */
-  #nftElementsReadAt = Number.NEGATIVE_INFINITY;
+  #elementsReadAt = Number.NEGATIVE_INFINITY;
   /** The egress IPs the last successful sync left in the kernel. */
   #heldEips: NodePlan["eips"] = [];
 
@@ -285,9 +285,15 @@ export class Datapath {
   async #read(): Promise<KernelState> {
     const { runner, iptables, families, tunnelDevice } = this.#o;
     const json = (argv: string[]) => mustRun(runner, argv);
-    const [saves, ipsetText, links, rules4, rules6, routes4, routes6] = await Promise.all([
+    // Set members and elements: listed when due, or when no sync left them known.
+    const now = (this.#o.clock ?? realClock).now();
+    const elements =
+      this.#mirror === undefined ||
+      (this.#o.filter === "nftables" && this.#mirrorNft === undefined) ||
+      now - this.#elementsReadAt >= (this.#o.setElementsEveryMs ?? 0);
+    const [saves, ipsets, links, rules4, rules6, routes4, routes6] = await Promise.all([
       Promise.all(families.map(async (f) => [f, parseSave(await iptables.save(f))] as const)),
-      mustRun(runner, ["ipset", "save"]),
+      this.#readIpsets(elements),
       json(["ip", "-json", "-details", "address", "show"]),
       families.includes(4) ? json(["ip", "-4", "-json", "rule", "show"]) : Promise.resolve("[]"),
       families.includes(6) ? json(["ip", "-6", "-json", "rule", "show"]) : Promise.resolve("[]"),
@@ -308,11 +314,12 @@ export class Datapath {
       : ["[]", "[]"];
     const rules = { 4: new Map(), 6: new Map() } as Record<Family, SavedState>;
     for (const [f, s] of saves) rules[f] = s;
-    const nft = await this.#readNft();
+    const nft = await this.#readNft(elements && this.#o.filter === "nftables");
+    if (elements) this.#elementsReadAt = now;
     return {
       ...(nft === undefined ? {} : { nft }),
       rules,
-      ipsets: parseIpsetSave(ipsetText),
+      ipsets,
       routing: {
         rules: [...parseRules(rules4, 4), ...parseRules(rules6, 6)],
         routes: [...parseRoutes(routes4, 4), ...parseRoutes(routes6, 6)],
@@ -324,16 +331,46 @@ export class Datapath {
   }
 
   /**
-   * Our nftables table; undefined when there is none (or, with iptables, no nft at all). The
-   * elements are listed when due (`nftElementsEveryMs`) or when no sync left the table yet; the
-   * iptables datapath only looks for a table of ours left over, so never lists them.
+   * Every ipset: with `members`, `ipset save`; otherwise `ipset list -t` (each set's header and
+   * its number of entries, without the members: 100,000 of them take ~0.1 s to list and parse),
+   * and a set of ours whose type, family and number of entries are what the last sync left is
+   * taken to hold its members; any other set of ours is listed with `ipset save NAME`. A foreign
+   * set is described without members: nothing reads them.
    */
-  async #readNft(): Promise<NftActual | undefined> {
-    const now = (this.#o.clock ?? realClock).now();
-    const elements =
-      this.#o.filter === "nftables" &&
-      (this.#mirrorNft === undefined ||
-        now - this.#nftElementsReadAt >= (this.#o.nftElementsEveryMs ?? 0));
+  async #readIpsets(members: boolean): Promise<Map<string, SavedSet>> {
+    const runner = this.#o.runner;
+    const left = this.#mirror?.ipsets;
+    if (members || left === undefined)
+      return parseIpsetSave(await mustRun(runner, ["ipset", "save"]));
+    const sets = new Map<string, SavedSet>();
+    const unknown: string[] = [];
+    for (const t of parseIpsetTerse(await mustRun(runner, ["ipset", "list", "-t"])).values()) {
+      const had = left.get(t.name);
+      const same =
+        had?.planned !== undefined &&
+        had.type === t.type &&
+        had.family === t.family &&
+        had.planned.members.length + had.planned.nomatch.length === t.entries;
+      if (same) sets.set(t.name, had);
+      else if (isOwnedSet(t.name)) unknown.push(t.name);
+      else sets.set(t.name, { ...t, members: new Set(), nomatch: new Set() });
+    }
+    for (const name of unknown) {
+      const r = await runner.run(["ipset", "save", name]);
+      // Destroyed since the listing: absent.
+      if (r.code !== 0 && /does not exist/.test(r.stderr)) continue;
+      if (r.code !== 0) throw new CommandError(["ipset", "save", name], undefined, r);
+      for (const [n, set] of parseIpsetSave(r.stdout)) sets.set(n, set);
+    }
+    return sets;
+  }
+
+  /**
+   * Our nftables table; undefined when there is none (or, with iptables, no nft at all). With
+   * `elements` every element too; otherwise the table's structure only (see
+   * `setElementsEveryMs`). The iptables datapath only looks for a table of ours left over.
+   */
+  async #readNft(elements: boolean): Promise<NftActual | undefined> {
     const argv = elements
       ? ["nft", "-j", "list", "table", "inet", NFT_TABLE]
       : ["nft", "-t", "-j", "list", "ruleset", "inet"];
@@ -345,15 +382,8 @@ export class Datapath {
       if (this.#o.filter !== "nftables") return undefined;
       throw e;
     }
-    if (result.code === 0) {
-      if (elements) this.#nftElementsReadAt = now;
-      return parseNftTable(result.stdout, !elements);
-    }
-    if (/No such file or directory/.test(result.stderr)) {
-      // No table, no elements: as good as a listing of them.
-      if (elements) this.#nftElementsReadAt = now;
-      return undefined;
-    }
+    if (result.code === 0) return parseNftTable(result.stdout, !elements);
+    if (/No such file or directory/.test(result.stderr)) return undefined;
     if (this.#o.filter !== "nftables" && /not found|Operation not supported/.test(result.stderr))
       return undefined;
     throw new CommandError(argv, undefined, result);
@@ -433,8 +463,8 @@ export class Datapath {
         } catch (e) {
           if (!(e instanceof NftElementsUnknownError)) throw e;
           // Read without its elements, a set the last sync did not leave: list them now.
-          this.#nftElementsReadAt = Number.NEGATIVE_INFINITY;
-          nft = diffNftFull(desired, await this.#readNft());
+          this.#elementsReadAt = Number.NEGATIVE_INFINITY;
+          nft = diffNftFull(desired, await this.#readNft(true));
         }
       this.#lastNft = desired;
     } else {

@@ -953,8 +953,11 @@ class Xtables {
 //   name over 31 characters; /0 in hash:net; an element of the other family; a full set.
 // - save: `create NAME TYPE family F hashsize H maxelem M bucketsize 12 initval 0x…` then the
 //   members in hash order, host entries without their prefix.
+// - list -t [NAME] (terse): per set `Name`, `Type`, `Revision` (7 for hash:net, 6 for hash:ip),
+//   `Header` as save prints it, `Size in memory` (not modeled: 0), `References` (1 while a rule
+//   uses the set; the kernel counts the rules), `Number of entries`, sets apart by a blank line.
 // Not modeled: types other than hash:net and hash:ip (seeded sets of other types keep their
-// members verbatim), timeouts, counters, comments, hash growth, `ipset list`.
+// members verbatim), timeouts, counters, comments, hash growth, `ipset list` without -t.
 
 interface Member {
   readonly text: string;
@@ -993,6 +996,32 @@ class Ipsets {
 
   get(name: string): IpSet | undefined {
     return this.#slots.find((s) => s?.name === name);
+  }
+
+  list(args: readonly string[]): string {
+    if (args[0] !== "-t" && args[0] !== "-terse")
+      throw unmodeled(`ipset list ${args.join(" ")} (only -t is modeled)`);
+    const sets = this.#slots.filter((s): s is IpSet => s !== undefined);
+    let list = sets;
+    if (args.length === 2) {
+      list = sets.filter((s) => s.name === args[1]);
+      if (list.length === 0)
+        throw new ToolFailure(1, "ipset v7.17: The set with the given name does not exist\n");
+    } else if (args.length > 2) throw unmodeled(`ipset list ${args.join(" ")}`);
+    return list
+      .map((s) =>
+        [
+          `Name: ${s.name}`,
+          `Type: ${s.type}`,
+          `Revision: ${s.type === "hash:ip" ? 6 : 7}`,
+          `Header: family ${familyName(s.family)} hashsize ${s.hashsize} maxelem ${s.maxelem}${s.options} bucketsize 12 initval 0x${s.initval.toString(16).padStart(8, "0")}`,
+          "Size in memory: 0",
+          `References: ${this.#inUse(s.name) ? 1 : 0}`,
+          `Number of entries: ${s.members.size}`,
+        ].join("\n"),
+      )
+      .join("\n\n")
+      .concat(list.length === 0 ? "" : "\n");
   }
 
   save(args: readonly string[]): string {
@@ -4804,6 +4833,7 @@ export class FakeKernel implements Runner {
     switch (tool) {
       case "ipset":
         if (args[0] === "save") return this.#ipsets.save(args.slice(1));
+        if (args[0] === "list") return this.#ipsets.list(args.slice(1));
         if (args[0] === "restore") {
           this.#ipsets.restore(args.slice(1), stdin, seeding);
           return "";

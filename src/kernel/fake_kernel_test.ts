@@ -2184,6 +2184,60 @@ describe("Datapath on the fake kernel", () => {
     });
   }
 
+  // The agent lists every set member once a minute; its other full syncs read each set's header
+  // and number of entries (`ipset list -t`).
+  for (const [what, index, argv, when] of [
+    [
+      "a removed set member",
+      1,
+      ["ipset", "del", "sallyport-ignore4", "100.127.0.0/16"],
+      "with the next full sync: the number of entries changed",
+    ],
+    ["a flushed set", 2, ["ipset", "flush", "sallyport-eip4"], "with the next full sync"],
+    [
+      "a member replaced by another",
+      1,
+      ["ipset", "restore", "-exist"],
+      "once the members are due again: the number of entries is the same",
+    ],
+  ] as const) {
+    it(`members listed once a minute: repairs ${what} ${when}`, async () => {
+      const s = SCENARIOS["dual stack with ports"]!;
+      const fake = host(index);
+      const clock = new FakeClock();
+      const dp = new Datapath({
+        runner: fake,
+        iptables: new Iptables(fake, "nft"),
+        families: [4, 6],
+        rulePref: RULE_PREF,
+        tunnelDevice: TUNNEL,
+        setElementsEveryMs: 60_000,
+        clock,
+      });
+      const plan = planWith(index, await dp.read(), s);
+      await dp.sync(plan);
+      await ok(
+        fake,
+        [...argv],
+        "del sallyport-ignore4 100.127.0.0/16\nadd sallyport-ignore4 192.0.2.0/24\n",
+      );
+      await clock.advance(59_000);
+      fake.calls.length = 0;
+      const next = await dp.sync(plan);
+      assert.ok(
+        !fake.calls.some((c) => c.argv.join(" ") === "ipset save"),
+        "no listing of every member",
+      );
+      if (what === "a member replaced by another") {
+        assert.equal(next.changes, 0, "the header cannot tell");
+        await clock.advance(1000);
+        assert.ok((await dp.sync(plan)).changes > 0, "the listing found it");
+      } else assert.ok(next.changes > 0, "the header told");
+      await assertHolds(dp, plan);
+      assert.equal((await dp.sync(plan)).changes, 0, "and then holds the plan");
+    });
+  }
+
   it("a failing command stops the sync with a DatapathError naming the step; the next full sync converges", async () => {
     const s = SCENARIOS["dual stack with ports"]!;
     const steps: [string[], string][] = [
@@ -2890,7 +2944,7 @@ describe("Datapath on the fake kernel: nftables", () => {
         runner: fake,
         datapath: "nftables",
         backend: "nft",
-        nftElementsEveryMs: 60_000,
+        setElementsEveryMs: 60_000,
         clock,
       });
       const plan = nftPlanWith(index, await dp.read(), s);
@@ -2929,7 +2983,7 @@ describe("Datapath on the fake kernel: nftables", () => {
       runner: fake,
       datapath: "nftables",
       backend: "nft",
-      nftElementsEveryMs: 60_000,
+      setElementsEveryMs: 60_000,
       clock,
     });
     const plan = nftPlanWith(1, await dp.read(), s);

@@ -24,7 +24,7 @@ export interface OpenOptions {
   /** Egress-IP addresses leased from the kernel (see DatapathOptions); default: permanent. */
   readonly eipLeaseSeconds?: number;
   /** How often a full read lists the nftables elements (see DatapathOptions); default: always. */
-  readonly nftElementsEveryMs?: number;
+  readonly setElementsEveryMs?: number;
   readonly clock?: Pick<Clock, "now">;
 }
 
@@ -110,7 +110,7 @@ export async function openDatapath(options: OpenOptions = {}): Promise<Datapath>
     tunnelDevice: options.tunnelDevice ?? "sallyport",
     filter,
     eipLeaseSeconds: options.eipLeaseSeconds,
-    nftElementsEveryMs: options.nftElementsEveryMs,
+    setElementsEveryMs: options.setElementsEveryMs,
     clock: options.clock,
   });
 }

@@ -73,6 +73,32 @@ export function parseIpsetSave(text: string): Map<string, SavedSet> {
   return sets;
 }
 
+/** A set as `ipset list -t` describes it: no members, their number. */
+export interface ListedSet {
+  readonly name: string;
+  readonly type: string;
+  readonly family: Family | undefined;
+  readonly entries: number;
+}
+
+/** Parses `ipset list -t` (terse: each set's header, no members). */
+export function parseIpsetTerse(text: string): Map<string, ListedSet> {
+  const sets = new Map<string, ListedSet>();
+  for (const block of text.split(/\n(?=Name: )/)) {
+    const field = (key: string) => new RegExp(`^${key}: (.*)$`, "m").exec(block)?.[1];
+    const name = field("Name");
+    if (name === undefined) continue;
+    const family = /\bfamily (inet6?)\b/.exec(field("Header") ?? "")?.[1];
+    sets.set(name, {
+      name,
+      type: field("Type") ?? "",
+      family: family === "inet" ? 4 : family === "inet6" ? 6 : undefined,
+      entries: Number(field("Number of entries") ?? Number.NaN),
+    });
+  }
+  return sets;
+}
+
 function createLine(name: string, family: Family): string {
   return `create ${name} hash:net family ${family === 4 ? "inet" : "inet6"} hashsize 1024 maxelem ${MAXELEM}`;
 }

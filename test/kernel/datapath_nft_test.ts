@@ -194,7 +194,7 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
     const dp = await openDatapath({
       runner: r,
       datapath: "nftables",
-      nftElementsEveryMs: 60_000,
+      setElementsEveryMs: 60_000,
       clock: { now: () => now },
     });
     // As the agent's full sync: one read, planned from and synced against.
