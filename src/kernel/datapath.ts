@@ -102,11 +102,15 @@ export interface DatapathOptions {
    */
   readonly eipLeaseSeconds?: number | undefined;
   /**
-   * nftables: how often a full read lists the elements of our sets and maps (`nft -j list
-   * table`, ~1.4 s for 100,000 with nft 1.0.6). Between, a read lists the table's declarations,
-   * chains and rules only (`nft -t -j list ruleset inet`, a few ms), so a deleted table, chain,
-   * rule or set is still repaired by the next full sync, and takes the elements to be what the
-   * last successful sync left. 0: every read lists them. @default 0
+   * How often a full read lists every ipset member (`ipset save`) and nftables element (`nft -j
+   * list table`: ~1.4 s for 100,000 with nft 1.0.6, which fetches every element for any listing
+   * that names the table). Between, a read lists each ipset's header and number of entries
+   * (`ipset list -t`; a set of ours whose count moved is listed at once) and the nftables table's
+   * declarations, chains and rules (`nft -t -j list ruleset inet`), and takes the members to be
+   * what the last successful sync left: a deleted table, chain, rule or set, or a member deleted
+   * from an ipset, is repaired by the next full sync; an nftables element deleted, or an ipset
+   * member replaced, by the first one after the next listing. 0: every read lists them.
+   * @default 0
    */
   readonly setElementsEveryMs?: number | undefined;
   /** Times `setElementsEveryMs`. @default realClock */
@@ -260,7 +264,7 @@ export class Datapath {
   /** The nftables table the last successful sync left (nftables datapath). */
   #mirrorNft: NftDesired | undefined;
   #lastNft: NftDesired | undefined;
-  /** When the last read that listed the nftables elements was (`clock`). */
+  /** When the last read that listed every set member and element was (`clock`). */
   #elementsReadAt = Number.NEGATIVE_INFINITY;
   /** The egress IPs the last successful sync left in the kernel. */
   #heldEips: NodePlan["eips"] = [];
@@ -332,8 +336,7 @@ export class Datapath {
 
   /**
    * Every ipset: with `members`, `ipset save`; otherwise `ipset list -t` (each set's header and
-   * its number of entries, without the members: 100,000 of them take ~0.1 s to list and parse),
-   * and a set of ours whose type, family and number of entries are what the last sync left is
+   * its number of entries, without the members), and a set of ours whose type, family and number of entries are what the last sync left is
    * taken to hold its members; any other set of ours is listed with `ipset save NAME`. A foreign
    * set is described without members: nothing reads them.
    */
