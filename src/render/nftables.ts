@@ -19,8 +19,9 @@
  * `snat4-<i>-<j>…` (the indexes of its addresses): `numgen inc mod N vmap { 0 : goto snat4-<i>,
  * … }` sends each new connection to the next address's chain, round-robin.
  *
- * Every rule carries a comment ending in `#<id>`, an id derived from the rule's text and comment, so that
- * reading the table back tells which rules are there without parsing nftables' rewritten forms.
+ * Every rule carries a comment ending in `#<id>`, an id derived from the rule's text and comment,
+ * so that reading the table back tells which rules are there without parsing nftables' rewritten
+ * forms.
  * Sets and maps are compared element by element; classes are compared by identity when the
  * previous plan is known (partial syncs), so a pod added is one element.
  */
