@@ -284,8 +284,8 @@ function compareEntries(a: ClassEntry, b: ClassEntry): number {
 }
 
 /**
- * The name of a class, from its anchor: the one of its sources that sorts first by
- * `anchorOrder`. Every source is in one class of its family, so names are unique, and the same
+ * The name of a class, from its anchor: the one of its sources whose `anchorHash` is smallest
+ * (ties by text). Every source is in one class of its family, so names are unique, and the same
  * sources give the same name after a restart. A class keeps its name when policies come or go
  * over the same sources (at scale the common change: a policy added for pods that other policies
  * select already costs the nftables datapath its entries, not a new map of every entry and a new

@@ -976,6 +976,11 @@ interface IpSet {
   members: Map<string, Member>;
 }
 
+/** What `ipset save` prints after a set's type, and `ipset list` as its header. */
+function headerOf(s: IpSet): string {
+  return `family ${familyName(s.family)} hashsize ${s.hashsize} maxelem ${s.maxelem}${s.options} bucketsize 12 initval 0x${s.initval.toString(16).padStart(8, "0")}`;
+}
+
 interface IpsetCommand {
   readonly op: string;
   readonly line: number;
@@ -998,23 +1003,28 @@ class Ipsets {
     return this.#slots.find((s) => s?.name === name);
   }
 
+  /** Every set, or the one `args` names (`ipset save|list [-t] NAME`). */
+  #named(command: string, args: readonly string[]): IpSet[] {
+    const sets = this.#slots.filter((s): s is IpSet => s !== undefined);
+    if (args.length === 0) return sets;
+    if (args.length > 1) throw unmodeled(`ipset ${command} ${args.join(" ")}`);
+    const named = sets.filter((s) => s.name === args[0]);
+    if (named.length === 0)
+      throw new ToolFailure(1, "ipset v7.17: The set with the given name does not exist\n");
+    return named;
+  }
+
   list(args: readonly string[]): string {
     if (args[0] !== "-t" && args[0] !== "-terse")
       throw unmodeled(`ipset list ${args.join(" ")} (only -t is modeled)`);
-    const sets = this.#slots.filter((s): s is IpSet => s !== undefined);
-    let list = sets;
-    if (args.length === 2) {
-      list = sets.filter((s) => s.name === args[1]);
-      if (list.length === 0)
-        throw new ToolFailure(1, "ipset v7.17: The set with the given name does not exist\n");
-    } else if (args.length > 2) throw unmodeled(`ipset list ${args.join(" ")}`);
+    const list = this.#named("list -t", args.slice(1));
     return list
       .map((s) =>
         [
           `Name: ${s.name}`,
           `Type: ${s.type}`,
           `Revision: ${s.type === "hash:ip" ? 6 : 7}`,
-          `Header: family ${familyName(s.family)} hashsize ${s.hashsize} maxelem ${s.maxelem}${s.options} bucketsize 12 initval 0x${s.initval.toString(16).padStart(8, "0")}`,
+          `Header: ${headerOf(s)}`,
           "Size in memory: 0",
           `References: ${this.#inUse(s.name) ? 1 : 0}`,
           `Number of entries: ${s.members.size}`,
@@ -1025,18 +1035,9 @@ class Ipsets {
   }
 
   save(args: readonly string[]): string {
-    const sets = this.#slots.filter((s): s is IpSet => s !== undefined);
-    let list = sets;
-    if (args.length === 1) {
-      list = sets.filter((s) => s.name === args[0]);
-      if (list.length === 0)
-        throw new ToolFailure(1, "ipset v7.17: The set with the given name does not exist\n");
-    } else if (args.length > 1) throw unmodeled(`ipset save ${args.join(" ")}`);
     const out: string[] = [];
-    for (const s of list) {
-      out.push(
-        `create ${s.name} ${s.type} family ${familyName(s.family)} hashsize ${s.hashsize} maxelem ${s.maxelem}${s.options} bucketsize 12 initval 0x${s.initval.toString(16).padStart(8, "0")}`,
-      );
+    for (const s of this.#named("save", args)) {
+      out.push(`create ${s.name} ${s.type} ${headerOf(s)}`);
       // The kernel walks its hash buckets: members come out in no useful order.
       const order = [...s.members.values()].sort(
         (a, b) => fnv1a(`${s.initval}/${a.text}`) - fnv1a(`${s.initval}/${b.text}`),

@@ -2808,6 +2808,17 @@ function nftDatapathOn(runner: Runner): Promise<Datapath> {
   return openDatapath({ runner, datapath: "nftables", backend: "nft" });
 }
 
+/** As nftDatapathOn, listing the elements once a minute as the agent does, on `clock`. */
+function minuteDatapathOn(runner: Runner, clock: FakeClock): Promise<Datapath> {
+  return openDatapath({
+    runner,
+    datapath: "nftables",
+    backend: "nft",
+    setElementsEveryMs: 60_000,
+    clock,
+  });
+}
+
 /** What the agent does with `datapath: "nftables"`: facts from the kernel, then the plan. */
 function nftPlanWith(
   index: number,
@@ -2860,6 +2871,23 @@ async function ourNames(fake: FakeKernel): Promise<Record<string, string>> {
   return { $CLASS: classMap, $VERDICT: verdict, $SOURCE: `{ ${source} }` };
 }
 
+/** Syncs node-`index`'s plan of "dual stack with ports" through `dp`, then runs `drift`. */
+async function syncThenDrift(
+  fake: FakeKernel,
+  dp: Datapath,
+  index: number,
+  drift: readonly string[],
+): Promise<NodePlan> {
+  const plan = nftPlanWith(index, await dp.read(), SCENARIOS["dual stack with ports"]!);
+  await dp.sync(plan);
+  const names = await ourNames(fake);
+  await ok(
+    fake,
+    drift.map((a) => names[a] ?? a),
+  );
+  return plan;
+}
+
 describe("Datapath on the fake kernel: nftables", () => {
   for (const [name, s] of Object.entries(SCENARIOS)) {
     for (const index of [1, 2]) {
@@ -2908,16 +2936,9 @@ describe("Datapath on the fake kernel: nftables", () => {
   ];
   for (const [what, index, argv] of drifts) {
     it(`repairs ${what} with one full sync`, async () => {
-      const s = SCENARIOS["dual stack with ports"]!;
       const fake = nftHost(index);
       const dp = await nftDatapathOn(fake);
-      const plan = nftPlanWith(index, await dp.read(), s);
-      await dp.sync(plan);
-      const names = await ourNames(fake);
-      await ok(
-        fake,
-        argv.map((a) => names[a] ?? a),
-      );
+      const plan = await syncThenDrift(fake, dp, index, argv);
       assert.notEqual(
         nftSection(fake.dump(), "inet", "sallyport"),
         await freshTable(plan),
@@ -2937,23 +2958,10 @@ describe("Datapath on the fake kernel: nftables", () => {
       ? "at the first full sync once the elements are due again"
       : "with the next full sync, elements not listed";
     it(`elements listed once a minute: repairs ${what} ${when}`, async () => {
-      const s = SCENARIOS["dual stack with ports"]!;
       const fake = nftHost(index);
       const clock = new FakeClock();
-      const dp = await openDatapath({
-        runner: fake,
-        datapath: "nftables",
-        backend: "nft",
-        setElementsEveryMs: 60_000,
-        clock,
-      });
-      const plan = nftPlanWith(index, await dp.read(), s);
-      await dp.sync(plan);
-      const names = await ourNames(fake);
-      await ok(
-        fake,
-        argv.map((a) => names[a] ?? a),
-      );
+      const dp = await minuteDatapathOn(fake, clock);
+      const plan = await syncThenDrift(fake, dp, index, argv);
       await clock.advance(59_000);
       fake.calls.length = 0;
       const next = await dp.sync(plan);
@@ -2979,13 +2987,7 @@ describe("Datapath on the fake kernel: nftables", () => {
     const s = SCENARIOS["dual stack with ports"]!;
     const fake = nftHost(1);
     const clock = new FakeClock();
-    const dp = await openDatapath({
-      runner: fake,
-      datapath: "nftables",
-      backend: "nft",
-      setElementsEveryMs: 60_000,
-      clock,
-    });
+    const dp = await minuteDatapathOn(fake, clock);
     const plan = nftPlanWith(1, await dp.read(), s);
     await dp.sync(plan);
     // A chain and a class map flushed; nft refuses the sync that repairs the chain, so what the

@@ -10,7 +10,6 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { planToJSON } from "../../src/engine/plan.ts";
-import { openDatapath } from "../../src/kernel/open.ts";
 import { mustRun } from "../../src/kernel/runner.ts";
 import { nodeAddress, nsRunner } from "../../src/sandbox/topology.ts";
 import {
@@ -190,18 +189,7 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
 
   it("reads the table tersely between element listings (as the agent does): it holds the plan, a flushed chain is repaired, a flushed class map waits for the listing", async () => {
     const r = nsRunner(topo.nodeNs(1));
-    let now = 0;
-    const dp = await openDatapath({
-      runner: r,
-      datapath: "nftables",
-      setElementsEveryMs: 60_000,
-      clock: { now: () => now },
-    });
-    // As the agent's full sync: one read, planned from and synced against.
-    const fullSync = async () => {
-      const state = await dp.read();
-      return (await dp.sync(lab.planWith(1, state), { state })).changes;
-    };
+    const { dp, advance, fullSync } = await lab.listingOnceAMinute(1);
     assert.equal(await fullSync(), 0, "adopted: the first read lists all");
     const state = await dp.read();
     assert.ok(state.nft !== undefined && state.nft.sets.size > 0);
@@ -216,7 +204,7 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
     await mustRun(r, ["nft", "flush", "map", "inet", "sallyport", classMap]);
     assert.ok((await fullSync()) > 0, "the flushed chain");
     assert.notEqual((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4, "the map is empty");
-    now += 60_000;
+    advance(60_000);
     assert.ok((await fullSync()) > 0, "the listing found the map");
     assert.equal((await probe(topo.pod("web-1").netns, ext4)).saw, EIP4);
     assert.equal(await lab.syncNode(1), 0, "the lab's datapath sees the same table");

@@ -291,18 +291,7 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
 
   it("reads the sets' headers between member listings (as the agent does): it holds the plan, a removed member is seen by the number of entries, a replaced one waits for the listing", async () => {
     const r = nsRunner(topo.nodeNs(1));
-    let now = 0;
-    const dp = await openDatapath({
-      runner: r,
-      datapath: "iptables",
-      setElementsEveryMs: 60_000,
-      clock: { now: () => now },
-    });
-    // As the agent's full sync: one read, planned from and synced against.
-    const fullSync = async () => {
-      const state = await dp.read();
-      return (await dp.sync(lab.planWith(1, state), { state })).changes;
-    };
+    const { advance, fullSync } = await lab.listingOnceAMinute(1);
     assert.equal(await fullSync(), 0, "adopted: the first read lists every member");
     assert.equal(await fullSync(), 0, "the headers agree");
     const save = await mustRun(r, ["ipset", "save", "sallyport-ignore4"]);
@@ -313,7 +302,7 @@ describe("node datapath in network namespaces", { skip: NEEDS_ROOT }, () => {
       stdin: `del sallyport-ignore4 ${member}\nadd sallyport-ignore4 192.0.2.0/24\n`,
     });
     assert.equal(await fullSync(), 0, "as many entries: not seen yet");
-    now += 60_000;
+    advance(60_000);
     assert.ok((await fullSync()) > 0, "the listing found it");
     assert.doesNotMatch(await mustRun(r, ["ipset", "save", "sallyport-ignore4"]), /192\.0\.2\.0/);
     assert.equal(await syncNode(1), 0, "the lab's datapath sees the same sets");

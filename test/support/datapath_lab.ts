@@ -195,6 +195,35 @@ export class DatapathLab {
     return this.planWith(index, await this.datapaths.get(index)!.read(), s);
   }
 
+  /**
+   * Another datapath of node-`index`, as the agent's: it lists set members and elements once a
+   * minute (of a clock `advance` moves), and `fullSync` is the agent's full sync (one read,
+   * planned from and synced against); returns the changes.
+   */
+  async listingOnceAMinute(index: number): Promise<{
+    readonly dp: Datapath;
+    readonly advance: (ms: number) => void;
+    readonly fullSync: () => Promise<number>;
+  }> {
+    let now = 0;
+    const dp = await openDatapath({
+      runner: nsRunner(this.topo.nodeNs(index)),
+      datapath: this.filter,
+      setElementsEveryMs: 60_000,
+      clock: { now: () => now },
+    });
+    return {
+      dp,
+      advance: (ms) => {
+        now += ms;
+      },
+      fullSync: async () => {
+        const state = await dp.read();
+        return (await dp.sync(this.planWith(index, state), { state })).changes;
+      },
+    };
+  }
+
   async syncNode(index: number): Promise<number> {
     const report = await this.datapaths.get(index)!.sync(await this.planFor(index));
     if (process.env.DEBUG_SYNC === "1")
