@@ -132,8 +132,10 @@ export class DatapathSync {
     const m = this.#o.metrics;
     const kind = full ? "full" : "partial";
     try {
+      const readStart = performance.now();
       const state = full ? await this.#o.datapath.read() : undefined;
       const planStart = performance.now();
+      const readMs = planStart - readStart;
       const plan = this.#o.plan(state);
       this.lastPlanMs = performance.now() - planStart;
       if (!full && plan === this.#applied) {
@@ -172,6 +174,7 @@ export class DatapathSync {
             detail: report.detail,
             ms: Math.round(report.durationMs),
             planMs: Math.round(this.lastPlanMs),
+            ...(full ? { readMs: Math.round(readMs) } : {}),
             waitMs: Math.round(this.lastWaitMs),
           },
           "datapath updated",

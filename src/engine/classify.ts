@@ -20,6 +20,7 @@
  * `ClassTable` keeps classes per key (incremental): a pod added to a class is one source; a
  * policy change recomputes the entries of the classes it belongs to.
  */
+import { createHash } from "node:crypto";
 import type { PortSpec } from "../api/types.ts";
 import { hashName } from "../lib/hash.ts";
 import {
@@ -73,7 +74,7 @@ export interface ClassEntry {
 
 /** A class of sources and its entries, as the datapath holds them. */
 export interface TrafficClass {
-  /** Stable: a hash of its policies. Names the class's chain and map. */
+  /** Stable: a hash of its anchor source (see className). Names the class's chain and map. */
   readonly name: string;
   readonly family: Family;
   /** Policy keys in precedence order. */
@@ -177,9 +178,10 @@ export function classEntries(
   policies: readonly ClassPolicy[],
   family: Family,
   ignore: RangeSet,
+  reachOf: (p: ClassPolicy) => readonly Range[] = (p) => regionOf(p, family, ignore).ranges(family),
 ): ClassEntry[] {
   const boxes = policies.map((p) => l4Boxes(p.ports));
-  const reach = policies.map((p) => regionOf(p, family, ignore).ranges(family));
+  const reach = policies.map(reachOf);
   const out: ClassEntry[] = [];
   for (const atom of atoms(boxes)) {
     const active: number[] = [];
@@ -311,20 +313,41 @@ interface Member {
   readonly sources: readonly string[];
 }
 
+/** A source: the policies that select it, and their key hashes XORed (its class key). */
+interface Host {
+  readonly policies: Set<string>;
+  a: number;
+  b: number;
+}
+
+/** A class: the policies that select its sources (the same for every one of them). */
+interface Class {
+  readonly policies: ReadonlySet<string>;
+  readonly hosts: Set<string>;
+}
+
 /**
  * The classes of one family, kept per key. Feed it each policy's classification and sources
  * (in any order) and the precedence order; `classes()` returns them sorted by name, unchanged
  * classes by identity.
+ *
+ * A source's class is the set of its policies, keyed by the XOR of their 64-bit key hashes and
+ * their number, updated as a policy comes or goes: a policy added over 1,000 sources costs each
+ * one a hash, not a sort of its 1,000 policies (at 1,000 policies over the same pods that sort
+ * was most of an agent's work). Two different sets with one key would need a 64-bit collision
+ * among a node's few classes. The order of a class's policies is applied when it is built, so a
+ * new precedence order rebuilds only the classes whose policies it reorders.
  */
 export class ClassTable {
   readonly #family: Family;
   readonly #members = new Map<string, Member>();
-  /** source host → keys of the policies selecting it */
-  readonly #hostPolicies = new Map<string, Set<string>>();
-  /** source host → its class key (policy keys in precedence order, joined) */
+  readonly #hosts = new Map<string, Host>();
+  /** policy key → its two 32-bit hashes */
+  readonly #keyHashes = new Map<string, readonly [number, number]>();
+  /** source host → its class key */
   readonly #hostClass = new Map<string, string>();
-  /** class key → its hosts */
-  readonly #classHosts = new Map<string, Set<string>>();
+  /** class key → its policies and hosts */
+  readonly #classes = new Map<string, Class>();
   /** policy key → class keys it is part of */
   readonly #policyClasses = new Map<string, Set<string>>();
   readonly #built = new Map<string, TrafficClass>();
@@ -339,6 +362,8 @@ export class ClassTable {
   readonly #left = new Map<string, Set<string>>();
   #rank = new Map<string, number>();
   #ignore = new RangeSet();
+  /** A policy's reach in this family minus the ignore set, while both stay the same. */
+  #reach = new WeakMap<ClassPolicy, readonly Range[]>();
   #list: readonly TrafficClass[] = [];
   #listDirty = true;
 
@@ -353,6 +378,7 @@ export class ClassTable {
       if (before === undefined) return;
       this.#members.delete(key);
       for (const h of before.sources) this.#unlink(h, key);
+      this.#keyHashes.delete(key);
       this.#markPolicy(key);
       return;
     }
@@ -362,25 +388,40 @@ export class ClassTable {
     const old = new Set(before?.sources ?? []);
     const now = new Set(sources);
     for (const h of old) if (!now.has(h)) this.#unlink(h, key);
-    for (const h of now) {
-      if (old.has(h)) continue;
-      getOrInsert(this.#hostPolicies, h, () => new Set()).add(key);
-      this.#dirtyHosts.add(h);
-    }
+    for (const h of now) if (!old.has(h)) this.#link(h, key);
   }
 
-  /** Precedence: policy key → rank (0 decides first). Changes reclassify every source. */
+  /** Precedence: policy key → rank (0 decides first). Rebuilds the classes it reorders. */
   setOrder(rank: ReadonlyMap<string, number>): void {
     let same = rank.size === this.#rank.size;
     if (same) for (const [k, r] of rank) if (this.#rank.get(k) !== r) same = false;
     if (same) return;
     this.#rank = new Map(rank);
-    for (const h of this.#hostPolicies.keys()) this.#dirtyHosts.add(h);
+    for (const [key, built] of this.#built) {
+      const p = built.policies;
+      for (let i = 1; i < p.length; i++)
+        if (this.#compare(p[i - 1]!, p[i]!) > 0) {
+          this.#dirtyClasses.add(key);
+          break;
+        }
+    }
   }
 
   setIgnore(ignore: RangeSet): void {
     this.#ignore = ignore;
-    for (const c of this.#classHosts.keys()) this.#dirtyClasses.add(c);
+    this.#reach = new WeakMap();
+    for (const c of this.#classes.keys()) this.#dirtyClasses.add(c);
+  }
+
+  #compare(a: string, b: string): number {
+    return (this.#rank.get(a) ?? 0) - (this.#rank.get(b) ?? 0) || (a < b ? -1 : a > b ? 1 : 0);
+  }
+
+  #hashOf(key: string): readonly [number, number] {
+    return getOrInsert(this.#keyHashes, key, () => {
+      const d = createHash("sha256").update(key).digest();
+      return [d.readUInt32LE(0), d.readUInt32LE(4)] as const;
+    });
   }
 
   /** Whether source `a` anchors a class before source `b`. */
@@ -390,10 +431,23 @@ export class ClassTable {
     return ha < hb || (ha === hb && a < b);
   }
 
+  #link(host: string, key: string): void {
+    const h = getOrInsert(this.#hosts, host, () => ({ policies: new Set<string>(), a: 0, b: 0 }));
+    if (h.policies.has(key)) return;
+    h.policies.add(key);
+    const [a, b] = this.#hashOf(key);
+    h.a ^= a;
+    h.b ^= b;
+    this.#dirtyHosts.add(host);
+  }
+
   #unlink(host: string, key: string): void {
-    const set = this.#hostPolicies.get(host);
-    set?.delete(key);
-    if (set !== undefined && set.size === 0) this.#hostPolicies.delete(host);
+    const h = this.#hosts.get(host);
+    if (h === undefined || !h.policies.delete(key)) return;
+    const [a, b] = this.#hashOf(key);
+    h.a ^= a;
+    h.b ^= b;
+    if (h.policies.size === 0) this.#hosts.delete(host);
     this.#dirtyHosts.add(host);
   }
 
@@ -401,52 +455,59 @@ export class ClassTable {
     for (const c of this.#policyClasses.get(key) ?? []) this.#dirtyClasses.add(c);
   }
 
+  #reachOf = (p: ClassPolicy): readonly Range[] =>
+    getOrInsert(this.#reach, p, () => regionOf(p, this.#family, this.#ignore).ranges(this.#family));
+
   classes(): readonly TrafficClass[] {
     // Sources whose set of policies changed move between classes.
     for (const h of this.#dirtyHosts) {
-      const policies = [...(this.#hostPolicies.get(h) ?? [])]
-        .filter((k) => this.#members.has(k))
-        .sort((a, b) => (this.#rank.get(a) ?? 0) - (this.#rank.get(b) ?? 0) || (a < b ? -1 : 1));
-      const key = policies.join("\n");
+      const host = this.#hosts.get(h);
+      const key =
+        host === undefined
+          ? ""
+          : `${host.policies.size}.${host.a.toString(36)}.${host.b.toString(36)}`;
       const before = this.#hostClass.get(h);
       if (before === key) continue;
       if (before !== undefined) {
-        const hosts = this.#classHosts.get(before)!;
-        hosts.delete(h);
+        this.#classes.get(before)!.hosts.delete(h);
         getOrInsert(this.#left, before, () => new Set()).add(h);
         this.#dirtyClasses.add(before);
       }
-      if (key === "") {
+      if (host === undefined) {
         this.#hostClass.delete(h);
         this.#anchorHashes.delete(h);
         continue;
       }
       this.#hostClass.set(h, key);
-      if (!this.#classHosts.has(key)) {
-        this.#classHosts.set(key, new Set());
-        for (const p of policies) getOrInsert(this.#policyClasses, p, () => new Set()).add(key);
-      }
-      this.#classHosts.get(key)!.add(h);
+      const c = getOrInsert(this.#classes, key, () => {
+        for (const p of host.policies)
+          getOrInsert(this.#policyClasses, p, () => new Set()).add(key);
+        return { policies: new Set(host.policies), hosts: new Set<string>() };
+      });
+      c.hosts.add(h);
       getOrInsert(this.#joined, key, () => []).push(h);
       this.#dirtyClasses.add(key);
     }
     this.#dirtyHosts.clear();
     for (const key of this.#dirtyClasses) {
-      const hosts = this.#classHosts.get(key);
+      const c = this.#classes.get(key);
       const before = this.#built.get(key);
-      if (hosts === undefined || hosts.size === 0) {
-        this.#classHosts.delete(key);
+      if (c === undefined || c.hosts.size === 0) {
+        this.#classes.delete(key);
         this.#left.delete(key);
         this.#joined.delete(key);
         this.#anchors.delete(key);
-        for (const p of key.split("\n")) this.#policyClasses.get(p)?.delete(key);
+        for (const p of c?.policies ?? []) this.#policyClasses.get(p)?.delete(key);
         if (before !== undefined) {
           this.#built.delete(key);
           this.#listDirty = true;
         }
         continue;
       }
-      const policies = key.split("\n");
+      const hosts = c.hosts;
+      const ordered = [...c.policies].sort((a, b) => this.#compare(a, b));
+      const policies =
+        before !== undefined && sameItems(before.policies, ordered) ? before.policies : ordered;
       // Sorted sources: the last ones, minus those that left, plus those that joined (a merge,
       // not a sort of the whole class: a gateway's class may hold 100,000 pods).
       const left = this.#left.get(key);
@@ -468,6 +529,7 @@ export class ClassTable {
         policies.map((p) => this.#members.get(p)!.policy),
         this.#family,
         this.#ignore,
+        this.#reachOf,
       );
       this.#anchors.set(key, anchor!);
       const built: TrafficClass = {
@@ -482,6 +544,7 @@ export class ClassTable {
       if (
         before === undefined ||
         before.name !== built.name ||
+        before.policies !== built.policies ||
         before.sources !== built.sources ||
         before.entries !== built.entries
       ) {
