@@ -64,6 +64,8 @@ export interface AgentOptions {
   readonly metrics: DatapathMetrics;
   /** Time between full syncs (re-read the kernel, repair drift). @default 10000 */
   readonly periodMs?: number;
+  /** While events keep coming, at most one partial sync per this interval (after a burst). @default 0 */
+  readonly minSyncIntervalMs?: number;
   readonly leaseTiming?: LeaseTiming;
   /** Data-plane liveness (src/agent/liveness.ts). */
   readonly liveness?: LivenessTiming;
@@ -268,6 +270,7 @@ export class Agent {
       log,
       metrics: options.metrics,
       periodMs: options.periodMs ?? 10_000,
+      minIntervalMs: options.minSyncIntervalMs ?? 0,
       plan: (kernel) => this.#plan(kernel),
       onSynced: (plan) => this.#synced(plan),
     });

@@ -22,6 +22,13 @@ import type { Logger } from "../lib/log.ts";
 import type { DatapathMetrics } from "../lib/metrics.ts";
 import { SyncLoop } from "../lib/sync_loop.ts";
 
+/**
+ * Syncs that start back to back before the minimum interval applies: a pod's ADD, its status and
+ * its policy's slice, or a failover's takeover and the statuses that follow it, each go to the
+ * kernel at once; a stream of policy writes is taken a batch per interval.
+ */
+export const SYNC_BURST = 3;
+
 export interface DatapathSyncOptions {
   readonly datapath: Datapath;
   /**
@@ -34,6 +41,11 @@ export interface DatapathSyncOptions {
   readonly metrics: DatapathMetrics;
   /** @default 10000 */
   readonly periodMs?: number;
+  /**
+   * While events keep coming, at most one partial sync per this interval, after a burst of
+   * `SYNC_BURST` at once (see SyncLoop). @default 0
+   */
+  readonly minIntervalMs?: number;
   /** Called after every successful sync with the plan the kernel now holds. */
   readonly onSynced?: (plan: NodePlan, report: SyncReport | undefined) => void;
 }
@@ -63,6 +75,8 @@ export class DatapathSync {
     this.#loop = new SyncLoop({
       clock: options.clock,
       periodMs: options.periodMs ?? 10_000,
+      minIntervalMs: options.minIntervalMs ?? 0,
+      burst: SYNC_BURST,
       retryMs: 1000,
       sync: ({ full }) => this.#sync(full),
       onError: (e) => {

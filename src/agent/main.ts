@@ -32,6 +32,7 @@ export interface AgentFlags {
   tableStart: number;
   tableCount: number;
   periodMs: number;
+  minSyncIntervalMs: number;
   setElementsPeriodMs: number;
   lease: LeaseTiming;
   liveness: LivenessTiming;
@@ -120,6 +121,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     log,
     metrics: datapathMetrics(registry),
     periodMs: flags.periodMs,
+    minSyncIntervalMs: flags.minSyncIntervalMs,
     leaseTiming: flags.lease,
     liveness: flags.liveness,
     probePort: flags.probePort,

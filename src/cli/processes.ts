@@ -188,6 +188,12 @@ export function processCommands(program: Command): void {
         .option("--table-count <n>", "TABLE_NUM count n", int, 100)
         .option("--period-ms <ms>", "full resync period (drift repair)", int, 10000)
         .option(
+          "--min-sync-interval-ms <ms>",
+          "while changes keep coming, at most one datapath sync per this interval, each taking all that arrived meanwhile (the first 3 back to back go at once); 0: a sync as soon as the last one ends",
+          int,
+          250,
+        )
+        .option(
           "--set-elements-period-ms <ms>",
           "nftables: how often a full resync also lists every set element (the others read the table's chains, rules and sets only: with nft 1.0.6 a listing of 100,000 elements takes ~1.4 s); 0: every resync",
           int,

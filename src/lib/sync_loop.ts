@@ -2,7 +2,10 @@
  * One serialized sync loop with two kinds of sync, as kube-proxy's nftables proxier runs them:
  *
  *  - a *partial* sync when something changed (`trigger()`): requests are coalesced, one sync runs
- *    at a time, at least `minIntervalMs` apart (BoundedFrequencyRunner's minimum interval);
+ *    at a time; `burst` of them may start back to back, then one each `minIntervalMs`
+ *    (BoundedFrequencyRunner's minimum interval and burst: a token bucket), so that a stream of
+ *    events costs a sync per interval, each taking what arrived meanwhile, while a lone event
+ *    is synced at once;
  *  - a *full* sync (the one that re-reads the world and so repairs drift) every `periodMs` since
  *    the last full sync started, and at once after any failure (kube-proxy's `needFullSync`).
  *
@@ -28,8 +31,13 @@ export interface SyncLoopOptions {
   readonly clock: Clock;
   /** Time between the starts of two full syncs. @default 10000 */
   readonly periodMs?: number;
-  /** Shortest gap between the end of one sync and the start of the next. @default 0 */
+  /**
+   * Once `burst` syncs started close together, the shortest time between the starts of two
+   * syncs (one token comes back each interval). @default 0
+   */
   readonly minIntervalMs?: number;
+  /** Syncs that may start back to back before `minIntervalMs` applies. @default 1 */
+  readonly burst?: number;
   /** First retry delay after a failure; doubles per consecutive failure. @default 1000 */
   readonly retryMs?: number;
   /** @default periodMs */
@@ -42,6 +50,10 @@ export class SyncLoop {
   readonly #clock: Clock;
   readonly #periodMs: number;
   readonly #minIntervalMs: number;
+  readonly #burst: number;
+  /** Sync starts allowed now, as of `#tokensAt` (refilled one per `minIntervalMs`). */
+  #tokens: number;
+  #tokensAt = Number.NEGATIVE_INFINITY;
   readonly #retryMs: number;
   readonly #maxRetryMs: number;
   readonly #onError: SyncLoopOptions["onError"];
@@ -51,7 +63,6 @@ export class SyncLoop {
   #stopped = true;
   #timer: Timer | undefined;
   #dueAt = Number.POSITIVE_INFINITY;
-  #lastEnd = Number.NEGATIVE_INFINITY;
   #lastFullStart = Number.NEGATIVE_INFINITY;
   #retryAt = Number.NEGATIVE_INFINITY;
   #failures = 0;
@@ -62,6 +73,8 @@ export class SyncLoop {
     this.#clock = options.clock;
     this.#periodMs = options.periodMs ?? 10_000;
     this.#minIntervalMs = options.minIntervalMs ?? 0;
+    this.#burst = Math.max(1, options.burst ?? 1);
+    this.#tokens = this.#burst;
     this.#retryMs = options.retryMs ?? 1000;
     this.#maxRetryMs = options.maxRetryMs ?? this.#periodMs;
     this.#onError = options.onError;
@@ -108,17 +121,25 @@ export class SyncLoop {
   }
 
   /** When the next sync may start: the earlier of a pending request and the full-sync deadline. */
-  #nextAt(): number {
+  #nextAt(now: number): number {
     const fullAt = this.#needFull ? this.#retryAt : this.#lastFullStart + this.#periodMs;
     if (!this.#pending) return Math.max(fullAt, this.#retryAt);
-    const partialAt = Math.max(this.#lastEnd + this.#minIntervalMs, this.#retryAt);
+    const tokens = this.#available(now);
+    const tokenAt = tokens >= 1 ? now : now + (1 - tokens) * this.#minIntervalMs;
+    const partialAt = Math.max(tokenAt, this.#retryAt);
     return Math.min(partialAt, Math.max(fullAt, this.#retryAt));
+  }
+
+  /** The tokens there are at `now`. */
+  #available(now: number): number {
+    if (this.#minIntervalMs <= 0) return this.#burst;
+    return Math.min(this.#burst, this.#tokens + (now - this.#tokensAt) / this.#minIntervalMs);
   }
 
   #reschedule(): void {
     if (this.#stopped) return;
     const now = this.#clock.now();
-    const at = Math.max(now, this.#nextAt());
+    const at = Math.max(now, this.#nextAt(now));
     if (this.#timer !== undefined && this.#dueAt === at) return;
     this.#timer?.cancel();
     this.#dueAt = at;
@@ -137,6 +158,8 @@ export class SyncLoop {
     const full = this.#needFull || started >= this.#lastFullStart + this.#periodMs - TIMER_SLACK_MS;
     this.#running = true;
     this.#pending = false;
+    this.#tokens = Math.max(0, this.#available(started) - 1);
+    this.#tokensAt = started;
     try {
       await this.#sync({ full });
       this.#failures = 0;
@@ -153,7 +176,6 @@ export class SyncLoop {
       this.#onError?.(e);
     } finally {
       this.#running = false;
-      this.#lastEnd = this.#clock.now();
     }
     if (this.#stopped) return;
     this.#reschedule();

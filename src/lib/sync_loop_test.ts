@@ -6,6 +6,7 @@ import { SyncLoop } from "./sync_loop.ts";
 function loop(options: {
   periodMs?: number;
   minIntervalMs?: number;
+  burst?: number;
   fail?: () => boolean;
   syncMs?: number;
 }) {
@@ -17,6 +18,7 @@ function loop(options: {
     clock,
     periodMs: options.periodMs ?? 10_000,
     minIntervalMs: options.minIntervalMs ?? 0,
+    ...(options.burst === undefined ? {} : { burst: options.burst }),
     retryMs: 1000,
     onError: (e) => errors.push(e),
     sync: async ({ full }) => {
@@ -58,6 +60,30 @@ describe("SyncLoop", () => {
     l.trigger();
     await clock.advance(1000);
     assert.deepEqual(starts, [0, 500]);
+    l.stop();
+  });
+
+  it("syncs a burst of events at once, then one sync per interval while events keep coming", async () => {
+    const { clock, starts, l } = loop({ minIntervalMs: 250, burst: 3, syncMs: 10 });
+    l.start();
+    await clock.advance(1000);
+    // An event every 20 ms for a second.
+    for (let t = 0; t < 1000; t += 20) {
+      l.trigger();
+      await clock.advance(20);
+    }
+    await clock.advance(1000);
+    const during = starts.filter((t) => t >= 1000);
+    // Three at once (the burst), then one when a token is back (1040 + 0.84 of 250 ms), then
+    // one each 250 ms.
+    assert.deepEqual(during.slice(0, 4), [1000, 1020, 1040, 1250]);
+    for (let i = 4; i < during.length; i++) assert.equal(during[i]! - during[i - 1]!, 250);
+    assert.ok(during.length <= 7, `${during.length} syncs for 50 events`);
+    // A lone event after a quiet second is synced at once.
+    const lone = clock.now();
+    l.trigger();
+    await clock.advance(100);
+    assert.equal(starts.at(-1), lone);
     l.stop();
   });
 
