@@ -64,7 +64,10 @@ export interface AgentOptions {
   readonly metrics: DatapathMetrics;
   /** Time between full syncs (re-read the kernel, repair drift). @default 10000 */
   readonly periodMs?: number;
-  /** While events keep coming, at most one partial sync per this interval (after a burst). @default 0 */
+  /**
+   * While API events keep coming, at most one partial sync per this interval (after a burst);
+   * liveness changes and CNI ADDs go at once. @default 0
+   */
   readonly minSyncIntervalMs?: number;
   readonly leaseTiming?: LeaseTiming;
   /** Data-plane liveness (src/agent/liveness.ts). */
@@ -236,7 +239,8 @@ export class Agent {
       apiReachable: () => this.#renewer.apiReachable,
       apiSettleMs: timing.graceMs / 2,
       refresh,
-      onChange: () => this.sync.trigger(),
+      // The data plane's own verdict (a gateway lost or back): a failover waits for nothing.
+      onChange: () => this.sync.trigger(true),
     };
     this.#liveness = options.livenessThread
       ? new WorkerLiveness({

@@ -36,7 +36,7 @@ import type { AgentState } from "./view.ts";
 export interface PodNetworkAgent {
   readonly state: AgentState;
   readonly sync: {
-    trigger(): number;
+    trigger(urgent?: boolean): number;
     readonly requested: number;
     applied(generation: number): Promise<void>;
   };
@@ -220,7 +220,7 @@ export class CniServer {
   /** The generation of the change just made (or of everything requested so far). */
   #changed(): number {
     const { state, sync } = this.#o.agent;
-    return state.planDirty ? sync.trigger() : sync.requested;
+    return state.planDirty ? sync.trigger(true) : sync.requested;
   }
 
   async #kernel(generation: number, what: string): Promise<void> {

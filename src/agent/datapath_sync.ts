@@ -100,11 +100,13 @@ export class DatapathSync {
   }
   /**
    * Something the plan depends on changed. Returns the change's generation: `applied(g)`
-   * resolves once a sync that started after it succeeded.
+   * resolves once a sync that started after it succeeded. `urgent`: a change someone waits for
+   * (a pod's CNI ADD, a failover the data plane decided), synced as soon as no sync runs,
+   * outside the minimum interval that batches a stream of API changes.
    */
-  trigger(): number {
+  trigger(urgent = false): number {
     this.#pendingSince ??= this.#o.clock.now();
-    this.#loop.trigger();
+    this.#loop.trigger({ urgent });
     return ++this.#requested;
   }
   /** The generation of the last trigger (0 before any). */

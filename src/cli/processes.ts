@@ -189,7 +189,7 @@ export function processCommands(program: Command): void {
         .option("--period-ms <ms>", "full resync period (drift repair)", int, 10000)
         .option(
           "--min-sync-interval-ms <ms>",
-          "while changes keep coming, at most one datapath sync per this interval, each taking all that arrived meanwhile (the first 3 back to back go at once); 0: a sync as soon as the last one ends",
+          "while API changes keep coming, at most one datapath sync per this interval, each taking all that arrived meanwhile (the first 3 back to back go at once; CNI ADDs and failovers never wait); 0: a sync as soon as the last one ends",
           int,
           250,
         )

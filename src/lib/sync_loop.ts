@@ -59,6 +59,8 @@ export class SyncLoop {
   readonly #onError: SyncLoopOptions["onError"];
   #running = false;
   #pending = false;
+  /** A pending request that does not wait for a token (see trigger). */
+  #urgent = false;
   #needFull = true;
   #stopped = true;
   #timer: Timer | undefined;
@@ -90,16 +92,21 @@ export class SyncLoop {
   stop(): void {
     this.#stopped = true;
     this.#pending = false;
+    this.#urgent = false;
     this.#timer?.cancel();
     this.#timer = undefined;
     this.#dueAt = Number.POSITIVE_INFINITY;
     for (const r of this.#idle.splice(0)) r();
   }
 
-  /** Asks for a partial sync soon; many requests before it starts make one sync. */
-  trigger(): void {
+  /**
+   * Asks for a partial sync soon; many requests before it starts make one sync. An `urgent` one
+   * starts as soon as no sync runs, whatever the tokens (it still uses one).
+   */
+  trigger(options?: { readonly urgent?: boolean }): void {
     if (this.#stopped) return;
     this.#pending = true;
+    if (options?.urgent === true) this.#urgent = true;
     if (!this.#running) this.#reschedule();
   }
 
@@ -124,7 +131,7 @@ export class SyncLoop {
   #nextAt(now: number): number {
     const fullAt = this.#needFull ? this.#retryAt : this.#lastFullStart + this.#periodMs;
     if (!this.#pending) return Math.max(fullAt, this.#retryAt);
-    const tokens = this.#available(now);
+    const tokens = this.#urgent ? this.#burst : this.#available(now);
     const tokenAt = tokens >= 1 ? now : now + (1 - tokens) * this.#minIntervalMs;
     const partialAt = Math.max(tokenAt, this.#retryAt);
     return Math.min(partialAt, Math.max(fullAt, this.#retryAt));
@@ -158,6 +165,7 @@ export class SyncLoop {
     const full = this.#needFull || started >= this.#lastFullStart + this.#periodMs - TIMER_SLACK_MS;
     this.#running = true;
     this.#pending = false;
+    this.#urgent = false;
     this.#tokens = Math.max(0, this.#available(started) - 1);
     this.#tokensAt = started;
     try {

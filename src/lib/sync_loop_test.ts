@@ -87,6 +87,25 @@ describe("SyncLoop", () => {
     l.stop();
   });
 
+  it("starts an urgent request as soon as no sync runs, whatever the tokens", async () => {
+    const { clock, starts, l } = loop({ minIntervalMs: 250, burst: 1, syncMs: 10 });
+    l.start();
+    await clock.advance(20);
+    l.trigger();
+    await clock.advance(5);
+    // The token the start-up sync used comes back at 250: the plain request waits for it.
+    assert.deepEqual(starts, [0]);
+    l.trigger({ urgent: true });
+    await clock.advance(1);
+    assert.deepEqual(starts, [0, 25]);
+    // The next plain request waits for a token again (the urgent sync used it).
+    await clock.advance(20);
+    l.trigger();
+    await clock.advance(1000);
+    assert.deepEqual(starts, [0, 25, 275]);
+    l.stop();
+  });
+
   it("retries a failed sync after retryMs instead of waiting a whole period", async () => {
     let failures = 1;
     const { clock, starts, errors, l } = loop({ fail: () => failures-- > 0 });
