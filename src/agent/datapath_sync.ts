@@ -27,7 +27,7 @@ import { SyncLoop } from "../lib/sync_loop.ts";
  * its policy's slice, or a failover's takeover and the statuses that follow it, each go to the
  * kernel at once; a stream of policy writes is taken a batch per interval.
  */
-export const SYNC_BURST = 3;
+const SYNC_BURST = 3;
 
 export interface DatapathSyncOptions {
   readonly datapath: Datapath;
@@ -151,7 +151,6 @@ export class DatapathSync {
       const readStart = performance.now();
       const state = full ? await this.#o.datapath.read() : undefined;
       const planStart = performance.now();
-      const readMs = planStart - readStart;
       const plan = this.#o.plan(state);
       this.lastPlanMs = performance.now() - planStart;
       if (!full && plan === this.#applied) {
@@ -190,7 +189,7 @@ export class DatapathSync {
             detail: report.detail,
             ms: Math.round(report.durationMs),
             planMs: Math.round(this.lastPlanMs),
-            ...(full ? { readMs: Math.round(readMs) } : {}),
+            ...(full ? { readMs: Math.round(planStart - readStart) } : {}),
             waitMs: Math.round(this.lastWaitMs),
           },
           "datapath updated",

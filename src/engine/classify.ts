@@ -334,7 +334,7 @@ interface Class {
  * A source's class is the set of its policies, keyed by the XOR of their 64-bit key hashes and
  * their number, updated as a policy comes or goes: a policy added over 1,000 sources costs each
  * one a hash, not a sort of its 1,000 policies (at 1,000 policies over the same pods that sort
- * was most of an agent's work). Two different sets with one key would need a 64-bit collision
+ * was a large part of an agent's work). Two different sets with one key would need a 64-bit collision
  * among a node's few classes. The order of a class's policies is applied when it is built, so a
  * new precedence order rebuilds only the classes whose policies it reorders.
  */
@@ -497,7 +497,11 @@ export class ClassTable {
         this.#left.delete(key);
         this.#joined.delete(key);
         this.#anchors.delete(key);
-        for (const p of c?.policies ?? []) this.#policyClasses.get(p)?.delete(key);
+        for (const p of c?.policies ?? []) {
+          const classes = this.#policyClasses.get(p);
+          classes?.delete(key);
+          if (classes?.size === 0) this.#policyClasses.delete(p);
+        }
         if (before !== undefined) {
           this.#built.delete(key);
           this.#listDirty = true;
