@@ -263,10 +263,16 @@ export function rangeToCidrs(range: Range): Cidr[] {
   return out;
 }
 
+const FAMILIES_OF_TEXT = new Map<string, Family | undefined>();
+/** The family of an address or CIDR text, undefined if it is neither; remembered per text. */
 export function familyOfText(text: string): Family | undefined {
+  if (FAMILIES_OF_TEXT.has(text)) return FAMILIES_OF_TEXT.get(text);
   const slash = text.indexOf("/");
-  const addr = tryParseAddress(slash < 0 ? text : text.slice(0, slash));
-  return addr?.family;
+  const family = tryParseAddress(slash < 0 ? text : text.slice(0, slash))?.family;
+  // Planners ask for the same policies' addresses on every plan; bounded like hosts.ts's caches.
+  if (FAMILIES_OF_TEXT.size >= 1_000_000) FAMILIES_OF_TEXT.clear();
+  FAMILIES_OF_TEXT.set(text, family);
+  return family;
 }
 
 export function compareAddresses(a: Address, b: Address): number {
