@@ -36,7 +36,7 @@ import {
 import { getOrInsert } from "../lib/maps.ts";
 import { RangeSet } from "../lib/rangeset.ts";
 import { sameItems } from "./equality.ts";
-import { compareHostCidrs } from "./hosts.ts";
+import { compareHostCidrs, sortHostCidrs } from "./hosts.ts";
 
 /** An inclusive (protocol, port) box: protocol 0–255, port 0–65535. */
 export interface L4Box {
@@ -515,9 +515,7 @@ export class ClassTable {
       // Sorted sources: the last ones, minus those that left, plus those that joined (a merge,
       // not a sort of the whole class: a gateway's class may hold 100,000 pods).
       const left = this.#left.get(key);
-      const joined = (this.#joined.get(key) ?? [])
-        .filter((h) => hosts.has(h))
-        .sort(compareHostCidrs);
+      const joined = sortHostCidrs((this.#joined.get(key) ?? []).filter((h) => hosts.has(h)));
       const kept = (before?.sources ?? []).filter(
         (h) => left === undefined || !left.has(h) || hosts.has(h),
       );
