@@ -361,23 +361,37 @@ spec:
     const udp = udpStream(netns, target(4), 40, 20);
     let back: Status | undefined;
     let revivedAt = Number.POSITIVE_INFINITY;
+    // When each step ended, for the message of a failure (ms after the start).
+    const start = Date.now();
+    const steps: string[] = [];
+    const step = (what: string) => steps.push(`${what} +${Date.now() - start}`);
     try {
       await new Promise((r) => setTimeout(r, 1000));
       await sb.killNode(preferred);
+      step(`node-${preferred} cut off`);
       await eventually(backStatus, (x) => x?.gatewayNode === `node-${other}`, 20_000);
+      step(`status says node-${other}`);
       await new Promise((r) => setTimeout(r, 2000));
       revivedAt = Date.now();
       await sb.reviveNode(preferred);
+      step(`node-${preferred} revived`);
       back = await eventually(
         backStatus,
         (x) => x?.gatewayNode === `node-${preferred}` && x.programmed === "2/2",
         30_000,
       );
+      step(`status ${JSON.stringify(back)}`);
       await new Promise((r) => setTimeout(r, 1000));
     } finally {
       await watch.stop();
     }
-    assert.equal(back?.gatewayNode, `node-${preferred}`, "back on its preferred node");
+    const down = await reportedDown(sb.admin());
+    console.log(`# failback: ${steps.join("; ")}`);
+    assert.equal(
+      back?.gatewayNode,
+      `node-${preferred}`,
+      `back on its preferred node (${steps.join("; ")}; reported down now: ${down.join(",") || "none"})`,
+    );
     const tookBack = watch.after(revivedAt, `node-${preferred}`)[0]?.t;
     assert.ok(tookBack !== undefined, `node-${preferred} answers again`);
     assert.ok(
