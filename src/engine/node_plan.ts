@@ -289,7 +289,14 @@ interface FamilyPart {
   readonly decision: Decision;
   /** The policy's sets, when this node matches sources of it (else it has no rules here). */
   readonly src?: IpSetPlan | undefined;
+  /**
+   * Its destinations, when they are more than one CIDR or have exceptions. One CIDR without
+   * exceptions is matched by the rule itself (`destination`, `-d`): the kernel compares it in the
+   * rule's header before any set lookup, and a set fewer costs `ipset restore` ~0.35 ms (1,000
+   * policies from scratch: 2,003 sets took 1.0 s, 1,003 would take ~0.65 s). None: any destination.
+   */
   readonly dst?: IpSetPlan | undefined;
+  readonly destination?: string | undefined;
 }
 
 /** What one policy contributes to this node's datapath: the per-key unit of planning. */
@@ -431,22 +438,25 @@ function policyPart(
     if (d === undefined) continue;
     let src: IpSetPlan | undefined;
     let dst: IpSetPlan | undefined;
+    let destination: string | undefined;
     if (d.sources.length > 0) {
       const old = prev?.families.get(family);
       const srcName = old?.src?.name ?? policySetName("src", family, view.key);
-      const dstName = old?.dst?.name ?? policySetName("dst", family, view.key);
       const destinations = view.destinationCIDRs.filter((c) => familyOfText(c) === family);
+      const excluded = view.excludedCIDRs.filter((c) => familyOfText(c) === family);
       src = keepSet(old?.src, { name: srcName, family, members: d.sources, nomatch: [] });
-      dst = keepSet(old?.dst, {
-        name: dstName,
-        family,
-        members: destinations.length > 0 ? destinations : [...ANY[family]],
-        nomatch: view.excludedCIDRs.filter((c) => familyOfText(c) === family),
-      });
+      if (destinations.length <= 1 && excluded.length === 0) destination = destinations[0];
+      else
+        dst = keepSet(old?.dst, {
+          name: old?.dst?.name ?? policySetName("dst", family, view.key),
+          family,
+          members: destinations.length > 0 ? destinations : [...ANY[family]],
+          nomatch: excluded,
+        });
     }
-    families.set(family, { decision: d, src, dst });
+    families.set(family, { decision: d, src, dst, destination });
     sig.push(
-      `${family}:${d.kind}:${d.sources.length > 0}:${d.kind === "steer" ? peerSig(d.gateway) : ""}:${d.kind === "gateway" || standby ? (view.snat[family]?.join(",") ?? "") : ""}`,
+      `${family}:${d.kind}:${d.sources.length > 0}:${d.kind === "steer" ? peerSig(d.gateway) : ""}:${d.kind === "gateway" || standby ? (view.snat[family]?.join(",") ?? "") : ""}:${dst === undefined ? (destination ?? "any") : "set"}`,
     );
     for (const r of d.replies ?? []) replies.push(`${family}>${r.dst}>${peerSig(r.peer)}`);
   }
@@ -1049,17 +1059,17 @@ export class NodePlanner {
     for (const key of this.#order) {
       const part = this.#parts.get(key);
       const fp = part?.families.get(family);
-      if (part === undefined || fp === undefined || fp.src === undefined || fp.dst === undefined)
-        continue;
+      if (part === undefined || fp === undefined || fp.src === undefined) continue;
       const policy = part.view;
       const decision = fp.decision;
       const isGateway = decision.kind === "gateway";
       const snatTo = policy.snat[family] ?? [];
-      const sets: SetMatch[] = [
+      const own: SetMatch[] = [
         { name: fp.src.name, dir: "src" },
-        { name: fp.dst.name, dir: "dst" },
-        { name: ignore, dir: "dst", invert: true },
+        ...(fp.dst === undefined ? [] : [{ name: fp.dst.name, dir: "dst" } as const]),
       ];
+      const sets: SetMatch[] = [...own, { name: ignore, dir: "dst", invert: true }];
+      const to = fp.destination === undefined ? {} : { destination: fp.destination };
       const matches = portRules(policy.ports);
       const variants = matches.length === 0 ? [{}] : matches;
       const group = groupChainOf(part);
@@ -1081,25 +1091,15 @@ export class NodePlanner {
       }
       const steers = decision.kind === "steer" && tables.has(`node/${decision.gateway.name}`);
       for (const v of variants) {
-        markRequest.push({ ...v, sets, comment: policy.key, target: action });
+        markRequest.push({ ...to, ...v, sets, comment: policy.key, target: action });
         if (config.noSnatBySets && steers) {
-          noSnat.push({
-            ...v,
-            sets: sets.slice(0, 2),
-            comment: policy.key,
-            target: { kind: "ACCEPT" },
-          });
+          noSnat.push({ ...to, ...v, sets: own, comment: policy.key, target: { kind: "ACCEPT" } });
         } else if (config.noSnatBySets && isGateway) {
-          noSnat.push({
-            ...v,
-            sets: sets.slice(0, 2),
-            comment: policy.key,
-            target: { kind: "RETURN" },
-          });
+          noSnat.push({ ...to, ...v, sets: own, comment: policy.key, target: { kind: "RETURN" } });
         }
         if (isGateway || part.standby)
           for (const rule of snatRules(v, snatTo, family, config.snatPorts))
-            snat.push({ ...rule, sets, comment: policy.key });
+            snat.push({ ...to, ...rule, sets, comment: policy.key });
       }
     }
     // A pod this gateway has not heard of yet (a new pod, or one a changed policy just started
@@ -1604,6 +1604,7 @@ function sameSetNames(a: PolicyPart | undefined, b: PolicyPart): boolean {
     const x = a.families.get(family);
     const y = b.families.get(family);
     if ((x?.src === undefined) !== (y?.src === undefined)) return false;
+    if ((x?.dst === undefined) !== (y?.dst === undefined)) return false;
   }
   return true;
 }

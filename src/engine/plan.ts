@@ -42,6 +42,8 @@ export type Target =
  * prints the matches in, which is the order the renderer writes them.
  */
 export interface Rule {
+  /** Destination CIDR (`-d`), canonical: `203.0.113.0/24`, `192.0.2.1/32`, `2001:db8::/64`. */
+  readonly destination?: string;
   readonly inInterface?: string;
   readonly outInterface?: string;
   readonly protocol?: "tcp" | "udp" | "sctp" | "ipv6-icmp";

@@ -108,6 +108,11 @@ export function tracePacket(plan: NodePlan, packet: Packet): Trace {
   /** The interface a packet leaves by: the tunnel when our routing took it, else the uplink. */
   let oif = "uplink";
   const matches = (rule: Rule): boolean => {
+    if (
+      rule.destination !== undefined &&
+      !cidrContainsAddress(parseCidr(rule.destination), parseAddress(packet.dst))
+    )
+      return false;
     if (rule.inInterface !== undefined && rule.inInterface !== iif) return false;
     if (rule.outInterface !== undefined && rule.outInterface !== oif) return false;
     if (rule.protocol !== undefined && rule.protocol !== packet.protocol) return false;

@@ -26,6 +26,7 @@ import {
   type Cidr,
   type Family,
   formatAddress,
+  formatCidr,
   hostMask,
   parseAddress,
   parseCidr,
@@ -637,6 +638,7 @@ class Xtables {
         throw errors.parameter(line, `Bad value for "${option}" option: "${text}"`);
       return [value, mask];
     };
+    let address: string[] = [];
     let iface: string[] = [];
     let proto: string[] = [];
     let protocol: string | undefined;
@@ -666,7 +668,14 @@ class Xtables {
         invert = true;
         w = words[i++] ?? "";
       }
-      if (w === "-i" || w === "--in-interface") {
+      if (w === "-d" || w === "--destination") {
+        // iptables-save prints the network, host bits cleared, with its prefix: 10.0.0.0/8.
+        const text = arg(w);
+        const cidr = tryParseCidr(text);
+        if (cidr === undefined || cidr.family !== ctx.family)
+          throw errors.parameter(line, `host/network \`${text}' not found`);
+        address = [...bang(invert), "-d", formatCidr(cidr)];
+      } else if (w === "-i" || w === "--in-interface") {
         const name = arg(w);
         if (name.length > 15)
           throw errors.parameter(
@@ -914,7 +923,7 @@ class Xtables {
         throw errors.parameter(line, `Bad argument \`${w}'`);
       }
     }
-    const text = [...iface, ...proto, ...matches, ...targetWords].join(" ");
+    const text = [...address, ...iface, ...proto, ...matches, ...targetWords].join(" ");
     return { rule: { text, target, sets }, invalid };
   }
 

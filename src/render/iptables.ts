@@ -83,6 +83,7 @@ export function ruleText(rule: Rule): string {
 /** The rule after `-A CHAIN`, in iptables-save's form. */
 export function ruleArgs(rule: Rule): string[] {
   const args: string[] = [];
+  if (rule.destination !== undefined) args.push("-d", rule.destination);
   if (rule.inInterface !== undefined) args.push("-i", rule.inInterface);
   if (rule.outInterface !== undefined) args.push("-o", rule.outInterface);
   if (rule.protocol !== undefined) args.push("-p", rule.protocol);
@@ -182,7 +183,8 @@ export function parseRuleArgs(words: readonly string[]): Rule {
   let target: Target | undefined;
   while (i < words.length) {
     const w = next();
-    if (w === "-i") rule.inInterface = next();
+    if (w === "-d") rule.destination = next();
+    else if (w === "-i") rule.inInterface = next();
     else if (w === "-o") rule.outInterface = next();
     else if (w === "-p") {
       const p = next();
