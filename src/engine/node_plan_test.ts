@@ -288,6 +288,58 @@ describe("planNode() scenarios", () => {
     );
   });
 
+  it("one destination CIDR is matched by the rule (-d), several or exceptions by a dst set, none by nothing", () => {
+    const withDestinations = (spec: { destinationCIDRs?: string[]; excludedCIDRs?: string[] }) =>
+      planFor(
+        snapshot({
+          nodes,
+          pods,
+          gateways: [gateway("edge", { pool: ["10.168.60.100-10.168.60.110"] })],
+          policies: [
+            policy("team-a", "web", { podSelector: { matchLabels: { app: "web" } }, ...spec }),
+          ],
+        }),
+        "node-1",
+        dual,
+      );
+    const policyRule = (plan: NodePlan) =>
+      [...plan.rules[4].chains.get("mangle")!.values()]
+        .flat()
+        .find((r) => r.comment === "EgressPolicy/team-a/web")!;
+    const dstSets = (plan: NodePlan) =>
+      plan.ipsets
+        .filter((x) => x.name.startsWith("sallyport-dst4-"))
+        .map((x) => [x.members, x.nomatch]);
+    const go = (plan: NodePlan, dst: string) =>
+      tracePacket(plan, { src: "172.29.1.5", dst }).verdict;
+
+    const one = withDestinations({ destinationCIDRs: ["203.0.113.0/24"] });
+    assert.equal(policyRule(one).destination, "203.0.113.0/24");
+    assert.deepEqual(dstSets(one), []);
+    assert.equal(go(one, "203.0.113.9"), "tunnel");
+    assert.equal(go(one, "198.51.100.9"), "usual");
+
+    const two = withDestinations({ destinationCIDRs: ["203.0.113.0/24", "198.51.100.0/24"] });
+    assert.equal(policyRule(two).destination, undefined);
+    assert.deepEqual(dstSets(two), [[["198.51.100.0/24", "203.0.113.0/24"], []]]);
+    assert.equal(go(two, "198.51.100.9"), "tunnel");
+    assert.equal(go(two, "192.0.2.9"), "usual");
+
+    const excepted = withDestinations({
+      destinationCIDRs: ["203.0.113.0/24"],
+      excludedCIDRs: ["203.0.113.128/25"],
+    });
+    assert.deepEqual(dstSets(excepted), [[["203.0.113.0/24"], ["203.0.113.128/25"]]]);
+    assert.equal(go(excepted, "203.0.113.9"), "tunnel");
+    assert.equal(go(excepted, "203.0.113.200"), "usual");
+
+    const any = withDestinations({});
+    assert.equal(policyRule(any).destination, undefined);
+    assert.deepEqual(dstSets(any), []);
+    assert.equal(go(any, "8.8.8.8"), "tunnel");
+    assert.equal(go(any, "172.29.2.5"), "usual", "the cluster's own addresses are still ignored");
+  });
+
   it("dual stack: one policy, an egress IP per family, IPv4 and IPv6 rules", () => {
     const s = snapshot({
       nodes,
