@@ -373,8 +373,15 @@ export function diffRules(
       const haveLines = have.get(name)?.rules;
       if (options?.full !== true && haveLines !== undefined && sameLines(wantLines, haveLines))
         continue;
-      declare.push(`:${name} - [0:0]`);
-      for (const l of wantLines) lines.push(`-A ${name} ${l}`);
+      const edit =
+        options?.full === true || haveLines === undefined
+          ? undefined
+          : chainEdit(name, haveLines, wantLines);
+      if (edit !== undefined) lines.push(...edit);
+      else {
+        declare.push(`:${name} - [0:0]`);
+        for (const l of wantLines) lines.push(`-A ${name} ${l}`);
+      }
       changedChains.push(`${table}/${name}`);
     }
     // Hooks, per built-in chain.
@@ -413,6 +420,33 @@ export function diffRules(
     hookRepairs,
     deletedChains,
   };
+}
+
+/**
+ * The lines that turn chain `name` from `have` into `want` when they differ in one stretch (a
+ * policy added, removed or changed): `-D name N` for each rule that goes and `-I name N rule` for
+ * each that comes, instead of declaring the chain again, which makes iptables-nft delete and add
+ * every rule of it (1,000 rules for one policy: ~150-250 ms a sync on a gateway). Undefined when
+ * the stretch is over a quarter of the chain: a rewrite is then as cheap.
+ */
+export function chainEdit(
+  name: string,
+  have: readonly string[],
+  want: readonly string[],
+): string[] | undefined {
+  const common = Math.min(have.length, want.length);
+  let head = 0;
+  while (head < common && have[head] === want[head]) head++;
+  let tail = 0;
+  while (tail < common - head && have[have.length - 1 - tail] === want[want.length - 1 - tail])
+    tail++;
+  const gone = have.length - head - tail;
+  const come = want.length - head - tail;
+  if ((gone + come) * 4 > want.length) return undefined;
+  const out: string[] = [];
+  for (let i = 0; i < gone; i++) out.push(`-D ${name} ${head + 1}`);
+  for (let i = 0; i < come; i++) out.push(`-I ${name} ${head + 1 + i} ${want[head + i]}`);
+  return out;
 }
 
 function sameLines(a: readonly string[], b: readonly string[]): boolean {

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import fc from "fast-check";
 import type { FamilyRules, Rule, Target } from "../engine/plan.ts";
-import { diffRules, parseRuleArgs, parseSave, ruleArgs, tokenize } from "./iptables.ts";
+import { chainEdit, diffRules, parseRuleArgs, parseSave, ruleArgs, tokenize } from "./iptables.ts";
 
 const arbMark = fc.record({
   value: fc.integer({ min: 0, max: 0xffffffff }),
@@ -225,5 +225,44 @@ describe("diffRules()", () => {
       "",
     );
     assert.equal(diffRules(desired(), parseSave(clean)).payload, "");
+  });
+});
+
+describe("chainEdit()", () => {
+  /** What iptables-restore makes of the lines: -D deletes the Nth rule, -I inserts at N. */
+  const apply = (name: string, have: readonly string[], lines: readonly string[]) => {
+    const out = [...have];
+    for (const line of lines) {
+      const m = /^-(D|I) (\S+) (\d+)(?: (.*))?$/.exec(line);
+      assert.ok(m !== null && m[2] === name, `an edit of ${name}: ${line}`);
+      const at = Number(m[3]) - 1;
+      if (m[1] === "D") out.splice(at, 1);
+      else out.splice(at, 0, m[4]!);
+    }
+    return out;
+  };
+
+  it("turns the chain into the wanted one, or leaves it to a rewrite when over a quarter changes (property)", () => {
+    const chain = fc.array(fc.constantFrom("a", "b", "c", "d", "e"), { maxLength: 30 });
+    fc.assert(
+      fc.property(chain, chain, (have, want) => {
+        const lines = chainEdit("C", have, want);
+        if (lines === undefined) return;
+        assert.deepEqual(apply("C", have, lines), want);
+        assert.ok(lines.length * 4 <= want.length || lines.length === 0);
+      }),
+    );
+  });
+
+  it("one policy added in the middle of a long chain is one insert, one removed is one delete", () => {
+    const rules = Array.from({ length: 1000 }, (_, i) => `-m comment --comment p${i} -j RETURN`);
+    const added = [
+      ...rules.slice(0, 500),
+      "-m comment --comment new -j RETURN",
+      ...rules.slice(500),
+    ];
+    assert.deepEqual(chainEdit("C", rules, added), ["-I C 501 -m comment --comment new -j RETURN"]);
+    assert.deepEqual(chainEdit("C", added, rules), ["-D C 501"]);
+    assert.equal(chainEdit("C", rules, rules.slice(0, 700)), undefined, "300 of 1,000 go");
   });
 });
