@@ -424,10 +424,16 @@ export function diffRules(
 
 /**
  * The lines that turn chain `name` from `have` into `want` when they differ in one stretch (a
- * policy added, removed or changed): `-D name N` for each rule that goes and `-I name N rule` for
- * each that comes, instead of declaring the chain again, which makes iptables-nft delete and add
- * every rule of it (1,000 rules for one policy: ~150-250 ms a sync on a gateway). Undefined when
- * the stretch is over a quarter of the chain: a rewrite is then as cheap.
+ * policy added, removed or changed): `-D name rule` for each rule that goes and `-I name N rule`
+ * for each that comes, instead of declaring the chain again, which makes iptables-nft delete and
+ * add every rule of it (1,000 rules for one policy). Undefined when the stretch is over a quarter
+ * of the chain: a rewrite is then as cheap.
+ *
+ * A rule goes by its text, wherever it is (by its position if `have` has it twice); one comes at
+ * a position counted in `have`. A partial
+ * sync's `have` is what the last sync left: had someone added a rule to our chain since, an
+ * insertion lands that many places early, until the next full sync (which reads the chain) puts
+ * it back in order along with removing the stranger.
  */
 export function chainEdit(
   name: string,
@@ -444,7 +450,13 @@ export function chainEdit(
   const come = want.length - head - tail;
   if ((gone + come) * 4 > want.length) return undefined;
   const out: string[] = [];
-  for (let i = 0; i < gone; i++) out.push(`-D ${name} ${head + 1}`);
+  const count = new Map<string, number>();
+  for (const line of have) count.set(line, (count.get(line) ?? 0) + 1);
+  // A rule written twice in the chain goes by its position: by text, the first one would go.
+  for (let i = 0; i < gone; i++) {
+    const line = have[head + i]!;
+    out.push(count.get(line) === 1 ? `-D ${name} ${line}` : `-D ${name} ${head + 1}`);
+  }
   for (let i = 0; i < come; i++) out.push(`-I ${name} ${head + 1 + i} ${want[head + i]}`);
   return out;
 }
