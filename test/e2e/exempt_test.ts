@@ -222,7 +222,9 @@ for (const datapath of ["iptables", "nftables"] as const) {
         const nat = await mustRun(node, ["iptables-save", "-t", "nat"]);
         assert.match(
           nat,
-          /-A SALLYPORT-NO-SNAT -m set --match-set sallyport-src4-\S+ src -m set --match-set sallyport-dst4-\S+ dst .*-j ACCEPT/,
+          new RegExp(
+            `-A SALLYPORT-NO-SNAT -d ${EXTERNAL[4]}/32 -m set --match-set sallyport-src4-\\S+ src .*-j ACCEPT`,
+          ),
         );
       } else {
         const chain = await mustRun(node, [
