@@ -289,13 +289,13 @@ interface FamilyPart {
   readonly decision: Decision;
   /** The policy's sets, when this node matches sources of it (else it has no rules here). */
   readonly src?: IpSetPlan | undefined;
-  /**
-   * Its destinations, when they are more than one CIDR or have exceptions. One CIDR without
-   * exceptions is matched by the rule itself (`destination`, `-d`): the kernel compares it in the
-   * rule's header before any set lookup, and a set fewer costs `ipset restore` ~0.35 ms (1,000
-   * policies from scratch: 2,003 sets took 1.0 s, 1,003 would take ~0.65 s). None: any destination.
-   */
+  /** Its destinations, when they are more than one CIDR or have exceptions. */
   readonly dst?: IpSetPlan | undefined;
+  /**
+   * Its one destination CIDR without exceptions, matched by the rule itself (`-d`): the kernel
+   * compares it in the rule's header before any set lookup, and `ipset restore` costs ~0.35 ms
+   * per set whatever its size. Neither this nor `dst`: any destination.
+   */
   readonly destination?: string | undefined;
 }
 
