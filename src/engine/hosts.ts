@@ -73,11 +73,3 @@ export function compareHostCidrs(a: string, b: string): number {
   const y = hostOfCidr(b).address.value;
   return x < y ? -1 : x > y ? 1 : 0;
 }
-
-/** Host CIDRs in canonical order (compareHostCidrs), each looked up once rather than per comparison. */
-export function sortHostCidrs(cidrs: readonly string[]): string[] {
-  return cidrs
-    .map((cidr) => ({ cidr, value: hostOfCidr(cidr).address.value }))
-    .sort((a, b) => (a.value < b.value ? -1 : a.value > b.value ? 1 : 0))
-    .map((h) => h.cidr);
-}

@@ -1209,7 +1209,10 @@ export class NodePlanner {
       if (peer.underlay !== undefined)
         fdb.set(peer.mac, { dev: tunnel, mac: peer.mac, dst: peer.underlay });
     };
-    for (const peer of steerTargets.values()) {
+    // Peers in name order, whatever order the counts were built in: two peers with one MAC or
+    // tunnel address (one node id given twice) resolve the same way however the plan was reached.
+    const byName = (a: PeerView, b: PeerView) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+    for (const peer of [...steerTargets.values()].sort(byName)) {
       const table = tables.get(`node/${peer.name}`);
       if (table === undefined) continue;
       addPeer(peer);
@@ -1227,7 +1230,7 @@ export class NodePlanner {
       }
     }
     if (replyTable !== undefined) {
-      for (const peer of replyTargets.values()) addPeer(peer);
+      for (const peer of [...replyTargets.values()].sort(byName)) addPeer(peer);
       const seen = new Set<string>();
       for (const { family, dst, peer } of replyRoutes) {
         if (seen.has(dst)) continue;

@@ -430,10 +430,9 @@ export function diffRules(
  * of the chain: a rewrite is then as cheap.
  *
  * A rule goes by its text, wherever it is (by its position if `have` has it twice); one comes at
- * a position counted in `have`. A partial
- * sync's `have` is what the last sync left: had someone added a rule to our chain since, an
- * insertion lands that many places early, until the next full sync (which reads the chain) puts
- * it back in order along with removing the stranger.
+ * a position counted in `have`. A partial sync's `have` is what the last sync left: had someone
+ * added a rule to our chain since, an insertion lands that many places early, until the next
+ * full sync (which reads the chain) puts it back in order along with removing the stranger.
  */
 export function chainEdit(
   name: string,
