@@ -507,6 +507,16 @@ export class Controller {
   }
 
   /**
+   * The status an object will have once our last write to it lands: what we wrote, while the
+   * cache still holds the version we wrote against (its watch event has not arrived yet). Built
+   * on the stale copy instead, a status would get new transition times and be written again.
+   */
+  #settled<T>(id: string, version: string | undefined, current: T): T {
+    const prior = this.#written.get(id);
+    return prior !== undefined && prior.version === version ? (prior.value as T) : current;
+  }
+
+  /**
    * Writes `patch` unless the same value was already written against this very version of the
    * cached object (the write is done; its watch event has not arrived yet).
    */
@@ -533,9 +543,10 @@ export class Controller {
       this.#saturationEvented.delete(key);
       return;
     }
+    const id = `policy:${key}`;
     const desired = policyStatus(
       o,
-      obj.status,
+      this.#settled(id, obj.metadata.resourceVersion, obj.status),
       {
         programmedOn: (k, revision, targets) =>
           targets.filter((n) => this.egressNodes.get(n)?.status?.programmed?.[k] === revision),
@@ -552,7 +563,7 @@ export class Controller {
     if (deepEqual(current, desired)) return;
     const patch = mergePatch(current, desired);
     if (patch === undefined) return;
-    await this.#write(`policy:${key}`, obj.metadata.resourceVersion, desired, () =>
+    await this.#write(id, obj.metadata.resourceVersion, desired, () =>
       this.#o.client.mergePatch(
         ours(obj.kind),
         obj.metadata.name ?? "",
@@ -614,16 +625,17 @@ export class Controller {
     const gw = this.gateways.get(name);
     const o = this.#outcome?.gateways.get(name);
     if (gw === undefined || o === undefined) return;
+    const settled = this.#settled(`gateway:${name}`, gw.metadata.resourceVersion, gw.status);
     const desired = gatewayStatus(
       o,
-      gw.status,
+      settled,
       gw.metadata.generation ?? 0,
       new Date().toISOString(),
     );
     const current = gw.status ?? {};
     if (deepEqual(current, desired)) return;
     const ready = desired.conditions?.find((c) => c.type === "Ready");
-    const wasReady = gw.status?.conditions?.find((c) => c.type === "Ready");
+    const wasReady = settled?.conditions?.find((c) => c.type === "Ready");
     if (ready?.status === "False" && wasReady?.status !== "False")
       void this.#events.record(targetOf(gw), "Warning", ready.reason, ready.message);
     const patch = mergePatch(current, desired);

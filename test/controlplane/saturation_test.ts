@@ -59,6 +59,18 @@ describe("SNAT port saturation: agent report → policy condition and Event", ()
     nodes: await apiWrites(admin, "sallyport.dev", "egressnodes"),
   });
 
+  /** The write counts once the first reports have landed: unchanged over three full passes. */
+  const quiet = async () => {
+    let last = await writes();
+    for (let still = 0, i = 0; still < 3000 && i < 60; i++) {
+      await new Promise((r) => setTimeout(r, 500));
+      const now = await writes();
+      still = now.policies === last.policies && now.nodes === last.nodes ? still + 500 : 0;
+      last = now;
+    }
+    return last;
+  };
+
   before(async () => {
     cp = await ControlPlane.start({
       tag: "saturation",
@@ -123,8 +135,7 @@ describe("SNAT port saturation: agent report → policy condition and Event", ()
   it("sets SNATPortsSaturated on the policies that send to the destination, with one Warning Event", async () => {
     const gateway = (await status("web"))?.gatewayNode;
     assert.ok(gateway === "node-2" || gateway === "node-3");
-    await new Promise((r) => setTimeout(r, 2000)); // let the first reports land
-    const before = await writes();
+    const before = await quiet();
     agents.get(gateway!)!.setSnatSaturation([SATURATED]);
     const c = await eventually(
       () => saturation("web"),
@@ -158,7 +169,7 @@ describe("SNAT port saturation: agent report → policy condition and Event", ()
 
   it("writes nothing while the list stays the same", async () => {
     const gateway = (await status("web"))!.gatewayNode!;
-    const before = await writes();
+    const before = await quiet();
     for (let i = 0; i < 5; i++) agents.get(gateway)!.setSnatSaturation([{ ...SATURATED }]);
     await new Promise((r) => setTimeout(r, 3000));
     assert.deepEqual(await writes(), before);
