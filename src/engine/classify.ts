@@ -76,6 +76,8 @@ export interface ClassEntry {
 export interface TrafficClass {
   /** Stable: a hash of its anchor source (see className). Names the class's chain and map. */
   readonly name: string;
+  /** The source that names it (a host CIDR of `sources`): unique among the family's classes. */
+  readonly anchor: string;
   readonly family: Family;
   /** Policy keys in precedence order. */
   readonly policies: readonly string[];
@@ -539,6 +541,7 @@ export class ClassTable {
       this.#anchors.set(key, anchor!);
       const built: TrafficClass = {
         name: className(this.#family, anchor!),
+        anchor: anchor!,
         family: this.#family,
         policies,
         sources:

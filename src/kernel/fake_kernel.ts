@@ -2756,7 +2756,9 @@ class Net {
 //   key that is not a number, a value that is no verdict, `mod 0` (ERANGE) refused as nft does),
 //   anonymous sets of protocols after `meta l4proto` or `ip protocol`, and nat ports
 //   (`snat ip to … : 5000-5009`), refused without a transport protocol match before them
-//   (`meta l4proto`, a protocol set, `tcp`/`udp` headers), out of range or reversed, word for word.
+//   (`meta l4proto`, a protocol set, `tcp`/`udp` headers), out of range or reversed, word for word;
+//   a data map feeding a set statement (`meta priority set ip saddr map @m`, its value type checked
+//   against what it sets: TC classids for `meta priority`, printed `a00:5`, `none`, `root`).
 // Not modeled (exit 2, "FakeKernel does not model …"): other families, set types and options
 // (timeout, size, policy, typeof, dynamic), single-field interval sets (rbtree and its auto-merge),
 // hostnames and service names in elements, other anonymous sets and maps in rules, `insert`, `replace`,
@@ -2773,7 +2775,7 @@ const NFT_METAINFO = {
 };
 
 type NftFamily = "ip" | "ip6" | "inet";
-type NftKeyType = "ipv4_addr" | "ipv6_addr" | "inet_proto" | "inet_service" | "mark";
+type NftKeyType = "ipv4_addr" | "ipv6_addr" | "inet_proto" | "inet_service" | "mark" | "classid";
 type NftValueType = NftKeyType | "verdict";
 
 const NFT_TYPES: Readonly<Record<NftValueType, string>> = {
@@ -2782,6 +2784,7 @@ const NFT_TYPES: Readonly<Record<NftValueType, string>> = {
   inet_proto: "Internet protocol",
   inet_service: "internet network service",
   mark: "packet mark",
+  classid: "TC classid",
   verdict: "netfilter verdict",
 };
 /** Datatypes nft knows and the fake does not model (anything else is an unknown datatype). */
@@ -2804,7 +2807,6 @@ const NFT_OTHER_TYPES = new Set([
   "uid",
   "gid",
   "realm",
-  "classid",
   "dscp",
   "ecn",
   "pkt_type",
@@ -3085,6 +3087,7 @@ function typeWidth(type: NftKeyType): number {
     case "inet_service":
       return 16;
     case "mark":
+    case "classid":
       return 32;
   }
 }
@@ -3100,6 +3103,7 @@ function fieldText(f: NftField, type: NftKeyType): string {
   }
   const one = (v: bigint) => {
     if (type === "mark") return `0x${v.toString(16).padStart(8, "0")}`;
+    if (type === "classid") return classidText(v);
     if (type === "inet_proto" && f.lo === f.hi) return PROTOCOL_NAMES.get(Number(v)) ?? `${v}`;
     return `${v}`;
   };
@@ -3118,7 +3122,15 @@ function fieldJson(f: NftField, type: NftKeyType): unknown {
   }
   if (f.lo !== f.hi) return { range: [Number(f.lo), Number(f.hi)] };
   if (type === "inet_proto") return PROTOCOL_NAMES.get(Number(f.lo)) ?? Number(f.lo);
+  if (type === "classid") return classidText(f.lo);
   return Number(f.lo);
+}
+
+/** nft's classid print: `root`, `none`, else major:minor in hex without leading zeros. */
+function classidText(v: bigint): string {
+  if (v === 0xffffffffn) return "root";
+  if (v === 0n) return "none";
+  return `${(v >> 16n).toString(16)}:${(v & 0xffffn).toString(16)}`;
 }
 
 /** The prefix length when [lo, hi] is exactly one CIDR. */
@@ -3162,6 +3174,7 @@ const NFT_SELECTORS: Readonly<Record<string, Readonly<Record<string, NftKeyType 
   ip6: { saddr: "ipv6_addr", daddr: "ipv6_addr", nexthdr: "inet_proto" },
   meta: {
     mark: "mark",
+    priority: "classid",
     l4proto: "inet_proto",
     nfproto: null,
     iifname: null,
@@ -3210,8 +3223,15 @@ interface NftSetRef {
     readonly from: NftToken;
     readonly to: NftToken;
   };
-  /** The snat/dnat statement a `map` feeds, and the family of address it needs. */
-  readonly nat?: { readonly token: NftToken; readonly type: NftKeyType };
+  /**
+   * What a `map` feeds, and the type it needs: a snat/dnat statement (an address of its family),
+   * or a `set` statement (`meta priority set ip saddr map @m`: the type of what it sets).
+   */
+  readonly feeds?: {
+    readonly kind: "nat" | "set";
+    readonly token: NftToken;
+    readonly type: NftKeyType;
+  };
 }
 
 interface ParsedNftRule {
@@ -3265,7 +3285,9 @@ function parseNftRule(
   let expr:
     | { types: (NftKeyType | null)[]; from: NftToken; to: NftToken; open: boolean }
     | undefined;
-  let natStatement: { token: NftToken; type: NftKeyType } | undefined;
+  let natStatement: { kind: "nat"; token: NftToken; type: NftKeyType } | undefined;
+  /** The `set` statement just parsed (`meta priority set`): a `map` may feed it. */
+  let setStatement: { kind: "set"; token: NftToken; type: NftKeyType } | undefined;
   /** A transport protocol is known (nft's protocol context): a nat statement may name ports. */
   let transport = false;
   /** The `numgen` expression just parsed (only an anonymous vmap may follow it). */
@@ -3457,6 +3479,13 @@ function parseNftRule(
       expr.open = true;
       continue;
     }
+    if (w === "set" && expr !== undefined && !expr.open && expr.types.length === 1) {
+      const type = expr.types[0];
+      if (type !== null && type !== undefined)
+        setStatement = { kind: "set", token: expr.from, type };
+      expr = undefined;
+      continue;
+    }
     if (NFT_OPERATORS.has(w)) continue;
     if (NFT_VERDICTS.has(w)) {
       expr = undefined;
@@ -3496,7 +3525,7 @@ function parseNftRule(
         reject(t);
         continue;
       }
-      natStatement = { token: t, type };
+      natStatement = { kind: "nat", token: t, type };
       expr = undefined;
       continue;
     }
@@ -3515,15 +3544,16 @@ function parseNftRule(
       else {
         if (expr.types.includes(null))
           throw unmodeled(`a set lookup of this expression (in: ${source.trim()})`);
-        if (w === "map" && natStatement === undefined)
-          throw unmodeled(`maps outside snat/dnat (in: ${source.trim()})`);
+        if (w === "map" && natStatement === undefined && setStatement === undefined)
+          throw unmodeled(`maps outside snat/dnat and set statements (in: ${source.trim()})`);
         refs.push({
           name: next.text.slice(1),
           token: next,
           mode: w,
           key: { types: expr.types as NftKeyType[], from: expr.from, to: expr.to },
-          ...(w === "map" ? { nat: natStatement! } : {}),
+          ...(w === "map" ? { feeds: natStatement ?? setStatement! } : {}),
         });
+        if (w === "map") setStatement = undefined;
       }
       expr = undefined;
       i++;
@@ -3671,6 +3701,13 @@ function parseNftField(
         const n = BigInt(part);
         if (n > 65535n) throw userError("Service out of range", where);
         return n;
+      }
+      case "classid": {
+        if (part === "root") return 0xffffffffn;
+        if (part === "none") return 0n;
+        const m = /^([0-9a-fA-F]{1,4}):([0-9a-fA-F]{1,4})$/.exec(part);
+        if (m === null) throw unmodeled(`the TC classid "${part}" (the fake reads major:minor)`);
+        return (BigInt(`0x${m[1]}`) << 16n) | BigInt(`0x${m[2]}`);
       }
       case "mark": {
         if (!isNumberWord(part)) throw userError("Could not parse packet mark", where);
@@ -4414,12 +4451,15 @@ class Nftables {
             nftSpan(ref.key.from, ref.token),
           ),
         );
-      if (ref.mode === "map" && set.value !== ref.nat!.type)
+      if (ref.mode === "map" && set.value !== ref.feeds!.type)
         errors.push(
           userError(
-            `datatype mismatch: expected ${NFT_TYPES[ref.nat!.type]}, expression has type ${NFT_TYPES[set.value]}`,
+            `datatype mismatch: expected ${NFT_TYPES[ref.feeds!.type]}, expression has type ${NFT_TYPES[set.value]}`,
             nftSpan(ref.key.from, ref.token),
-            nftSpan(ref.nat!.token),
+            // nft underlines a set statement up to the expression it sets (`meta priority set `).
+            ref.feeds!.kind === "nat"
+              ? nftSpan(ref.feeds!.token)
+              : { ...nftSpan(ref.feeds!.token), last: ref.key.from.first - 1 },
           ),
         );
     }
@@ -4644,6 +4684,7 @@ class Nftables {
   #dataJson(v: bigint, type: NftValueType): unknown {
     if (type === "ipv4_addr") return formatAddress({ family: 4, value: v });
     if (type === "ipv6_addr") return formatAddress({ family: 6, value: v });
+    if (type === "classid") return classidText(v);
     return Number(v);
   }
 

@@ -1616,6 +1616,44 @@ describe("FakeKernel: nft", () => {
     );
   });
 
+  it("a set statement fed by a data map, and a verdict map keyed by its value (TC classids)", async () => {
+    const classes =
+      "add map inet t p { type ipv4_addr : classid; }\nadd map inet t q { type classid : verdict; }\n";
+    await assertNftCases([
+      [
+        "add map inet t p { type ipv4_addr : mark; }\nadd rule inet t c1 meta priority set ip saddr map @p\n",
+        1,
+        "/dev/stdin:2:38-52: Error: datatype mismatch: expected TC classid, expression has type packet mark\nadd rule inet t c1 meta priority set ip saddr map @p\n                   ~~~~~~~~~~~~~~~~~~^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        "add rule inet t c1 meta priority set ip saddr map @v\n",
+        1,
+        "/dev/stdin:1:38-52: Error: datatype mismatch: expected TC classid, expression has type netfilter verdict\nadd rule inet t c1 meta priority set ip saddr map @v\n                   ~~~~~~~~~~~~~~~~~~^^^^^^^^^^^^^^^\n",
+      ],
+      [
+        `${classes}add element inet t p { 10.0.0.5 : a00:5 }\nadd element inet t q { a00:5 : jump c2 }\nadd rule inet t c1 meta priority set ip saddr map @p meta priority vmap @q\n`,
+        0,
+        "",
+      ],
+    ]);
+    const fake = new FakeKernel();
+    fake.seed(NFT, NFT_SETUP);
+    await ok(
+      fake,
+      NFT,
+      `${classes}add element inet t p { 10.0.0.5 : 0a00:0005 }\nadd element inet t q { a00:5 : jump c2 }\n`,
+    );
+    const maps = JSON.parse(await ok(fake, ["nft", "-j", "list", "table", "inet", "t"]))
+      .nftables.filter(
+        (x: { map?: { name: string } }) => x.map?.name === "p" || x.map?.name === "q",
+      )
+      .map((x: { map: { name: string; elem: unknown } }) => [x.map.name, x.map.elem]);
+    assert.deepEqual(maps, [
+      ["p", [["10.0.0.5", "a00:5"]]],
+      ["q", [["a00:5", { jump: { target: "c2" } }]]],
+    ]);
+  });
+
   it("add element: a key already there with another value, an interval whose first or last point is taken; delete element: what is not there", async () => {
     await assertNftCases([
       [
@@ -2916,6 +2954,44 @@ describe("Datapath on the fake kernel: nftables", () => {
       });
     }
   }
+
+  it("an agent of the previous version left IPv4 sources in a verdict map: one full sync moves them to class ids", async () => {
+    const fake = nftHost(2);
+    const dp = await nftDatapathOn(fake);
+    const plan = nftPlanWith(2, await dp.read(), SCENARIOS["dual stack with ports"]!);
+    const table = desiredTable(plan, { families: [4, 6], tunnelDevice: TUNNEL });
+    // The layout before class ids: `ip saddr vmap @src4`, each source jumping to its class.
+    const jumps = new Map<string, string>();
+    const old = renderNftTable(table)
+      .split("\n")
+      .filter((l) => !/ cls4 /.test(l))
+      .map((l) => {
+        if (l.startsWith("add map inet sallyport src4 "))
+          return "add map inet sallyport src4 { type ipv4_addr : verdict; }";
+        if (l.includes("meta priority set ip saddr map @src4"))
+          return 'add rule inet sallyport prerouting meta nfproto ipv4 ip saddr vmap @src4 comment "classify #oldlayout0"';
+        return l;
+      });
+    for (const l of renderNftTable(table).split("\n")) {
+      const m = /^add element inet sallyport cls4 \{ (.*) \}$/.exec(l);
+      for (const e of m?.[1]?.split(", ") ?? []) {
+        const [id, verdict] = e.split(" : ");
+        jumps.set(id!, verdict!);
+      }
+    }
+    const previous = old
+      .map((l) =>
+        l.startsWith("add element inet sallyport src4 ")
+          ? l.replace(/ : ([0-9a-f]+:[0-9a-f]+)/g, (_, id: string) => ` : ${jumps.get(id)}`)
+          : l,
+      )
+      .join("\n");
+    assert.match(previous, /src4 \{ [^}]* : jump c4-/, "the old layout is what we seed");
+    await ok(fake, NFT, previous);
+    assert.ok((await dp.sync(plan)).changes > 0);
+    await assertHoldsNft(fake, dp, plan);
+    assert.equal((await dp.sync(plan)).changes, 0, "and then holds the plan");
+  });
 
   const drifts: [string, number, string[]][] = [
     ["a flushed base chain", 1, ["nft", "flush", "chain", "inet", "sallyport", "prerouting"]],

@@ -53,7 +53,7 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
     for (const i of [1, 2]) assert.equal(await lab.syncNode(i), 0, `node-${i}`);
   });
 
-  it("classifies with a constant number of rules: one table, two lookups per packet", async () => {
+  it("classifies with a constant number of rules: one table, three lookups per packet", async () => {
     const ruleset = await mustRun(nsRunner(topo.nodeNs(1)), [
       "nft",
       "list",
@@ -61,7 +61,7 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
       "inet",
       "sallyport",
     ]);
-    assert.match(ruleset, /ip saddr vmap @src4/);
+    assert.match(ruleset, /meta priority set ip saddr map @src4 meta priority vmap @cls4/);
     assert.match(ruleset, /ip daddr \. meta l4proto \. th dport vmap @c4-/);
     assert.doesNotMatch(
       await mustRun(nsRunner(topo.nodeNs(1)), ["iptables-save"]),
@@ -162,6 +162,7 @@ describe("nftables datapath in network namespaces", { skip: NEEDS_ROOT }, () => 
   const drifts: [string, number, string[], string?][] = [
     ["a flushed chain", 1, ["nft", "flush", "chain", "inet", "sallyport", "prerouting"]],
     ["a deleted source element", 1, ["nft", "-f", "-"], "flush map inet sallyport src4\n"],
+    ["a flushed map of class ids", 1, ["nft", "flush", "map", "inet", "sallyport", "cls4"]],
     ["a flushed class map", 1, ["nft", "flush", "map", "inet", "sallyport", "$CLASS"]],
     ["a flushed verdict chain", 1, ["nft", "flush", "chain", "inet", "sallyport", "$STEER"]],
     ["a deleted table", 2, ["nft", "delete", "table", "inet", "sallyport"]],

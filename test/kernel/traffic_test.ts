@@ -89,6 +89,7 @@ function labPlan(options: { readonly billingNode: number }): NodePlan {
   };
   const classOf = (family: Family): TrafficClass => ({
     name: className(family, sources[family][0]!),
+    anchor: sources[family][0]!,
     family,
     policies: policies[family].map((p) => p.key),
     sources: sources[family],
