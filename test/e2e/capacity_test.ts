@@ -226,12 +226,15 @@ for (const datapath of ["iptables", "nftables"] as const)
         20_000,
         500,
       );
+      // An entry keeps the percentage it crossed the threshold with (src/agent/traffic.ts): 100
+      // when the collector first saw every connection open, less when it sampled mid-burst.
+      const reported = node?.snatSaturation ?? [];
       assert.deepEqual(
-        (node?.snatSaturation ?? [])
-          .map((s) => `${s.egressIP} ${s.destination}:${s.port}/${s.protocol} ${s.percent}%`)
-          .sort(),
-        eips.map((a) => `${a} ${DESTINATION.host}:${DESTINATION.port}/tcp 100%`),
+        reported.map((s) => `${s.egressIP} ${s.destination}:${s.port}/${s.protocol}`).sort(),
+        eips.map((a) => `${a} ${DESTINATION.host}:${DESTINATION.port}/tcp`),
       );
+      for (const s of reported)
+        assert.ok(s.percent >= 80 && s.percent <= 100, `${s.egressIP}: ${s.percent}%`);
       for (const [name, mine] of [
         ["single", [SINGLE_EIP]],
         ["double", doubleEIPs],
@@ -247,7 +250,7 @@ for (const datapath of ["iptables", "nftables"] as const)
         for (const a of mine)
           assert.match(
             c?.message ?? "",
-            new RegExp(`egress IP ${a.replaceAll(".", "\\.")} uses 100%`),
+            new RegExp(`egress IP ${a.replaceAll(".", "\\.")} uses (8\\d|9\\d|100)%`),
           );
       }
     });

@@ -71,6 +71,32 @@ for (const datapath of ["iptables", "nftables"] as const)
         (s) => condition(s, "Ready")?.status === "True",
         ms,
       );
+    /**
+     * The last `n` lines of an agent's log whose message matches `about` ("time msg"): what a
+     * failure message needs to say where the time went.
+     */
+    const notes = (agent: string, about: RegExp, n = 8): string[] =>
+      sb
+        .log(agent)
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => {
+          try {
+            return JSON.parse(l) as { msg?: string; time?: number | string };
+          } catch {
+            return {};
+          }
+        })
+        .filter((j) => about.test(j.msg ?? ""))
+        .slice(-n)
+        .map((j) => `${j.time ?? "?"} ${j.msg}`);
+    /** Lease, liveness and fence decisions of the gateway nodes' agents. */
+    const LEASE_NOTES = /lease|holding|released|judged|fence|waiting|API server|peers/;
+    const gatewayNotes = () =>
+      JSON.stringify({
+        "agent-2": notes("agent-2", LEASE_NOTES),
+        "agent-3": notes("agent-3", LEASE_NOTES),
+      });
     /** Someone flushes our steering rules on a node. */
     const flushSteering = (i: number) =>
       mustRun(
@@ -456,19 +482,10 @@ for (const datapath of ["iptables", "nftables"] as const)
         );
         // What the restarted agent changed, and what its liveness said, if anything: the cause
         // of a failure here (it has been seen once in ~4 full runs, not reproduced alone).
-        const since = sb
-          .log(`agent-${index}`)
-          .split("\n")
-          .filter(Boolean)
-          .map((l) => {
-            try {
-              return JSON.parse(l) as { msg?: string };
-            } catch {
-              return {};
-            }
-          })
-          .filter((j) => /datapath updated|holding|released|judged|fence|waiting/.test(j.msg ?? ""))
-          .slice(-8);
+        const since = notes(
+          `agent-${index}`,
+          /datapath updated|holding|released|judged|fence|waiting/,
+        );
         assert.equal(
           /sallyport_datapath_changes_total (\d+)/.exec(metrics)?.[1],
           "0",
@@ -491,7 +508,11 @@ for (const datapath of ["iptables", "nftables"] as const)
       const during = p.lines.filter((l) => l.t > from);
       assert.ok(during.length >= 100, `probed all along (${during.length} requests)`);
       const other = during.filter((l) => l.saw !== EIP[4]);
-      assert.deepEqual(other, [], "every request was answered, and from the egress IP");
+      assert.deepEqual(
+        other,
+        [],
+        `every request was answered, and from the egress IP (outage from ${from}); the gateway agents said: ${other.length === 0 ? "" : gatewayNotes()}`,
+      );
       // and the control plane catches up with a change made after it came back
       await sb.apply(
         policyYaml(
@@ -579,7 +600,10 @@ for (const datapath of ["iptables", "nftables"] as const)
           answers.indexOf(`node-${holder}`) === 0,
           `the holder answered first: ${answers.join(" ")}`,
         );
-        assert.ok(firstOther > 0, `then the other node took over: ${answers.join(" ")}`);
+        assert.ok(
+          firstOther > 0,
+          `then the other node took over: ${[...new Set(answers)].join(" ")} (${answers.length} answers); the gateway agents said: ${firstOther > 0 ? "" : gatewayNotes()}`,
+        );
         assert.ok(
           !answers.slice(firstOther).includes(`node-${holder}`),
           `the cut-off node never answered once the other had started: ${answers.join(" ")}`,
