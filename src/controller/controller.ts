@@ -13,7 +13,9 @@
  *    builds the one object a key stands for, compares it with the cached copy by content (typed,
  *    independent of key order) and writes only when a field the server holds would change, as a
  *    merge patch that also deletes what must go. A failed write is retried by the queue with
- *    per-key exponential backoff; the business logic never retries.
+ *    per-key exponential backoff; the business logic never retries. Two priorities: endpoint
+ *    slices and the statuses that only carry agents' reports wait behind what agents program
+ *    from (statuses with allocations, EgressNode specs).
  *
  * Keys: `policy:<key>` (its status and Events), `slices:<key>` (its endpoint slices),
  * `gateway:<name>` (status), `node:<name>` (EgressNode spec), `clusterinfo`.
@@ -217,9 +219,11 @@ export class Controller {
       // What an agent reports programmed feeds the statuses of those policies only.
       const now = type === "delete" ? {} : (n.status?.programmed ?? {});
       const before = type === "add" ? {} : (old?.status?.programmed ?? {});
-      // Agents report within moments of each other: one status write for all their reports.
+      // Agents report within moments of each other: one status write for all their reports,
+      // after the writes agents wait for (a report changes only what people read).
       for (const key of new Set([...Object.keys(now), ...Object.keys(before)]))
-        if (now[key] !== before[key]) this.#queue?.addAfter(`policy:${key}`, REPORTS_SETTLE_MS);
+        if (now[key] !== before[key])
+          this.#queue?.addAfter(`policy:${key}`, REPORTS_SETTLE_MS, "low");
       // Gateways the data plane judged down (src/agent/liveness.ts): dead for placement now.
       if (this.#reportedDown > 0 || (n.status?.downNodes ?? []).length > 0) {
         const before = this.#lastHealthy;
@@ -401,8 +405,14 @@ export class Controller {
     if (apply()) this.#loop.trigger();
   }
 
+  /**
+   * Queues `key`. Endpoint slices go after every other key waiting: an agent programs a policy
+   * from its status and its own node's pods (a gateway SNATs by tunnel class a pod it has not
+   * heard of), so under a backlog, a thousand policies applied at once, the statuses that let
+   * traffic flow are written first.
+   */
   #enqueue(key: string): void {
-    this.#queue?.add(key);
+    this.#queue?.add(key, key.startsWith("slices:") ? "low" : "high");
   }
 
   #clusterCIDRs(): { serviceCIDRs: string[]; extraCIDRs: string[] } {

@@ -15,10 +15,12 @@
  * or throws ("retry logic is not business logic").
  *
  * Where this differs from client-go: keys are strings (`namespace/name`), not any comparable
- * value; `get()` is a promise instead of a blocking call; and after `shutDown()` no key is handed
+ * value; `get()` is a promise instead of a blocking call; after `shutDown()` no key is handed
  * out any more, even one still queued (client-go drains them), because the caller that shuts down
- * is a replica losing leadership, which must stop writing at once. Time comes from an injected
- * clock so that tests never sleep.
+ * is a replica losing leadership, which must stop writing at once; and a key is added with a
+ * priority (`"high"`, the default, or `"low"`): every high key waiting is handed out before any
+ * low one, so that under a backlog what the data plane waits for goes before what only people
+ * read. A key added at both is high. Time comes from an injected clock so that tests never sleep.
  */
 import type { Clock, Timer } from "../lib/clock.ts";
 
@@ -152,22 +154,45 @@ export interface WorkQueueOptions {
   readonly rateLimiter?: RateLimiter;
 }
 
+/** Every high key waiting is handed out before any low one. */
+export type Priority = "high" | "low";
+
+const higher = (a: Priority, b: Priority): Priority =>
+  a === "high" || b === "high" ? "high" : "low";
+
 /** A key waiting for its time; superseded entries stay in the heap and are skipped. */
 interface Delayed {
   readonly key: string;
   readonly at: number;
   readonly seq: number;
+  priority: Priority;
+}
+
+/**
+ * Keys ready to hand out at one priority, oldest first, from `head` on (no O(n) shift per get).
+ * A key raised to high leaves a stale entry in the low lane, skipped when reached.
+ */
+interface Lane {
+  keys: string[];
+  head: number;
 }
 
 export class WorkQueue {
   readonly #clock: Clock;
   readonly #limiter: RateLimiter;
-  /** Keys ready to hand out, oldest first, from `#head` on (no O(n) shift per get). */
-  #ready: string[] = [];
-  #head = 0;
-  /** Keys that need processing: those in `#ready`, and those processing that were added again. */
-  readonly #dirty = new Set<string>();
-  readonly #processing = new Set<string>();
+  readonly #lanes: Record<Priority, Lane> = {
+    high: { keys: [], head: 0 },
+    low: { keys: [], head: 0 },
+  };
+  /** Keys ready to hand out: in a lane, not processing. */
+  #ready = 0;
+  /**
+   * Keys that need processing, with their priority: those in a lane, and those processing that
+   * were added again.
+   */
+  readonly #dirty = new Map<string, Priority>();
+  /** Keys being processed, with the priority they were handed out at (kept by a retry). */
+  readonly #processing = new Map<string, Priority>();
   readonly #getters: ((key: string | undefined) => void)[] = [];
   #shuttingDown = false;
   /** addAfter(): a min-heap by time, then order of arrival; `#delayed` holds each key's live entry. */
@@ -184,41 +209,56 @@ export class WorkQueue {
 
   /** Keys ready to hand out (not those processing or waiting for a delay). */
   get len(): number {
-    return this.#ready.length - this.#head;
+    return this.#ready;
   }
 
   get shuttingDown(): boolean {
     return this.#shuttingDown;
   }
 
-  add(key: string): void {
-    if (this.#shuttingDown || this.#dirty.has(key)) return;
-    this.#dirty.add(key);
-    if (this.#processing.has(key)) return; // done() queues it
-    this.#ready.push(key);
+  add(key: string, priority: Priority = "high"): void {
+    if (this.#shuttingDown) return;
+    const had = this.#dirty.get(key);
+    if (had === undefined) {
+      this.#dirty.set(key, priority);
+      if (this.#processing.has(key)) return; // done() queues it
+      this.#push(key, priority);
+    } else if (had === "low" && priority === "high") {
+      this.#dirty.set(key, "high");
+      if (this.#processing.has(key)) return;
+      this.#lanes.high.keys.push(key); // still one key ready: `#ready` stays
+    } else return;
     this.#handOut();
   }
 
   /** Adds `key` in `ms`; a key already waiting keeps the earlier of its two times. */
-  addAfter(key: string, ms: number): void {
+  addAfter(key: string, ms: number, priority: Priority = "high"): void {
     if (this.#shuttingDown) return;
     if (!(ms > 0)) {
-      this.add(key);
+      this.add(key, priority);
       return;
     }
     const at = this.#clock.now() + ms;
     const live = this.#delayed.get(key);
-    if (live !== undefined && live.at <= at) return;
-    const entry = { key, at, seq: this.#seq++ };
+    if (live !== undefined && live.at <= at) {
+      live.priority = higher(live.priority, priority);
+      return;
+    }
+    const entry = {
+      key,
+      at,
+      seq: this.#seq++,
+      priority: live === undefined ? priority : higher(live.priority, priority),
+    };
     this.#delayed.set(key, entry);
     heapPush(this.#heap, entry);
     this.#arm();
   }
 
-  /** Adds `key` when the rate limiter says so: after a failure. */
+  /** Adds `key` when the rate limiter says so: after a failure, at the priority it failed at. */
   addRateLimited(key: string): void {
     if (this.#shuttingDown) return;
-    this.addAfter(key, this.#limiter.when(key));
+    this.addAfter(key, this.#limiter.when(key), this.#processing.get(key) ?? "high");
   }
 
   /** Resets `key`'s backoff (it succeeded); does not take it out of the queue. */
@@ -241,8 +281,9 @@ export class WorkQueue {
   /** Ends the processing of `key`: if it was added meanwhile it is queued again now. */
   done(key: string): void {
     if (!this.#processing.delete(key)) return;
-    if (this.#shuttingDown || !this.#dirty.has(key)) return;
-    this.#ready.push(key);
+    const priority = this.#dirty.get(key);
+    if (this.#shuttingDown || priority === undefined) return;
+    this.#push(key, priority);
     this.#handOut();
   }
 
@@ -254,21 +295,39 @@ export class WorkQueue {
     this.#timer = undefined;
     this.#heap = [];
     this.#delayed.clear();
-    this.#ready = [];
-    this.#head = 0;
+    for (const lane of Object.values(this.#lanes)) {
+      lane.keys = [];
+      lane.head = 0;
+    }
+    this.#ready = 0;
     this.#dirty.clear();
     for (const resolve of this.#getters.splice(0)) resolve(undefined);
   }
 
+  #push(key: string, priority: Priority): void {
+    this.#lanes[priority].keys.push(key);
+    this.#ready++;
+  }
+
+  /** The oldest ready key of the highest lane; only while `len > 0`. */
   #take(): string {
-    const key = this.#ready[this.#head++]!;
-    if (this.#head > 1024 && this.#head * 2 > this.#ready.length) {
-      this.#ready = this.#ready.slice(this.#head);
-      this.#head = 0;
+    for (const priority of ["high", "low"] as const) {
+      const lane = this.#lanes[priority];
+      while (lane.head < lane.keys.length) {
+        const key = lane.keys[lane.head++]!;
+        if (lane.head > 1024 && lane.head * 2 > lane.keys.length) {
+          lane.keys = lane.keys.slice(lane.head);
+          lane.head = 0;
+        }
+        // An entry left behind by a raise, or by a key handed out from the other lane.
+        if (this.#dirty.get(key) !== priority || this.#processing.has(key)) continue;
+        this.#dirty.delete(key);
+        this.#processing.set(key, priority);
+        this.#ready--;
+        return key;
+      }
     }
-    this.#dirty.delete(key);
-    this.#processing.add(key);
-    return key;
+    throw new Error("WorkQueue: no key ready although len > 0");
   }
 
   #handOut(): void {
@@ -288,7 +347,7 @@ export class WorkQueue {
       for (let e = this.#peek(); e !== undefined && e.at <= now; e = this.#peek()) {
         heapPop(this.#heap);
         this.#delayed.delete(e.key);
-        this.add(e.key);
+        this.add(e.key, e.priority);
       }
       this.#arm();
     });

@@ -5,6 +5,7 @@ import { FakeClock } from "../lib/clock.ts";
 import {
   defaultRateLimiter,
   ExponentialBackoff,
+  type Priority,
   type RateLimiter,
   runWorkers,
   TokenBucket,
@@ -100,7 +101,11 @@ describe("WorkQueue: add, get, done", () => {
       fc.asyncProperty(
         fc.array(
           fc.oneof(
-            fc.record({ op: fc.constant("add" as const), key: fc.constantFrom("a", "b", "c") }),
+            fc.record({
+              op: fc.constant("add" as const),
+              key: fc.constantFrom("a", "b", "c"),
+              priority: fc.constantFrom<Priority>("high", "low"),
+            }),
             fc.record({ op: fc.constant("get" as const) }),
             fc.record({ op: fc.constant("done" as const), pick: fc.nat() }),
           ),
@@ -109,22 +114,29 @@ describe("WorkQueue: add, get, done", () => {
         async (ops) => {
           const { queue } = setup();
           const processing: string[] = [];
-          // Keys added since their last hand-out began: exactly what the queue still owes.
-          const owed = new Set<string>();
+          // Keys added since their last hand-out began, at the highest priority they were added
+          // at: exactly what the queue still owes.
+          const owed = new Map<string, Priority>();
           const take = async () => {
+            const waitingHigh = [...owed].some(([k, p]) => p === "high" && !processing.includes(k));
             const key = (await queue.get())!;
+            const priority = owed.get(key);
             assert.ok(owed.delete(key), `${key} handed out without an add`);
             assert.ok(!processing.includes(key), `${key} handed out while processing`);
+            assert.ok(
+              !waitingHigh || priority === "high",
+              `low ${key} handed out before a high key`,
+            );
             processing.push(key);
           };
           for (const o of ops) {
             if (o.op === "add") {
-              queue.add(o.key);
-              owed.add(o.key);
+              queue.add(o.key, o.priority);
+              owed.set(o.key, owed.get(o.key) === "high" ? "high" : o.priority);
             } else if (o.op === "get" && queue.len > 0) await take();
             else if (o.op === "done" && processing.length > 0)
               queue.done(processing.splice(o.pick % processing.length, 1)[0]!);
-            const waiting = [...owed].filter((k) => !processing.includes(k));
+            const waiting = [...owed.keys()].filter((k) => !processing.includes(k));
             assert.equal(
               queue.len,
               waiting.length,
@@ -141,6 +153,64 @@ describe("WorkQueue: add, get, done", () => {
         },
       ),
     ));
+});
+
+describe("WorkQueue: priorities", () => {
+  it("hands out every high key waiting before any low one, each priority first in first out", async () => {
+    const { queue } = setup();
+    queue.add("slices-a", "low");
+    queue.add("status-a");
+    queue.add("slices-b", "low");
+    queue.add("status-b", "high");
+    assert.equal(queue.len, 4);
+    assert.deepEqual(await drain(queue), ["status-a", "status-b", "slices-a", "slices-b"]);
+  });
+
+  it("raises a low key added again at high, hands it out once, and never lowers a high one", async () => {
+    const { queue } = setup();
+    queue.add("a", "low");
+    queue.add("b", "low");
+    queue.add("c");
+    queue.add("b");
+    queue.add("c", "low");
+    assert.equal(queue.len, 3, "b is waiting once");
+    assert.deepEqual(await drain(queue), ["c", "b", "a"]);
+    assert.equal(queue.len, 0);
+  });
+
+  it("queues a key added during its processing at the priority it was added at", async () => {
+    const { queue } = setup();
+    queue.add("a");
+    assert.equal(await queue.get(), "a");
+    queue.add("a", "low");
+    queue.add("b");
+    queue.done("a");
+    assert.deepEqual(await drain(queue), ["b", "a"]);
+  });
+
+  it("adds a delayed key at its priority, raised by a high add of the same key meanwhile", async () => {
+    const { clock, queue } = setup();
+    queue.addAfter("report-a", 100, "low");
+    queue.addAfter("report-b", 100, "low");
+    queue.addAfter("report-b", 200);
+    queue.add("status");
+    assert.equal(await queue.get(), "status", "the high key goes first");
+    await clock.advance(100);
+    queue.add("status-2");
+    assert.deepEqual(await drain(queue), ["report-b", "status-2", "report-a"]);
+    queue.done("status");
+  });
+
+  it("retries a failed key at the priority it failed at", async () => {
+    const { clock, queue } = setup(() => new ExponentialBackoff({ baseMs: 10, maxMs: 10 }));
+    queue.add("low", "low");
+    assert.equal(await queue.get(), "low");
+    queue.addRateLimited("low");
+    queue.done("low");
+    await clock.advance(10);
+    queue.add("high");
+    assert.deepEqual(await drain(queue), ["high", "low"]);
+  });
 });
 
 describe("WorkQueue.addAfter()", () => {
