@@ -554,9 +554,10 @@ export class Controller {
       return;
     }
     const id = `policy:${key}`;
+    const settled = this.#settled(id, obj.metadata.resourceVersion, obj.status);
     const desired = policyStatus(
       o,
-      this.#settled(id, obj.metadata.resourceVersion, obj.status),
+      settled,
       {
         programmedOn: (k, revision, targets) =>
           targets.filter((n) => this.egressNodes.get(n)?.status?.programmed?.[k] === revision),
@@ -568,7 +569,7 @@ export class Controller {
       this.#policyEvents(obj, o, this.#evented.get(key));
       this.#evented.set(key, o);
     }
-    this.#saturationEvent(key, obj, desired);
+    this.#saturationEvent(key, obj, settled, desired);
     const current = obj.status ?? {};
     if (deepEqual(current, desired)) return;
     const patch = mergePatch(current, desired);
@@ -780,10 +781,11 @@ export class Controller {
   #saturationEvent(
     key: string,
     obj: AnyPolicy & KubeObject,
+    settled: AnyPolicy["status"],
     desired: NonNullable<AnyPolicy["status"]>,
   ): void {
     const now = desired.conditions?.find((c) => c.type === "SNATPortsSaturated");
-    const before = obj.status?.conditions?.find((c) => c.type === "SNATPortsSaturated");
+    const before = settled?.conditions?.find((c) => c.type === "SNATPortsSaturated");
     if (now?.status !== "True") {
       this.#saturationEvented.delete(key);
       return;

@@ -2961,9 +2961,9 @@ describe("Datapath on the fake kernel: nftables", () => {
     const plan = nftPlanWith(2, await dp.read(), SCENARIOS["dual stack with ports"]!);
     const table = desiredTable(plan, { families: [4, 6], tunnelDevice: TUNNEL });
     // The layout before class ids: `ip saddr vmap @src4`, each source jumping to its class.
+    const lines = renderNftTable(table).split("\n");
     const jumps = new Map<string, string>();
-    const old = renderNftTable(table)
-      .split("\n")
+    const old = lines
       .filter((l) => !/ cls4 /.test(l))
       .map((l) => {
         if (l.startsWith("add map inet sallyport src4 "))
@@ -2972,7 +2972,7 @@ describe("Datapath on the fake kernel: nftables", () => {
           return 'add rule inet sallyport prerouting meta nfproto ipv4 ip saddr vmap @src4 comment "classify #oldlayout0"';
         return l;
       });
-    for (const l of renderNftTable(table).split("\n")) {
+    for (const l of lines) {
       const m = /^add element inet sallyport cls4 \{ (.*) \}$/.exec(l);
       for (const e of m?.[1]?.split(", ") ?? []) {
         const [id, verdict] = e.split(" : ");
