@@ -478,9 +478,9 @@ async function thousandPolicies(
     for (const n of nodes) min = Math.min(min, await heldOn(n));
     return min;
   };
-  // Listing a node's rules with thousands in them takes a core for a good part of a second:
-  // polled back to back, three nodes' listings eat the machine the agents run on (the same code
-  // measured 64 s on iptables polled every 50 ms, 34 s polled once a second). Once a second.
+  // Three nodes' listings every 50 ms (`iptables-save` of 3,000 rules: ~30 ms each on an idle
+  // machine, more on a busy one) kept most of a core from the agents they measure: the same code
+  // measured 64 s on iptables polled every 50 ms, 34 s polled once a second. Once a second.
   const got = await until(held, (n) => n >= count, 300_000, 1000);
   if (got < count) throw new Error(`after 300 s only ${got} of ${count} policies are programmed`);
   return Date.now() - t0;
