@@ -374,9 +374,15 @@ export class Datapath {
    * `setElementsEveryMs`). The iptables datapath only looks for a table of ours left over.
    */
   async #readNft(elements: boolean): Promise<NftActual | undefined> {
-    const argv = elements
-      ? ["nft", "-j", "list", "table", "inet", NFT_TABLE]
-      : ["nft", "-t", "-j", "list", "ruleset", "inet"];
+    // The iptables datapath names our table: absent, as it should be, nft answers at once, while
+    // `list ruleset inet` first fetches every chain and rule of iptables-nft's tables (nft 1.0.6:
+    // 40–70 ms with 1,000 policies' rules, on every resync).
+    const argv =
+      this.#o.filter !== "nftables"
+        ? ["nft", "-t", "-j", "list", "table", "inet", NFT_TABLE]
+        : elements
+          ? ["nft", "-j", "list", "table", "inet", NFT_TABLE]
+          : ["nft", "-t", "-j", "list", "ruleset", "inet"];
     let result: { code: number; stdout: string; stderr: string };
     try {
       result = await this.#o.runner.run(argv);
