@@ -295,9 +295,10 @@ export class Datapath {
       this.#mirror === undefined ||
       (this.#o.filter === "nftables" && this.#mirrorNft === undefined) ||
       now - this.#elementsReadAt >= (this.#o.setElementsEveryMs ?? 0);
-    const [saves, ipsets, links, rules4, rules6, routes4, routes6] = await Promise.all([
+    const [saves, ipsets, nft, links, rules4, rules6, routes4, routes6] = await Promise.all([
       Promise.all(families.map(async (f) => [f, parseSave(await iptables.save(f))] as const)),
       this.#readIpsets(elements),
+      this.#readNft(elements && this.#o.filter === "nftables"),
       json(["ip", "-json", "-details", "address", "show"]),
       families.includes(4) ? json(["ip", "-4", "-json", "rule", "show"]) : Promise.resolve("[]"),
       families.includes(6) ? json(["ip", "-6", "-json", "rule", "show"]) : Promise.resolve("[]"),
@@ -318,7 +319,6 @@ export class Datapath {
       : ["[]", "[]"];
     const rules = { 4: new Map(), 6: new Map() } as Record<Family, SavedState>;
     for (const [f, s] of saves) rules[f] = s;
-    const nft = await this.#readNft(elements && this.#o.filter === "nftables");
     if (elements) this.#elementsReadAt = now;
     return {
       ...(nft === undefined ? {} : { nft }),
