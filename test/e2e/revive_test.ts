@@ -20,6 +20,7 @@ import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
+import { rendezvousScore } from "../../src/engine/placement.ts";
 import { ExecRunner, mustRun } from "../../src/kernel/runner.ts";
 import { CORE, ours } from "../../src/kube/client.ts";
 import type { Family } from "../../src/lib/ip.ts";
@@ -332,11 +333,6 @@ spec:
 `);
     const backStatus = async () =>
       (await sb.admin().get<WithStatus>(ours("EgressPolicy"), "back", "default")).status;
-    const s = await eventually(
-      backStatus,
-      (x) => x?.programmed === "2/2" && x.gatewayNode !== undefined,
-      30_000,
-    );
     // Nobody held down any more (a node revived by the test before is, for the hold-down): the
     // other node can take over at once.
     await eventually(
@@ -344,8 +340,18 @@ spec:
       (down) => down.length === 0,
       30_000,
     );
-    // With failback the egress IP sits on its preferred node: where it returns.
-    const preferred = Number(s!.gatewayNode!.split("-")[1]);
+    // With failback the egress IP sits on its preferred node, the rendezvous winner of its
+    // address (src/engine/placement.ts): where it returns. A node still held down when the
+    // policy was placed got it only once it came back, so wait for the winner, not the first
+    // node the status names.
+    const preferred =
+      rendezvousScore(EIPB[4], "node-2") >= rendezvousScore(EIPB[4], "node-3") ? 2 : 3;
+    const s = await eventually(
+      backStatus,
+      (x) => x?.programmed === "2/2" && x.gatewayNode === `node-${preferred}`,
+      30_000,
+    );
+    assert.equal(s?.gatewayNode, `node-${preferred}`, "placed on its preferred node");
     const other = preferred === 2 ? 3 : 2;
     const netns = sb.pod("back-1").netns;
     // Ten ARP requests a second: the planned move back must not let both nodes answer at once.
