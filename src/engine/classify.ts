@@ -491,6 +491,8 @@ export class ClassTable {
       this.#dirtyClasses.add(key);
     }
     this.#dirtyHosts.clear();
+    /** Classes rebuilt under the name they had. */
+    const replaced: TrafficClass[] = [];
     for (const key of this.#dirtyClasses) {
       const c = this.#classes.get(key);
       const before = this.#built.get(key);
@@ -549,15 +551,16 @@ export class ClassTable {
         entries:
           before !== undefined && sameEntries(before.entries, entries) ? before.entries : entries,
       };
-      if (
-        before === undefined ||
-        before.name !== built.name ||
+      if (before === undefined || before.name !== built.name) {
+        this.#built.set(key, built);
+        this.#listDirty = true;
+      } else if (
         before.policies !== built.policies ||
         before.sources !== built.sources ||
         before.entries !== built.entries
       ) {
         this.#built.set(key, built);
-        this.#listDirty = true;
+        replaced.push(built);
       }
     }
     this.#dirtyClasses.clear();
@@ -566,9 +569,27 @@ export class ClassTable {
         a.name < b.name ? -1 : a.name > b.name ? 1 : 0,
       );
       this.#listDirty = false;
+    } else if (replaced.length > 0) {
+      // Same names (a pod added to a class): the new classes in the old places, no sort of 1,000.
+      const list = this.#list.slice();
+      for (const c of replaced) list[indexByName(list, c.name)] = c;
+      this.#list = list;
     }
     return this.#list;
   }
+}
+
+/** Where the class named `name` is in a list sorted by name (it must be there). */
+function indexByName(list: readonly TrafficClass[], name: string): number {
+  let lo = 0;
+  let hi = list.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (list[mid]!.name < name) lo = mid + 1;
+    else hi = mid;
+  }
+  if (list[lo]?.name !== name) throw new Error(`class ${name} is not in the list`);
+  return lo;
 }
 
 /** Two sorted lists of host CIDRs as one, without duplicates. */

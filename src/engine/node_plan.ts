@@ -585,6 +585,11 @@ export class NodePlanner {
   #ignoreChanged = true;
   #rankOrder: readonly string[] = [];
   #nft: NftPlan | undefined;
+  /** What the classes of each family name (nftables), counted as classes change. */
+  readonly #uses = new Map<Family, FamilyUses>();
+  /** The steering targets the classes of every family name. */
+  readonly #steer = new Tally<SteerTarget>();
+  #steerTo: readonly SteerTarget[] = [];
   /** set name → its index in #setList */
   #setIndex = new Map<string, number>();
   /** Sets made since the last plan, to put in place when no set name changed. */
@@ -1321,7 +1326,6 @@ export class NodePlanner {
     const snat: Partial<Record<Family, readonly string[]>> = {};
     const snatGroups: Partial<Record<Family, readonly (readonly string[])[]>> = {};
     const held: Partial<Record<Family, readonly string[]>> = {};
-    const steerTo = new Map<string, SteerTarget>();
     const tunnelClasses: Partial<Record<Family, readonly TunnelClassSnat[]>> = {};
     for (const family of families) {
       const table = getOrInsert(this.#classTables, family, () => new ClassTable(family));
@@ -1381,51 +1385,76 @@ export class NodePlanner {
         }
         table.set(key, cached.policy, d.sources);
       }
-      classes[family] = table.classes();
-      const addresses = new Set<string>();
-      const groups = new Map<string, readonly string[]>();
-      const addSnat = (eips: readonly string[]) => {
-        for (const a of eips) addresses.add(a);
-        if (eips.length > 1) groups.set(eips.join(","), eips);
+      const list = table.classes();
+      classes[family] = list;
+      // What the classes and tunnel classes name, counted as they change: a pod added changes
+      // one class of 1,000, and walking all of them cost ~1 ms a plan.
+      const uses = getOrInsert(this.#uses, family, newFamilyUses);
+      const count = (eips: readonly string[], by: 1 | -1) => {
+        for (const a of eips) uses.eips.add(a, a, by);
+        if (eips.length > 1) uses.groups.add(eips.join(","), eips, by);
       };
-      for (const c of classes[family]!) {
-        for (const e of c.entries) {
-          if (e.verdict.kind === "snat") addSnat(snatAddresses(e.verdict));
-          else if (e.verdict.kind === "steer") {
-            const { nodeID, tunnelClass } = e.verdict;
-            const target: SteerTarget =
-              tunnelClass === undefined ? { nodeID } : { nodeID, tunnelClass };
-            steerTo.set(steerKey(target), target);
-          }
-        }
+      if (list !== uses.classes) {
+        forChangedClasses(uses.classes, list, (c, by) => {
+          const u = usesOf(c);
+          for (const eips of u.snat) count(eips, by);
+          for (const [k, target] of u.steer) this.#steer.add(k, target, by);
+        });
+        uses.classes = list;
       }
       // The gateway side of tunnel classes (see #familyRules): every policy held here.
-      const classSnat: TunnelClassSnat[] = [];
-      for (const key of this.#order) {
+      let tunnelChanged = false;
+      for (const key of keys) {
         const part = this.#parts.get(key);
         const tunnelClass = part?.view.tunnelClass;
         const eips = part?.view.snat[family] ?? [];
-        if (part?.families.get(family)?.decision.kind !== "gateway") continue;
-        if (tunnelClass === undefined || eips.length === 0) continue;
-        classSnat.push({ tunnelClass, policy: key, eips });
-        addSnat(eips);
+        const now: TunnelClassSnat | undefined =
+          part?.families.get(family)?.decision.kind === "gateway" &&
+          tunnelClass !== undefined &&
+          eips.length > 0
+            ? { tunnelClass, policy: key, eips }
+            : undefined;
+        const before = uses.tunnel.get(key);
+        if (
+          before === undefined
+            ? now === undefined
+            : now !== undefined &&
+              before.tunnelClass === now.tunnelClass &&
+              sameItems(before.eips, now.eips)
+        )
+          continue;
+        if (before !== undefined) count(before.eips, -1);
+        if (now === undefined) uses.tunnel.delete(key);
+        else {
+          count(now.eips, 1);
+          uses.tunnel.set(key, now);
+        }
+        tunnelChanged = true;
       }
-      if (classSnat.length > 0) {
-        classSnat.sort((a, b) => a.tunnelClass - b.tunnelClass);
-        const before = this.#nft?.tunnelClasses?.[family];
-        tunnelClasses[family] =
-          before !== undefined && sameTunnelClasses(before, classSnat) ? before : classSnat;
+      if (tunnelChanged) {
+        const now = [...uses.tunnel.values()].sort(
+          (a, b) =>
+            a.tunnelClass - b.tunnelClass ||
+            (a.policy < b.policy ? -1 : a.policy > b.policy ? 1 : 0),
+        );
+        if (!sameTunnelClasses(uses.tunnelList, now)) uses.tunnelList = now;
       }
+      if (uses.tunnelList.length > 0) tunnelClasses[family] = uses.tunnelList;
       // Unchanged lists keep their identity: the datapath compares them by reference.
-      const snatNow = [...addresses].sort();
-      const snatBefore = this.#nft?.snat[family];
-      snat[family] =
-        snatBefore !== undefined && sameItems(snatBefore, snatNow) ? snatBefore : snatNow;
-      if (groups.size > 0) {
-        const now = [...groups].sort(([a], [b]) => (a < b ? -1 : 1)).map(([, g]) => g);
-        const before = this.#nft?.snatGroups?.[family];
-        snatGroups[family] = before !== undefined && sameGroups(before, now) ? before : now;
+      if (uses.eips.changed) {
+        const now = [...uses.eips.keys()].sort();
+        if (!sameItems(uses.snat, now)) uses.snat = now;
+        uses.eips.changed = false;
       }
+      snat[family] = uses.snat;
+      if (uses.groups.changed) {
+        const now = [...uses.groups.entries()]
+          .sort(([a], [b]) => (a < b ? -1 : 1))
+          .map(([, g]) => g);
+        if (!sameGroups(uses.snatGroups, now)) uses.snatGroups = now;
+        uses.groups.changed = false;
+      }
+      if (uses.snatGroups.length > 0) snatGroups[family] = uses.snatGroups;
       held[family] = this.#eipSets.get(eipSetName(family))?.members ?? [];
     }
     this.#replanned.clear();
@@ -1440,9 +1469,7 @@ export class NodePlanner {
     const next: NftPlan = {
       tunnelPeers: this.#tunnelPeers,
       classes,
-      steerTo: [...steerTo.values()].sort(
-        (a, b) => a.nodeID - b.nodeID || (a.tunnelClass ?? 0) - (b.tunnelClass ?? 0),
-      ),
+      steerTo: this.#steerList(),
       ...(Object.keys(tunnelClasses).length === 0 ? {} : { tunnelClasses }),
       snat,
       ...(Object.keys(snatGroups).length === 0 ? {} : { snatGroups }),
@@ -1465,6 +1492,17 @@ export class NodePlanner {
       sameItems(prev.steerTo.map(steerKey), next.steerTo.map(steerKey))
         ? prev
         : next;
+  }
+
+  /** The steering targets, sorted; the same list while they stay the same. */
+  #steerList(): readonly SteerTarget[] {
+    if (this.#steer.changed) {
+      this.#steerTo = [...this.#steer.entries()]
+        .map(([, t]) => t)
+        .sort((a, b) => a.nodeID - b.nodeID || (a.tunnelClass ?? 0) - (b.tunnelClass ?? 0));
+      this.#steer.changed = false;
+    }
+    return this.#steerTo;
   }
 
   /** The peers' underlay addresses of one family, made once per list. */
@@ -1705,6 +1743,119 @@ function groupRules(target: GroupTarget | undefined, tunnel: string): Rule[] {
 /** The tunnel class a node names in the packets of `policy` it steers to `gateway`, if any. */
 function classToward(policy: PolicyView, gateway: PeerView): number | undefined {
   return gateway.tunnelClasses === true ? policy.tunnelClass : undefined;
+}
+
+/** Values counted by key: kept while at least one user names them. */
+class Tally<T> {
+  readonly #counts = new Map<string, { value: T; n: number }>();
+  /** Whether a key came or went since the owner last cleared it. */
+  changed = true;
+
+  add(key: string, value: T, by: 1 | -1): void {
+    const c = this.#counts.get(key);
+    if (c === undefined) {
+      if (by < 0) throw new Error(`Cannot uncount ${key}: it was not counted`);
+      this.#counts.set(key, { value, n: 1 });
+      this.changed = true;
+    } else {
+      c.n += by;
+      if (c.n > 0) return;
+      this.#counts.delete(key);
+      this.changed = true;
+    }
+  }
+
+  keys(): Iterable<string> {
+    return this.#counts.keys();
+  }
+
+  *entries(): Iterable<[string, T]> {
+    for (const [k, c] of this.#counts) yield [k, c.value];
+  }
+}
+
+/** What one family's classes and tunnel classes name, and the lists the plan shows of it. */
+interface FamilyUses {
+  /** The class list counted. */
+  classes: readonly TrafficClass[];
+  readonly eips: Tally<string>;
+  readonly groups: Tally<readonly string[]>;
+  /** Tunnel classes by policy key. */
+  readonly tunnel: Map<string, TunnelClassSnat>;
+  tunnelList: readonly TunnelClassSnat[];
+  snat: readonly string[];
+  snatGroups: readonly (readonly string[])[];
+}
+
+function newFamilyUses(): FamilyUses {
+  return {
+    classes: [],
+    eips: new Tally(),
+    groups: new Tally(),
+    tunnel: new Map(),
+    tunnelList: [],
+    snat: [],
+    snatGroups: [],
+  };
+}
+
+/**
+ * Calls `fn(c, -1)` for each class of `before` not in `after` and `fn(c, 1)` for each class of
+ * `after` not in `before` (both sorted by name; a class rebuilt under its name is both).
+ */
+function forChangedClasses(
+  before: readonly TrafficClass[],
+  after: readonly TrafficClass[],
+  fn: (c: TrafficClass, by: 1 | -1) => void,
+): void {
+  let i = 0;
+  let j = 0;
+  while (i < before.length || j < after.length) {
+    const a = before[i];
+    const b = after[j];
+    if (a !== undefined && a === b) {
+      i++;
+      j++;
+    } else if (b === undefined || (a !== undefined && a.name <= b.name)) {
+      fn(a!, -1);
+      i++;
+      if (b !== undefined && a!.name === b.name) {
+        fn(b, 1);
+        j++;
+      }
+    } else {
+      fn(b, 1);
+      j++;
+    }
+  }
+}
+
+/** The egress IP lists and steering targets a class's entries name, once per class object. */
+interface ClassUses {
+  readonly snat: readonly (readonly string[])[];
+  readonly steer: ReadonlyMap<string, SteerTarget>;
+}
+const CLASS_USES = new WeakMap<TrafficClass, ClassUses>();
+function usesOf(c: TrafficClass): ClassUses {
+  let uses = CLASS_USES.get(c);
+  if (uses === undefined) {
+    const snat = new Map<string, readonly string[]>();
+    const steer = new Map<string, SteerTarget>();
+    for (const e of c.entries) {
+      if (e.verdict.kind === "snat") {
+        const eips = snatAddresses(e.verdict);
+        snat.set(eips.join(","), eips);
+      } else if (e.verdict.kind === "steer") {
+        const { nodeID, tunnelClass } = e.verdict;
+        const target: SteerTarget =
+          tunnelClass === undefined ? { nodeID } : { nodeID, tunnelClass };
+        steer.set(steerKey(target), target);
+      }
+    }
+    uses = { snat: [...snat.values()], steer };
+    CLASS_USES.set(c, uses);
+  }
+  return uses;
 }
 
 function steerKey(t: SteerTarget): string {

@@ -25,6 +25,7 @@ import {
   type ActualRouting,
   diffRouting,
   eipLeaseLines,
+  noRoutingChanges,
   type ParsedLink,
   parseFdb,
   parseLinks,
@@ -32,6 +33,7 @@ import {
   parseRoutes,
   parseRules,
   type RoutingDiff,
+  type RoutingPlan,
 } from "../render/iproute.ts";
 import { diffIpsets, parseIpsetSave, parseIpsetTerse, type SavedSet } from "../render/ipset.ts";
 import { diffRules, parseSave, ruleText, type SavedState, TABLES } from "../render/iptables.ts";
@@ -184,17 +186,35 @@ export function stateOfPlan(plan: NodePlan, eipLeaseSeconds?: number): KernelSta
       macvlanMode: "bridge",
     });
   }
-  return {
-    rules,
-    ipsets,
-    routing: {
-      rules: plan.ipRules,
-      routes: plan.routes,
-      links,
-      neighbors: plan.neighbors,
-      fdb: plan.fdb,
-    },
+  const routing: ActualRouting = {
+    rules: plan.ipRules,
+    routes: plan.routes,
+    links,
+    neighbors: plan.neighbors,
+    fdb: plan.fdb,
   };
+  ROUTING_SOURCES.set(routing, plan);
+  return { rules, ipsets, routing };
+}
+
+/** The plan each mirror's routing was made from. */
+const ROUTING_SOURCES = new WeakMap<ActualRouting, RoutingPlan>();
+
+/**
+ * Whether `plan`'s routing is, section by section, the very objects of the plan a mirror was made
+ * from (the planner keeps unchanged sections by identity): its diff against that mirror is empty.
+ */
+function sameRoutingAsMirror(plan: RoutingPlan, actual: ActualRouting): boolean {
+  const from = ROUTING_SOURCES.get(actual);
+  return (
+    from !== undefined &&
+    from.ipRules === plan.ipRules &&
+    from.routes === plan.routes &&
+    from.tunnel === plan.tunnel &&
+    from.neighbors === plan.neighbors &&
+    from.fdb === plan.fdb &&
+    from.eips === plan.eips
+  );
 }
 
 // Plans share unchanged sections by identity (src/engine/node_plan.ts): their saved forms are
@@ -483,11 +503,15 @@ export class Datapath {
           : { payload: "", changes: 0, detail: [] };
       this.#lastNft = undefined;
     }
-    const routing = diffRouting(plan, actual.routing, {
-      rulePref,
-      tunnelDevice,
-      eipLeaseSeconds: this.#o.eipLeaseSeconds,
-    });
+    // A partial sync after a change elsewhere (a pod added): nothing to compare.
+    const routing =
+      !full && sameRoutingAsMirror(plan, actual.routing)
+        ? noRoutingChanges()
+        : diffRouting(plan, actual.routing, {
+            rulePref,
+            tunnelDevice,
+            eipLeaseSeconds: this.#o.eipLeaseSeconds,
+          });
     const sets = this.#diffSets(plan, actual, full);
     const step = async (name: string, fn: () => Promise<unknown>) => {
       try {

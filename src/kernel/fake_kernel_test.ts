@@ -2786,6 +2786,8 @@ describe("partial syncs of keyed plans on the fake kernel", () => {
             policy: fc.integer({ min: 0, max: 3 }),
             pods: fc.integer({ min: 0, max: 4 }),
             remove: fc.boolean(),
+            // Another SNAT address list: every class map's verdicts name their index.
+            eips: fc.constantFrom(undefined, ["10.168.60.105"], ["10.168.60.100", "10.168.60.105"]),
           }),
           { minLength: 1, maxLength: 8 },
         ),
@@ -2813,10 +2815,12 @@ describe("partial syncs of keyed plans on the fake kernel", () => {
               planner.setPolicy({
                 ...base,
                 key,
+                ...(step.eips === undefined ? {} : { snat: { ...base.snat, 4: step.eips } }),
+                // Overlapping pods: sources share classes, which split and merge.
                 endpoints: Array.from({ length: step.pods }, (_, k) => ({
-                  pod: `team-a/p${k}`,
+                  pod: `team-a/p${2 * step.policy + k}`,
                   node: "node-1",
-                  ips: [`172.29.1.${10 * step.policy + k + 2}`],
+                  ips: [`172.29.1.${2 * step.policy + k + 2}`],
                 })),
               });
             const plan = planner.plan();
@@ -3281,7 +3285,7 @@ describe("Datapath on nftables between random plans (property)", () => {
     );
   });
 
-  it("partial syncs of keyed plans (NodePlanner) hold every plan, as a full sync confirms", async () => {
+  it("partial syncs of keyed plans (NodePlanner) hold every plan while classes split, merge and change SNAT addresses, as a full sync confirms", async () => {
     await fc.assert(
       fc.asyncProperty(
         fc.array(
@@ -3289,6 +3293,8 @@ describe("Datapath on nftables between random plans (property)", () => {
             policy: fc.integer({ min: 0, max: 3 }),
             pods: fc.integer({ min: 0, max: 4 }),
             remove: fc.boolean(),
+            // Another SNAT address list: every class map's verdicts name their index.
+            eips: fc.constantFrom(undefined, ["10.168.60.105"], ["10.168.60.100", "10.168.60.105"]),
           }),
           { minLength: 1, maxLength: 8 },
         ),
@@ -3319,10 +3325,12 @@ describe("Datapath on nftables between random plans (property)", () => {
               planner.setPolicy({
                 ...base,
                 key,
+                ...(step.eips === undefined ? {} : { snat: { ...base.snat, 4: step.eips } }),
+                // Overlapping pods: sources share classes, which split and merge.
                 endpoints: Array.from({ length: step.pods }, (_, k) => ({
-                  pod: `team-a/p${k}`,
+                  pod: `team-a/p${2 * step.policy + k}`,
                   node: "node-1",
-                  ips: [`172.29.1.${10 * step.policy + k + 2}`],
+                  ips: [`172.29.1.${2 * step.policy + k + 2}`],
                 })),
               });
             const plan = planner.plan();

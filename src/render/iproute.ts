@@ -310,12 +310,9 @@ export function eipLeaseLines(eips: readonly EipPlan[], seconds: number): string
   return eips.map((e) => eipAddressLine(e, seconds));
 }
 
-export function diffRouting(
-  desired: RoutingPlan,
-  actual: ActualRouting,
-  options: RoutingOptions,
-): RoutingDiff {
-  const d: RoutingDiff = {
+/** A routing diff that changes nothing. */
+export function noRoutingChanges(): RoutingDiff {
+  return {
     releaseEips: [],
     tunnel: [],
     tunnelUp: [],
@@ -331,6 +328,14 @@ export function diffRouting(
     removeTunnel: [],
     changes: 0,
   };
+}
+
+export function diffRouting(
+  desired: RoutingPlan,
+  actual: ActualRouting,
+  options: RoutingOptions,
+): RoutingDiff {
+  const d: RoutingDiff = noRoutingChanges();
   const linkByName = new Map(actual.links.map((l) => [l.name, l]));
 
   // Tunnel device.

@@ -27,6 +27,7 @@
  * previous plan is known (partial syncs), so a pod added is one element.
  */
 import type { ClassEntry, TrafficClass } from "../engine/classify.ts";
+import { sameItems } from "../engine/equality.ts";
 import {
   hex,
   KEEP_MARK,
@@ -107,11 +108,18 @@ export interface NftActual {
 
 /** The desired table: static parts, and the classes kept by identity. */
 export interface NftDesired {
+  /** The table's sets and maps, without the classes' maps. */
   readonly sets: readonly NftSetDef[];
   /** Elements of the static sets and maps (not the classes' and not src4/src6). */
   readonly elements: ReadonlyMap<string, ReadonlyMap<string, string>>;
+  /** The table's chains, without the classes' chains. */
   readonly chains: readonly NftChainDef[];
-  readonly classes: ReadonlyMap<string, TrafficClass>;
+  /**
+   * Each family's classes, sorted by name (the plan's lists: unchanged classes by identity). Each
+   * has a map and a chain of its name, after the sets and chains above (`tableSets`,
+   * `tableChains`): a partial sync compares only the classes that changed.
+   */
+  readonly classes: ReadonlyMap<Family, readonly TrafficClass[]>;
 }
 
 /** From the rule and its comment: a comment that no longer says what the rule is for is drift. */
@@ -213,10 +221,9 @@ export function desiredTable(
   const sets: NftSetDef[] = [];
   const elements = new Map<string, Map<string, string>>();
   const chains: NftChainDef[] = [];
-  const classes = new Map<string, TrafficClass>();
+  const classes = new Map<Family, readonly TrafficClass[]>();
 
   for (const family of families) {
-    const ip = IP[family];
     sets.push({ name: `eip${family}`, key: ADDR[family], interval: false, counter: false });
     elements.set(
       `eip${family}`,
@@ -266,19 +273,8 @@ export function desiredTable(
         ],
       });
     }
-    for (const c of nft.classes[family] ?? []) {
-      classes.set(c.name, c);
-      sets.push(classMapDef(c));
-      chains.push({
-        name: c.name,
-        rules: [
-          {
-            text: `${ip} daddr . meta l4proto . th dport vmap @${c.name}`,
-            comment: c.policies.length === 1 ? c.policies[0] : `${c.policies.length} policies`,
-          },
-        ],
-      });
-    }
+    const list = nft.classes[family];
+    if (list !== undefined && list.length > 0) classes.set(family, list);
   }
   for (const { nodeID, tunnelClass } of nft.steerTo) {
     // With a tunnel class, the connection mark carries it too; tunnel-out puts it into the
@@ -475,6 +471,73 @@ function elementsOfList(
     cache.set(list, m);
   }
   return m;
+}
+
+/**
+ * A class's map and chain, made once per class object: the planner keeps unchanged classes by
+ * identity, and a partial sync then skips their definitions by reference.
+ */
+const CLASS_DEFS = new WeakMap<TrafficClass, { map: NftSetDef; chain: NftChainDef }>();
+function classDefs(c: TrafficClass): { map: NftSetDef; chain: NftChainDef } {
+  let defs = CLASS_DEFS.get(c);
+  if (defs === undefined) {
+    defs = {
+      map: classMapDef(c),
+      chain: {
+        name: c.name,
+        rules: [
+          {
+            text: `${IP[c.family]} daddr . meta l4proto . th dport vmap @${c.name}`,
+            comment: c.policies.length === 1 ? c.policies[0] : `${c.policies.length} policies`,
+          },
+        ],
+      },
+    };
+    CLASS_DEFS.set(c, defs);
+  }
+  return defs;
+}
+
+/** Every set and map of the table, the classes' maps last (by family, then name). */
+function tableSets(desired: NftDesired): readonly NftSetDef[] {
+  return whole(desired).sets;
+}
+
+/** Every chain of the table, the classes' chains last (by family, then name). */
+function tableChains(desired: NftDesired): readonly NftChainDef[] {
+  return whole(desired).chains;
+}
+
+/** Each class of the table by name. */
+function classNamed(desired: NftDesired): ReadonlyMap<string, TrafficClass> {
+  return whole(desired).classes;
+}
+
+const WHOLE = new WeakMap<
+  NftDesired,
+  {
+    sets: readonly NftSetDef[];
+    chains: readonly NftChainDef[];
+    classes: ReadonlyMap<string, TrafficClass>;
+  }
+>();
+function whole(desired: NftDesired) {
+  let w = WHOLE.get(desired);
+  if (w === undefined) {
+    const sets = [...desired.sets];
+    const chains = [...desired.chains];
+    const classes = new Map<string, TrafficClass>();
+    for (const list of desired.classes.values())
+      for (const c of list) {
+        const defs = classDefs(c);
+        sets.push(defs.map);
+        chains.push(defs.chain);
+        classes.set(c.name, c);
+      }
+    w = { sets, chains, classes };
+    WHOLE.set(desired, w);
+  }
+  return w;
 }
 
 function classMapDef(c: TrafficClass): NftSetDef {
@@ -813,9 +876,10 @@ export function diffNftFull(
   const t = new Transaction();
   const haveSets = actual?.sets ?? new Map();
   const haveChains = actual?.chains ?? new Map();
-  const wantSets = new Map(desired.sets.map((s) => [s.name, s]));
+  const sets = tableSets(desired);
+  const wantSets = new Map(sets.map((s) => [s.name, s]));
   const recreated = new Set<string>();
-  for (const d of desired.sets) {
+  for (const d of sets) {
     const have = haveSets.get(d.name);
     if (have !== undefined && sameDef(have.def, d)) continue;
     if (have !== undefined) {
@@ -827,10 +891,9 @@ export function diffNftFull(
     t.changes++;
     t.detail.push(`set ${d.name}`);
   }
-  const byFamily = classesByFamily(desired);
-  const elementsOf = (name: string) => elementsIn(desired, name, byFamily);
-  const wantChains = new Map(desired.chains.map((c) => [c.name, c]));
-  for (const c of desired.chains) {
+  const chains = tableChains(desired);
+  const wantChains = new Map(chains.map((c) => [c.name, c]));
+  for (const c of chains) {
     const have = haveChains.get(c.name);
     const sameBase =
       have !== undefined &&
@@ -849,16 +912,16 @@ export function diffNftFull(
     if (same && recreated.size === 0) continue;
     writeChain(t, c, true);
   }
-  const assumedSets = new Map(assumed?.sets.map((s) => [s.name, s]));
-  let assumedByFamily: Map<Family, TrafficClass[]> | undefined;
+  const assumedSets = new Map(
+    (assumed === undefined ? [] : tableSets(assumed)).map((s) => [s.name, s]),
+  );
   const assumedElements = (d: NftSetDef): ReadonlyMap<string, string> => {
     const before = assumedSets.get(d.name);
     if (assumed === undefined || before === undefined || !sameDef(before, d))
       throw new NftElementsUnknownError(d.name);
-    assumedByFamily ??= classesByFamily(assumed);
-    return elementsIn(assumed, d.name, assumedByFamily);
+    return elementsIn(assumed, d.name);
   };
-  for (const d of desired.sets) {
+  for (const d of sets) {
     const have = recreated.has(d.name) ? undefined : haveSets.get(d.name);
     // Read tersely, and made of the very lists the last sync wrote: nothing to compare.
     if (
@@ -870,7 +933,7 @@ export function diffNftFull(
       continue;
     const haveElements =
       have === undefined ? new Map() : (have.elements ?? assumedElements(have.def));
-    diffElements(t, d.name, elementsOf(d.name), haveElements, d.value !== undefined);
+    diffElements(t, d.name, elementsIn(desired, d.name), haveElements, d.value !== undefined);
   }
   // Stale chains: flush first (a map element may still jump to them until deleted above).
   for (const [name] of haveChains) {
@@ -890,18 +953,14 @@ export function diffNftFull(
 }
 
 /** The elements `desired` holds in one set or map. */
-function elementsIn(
-  desired: NftDesired,
-  name: string,
-  byFamily: ReadonlyMap<Family, readonly TrafficClass[]>,
-): ReadonlyMap<string, string> {
+function elementsIn(desired: NftDesired, name: string): ReadonlyMap<string, string> {
   const fixed = desired.elements.get(name);
   if (fixed !== undefined) return fixed;
-  if (name === "src4") return sourceElements(byFamily.get(4) ?? []);
+  if (name === "src4") return sourceElements(desired.classes.get(4) ?? []);
   if (name === CLS4)
-    return new Map((byFamily.get(4) ?? []).map((c) => [classId(c), `jump ${c.name}`]));
-  if (name === "src6") return sourceElements(byFamily.get(6) ?? []);
-  const c = desired.classes.get(name);
+    return new Map((desired.classes.get(4) ?? []).map((c) => [classId(c), `jump ${c.name}`]));
+  if (name === "src6") return sourceElements(desired.classes.get(6) ?? []);
+  const c = classNamed(desired).get(name);
   if (c === undefined) return new Map();
   return classElements(c, [...(desired.elements.get(`snat${c.family}`)?.values() ?? [])]);
 }
@@ -922,28 +981,14 @@ function sameSource(
   const fixed = desired.elements.get(d.name);
   if (fixed !== undefined) return fixed === before.elements.get(d.name);
   const family = d.name === "src4" || d.name === CLS4 ? 4 : d.name === "src6" ? 6 : undefined;
-  if (family !== undefined) {
-    let n = 0;
-    for (const c of desired.classes.values()) {
-      if (c.family !== family) continue;
-      if (before.classes.get(c.name) !== c) return false;
-      n++;
-    }
-    for (const c of before.classes.values()) if (c.family === family) n--;
-    return n === 0;
-  }
-  const c = desired.classes.get(d.name);
+  if (family !== undefined)
+    return sameItems(desired.classes.get(family) ?? [], before.classes.get(family) ?? []);
+  const c = classNamed(desired).get(d.name);
   return (
     c !== undefined &&
-    before.classes.get(d.name) === c &&
+    classNamed(before).get(d.name) === c &&
     desired.elements.get(`snat${c.family}`) === before.elements.get(`snat${c.family}`)
   );
-}
-
-function classesByFamily(desired: NftDesired): Map<Family, TrafficClass[]> {
-  const byFamily = new Map<Family, TrafficClass[]>();
-  for (const c of desired.classes.values()) getOrInsert(byFamily, c.family, () => []).push(c);
-  return byFamily;
 }
 
 /**
@@ -961,24 +1006,20 @@ export class NftElementsUnknownError extends Error {
 
 /** The table a sync of `desired` left, as a read would return it. */
 function actualOf(desired: NftDesired): NftActual {
-  const byFamily = classesByFamily(desired);
   return {
     sets: new Map(
-      desired.sets.map((d) => [
-        d.name,
-        { def: d, elements: elementsIn(desired, d.name, byFamily) },
-      ]),
+      tableSets(desired).map((d) => [d.name, { def: d, elements: elementsIn(desired, d.name) }]),
     ),
     chains: new Map(
-      desired.chains.map((c) => [c.name, { base: c.base, ids: c.rules.map(ruleId) }]),
+      tableChains(desired).map((c) => [c.name, { base: c.base, ids: c.rules.map(ruleId) }]),
     ),
   };
 }
 
 /**
  * Partial: what turns the table the previous sync left (`before`, its desired state) into
- * `desired`. Unchanged classes are skipped by identity; a class whose sources changed costs the
- * sources that came or went.
+ * `desired`. Unchanged classes are skipped by identity (a pod added costs its class, not the
+ * 1,000 others); a class whose sources changed costs the sources that came or went.
  */
 export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff {
   const t = new Transaction();
@@ -986,7 +1027,7 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
   const newSets = new Map(desired.sets.map((s) => [s.name, s]));
   for (const d of desired.sets) {
     const o = oldSets.get(d.name);
-    if (o !== undefined && sameDef(o, d)) continue;
+    if (o === d || (o !== undefined && sameDef(o, d))) continue;
     // A set made again with another definition (rare: an upgrade) rewrites what uses it.
     if (o !== undefined) return diffNftFull(desired, actualOf(before));
     t.addSets.push(setDecl(d));
@@ -999,13 +1040,7 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
     if (o === undefined) {
       t.addChains.push(chainDecl(c));
       writeChain(t, c, false);
-    } else if (
-      o !== c &&
-      (o.rules.length !== c.rules.length ||
-        o.rules.some((r, i) => r.text !== c.rules[i]!.text || r.comment !== c.rules[i]!.comment))
-    ) {
-      writeChain(t, c, true);
-    }
+    } else if (o !== c && !sameRules(o, c)) writeChain(t, c, true);
   }
   // Static elements (small).
   for (const [name, want] of desired.elements) {
@@ -1013,49 +1048,64 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
     if (have === want) continue;
     diffElements(t, name, want, have, newSets.get(name)?.value !== undefined);
   }
-  // Classes: entries, and the sources that moved.
-  const snatChanged = (f: Family) =>
-    desired.elements.get(`snat${f}`) !== before.elements.get(`snat${f}`);
+  // Classes that changed: their maps, chains and entries, and the sources that moved.
   const srcAdd = new Map<Family, string[]>();
   const srcDel = new Map<Family, string[]>();
   const clsAdd: string[] = [];
   const clsDel: string[] = [];
-  const list = (m: Map<Family, string[]>, f: Family) => {
-    let l = m.get(f);
-    if (l === undefined) {
-      l = [];
-      m.set(f, l);
-    }
-    return l;
-  };
-  for (const [name, c] of desired.classes) {
-    const o = before.classes.get(name);
-    if (o === c && !snatChanged(c.family)) continue;
-    const snatNew = [...(desired.elements.get(`snat${c.family}`)?.values() ?? [])];
-    const snatOld = [...(before.elements.get(`snat${c.family}`)?.values() ?? [])];
-    if (o === undefined || o.entries !== c.entries || snatChanged(c.family)) {
-      diffElements(
-        t,
-        name,
-        classElements(c, snatNew),
-        o === undefined ? new Map() : classElements(o, snatOld),
-        true,
-      );
-    }
-    if (o === undefined && c.family === 4) clsAdd.push(`${classId(c)} : jump ${name}`);
-    if (o === undefined || o.sources !== c.sources) {
-      const was = new Set(o?.sources ?? []);
-      const now = new Set(c.sources);
-      const value = sourceValue(c);
-      for (const s of c.sources)
-        if (!was.has(s)) list(srcAdd, c.family).push(`${hostText(s)} : ${value}`);
-      for (const s of o?.sources ?? []) if (!now.has(s)) list(srcDel, c.family).push(hostText(s));
-    }
-  }
-  for (const [name, o] of before.classes) {
-    if (desired.classes.has(name)) continue;
-    for (const s of o.sources) list(srcDel, o.family).push(hostText(s));
-    if (o.family === 4) clsDel.push(classId(o));
+  for (const family of new Set([...before.classes.keys(), ...desired.classes.keys()])) {
+    const now = desired.classes.get(family) ?? [];
+    const was = before.classes.get(family) ?? [];
+    const snatNew = desired.elements.get(`snat${family}`);
+    const snatOld = before.elements.get(`snat${family}`);
+    // The class maps' verdicts name the index of their egress IP: all of them follow a new list.
+    const snatMoved = snatNew !== snatOld;
+    if (now === was && !snatMoved) continue;
+    const eipsNew = [...(snatNew?.values() ?? [])];
+    const eipsOld = [...(snatOld?.values() ?? [])];
+    const add = getOrInsert(srcAdd, family, () => []);
+    const del = getOrInsert(srcDel, family, () => []);
+    const fallback = forClassChanges(was, now, snatMoved, (o, c) => {
+      if (c === undefined) {
+        // Gone: its sources, its id, its chain and its map.
+        for (const s of o!.sources) del.push(hostText(s));
+        if (family === 4) clsDel.push(classId(o!));
+        t.rules.push(`flush chain inet ${NFT_TABLE} ${o!.name}`);
+        t.delChains.push(`delete chain inet ${NFT_TABLE} ${o!.name}`);
+        t.delSets.push(delSetLine(o!.name, classDefs(o!).map));
+        t.changes += 2;
+        return false;
+      }
+      const defs = classDefs(c);
+      if (o === undefined) {
+        t.addSets.push(setDecl(defs.map));
+        t.changes++;
+        t.addChains.push(chainDecl(defs.chain));
+        writeChain(t, defs.chain, false);
+        diffElements(t, c.name, classElements(c, eipsNew), new Map(), true);
+        if (family === 4) clsAdd.push(`${classId(c)} : jump ${c.name}`);
+        const value = sourceValue(c);
+        for (const s of c.sources) add.push(`${hostText(s)} : ${value}`);
+        return false;
+      }
+      // The same name: the same anchor, so the same id.
+      const old = classDefs(o);
+      if (!sameDef(old.map, defs.map)) return true;
+      if (old.chain !== defs.chain && !sameRules(old.chain, defs.chain))
+        writeChain(t, defs.chain, true);
+      if (o.entries !== c.entries || snatMoved)
+        diffElements(t, c.name, classElements(c, eipsNew), classElements(o, eipsOld), true);
+      if (o.sources !== c.sources) {
+        const had = new Set(o.sources);
+        const has = new Set(c.sources);
+        const value = sourceValue(c);
+        for (const s of c.sources) if (!had.has(s)) add.push(`${hostText(s)} : ${value}`);
+        for (const s of o.sources) if (!has.has(s)) del.push(hostText(s));
+      }
+      return false;
+    });
+    // A class map made again with another definition (rare: an upgrade) rewrites what uses it.
+    if (fallback) return diffNftFull(desired, actualOf(before));
   }
   // A source that moved to another class is deleted, then added with its new verdict.
   for (const [f, items] of srcDel) t.elements("delete", srcMap(f), items);
@@ -1074,6 +1124,44 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
     t.changes++;
   }
   return { payload: t.text(false), changes: t.changes, detail: t.detail };
+}
+
+function sameRules(a: NftChainDef, b: NftChainDef): boolean {
+  return (
+    a.rules.length === b.rules.length &&
+    a.rules.every((r, i) => r.text === b.rules[i]!.text && r.comment === b.rules[i]!.comment)
+  );
+}
+
+/**
+ * Walks two class lists sorted by name: `fn(old, undefined)` for a class gone, `fn(undefined,
+ * new)` for a class added, `fn(old, new)` for a class of the same name rebuilt (and, with `all`,
+ * for an unchanged one too). Stops when `fn` returns true, and returns it.
+ */
+function forClassChanges(
+  before: readonly TrafficClass[],
+  after: readonly TrafficClass[],
+  all: boolean,
+  fn: (o: TrafficClass | undefined, c: TrafficClass | undefined) => boolean,
+): boolean {
+  let i = 0;
+  let j = 0;
+  while (i < before.length || j < after.length) {
+    const o = before[i];
+    const c = after[j];
+    if (o !== undefined && c !== undefined && o.name === c.name) {
+      i++;
+      j++;
+      if ((o !== c || all) && fn(o, c)) return true;
+    } else if (c === undefined || (o !== undefined && o.name < c.name)) {
+      i++;
+      if (fn(o, undefined)) return true;
+    } else {
+      j++;
+      if (fn(undefined, c)) return true;
+    }
+  }
+  return false;
 }
 
 /** The whole table as one `nft -f` input (golden files, `sallyport datapath show`). */
