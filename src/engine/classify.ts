@@ -579,6 +579,38 @@ export class ClassTable {
   }
 }
 
+/**
+ * Walks two class lists sorted by name (as `ClassTable.classes()` returns them): `fn(old,
+ * undefined)` for a class gone, `fn(undefined, new)` for a class added, `fn(old, new)` for a
+ * class rebuilt under its name (and, with `all`, for an unchanged one too). Stops at the first
+ * call that returns true, and returns true then.
+ */
+export function forClassChanges(
+  before: readonly TrafficClass[],
+  after: readonly TrafficClass[],
+  all: boolean,
+  fn: (o: TrafficClass | undefined, c: TrafficClass | undefined) => boolean | undefined,
+): boolean {
+  let i = 0;
+  let j = 0;
+  while (i < before.length || j < after.length) {
+    const o = before[i];
+    const c = after[j];
+    if (o !== undefined && c !== undefined && o.name === c.name) {
+      i++;
+      j++;
+      if ((o !== c || all) && fn(o, c) === true) return true;
+    } else if (c === undefined || (o !== undefined && o.name < c.name)) {
+      i++;
+      if (fn(o, undefined) === true) return true;
+    } else {
+      j++;
+      if (fn(undefined, c) === true) return true;
+    }
+  }
+  return false;
+}
+
 /** Where the class named `name` is in a list sorted by name (it must be there). */
 function indexByName(list: readonly TrafficClass[], name: string): number {
   let lo = 0;

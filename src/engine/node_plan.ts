@@ -40,6 +40,7 @@ import {
   type ClassPolicy,
   ClassTable,
   type ClassVerdict,
+  forClassChanges,
   snatAddresses,
   type TrafficClass,
 } from "./classify.ts";
@@ -201,15 +202,18 @@ class FamilyBuilder {
  * (pod CIDRs of different nodes never overlap, so one route per node is exact and the reply table
  * grows with nodes, not pods), else the pod's own address.
  */
-const PEER_CIDRS = new WeakMap<PeerView, Cidr[]>();
+const PEER_CIDRS = new WeakMap<PeerView, { cidr: Cidr; text: string }[]>();
 function replyDestination(host: Host, peer: PeerView): string {
   let cidrs = PEER_CIDRS.get(peer);
   if (cidrs === undefined) {
-    cidrs = (peer.podCIDRs ?? []).map(parseCidr);
+    cidrs = (peer.podCIDRs ?? []).map((text) => {
+      const cidr = parseCidr(text);
+      return { cidr, text: formatCidr(cidr) };
+    });
     PEER_CIDRS.set(peer, cidrs);
   }
-  const covering = cidrs.find((c) => cidrContainsAddress(c, host.address));
-  return covering === undefined ? host.cidr : formatCidr(covering);
+  const covering = cidrs.find((c) => cidrContainsAddress(c.cidr, host.address));
+  return covering === undefined ? host.cidr : covering.text;
 }
 
 type Reply = { dst: string; peer: PeerView };
@@ -245,30 +249,30 @@ function decide(
   const isGateway = policy.gatewayNode === node;
   const everyPod = isGateway || standby;
   const sources: Host[] = [];
+  // Replies: one per destination (a node's pod CIDR, mostly): a pod joining a node the policy
+  // already has pods on changes no route.
+  const byDst = everyPod ? new Map<string, PeerView>() : undefined;
   for (const ep of policy.endpoints) {
-    if (everyPod || ep.node === node)
-      for (const h of hostsOfFamily(ep.ips, family)) sources.push(h);
+    const here = ep.node === node;
+    if (!everyPod && !here) continue;
+    const hosts = hostsOfFamily(ep.ips, family);
+    for (const h of hosts) sources.push(h);
+    if (byDst === undefined || here) continue;
+    const peer = peers.get(ep.node);
+    if (peer === undefined || peer.underlay === undefined || peer.tunnel[family] === undefined)
+      continue;
+    for (const h of hosts) {
+      const dst = replyDestination(h, peer);
+      if (!byDst.has(dst)) byDst.set(dst, peer);
+    }
   }
   const sorted = sortedHosts(sources);
-  let replies: Reply[] | undefined;
-  if (everyPod) {
-    // One per destination (a node's pod CIDR, mostly): a pod joining a node the policy already
-    // has pods on changes no route.
-    const byDst = new Map<string, PeerView>();
-    for (const ep of policy.endpoints) {
-      if (ep.node === node) continue;
-      const peer = peers.get(ep.node);
-      if (peer === undefined || peer.underlay === undefined || peer.tunnel[family] === undefined)
-        continue;
-      for (const h of hostsOfFamily(ep.ips, family)) {
-        const dst = replyDestination(h, peer);
-        if (!byDst.has(dst)) byDst.set(dst, peer);
-      }
-    }
-    replies = [...byDst]
-      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
-      .map(([dst, peer]) => ({ dst, peer }));
-  }
+  const replies =
+    byDst === undefined
+      ? undefined
+      : [...byDst]
+          .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+          .map(([dst, peer]) => ({ dst, peer }));
   if (isGateway) return { kind: "gateway", sources: sorted, replies: replies! };
   if (sorted.length === 0) return undefined;
   const carried = replies === undefined ? {} : { replies };
@@ -1394,11 +1398,16 @@ export class NodePlanner {
         for (const a of eips) uses.eips.add(a, a, by);
         if (eips.length > 1) uses.groups.add(eips.join(","), eips, by);
       };
+      const countClass = (c: TrafficClass, by: 1 | -1) => {
+        const u = usesOf(c);
+        for (const eips of u.snat) count(eips, by);
+        for (const [k, target] of u.steer) this.#steer.add(k, target, by);
+      };
       if (list !== uses.classes) {
-        forChangedClasses(uses.classes, list, (c, by) => {
-          const u = usesOf(c);
-          for (const eips of u.snat) count(eips, by);
-          for (const [k, target] of u.steer) this.#steer.add(k, target, by);
+        forClassChanges(uses.classes, list, false, (o, c) => {
+          if (o !== undefined) countClass(o, -1);
+          if (c !== undefined) countClass(c, 1);
+          return false;
         });
         uses.classes = list;
       }
@@ -1797,37 +1806,6 @@ function newFamilyUses(): FamilyUses {
     snat: [],
     snatGroups: [],
   };
-}
-
-/**
- * Calls `fn(c, -1)` for each class of `before` not in `after` and `fn(c, 1)` for each class of
- * `after` not in `before` (both sorted by name; a class rebuilt under its name is both).
- */
-function forChangedClasses(
-  before: readonly TrafficClass[],
-  after: readonly TrafficClass[],
-  fn: (c: TrafficClass, by: 1 | -1) => void,
-): void {
-  let i = 0;
-  let j = 0;
-  while (i < before.length || j < after.length) {
-    const a = before[i];
-    const b = after[j];
-    if (a !== undefined && a === b) {
-      i++;
-      j++;
-    } else if (b === undefined || (a !== undefined && a.name <= b.name)) {
-      fn(a!, -1);
-      i++;
-      if (b !== undefined && a!.name === b.name) {
-        fn(b, 1);
-        j++;
-      }
-    } else {
-      fn(b, 1);
-      j++;
-    }
-  }
 }
 
 /** The egress IP lists and steering targets a class's entries name, once per class object. */

@@ -26,7 +26,7 @@
  * Sets and maps are compared element by element; classes are compared by identity when the
  * previous plan is known (partial syncs), so a pod added is one element.
  */
-import type { ClassEntry, TrafficClass } from "../engine/classify.ts";
+import { type ClassEntry, forClassChanges, type TrafficClass } from "../engine/classify.ts";
 import { sameItems } from "../engine/equality.ts";
 import {
   hex,
@@ -1131,37 +1131,6 @@ function sameRules(a: NftChainDef, b: NftChainDef): boolean {
     a.rules.length === b.rules.length &&
     a.rules.every((r, i) => r.text === b.rules[i]!.text && r.comment === b.rules[i]!.comment)
   );
-}
-
-/**
- * Walks two class lists sorted by name: `fn(old, undefined)` for a class gone, `fn(undefined,
- * new)` for a class added, `fn(old, new)` for a class of the same name rebuilt (and, with `all`,
- * for an unchanged one too). Stops when `fn` returns true, and returns it.
- */
-function forClassChanges(
-  before: readonly TrafficClass[],
-  after: readonly TrafficClass[],
-  all: boolean,
-  fn: (o: TrafficClass | undefined, c: TrafficClass | undefined) => boolean,
-): boolean {
-  let i = 0;
-  let j = 0;
-  while (i < before.length || j < after.length) {
-    const o = before[i];
-    const c = after[j];
-    if (o !== undefined && c !== undefined && o.name === c.name) {
-      i++;
-      j++;
-      if ((o !== c || all) && fn(o, c)) return true;
-    } else if (c === undefined || (o !== undefined && o.name < c.name)) {
-      i++;
-      if (fn(o, undefined)) return true;
-    } else {
-      j++;
-      if (fn(undefined, c)) return true;
-    }
-  }
-  return false;
 }
 
 /** The whole table as one `nft -f` input (golden files, `sallyport datapath show`). */
