@@ -10,8 +10,9 @@
  * Each figure is taken once the machine is quiet again (`settle`): right after the policies are in
  * the kernel the controller still writes their programmed statuses and the agents their reports,
  * and on a 2-core machine that work takes the CPU the forwarding needs, which is not what a
- * packet costs. `settledMs` says how long that took; `settled: false` that it never got quiet
- * (another load on the machine) and the figure was taken anyway.
+ * packet costs. `settledMs` says how long that took (at most 3 minutes, or 60 ms per policy in
+ * front); `settled: false` that it never got quiet (another load on the machine) and the figure
+ * was taken anyway.
  *
  *   PERPACKET_COUNTS=1,1000,10000  PERPACKET_SECONDS=5  PERPACKET_FILTERS=iptables,nftables
  */
@@ -158,7 +159,9 @@ export async function perpacket(): Promise<Record<string, unknown>> {
           if (held < want) await new Promise((r) => setTimeout(r, 1000));
         }
         const programMs = Math.round(performance.now() - started);
-        const quiet = await settle();
+        // The controller writes every policy's programmed status after its rules are in: at
+        // 10,000 that takes minutes of API server time (3 min were not enough twice).
+        const quiet = await settle(Math.max(180_000, count * 60));
         const figures = await measure(sb.pod("perf").netns);
         rows[String(count)] = { ...figures, programmedInFront: held, programMs, ...quiet };
         console.error(`${filter} ${count}: ${JSON.stringify(rows[String(count)])}`);
