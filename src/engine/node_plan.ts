@@ -592,8 +592,9 @@ export class NodePlanner {
   /** What the classes of each family name (nftables), counted as classes change. */
   readonly #uses = new Map<Family, FamilyUses>();
   /** The steering targets the classes of every family name. */
-  readonly #steer = new Tally<SteerTarget>();
-  #steerTo: readonly SteerTarget[] = [];
+  readonly #steer = new Tally<SteerTarget>(
+    (a, b) => a.nodeID - b.nodeID || (a.tunnelClass ?? 0) - (b.tunnelClass ?? 0),
+  );
   /** set name → its index in #setList */
   #setIndex = new Map<string, number>();
   /** Sets made since the last plan, to put in place when no set name changed. */
@@ -1393,77 +1394,27 @@ export class NodePlanner {
       classes[family] = list;
       // What the classes and tunnel classes name, counted as they change: a pod added changes
       // one class of 1,000, and walking all of them cost ~1 ms a plan.
-      const uses = getOrInsert(this.#uses, family, newFamilyUses);
-      const count = (eips: readonly string[], by: 1 | -1) => {
-        for (const a of eips) uses.eips.add(a, a, by);
-        if (eips.length > 1) uses.groups.add(eips.join(","), eips, by);
-      };
-      const countClass = (c: TrafficClass, by: 1 | -1) => {
-        const u = usesOf(c);
-        for (const eips of u.snat) count(eips, by);
-        for (const [k, target] of u.steer) this.#steer.add(k, target, by);
-      };
-      if (list !== uses.classes) {
-        forClassChanges(uses.classes, list, false, (o, c) => {
-          if (o !== undefined) countClass(o, -1);
-          if (c !== undefined) countClass(c, 1);
-          return false;
-        });
-        uses.classes = list;
-      }
+      const uses = getOrInsert(this.#uses, family, () => new FamilyUses());
+      uses.setClasses(list, this.#steer);
       // The gateway side of tunnel classes (see #familyRules): every policy held here.
-      let tunnelChanged = false;
       for (const key of keys) {
         const part = this.#parts.get(key);
         const tunnelClass = part?.view.tunnelClass;
         const eips = part?.view.snat[family] ?? [];
-        const now: TunnelClassSnat | undefined =
+        uses.setTunnel(
+          key,
           part?.families.get(family)?.decision.kind === "gateway" &&
-          tunnelClass !== undefined &&
-          eips.length > 0
+            tunnelClass !== undefined &&
+            eips.length > 0
             ? { tunnelClass, policy: key, eips }
-            : undefined;
-        const before = uses.tunnel.get(key);
-        if (
-          before === undefined
-            ? now === undefined
-            : now !== undefined &&
-              before.tunnelClass === now.tunnelClass &&
-              sameItems(before.eips, now.eips)
-        )
-          continue;
-        if (before !== undefined) count(before.eips, -1);
-        if (now === undefined) uses.tunnel.delete(key);
-        else {
-          count(now.eips, 1);
-          uses.tunnel.set(key, now);
-        }
-        tunnelChanged = true;
-      }
-      if (tunnelChanged) {
-        const now = [...uses.tunnel.values()].sort(
-          (a, b) =>
-            a.tunnelClass - b.tunnelClass ||
-            (a.policy < b.policy ? -1 : a.policy > b.policy ? 1 : 0),
+            : undefined,
         );
-        if (!sameTunnelClasses(uses.tunnelList, now)) uses.tunnelList = now;
       }
-      if (uses.tunnelList.length > 0) tunnelClasses[family] = uses.tunnelList;
-      // Unchanged lists keep their identity: the datapath compares them by reference.
-      if (uses.eips.changed) {
-        const now = [...uses.eips.keys()].sort();
-        if (!sameItems(uses.snat, now)) uses.snat = now;
-        uses.eips.changed = false;
-      }
-      snat[family] = uses.snat;
-      if (uses.groups.changed) {
-        const now = [...uses.groups.entries()]
-          .sort(([a], [b]) => (a < b ? -1 : 1))
-          .map(([, g]) => g);
-        if (!sameGroups(uses.snatGroups, now)) uses.snatGroups = now;
-        uses.groups.changed = false;
-      }
-      if (uses.snatGroups.length > 0) snatGroups[family] = uses.snatGroups;
+      const tunnelList = uses.tunnelClasses();
+      if (tunnelList.length > 0) tunnelClasses[family] = tunnelList;
+      snat[family] = uses.eips.list();
+      const groups = uses.groups.list();
+      if (groups.length > 0) snatGroups[family] = groups;
       held[family] = this.#eipSets.get(eipSetName(family))?.members ?? [];
     }
     this.#replanned.clear();
@@ -1478,7 +1429,7 @@ export class NodePlanner {
     const next: NftPlan = {
       tunnelPeers: this.#tunnelPeers,
       classes,
-      steerTo: this.#steerList(),
+      steerTo: this.#steer.list(),
       ...(Object.keys(tunnelClasses).length === 0 ? {} : { tunnelClasses }),
       snat,
       ...(Object.keys(snatGroups).length === 0 ? {} : { snatGroups }),
@@ -1498,20 +1449,9 @@ export class NodePlanner {
           sameItems(prev.held[f] ?? [], next.held[f] ?? []) &&
           prev.tunnelClasses?.[f] === next.tunnelClasses?.[f],
       ) &&
-      sameItems(prev.steerTo.map(steerKey), next.steerTo.map(steerKey))
+      prev.steerTo === next.steerTo
         ? prev
         : next;
-  }
-
-  /** The steering targets, sorted; the same list while they stay the same. */
-  #steerList(): readonly SteerTarget[] {
-    if (this.#steer.changed) {
-      this.#steerTo = [...this.#steer.entries()]
-        .map(([, t]) => t)
-        .sort((a, b) => a.nodeID - b.nodeID || (a.tunnelClass ?? 0) - (b.tunnelClass ?? 0));
-      this.#steer.changed = false;
-    }
-    return this.#steerTo;
   }
 
   /** The peers' underlay addresses of one family, made once per list. */
@@ -1754,58 +1694,116 @@ function classToward(policy: PolicyView, gateway: PeerView): number | undefined 
   return gateway.tunnelClasses === true ? policy.tunnelClass : undefined;
 }
 
+const byText = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+
 /** Values counted by key: kept while at least one user names them. */
 class Tally<T> {
   readonly #counts = new Map<string, { value: T; n: number }>();
-  /** Whether a key came or went since the owner last cleared it. */
-  changed = true;
+  readonly #compare: (a: T, b: T) => number;
+  #changed = true;
+  #list: readonly T[] = [];
+  #listKeys: readonly string[] = [];
+
+  /** @param compare the order of `list()` */
+  constructor(compare: (a: T, b: T) => number) {
+    this.#compare = compare;
+  }
 
   add(key: string, value: T, by: 1 | -1): void {
     const c = this.#counts.get(key);
     if (c === undefined) {
       if (by < 0) throw new Error(`Cannot uncount ${key}: it was not counted`);
       this.#counts.set(key, { value, n: 1 });
-      this.changed = true;
+      this.#changed = true;
     } else {
       c.n += by;
       if (c.n > 0) return;
       this.#counts.delete(key);
-      this.changed = true;
+      this.#changed = true;
     }
   }
 
-  keys(): Iterable<string> {
-    return this.#counts.keys();
-  }
-
-  *entries(): Iterable<[string, T]> {
-    for (const [k, c] of this.#counts) yield [k, c.value];
+  /**
+   * The values counted, sorted; the same list while the same keys are counted (the datapath
+   * compares plan lists by reference).
+   */
+  list(): readonly T[] {
+    if (this.#changed) {
+      const sorted = [...this.#counts].sort(([, a], [, b]) => this.#compare(a.value, b.value));
+      const keys = sorted.map(([k]) => k);
+      if (!sameItems(keys, this.#listKeys)) {
+        this.#list = sorted.map(([, c]) => c.value);
+        this.#listKeys = keys;
+      }
+      this.#changed = false;
+    }
+    return this.#list;
   }
 }
 
-/** What one family's classes and tunnel classes name, and the lists the plan shows of it. */
-interface FamilyUses {
+/** What one family's classes and tunnel classes name: the egress IPs and groups to SNAT to. */
+class FamilyUses {
   /** The class list counted. */
-  classes: readonly TrafficClass[];
-  readonly eips: Tally<string>;
-  readonly groups: Tally<readonly string[]>;
+  #classes: readonly TrafficClass[] = [];
+  readonly eips = new Tally<string>(byText);
+  readonly groups = new Tally<readonly string[]>((a, b) => byText(a.join(","), b.join(",")));
   /** Tunnel classes by policy key. */
-  readonly tunnel: Map<string, TunnelClassSnat>;
-  tunnelList: readonly TunnelClassSnat[];
-  snat: readonly string[];
-  snatGroups: readonly (readonly string[])[];
-}
+  readonly #tunnel = new Map<string, TunnelClassSnat>();
+  #tunnelList: readonly TunnelClassSnat[] = [];
+  #tunnelChanged = false;
 
-function newFamilyUses(): FamilyUses {
-  return {
-    classes: [],
-    eips: new Tally(),
-    groups: new Tally(),
-    tunnel: new Map(),
-    tunnelList: [],
-    snat: [],
-    snatGroups: [],
-  };
+  /** Counts the classes that came, and uncounts those that went, since the last list. */
+  setClasses(list: readonly TrafficClass[], steer: Tally<SteerTarget>): void {
+    if (list === this.#classes) return;
+    const count = (c: TrafficClass, by: 1 | -1) => {
+      const u = usesOf(c);
+      for (const eips of u.snat) this.#count(eips, by);
+      for (const [k, target] of u.steer) steer.add(k, target, by);
+    };
+    forClassChanges(this.#classes, list, false, (o, c) => {
+      if (o !== undefined) count(o, -1);
+      if (c !== undefined) count(c, 1);
+      return false;
+    });
+    this.#classes = list;
+  }
+
+  /** A policy's tunnel class on this gateway node, or undefined when it has none here. */
+  setTunnel(key: string, now: TunnelClassSnat | undefined): void {
+    const before = this.#tunnel.get(key);
+    if (
+      before === undefined
+        ? now === undefined
+        : now !== undefined &&
+          before.tunnelClass === now.tunnelClass &&
+          sameItems(before.eips, now.eips)
+    )
+      return;
+    if (before !== undefined) this.#count(before.eips, -1);
+    if (now === undefined) this.#tunnel.delete(key);
+    else {
+      this.#count(now.eips, 1);
+      this.#tunnel.set(key, now);
+    }
+    this.#tunnelChanged = true;
+  }
+
+  /** The tunnel classes by number; the same list while they stay the same. */
+  tunnelClasses(): readonly TunnelClassSnat[] {
+    if (this.#tunnelChanged) {
+      const now = [...this.#tunnel.values()].sort(
+        (a, b) => a.tunnelClass - b.tunnelClass || byText(a.policy, b.policy),
+      );
+      if (!sameTunnelClasses(this.#tunnelList, now)) this.#tunnelList = now;
+      this.#tunnelChanged = false;
+    }
+    return this.#tunnelList;
+  }
+
+  #count(eips: readonly string[], by: 1 | -1): void {
+    for (const a of eips) this.eips.add(a, a, by);
+    if (eips.length > 1) this.groups.add(eips.join(","), eips, by);
+  }
 }
 
 /** The egress IP lists and steering targets a class's entries name, once per class object. */
