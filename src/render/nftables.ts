@@ -776,6 +776,33 @@ class Transaction {
       );
   }
 
+  /** A set or map of ours that was not there. */
+  newSet(d: NftSetDef): void {
+    this.addSets.push(setDecl(d));
+    this.changes++;
+  }
+
+  /** A chain of ours that was not there, with its rules. */
+  newChain(c: NftChainDef): void {
+    this.addChains.push(chainDecl(c));
+    writeChain(this, c, false);
+  }
+
+  /** A chain no longer wanted: flushed first (a map element may jump to it until the map goes). */
+  dropChain(name: string): void {
+    this.rules.push(`flush chain inet ${NFT_TABLE} ${name}`);
+    this.delChains.push(`delete chain inet ${NFT_TABLE} ${name}`);
+    this.changes++;
+    this.detail.push(`-chain ${name}`);
+  }
+
+  /** A set or map no longer wanted. */
+  dropSet(name: string, def: NftSetDef): void {
+    this.delSets.push(delSetLine(name, def));
+    this.changes++;
+    this.detail.push(`-set ${name}`);
+  }
+
   text(tableMissing: boolean): string {
     // A set made again is still looked up by our rules until their chains are flushed.
     const early = this.recreateSets.length === 0 ? [] : this.rules.filter(isFlush);
@@ -887,8 +914,7 @@ export function diffNftFull(
       t.recreateSets.push(delSetLine(d.name, have.def));
       recreated.add(d.name);
     }
-    t.addSets.push(setDecl(d));
-    t.changes++;
+    t.newSet(d);
     t.detail.push(`set ${d.name}`);
   }
   const chains = tableChains(desired);
@@ -902,8 +928,7 @@ export function diffNftFull(
       have.base?.priority === c.base?.priority;
     if (have === undefined || !sameBase) {
       if (have !== undefined) t.replaceChains.push(`delete chain inet ${NFT_TABLE} ${c.name}`);
-      t.addChains.push(chainDecl(c));
-      writeChain(t, c, false);
+      t.newChain(c);
       continue;
     }
     const ids = c.rules.map(ruleId);
@@ -935,20 +960,8 @@ export function diffNftFull(
       have === undefined ? new Map() : (have.elements ?? assumedElements(have.def));
     diffElements(t, d.name, elementsIn(desired, d.name), haveElements, d.value !== undefined);
   }
-  // Stale chains: flush first (a map element may still jump to them until deleted above).
-  for (const [name] of haveChains) {
-    if (wantChains.has(name)) continue;
-    t.rules.push(`flush chain inet ${NFT_TABLE} ${name}`);
-    t.delChains.push(`delete chain inet ${NFT_TABLE} ${name}`);
-    t.changes++;
-    t.detail.push(`-chain ${name}`);
-  }
-  for (const [name, have] of haveSets) {
-    if (wantSets.has(name)) continue;
-    t.delSets.push(delSetLine(name, have.def));
-    t.changes++;
-    t.detail.push(`-set ${name}`);
-  }
+  for (const [name] of haveChains) if (!wantChains.has(name)) t.dropChain(name);
+  for (const [name, have] of haveSets) if (!wantSets.has(name)) t.dropSet(name, have.def);
   return { payload: t.text(actual === undefined), changes: t.changes, detail: t.detail };
 }
 
@@ -1030,17 +1043,14 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
     if (o === d || (o !== undefined && sameDef(o, d))) continue;
     // A set made again with another definition (rare: an upgrade) rewrites what uses it.
     if (o !== undefined) return diffNftFull(desired, actualOf(before));
-    t.addSets.push(setDecl(d));
-    t.changes++;
+    t.newSet(d);
   }
   const oldChains = new Map(before.chains.map((c) => [c.name, c]));
   const newChains = new Map(desired.chains.map((c) => [c.name, c]));
   for (const c of desired.chains) {
     const o = oldChains.get(c.name);
-    if (o === undefined) {
-      t.addChains.push(chainDecl(c));
-      writeChain(t, c, false);
-    } else if (o !== c && !sameRules(o, c)) writeChain(t, c, true);
+    if (o === undefined) t.newChain(c);
+    else if (o !== c && !sameRules(o, c)) writeChain(t, c, true);
   }
   // Static elements (small).
   for (const [name, want] of desired.elements) {
@@ -1070,18 +1080,14 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
         // Gone: its sources, its id, its chain and its map.
         for (const s of o!.sources) del.push(hostText(s));
         if (family === 4) clsDel.push(classId(o!));
-        t.rules.push(`flush chain inet ${NFT_TABLE} ${o!.name}`);
-        t.delChains.push(`delete chain inet ${NFT_TABLE} ${o!.name}`);
-        t.delSets.push(delSetLine(o!.name, classDefs(o!).map));
-        t.changes += 2;
+        t.dropChain(o!.name);
+        t.dropSet(o!.name, classDefs(o!).map);
         return false;
       }
       const defs = classDefs(c);
       if (o === undefined) {
-        t.addSets.push(setDecl(defs.map));
-        t.changes++;
-        t.addChains.push(chainDecl(defs.chain));
-        writeChain(t, defs.chain, false);
+        t.newSet(defs.map);
+        t.newChain(defs.chain);
         diffElements(t, c.name, classElements(c, eipsNew), new Map(), true);
         if (family === 4) clsAdd.push(`${classId(c)} : jump ${c.name}`);
         const value = sourceValue(c);
@@ -1112,17 +1118,8 @@ export function diffNftPartial(desired: NftDesired, before: NftDesired): NftDiff
   for (const [f, items] of srcAdd) t.elements("add", srcMap(f), items);
   t.elements("delete", CLS4, clsDel);
   t.elements("add", CLS4, clsAdd);
-  for (const [name] of oldChains) {
-    if (newChains.has(name)) continue;
-    t.rules.push(`flush chain inet ${NFT_TABLE} ${name}`);
-    t.delChains.push(`delete chain inet ${NFT_TABLE} ${name}`);
-    t.changes++;
-  }
-  for (const [name, o] of oldSets) {
-    if (newSets.has(name)) continue;
-    t.delSets.push(delSetLine(name, o));
-    t.changes++;
-  }
+  for (const [name] of oldChains) if (!newChains.has(name)) t.dropChain(name);
+  for (const [name, o] of oldSets) if (!newSets.has(name)) t.dropSet(name, o);
   return { payload: t.text(false), changes: t.changes, detail: t.detail };
 }
 
