@@ -14,7 +14,18 @@
  * front); `settled: false` that it never got quiet (another load on the machine) and the figure
  * was taken anyway.
  *
- *   PERPACKET_COUNTS=1,1000,10000  PERPACKET_SECONDS=5  PERPACKET_FILTERS=iptables,nftables
+ * Figures taken minutes apart compare two machines: at 10,000 policies the control plane's
+ * backlog (ten minutes of API server time here) comes and goes during a measurement. So each row
+ * also measures, alternately and `PERPACKET_ROUNDS` times each, a second pod on node-1 that only
+ * the measured policy selects ("solo"): the same path through the tunnel and the gateway at the
+ * same moment, but in a class of one policy. `tcpVsSolo`/`udpVsSolo` (medians) are what the
+ * policies in front cost a packet of the pod they select, side by side. On nftables the solo
+ * pod's packets meet its own class map only; on iptables they walk the same rule per policy as
+ * the measured pod's (its policy comes last), so there the ratio says nothing and `tcpVs1` is
+ * the figure.
+ *
+ *   PERPACKET_COUNTS=1,1000,10000  PERPACKET_SECONDS=5  PERPACKET_ROUNDS=3
+ *   PERPACKET_FILTERS=iptables,nftables
  */
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -31,6 +42,7 @@ import { settle } from "./quiet.ts";
 const EIP = "192.168.77.100";
 const COUNTS = (process.env.PERPACKET_COUNTS ?? "1,1000,10000").split(",").map(Number);
 const SECONDS = Number(process.env.PERPACKET_SECONDS ?? 5);
+const ROUNDS = Number(process.env.PERPACKET_ROUNDS ?? 3);
 const FILTERS = (process.env.PERPACKET_FILTERS ?? "iptables,nftables").split(",") as (
   | "iptables"
   | "nftables"
@@ -63,6 +75,19 @@ async function measure(netns: string): Promise<Figures> {
   return { tcpGbps: round(await iperf(netns, false)), udpKpps: round(await iperf(netns, true)) };
 }
 
+/** `a` and `b` measured alternately (a, b, b, a, a, b, …), `ROUNDS` times each: the medians. */
+async function sideBySide(a: string, b: string): Promise<[Figures, Figures]> {
+  const runs: [Figures[], Figures[]] = [[], []];
+  for (let i = 0; i < ROUNDS; i++)
+    for (const k of i % 2 === 0 ? [0, 1] : [1, 0]) runs[k]!.push(await measure(k === 0 ? a : b));
+  const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
+  const of = (fs: Figures[]): Figures => ({
+    tcpGbps: median(fs.map((f) => f.tcpGbps)),
+    udpKpps: median(fs.map((f) => f.udpKpps)),
+  });
+  return [of(runs[0]), of(runs[1])];
+}
+
 function round(x: number): number {
   return Math.round(x * 1000) / 1000;
 }
@@ -76,13 +101,18 @@ async function parallel<T>(items: readonly T[], limit: number, fn: (t: T) => Pro
   );
 }
 
-const policyObject = (name: string, priority: number, destination: string) => ({
+const policyObject = (
+  name: string,
+  priority: number,
+  destination: string,
+  matchLabels: Record<string, string>,
+) => ({
   apiVersion: API_VERSION,
   kind: "EgressPolicy",
   metadata: { name, namespace: "default" },
   spec: {
     gateway: "edge",
-    podSelector: { matchLabels: { app: "perf" } },
+    podSelector: { matchLabels },
     destinationCIDRs: [destination],
     egressIP: [EIP],
     priority,
@@ -119,22 +149,29 @@ export async function perpacket(): Promise<Record<string, unknown>> {
       agentArgs: ["--datapath", filter],
     });
     try {
-      await sb.addPod("perf", { node: 1, labels: { app: "perf" } });
+      // The measured policy selects both pods; the policies in front, "perf" only.
+      await sb.addPod("perf", { node: 1, labels: { app: "perf", egress: "measured" } });
+      await sb.addPod("solo", { node: 1, labels: { app: "solo", egress: "measured" } });
       await sb.addPod("plain", { node: 1, labels: { app: "none" } });
       startIn(sb.externalNs, ["iperf3", "-s"]);
       await sb.apply(EDGE_GATEWAY_YAML);
       const admin = sb.admin();
-      await admin.create(ours("EgressPolicy"), policyObject("measured", 0, `${EXTERNAL[4]}/32`));
-      const seen = await probeUntil(
-        sb.pod("perf").netns,
-        `${EXTERNAL[4]}:8080`,
-        (x) => x.saw === EIP,
-        60_000,
+      await admin.create(
+        ours("EgressPolicy"),
+        policyObject("measured", 0, `${EXTERNAL[4]}/32`, { egress: "measured" }),
       );
-      if (seen.saw !== EIP)
-        throw new Error(
-          `Cannot measure: the pod's traffic does not leave with ${EIP} (${seen.saw})`,
+      for (const pod of ["perf", "solo"]) {
+        const seen = await probeUntil(
+          sb.pod(pod).netns,
+          `${EXTERNAL[4]}:8080`,
+          (x) => x.saw === EIP,
+          60_000,
         );
+        if (seen.saw !== EIP)
+          throw new Error(
+            `Cannot measure: pod ${pod}'s traffic does not leave with ${EIP} (${seen.saw})`,
+          );
+      }
       await settle();
       const references = {
         nodeToNode: await measure(sb.nodeNs(1)),
@@ -149,7 +186,12 @@ export async function perpacket(): Promise<Record<string, unknown>> {
         await parallel(names, 16, (i) =>
           admin.create(
             ours("EgressPolicy"),
-            policyObject(`front-${i}`, 10, `10.${200 + (i >> 16)}.${(i >> 8) & 255}.${i & 255}/32`),
+            policyObject(
+              `front-${i}`,
+              10,
+              `10.${200 + (i >> 16)}.${(i >> 8) & 255}.${i & 255}/32`,
+              { app: "perf" },
+            ),
           ),
         );
         created = want;
@@ -162,8 +204,16 @@ export async function perpacket(): Promise<Record<string, unknown>> {
         // The controller writes every policy's programmed status after its rules are in: at
         // 10,000 that takes minutes of API server time (3 min were not enough twice).
         const quiet = await settle(Math.max(180_000, count * 60));
-        const figures = await measure(sb.pod("perf").netns);
-        rows[String(count)] = { ...figures, programmedInFront: held, programMs, ...quiet };
+        const [figures, solo] = await sideBySide(sb.pod("perf").netns, sb.pod("solo").netns);
+        rows[String(count)] = {
+          ...figures,
+          solo,
+          tcpVsSolo: round(figures.tcpGbps / solo.tcpGbps),
+          udpVsSolo: round(figures.udpKpps / solo.udpKpps),
+          programmedInFront: held,
+          programMs,
+          ...quiet,
+        };
         console.error(`${filter} ${count}: ${JSON.stringify(rows[String(count)])}`);
       }
       const base = rows["1"] as Figures | undefined;
