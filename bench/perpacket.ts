@@ -15,14 +15,14 @@
  * was taken anyway.
  *
  * Figures taken minutes apart compare two machines: at 10,000 policies the control plane's
- * backlog (ten minutes of API server time here) comes and goes during a measurement. So each row
- * also measures, alternately and `PERPACKET_ROUNDS` times each, a second pod on node-1 that only
- * the measured policy selects ("solo"): the same path through the tunnel and the gateway at the
- * same moment, but in a class of one policy. `tcpVsSolo`/`udpVsSolo` (medians) are what the
- * policies in front cost a packet of the pod they select, side by side. On nftables the solo
- * pod's packets meet its own class map only; on iptables they walk the same rule per policy as
- * the measured pod's (its policy comes last), so there the ratio says nothing and `tcpVs1` is
- * the figure.
+ * backlog (minutes of API server time after they are created) comes and goes during a
+ * measurement. So each row also measures, alternately and `PERPACKET_ROUNDS` times each, a
+ * second pod on node-1 that only the measured policy selects ("solo"): the same path through
+ * the tunnel and the gateway at the same moment, but in a class of one policy.
+ * `tcpVsSolo`/`udpVsSolo` (medians) are what the policies in front cost a packet of the pod
+ * they select, side by side. On nftables the solo pod's packets meet its own class map only; on
+ * iptables they walk the same rule per policy as the measured pod's (its policy comes last), so
+ * there the ratio says nothing and `tcpVs1` is the figure.
  *
  *   PERPACKET_COUNTS=1,1000,10000  PERPACKET_SECONDS=5  PERPACKET_ROUNDS=3
  *   PERPACKET_FILTERS=iptables,nftables
