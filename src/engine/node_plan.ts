@@ -270,9 +270,7 @@ function decide(
   const replies =
     byDst === undefined
       ? undefined
-      : [...byDst]
-          .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
-          .map(([dst, peer]) => ({ dst, peer }));
+      : [...byDst].sort(([a], [b]) => byText(a, b)).map(([dst, peer]) => ({ dst, peer }));
   if (isGateway) return { kind: "gateway", sources: sorted, replies: replies! };
   if (sorted.length === 0) return undefined;
   const carried = replies === undefined ? {} : { replies };
@@ -1444,8 +1442,9 @@ export class NodePlanner {
       families.every(
         (f) =>
           prev.classes[f] === next.classes[f] &&
-          sameItems(prev.snat[f] ?? [], next.snat[f] ?? []) &&
-          sameGroups(prev.snatGroups?.[f] ?? [], next.snatGroups?.[f] ?? []) &&
+          // Counted lists keep their identity while they hold the same addresses (Tally.list).
+          prev.snat[f] === next.snat[f] &&
+          prev.snatGroups?.[f] === next.snatGroups?.[f] &&
           sameItems(prev.held[f] ?? [], next.held[f] ?? []) &&
           prev.tunnelClasses?.[f] === next.tunnelClasses?.[f],
       ) &&
@@ -1599,10 +1598,6 @@ function sameSetNames(a: PolicyPart | undefined, b: PolicyPart): boolean {
   return true;
 }
 
-function sameGroups(a: readonly (readonly string[])[], b: readonly (readonly string[])[]): boolean {
-  return a === b || (a.length === b.length && a.every((t, i) => sameItems(t, b[i]!)));
-}
-
 /**
  * The SNAT rules of one of a policy's rules (`variant`: its protocol and ports) on its gateway:
  * one per egress IP of the family, the first n−1 taking every (n−i)-th new connection that
@@ -1694,7 +1689,9 @@ function classToward(policy: PolicyView, gateway: PeerView): number | undefined 
   return gateway.tunnelClasses === true ? policy.tunnelClass : undefined;
 }
 
-const byText = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+function byText(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
 
 /** Values counted by key: kept while at least one user names them. */
 class Tally<T> {

@@ -780,6 +780,7 @@ class Transaction {
   newSet(d: NftSetDef): void {
     this.addSets.push(setDecl(d));
     this.changes++;
+    this.detail.push(`set ${d.name}`);
   }
 
   /** A chain of ours that was not there, with its rules. */
@@ -915,7 +916,6 @@ export function diffNftFull(
       recreated.add(d.name);
     }
     t.newSet(d);
-    t.detail.push(`set ${d.name}`);
   }
   const chains = tableChains(desired);
   const wantChains = new Map(chains.map((c) => [c.name, c]));
