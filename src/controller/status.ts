@@ -23,6 +23,7 @@ import type {
 } from "../api/types.ts";
 import type { EngineCondition, GatewayOutcome, PolicyOutcome } from "../engine/cluster.ts";
 import { type PolicyView, policyTargets } from "../engine/view.ts";
+import { deepEqual } from "../lib/equal.ts";
 import { cidrContainsAddress, tryParseAddress, tryParseCidr } from "../lib/ip.ts";
 
 type WantedCondition = Pick<Condition, "type" | "status" | "reason" | "message">;
@@ -186,6 +187,26 @@ export function policyStatus(
   if (outcome.revision !== undefined) status.revision = outcome.revision;
   if (outcome.shadowedBy.length > 0) status.shadowedBy = outcome.shadowedBy.map((s) => ({ ...s }));
   return status;
+}
+
+/**
+ * Whether `b` differs from `a` only in how many of the policy's nodes report its revision, with
+ * some still waiting in both (Programmed Pending): progress people read, which no one acts on.
+ */
+export function onlyProgressDiffers(a: EgressPolicyStatus, b: EgressPolicyStatus): boolean {
+  const pending = (s: EgressPolicyStatus) =>
+    s.conditions?.find((c) => c.type === "Programmed")?.reason === "Pending";
+  if (!pending(a) || !pending(b)) return false;
+  // Ready, failing on Programmed, repeats its message.
+  const strip = (s: EgressPolicyStatus): EgressPolicyStatus => ({
+    ...s,
+    programmedNodes: 0,
+    programmed: "",
+    conditions: (s.conditions ?? []).map((c) =>
+      c.type === "Programmed" || c.type === "Ready" ? { ...c, message: "" } : c,
+    ),
+  });
+  return deepEqual(strip(a), strip(b));
 }
 
 export function gatewayStatus(

@@ -12,7 +12,8 @@ export interface Clock {
 export const realClock: Clock = {
   now: () => performance.now(),
   after(ms, fn) {
-    const t = setTimeout(fn, ms);
+    // A deadline computed a moment ago may have passed: now, not Node's warning about it.
+    const t = setTimeout(fn, Math.max(0, ms));
     return { cancel: () => clearTimeout(t) };
   },
 };

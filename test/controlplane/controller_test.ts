@@ -67,6 +67,7 @@ describe("controller on a real kube-apiserver", () => {
       cluster: { tunnelCIDRs: { 4: "100.127.0.0/16" }, extraIgnoreCIDRs: [] },
       leaseTiming: TIMING,
       leaderElection: { leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 500 },
+      progressSettleMs: 2000,
       metrics: controllerMetrics(registry),
     });
     void c.start();
@@ -150,6 +151,29 @@ describe("controller on a real kube-apiserver", () => {
       `${NS}/web-1`,
       `${NS}/web-2`,
     ]);
+  });
+
+  it("counts the nodes that report the policy's revision, and turns Ready once all of them do", async () => {
+    const published = await status("web");
+    const report = (node: string) =>
+      admin.mergePatch(
+        ours("EgressNode"),
+        node,
+        { status: { programmed: { [`EgressPolicy/${NS}/web`]: published?.revision } } },
+        { subresource: "status" },
+      );
+    await report("node-1");
+    // Progress alone is written after a wait (progressSettleMs), but it is written.
+    const one = await waitStatus("web", (x) => x?.programmed === "1/2");
+    assert.equal(condition(one, "Programmed")?.reason, "Pending");
+    assert.match(
+      condition(one, "Programmed")?.message ?? "",
+      new RegExp(`programmed on 1 of 2 nodes; waiting for ${published?.gatewayNode}`),
+    );
+    await report(published?.gatewayNode ?? "");
+    const all = await waitStatus("web", (x) => condition(x, "Ready")?.status === "True");
+    assert.equal(all?.programmed, "2/2");
+    assert.equal(condition(all, "Programmed")?.message, "programmed on all 2 nodes");
   });
 
   it("publishes the cluster's own CIDRs for the ignore set", async () => {
