@@ -69,6 +69,8 @@ export interface AgentOptions {
    * liveness changes and CNI ADDs go at once. @default 0
    */
   readonly minSyncIntervalMs?: number;
+  /** The largest share of the time full syncs may take. @default PERIODIC_MAX_SHARE */
+  readonly periodicMaxShare?: number;
   readonly leaseTiming?: LeaseTiming;
   /** Data-plane liveness (src/agent/liveness.ts). */
   readonly liveness?: LivenessTiming;
@@ -275,6 +277,7 @@ export class Agent {
       metrics: options.metrics,
       periodMs: options.periodMs ?? 10_000,
       minIntervalMs: options.minSyncIntervalMs ?? 0,
+      maxShare: options.periodicMaxShare,
       plan: (kernel) => this.#plan(kernel),
       onSynced: (plan) => this.#synced(plan),
     });

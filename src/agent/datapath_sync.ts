@@ -20,7 +20,7 @@ import {
 import type { Clock } from "../lib/clock.ts";
 import type { Logger } from "../lib/log.ts";
 import type { DatapathMetrics } from "../lib/metrics.ts";
-import { SyncLoop } from "../lib/sync_loop.ts";
+import { PERIODIC_MAX_SHARE, SyncLoop } from "../lib/sync_loop.ts";
 
 /**
  * Syncs that start back to back before the minimum interval applies: a pod's ADD, its status and
@@ -46,6 +46,8 @@ export interface DatapathSyncOptions {
    * `SYNC_BURST` at once (see SyncLoop). @default 0
    */
   readonly minIntervalMs?: number;
+  /** The largest share of the time full syncs may take. @default PERIODIC_MAX_SHARE */
+  readonly maxShare?: number | undefined;
   /** Called after every successful sync with the plan the kernel now holds. */
   readonly onSynced?: (plan: NodePlan, report: SyncReport | undefined) => void;
 }
@@ -76,6 +78,7 @@ export class DatapathSync {
       clock: options.clock,
       periodMs: options.periodMs ?? 10_000,
       minIntervalMs: options.minIntervalMs ?? 0,
+      maxShare: options.maxShare ?? PERIODIC_MAX_SHARE,
       burst: SYNC_BURST,
       retryMs: 1000,
       sync: ({ full }) => this.#sync(full),

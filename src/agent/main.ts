@@ -33,6 +33,8 @@ export interface AgentFlags {
   tableCount: number;
   periodMs: number;
   minSyncIntervalMs: number;
+  /** Of the full resync and the traffic reads each (SyncLoop's maxShare). */
+  periodicMaxShare: number;
   setElementsPeriodMs: number;
   lease: LeaseTiming;
   liveness: LivenessTiming;
@@ -122,6 +124,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
     metrics: datapathMetrics(registry),
     periodMs: flags.periodMs,
     minSyncIntervalMs: flags.minSyncIntervalMs,
+    periodicMaxShare: flags.periodicMaxShare,
     leaseTiming: flags.lease,
     liveness: flags.liveness,
     probePort: flags.probePort,
@@ -175,6 +178,7 @@ export async function runAgent(flags: AgentFlags): Promise<void> {
       clock: realClock,
       log,
       periodMs: flags.trafficPeriodMs,
+      maxShare: flags.periodicMaxShare,
       // A policy with several egress IPs of the family: all of them (its steered traffic leaves
       // with any), as one label value.
       egressIPOf: (policy, family) => agent.state.view(policy)?.snat[family]?.join(","),

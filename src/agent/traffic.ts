@@ -42,7 +42,7 @@ import type { Runner } from "../kernel/runner.ts";
 import type { Clock } from "../lib/clock.ts";
 import type { Family } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
-import { SyncLoop } from "../lib/sync_loop.ts";
+import { PERIODIC_MAX_SHARE, SyncLoop } from "../lib/sync_loop.ts";
 import { entryKey, entryValue } from "../render/nftables.ts";
 
 /** Which counter source to build (serializable: a worker thread builds it from this). */
@@ -270,6 +270,8 @@ export interface TrafficCollectorOptions {
   readonly log: Logger;
   /** Time between reads of the connection tracking table. @default 10000 */
   readonly periodMs?: number;
+  /** The largest share of the time those reads may take. @default PERIODIC_MAX_SHARE */
+  readonly maxShare?: number;
   /** Counters read for one scrape serve the next ones this long. @default 1000 */
   readonly countersMaxAgeMs?: number;
   /** Fraction of the source ports at which a destination is reported saturated. @default 0.8 */
@@ -318,6 +320,7 @@ export class TrafficCollector {
     this.#loop = new SyncLoop({
       clock: options.clock,
       periodMs: options.periodMs ?? 10_000,
+      maxShare: options.maxShare ?? PERIODIC_MAX_SHARE,
       retryMs: 1000,
       sync: () => this.collect(),
       onError: (e) => this.#failed("counters", e),

@@ -7,6 +7,7 @@ import { type Command, InvalidArgumentError, Option } from "commander";
 import { DEFAULT_LIVENESS_TIMING } from "../agent/liveness.ts";
 import { DEFAULT_LEASE_TIMING } from "../kube/node_lease.ts";
 import type { Family } from "../lib/ip.ts";
+import { PERIODIC_MAX_SHARE } from "../lib/sync_loop.ts";
 import { int } from "./program.ts";
 import { sandboxCommands } from "./sandbox.ts";
 
@@ -15,6 +16,13 @@ const list = (v: string) =>
     .split(",")
     .map((x) => x.trim())
     .filter((x) => x !== "");
+
+/** A share of the time: more than 0, at most 1. */
+function share(value: string): number {
+  const n = Number(value);
+  if (!(n > 0 && n <= 1)) throw new InvalidArgumentError("Expected a number above 0, at most 1.");
+  return n;
+}
 
 function families(value: string): Family[] {
   return value.split(",").map((f) => {
@@ -241,6 +249,12 @@ export function processCommands(program: Command): void {
         .option(
           "--no-standby-datapath",
           "do not carry the sets and SNAT rules of the policies whose gateway this node belongs to before it holds their egress IPs (a takeover then programs every policy it takes: see docs/operations.md)",
+        )
+        .option(
+          "--periodic-max-share <fraction>",
+          "the largest share of the time the periodic full resync and the traffic reads may each take: after a longer one its period stretches, up to 6 times (a node with 10,000 policies read its nftables table in 0.5-2.4 s); 1: periods never stretch",
+          share,
+          PERIODIC_MAX_SHARE,
         )
         .option(
           "--traffic-period-ms <ms>",

@@ -3091,6 +3091,33 @@ describe("Datapath on the fake kernel: nftables", () => {
     await assertHoldsNft(fake, dp, plan);
   });
 
+  it("a listing of the elements that fails is not repeated by every retry: the next reads are terse until a minute later", async () => {
+    const s = SCENARIOS["dual stack with ports"]!;
+    const fake = nftHost(1);
+    const clock = new FakeClock();
+    const dp = await minuteDatapathOn(fake, clock);
+    const plan = nftPlanWith(1, await dp.read(), s);
+    await dp.sync(plan);
+    await clock.advance(60_000);
+    // Due, and it times out (it did on a gateway node at 10,000 policies, 30 s each time).
+    fake.failNext(["nft", "-j", "list", "table"], {
+      code: 1,
+      stderr: "Cannot run nft -j list table inet sallyport: The operation was aborted\n",
+    });
+    await assert.rejects(dp.sync(plan));
+    fake.calls.length = 0;
+    assert.equal((await dp.sync(plan)).changes, 0, "the retry holds the plan");
+    const listings = () =>
+      fake.calls
+        .filter((c) => c.argv[0] === "nft" && c.argv.includes("list"))
+        .map((c) => c.argv.join(" "));
+    assert.deepEqual(listings(), ["nft -t -j list ruleset inet"], "read tersely");
+    await clock.advance(60_000);
+    fake.calls.length = 0;
+    await dp.sync(plan);
+    assert.deepEqual(listings(), ["nft -j list table inet sallyport"], "a minute later, due again");
+  });
+
   it("a new agent adopts the table without writing", async () => {
     const s = SCENARIOS["two overlapping policies"]!;
     const fake = nftHost(1);

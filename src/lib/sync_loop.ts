@@ -16,10 +16,22 @@
  *
  * Failures are retried with exponential backoff (`retryMs` doubling up to `maxRetryMs`); the
  * retry is full. Time comes from an injected clock so that tests never sleep.
+ *
+ * The world to re-read grows with the cluster: with `maxShare`, full syncs take at most that
+ * share of the time, the period stretching (up to `MAX_STRETCH` times) after a long one, so
+ * that re-reading a large world does not become all a process does.
  */
 import type { Clock, Timer } from "./clock.ts";
 
 const TIMER_SLACK_MS = 2;
+/** The longest a period stretches (see `maxShare`), as a multiple of `periodMs`. */
+export const MAX_STRETCH = 6;
+/**
+ * The share of the time the agent's periodic re-reads (full syncs, traffic reads) each take at
+ * most by default (`--periodic-max-share`): at 10,000 policies a node's full read took 0.5–2.4 s
+ * and its counters 2–4 s, every 10 s.
+ */
+export const PERIODIC_MAX_SHARE = 0.05;
 
 export interface SyncRequest {
   /** Re-read the world: the period elapsed, nothing was synced yet, or the last sync failed. */
@@ -42,6 +54,12 @@ export interface SyncLoopOptions {
   readonly retryMs?: number;
   /** @default periodMs */
   readonly maxRetryMs?: number;
+  /**
+   * The largest share of the time full syncs may take: after one that took `d`, the next full
+   * sync starts `max(periodMs, d / maxShare)` after it started, at most `MAX_STRETCH` periods.
+   * @default 1 (the period never stretches)
+   */
+  readonly maxShare?: number;
   readonly onError?: (error: unknown) => void;
 }
 
@@ -49,6 +67,9 @@ export class SyncLoop {
   readonly #sync: SyncLoopOptions["sync"];
   readonly #clock: Clock;
   readonly #periodMs: number;
+  readonly #maxShare: number;
+  /** The time from the start of the last full sync to the next one (periodMs, or stretched). */
+  #fullEveryMs: number;
   readonly #minIntervalMs: number;
   readonly #burst: number;
   /** Sync starts allowed now, as of `#tokensAt` (refilled one per `minIntervalMs`). */
@@ -74,6 +95,8 @@ export class SyncLoop {
     this.#sync = options.sync;
     this.#clock = options.clock;
     this.#periodMs = options.periodMs ?? 10_000;
+    this.#maxShare = options.maxShare ?? 1;
+    this.#fullEveryMs = this.#periodMs;
     this.#minIntervalMs = options.minIntervalMs ?? 0;
     this.#burst = Math.max(1, options.burst ?? 1);
     this.#tokens = this.#burst;
@@ -116,6 +139,11 @@ export class SyncLoop {
     this.trigger();
   }
 
+  /** The time between two full syncs now: `periodMs`, or longer after a long one (`maxShare`). */
+  get fullEveryMs(): number {
+    return this.#fullEveryMs;
+  }
+
   /** Consecutive failed syncs (0 after a success). */
   get failures(): number {
     return this.#failures;
@@ -129,7 +157,7 @@ export class SyncLoop {
 
   /** When the next sync may start: the earlier of a pending request and the full-sync deadline. */
   #nextAt(now: number): number {
-    const fullAt = this.#needFull ? this.#retryAt : this.#lastFullStart + this.#periodMs;
+    const fullAt = this.#needFull ? this.#retryAt : this.#lastFullStart + this.#fullEveryMs;
     if (!this.#pending) return Math.max(fullAt, this.#retryAt);
     const tokens = this.#urgent ? this.#burst : this.#available(now);
     const tokenAt = tokens >= 1 ? now : now + (1 - tokens) * this.#minIntervalMs;
@@ -162,7 +190,8 @@ export class SyncLoop {
     const started = this.#clock.now();
     // Timers fire on libuv's millisecond loop clock, which can run up to a millisecond behind
     // performance.now(): a timer set for the full sync's deadline may see "not yet" here.
-    const full = this.#needFull || started >= this.#lastFullStart + this.#periodMs - TIMER_SLACK_MS;
+    const full =
+      this.#needFull || started >= this.#lastFullStart + this.#fullEveryMs - TIMER_SLACK_MS;
     this.#running = true;
     this.#pending = false;
     this.#urgent = false;
@@ -175,6 +204,11 @@ export class SyncLoop {
       if (full) {
         this.#needFull = false;
         this.#lastFullStart = started;
+        const took = this.#clock.now() - started;
+        this.#fullEveryMs = Math.min(
+          this.#periodMs * MAX_STRETCH,
+          Math.max(this.#periodMs, took / this.#maxShare),
+        );
       }
     } catch (e) {
       this.#failures++;

@@ -1,14 +1,15 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { FakeClock } from "./clock.ts";
-import { SyncLoop } from "./sync_loop.ts";
+import { MAX_STRETCH, SyncLoop } from "./sync_loop.ts";
 
 function loop(options: {
   periodMs?: number;
   minIntervalMs?: number;
   burst?: number;
   fail?: () => boolean;
-  syncMs?: number;
+  syncMs?: number | (() => number);
+  maxShare?: number;
 }) {
   const clock = new FakeClock();
   const starts: number[] = [];
@@ -19,13 +20,14 @@ function loop(options: {
     periodMs: options.periodMs ?? 10_000,
     minIntervalMs: options.minIntervalMs ?? 0,
     ...(options.burst === undefined ? {} : { burst: options.burst }),
+    ...(options.maxShare === undefined ? {} : { maxShare: options.maxShare }),
     retryMs: 1000,
     onError: (e) => errors.push(e),
     sync: async ({ full }) => {
       starts.push(clock.now());
       kinds.push(full ? "full" : "partial");
-      if (options.syncMs !== undefined)
-        await new Promise<void>((r) => clock.after(options.syncMs!, r));
+      const ms = typeof options.syncMs === "function" ? options.syncMs() : options.syncMs;
+      if (ms !== undefined) await new Promise<void>((r) => clock.after(ms, r));
       if (options.fail?.()) throw new Error("boom");
     },
   });
@@ -38,6 +40,28 @@ describe("SyncLoop", () => {
     l.start();
     await clock.advance(35_000);
     assert.deepEqual(starts, [0, 10_000, 20_000, 30_000]);
+    l.stop();
+  });
+
+  it("with maxShare, stretches the period after a long full sync, at most MAX_STRETCH times, and not after a short one", async () => {
+    // Each full sync takes 1 s, then two take 5 s, then 100 ms again.
+    const took = [1000, 1000, 5000, 5000, 100, 100];
+    const { clock, starts, l } = loop({ maxShare: 0.05, syncMs: () => took.shift() ?? 100 });
+    l.start();
+    await clock.advance(40_000 + 2 * MAX_STRETCH * 10_000 + 30_000);
+    // 1 s is 5 % of 20 s; 5 s would need 100 s: MAX_STRETCH periods at most.
+    const stretched = MAX_STRETCH * 10_000;
+    assert.ok(stretched < 100_000);
+    assert.deepEqual(starts.slice(0, 7), [
+      0,
+      20_000,
+      40_000,
+      40_000 + stretched,
+      40_000 + 2 * stretched,
+      50_000 + 2 * stretched,
+      60_000 + 2 * stretched,
+    ]);
+    assert.equal(l.fullEveryMs, 10_000);
     l.stop();
   });
 

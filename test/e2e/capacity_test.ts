@@ -114,6 +114,8 @@ for (const datapath of ["iptables", "nftables"] as const)
           "3000",
           "--traffic-period-ms",
           "1000",
+          "--periodic-max-share",
+          "1",
           "--datapath",
           datapath,
           "--snat-ports",

@@ -78,7 +78,7 @@ describe("sallyport-cni: pods steered from their first packet", { skip: NEEDS_RO
       nodes: 3,
       families: [4],
       dir: mkdtempSync(join(tmpdir(), `${TMP_PREFIX}sandbox-`)),
-      agentArgs: ["--period-ms", "3000"],
+      agentArgs: ["--period-ms", "3000", "--periodic-max-share", "1"],
     });
     await sb.addPod("seed", { node: 1, labels: { app: "web" } });
     await sb.apply(MANIFESTS);

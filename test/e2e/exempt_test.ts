@@ -133,7 +133,7 @@ for (const datapath of ["iptables", "nftables"] as const) {
         families: [4],
         proxyMode: "iptables",
         dir: mkdtempSync(join(tmpdir(), `${TMP_PREFIX}sandbox-`)),
-        agentArgs: ["--datapath", datapath, "--period-ms", "3000"],
+        agentArgs: ["--datapath", datapath, "--period-ms", "3000", "--periodic-max-share", "1"],
       });
       client = (await sb.addPod("client", { node: 1, labels: { app: "client" } })).ips[4]!;
       await sb.addPod("other", { node: 1, labels: { app: "other" } });

@@ -98,7 +98,7 @@ for (const mode of PROXY_MODES) {
         families: FAMILIES,
         proxyMode: mode,
         dir: mkdtempSync(join(tmpdir(), `${TMP_PREFIX}sandbox-`)),
-        agentArgs: ["--period-ms", "3000"],
+        agentArgs: ["--period-ms", "3000", "--periodic-max-share", "1"],
       });
       await sb.addPod("client", { node: 1, labels: { app: "client", egress: "yes" } });
       await sb.addPod("other", { node: 1, labels: { app: "other" } });

@@ -121,7 +121,7 @@ for (const datapath of ["iptables", "nftables"] as const)
         nodes: 3,
         families: FAMILIES,
         dir: mkdtempSync(join(tmpdir(), `${TMP_PREFIX}sandbox-`)),
-        agentArgs: ["--period-ms", "3000", "--datapath", datapath],
+        agentArgs: ["--period-ms", "3000", "--periodic-max-share", "1", "--datapath", datapath],
       });
       for (const [name, node, labels] of [
         ["web-1", 1, { app: "web" }],

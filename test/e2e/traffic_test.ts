@@ -82,7 +82,14 @@ describe("traffic metrics against traffic sent, in the sandbox", { skip: NEEDS_R
       nodes: 3,
       families: [4],
       dir: join(cache, "sandbox", prefix),
-      agentArgs: ["--period-ms", "3000", "--traffic-period-ms", "1000"],
+      agentArgs: [
+        "--period-ms",
+        "3000",
+        "--traffic-period-ms",
+        "1000",
+        "--periodic-max-share",
+        "1",
+      ],
     });
     await sb.addPod("bot", { node: 1, labels: { app: "bot" } });
     await sb.apply(MANIFESTS);
