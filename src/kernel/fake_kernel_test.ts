@@ -2861,6 +2861,23 @@ function minuteDatapathOn(runner: Runner, clock: FakeClock): Promise<Datapath> {
   });
 }
 
+/** On host 1, a minute-listing datapath that synced scenario `s` once. */
+async function minuteSynced(s: Snapshot) {
+  const fake = nftHost(1);
+  const clock = new FakeClock();
+  const dp = await minuteDatapathOn(fake, clock);
+  const plan = nftPlanWith(1, await dp.read(), s);
+  await dp.sync(plan);
+  return { fake, clock, dp, plan };
+}
+
+/** The nft listings `fake` ran, as command lines. */
+function nftListings(fake: FakeKernel): string[] {
+  return fake.calls
+    .filter((c) => c.argv[0] === "nft" && c.argv.includes("list"))
+    .map((c) => c.argv.join(" "));
+}
+
 /** What the agent does with `datapath: "nftables"`: facts from the kernel, then the plan. */
 function nftPlanWith(
   index: number,
@@ -3045,10 +3062,7 @@ describe("Datapath on the fake kernel: nftables", () => {
       await clock.advance(59_000);
       fake.calls.length = 0;
       const next = await dp.sync(plan);
-      const listings = fake.calls
-        .filter((c) => c.argv[0] === "nft" && c.argv.includes("list"))
-        .map((c) => c.argv.join(" "));
-      assert.deepEqual(listings, ["nft -t -j list ruleset inet"], "a terse read only");
+      assert.deepEqual(nftListings(fake), ["nft -t -j list ruleset inet"], "a terse read only");
       if (ofElements.has(what)) {
         assert.equal(next.changes, 0, "a terse read cannot see it");
         await clock.advance(1000);
@@ -3064,12 +3078,7 @@ describe("Datapath on the fake kernel: nftables", () => {
   }
 
   it("elements listed once a minute: a read without them after a failed sync lists them", async () => {
-    const s = SCENARIOS["dual stack with ports"]!;
-    const fake = nftHost(1);
-    const clock = new FakeClock();
-    const dp = await minuteDatapathOn(fake, clock);
-    const plan = nftPlanWith(1, await dp.read(), s);
-    await dp.sync(plan);
+    const { fake, dp, plan } = await minuteSynced(SCENARIOS["dual stack with ports"]!);
     // A chain and a class map flushed; nft refuses the sync that repairs the chain, so what the
     // kernel holds is no longer known: the next read lists the elements and finds the map.
     const names = await ourNames(fake);
@@ -3092,12 +3101,7 @@ describe("Datapath on the fake kernel: nftables", () => {
   });
 
   it("a listing of the elements that fails is not repeated by every retry: the next reads are terse until a minute later", async () => {
-    const s = SCENARIOS["dual stack with ports"]!;
-    const fake = nftHost(1);
-    const clock = new FakeClock();
-    const dp = await minuteDatapathOn(fake, clock);
-    const plan = nftPlanWith(1, await dp.read(), s);
-    await dp.sync(plan);
+    const { fake, clock, dp, plan } = await minuteSynced(SCENARIOS["dual stack with ports"]!);
     await clock.advance(60_000);
     // Due, and it times out (it did on a gateway node at 10,000 policies, 30 s each time).
     fake.failNext(["nft", "-j", "list", "table"], {
@@ -3107,15 +3111,15 @@ describe("Datapath on the fake kernel: nftables", () => {
     await assert.rejects(dp.sync(plan));
     fake.calls.length = 0;
     assert.equal((await dp.sync(plan)).changes, 0, "the retry holds the plan");
-    const listings = () =>
-      fake.calls
-        .filter((c) => c.argv[0] === "nft" && c.argv.includes("list"))
-        .map((c) => c.argv.join(" "));
-    assert.deepEqual(listings(), ["nft -t -j list ruleset inet"], "read tersely");
+    assert.deepEqual(nftListings(fake), ["nft -t -j list ruleset inet"], "read tersely");
     await clock.advance(60_000);
     fake.calls.length = 0;
     await dp.sync(plan);
-    assert.deepEqual(listings(), ["nft -j list table inet sallyport"], "a minute later, due again");
+    assert.deepEqual(
+      nftListings(fake),
+      ["nft -j list table inet sallyport"],
+      "a minute later, due again",
+    );
   });
 
   it("a new agent adopts the table without writing", async () => {
