@@ -6,7 +6,9 @@
  * Nothing here runs on the sync path. The kernel is read by a `TrafficReader`: in the agent a
  * worker thread (src/agent/traffic_worker.ts: the ~15 MB a table of 100,000 connections prints
  * is parsed there, measured by bench/traffic.ts), in tests the inline reader below. The counters
- * are read when Prometheus (or `sallyport top`) scrapes, at most once per `countersMaxAgeMs`; the
+ * are read when Prometheus (or `sallyport top`) scrapes, at most once per `countersMaxAgeMs`, and a
+ * scrape waits at most `countersWaitMs` for them: a read that takes longer (a busy node, tens of
+ * thousands of elements) goes on, and meanwhile scrapes are answered from the last read; the
  * connection tracking table every `periodMs`, and only on nodes whose rules SNAT to an egress IP.
  *
  * The iptables rules name their policy (their comment); the nftables class maps' elements do
@@ -39,7 +41,7 @@ import {
 } from "../kernel/counters.ts";
 import type { Datapath } from "../kernel/datapath.ts";
 import type { Runner } from "../kernel/runner.ts";
-import type { Clock } from "../lib/clock.ts";
+import type { Clock, Timer } from "../lib/clock.ts";
 import type { Family } from "../lib/ip.ts";
 import type { Logger } from "../lib/log.ts";
 import { PERIODIC_MAX_SHARE, SyncLoop } from "../lib/sync_loop.ts";
@@ -274,6 +276,11 @@ export interface TrafficCollectorOptions {
   readonly maxShare?: number;
   /** Counters read for one scrape serve the next ones this long. @default 1000 */
   readonly countersMaxAgeMs?: number;
+  /**
+   * How long a scrape waits for a fresh read of the counters before it is answered from the last
+   * one (never when there is none yet). @default 2000
+   */
+  readonly countersWaitMs?: number;
   /** Fraction of the source ports at which a destination is reported saturated. @default 0.8 */
   readonly saturatedAt?: number;
   /** ...and below which it no longer is. @default 0.7 */
@@ -368,7 +375,7 @@ export class TrafficCollector {
         .finally(() => {
           this.#countersRead = undefined;
         });
-      await this.#countersRead;
+      await this.#readWithin(this.#countersRead);
     }
     const totals = new Map<string, { packets: number; bytes: number }>();
     for (const [key, s] of this.#series)
@@ -383,6 +390,17 @@ export class TrafficCollector {
       if (s.kind !== "held")
         out.push({ policy: s.policy, egressIP: s.egressIP, kind: s.kind, ...totals.get(key)! });
     return out;
+  }
+
+  /** Waits for `read`, at most `countersWaitMs` once some read has succeeded. */
+  async #readWithin(read: Promise<void>): Promise<void> {
+    if (this.#countersAt === Number.NEGATIVE_INFINITY) return read;
+    let timer: Timer | undefined;
+    const waited = new Promise<void>((resolve) => {
+      timer = this.#o.clock.after(this.#o.countersWaitMs ?? 2000, resolve);
+    });
+    await Promise.race([read, waited]);
+    timer?.cancel();
   }
 
   /** Per egress IP this node SNATs to: connections and ports by destination (last read). */

@@ -199,6 +199,35 @@ describe("TrafficCollector counters", () => {
     await c.policyTraffic();
     assert.equal(reader.reads.counters, 2);
   });
+
+  it("answer a scrape from the last read when a fresh one takes longer than countersWaitMs", async () => {
+    const reader = new ScriptedReader();
+    reader.counters = [steered(1)];
+    const { c, clock } = collector(reader, { countersMaxAgeMs: 1000, countersWaitMs: 2000 });
+    const packets = async () => (await c.policyTraffic()).map((t) => t.packets);
+    assert.deepEqual(await packets(), [1]);
+    // The next read hangs until released.
+    let release = () => {};
+    const slow = reader.read.bind(reader);
+    reader.read = (o) =>
+      new Promise((resolve) => {
+        release = () => resolve(slow(o));
+      });
+    reader.counters = [steered(5)];
+    await clock.advance(1500);
+    const scrape = packets();
+    await clock.advance(1999);
+    let answered: number[] | undefined;
+    void scrape.then((p) => (answered = p));
+    await clock.advance(0);
+    assert.equal(answered, undefined, "still waiting for the read within countersWaitMs");
+    await clock.advance(1);
+    assert.deepEqual(answered, [1], "answered from the last read");
+    release();
+    await clock.advance(0);
+    assert.deepEqual(await packets(), [5], "the slow read serves the next scrape");
+    assert.equal(reader.reads.counters, 2);
+  });
 });
 
 describe("TrafficCollector saturation", () => {

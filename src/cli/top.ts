@@ -153,8 +153,9 @@ export class SandboxSource implements MetricsSource {
   }
 
   scrape(): Promise<Scrape[]> {
-    // Node's own HTTP client, started in the namespace: no curl needed on the host.
-    const script = `fetch(process.argv[1], { signal: AbortSignal.timeout(5000) }).then(async (r) => { if (!r.ok) throw new Error("HTTP " + r.status); process.stdout.write(await r.text()); }).catch((e) => { process.stderr.write(String(e.cause?.message ?? e.message)); process.exit(1); });`;
+    // Node's own HTTP client, started in the namespace: no curl needed on the host. 10 s, as
+    // Prometheus waits by default (an agent answers within ~2 s, from its last read if need be).
+    const script = `fetch(process.argv[1], { signal: AbortSignal.timeout(10000) }).then(async (r) => { if (!r.ok) throw new Error("HTTP " + r.status); process.stdout.write(await r.text()); }).catch((e) => { process.stderr.write(String(e.cause?.message ?? e.message)); process.exit(1); });`;
     return Promise.all(
       this.#nodes.map(async ({ name, netns }) => {
         const r = await new ExecRunner(["ip", "netns", "exec", netns]).run([
