@@ -12,8 +12,8 @@
  * and on a 2-core machine that work takes the CPU the forwarding needs, which is not what a
  * packet costs. Quiet means back to what the running sandbox with one policy costs
  * (`references.steadyBusy`, the machine's busy share measured before the first row) plus 5
- * points: the agents' liveness probes and fence renewals alone keep a 2-core machine ~15 % busy,
- * above any fixed threshold low enough to mean idle. `settledMs` says how long that took (at
+ * points: the agents' liveness probes and fence renewals alone keep a 2-core machine 9–15 % busy
+ * (it varies with the VM), above any fixed threshold low enough to mean idle. `settledMs` says how long that took (at
  * most 3 minutes, or 90 ms per policy in front); `settled: false` that it never got quiet (the
  * policies' own steady cost, or another load on the machine) and the figure was taken anyway.
  *
