@@ -80,7 +80,7 @@ import type {
   PreviousPolicy,
   Snapshot,
 } from "./snapshot.ts";
-import { type ClassRequest, TunnelClasses } from "./tunnel_classes.ts";
+import { type ClassRequest, shareOf, TunnelClasses } from "./tunnel_classes.ts";
 import type { PeerView } from "./view.ts";
 
 export type {
@@ -626,13 +626,23 @@ export class ClusterEngine {
     const p = isPrepared(admitted) ? admitted : undefined;
     const allocation = p !== undefined && needsAddresses(p) ? this.#allocator.get(key) : undefined;
     const active = p !== undefined && (allocation === undefined || allocation.ok) ? p : undefined;
-    if (active === undefined) {
-      if (this.#classes.release(key)) this.#dirtyOutcomes.add(key);
-    } else if (this.#classes.get(key) === undefined) {
+    // Policies with the same egress IPs share a tunnel class (tunnel_classes.ts).
+    const share =
+      active === undefined
+        ? undefined
+        : shareOf(key, allocation?.ok ? allocation.addresses : undefined);
+    if (this.#classes.share(key) !== share && this.#classes.release(key))
+      this.#dirtyOutcomes.add(key);
+    if (active !== undefined && share !== undefined && this.#classes.get(key) === undefined) {
+      // The class it had: a policy whose egress IPs changed left that class to its old share.
+      const previous = this.#previous(key);
+      const own = share === shareOf(key, undefined);
+      const kept = own || (previous !== undefined && shareOf(key, previous.egressIPs) === share);
       this.#classRequests.push({
         key,
+        share,
         createdAt: active.createdAt,
-        wanted: this.#previous(key)?.tunnelClass,
+        ...(kept ? { wanted: previous?.tunnelClass, firm: !own } : {}),
       });
     }
     this.#members.setPolicy(key, active);

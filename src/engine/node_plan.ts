@@ -1116,6 +1116,8 @@ export class NodePlanner {
     // into it: SALLYPORT-FORWARD). SNAT it from the first packet rather than drop it until the
     // controller's endpoint slice arrives. For the policies this node holds egress IPs of, and
     // those it stands by for (their group chain drops tunnel traffic until this node holds them).
+    // Policies with the same egress IPs share a class: its first policy's rules serve them all.
+    const named = new Set<number>();
     for (const key of this.#order) {
       const part = this.#parts.get(key);
       const d = part?.families.get(family)?.decision;
@@ -1123,6 +1125,8 @@ export class NodePlanner {
       const snatTo = part?.view.snat[family] ?? [];
       if (d === undefined || tunnelClass === undefined || snatTo.length === 0) continue;
       if (d.kind !== "gateway" && !part!.standby) continue;
+      if (named.has(tunnelClass)) continue;
+      named.add(tunnelClass);
       markRequest.push({
         inInterface: tunnel,
         mark: mark(tunnelClass, TUNNEL_CLASS_MASK),
@@ -1785,12 +1789,15 @@ class FamilyUses {
     this.#tunnelChanged = true;
   }
 
-  /** The tunnel classes by number; the same list while they stay the same. */
+  /**
+   * The tunnel classes by number, each once (policies with the same egress IPs share one: the
+   * first by name stands for them); the same list while they stay the same.
+   */
   tunnelClasses(): readonly TunnelClassSnat[] {
     if (this.#tunnelChanged) {
-      const now = [...this.#tunnel.values()].sort(
-        (a, b) => a.tunnelClass - b.tunnelClass || byText(a.policy, b.policy),
-      );
+      const now = [...this.#tunnel.values()]
+        .sort((a, b) => a.tunnelClass - b.tunnelClass || byText(a.policy, b.policy))
+        .filter((c, i, all) => i === 0 || all[i - 1]!.tunnelClass !== c.tunnelClass);
       if (!sameTunnelClasses(this.#tunnelList, now)) this.#tunnelList = now;
       this.#tunnelChanged = false;
     }

@@ -644,6 +644,45 @@ describe("planNode() across a takeover (many policies on one egress IP)", () => 
     assert.equal(t.via, "100.127.0.3", "to node-3 now");
   });
 
+  it("the policies of one egress IP share a tunnel class: one steering chain for them all, one class at the gateway", () => {
+    const other = policy("default", "other", {
+      podSelector: { matchLabels: { app: "a1" } },
+      destinationCIDRs: ["10.6.105.151/32"],
+      egressIP: ["10.168.60.101"],
+    });
+    const more = computeCluster({ ...cluster, policies: [...cluster.policies, other] });
+    const classOf = (name: string) =>
+      more.policies.get(`EgressPolicy/default/${name}`)?.tunnelClass;
+    const shared = classOf("p0");
+    assert.ok(shared !== undefined);
+    assert.deepEqual(
+      Array.from({ length: POLICIES }, (_, i) => classOf(`p${i}`)).filter((c) => c !== shared),
+      [],
+      "every policy of 10.168.60.100 has its class",
+    );
+    assert.ok(classOf("other") !== undefined && classOf("other") !== shared, "another egress IP");
+    const nftOf = (name: string, ipv4: string) =>
+      planNode(
+        nodeViewFromOutcome(more, name, {
+          local: localFacts({ ipv4 }),
+          config: { datapath: "nftables" },
+        }),
+      ).nft!;
+    assert.deepEqual(
+      nftOf("node-1", "192.168.0.11")
+        .steerTo.map((s) => s.tunnelClass)
+        .sort(),
+      [shared, classOf("other")].sort(),
+      "one steering chain per class, not per policy",
+    );
+    const held = more.policies.get("EgressPolicy/default/p0")!.gatewayNode!;
+    const gateway = nftOf(held, held === "node-2" ? "192.168.0.12" : "192.168.0.13");
+    assert.deepEqual(
+      gateway.tunnelClasses?.[4]?.filter((c) => c.tunnelClass === shared),
+      [{ tunnelClass: shared, policy: "EgressPolicy/default/p0", eips: ["10.168.60.100"] }],
+    );
+  });
+
   it("with --no-standby-datapath a node of the gateway carries nothing in advance: a takeover programs every policy", () => {
     const n3 = planner("node-3", "192.168.0.13", false);
     const before = n3.p.plan();
@@ -651,7 +690,8 @@ describe("planNode() across a takeover (many policies on one egress IP)", () => 
     const after = takeOver(n3);
     assert.equal(
       after.rules[4]?.chains.get("nat")?.get("SALLYPORT-SNAT-EIP")?.length,
-      2 * POLICIES,
+      POLICIES + 1,
+      "one per policy, and one for the tunnel class they share (one egress IP)",
     );
   });
 

@@ -194,7 +194,7 @@ export interface SteerTarget {
 
 export interface TunnelClassSnat {
   readonly tunnelClass: number;
-  /** The policy's key (for explain). */
+  /** A policy of the class (for explain): the first by name of those that share it. */
   readonly policy: string;
   /** In address order; several: round-robin. */
   readonly eips: readonly string[];

@@ -1,21 +1,30 @@
 /**
- * Tunnel classes: a small number per accepted policy, unique in the cluster, that a steering node
- * writes into the VXLAN header (Group Based Policy) of the policy's packets, so that the gateway
- * node SNATs a pod it has not heard of yet (a new pod, or a running pod a changed policy starts
- * selecting) from its first packet, instead of dropping it until the controller's endpoint slice
- * arrives (docs/datapath.md, "A pod the gateway has not heard of yet").
+ * Tunnel classes: a small number per accepted policy that a steering node writes into the VXLAN
+ * header (Group Based Policy) of the policy's packets, so that the gateway node SNATs a pod it has
+ * not heard of yet (a new pod, or a running pod a changed policy starts selecting) from its first
+ * packet, instead of dropping it until the controller's endpoint slice arrives (docs/datapath.md,
+ * "A pod the gateway has not heard of yet").
+ *
+ * A class tells the gateway which egress IPs to SNAT to, nothing else: policies with the same
+ * egress IPs (their "share", e.g. 10,000 policies of one egressIP) share one class, so that a
+ * steering node holds one chain per class and gateway, not one per policy. Policies of the
+ * gateway node's own address (nodeIP, interface) keep a class of their own: which address that
+ * is depends on where each is placed.
  *
  * The controller publishes the class in the policy's status (status.tunnelClass); every node
  * reads it from there, so the steering node and the gateway always agree on what a number means.
  *
- * Classes are sticky, like node ids: a policy keeps its class while it is accepted, and one read
- * back from its status (a new leader) is kept when no older policy holds it. Policies without one
- * get the lowest free class, oldest first, so that the same inputs give the same classes whether
- * computed incrementally or from scratch. A rejected or deleted policy gives its class back.
+ * Classes are sticky, like node ids: a share keeps its class while one of its policies is
+ * accepted, and one read back from a status (a new leader) is kept when no share of an older policy
+ * holds it. Shares without one get the lowest free class, in the order of their oldest policy, so
+ * that the same inputs give the same classes whether computed incrementally or from scratch. The
+ * class is freed when the last policy of its share is rejected, deleted or changes its egress IPs.
  *
  * Values are 1-16383: 0 is "no class", and bits 14-15 stay clear because kube-proxy gives them a
  * meaning (masquerade 0x4000, drop 0x8000) on the packets that carry the class at the gateway.
  */
+import { getOrInsert } from "../lib/maps.ts";
+
 export const MAX_TUNNEL_CLASS = 0x3fff;
 
 export function isTunnelClass(value: unknown): value is number {
@@ -24,38 +33,71 @@ export function isTunnelClass(value: unknown): value is number {
 
 export interface ClassRequest {
   readonly key: string;
+  /** Policies of the same share get the same class (shareOf). */
+  readonly share: string;
   readonly createdAt: string;
   /** The class it had (a previous result or its status); kept when still free. */
   readonly wanted?: number | undefined;
+  /**
+   * The wanted class was this share's: the policy had it with the same egress IPs. Such wishes
+   * go first, so that a policy that left a share (its egress IPs changed) does not take the class
+   * from the share's other policies when all ask at once (a new leader).
+   */
+  readonly firm?: boolean | undefined;
+}
+
+/** The share of a policy: its egress IPs when it has its own (explicit or pool), else itself. */
+export function shareOf(key: string, egressIPs: readonly string[] | undefined): string {
+  return egressIPs === undefined || egressIPs.length === 0
+    ? `policy:${key}`
+    : `eips:${[...egressIPs].sort().join(",")}`;
 }
 
 export class TunnelClasses {
-  readonly #byKey = new Map<string, number>();
+  readonly #byShare = new Map<string, number>();
+  /** share → its policies that hold its class */
+  readonly #members = new Map<string, Set<string>>();
+  readonly #shares = new Map<string, string>();
   readonly #used = new Set<number>();
   /** No class below this one is free. */
   #lowest = 1;
 
   get(key: string): number | undefined {
-    return this.#byKey.get(key);
+    const share = this.#shares.get(key);
+    return share === undefined ? undefined : this.#byShare.get(share);
   }
 
+  /** The share under which a policy holds its class. */
+  share(key: string): string | undefined {
+    return this.#shares.get(key);
+  }
+
+  /** Takes a policy out of its share; the class is freed with the share's last policy. */
   release(key: string): boolean {
-    const c = this.#byKey.get(key);
-    if (c === undefined) return false;
-    this.#byKey.delete(key);
-    this.#used.delete(c);
-    if (c < this.#lowest) this.#lowest = c;
+    const share = this.#shares.get(key);
+    if (share === undefined) return false;
+    this.#shares.delete(key);
+    const members = this.#members.get(share)!;
+    members.delete(key);
+    if (members.size === 0) {
+      const c = this.#byShare.get(share)!;
+      this.#members.delete(share);
+      this.#byShare.delete(share);
+      this.#used.delete(c);
+      if (c < this.#lowest) this.#lowest = c;
+    }
     return true;
   }
 
   /**
-   * Gives a class to each request without one, oldest first (then by key): its wanted class when
-   * free, else the lowest free one; none when all 16,383 are taken.
+   * Gives a class to each request without one, oldest first (then by key): its share's class when
+   * the share has one; else its wanted class when free (firm wishes first), else the lowest free
+   * one; none when all 16,383 are taken.
    * @returns the keys that got a class
    */
   assign(requests: readonly ClassRequest[]): string[] {
     const pending = requests
-      .filter((r) => !this.#byKey.has(r.key))
+      .filter((r) => !this.#shares.has(r.key))
       .sort((a, b) =>
         a.createdAt < b.createdAt
           ? -1
@@ -67,25 +109,34 @@ export class TunnelClasses {
                 ? 1
                 : 0,
       );
-    const rest: ClassRequest[] = [];
     const got: string[] = [];
-    for (const r of pending) {
-      if (isTunnelClass(r.wanted) && !this.#used.has(r.wanted)) {
-        this.#take(r.key, r.wanted);
+    for (const firm of [true, false])
+      for (const r of pending) {
+        if ((r.firm === true) !== firm || this.#shares.has(r.key)) continue;
+        if (!this.#byShare.has(r.share)) {
+          if (!isTunnelClass(r.wanted) || this.#used.has(r.wanted)) continue;
+          this.#byShare.set(r.share, r.wanted);
+          this.#used.add(r.wanted);
+        }
+        this.#join(r);
         got.push(r.key);
-      } else rest.push(r);
-    }
-    for (const r of rest) {
-      while (this.#lowest <= MAX_TUNNEL_CLASS && this.#used.has(this.#lowest)) this.#lowest++;
-      if (this.#lowest > MAX_TUNNEL_CLASS) break;
-      this.#take(r.key, this.#lowest);
+      }
+    for (const r of pending) {
+      if (this.#shares.has(r.key)) continue;
+      if (!this.#byShare.has(r.share)) {
+        while (this.#lowest <= MAX_TUNNEL_CLASS && this.#used.has(this.#lowest)) this.#lowest++;
+        if (this.#lowest > MAX_TUNNEL_CLASS) continue;
+        this.#byShare.set(r.share, this.#lowest);
+        this.#used.add(this.#lowest);
+      }
+      this.#join(r);
       got.push(r.key);
     }
     return got;
   }
 
-  #take(key: string, c: number): void {
-    this.#byKey.set(key, c);
-    this.#used.add(c);
+  #join(r: ClassRequest): void {
+    this.#shares.set(r.key, r.share);
+    getOrInsert(this.#members, r.share, () => new Set()).add(r.key);
   }
 }
