@@ -421,7 +421,7 @@ export const EgressPolicyStatusSchema = Type.Object(
         minimum: 1,
         maximum: 16383,
         description:
-          "Number the steering nodes carry in the VXLAN header of this policy's packets, unique in the cluster: the gateway node SNATs them from the first packet, before it has heard of the pod. Absent when all are taken",
+          "Number the steering nodes carry in the VXLAN header of this policy's packets, shared by the policies with the same egress IPs: the gateway node SNATs them from the first packet, before it has heard of the pod. Absent when all are taken",
       }),
     ),
     matchedPods: Type.Optional(Type.Integer({ minimum: 0 })),
