@@ -15,10 +15,11 @@
  * reads it from there, so the steering node and the gateway always agree on what a number means.
  *
  * Classes are sticky, like node ids: a share keeps its class while one of its policies is
- * accepted, and one read back from a status (a new leader) is kept when no share of an older policy
- * holds it. Shares without one get the lowest free class, in the order of their oldest policy, so
- * that the same inputs give the same classes whether computed incrementally or from scratch. The
- * class is freed when the last policy of its share is rejected, deleted or changes its egress IPs.
+ * accepted, and one read back from a status (a new leader) is kept when free (first for policies
+ * that still have the egress IPs they had it with, then oldest first). Other shares get the lowest
+ * free class, in the order of their oldest policy, so that the same inputs give the same classes
+ * whether computed incrementally or from scratch. The class is freed when the last policy of its
+ * share is rejected, deleted or changes its egress IPs.
  *
  * Values are 1-16383: 0 is "no class", and bits 14-15 stay clear because kube-proxy gives them a
  * meaning (masquerade 0x4000, drop 0x8000) on the packets that carry the class at the gateway.
@@ -115,8 +116,7 @@ export class TunnelClasses {
         if ((r.firm === true) !== firm || this.#shares.has(r.key)) continue;
         if (!this.#byShare.has(r.share)) {
           if (!isTunnelClass(r.wanted) || this.#used.has(r.wanted)) continue;
-          this.#byShare.set(r.share, r.wanted);
-          this.#used.add(r.wanted);
+          this.#give(r.share, r.wanted);
         }
         this.#join(r);
         got.push(r.key);
@@ -126,13 +126,17 @@ export class TunnelClasses {
       if (!this.#byShare.has(r.share)) {
         while (this.#lowest <= MAX_TUNNEL_CLASS && this.#used.has(this.#lowest)) this.#lowest++;
         if (this.#lowest > MAX_TUNNEL_CLASS) continue;
-        this.#byShare.set(r.share, this.#lowest);
-        this.#used.add(this.#lowest);
+        this.#give(r.share, this.#lowest);
       }
       this.#join(r);
       got.push(r.key);
     }
     return got;
+  }
+
+  #give(share: string, c: number): void {
+    this.#byShare.set(share, c);
+    this.#used.add(c);
   }
 
   #join(r: ClassRequest): void {
