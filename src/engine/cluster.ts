@@ -80,7 +80,7 @@ import type {
   PreviousPolicy,
   Snapshot,
 } from "./snapshot.ts";
-import { type ClassRequest, shareOf, TunnelClasses } from "./tunnel_classes.ts";
+import { type ClassRequest, classRequest, shareOf, TunnelClasses } from "./tunnel_classes.ts";
 import type { PeerView } from "./view.ts";
 
 export type {
@@ -627,24 +627,12 @@ export class ClusterEngine {
     const allocation = p !== undefined && needsAddresses(p) ? this.#allocator.get(key) : undefined;
     const active = p !== undefined && (allocation === undefined || allocation.ok) ? p : undefined;
     // Policies with the same egress IPs share a tunnel class (tunnel_classes.ts).
-    const share =
-      active === undefined
-        ? undefined
-        : shareOf(key, allocation?.ok ? allocation.addresses : undefined);
+    const egressIPs = allocation?.ok ? allocation.addresses : undefined;
+    const share = active === undefined ? undefined : shareOf(key, egressIPs);
     if (this.#classes.share(key) !== share && this.#classes.release(key))
       this.#dirtyOutcomes.add(key);
-    if (active !== undefined && share !== undefined && this.#classes.get(key) === undefined) {
-      // The class it had: a policy whose egress IPs changed left that class to its old share.
-      const previous = this.#previous(key);
-      const own = share === shareOf(key, undefined);
-      const kept = own || (previous !== undefined && shareOf(key, previous.egressIPs) === share);
-      this.#classRequests.push({
-        key,
-        share,
-        createdAt: active.createdAt,
-        ...(kept ? { wanted: previous?.tunnelClass, firm: !own } : {}),
-      });
-    }
+    if (active !== undefined && this.#classes.get(key) === undefined)
+      this.#classRequests.push(classRequest(key, egressIPs, active.createdAt, this.#previous(key)));
     this.#members.setPolicy(key, active);
     this.#placement.setMember(
       key,

@@ -1116,29 +1116,36 @@ export class NodePlanner {
     // into it: SALLYPORT-FORWARD). SNAT it from the first packet rather than drop it until the
     // controller's endpoint slice arrives. For the policies this node holds egress IPs of, and
     // those it stands by for (their group chain drops tunnel traffic until this node holds them).
-    // Policies with the same egress IPs share a class: its first policy's rules serve them all.
-    const named = new Set<number>();
+    // Policies with the same egress IPs share a class: the first by name stands for them all (as
+    // in the nftables plan, FamilyUses.tunnelClasses, so explain names the same policy on both).
+    const first = new Map<number, PolicyPart>();
+    for (const part of this.#parts.values()) {
+      const d = part.families.get(family)?.decision;
+      const tunnelClass = part.view.tunnelClass;
+      if (d === undefined || tunnelClass === undefined || !(part.view.snat[family]?.length ?? 0))
+        continue;
+      if (d.kind !== "gateway" && !part.standby) continue;
+      const had = first.get(tunnelClass);
+      if (had === undefined || byText(part.view.key, had.view.key) < 0)
+        first.set(tunnelClass, part);
+    }
     for (const key of this.#order) {
       const part = this.#parts.get(key);
-      const d = part?.families.get(family)?.decision;
       const tunnelClass = part?.view.tunnelClass;
-      const snatTo = part?.view.snat[family] ?? [];
-      if (d === undefined || tunnelClass === undefined || snatTo.length === 0) continue;
-      if (d.kind !== "gateway" && !part!.standby) continue;
-      if (named.has(tunnelClass)) continue;
-      named.add(tunnelClass);
+      if (part === undefined || tunnelClass === undefined || first.get(tunnelClass) !== part)
+        continue;
       markRequest.push({
         inInterface: tunnel,
         mark: mark(tunnelClass, TUNNEL_CLASS_MASK),
-        comment: part!.view.key,
-        target: { kind: "GOTO", chain: groupChainOf(part!) },
+        comment: part.view.key,
+        target: { kind: "GOTO", chain: groupChainOf(part) },
       });
-      for (const rule of snatRules({}, snatTo, family, config.snatPorts))
+      for (const rule of snatRules({}, part.view.snat[family]!, family, config.snatPorts))
         snat.push({
           ...rule,
           mark: mark(tunnelClass, TUNNEL_CLASS_MASK),
           connmark: mark(REPLY_PREFIX, PREFIX_MASK),
-          comment: part!.view.key,
+          comment: part.view.key,
         });
     }
     markRequest.push({
@@ -1750,6 +1757,10 @@ class FamilyUses {
   readonly groups = new Tally<readonly string[]>((a, b) => byText(a.join(","), b.join(",")));
   /** Tunnel classes by policy key. */
   readonly #tunnel = new Map<string, TunnelClassSnat>();
+  /** Policies by tunnel class (those of one egress IP share it). */
+  readonly #byClass = new Map<number, Set<string>>();
+  /** The policy that stands for each class: the first by name. */
+  readonly #first = new Map<number, TunnelClassSnat>();
   #tunnelList: readonly TunnelClassSnat[] = [];
   #tunnelChanged = false;
 
@@ -1780,13 +1791,34 @@ class FamilyUses {
           sameItems(before.eips, now.eips)
     )
       return;
-    if (before !== undefined) this.#count(before.eips, -1);
-    if (now === undefined) this.#tunnel.delete(key);
-    else {
+    if (before !== undefined) {
+      this.#count(before.eips, -1);
+      this.#tunnel.delete(key);
+      const members = this.#byClass.get(before.tunnelClass)!;
+      members.delete(key);
+      if (members.size === 0) this.#byClass.delete(before.tunnelClass);
+      // The first by name left: the next one stands for the class (a walk of that class only).
+      if (this.#first.get(before.tunnelClass)?.policy === key) {
+        let next: TunnelClassSnat | undefined;
+        for (const k of members) {
+          const t = this.#tunnel.get(k)!;
+          if (next === undefined || byText(t.policy, next.policy) < 0) next = t;
+        }
+        if (next === undefined) this.#first.delete(before.tunnelClass);
+        else this.#first.set(before.tunnelClass, next);
+        this.#tunnelChanged = true;
+      }
+    }
+    if (now !== undefined) {
       this.#count(now.eips, 1);
       this.#tunnel.set(key, now);
+      getOrInsert(this.#byClass, now.tunnelClass, () => new Set()).add(key);
+      const had = this.#first.get(now.tunnelClass);
+      if (had === undefined || byText(now.policy, had.policy) < 0) {
+        this.#first.set(now.tunnelClass, now);
+        this.#tunnelChanged = true;
+      }
     }
-    this.#tunnelChanged = true;
   }
 
   /**
@@ -1795,9 +1827,7 @@ class FamilyUses {
    */
   tunnelClasses(): readonly TunnelClassSnat[] {
     if (this.#tunnelChanged) {
-      const now = [...this.#tunnel.values()]
-        .sort((a, b) => a.tunnelClass - b.tunnelClass || byText(a.policy, b.policy))
-        .filter((c, i, all) => i === 0 || all[i - 1]!.tunnelClass !== c.tunnelClass);
+      const now = [...this.#first.values()].sort((a, b) => a.tunnelClass - b.tunnelClass);
       if (!sameTunnelClasses(this.#tunnelList, now)) this.#tunnelList = now;
       this.#tunnelChanged = false;
     }

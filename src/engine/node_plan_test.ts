@@ -683,6 +683,43 @@ describe("planNode() across a takeover (many policies on one egress IP)", () => 
     );
   });
 
+  it("the first policy by name stands for a shared tunnel class on both packet filters (what explain names)", () => {
+    // Last in precedence (the newest), first by name.
+    const late = policy(
+      "default",
+      "a-late",
+      {
+        podSelector: { matchLabels: { app: "a1" } },
+        destinationCIDRs: ["10.6.105.151/32"],
+        egressIP: ["10.168.60.100"],
+      },
+      { created: "2026-02-01T00:00:00Z" },
+    );
+    const more = computeCluster({ ...cluster, policies: [...cluster.policies, late] });
+    const shared = more.policies.get("EgressPolicy/default/p0")!.tunnelClass!;
+    assert.equal(more.policies.get("EgressPolicy/default/a-late")?.tunnelClass, shared);
+    const held = more.policies.get("EgressPolicy/default/p0")!.gatewayNode!;
+    const planOf = (datapath: "iptables" | "nftables") =>
+      planNode(
+        nodeViewFromOutcome(more, held, {
+          local: localFacts({ ipv4: held === "node-2" ? "192.168.0.12" : "192.168.0.13" }),
+          config: { datapath },
+        }),
+      );
+    const iptables = planOf("iptables")
+      .rules[4]!.chains.get("nat")!
+      .get("SALLYPORT-SNAT-EIP")!
+      .filter((r) => r.mark?.value === shared)
+      .map((r) => r.comment);
+    assert.deepEqual(iptables, ["EgressPolicy/default/a-late"]);
+    assert.deepEqual(
+      planOf("nftables")
+        .nft!.tunnelClasses?.[4]?.filter((c) => c.tunnelClass === shared)
+        .map((c) => c.policy),
+      ["EgressPolicy/default/a-late"],
+    );
+  });
+
   it("with --no-standby-datapath a node of the gateway carries nothing in advance: a takeover programs every policy", () => {
     const n3 = planner("node-3", "192.168.0.13", false);
     const before = n3.p.plan();

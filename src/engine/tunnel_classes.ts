@@ -24,8 +24,6 @@
  * Values are 1-16383: 0 is "no class", and bits 14-15 stay clear because kube-proxy gives them a
  * meaning (masquerade 0x4000, drop 0x8000) on the packets that carry the class at the gateway.
  */
-import { getOrInsert } from "../lib/maps.ts";
-
 export const MAX_TUNNEL_CLASS = 0x3fff;
 
 export function isTunnelClass(value: unknown): value is number {
@@ -54,10 +52,37 @@ export function shareOf(key: string, egressIPs: readonly string[] | undefined): 
     : `eips:${[...egressIPs].sort().join(",")}`;
 }
 
+/**
+ * What a policy asks for: its share's class, and the class it had (`previous`, its last result or
+ * status) when that was this share's. A class it had with other egress IPs stays with its old
+ * share; a class read back with the same egress IPs is a firm wish.
+ */
+export function classRequest(
+  key: string,
+  egressIPs: readonly string[] | undefined,
+  createdAt: string,
+  previous:
+    | {
+        readonly egressIPs?: readonly string[] | undefined;
+        readonly tunnelClass?: number | undefined;
+      }
+    | undefined,
+): ClassRequest {
+  const share = shareOf(key, egressIPs);
+  const own = share === shareOf(key, undefined);
+  const kept = own || (previous !== undefined && shareOf(key, previous.egressIPs) === share);
+  return {
+    key,
+    share,
+    createdAt,
+    ...(kept ? { wanted: previous?.tunnelClass, firm: !own } : {}),
+  };
+}
+
 export class TunnelClasses {
   readonly #byShare = new Map<string, number>();
-  /** share → its policies that hold its class */
-  readonly #members = new Map<string, Set<string>>();
+  /** share → how many policies hold its class */
+  readonly #members = new Map<string, number>();
   readonly #shares = new Map<string, string>();
   readonly #used = new Set<number>();
   /** No class below this one is free. */
@@ -78,9 +103,9 @@ export class TunnelClasses {
     const share = this.#shares.get(key);
     if (share === undefined) return false;
     this.#shares.delete(key);
-    const members = this.#members.get(share)!;
-    members.delete(key);
-    if (members.size === 0) {
+    const members = this.#members.get(share)! - 1;
+    this.#members.set(share, members);
+    if (members === 0) {
       const c = this.#byShare.get(share)!;
       this.#members.delete(share);
       this.#byShare.delete(share);
@@ -141,6 +166,6 @@ export class TunnelClasses {
 
   #join(r: ClassRequest): void {
     this.#shares.set(r.key, r.share);
-    getOrInsert(this.#members, r.share, () => new Set()).add(r.key);
+    this.#members.set(r.share, (this.#members.get(r.share) ?? 0) + 1);
   }
 }
