@@ -722,8 +722,21 @@ export class Controller {
       }
     }
     this.#reportedDown = down.size;
-    this.#lastHealthy = new Set([...leases].filter((n) => !down.has(n)));
-    return new Set(this.#lastHealthy);
+    const healthy = new Set([...leases].filter((n) => !down.has(n)));
+    const lost = [...this.#lastHealthy].filter((n) => !healthy.has(n));
+    const found = [...healthy].filter((n) => !this.#lastHealthy.has(n));
+    if (lost.length > 0 || found.length > 0)
+      this.#o.log.info(
+        {
+          lost: lost.map(
+            (n) => `${n} (${leases.has(n) ? "judged down by a gateway" : "node lease expired"})`,
+          ),
+          found,
+        },
+        "the nodes alive for placement changed",
+      );
+    this.#lastHealthy = healthy;
+    return new Set(healthy);
   }
 
   async #syncEgressNode(name: string): Promise<void> {

@@ -77,7 +77,7 @@ export class Reflector<T extends KubeObject> {
     return this.#connected;
   }
 
-  /** Since when (clock time) the watch has been delivering without interruption. */
+  /** Since when (clock time) a watch has been established without interruption. */
   get connectedAt(): number {
     return this.#connected ? this.#connectedAt : Number.POSITIVE_INFINITY;
   }
@@ -185,6 +185,7 @@ export class Reflector<T extends KubeObject> {
     let watchError: { code?: number; reason?: string; message?: string } | undefined;
     const generation = ++this.#generation;
     this.stats.watches++;
+    let ended = false;
     this.#abort = await new Watch(this.#o.client.config).watch(
       path,
       {
@@ -196,9 +197,7 @@ export class Reflector<T extends KubeObject> {
       },
       (type: string, obj: T & { code?: number }) => {
         if (generation !== this.#generation) return;
-        if (!this.#connected) this.#connectedAt = this.#o.clock.now();
-        this.#connected = true;
-        this.#failures = 0;
+        this.#established();
         if (type === "ERROR") {
           // The server ends the watch after an ERROR event. 410 (Expired/Gone): our
           // resourceVersion is older than what etcd kept, so list again; anything else is a
@@ -233,6 +232,7 @@ export class Reflector<T extends KubeObject> {
         }
       },
       (err: unknown) => {
+        ended = true;
         if (this.#stopped || generation !== this.#generation) return;
         const status = (err as { statusCode?: number } | null)?.statusCode;
         if (relist || status === 410) {
@@ -253,6 +253,15 @@ export class Reflector<T extends KubeObject> {
         }
       },
     );
+    // The server answered the watch (the client returns once it has the response, or has called
+    // back with the error): it is established, though a quiet resource sends nothing for minutes.
+    if (!ended && !this.#stopped && generation === this.#generation) this.#established();
+  }
+
+  #established(): void {
+    if (!this.#connected) this.#connectedAt = this.#o.clock.now();
+    this.#connected = true;
+    this.#failures = 0;
   }
 
   #failed(e: unknown, relist: boolean): void {

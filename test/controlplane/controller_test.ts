@@ -12,6 +12,7 @@ import { API_VERSION } from "../../src/api/types.ts";
 import { Controller } from "../../src/controller/controller.ts";
 import { CORE, type KubeClient, type KubeObject, ours } from "../../src/kube/client.ts";
 import type { NodeLeaseRenewer } from "../../src/kube/node_lease.ts";
+import { Reflector } from "../../src/kube/reflector.ts";
 import { realClock } from "../../src/lib/clock.ts";
 import { silentLogger } from "../../src/lib/log.ts";
 import { controllerMetrics, Registry } from "../../src/lib/metrics.ts";
@@ -258,6 +259,31 @@ describe("controller on a real kube-apiserver", () => {
     renewers.get(victim)!.start({ create: true });
     await new Promise((r) => setTimeout(r, 1500));
     assert.equal((await status("web"))?.gatewayNode, survivor, "no failback by default");
+  });
+
+  it("counts a watch from when the server answers it: a quiet resource is watched before its first event", async () => {
+    // The node lease tracker judges no node dead for time it did not watch; counting from the
+    // first event after a reconnection moved a lost gateway a renewal period (10 s) late.
+    const quiet = new Reflector<KubeObject>({
+      client: admin,
+      resource: CORE.leases,
+      namespace: SALLYPORT_NAMESPACE,
+      labelSelector: "sallyport.dev/quiet=true",
+      clock: realClock,
+      log: silentLogger,
+    });
+    quiet.start();
+    try {
+      await quiet.synced;
+      const since = await eventually(
+        async () => quiet.connectedAt,
+        (t) => Number.isFinite(t),
+        5000,
+      );
+      assert.ok(Number.isFinite(since), "watching, though no event came");
+    } finally {
+      quiet.stop();
+    }
   });
 
   it("recovers from an API server restart and misses no change made meanwhile", async () => {

@@ -96,6 +96,12 @@ for (const datapath of ["iptables", "nftables"] as const)
       JSON.stringify({
         "agent-2": notes("agent-2", LEASE_NOTES),
         "agent-3": notes("agent-3", LEASE_NOTES),
+        // when the controller saw a node's lease expire (or a gateway judge it down)
+        controller: sb
+          .log("controller")
+          .split("\n")
+          .filter((l) => l.includes("alive for placement"))
+          .slice(-4),
       });
     /** Someone flushes our steering rules on a node. */
     const flushSteering = (i: number) =>
@@ -535,16 +541,18 @@ for (const datapath of ["iptables", "nftables"] as const)
      */
     const partitions = {
       // Its uplink and its peers stay reachable: it keeps its egress IPs until its node lease
-      // expires (40 s), then releases them; the controller moves them 10 s later.
+      // expires (40 s after its last renewal, 30-40 s after the cut), then releases them; the
+      // controller moves them 10 s later (50 s after its lease watch reconnected, at the earliest:
+      // the API server restarted a minute ago). The watch allows twice that.
       "from the API server alone stops answering ARP when its lease expires": {
-        watchMs: 58_000,
+        watchMs: 120_000,
         rules: [["OUTPUT", "-d", "192.168.77.2", "-p", "tcp", "--dport", "6443", "-j", "DROP"]],
       },
       // The API server stays reachable: a majority of the voters no longer hears it, so it
       // releases within the detection time and the other node takes over.
       "from its peers alone (liveness probes dropped) stops answering ARP within the detection time":
         {
-          watchMs: 12_000,
+          watchMs: 40_000,
           rules: [
             ["INPUT", "-p", "udp", "--dport", "7800", "-j", "DROP"],
             ["OUTPUT", "-p", "udp", "--dport", "7800", "-j", "DROP"],
@@ -566,10 +574,18 @@ for (const datapath of ["iptables", "nftables"] as const)
         };
         // One ARP request at a time from the external host; each answer is attributed by the
         // answering node's uplink MAC (the egress IP's own MAC is shared by design and says nothing).
+        // The watch ends 5 s after the other node first answered, or after `watchMs` (a bound for
+        // a busy machine, not the expected time).
         const answers: string[] = [];
+        const at: number[] = [];
+        let cutAt = Number.NaN;
         const stopAt = Date.now() + watchMs;
+        const tookOver = () => {
+          const i = answers.indexOf(`node-${other}`);
+          return i >= 0 && Date.now() - at[i]! > 5000;
+        };
         const arp = (async () => {
-          while (Date.now() < stopAt) {
+          while (Date.now() < stopAt && !tookOver()) {
             const r = await nsRunner(sb.externalNs).run([
               "arping",
               "-I",
@@ -582,13 +598,16 @@ for (const datapath of ["iptables", "nftables"] as const)
             ]);
             for (const m of r.stdout.matchAll(/\[([0-9A-F:]+)\]/gi)) {
               const who = macs[m[1]!.toLowerCase()];
-              if (who !== undefined) answers.push(who);
+              if (who === undefined) continue;
+              answers.push(who);
+              at.push(Date.now());
             }
           }
         })();
         await new Promise((r) => setTimeout(r, 1000));
         for (const rule of rules)
           await mustRun(nsRunner(sb.nodeNs(holder)), ["iptables", "-I", ...rule]);
+        cutAt = Date.now();
         try {
           await arp;
         } finally {
@@ -602,11 +621,14 @@ for (const datapath of ["iptables", "nftables"] as const)
         );
         assert.ok(
           firstOther > 0,
-          `then the other node took over: ${[...new Set(answers)].join(" ")} (${answers.length} answers); the gateway agents said: ${firstOther > 0 ? "" : gatewayNotes()}`,
+          `then the other node took over within ${watchMs / 1000} s: ${[...new Set(answers)].join(" ")} (${answers.length} answers, node-${holder}'s last ${(at[answers.lastIndexOf(`node-${holder}`)]! - cutAt) / 1000} s after the cut at ${cutAt}); the gateway agents said: ${firstOther > 0 ? "" : gatewayNotes()}`,
         );
         assert.ok(
           !answers.slice(firstOther).includes(`node-${holder}`),
           `the cut-off node never answered once the other had started: ${answers.join(" ")}`,
+        );
+        console.log(
+          `# ${partition}: node-${other} answered ${(at[firstOther]! - cutAt) / 1000} s after the cut`,
         );
         const s2 = await eventually(
           () => status("drift"),
